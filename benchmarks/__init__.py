@@ -1,0 +1,1 @@
+"""The long-context benchmark suite and performance benchmarks."""

@@ -1,0 +1,1 @@
+"""Ray cluster layer: the only package that imports ray."""

@@ -1,0 +1,100 @@
+"""Pure-torch references for every kernel in gpu_kernels/.
+
+They run anywhere (CPU included), compute in fp32, and are what the Triton kernels are tested
+against. Shapes use B = batch, Hq = query heads, Hkv = KV heads, G = Hq // Hkv, N = tokens,
+d = head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    scale: float | None = None,
+    return_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One query per sequence over a per-head token set (GQA-aware).
+
+    Args:
+        q: [B, Hq, d] query (any float dtype).
+        k, v: [B, Hkv, N, d] keys and values (dequantized).
+        valid: [B, Hkv, N] bool, which of the N tokens each KV head attends.
+        scale: softmax scale, default 1/sqrt(d).
+        return_probs: also return the probabilities.
+    Returns:
+        out [B, Hq, d] fp32, lse [B, Hq] fp32 (natural log of the softmax denominator over
+        scaled logits; -inf when a head has no valid token, its out is then 0), and
+        probs [B, Hq, N] fp32 or None.
+    """
+    B, Hq, d = q.shape
+    Hkv = k.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} not a multiple of KV heads {Hkv}")
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qf = q.float().view(B, Hkv, G, d)
+    logits = torch.einsum("bhgd,bhnd->bhgn", qf, k.float()) * scale
+    mask = valid.unsqueeze(2)
+    logits = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # [B, Hkv, G]
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(logits - safe_lse.unsqueeze(-1)).masked_fill(~mask, 0.0)
+    out = torch.einsum("bhgn,bhnd->bhgd", probs, v.float())
+    return (
+        out.reshape(B, Hq, d),
+        lse.reshape(B, Hq),
+        probs.reshape(B, Hq, -1) if return_probs else None,
+    )
+
+
+def merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two partial attention results over disjoint token sets (flash-decoding merge).
+
+    Args:
+        out_a, out_b: [..., d] partial outputs, each normalized over its own tokens.
+        lse_a, lse_b: [...] their log-sum-exps (-inf for an empty set).
+    Returns:
+        (out [..., d] fp32, lse [...] fp32) equal to attention over the union.
+    """
+    lse = torch.logaddexp(lse_a.float(), lse_b.float())
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    wa = torch.exp(lse_a.float() - safe).masked_fill(~torch.isfinite(lse_a), 0.0)
+    wb = torch.exp(lse_b.float() - safe).masked_fill(~torch.isfinite(lse_b), 0.0)
+    out = out_a.float() * wa.unsqueeze(-1) + out_b.float() * wb.unsqueeze(-1)
+    return out, lse
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor, scale: float, past: int = 0
+) -> torch.Tensor:
+    """Causal attention of T new queries over `past` earlier tokens plus themselves (GQA).
+
+    Args:
+        q: [B, Hq, T, d]; k, v: [B, Hkv, past + T, d] (earlier tokens first).
+        key_valid: [B, Hkv or 1, past + T] bool, which keys exist (padding and pruned tokens are False).
+        scale: softmax scale.
+    Returns:
+        [B, Hq, T, d] in q's dtype. A query with no visible key (a padding row) returns zeros.
+    """
+    B, Hq, T, d = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    causal = torch.ones(T, N, dtype=torch.bool, device=q.device).tril(diagonal=past)
+    mask = causal.view(1, 1, T, N) & key_valid.view(B, -1, 1, N)  # [B, Hkv|1, T, N]
+    mask = mask.repeat_interleave(G, dim=1) if mask.shape[1] > 1 else mask
+    k_rep = k.repeat_interleave(G, dim=1) if G > 1 else k
+    v_rep = v.repeat_interleave(G, dim=1) if G > 1 else v
+    has_key = mask.any(-1, keepdim=True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k_rep, v_rep, attn_mask=mask | ~has_key, scale=scale
+    )
+    return out.masked_fill(~has_key, 0.0)

@@ -1,0 +1,1 @@
+"""Engine adapters: how a model's attention reaches the store."""

@@ -1,0 +1,272 @@
+"""Hugging Face adapter: serve a transformers causal LM's attention from a KVStore.
+
+It uses transformers' own extension points and copies no modeling code:
+
+* an attention function registered with `AttentionInterface` under a name unique to the
+  client, which the model's attention modules call with post-RoPE q, k, v;
+* a mask function registered with `AttentionMaskInterface` under the same name, which hands
+  the 2D padding mask through unchanged (the store tracks causality and padding itself);
+* `KVStoreCache`, a `Cache` subclass that stands in for the model's dense cache: it keeps the
+  sequence bookkeeping transformers expects and plans each decode step once, at layer 0;
+* a forward pre-hook that swaps an empty cache (the one `generate()` makes, or none) for a
+  `KVStoreCache`.
+
+`detach()` undoes all four.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from gpu_kernels import reference
+from kvstore.hot_tier import ModelGeometry
+
+if TYPE_CHECKING:
+    from kvstore.store import DecodePlan, KVStore
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class UnsupportedModelError(ValueError):
+    """The engine cannot be served by kvstore; the message says what is unsupported."""
+
+
+def model_geometry(model: Any) -> ModelGeometry:
+    """Check that `model` can be served and return its attention geometry.
+
+    Raises UnsupportedModelError naming what is unsupported (family, sliding-window layers,
+    MLA, encoder-decoder, mixed devices or dtypes).
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "forward"):
+        raise UnsupportedModelError(f"{type(model).__name__} is not a Hugging Face model (no .config)")
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"encoder-decoder models ({model_type}) are not supported: kvstore serves decoder-only causal LMs")
+    if getattr(config, "kv_lora_rank", None) is not None or getattr(config, "q_lora_rank", None) is not None:
+        raise UnsupportedModelError(f"multi-head latent attention (MLA, {model_type}) is not supported")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model family {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types) or getattr(config, "sliding_window", None) is not None and (
+        model_type == "mistral" or getattr(config, "use_sliding_window", False)
+    ):
+        raise UnsupportedModelError(
+            f"sliding-window attention layers ({model_type}, sliding_window={getattr(config, 'sliding_window', None)}) "
+            "are not supported: every layer must be full attention (for Mistral v0.2+ checkpoints set "
+            "config.sliding_window = None)"
+        )
+    if not hasattr(model, "generate") or not hasattr(model, "lm_head"):
+        raise UnsupportedModelError(f"{type(model).__name__} is not a causal LM (no lm_head/generate)")
+    params = list(model.parameters())
+    devices = {p.device for p in params}
+    dtypes = {p.dtype for p in params if p.is_floating_point()}
+    if len(devices) != 1:
+        raise UnsupportedModelError(f"the model is spread over devices {sorted(map(str, devices))}; kvstore needs one device")
+    if len(dtypes) != 1 or next(iter(dtypes)) not in SUPPORTED_DTYPES:
+        raise UnsupportedModelError(f"model dtypes {sorted(map(str, dtypes))} unsupported; use one of float32, float16, bfloat16")
+    num_q = config.num_attention_heads
+    num_kv = getattr(config, "num_key_value_heads", None) or num_q
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_q
+    return ModelGeometry(
+        num_layers=config.num_hidden_layers,
+        num_q_heads=num_q,
+        num_kv_heads=num_kv,
+        head_dim=head_dim,
+        dtype=next(iter(dtypes)),
+        device=next(iter(devices)),
+    )
+
+
+class _StoreLayer(CacheLayerMixin):
+    """Per-layer bookkeeping transformers reads (lengths for masks and positions); no tensors."""
+
+    is_compileable = False
+    supports_early_init = False
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.seen += key_states.shape[-2]
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        raise NotImplementedError("KVStoreCache cannot be reset in place; start a new generation instead")
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("beam search is not supported with kvstore: use greedy or sampling")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("KVStoreCache cannot be cropped (assisted/speculative decoding is not supported)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("expanding a KVStoreCache (beam search, num_return_sequences>1 after prefill) is not supported")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError("selecting batch rows of a KVStoreCache is not supported")
+
+
+class KVStoreCache(Cache):
+    """The model-facing cache: one batch of sequences in a KVStore.
+
+    transformers calls `update()` once per layer with the new K/V; the attention function then
+    calls `attend()`. Layer 0's update of a one-token step builds the step's plan. When the
+    cache is garbage-collected (or `release()` is called) its sequences' pages are freed.
+    """
+
+    def __init__(self, store: "KVStore"):
+        super().__init__(layers=[_StoreLayer() for _ in range(store.geometry.num_layers)])
+        self.store = store
+        self.seq_ids: torch.Tensor | None = None
+        self.plan: "DecodePlan | None" = None
+        self.decoding = False
+        self._finalizer: weakref.finalize | None = None
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx == 0:
+            batch, q_len = key_states.shape[0], key_states.shape[-2]
+            if self.seq_ids is None:
+                self.seq_ids = self.store.add_sequences(batch)
+                self._finalizer = weakref.finalize(self, _release, weakref.ref(self.store), self.seq_ids)
+            elif batch != self.seq_ids.numel():
+                raise ValueError(
+                    f"this KVStoreCache holds {self.seq_ids.numel()} sequences but got a batch of {batch}; "
+                    "start a new generation for a new batch"
+                )
+            self.decoding = q_len == 1 and self.layers[0].seen > 0
+            self.plan = self.store.plan(self.seq_ids) if self.decoding else None
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def attend(self, layer_idx: int, q, k, v, padding_mask, scale: float) -> torch.Tensor:
+        """q [B, Hq, T, d], k/v [B, Hkv, T, d]; padding_mask bool [B, kv_len] or None. -> [B, Hq, T, d]."""
+        if self.decoding:
+            return self.store.decode(layer_idx, self.plan, q, k, v, scale)
+        T = q.shape[2]
+        valid = (
+            padding_mask[:, -T:].to(device=q.device, dtype=torch.bool)
+            if padding_mask is not None
+            else torch.ones(q.shape[0], T, dtype=torch.bool, device=q.device)
+        )
+        return self.store.prefill(layer_idx, self.seq_ids, q, k, v, valid, scale)
+
+    def release(self) -> None:
+        """Free this cache's sequences now (otherwise when it is garbage-collected)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+
+def _release(store_ref: "weakref.ref[KVStore]", seq_ids: torch.Tensor) -> None:
+    store = store_ref()
+    if store is not None:
+        store.release(seq_ids)
+
+
+class HFAdapter:
+    """Attaches one KVStore to one Hugging Face model; `detach()` restores it exactly."""
+
+    def __init__(self, model: Any, store: "KVStore"):
+        self.model = model
+        self.store = store
+        self.name = f"kvstore_{id(self):x}"
+        self.active_cache: KVStoreCache | None = None
+        self.caches: "weakref.WeakSet[KVStoreCache]" = weakref.WeakSet()
+        self._orig_impl = model.config._attn_implementation
+        ALL_ATTENTION_FUNCTIONS.register(self.name, self._attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(self.name, _padding_mask)
+        self._set_impl(self.name)
+        self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._post_hook = model.register_forward_hook(self._post_forward)
+
+    def _set_impl(self, name: str) -> None:
+        for module in self.model.modules():
+            cfg = getattr(module, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = name
+
+    def detach(self) -> None:
+        self._hook.remove()
+        self._post_hook.remove()
+        self._set_impl(self._orig_impl)
+        ALL_ATTENTION_FUNCTIONS._global_mapping.pop(self.name, None)
+        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(self.name, None)
+        for cache in list(self.caches):
+            cache.release()
+        self.active_cache = None
+
+    # ---- hooks -----------------------------------------------------------------------------
+    def _pre_forward(self, module, args, kwargs):
+        past = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.model.config, "use_cache", True)
+        if isinstance(past, KVStoreCache):
+            if past.store is not self.store:
+                raise ValueError("past_key_values belongs to another KVStoreClient")
+        elif past is None and not use_cache:
+            self.active_cache = None
+            return args, kwargs
+        elif past is None or (isinstance(past, DynamicCache) and past.get_seq_length() == 0):
+            past = KVStoreCache(self.store)
+            self.caches.add(past)
+            kwargs["past_key_values"] = past
+            kwargs["use_cache"] = True
+        else:
+            raise ValueError(
+                f"past_key_values of type {type(past).__name__} with {past.get_seq_length()} tokens was not built by "
+                "kvstore; while attached, start generation without a cache (or pass the KVStoreCache you got back)"
+            )
+        self.active_cache = past
+        return args, kwargs
+
+    def _post_forward(self, module, args, output):
+        self.active_cache = None  # the caller holds the cache; dropping it frees its pages
+        return output
+
+    def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        cache = self.active_cache
+        if cache is None:  # use_cache=False: plain causal attention, nothing stored
+            B, T = query.shape[0], query.shape[2]
+            valid = attention_mask[:, -T:] if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=query.device)
+            out = reference.prefill_attention(query, key, value, valid.view(B, 1, T).bool(), scale)
+        else:
+            out = cache.attend(module.layer_idx, query, key, value, attention_mask, scale)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def _padding_mask(batch_size, q_length, kv_length, attention_mask=None, **kwargs):
+    """Mask function for the registered name: the 2D padding mask [B, kv_length] (bool) or None."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, -kv_length:].bool()

@@ -1,0 +1,93 @@
+"""KVStoreClient: the one object users touch.
+
+    client = KVStoreClient(KVStoreConfig.preset("full"))
+    with client.attach(model):
+        out = model.generate(input_ids, attention_mask=mask, max_new_tokens=64)
+    client.stats()
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from kvstore.config import KVStoreConfig
+from kvstore.store import KVStore
+
+logger = logging.getLogger(__name__)
+
+
+class KVStoreClient:
+    def __init__(self, config: KVStoreConfig | None = None):
+        if config is None:
+            config = KVStoreConfig.preset("full")
+        if not isinstance(config, KVStoreConfig):
+            raise TypeError(f"config must be a KVStoreConfig, got {type(config).__name__}")
+        from kvstore.capabilities import check_implemented
+
+        check_implemented(config)
+        self.config = config
+        self.store: KVStore | None = None
+        self._adapter = None
+        self._engine = None
+
+    # ---- attach / detach ------------------------------------------------------------------
+    def attach(self, engine: Any) -> "KVStoreClient":
+        """Serve `engine`'s attention from the store. Usable as a context manager.
+
+        `engine` is a Hugging Face causal LM of the Llama, Mistral, Qwen2 or Qwen3 families.
+        Raises UnsupportedModelError (a ValueError) saying what is unsupported otherwise.
+        """
+        if self._adapter is not None:
+            raise RuntimeError("this client is already attached; call detach() first")
+        from kvstore.adapters.hf import HFAdapter, model_geometry
+
+        geometry = model_geometry(engine)
+        self.store = KVStore(self.config, geometry)
+        self._adapter = HFAdapter(engine, self.store)
+        self._engine = engine
+        logger.info("kvstore attached (%s) to %s: %s", self.config.name, type(engine).__name__, geometry)
+        return self
+
+    def detach(self) -> None:
+        """Restore the engine exactly as it was and free every page."""
+        if self._adapter is None:
+            return
+        self._adapter.detach()
+        self.store.release_all()
+        self._adapter = None
+        self._engine = None
+
+    def __enter__(self) -> "KVStoreClient":
+        if self._adapter is None:
+            raise RuntimeError("use `with client.attach(model):`")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    @property
+    def attached(self) -> bool:
+        return self._adapter is not None
+
+    def release(self) -> None:
+        """End every sequence held by the store (frees their pages), staying attached."""
+        if self.store is not None:
+            self.store.release_all()
+
+    # ---- stats -----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Byte and token accounting of the live sequences.
+
+        Keys: gpu_kv_bytes (hot-tier pages in use, slot metadata included), host_kv_bytes,
+        dense_kv_bytes (what the model's dense cache would hold for the same valid tokens, at
+        its dtype), compression (dense / gpu), token counts per tier, page counts.
+        """
+        if self.store is None:
+            return {"gpu_kv_bytes": 0, "host_kv_bytes": 0, "dense_kv_bytes": 0, "sequences": 0}
+        s = self.store.stats()
+        s["compression"] = s["dense_kv_bytes"] / s["gpu_kv_bytes"] if s["gpu_kv_bytes"] else float("nan")
+        s["preset"] = self.config.name
+        return s

@@ -1,0 +1,240 @@
+"""KVStoreConfig: one frozen dataclass that says what the store keeps where.
+
+Presets (see the README's table) are named configs; adjust one with `dataclasses.replace`,
+which re-runs the validation in `__post_init__`::
+
+    config = dataclasses.replace(KVStoreConfig.preset("tiered"), token_budget=2048)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+HOT_POLICIES = ("all", "window", "leankv")
+SELECTORS = ("none", "pq", "exact", "streaming", "h2o", "snapkv", "quest")
+KEY_BITS = (16, 8, 4, 2)
+
+
+@dataclass(frozen=True)
+class KVStoreConfig:
+    """Everything the store needs to know, validated once.
+
+    Hot tier (GPU pages)
+      hot_policy: "all" keeps every token; "window" keeps sinks + the recent window (the rest
+        lives only in the cold tier); "leankv" keeps what LeanKV's per-head score thresholds keep.
+      key_bits / value_bits: precision of the high tier (16 = the model's dtype, unquantized).
+      low_key_bits / low_value_bits: precision of LeanKV's low tier.
+      quant_groups: scale/zero groups along the head dim (1..4).
+      page_size: tokens per page at the high tier; the page *byte* size derives from it and is
+        the same for every tier (unified paging).
+      hot_tier_bytes: hard cap on the page pool; None grows the pool between steps as needed.
+      max_batch_size: sequence slots allocated up front (grows between steps when exceeded).
+      alpha_prune / alpha_quant: LeanKV thresholds relative to uniform attention 1/n.
+      immune_tokens: the most recent tokens LeanKV never prunes or demotes.
+      score_queries: prompt queries whose attention seeds LeanKV's scores at prefill.
+
+    Selection at decode (beyond sinks + window)
+      selector: "none" attends the whole hot tier; "pq" retrieves top-k by PQ codes from the
+        cold tier; "exact" is the oracle top-k over full keys; the rest are baselines.
+      sink_tokens: always attended, never coded.
+      window_tokens: fixed window; None derives it from budget_fraction * window_share.
+      token_budget: top-k tokens per (sequence, layer, KV head); None derives it from
+        budget_fraction * (1 - window_share) * (n - sink_tokens), as PQCache does.
+      budget_fraction / window_share: PQCache's c and r.
+      pq_subspaces / pq_bits: PQ's m and b (codes are uint8 when b <= 8).
+      kmeans_min_iters / kmeans_max_iters: bounds of the adaptive k-means iteration count.
+      gpu_cache_tokens: GPU cache slots of retrieved tokens per (sequence, layer, KV head).
+
+    Cold tier (host memory)
+      cold_tier: keep every token's K/V in pinned host memory.
+      cold_key_bits / cold_value_bits: 16 stores the model's dtype, 8/4 halves host memory.
+      host_tier_bytes: hard cap on host memory; None: no cap beyond what the host has.
+
+    Execution
+      use_triton: "auto" uses the Triton kernels on CUDA and the torch references elsewhere;
+        "always" forces the kernels (the interpreter on CPU with TRITON_INTERPRET=1); "never".
+    """
+
+    name: str = "custom"
+    # hot tier
+    hot_policy: str = "all"
+    key_bits: int = 16
+    value_bits: int = 16
+    low_key_bits: int = 4
+    low_value_bits: int = 2
+    quant_groups: int = 1
+    page_size: int = 32
+    hot_tier_bytes: int | None = None
+    max_batch_size: int = 16
+    alpha_prune: float = 0.02
+    alpha_quant: float = 1.0
+    immune_tokens: int = 64
+    score_queries: int = 64
+    # selection
+    selector: str = "none"
+    sink_tokens: int = 32
+    window_tokens: int | None = None
+    token_budget: int | None = None
+    budget_fraction: float = 0.2
+    window_share: float = 0.5
+    pq_subspaces: int = 2
+    pq_bits: int = 6
+    kmeans_min_iters: int = 3
+    kmeans_max_iters: int = 300
+    gpu_cache_tokens: int = 4096
+    # cold tier
+    cold_tier: bool = False
+    cold_key_bits: int = 16
+    cold_value_bits: int = 16
+    host_tier_bytes: int | None = None
+    # execution
+    use_triton: str = "auto"
+
+    _PRESETS: ClassVar[dict[str, dict]] = {}
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> ValueError:
+            return ValueError(f"KVStoreConfig.{field}={getattr(self, field)!r}: {why}")
+
+        if self.hot_policy not in HOT_POLICIES:
+            raise bad("hot_policy", f"must be one of {HOT_POLICIES}")
+        if self.selector not in SELECTORS:
+            raise bad("selector", f"must be one of {SELECTORS}")
+        for f in ("key_bits", "value_bits", "low_key_bits", "low_value_bits"):
+            if getattr(self, f) not in KEY_BITS:
+                raise bad(f, f"must be one of {KEY_BITS}")
+        if self.value_bits > self.key_bits:
+            raise bad("value_bits", "keys never get fewer bits than values (K2V4 collapses accuracy)")
+        if self.low_value_bits > self.low_key_bits:
+            raise bad("low_value_bits", "keys never get fewer bits than values")
+        if self.low_key_bits > self.key_bits or self.low_value_bits > self.value_bits:
+            raise bad("low_key_bits", "the low tier cannot have more bits than the high tier")
+        if (self.key_bits == 16) != (self.value_bits == 16):
+            raise bad("value_bits", "16 bits (unquantized) applies to keys and values together")
+        if not 1 <= self.quant_groups <= 4:
+            raise bad("quant_groups", "must be in 1..4")
+        if self.page_size < 1:
+            raise bad("page_size", "must be >= 1")
+        if self.hot_tier_bytes is not None and self.hot_tier_bytes <= 0:
+            raise bad("hot_tier_bytes", "must be positive or None")
+        if self.host_tier_bytes is not None and self.host_tier_bytes <= 0:
+            raise bad("host_tier_bytes", "must be positive or None")
+        if self.max_batch_size < 1:
+            raise bad("max_batch_size", "must be >= 1")
+        if self.alpha_prune < 0 or self.alpha_quant < 0:
+            raise bad("alpha_prune", "thresholds must be >= 0")
+        if self.immune_tokens < 0:
+            raise bad("immune_tokens", "must be >= 0")
+        if self.score_queries < 1:
+            raise bad("score_queries", "must be >= 1")
+        if self.sink_tokens < 0:
+            raise bad("sink_tokens", "must be >= 0")
+        if self.window_tokens is not None and self.window_tokens < 1:
+            raise bad("window_tokens", "must be >= 1 or None")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise bad("token_budget", "must be >= 1 or None")
+        if not 0 < self.budget_fraction <= 1:
+            raise bad("budget_fraction", "must be in (0, 1]")
+        if not 0 <= self.window_share < 1:
+            raise bad("window_share", "must be in [0, 1)")
+        if self.pq_subspaces < 1:
+            raise bad("pq_subspaces", "must be >= 1")
+        if not 1 <= self.pq_bits <= 8:
+            raise bad("pq_bits", "must be in 1..8 (codes are uint8)")
+        if not 1 <= self.kmeans_min_iters <= self.kmeans_max_iters:
+            raise bad("kmeans_min_iters", "need 1 <= kmeans_min_iters <= kmeans_max_iters")
+        if self.gpu_cache_tokens < 0:
+            raise bad("gpu_cache_tokens", "must be >= 0")
+        if self.cold_key_bits not in (16, 8) or self.cold_value_bits not in (16, 8, 4):
+            raise bad("cold_key_bits", "the cold tier stores K at 16 or 8 bits and V at 16, 8 or 4")
+        if self.cold_value_bits > self.cold_key_bits:
+            raise bad("cold_value_bits", "keys never get fewer bits than values")
+        if self.use_triton not in ("auto", "always", "never"):
+            raise bad("use_triton", "must be 'auto', 'always' or 'never'")
+        if self.selector != "none" and not self.cold_tier and self.selector in ("pq", "exact"):
+            raise bad("selector", "retrieval selectors need cold_tier=True: retrieved tokens come from host memory")
+        if self.hot_policy == "window" and self.selector == "none" and not self.cold_tier:
+            raise bad("hot_policy", "'window' without a selector or cold tier would drop tokens for good")
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        """Whether the hot tier stores quantized pages."""
+        return self.key_bits < 16
+
+    @property
+    def has_low_tier(self) -> bool:
+        return self.hot_policy == "leankv" and self.quantized
+
+    @property
+    def pq_centroids(self) -> int:
+        return 1 << self.pq_bits
+
+    @property
+    def retrieves(self) -> bool:
+        """Whether decode selects tokens beyond the hot tier's resident ones."""
+        return self.selector != "none"
+
+    def window_for(self, num_tokens: int) -> int:
+        """Window size for a prompt of `num_tokens` (PQCache: int((n - S) * c * r), >= 1)."""
+        if self.window_tokens is not None:
+            return self.window_tokens
+        return max(1, int((num_tokens - self.sink_tokens) * self.budget_fraction * self.window_share))
+
+    def topk_for(self, num_tokens: int) -> int:
+        """Retrieved tokens per (sequence, layer, KV head) for a prompt of `num_tokens`."""
+        if self.token_budget is not None:
+            return self.token_budget
+        return max(1, int((num_tokens - self.sink_tokens) * self.budget_fraction * (1 - self.window_share)))
+
+    # ---- presets -------------------------------------------------------------------------
+    @classmethod
+    def register_preset(cls, name: str, **fields) -> None:
+        """Register a named preset (fields are validated when it is built)."""
+        cls._PRESETS[name] = dict(fields)
+
+    @classmethod
+    def preset_names(cls) -> list[str]:
+        return sorted(cls._PRESETS)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "KVStoreConfig":
+        """Build the named preset, optionally overriding fields."""
+        if name not in cls._PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(cls.preset_names())}")
+        config = cls(name=name, **{**cls._PRESETS[name], **overrides})
+        from kvstore.capabilities import check_implemented
+
+        check_implemented(config)
+        return config
+
+    def replace(self, **changes) -> "KVStoreConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# DESIGN.md's preset table. What each preset needs is checked against what is built in
+# kvstore/capabilities.py, so an unbuilt part says so instead of silently running another path.
+KVStoreConfig.register_preset("full")
+KVStoreConfig.register_preset("quant", key_bits=8, value_bits=4)
+KVStoreConfig.register_preset(
+    "leankv", hot_policy="leankv", key_bits=8, value_bits=4, low_key_bits=4, low_value_bits=2,
+    alpha_prune=0.02, alpha_quant=1.0,
+)
+KVStoreConfig.register_preset(
+    "pqcache", hot_policy="window", selector="pq", cold_tier=True, sink_tokens=32,
+    budget_fraction=0.2, window_share=0.5, pq_subspaces=2, pq_bits=6,
+)
+KVStoreConfig.register_preset(
+    "pqcache-retrieval", hot_policy="window", selector="pq", cold_tier=True, sink_tokens=32,
+    budget_fraction=0.2, window_share=0.5, pq_subspaces=4, pq_bits=8,
+)
+KVStoreConfig.register_preset(
+    "tiered", hot_policy="leankv", key_bits=8, value_bits=4, low_key_bits=4, low_value_bits=2,
+    selector="pq", cold_tier=True, budget_fraction=0.2, window_share=0.5,
+)
+KVStoreConfig.register_preset(
+    "oracle", hot_policy="window", selector="exact", cold_tier=True, sink_tokens=32,
+    budget_fraction=0.2, window_share=0.5,
+)

@@ -1,0 +1,152 @@
+"""The GPU hot tier: paged K/V of the tokens kept on the device, per (sequence, layer, KV head).
+
+The hot tier owns the page pool and the page tables. It writes tokens into pages (prefill:
+many per head, decode: one per head at the slot the step's plan chose), gathers them for
+attention, and gives every page back when a sequence ends.
+
+Which tokens it keeps and at which precision is the hot-tier policy's business
+(kvstore/policies.py); the hot tier only stores what it is told, where it is told.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.config import KVStoreConfig
+from kvstore.page_format import PageFormat, make_format
+from kvstore.page_pool import PagePool
+from kvstore.page_table import PageTable
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """The attention shape of the model a store serves."""
+
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def group_size(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def dense_bytes_per_token(self) -> int:
+        """Bytes the model's own dense cache spends on one token, all layers and KV heads."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+class HotTier:
+    def __init__(self, config: KVStoreConfig, geometry: ModelGeometry):
+        self.config = config
+        self.geometry = geometry
+        d, dtype = geometry.head_dim, geometry.dtype
+        self.high = make_format(config.key_bits, config.value_bits, d, dtype, config.quant_groups)
+        self.low: PageFormat | None = (
+            make_format(config.low_key_bits, config.low_value_bits, d, dtype, config.quant_groups)
+            if config.has_low_tier
+            else None
+        )
+        self.page_bytes = self.high.bytes_per_token * config.page_size
+        self.tokens_per_page = config.page_size
+        self.low_tokens_per_page = self.low.tokens_per_page(self.page_bytes) if self.low else 0
+        max_slots = max(self.tokens_per_page, self.low_tokens_per_page)
+        self.pool = PagePool(self.page_bytes, max_slots, geometry.device, max_bytes=config.hot_tier_bytes)
+        self.table = PageTable(config.max_batch_size, geometry.num_layers, geometry.num_kv_heads, geometry.device)
+
+    # ---- writing ---------------------------------------------------------------------------
+    def append(self, layer: int, seq_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               keep: torch.Tensor, positions: torch.Tensor) -> None:
+        """Append the kept tokens of a chunk to the high tier of one layer.
+
+        Args:
+            layer: layer index.
+            seq_ids: int64 [B] sequence slots.
+            k, v: [B, Hkv, T, d] post-RoPE keys and values of the chunk.
+            keep: bool [B, Hkv, T], which tokens each head stores (padding is never kept).
+            positions: int [B, T] token positions (written to the slots' metadata).
+        Allocates the pages it needs in one batched call (one host sync), so it is a prefill
+        operation; decode appends go through `write_slots` at slots chosen by the plan.
+        """
+        B, H, T, d = k.shape
+        tpp = self.tokens_per_page
+        old = self.table.num_tokens[seq_ids, layer].long()  # [B, H]
+        add = keep.sum(-1)  # [B, H]
+        new = old + add
+        old_pages = (old + tpp - 1) // tpp
+        new_pages = (new + tpp - 1) // tpp
+        self.table.ensure_pages(int(new_pages.max().item()) + int(self.table.num_low_pages.max().item()))
+        ids, offsets = self.pool.allocate((new_pages - old_pages).reshape(-1))
+        if ids.numel():
+            need = (new_pages - old_pages).reshape(-1)
+            req = torch.repeat_interleave(torch.arange(need.numel(), device=need.device), need)
+            rank = torch.arange(ids.numel(), device=ids.device) - offsets[req]
+            col = old_pages.reshape(-1)[req] + rank
+            b_idx, h_idx = req // H, req % H
+            self.table.pages[seq_ids[b_idx], layer, h_idx, col] = ids
+        # token -> (page, slot)
+        idx = old.unsqueeze(-1) + torch.cumsum(keep.long(), -1) - 1  # [B, H, T] slot index if kept
+        b, h, t = keep.nonzero(as_tuple=True)
+        tok = idx[b, h, t]
+        page = self.table.pages[seq_ids[b], layer, h, tok // tpp]
+        slot = tok % tpp
+        self.high.write(self.pool.data, page, slot, k[b, h, t], v[b, h, t])
+        self.pool.slot_pos[page.long(), slot] = positions[b, t].to(torch.int32)
+        self.table.num_tokens[seq_ids, layer] = new.to(torch.int32)
+
+    def write_slots(self, layer: int, page: torch.Tensor, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    positions: torch.Tensor) -> None:
+        """Decode write of one token per (sequence, KV head) at slots chosen by the plan.
+
+        Args:
+            page, slot: int [B, Hkv] where each head's new token goes.
+            k, v: [B, Hkv, d]; positions: int [B].
+        Allocates nothing and never syncs the host.
+        """
+        B, H = page.shape
+        self.high.write(self.pool.data, page.reshape(-1), slot.reshape(-1), k.reshape(B * H, -1), v.reshape(B * H, -1))
+        self.pool.slot_pos[page.reshape(-1).long(), slot.reshape(-1).long()] = (
+            positions.view(B, 1).expand(B, H).reshape(-1).to(torch.int32)
+        )
+
+    # ---- reading ---------------------------------------------------------------------------
+    def gather(self, layer: int, seq_ids: torch.Tensor, num_pages: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dequantized K, V and positions of every slot of one layer (reference path).
+
+        Returns k, v [B, Hkv, P * tokens_per_page, d] and pos int32 [B, Hkv, P * tokens_per_page]
+        (-1 for empty slots). `num_pages` limits P to the first pages of each table.
+        """
+        pages = self.table.pages[seq_ids, layer]  # [B, H, P]
+        if num_pages is not None:
+            pages = pages[..., :num_pages]
+        B, H, P = pages.shape
+        k, v = self.high.read(self.pool.data, pages)  # [B, H, P, tpp, d]
+        pos = self.pool.slot_pos[pages.long()][..., : self.tokens_per_page]
+        d = self.geometry.head_dim
+        return k.reshape(B, H, -1, d), v.reshape(B, H, -1, d), pos.reshape(B, H, -1)
+
+    def pages_in_use(self, seq_ids: torch.Tensor) -> int:
+        """Widest page table among the given sequences (one host sync)."""
+        n = self.table.num_tokens[seq_ids]
+        return int(((n.max() + self.tokens_per_page - 1) // self.tokens_per_page).item()) if n.numel() else 0
+
+    # ---- release ---------------------------------------------------------------------------
+    def release(self, seq_ids: torch.Tensor) -> None:
+        self.pool.free(self.table.clear(seq_ids))
+
+    @property
+    def used_bytes(self) -> int:
+        return self.pool.used_bytes
+
+    def token_counts(self, seq_ids: torch.Tensor) -> dict[str, int]:
+        return {
+            "hot_high_tokens": int(self.table.num_tokens[seq_ids].sum().item()),
+            "hot_low_tokens": int(self.table.num_low[seq_ids].sum().item()),
+        }

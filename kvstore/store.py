@@ -1,0 +1,184 @@
+"""The data path: per-layer prefill, and decode split into plan (once per step) and run (per layer).
+
+    store = KVStore(config, geometry)
+    seq_ids = store.add_sequences(batch)                      # sequence slots
+    for layer: out = store.prefill(layer, seq_ids, q, k, v, valid, scale)
+    for step:
+        plan = store.plan(seq_ids)                            # host work, allocation, one host sync
+        for layer: out = store.decode(layer, plan, q, k, v, scale)   # no allocation of store memory, no host sync
+    store.release(seq_ids)                                    # every page back to the pool
+
+Everything is batched over sequences, layers and heads; there is no Python loop over any of
+them on the data path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from gpu_kernels import reference
+from kvstore.config import KVStoreConfig
+from kvstore.hot_tier import HotTier, ModelGeometry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodePlan:
+    """Metadata of one decode step, built once by `KVStore.plan` and read by every layer.
+
+    seq_ids:   int64 [B] sequence slots
+    positions: int64 [B] position of the token being decoded
+    page:      int32 [B, L, Hkv] page that receives each head's new token
+    slot:      int32 [B, L, Hkv] slot within that page
+    num_pages: widest page table among the batch (the gather limit for the reference path)
+    """
+
+    seq_ids: torch.Tensor
+    positions: torch.Tensor
+    page: torch.Tensor
+    slot: torch.Tensor
+    num_pages: int
+
+
+class KVStore:
+    def __init__(self, config: KVStoreConfig, geometry: ModelGeometry):
+        self.config = config
+        self.geometry = geometry
+        self.device = geometry.device
+        self.hot = HotTier(config, geometry)
+        self.max_seqs = config.max_batch_size
+        self.seq_len = torch.zeros(self.max_seqs, dtype=torch.int64, device=self.device)
+        self._free_seqs = list(range(self.max_seqs - 1, -1, -1))
+        self.active: set[int] = set()
+
+    # ---- sequences --------------------------------------------------------------------------
+    def add_sequences(self, n: int) -> torch.Tensor:
+        """Reserve `n` sequence slots; returns their ids (int64 [n] on the store's device)."""
+        if n > len(self._free_seqs):
+            grow_to = max(self.max_seqs * 2, len(self.active) + n)
+            self._grow_seqs(grow_to)
+        ids = [self._free_seqs.pop() for _ in range(n)]
+        self.active.update(ids)
+        t = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        self.seq_len[t] = 0
+        return t
+
+    def _grow_seqs(self, max_seqs: int) -> None:
+        old = self.max_seqs
+        self.hot.table.ensure_seqs(max_seqs)
+        grown = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)
+        grown[:old] = self.seq_len
+        self.seq_len = grown
+        self._free_seqs = list(range(max_seqs - 1, old - 1, -1)) + self._free_seqs
+        self.max_seqs = max_seqs
+
+    def release(self, seq_ids: torch.Tensor) -> None:
+        """End sequences: every page they held goes back to the pool."""
+        ids = [int(i) for i in seq_ids.tolist() if int(i) in self.active]
+        if not ids:
+            return
+        t = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        self.hot.release(t)
+        self.seq_len[t] = 0
+        for i in ids:
+            self.active.discard(i)
+            self._free_seqs.append(i)
+
+    def release_all(self) -> None:
+        if self.active:
+            self.release(torch.tensor(sorted(self.active), dtype=torch.int64))
+
+    # ---- prefill ----------------------------------------------------------------------------
+    def prefill(self, layer: int, seq_ids: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                valid: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attend a chunk of T new tokens per sequence and store their K/V.
+
+        Args:
+            layer: layer index.
+            seq_ids: int64 [B] sequence slots.
+            q: [B, Hq, T, d]; k, v: [B, Hkv, T, d] post-RoPE, the model's dtype.
+            valid: bool [B, T], False for padding (never stored, never attended).
+            scale: softmax scale.
+        Returns:
+            [B, Hq, T, d] attention output in q's dtype. With no earlier tokens this is exactly
+            the model's own causal attention; after earlier chunks it attends the hot tier.
+        """
+        B, Hkv, T, d = k.shape
+        past_len = self.seq_len[seq_ids]  # [B]
+        has_past = bool((past_len > 0).any().item())
+        if has_past:
+            num_pages = self.hot.pages_in_use(seq_ids)
+            k_past, v_past, pos = self.hot.gather(layer, seq_ids, num_pages)
+            k_all = torch.cat([k_past.to(k.dtype), k], dim=2)
+            v_all = torch.cat([v_past.to(v.dtype), v], dim=2)
+            key_valid = torch.cat([pos >= 0, valid.view(B, 1, T).expand(B, Hkv, T)], dim=2)
+            out = reference.prefill_attention(q, k_all, v_all, key_valid, scale, past=k_past.shape[2])
+        else:
+            out = reference.prefill_attention(q, k, v, valid.view(B, 1, T), scale)
+        positions = past_len.view(B, 1) + torch.cumsum(valid.long(), dim=1) - 1
+        keep = valid.view(B, 1, T).expand(B, Hkv, T)
+        self.hot.append(layer, seq_ids, k, v, keep, positions)
+        if layer == self.geometry.num_layers - 1:
+            self.seq_len[seq_ids] += valid.sum(dim=1)
+        return out
+
+    # ---- decode -----------------------------------------------------------------------------
+    def plan(self, seq_ids: torch.Tensor) -> DecodePlan:
+        """Prepare one decode step for every layer: where each head's new token goes.
+
+        Allocates the pages that fill up this step for all (sequence, layer, KV head) at once,
+        with one host sync. Nothing later in the step allocates store memory or syncs.
+        """
+        hot, tpp = self.hot, self.hot.tokens_per_page
+        n = hot.table.num_tokens[seq_ids].long()  # [B, L, H]
+        B, L, H = n.shape
+        needs = (n % tpp == 0).long()
+        hot.table.ensure_pages(self.hot.pages_in_use(seq_ids) + 1 + int(hot.table.num_low_pages.max().item()))
+        ids, offsets = hot.pool.allocate(needs.reshape(-1))
+        if ids.numel():
+            flat = needs.reshape(-1).nonzero(as_tuple=True)[0]
+            b, rest = flat // (L * H), flat % (L * H)
+            l, h = rest // H, rest % H
+            hot.table.pages[seq_ids[b], l, h, (n.reshape(-1)[flat] // tpp)] = ids[offsets[flat]]
+        page = torch.gather(hot.table.pages[seq_ids], 3, (n // tpp).unsqueeze(-1)).squeeze(-1)
+        slot = (n % tpp).to(torch.int32)
+        hot.table.num_tokens[seq_ids] += 1
+        positions = self.seq_len[seq_ids].clone()
+        self.seq_len[seq_ids] += 1
+        return DecodePlan(seq_ids, positions, page, slot, self.hot.pages_in_use(seq_ids))
+
+    def decode(self, layer: int, plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """One layer of one decode step.
+
+        Args:
+            plan: this step's plan.
+            q: [B, Hq, 1, d]; k, v: [B, Hkv, 1, d] post-RoPE K/V of the new token.
+        Returns:
+            [B, Hq, 1, d] in q's dtype.
+        """
+        self.hot.write_slots(layer, plan.page[:, layer], plan.slot[:, layer], k[:, :, 0], v[:, :, 0], plan.positions)
+        k_all, v_all, pos = self.hot.gather(layer, plan.seq_ids, plan.num_pages)
+        out, _, _ = reference.decode_attention(q[:, :, 0], k_all, v_all, pos >= 0, scale)
+        return out.to(q.dtype).unsqueeze(2)
+
+    # ---- accounting -------------------------------------------------------------------------
+    def stats(self) -> dict:
+        ids = torch.tensor(sorted(self.active), dtype=torch.int64, device=self.device)
+        tokens = int(self.seq_len[ids].sum().item()) if ids.numel() else 0
+        counts = self.hot.token_counts(ids) if ids.numel() else {"hot_high_tokens": 0, "hot_low_tokens": 0}
+        return {
+            "sequences": len(self.active),
+            "tokens": tokens,
+            "gpu_kv_bytes": self.hot.used_bytes,
+            "host_kv_bytes": 0,
+            "dense_kv_bytes": tokens * self.geometry.dense_bytes_per_token,
+            "hot_pages_used": self.hot.pool.num_used,
+            "hot_pages_reserved": self.hot.pool.num_pages,
+            "page_bytes": self.hot.page_bytes,
+            **counts,
+        }
