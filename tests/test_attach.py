@@ -1,0 +1,204 @@
+"""The `full` preset is the correctness anchor: through `attach` it must equal the bare model."""
+
+import gc
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+
+from kvstore import KVStoreClient, KVStoreConfig
+from kvstore.adapters.hf import KVStoreCache, UnsupportedModelError
+from tests.conftest import left_padded_batch, tiny_model
+
+
+def _generate(model, ids, mask, **kw):
+    return model.generate(
+        ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0,
+        output_logits=True, return_dict_in_generate=True, **kw,
+    )
+
+
+def test_full_preset_equals_unattached_model(family):
+    model = tiny_model(family)
+    ids, mask = left_padded_batch()
+    ref = _generate(model, ids, mask)
+    client = KVStoreClient(KVStoreConfig.preset("full"))
+    with client.attach(model):
+        out = _generate(model, ids, mask)
+        assert isinstance(out.past_key_values, KVStoreCache)
+        stats = client.stats()
+        del out.past_key_values
+    assert torch.equal(ref.sequences, out.sequences)
+    err = max((a - b).abs().max().item() for a, b in zip(ref.logits, out.logits))
+    assert err < 1e-4, err  # observed ~1e-7 on fp32
+    # 53 prompt tokens (20+18+15 valid) + 3 x 23 decoded tokens went through the store
+    assert stats["tokens"] == 53 + 3 * 23
+    assert stats["dense_kv_bytes"] == stats["tokens"] * 2 * 2 * 2 * 16 * 4
+    assert stats["gpu_kv_bytes"] > 0 and stats["host_kv_bytes"] == 0
+    assert client.store.hot.pool.all_free()
+
+
+def test_detach_restores_model_exactly():
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    impl = model.config._attn_implementation
+    before = model(ids, attention_mask=mask).logits
+    client = KVStoreClient(KVStoreConfig.preset("full")).attach(model)
+    assert model.config._attn_implementation != impl
+    client.detach()
+    assert model.config._attn_implementation == impl
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    after = model(ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)
+    assert not isinstance(out.past_key_values, KVStoreCache)
+
+
+def test_sampling_and_pages_freed_after_generation():
+    model = tiny_model("qwen2")
+    ids, mask = left_padded_batch()
+    client = KVStoreClient(KVStoreConfig.preset("full"))
+    with client.attach(model):
+        torch.manual_seed(3)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
+        gc.collect()
+        assert client.store.hot.pool.all_free()  # the cache went out of scope
+    torch.manual_seed(3)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
+def test_forward_loop_over_past_key_values():
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(batch=2, pads=(3, 0))
+    ref = model(ids, attention_mask=mask, use_cache=True)
+    client = KVStoreClient(KVStoreConfig.preset("full"))
+    with client.attach(model):
+        out = model(ids, attention_mask=mask, use_cache=True)
+        assert torch.allclose(out.logits[mask.bool()], ref.logits[mask.bool()], atol=1e-5)
+        past, ref_past = out.past_key_values, ref.past_key_values
+        our_ids, m = out.logits[:, -1].argmax(-1), mask
+        for _ in range(5):
+            m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
+            pos = (m.sum(1, keepdim=True) - 1)
+            step = model(our_ids[:, None], attention_mask=m, past_key_values=past, position_ids=pos)
+            past = step.past_key_values
+            our_ids = step.logits[:, -1].argmax(-1)
+        client.detach()
+    m = mask
+    ref_ids = ref.logits[:, -1].argmax(-1)
+    for _ in range(5):
+        m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
+        pos = (m.sum(1, keepdim=True) - 1)
+        step = model(ref_ids[:, None], attention_mask=m, past_key_values=ref_past, position_ids=pos)
+        ref_past = step.past_key_values
+        ref_ids = step.logits[:, -1].argmax(-1)
+    assert torch.equal(ref_ids, our_ids)
+
+
+def test_chunked_prefill_equals_one_shot():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+    ref = model(ids).logits
+    client = KVStoreClient(KVStoreConfig.preset("full"))
+    with client.attach(model):
+        a = model(ids[:, :10], use_cache=True)
+        b = model(ids[:, 10:], past_key_values=a.past_key_values, use_cache=True)
+    got = torch.cat([a.logits, b.logits], 1)
+    assert (got - ref).abs().max().item() < 1e-5
+
+
+def test_use_cache_false_is_exact():
+    model = tiny_model("mistral")
+    ids, mask = left_padded_batch()
+    ref = model(ids, attention_mask=mask, use_cache=False).logits
+    with KVStoreClient(KVStoreConfig.preset("full")).attach(model):
+        got = model(ids, attention_mask=mask, use_cache=False).logits
+    keep = mask.bool()
+    assert (got[keep] - ref[keep]).abs().max().item() < 1e-5
+
+
+def test_bf16_model_matches():
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    ids, mask = left_padded_batch()
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with KVStoreClient(KVStoreConfig.preset("full")).attach(model):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ref, got)
+
+
+# ---- refusals -------------------------------------------------------------------------------
+
+def _client():
+    return KVStoreClient(KVStoreConfig.preset("full"))
+
+
+def test_refuses_other_families():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        _client().attach(model)
+
+
+def test_refuses_encoder_decoder():
+    model = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=64, d_kv=16))
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
+        _client().attach(model)
+
+
+def test_refuses_sliding_window():
+    model = tiny_model("mistral", sliding_window=16)
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        _client().attach(model)
+    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        _client().attach(model)
+
+
+def test_refuses_mixed_dtypes():
+    model = tiny_model("llama")
+    model.lm_head.to(torch.float16)
+    with pytest.raises(UnsupportedModelError, match="dtypes"):
+        _client().attach(model)
+
+
+def test_refuses_beam_search_and_stays_usable():
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    client = _client()
+    with client.attach(model):
+        with pytest.raises(NotImplementedError, match="beam"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
+        gc.collect()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert out.shape == (3, 24)
+        gc.collect()
+        assert client.store.hot.pool.all_free()
+
+
+def test_refuses_foreign_cache_and_double_attach():
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    ids, _ = left_padded_batch(pads=(0, 0, 0))
+    dense = model(ids, use_cache=True).past_key_values
+    assert isinstance(dense, DynamicCache)
+    client = _client()
+    with client.attach(model):
+        with pytest.raises(ValueError, match="not built by kvstore"):
+            model(ids[:, :1], past_key_values=dense)
+        with pytest.raises(RuntimeError, match="already attached"):
+            client.attach(model)
+
+
+def test_hot_tier_cap_raises_out_of_pages_without_losing_the_model():
+    from kvstore import OutOfPagesError
+
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    client = KVStoreClient(KVStoreConfig.preset("full", hot_tier_bytes=8 * 4096))
+    with client.attach(model):
+        with pytest.raises(OutOfPagesError, match="hot_tier_bytes"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=200, do_sample=False, pad_token_id=0)
+    ref = model(ids, attention_mask=mask).logits  # detached model still works
+    assert torch.isfinite(ref).all()
