@@ -15,6 +15,7 @@ them on the data path.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,9 @@ from kvstore.config import KVStoreConfig
 from kvstore.hot_tier import HotTier, ModelGeometry
 
 logger = logging.getLogger(__name__)
+
+#: Every store alive in this process (tests check that each one's pages are all free again).
+LIVE_STORES: "weakref.WeakSet[KVStore]" = weakref.WeakSet()
 
 
 @dataclass
@@ -54,6 +58,7 @@ class KVStore:
         self.seq_len = torch.zeros(self.max_seqs, dtype=torch.int64, device=self.device)
         self._free_seqs = list(range(self.max_seqs - 1, -1, -1))
         self.active: set[int] = set()
+        LIVE_STORES.add(self)
 
     # ---- sequences --------------------------------------------------------------------------
     def add_sequences(self, n: int) -> torch.Tensor:

@@ -59,3 +59,17 @@ def left_padded_batch(batch: int = 3, length: int = 20, pads=(5, 2, 0), vocab: i
 @pytest.fixture(params=list(FAMILIES))
 def family(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def pages_all_free_after_each_test():
+    """Page accounting returns to all-free once a test's sequences are gone."""
+    yield
+    import gc
+
+    from kvstore.store import LIVE_STORES
+
+    gc.collect()
+    for store in list(LIVE_STORES):
+        assert not store.active, f"{len(store.active)} sequences still live after the test"
+        assert store.hot.pool.all_free(), f"{store.hot.pool.num_used} pages leaked"
