@@ -45,6 +45,13 @@ class KVStoreClient:
         from kvstore.adapters.hf import HFAdapter, model_geometry
 
         geometry = model_geometry(engine)
+        cap = self.config.hot_tier_bytes
+        if cap is not None and geometry.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(geometry.device)
+            if cap > free:
+                raise ValueError(
+                    f"KVStoreConfig.hot_tier_bytes={cap} does not fit: {geometry.device} has {free} bytes free"
+                )
         self.store = KVStore(self.config, geometry)
         self._adapter = HFAdapter(engine, self.store)
         self._engine = engine

@@ -91,7 +91,13 @@ class PagePool:
         if new_n <= old_n:
             return
         logger.debug("page pool grows %d -> %d pages of %d bytes", old_n, new_n, self.page_bytes)
-        data = torch.zeros(new_n, self.page_bytes, dtype=torch.uint8, device=self.device)
+        try:
+            data = torch.zeros(new_n, self.page_bytes, dtype=torch.uint8, device=self.device)
+        except torch.OutOfMemoryError as e:
+            raise OutOfPagesError(
+                f"{self.device} is out of memory growing the hot tier to {new_n} pages of {self.page_bytes} B; "
+                "set KVStoreConfig.hot_tier_bytes to what fits, lower the batch or the context"
+            ) from e
         data[:old_n] = self.data
         pos = torch.full((new_n, self.max_slots), -1, dtype=torch.int32, device=self.device)
         pos[:old_n] = self.slot_pos

@@ -202,3 +202,14 @@ def test_hot_tier_cap_raises_out_of_pages_without_losing_the_model():
             model.generate(ids, attention_mask=mask, max_new_tokens=200, do_sample=False, pad_token_id=0)
     ref = model(ids, attention_mask=mask).logits  # detached model still works
     assert torch.isfinite(ref).all()
+
+
+def test_dtype_change_after_attach_is_refused():
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    client = _client().attach(model)
+    model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="detach"):
+        model(ids, attention_mask=mask)
+    client.detach()
+    gc.collect()

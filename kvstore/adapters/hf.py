@@ -255,6 +255,12 @@ class HFAdapter:
 
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        geo = self.store.geometry
+        if query.dtype != geo.dtype or query.device != geo.device:
+            raise ValueError(
+                f"attention got {query.dtype} on {query.device} but the store was attached for {geo.dtype} on "
+                f"{geo.device}; after moving or casting the model, detach() and attach() again"
+            )
         cache = self.active_cache
         if cache is None:  # use_cache=False: plain causal attention, nothing stored
             B, T = query.shape[0], query.shape[2]
