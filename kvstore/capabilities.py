@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from kvstore.config import KVStoreConfig
 
 # Filled in by the modules that implement each part.
-HOT_POLICIES: set[str] = {"all"}
+HOT_POLICIES: set[str] = {"all", "window"}  # "window": kvstore/policies.py
 SELECTORS: set[str] = {"none"}
 QUANTIZED_HOT_TIER: bool = False
 COLD_TIER: bool = False

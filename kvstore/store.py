@@ -23,6 +23,7 @@ import torch
 from gpu_kernels import reference
 from kvstore.config import KVStoreConfig
 from kvstore.hot_tier import HotTier, ModelGeometry
+from kvstore.policies import make_policy
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class DecodePlan:
     page:      int32 [B, L, Hkv] page that receives each head's new token
     slot:      int32 [B, L, Hkv] slot within that page
     num_pages: widest page table among the batch (the gather limit for the reference path)
+    evicted_pos: int64 [B, L, Hkv] position of the token that leaves the hot tier this step
+               (its slot is the one the new token reuses), -1 where none leaves
     """
 
     seq_ids: torch.Tensor
@@ -46,6 +49,7 @@ class DecodePlan:
     page: torch.Tensor
     slot: torch.Tensor
     num_pages: int
+    evicted_pos: torch.Tensor | None = None
 
 
 class KVStore:
@@ -58,6 +62,7 @@ class KVStore:
         self.seq_len = torch.zeros(self.max_seqs, dtype=torch.int64, device=self.device)
         self._free_seqs = list(range(self.max_seqs - 1, -1, -1))
         self.active: set[int] = set()
+        self.policy = make_policy(config, self.max_seqs, self.device)
         LIVE_STORES.add(self)
 
     # ---- sequences --------------------------------------------------------------------------
@@ -75,6 +80,7 @@ class KVStore:
     def _grow_seqs(self, max_seqs: int) -> None:
         old = self.max_seqs
         self.hot.table.ensure_seqs(max_seqs)
+        self.policy.ensure_seqs(max_seqs)
         grown = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)
         grown[:old] = self.seq_len
         self.seq_len = grown
@@ -88,6 +94,7 @@ class KVStore:
             return
         t = torch.tensor(ids, dtype=torch.int64, device=self.device)
         self.hot.release(t)
+        self.policy.release(t)
         self.seq_len[t] = 0
         for i in ids:
             self.active.discard(i)
@@ -125,8 +132,8 @@ class KVStore:
         else:
             out = reference.prefill_attention(q, k, v, valid.view(B, 1, T), scale)
         positions = past_len.view(B, 1) + torch.cumsum(valid.long(), dim=1) - 1
-        keep = valid.view(B, 1, T).expand(B, Hkv, T)
-        self.hot.append(layer, seq_ids, k, v, keep, positions)
+        keep = self.policy.prefill(self, layer, seq_ids, q, k, positions, valid, scale)
+        self.hot.append(layer, seq_ids, k, v, keep.high, positions)
         if layer == self.geometry.num_layers - 1:
             self.seq_len[seq_ids] += valid.sum(dim=1)
         return out
@@ -137,11 +144,17 @@ class KVStore:
 
         Allocates the pages that fill up this step for all (sequence, layer, KV head) at once,
         with one host sync. Nothing later in the step allocates store memory or syncs.
+        The hot policy decides per head whether the new token takes a fresh slot (high-tier
+        index n, the next one) or reuses the slot of a token that leaves the hot tier.
         """
         hot, tpp = self.hot, self.hot.tokens_per_page
         n = hot.table.num_tokens[seq_ids].long()  # [B, L, H]
         B, L, H = n.shape
-        needs = (n % tpp == 0).long()
+        positions = self.seq_len[seq_ids].clone()
+        decision = self.policy.plan(self, seq_ids, positions)
+        fresh = decision.reuse < 0
+        index = torch.where(fresh, n, decision.reuse)  # high-tier index the new token takes
+        needs = (fresh & (n % tpp == 0)).long()
         hot.table.ensure_pages(self.hot.pages_in_use(seq_ids) + 1 + int(hot.table.num_low_pages.max().item()))
         ids, offsets = hot.pool.allocate(needs.reshape(-1))
         if ids.numel():
@@ -149,12 +162,11 @@ class KVStore:
             b, rest = flat // (L * H), flat % (L * H)
             l, h = rest // H, rest % H
             hot.table.pages[seq_ids[b], l, h, (n.reshape(-1)[flat] // tpp)] = ids[offsets[flat]]
-        page = torch.gather(hot.table.pages[seq_ids], 3, (n // tpp).unsqueeze(-1)).squeeze(-1)
-        slot = (n % tpp).to(torch.int32)
-        hot.table.num_tokens[seq_ids] += 1
-        positions = self.seq_len[seq_ids].clone()
+        page = torch.gather(hot.table.pages[seq_ids], 3, (index // tpp).unsqueeze(-1)).squeeze(-1)
+        slot = (index % tpp).to(torch.int32)
+        hot.table.num_tokens[seq_ids] += fresh.to(torch.int32)
         self.seq_len[seq_ids] += 1
-        return DecodePlan(seq_ids, positions, page, slot, self.hot.pages_in_use(seq_ids))
+        return DecodePlan(seq_ids, positions, page, slot, self.hot.pages_in_use(seq_ids), decision.evicted_pos)
 
     def decode(self, layer: int, plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float) -> torch.Tensor:

@@ -1,0 +1,175 @@
+"""Hot-tier policies: one shared matrix every policy joins, plus each policy's own invariants.
+
+The store is driven directly (no HF model): prefill a left-padded batch, decode some steps,
+and compare what the hot tier holds with what the policy promises, and the attention output
+with the reference over exactly those tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpu_kernels import reference
+from kvstore.config import KVStoreConfig
+from kvstore.hot_tier import ModelGeometry
+from kvstore.store import KVStore
+
+L, HQ, HKV, D = 2, 4, 2, 16
+
+
+def _geometry(dtype=torch.float32):
+    return ModelGeometry(num_layers=L, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype=dtype,
+                         device=torch.device("cpu"))
+
+
+def _config(policy: str, **kw) -> KVStoreConfig:
+    base = dict(hot_policy=policy, page_size=4, sink_tokens=3)
+    if policy == "window":
+        base.update(cold_tier=True, window_tokens=5)
+    base.update(kw)
+    return KVStoreConfig(**base)
+
+
+def _expected_positions(policy: str, config: KVStoreConfig, prompt_len: int, now: int) -> set[int]:
+    """Positions the hot tier of every head must hold once tokens [0, now) are stored."""
+    if policy == "all":
+        return set(range(now))
+    W = config.window_for(prompt_len)
+    first = max(config.sink_tokens, prompt_len - W)
+    return set(range(min(config.sink_tokens, now))) | set(range(max(first, now - W), now))
+
+
+class _Driver:
+    """Runs prefill + decode on a store and keeps the full K/V history for the reference."""
+
+    def __init__(self, store: KVStore, prompt_lens: list[int], seed: int = 0):
+        self.store = store
+        self.g = torch.Generator().manual_seed(seed)
+        B, T = len(prompt_lens), max(prompt_lens)
+        self.valid = torch.zeros(B, T, dtype=torch.bool)
+        for b, n in enumerate(prompt_lens):
+            self.valid[b, T - n:] = True  # left padding
+        self.prompt_lens = prompt_lens
+        self.seq_ids = store.add_sequences(B)
+        self.hist_k = [[[] for _ in range(B)] for _ in range(L)]
+        self.hist_v = [[[] for _ in range(B)] for _ in range(L)]
+        self.scale = D ** -0.5
+
+    def _rand(self, *shape):
+        return torch.randn(*shape, generator=self.g)
+
+    def prefill(self):
+        B, T = self.valid.shape
+        for layer in range(L):
+            q, k, v = self._rand(B, HQ, T, D), self._rand(B, HKV, T, D), self._rand(B, HKV, T, D)
+            self.store.prefill(layer, self.seq_ids, q, k, v, self.valid, self.scale)
+            for b in range(B):
+                self.hist_k[layer][b] += list(k[b, :, self.valid[b]].unbind(1))
+                self.hist_v[layer][b] += list(v[b, :, self.valid[b]].unbind(1))
+
+    def step(self):
+        """One decode step; returns (plan, [per layer: (out, expected out)])."""
+        B = len(self.prompt_lens)
+        plan = self.store.plan(self.seq_ids)
+        results = []
+        for layer in range(L):
+            q, k, v = self._rand(B, HQ, 1, D), self._rand(B, HKV, 1, D), self._rand(B, HKV, 1, D)
+            out = self.store.decode(layer, plan, q, k, v, self.scale)
+            for b in range(B):
+                self.hist_k[layer][b].append(k[b, :, 0])
+                self.hist_v[layer][b].append(v[b, :, 0])
+            results.append((out, q))
+        return plan, results
+
+    def hot_positions(self, layer: int, b: int, h: int) -> list[int]:
+        _, _, pos = self.store.hot.gather(layer, self.seq_ids[b:b + 1], self.store.hot.pages_in_use(self.seq_ids))
+        p = pos[0, h]
+        return sorted(p[p >= 0].tolist())
+
+    def expected_out(self, layer: int, b: int, q: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        k = torch.stack(self.hist_k[layer][b], 1)[:, positions]  # [H, n, D]
+        v = torch.stack(self.hist_v[layer][b], 1)[:, positions]
+        valid = torch.ones(1, HKV, len(positions), dtype=torch.bool)
+        out, _, _ = reference.decode_attention(q[b:b + 1, :, 0], k[None], v[None], valid, self.scale)
+        return out[0]
+
+
+POLICY_MATRIX = ["all", "window"]
+
+
+@pytest.mark.parametrize("policy", POLICY_MATRIX)
+@pytest.mark.parametrize("prompt_lens", [[13, 9], [2, 21]], ids=["long", "short-prompt"])
+def test_policy_keeps_what_it_promises_and_attends_exactly_that(policy, prompt_lens):
+    config = _config(policy)
+    store = KVStore(config, _geometry())
+    drv = _Driver(store, prompt_lens)
+    drv.prefill()
+    for step in range(12):
+        plan, results = drv.step()
+        for b, n in enumerate(prompt_lens):
+            now = n + step + 1
+            expect = _expected_positions(policy, config, n, now)
+            for layer in range(L):
+                for h in range(HKV):
+                    assert drv.hot_positions(layer, b, h) == sorted(expect)
+                out, q = results[layer]
+                want = drv.expected_out(layer, b, q, sorted(expect))
+                torch.testing.assert_close(out[b, :, 0].float(), want, rtol=1e-5, atol=1e-5)
+    store.release(drv.seq_ids)
+    assert store.hot.pool.all_free()
+
+
+def test_window_reuses_the_leaving_tokens_slot_and_reports_it():
+    config = _config("window")
+    store = KVStore(config, _geometry())
+    drv = _Driver(store, [13, 9])
+    drv.prefill()
+    used = store.hot.pool.num_used
+    W = config.window_tokens
+    for step in range(10):
+        before = store.hot.pool.slot_pos.clone()
+        plan, _ = drv.step()
+        pos = plan.positions
+        # every (layer, head) of a sequence evicts the token W back, or nothing while filling
+        for b, n in enumerate([13, 9]):
+            leaving = int(pos[b]) - W
+            first = max(config.sink_tokens, n - W)
+            want = leaving if leaving >= first else -1
+            assert (plan.evicted_pos[b] == want).all()
+            if want >= 0:  # the new token's slot held exactly the leaving token
+                held = before[plan.page[b].long(), plan.slot[b].long()]
+                assert (held == want).all()
+        assert store.hot.pool.num_used == used  # full windows: no new page, ever
+    store.release(drv.seq_ids)
+
+
+def test_window_size_is_fixed_per_sequence_from_its_prompt():
+    config = _config("window", window_tokens=None, sink_tokens=2, budget_fraction=0.5, window_share=0.5)
+    store = KVStore(config, _geometry())
+    lens = [21, 10]
+    drv = _Driver(store, lens)
+    drv.prefill()
+    for _ in range(6):
+        drv.step()
+    for b, n in enumerate(lens):
+        W = config.window_for(n)  # 4 and 2: different per sequence, fixed at prefill
+        now = n + 6
+        assert drv.hot_positions(1, b, 0) == sorted(set(range(2)) | set(range(now - W, now)))
+    store.release(drv.seq_ids)
+
+
+def test_window_refuses_chunked_prefill():
+    store = KVStore(_config("window"), _geometry())
+    drv = _Driver(store, [6])
+    drv.prefill()
+    with pytest.raises(NotImplementedError, match="chunked prefill"):
+        drv.prefill()
+    store.release(drv.seq_ids)
+
+
+def test_window_config_constructible_with_cold_tier():
+    config = KVStoreConfig(hot_policy="window", selector="none", cold_tier=True)
+    assert config.hot_policy == "window"
+    with pytest.raises(ValueError, match="hot_policy"):
+        KVStoreConfig(hot_policy="window", selector="none", cold_tier=False)
