@@ -1,0 +1,526 @@
+"""Train the probe model on the benchmark suite's synthetic tasks (reproducible, one GPU, <= 10 min).
+
+    python -m benchmarks.train_probe --out DIR [--steps N] [--max-minutes M] [--device cuda]
+    python -m benchmarks.train_probe eval --model DIR --lengths 4096,8192,16384 --samples 50
+
+What it does:
+* builds the word-level tokenizer over `benchmarks.vocab` (benchmarks/probe_tokenizer.py) and
+  the small Llama of `benchmarks.probe_model.probe_config`;
+* draws samples from `benchmarks.tasks.make_sample` (needles, multi-key needles, passkey,
+  kv_retrieval, variable tracking ...), each sample = prompt + answer + </s>, in worker
+  processes (a `DataLoader` over a map-style dataset: sample i of a stage always has the same
+  task and seed, so the data order is fixed by --seed);
+* a curriculum of lengths (default 512 -> 1K -> 2K -> 4K -> 8K), a constant number of tokens
+  per batch; a stage starts when the run's progress (the larger of step/steps and
+  elapsed/max-minutes) passes its start, so a time-limited run still reaches the last stage;
+* loss = cross-entropy on the answer tokens + lm_weight x next-token loss on the prompt
+  (the repetitive haystack teaches copying, i.e. induction heads, which retrieval builds on);
+* bf16 autocast on CUDA, SDPA attention (flash kernels: no mask is passed, right padding is
+  harmless under a causal mask), AdamW with warmup and cosine decay, gradient clipping;
+* held-out accuracy every --eval-every steps (teacher-forced exact match of the answer tokens,
+  which equals greedy decoding getting the whole answer right), logged and written to
+  DIR/train_log.jsonl;
+* stops cleanly at --steps or --max-minutes and always saves DIR (bf16 safetensors, config,
+  generation config, tokenizer).
+
+The run is deterministic for a given --seed when --steps binds (stage switches by time depend
+on the machine's speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("train_probe")
+
+DEFAULT_TASKS = "niah_single_1:2,niah_multikey_2:2,niah_multikey_3:1,passkey:2,kv_retrieval:3,vt:1"
+EVAL_TASKS = ("niah_single_1", "niah_multikey_2", "passkey", "kv_retrieval")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a training run (the CLI flags mirror these fields)."""
+
+    out: str = "out/probe"
+    seed: int = 0
+    device: str = "auto"
+    steps: int = 3000
+    max_minutes: float = 9.0
+    # "length:start" pairs: the stage of `length` starts at that fraction of the run.
+    curriculum: str = "512:0,1024:0.1,2048:0.25,4096:0.45,8192:0.7"
+    tokens_per_batch: int = 65536
+    # "task:weight" pairs, sampled in proportion to the weights.
+    tasks: str = DEFAULT_TASKS
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    lm_weight: float = 0.2
+    eval_every: int = 250
+    eval_samples: int = 16
+    workers: int = -1
+    log_every: int = 25
+
+    def __post_init__(self):
+        if self.steps <= 0:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        if self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
+        if self.tokens_per_batch <= 0:
+            raise ValueError(f"tokens_per_batch must be positive, got {self.tokens_per_batch}")
+        stages = self.stages  # validates
+        if stages[0][1] != 0:
+            raise ValueError(f"curriculum must start at fraction 0, got {self.curriculum!r}")
+        if any(length > self.tokens_per_batch for length, _ in stages):
+            raise ValueError(f"tokens_per_batch={self.tokens_per_batch} is smaller than a curriculum length")
+        self.task_weights  # validates
+
+    @property
+    def stages(self) -> list[tuple[int, float]]:
+        """[(length, start fraction)] in order of start."""
+        try:
+            pairs = [(int(a), float(b)) for a, b in (p.split(":") for p in self.curriculum.split(","))]
+        except ValueError as exc:
+            raise ValueError(f"curriculum must be 'length:start,...', got {self.curriculum!r}") from exc
+        if [s for _, s in pairs] != sorted(s for _, s in pairs) or any(not 0 <= s < 1 for _, s in pairs):
+            raise ValueError(f"curriculum starts must be increasing fractions in [0, 1), got {self.curriculum!r}")
+        return pairs
+
+    @property
+    def task_weights(self) -> list[tuple[str, float]]:
+        out = []
+        for part in self.tasks.split(","):
+            name, _, weight = part.partition(":")
+            try:
+                w = float(weight) if weight else 1.0
+            except ValueError as exc:
+                raise ValueError(f"tasks entry {part!r} must be 'task' or 'task:weight'") from exc
+            if w <= 0:
+                raise ValueError(f"tasks entry {part!r} needs a positive weight")
+            out.append((name.strip(), w))
+        return out
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+# --------------------------------------------------------------------------------------------
+# Data: a thin adapter over benchmarks.tasks
+
+
+def encode_sample(sample, tokenizer) -> tuple[list[int], int]:
+    """(token ids of prompt + answer + </s>, number of prompt ids) for a `benchmarks.tasks` Sample.
+
+    The answer is what the suite's scorer expects the model to generate after the prompt:
+    the sample's answers joined by spaces.
+    """
+    prompt_ids = list(sample_prompt_ids(sample, tokenizer))
+    answer_ids = tokenizer(" " + answer_text(sample), add_special_tokens=False)["input_ids"]
+    return prompt_ids + answer_ids + [tokenizer.eos_token_id], len(prompt_ids)
+
+
+def sample_prompt_ids(sample, tokenizer) -> list[int]:
+    ids = getattr(sample, "input_ids", None)
+    if ids is None:
+        ids = tokenizer(sample.prompt)["input_ids"]
+    return list(ids)
+
+
+def answer_text(sample) -> str:
+    answers = getattr(sample, "answers", None)
+    if answers is None:
+        answers = [sample.answer]
+    if isinstance(answers, str):
+        answers = [answers]
+    return " ".join(str(a) for a in answers)
+
+
+def _rng_for(*keys) -> random.Random:
+    """A generator seeded by `keys` (str seeds are hashed with SHA-512: stable across runs)."""
+    return random.Random("|".join(map(str, keys)))
+
+
+class StageDataset(torch.utils.data.Dataset):
+    """Batch i of a curriculum stage: samples of `length` tokens, tasks drawn by weight.
+
+    A map-style dataset of whole batches, so the DataLoader's workers each build a batch and the
+    order is fixed by (seed, length, i). Items: dict of input_ids [B, T] int64, answer_mask and
+    lm_mask [B, T] float32 (weights for predicting token t from tokens < t).
+    """
+
+    def __init__(self, tokenizer, length: int, batch_size: int, task_weights, seed: int):
+        self.tokenizer = tokenizer
+        self.length = length
+        self.batch_size = batch_size
+        self.tasks = [t for t, _ in task_weights]
+        self.weights = [w for _, w in task_weights]
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return 1 << 30
+
+    def __getitem__(self, index: int) -> dict:
+        from benchmarks.tasks import make_sample
+
+        rng = _rng_for("batch", self.seed, self.length, index)
+        seqs, prompt_lens = [], []
+        for j in range(self.batch_size):
+            task = rng.choices(self.tasks, self.weights)[0]
+            sample_seed = rng.getrandbits(62)
+            try:
+                sample = make_sample(task, self.length, sample_seed, self.tokenizer, depth=rng.random())
+            except ValueError:  # a task that cannot fit this length: fall back to a passkey
+                sample = make_sample("passkey", self.length, sample_seed, self.tokenizer, depth=rng.random())
+            ids, n_prompt = encode_sample(sample, self.tokenizer)
+            seqs.append(ids)
+            prompt_lens.append(n_prompt)
+        return collate(seqs, prompt_lens, self.tokenizer.pad_token_id)
+
+
+def collate(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict:
+    """Right-pad `seqs` into a batch with the answer and language-model loss masks."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    answer_mask = torch.zeros((len(seqs), width), dtype=torch.float32)
+    lm_mask = torch.zeros((len(seqs), width), dtype=torch.float32)
+    for b, (s, n) in enumerate(zip(seqs, prompt_lens)):
+        input_ids[b, : len(s)] = torch.tensor(s)
+        lm_mask[b, 1:n] = 1.0  # predicting prompt tokens from their prefix
+        answer_mask[b, n : len(s)] = 1.0  # predicting the answer and </s>
+    return {"input_ids": input_ids, "answer_mask": answer_mask, "lm_mask": lm_mask}
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: StageDataset, workers: int):
+    if workers == 0:
+        return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=0))
+    return iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=4,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_worker_init,
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Loss and evaluation
+
+
+def batch_losses(model, batch: dict, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(answer loss, lm loss, per-sequence answer exact match) for one batch."""
+    ids = batch["input_ids"].to(device, non_blocking=True)
+    ans = batch["answer_mask"].to(device, non_blocking=True)[:, 1:]
+    lm = batch["lm_mask"].to(device, non_blocking=True)[:, 1:]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    with autocast:
+        hidden = model.model(input_ids=ids).last_hidden_state
+        logits = model.lm_head(hidden[:, :-1])
+    logits = logits.float()
+    targets = ids[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view_as(targets)
+    answer_loss = (ce * ans).sum() / ans.sum().clamp_min(1)
+    lm_loss = (ce * lm).sum() / lm.sum().clamp_min(1)
+    wrong = ((logits.argmax(-1) != targets).float() * ans).sum(-1)
+    return answer_loss, lm_loss, (wrong == 0).float()
+
+
+@torch.no_grad()
+def heldout_accuracy(model, tokenizer, length: int, tasks, samples: int, seed: int, device: str) -> dict[str, float]:
+    """Teacher-forced exact match per task on held-out seeds (disjoint from training's)."""
+    from benchmarks.tasks import make_sample
+
+    was_training = model.training
+    model.eval()
+    out = {}
+    batch = max(1, min(samples, 65536 // length))
+    for task in tasks:
+        hits = 0
+        for start in range(0, samples, batch):
+            seqs, lens = [], []
+            for i in range(start, min(samples, start + batch)):
+                rng = _rng_for("heldout", seed, task, length, i)
+                sample = make_sample(task, length, rng.getrandbits(62), tokenizer, depth=rng.random())
+                ids, n = encode_sample(sample, tokenizer)
+                seqs.append(ids)
+                lens.append(n)
+            _, _, exact = batch_losses(model, collate(seqs, lens, tokenizer.pad_token_id), device)
+            hits += int(exact.sum().item())
+        out[task] = hits / samples
+    model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build(cfg: TrainConfig):
+    """(model, tokenizer) freshly initialized from cfg.seed."""
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.probe_model import probe_config
+    from benchmarks.probe_tokenizer import build_tokenizer, default_strings
+
+    tokenizer = build_tokenizer(default_strings())
+    torch.manual_seed(cfg.seed)
+    config = probe_config(len(tokenizer))
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config)
+    return model, tokenizer
+
+
+def save(model, tokenizer, out: Path, info: dict) -> None:
+    """Write the model (bf16 safetensors), its configs and tokenizer into `out` (casts the model)."""
+    from transformers import GenerationConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(device="cpu", dtype=torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
+    GenerationConfig(
+        do_sample=False,
+        max_new_tokens=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    (out / "train_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    logger.info("saved %s", out)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training per `cfg`; returns the summary written to OUT/train_info.json."""
+    device = cfg.resolved_device()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = build(cfg)
+    model.to(device).train()
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %.2fM parameters, vocab %d, device %s", num_params / 1e6, len(tokenizer), device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        fused=device.startswith("cuda"),
+    )
+    workers = cfg.workers if cfg.workers >= 0 else max(1, (os.cpu_count() or 2) - 2)
+    stages = cfg.stages
+    eval_tasks = [t for t in EVAL_TASKS if t in {name for name, _ in cfg.task_weights}] or [cfg.task_weights[0][0]]
+    log_file = (out / "train_log.jsonl").open("w")
+    start = time.perf_counter()
+    stage_idx, loader, tokens_seen = -1, None, 0
+    history = []
+    step = 0
+    stop_reason = "steps"
+    while step < cfg.steps:
+        elapsed = time.perf_counter() - start
+        if elapsed > cfg.max_minutes * 60:
+            stop_reason = "max_minutes"
+            break
+        progress = max(step / cfg.steps, elapsed / (cfg.max_minutes * 60))
+        want = max(i for i, (_, s) in enumerate(stages) if s <= progress)
+        if want != stage_idx:
+            stage_idx = want
+            length = stages[stage_idx][0]
+            batch_size = max(1, cfg.tokens_per_batch // length)
+            loader = None  # shut the previous stage's workers down
+            dataset = StageDataset(tokenizer, length, batch_size, cfg.task_weights, cfg.seed)
+            loader = make_loader(dataset, workers)
+            logger.info("step %d: stage %d, length %d, batch %d", step, stage_idx, length, batch_size)
+        t_data = time.perf_counter()
+        batch = next(loader)
+        t_data = time.perf_counter() - t_data
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        answer_loss, lm_loss, exact = batch_losses(model, batch, device)
+        loss = answer_loss + cfg.lm_weight * lm_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        tokens_seen += batch["input_ids"].numel()
+        step += 1
+        if step % cfg.log_every == 0 or step == 1 or step == cfg.steps:
+            row = {
+                "step": step,
+                "length": stages[stage_idx][0],
+                "answer_loss": answer_loss.item(),
+                "lm_loss": lm_loss.item(),
+                "train_exact": exact.mean().item(),
+                "grad_norm": float(grad_norm),
+                "lr": lr_at(step - 1, cfg),
+                "tokens": tokens_seen,
+                "elapsed_s": round(time.perf_counter() - start, 1),
+                "data_wait_s": round(t_data, 4),
+            }
+            history.append(row)
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+            logger.info(
+                "step %5d len %5d  ans %.3f lm %.3f exact %.2f  gn %.2f lr %.2e  %.0fs  %.1fM tok  wait %.3fs",
+                step, row["length"], row["answer_loss"], row["lm_loss"], row["train_exact"], row["grad_norm"],
+                row["lr"], row["elapsed_s"], tokens_seen / 1e6, t_data,
+            )
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            length = stages[stage_idx][0]
+            acc = heldout_accuracy(model, tokenizer, length, eval_tasks, cfg.eval_samples, cfg.seed, device)
+            row = {"step": step, "eval_length": length, **{f"acc_{k}": v for k, v in acc.items()}}
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+            logger.info("eval step %d at %d tokens: %s", step, length, "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+    loader = None
+    wall = time.perf_counter() - start
+    final_len = stages[stage_idx][0] if stage_idx >= 0 else stages[0][0]
+    final_acc = heldout_accuracy(model, tokenizer, final_len, eval_tasks, cfg.eval_samples, cfg.seed, device)
+    info = {
+        "config": dataclasses.asdict(cfg),
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "parameters": num_params,
+        "vocab": len(tokenizer),
+        "steps": step,
+        "stop_reason": stop_reason,
+        "tokens": tokens_seen,
+        "wall_s": round(wall, 1),
+        "final_length": final_len,
+        "final_heldout_exact": final_acc,
+        "first_losses": history[:1],
+        "last_losses": history[-1:],
+    }
+    logger.info("done: %d steps in %.0fs (%s); held-out at %d: %s", step, wall, stop_reason, final_len, final_acc)
+    log_file.close()
+    save(model, tokenizer, out, info)
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation with the suite's scorer (generation)
+
+
+def score_answer(prediction: str, sample) -> float:
+    """The suite's scorer when it exists, else the fraction of expected answers in the text."""
+    try:
+        from benchmarks import scoring
+
+        for name in ("score_sample", "score"):
+            fn = getattr(scoring, name, None)
+            if fn is not None:
+                return float(fn(prediction, sample))
+    except ImportError:
+        pass
+    answers = getattr(sample, "answers", None) or [sample.answer]
+    return sum(str(a) in prediction for a in answers) / len(answers)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, tasks, lengths, samples: int, seed: int = 12345, device: str = "cpu", batch_tokens: int = 65536) -> list[dict]:
+    """Greedy generation scored by the suite's scorer; one row per (task, length)."""
+    from benchmarks.tasks import make_sample
+
+    rows = []
+    for length in lengths:
+        for task in tasks:
+            t0 = time.perf_counter()
+            items = [make_sample(task, length, seed + i, tokenizer) for i in range(samples)]
+            batch = max(1, batch_tokens // length)
+            scores = []
+            for s in range(0, samples, batch):
+                chunk = items[s : s + batch]
+                prompts = [sample_prompt_ids(x, tokenizer) for x in chunk]
+                width = max(map(len, prompts))
+                ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for b, p in enumerate(prompts):
+                    ids[b, width - len(p) :] = torch.tensor(p)
+                    mask[b, width - len(p) :] = 1
+                max_new = max(len(tokenizer(" " + answer_text(x), add_special_tokens=False)["input_ids"]) for x in chunk) + 4
+                gen = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new, do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                )
+                for b, x in enumerate(chunk):
+                    text = tokenizer.decode(gen[b, width:], skip_special_tokens=True)
+                    scores.append(score_answer(text, x))
+            rows.append({"task": task, "length": length, "samples": samples, "accuracy": sum(scores) / len(scores),
+                         "seconds": round(time.perf_counter() - t0, 1)})
+            logger.info("eval %-16s %6d: %.3f", task, length, rows[-1]["accuracy"])
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser_from_dataclass(parser: argparse.ArgumentParser) -> None:
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(flag, type=type(field.default), default=field.default, help=f"(default: {field.default})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "eval":
+        parser = argparse.ArgumentParser(prog="train_probe eval", description="Score a probe model with generation.")
+        parser.add_argument("--model", default=None, help="model folder (default: the shipped probe)")
+        parser.add_argument("--tasks", default=",".join(EVAL_TASKS))
+        parser.add_argument("--lengths", default="4096,8192,16384")
+        parser.add_argument("--samples", type=int, default=50)
+        parser.add_argument("--seed", type=int, default=12345)
+        parser.add_argument("--device", default="auto")
+        parser.add_argument("--json", default=None, help="write the rows to this file")
+        args = parser.parse_args(argv[1:])
+        from benchmarks.probe_model import PROBE_DIR, load_probe
+
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        model, tokenizer = load_probe(args.model or PROBE_DIR, dtype=dtype, device=device)
+        rows = evaluate(model, tokenizer, args.tasks.split(","), [int(x) for x in args.lengths.split(",")], args.samples, args.seed, device)
+        for r in rows:
+            print(f"| {r['task']} | {r['length']} | {r['accuracy']:.3f} | {r['samples']} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        return
+    parser = argparse.ArgumentParser(prog="train_probe", description=__doc__.split("\n\n")[0])
+    _parser_from_dataclass(parser)
+    args = parser.parse_args(argv)
+    cfg = TrainConfig(**vars(args))
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
