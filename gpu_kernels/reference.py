@@ -98,3 +98,58 @@ def prefill_attention(
         q, k_rep, v_rep, attn_mask=mask | ~has_key, scale=scale
     )
     return out.masked_fill(~has_key, 0.0)
+
+
+# ---- quantization (kvstore/quantization.py, gpu_kernels/quant.py) -----------------------------
+#
+# Per token, per KV head, asymmetric min-max over `groups` equal slices of the head dim:
+#     zero = fp16(min),  scale = fp16((max - zero) / (2^bits - 1))  (1 where max == min),
+#     each nudged down/up by 2^-10 relative where fp16 rounding would make an element saturate
+#     code = clamp(floor((x - zero) / scale + 0.5), 0, 2^bits - 1),   x_hat = code * scale + zero
+# Codes are packed "planar": with per = 8 // bits codes per byte, byte j of a row holds the
+# codes of elements j, j + d/per, j + 2d/per, ... at bit offsets 0, bits, 2*bits, ... so that a
+# kernel unpacks a whole row with one load and a shift per element.
+
+
+def quantize(x: torch.Tensor, bits: int, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize rows. x: [N, d] float. Returns codes uint8 [N, d] (unpacked), scale and zero fp16 [N, groups]."""
+    N, d = x.shape
+    if d % groups:
+        raise ValueError(f"head dim {d} is not a multiple of groups={groups}")
+    xf = x.float().view(N, groups, d // groups)
+    qmax = (1 << bits) - 1
+    lo, hi = xf.amin(-1), xf.amax(-1)
+    # fp16 zero <= min and zero + qmax * scale >= max, so no element saturates: the nearest fp16
+    # when it already satisfies this (exact round trip), else one nudged by 2^-10 relative.
+    zero = lo.to(torch.float16)
+    zero = torch.where(zero.float() > lo, (lo - lo.abs() * 2 ** -10 - 2 ** -24).to(torch.float16), zero)
+    rng = hi - zero.float()
+    scale = torch.where(rng > 0, rng / qmax, torch.ones_like(rng)).to(torch.float16)
+    short = scale.float() * qmax + zero.float() < hi
+    scale = torch.where(short, (rng / qmax * (1 + 2 ** -10) + 2 ** -24).to(torch.float16), scale)
+    codes = torch.floor((xf - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1) + 0.5).clamp(0, qmax)
+    return codes.to(torch.uint8).view(N, d), scale, zero
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [..., d] (unpacked), scale/zero fp16 [..., groups] -> fp32 [..., d]."""
+    groups, d = scale.shape[-1], codes.shape[-1]
+    c = codes.float().unflatten(-1, (groups, d // groups))
+    return (c * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).flatten(-2)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [..., d] codes < 2^bits -> uint8 [..., d * bits // 8], planar layout (see above)."""
+    per = 8 // bits
+    d = codes.shape[-1]
+    parts = codes.unflatten(-1, (per, d // per)).to(torch.int32)  # [..., per, d/per]
+    shifts = (torch.arange(per, device=codes.device, dtype=torch.int32) * bits).view(per, 1)
+    return (parts << shifts).sum(-2).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: uint8 [..., d * bits // 8] -> uint8 [..., d]."""
+    per = 8 // bits
+    shifts = (torch.arange(per, device=packed.device, dtype=torch.int32) * bits).view(per, 1)
+    parts = (packed.to(torch.int32).unsqueeze(-2) >> shifts) & ((1 << bits) - 1)  # [..., per, d/per]
+    return parts.flatten(-2).to(torch.uint8)

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 # Filled in by the modules that implement each part.
 HOT_POLICIES: set[str] = {"all", "window"}  # "window": kvstore/policies.py
 SELECTORS: set[str] = {"none"}
-QUANTIZED_HOT_TIER: bool = False
+QUANTIZED_HOT_TIER: bool = True  # kvstore/quantization.py
 COLD_TIER: bool = False
 
 

@@ -42,6 +42,15 @@ class ModelGeometry:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
 
 
+def use_triton(config: KVStoreConfig, device: torch.device) -> bool:
+    """Whether the Triton kernels run: "always", or "auto" on CUDA; otherwise the torch references."""
+    return config.use_triton == "always" or (config.use_triton == "auto" and torch.device(device).type == "cuda")
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and not n & (n - 1)
+
+
 class HotTier:
     def __init__(self, config: KVStoreConfig, geometry: ModelGeometry):
         self.config = config
@@ -53,11 +62,16 @@ class HotTier:
             if config.has_low_tier
             else None
         )
+        self.use_triton = use_triton(config, geometry.device)
+        for fmt in (self.high, self.low):
+            if fmt is not None and hasattr(fmt, "use_triton"):
+                fmt.use_triton = self.use_triton and _pow2(d) and _pow2(config.quant_groups)
         self.page_bytes = self.high.bytes_per_token * config.page_size
         self.tokens_per_page = config.page_size
         self.low_tokens_per_page = self.low.tokens_per_page(self.page_bytes) if self.low else 0
         max_slots = max(self.tokens_per_page, self.low_tokens_per_page)
-        self.pool = PagePool(self.page_bytes, max_slots, geometry.device, max_bytes=config.hot_tier_bytes)
+        self.pool = PagePool(self.page_bytes, max_slots, geometry.device, max_bytes=config.hot_tier_bytes,
+                             slot_scores=config.hot_policy == "leankv")
         self.table = PageTable(config.max_batch_size, geometry.num_layers, geometry.num_kv_heads, geometry.device)
 
     # ---- writing ---------------------------------------------------------------------------

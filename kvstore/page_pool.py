@@ -7,6 +7,7 @@ an int32 position (-1 = empty) and an fp32 score, kept in arrays beside the page
     data       uint8   [num_pages, page_bytes]   page 0 is the null page (padding, never handed out)
     slot_pos   int32   [num_pages, max_slots]    token position held by a slot, -1 when empty
     slot_score float32 [num_pages, max_slots]    hot-tier policy score of the token in that slot
+                                                 ([num_pages, 0] when the policy keeps no scores)
 
 Allocation is batched: `allocate(needs)` serves every (sequence, layer, KV head) request of a
 step at once with one prefix sum over `needs` and one slice of the free stack, at the cost of a
@@ -35,11 +36,13 @@ class PagePool:
         device: torch.device,
         initial_pages: int = 64,
         max_bytes: int | None = None,
+        slot_scores: bool = True,
     ) -> None:
         if page_bytes <= 0 or max_slots <= 0:
             raise ValueError(f"page_bytes={page_bytes} and max_slots={max_slots} must be positive")
         self.page_bytes = page_bytes
         self.max_slots = max_slots
+        self.score_slots = max_slots if slot_scores else 0
         self.device = torch.device(device)
         self.max_pages = None if max_bytes is None else max(2, max_bytes // page_bytes)
         if self.max_pages is not None and self.max_pages < 2:
@@ -47,7 +50,7 @@ class PagePool:
         num_pages = max(2, initial_pages if self.max_pages is None else min(initial_pages, self.max_pages))
         self.data = torch.zeros(num_pages, page_bytes, dtype=torch.uint8, device=self.device)
         self.slot_pos = torch.full((num_pages, max_slots), -1, dtype=torch.int32, device=self.device)
-        self.slot_score = torch.zeros(num_pages, max_slots, dtype=torch.float32, device=self.device)
+        self.slot_score = torch.zeros(num_pages, self.score_slots, dtype=torch.float32, device=self.device)
         # Free stack: the first `num_free` entries are free page ids. Page 0 is never free.
         self.free_stack = torch.arange(num_pages - 1, 0, -1, dtype=torch.int32, device=self.device)
         self.num_free = num_pages - 1
@@ -63,13 +66,18 @@ class PagePool:
         return self.num_pages - 1 - self.num_free
 
     @property
+    def bytes_per_page(self) -> int:
+        """A page's bytes with its slot metadata (int32 position, fp32 score where kept)."""
+        return self.page_bytes + self.max_slots * 4 + self.score_slots * 4
+
+    @property
     def used_bytes(self) -> int:
         """Bytes of pages in use, their slot metadata (position, score) included."""
-        return self.num_used * (self.page_bytes + self.max_slots * 8)
+        return self.num_used * self.bytes_per_page
 
     @property
     def reserved_bytes(self) -> int:
-        return self.num_pages * (self.page_bytes + self.max_slots * 8) + self.free_stack.numel() * 4
+        return self.num_pages * self.bytes_per_page + self.free_stack.numel() * 4
 
     def all_free(self) -> bool:
         return self.num_free == self.num_pages - 1
@@ -101,7 +109,7 @@ class PagePool:
         data[:old_n] = self.data
         pos = torch.full((new_n, self.max_slots), -1, dtype=torch.int32, device=self.device)
         pos[:old_n] = self.slot_pos
-        score = torch.zeros(new_n, self.max_slots, dtype=torch.float32, device=self.device)
+        score = torch.zeros(new_n, self.score_slots, dtype=torch.float32, device=self.device)
         score[:old_n] = self.slot_score
         fresh = torch.arange(new_n - 1, old_n - 1, -1, dtype=torch.int32, device=self.device)
         # Fresh pages go below the current free entries so recently freed pages are reused first.

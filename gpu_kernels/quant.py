@@ -1,0 +1,153 @@
+"""Triton kernels: quantize-and-append K/V rows into quantized pages, and dequantize pages.
+
+Page layout and quantization formulas: kvstore/quantization.py and gpu_kernels/reference.py
+(`quantize`, `pack_codes`); these kernels reproduce them bit for bit on the same inputs (the
+same fp32 operations: fp16 rounding of scale and zero, floor(x / scale + 0.5)).
+The head dim and the group count must be powers of two (the kernels reshape rows into
+[codes per byte, d / codes per byte] and [groups, d / groups]).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _quantize_row(x, NG: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """x fp32 [D] -> packed int32 [D // PER] (values < 256), scale fp32 [NG], zero fp32 [NG] (fp16-rounded)."""
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    PER: tl.constexpr = 8 // BITS
+    xg = tl.reshape(x, (NG, D // NG))
+    lo = tl.min(xg, axis=1)
+    hi = tl.max(xg, axis=1)
+    zero = lo.to(tl.float16).to(tl.float32)
+    nudged = (lo - tl.abs(lo) * 0.0009765625 - 5.960464477539063e-08).to(tl.float16).to(tl.float32)
+    zero = tl.where(zero > lo, nudged, zero)
+    rng = hi - zero
+    scale = tl.where(rng > 0, rng / QMAX, 1.0).to(tl.float16).to(tl.float32)
+    wider = (rng / QMAX * 1.0009765625 + 5.960464477539063e-08).to(tl.float16).to(tl.float32)
+    scale = tl.where(scale * QMAX + zero < hi, wider, scale)
+    codes = tl.floor((xg - zero[:, None]) / scale[:, None] + 0.5)
+    codes = tl.minimum(tl.maximum(codes, 0.0), QMAX).to(tl.int32)
+    codes = tl.reshape(codes, (PER, D // PER))
+    shifts = tl.arange(0, PER)[:, None] * BITS
+    packed = tl.sum(codes << shifts, axis=0)
+    return packed, scale, zero
+
+
+@triton.jit
+def _quantize_into_pages_kernel(
+    data_ptr, data16_ptr, page_ptr, slot_ptr, k_ptr, v_ptr,
+    stride_k, stride_v, page_bytes,
+    TPP: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    page = tl.load(page_ptr + row).to(tl.int64)
+    slot = tl.load(slot_ptr + row).to(tl.int64)
+    KB: tl.constexpr = D * KBITS // 8
+    VB: tl.constexpr = D * VBITS // 8
+    dims = tl.arange(0, D)
+    base = page * page_bytes
+    k = tl.load(k_ptr + row * stride_k + dims).to(tl.float32)
+    kp, ks, kz = _quantize_row(k, NG, D, KBITS)
+    tl.store(data_ptr + base + slot * KB + tl.arange(0, KB), kp.to(tl.uint8))
+    v = tl.load(v_ptr + row * stride_v + dims).to(tl.float32)
+    vp, vs, vz = _quantize_row(v, NG, D, VBITS)
+    tl.store(data_ptr + base + TPP * KB + slot * VB + tl.arange(0, VB), vp.to(tl.uint8))
+    meta = (base + TPP * (KB + VB)) // 2 + slot * 4 * NG
+    g = tl.arange(0, NG)
+    tl.store(data16_ptr + meta + g, ks.to(tl.float16))
+    tl.store(data16_ptr + meta + NG + g, kz.to(tl.float16))
+    tl.store(data16_ptr + meta + 2 * NG + g, vs.to(tl.float16))
+    tl.store(data16_ptr + meta + 3 * NG + g, vz.to(tl.float16))
+
+
+def _check_pow2(name: str, n: int) -> None:
+    if n & (n - 1) or n <= 0:
+        raise ValueError(f"{name}={n} must be a power of two for the Triton quantization kernels")
+
+
+def quantize_into_pages(data: torch.Tensor, page_ids: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, key_bits: int, value_bits: int, groups: int, tokens_per_page: int) -> None:
+    """Quantize rows of K and V and write them into their pages, in place.
+
+    Args:
+        data: uint8 [P, page_bytes] the page pool (written in place, never copied).
+        page_ids, slots: int [N] where row i goes.
+        k, v: [N, d] any float dtype, rows contiguous (last stride 1).
+        key_bits, value_bits: 8, 4 or 2; groups: scale/zero groups along d; tokens_per_page: T of the format.
+    """
+    N, d = k.shape
+    if v.shape != (N, d) or page_ids.shape != (N,) or slots.shape != (N,):
+        raise ValueError(f"shapes: k {tuple(k.shape)}, v {tuple(v.shape)}, page_ids {tuple(page_ids.shape)}, "
+                         f"slots {tuple(slots.shape)}: want [N, d], [N, d], [N], [N]")
+    if data.dtype != torch.uint8 or not data.is_contiguous() or data.shape[1] % 2:
+        raise ValueError("data must be a contiguous uint8 [P, page_bytes] pool with an even page size")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("k and v rows must be contiguous (last stride 1)")
+    _check_pow2("head_dim", d)
+    _check_pow2("groups", groups)
+    if N == 0:
+        return
+    _quantize_into_pages_kernel[(N,)](
+        data, data.view(torch.float16), page_ids.to(torch.int32).contiguous(), slots.to(torch.int32).contiguous(),
+        k, v, k.stride(0), v.stride(0), data.shape[1],
+        TPP=tokens_per_page, D=d, NG=groups, KBITS=key_bits, VBITS=value_bits,
+    )
+
+
+@triton.jit
+def _unpack(packed_ptr, rows, D: tl.constexpr, BITS: tl.constexpr, stride_row):
+    """Codes fp32 [BLOCK_T, D] of `rows` (byte offsets of row starts given by rows * stride_row)."""
+    PER: tl.constexpr = 8 // BITS
+    SUB: tl.constexpr = D // PER
+    dims = tl.arange(0, D)
+    byte = tl.load(packed_ptr + rows[:, None] * stride_row + (dims % SUB)[None, :]).to(tl.int32)
+    return ((byte >> ((dims // SUB) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+
+
+@triton.jit
+def _dequantize_pages_kernel(
+    data_ptr, data16_ptr, page_ptr, k_out, v_out, page_bytes,
+    TPP: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, NG: tl.constexpr,
+    KBITS: tl.constexpr, VBITS: tl.constexpr,
+):
+    i = tl.program_id(0)
+    page = tl.load(page_ptr + i).to(tl.int64)
+    KB: tl.constexpr = D * KBITS // 8
+    VB: tl.constexpr = D * VBITS // 8
+    t = tl.arange(0, BLOCK_T)
+    tmask = t < TPP
+    tt = tl.where(tmask, t, 0)
+    dims = tl.arange(0, D)
+    base = page * page_bytes
+    grp = dims // (D // NG)
+    meta = (base + TPP * (KB + VB)) // 2 + tt[:, None] * 4 * NG + grp[None, :]
+    kc = _unpack(data_ptr + base, tt, D, KBITS, KB)
+    vc = _unpack(data_ptr + base + TPP * KB, tt, D, VBITS, VB)
+    ks = tl.load(data16_ptr + meta).to(tl.float32)
+    kz = tl.load(data16_ptr + meta + NG).to(tl.float32)
+    vs = tl.load(data16_ptr + meta + 2 * NG).to(tl.float32)
+    vz = tl.load(data16_ptr + meta + 3 * NG).to(tl.float32)
+    out = (i * TPP + t)[:, None] * D + dims[None, :]
+    tl.store(k_out + out, kc * ks + kz, mask=tmask[:, None])
+    tl.store(v_out + out, vc * vs + vz, mask=tmask[:, None])
+
+
+def dequantize_pages(data: torch.Tensor, page_ids: torch.Tensor, key_bits: int, value_bits: int, groups: int,
+                     tokens_per_page: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized K and V, fp32 [M, tokens_per_page, head_dim] each, of pages page_ids int [M]."""
+    _check_pow2("head_dim", head_dim)
+    _check_pow2("groups", groups)
+    M = page_ids.numel()
+    k = torch.empty(M, tokens_per_page, head_dim, dtype=torch.float32, device=data.device)
+    v = torch.empty_like(k)
+    if M:
+        _dequantize_pages_kernel[(M,)](
+            data, data.view(torch.float16), page_ids.to(torch.int32).contiguous(), k, v, data.shape[1],
+            TPP=tokens_per_page, BLOCK_T=triton.next_power_of_2(tokens_per_page), D=head_dim, NG=groups,
+            KBITS=key_bits, VBITS=value_bits,
+        )
+    return k, v

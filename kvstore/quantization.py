@@ -1,0 +1,101 @@
+"""Quantized page format (Hetero-KV): keys and values at their own bit widths, per token per KV head.
+
+Asymmetric min-max per token and KV head over `groups` equal slices of the head dim, with an
+fp16 scale and zero per group, round to nearest (the formulas are in gpu_kernels/reference.py).
+High tier K8V4, low tier K4V2; keys never get fewer bits than values.
+
+One page of `tokens_per_page` = T tokens (structure of arrays, so a kernel loads each part of a
+page with one contiguous load)::
+
+    byte 0          T*kB             T*(kB+vB)                         T*(kB+vB) + T*8*groups
+    [ K codes T x kB | V codes T x vB | meta fp16 T x (k_scale[g], k_zero[g], v_scale[g], v_zero[g]) ]
+
+    kB = d * key_bits / 8, vB = d * value_bits / 8, codes packed planar (reference.pack_codes).
+
+`bytes_per_token` = kB + vB + 8 * groups: at d = 128, groups = 1, K8V4 = 200 B (LeanKV: 208 with
+its fp32 score and int32 position, which kvstore keeps in the pool's slot arrays, 8 B more per
+slot) and K4V2 = 104 B. The page byte size is fixed by the high tier (`page_size` tokens); the
+low tier fits `page_bytes // 104` tokens in the same bytes (61 for a 32-token K8V4 page).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from gpu_kernels import reference
+from kvstore.page_format import PageFormat
+
+logger = logging.getLogger(__name__)
+
+QUANT_BITS = (8, 4, 2)
+
+
+class QuantFormat(PageFormat):
+    """Quantized tier: `key_bits` / `value_bits` in (8, 4, 2), fp16 scale and zero per group."""
+
+    def __init__(self, key_bits: int, value_bits: int, head_dim: int, dtype: torch.dtype, groups: int = 1):
+        super().__init__(head_dim, dtype)
+        if key_bits not in QUANT_BITS or value_bits not in QUANT_BITS:
+            raise ValueError(f"QuantFormat bits must be in {QUANT_BITS}, got key_bits={key_bits} value_bits={value_bits}")
+        if value_bits > key_bits:
+            raise ValueError(f"value_bits={value_bits} > key_bits={key_bits}: keys never get fewer bits than values")
+        if head_dim % 8 or head_dim % groups:
+            raise ValueError(f"head_dim={head_dim} must be a multiple of 8 and of groups={groups} for quantized pages")
+        self.key_bits, self.value_bits, self.groups = key_bits, value_bits, groups
+        self.key_bytes = head_dim * key_bits // 8
+        self.value_bytes = head_dim * value_bits // 8
+        self.meta_bytes = 8 * groups
+        self.bytes_per_token = self.key_bytes + self.value_bytes + self.meta_bytes
+        #: Use the Triton kernels of gpu_kernels/quant.py (set by the hot tier from config.use_triton).
+        self.use_triton = False
+
+    def offsets(self, page_bytes: int) -> tuple[int, int, int, int]:
+        """(tokens_per_page, K codes offset, V codes offset, meta offset) in bytes within a page."""
+        tpp = self.tokens_per_page(page_bytes)
+        return tpp, 0, tpp * self.key_bytes, tpp * (self.key_bytes + self.value_bytes)
+
+    def _views(self, data: torch.Tensor):
+        """No-copy views of a pool [P, page_bytes]: K codes [P,T,kB], V codes [P,T,vB], meta fp16 [P,T,4,groups]."""
+        P, page_bytes = data.shape
+        tpp, ko, vo, mo = self.offsets(page_bytes)
+        kc = data[:, ko:vo].view(P, tpp, self.key_bytes)
+        vc = data[:, vo:mo].view(P, tpp, self.value_bytes)
+        meta = data[:, mo:mo + tpp * self.meta_bytes].view(torch.float16).view(P, tpp, 4, self.groups)
+        return kc, vc, meta
+
+    def write(self, data, page_ids, slots, k, v):
+        """Quantize k, v [N, d] and store them at (page_ids[i], slots[i])."""
+        if k.numel() == 0:
+            return
+        if self.use_triton:
+            from gpu_kernels import quant
+
+            quant.quantize_into_pages(data, page_ids, slots, k, v, self.key_bits, self.value_bits, self.groups,
+                                      self.tokens_per_page(data.shape[1]))
+            return
+        kc, vc, meta = self._views(data)
+        ck, sk, zk = reference.quantize(k, self.key_bits, self.groups)
+        cv, sv, zv = reference.quantize(v, self.value_bits, self.groups)
+        p, s = page_ids.long(), slots.long()
+        kc[p, s] = reference.pack_codes(ck, self.key_bits)
+        vc[p, s] = reference.pack_codes(cv, self.value_bits)
+        meta[p, s] = torch.stack([sk, zk, sv, zv], dim=1)
+
+    def read(self, data, page_ids):
+        """Dequantized k, v fp32 [..., tokens_per_page, d] of the given pages."""
+        if self.use_triton:
+            from gpu_kernels import quant
+
+            shape = page_ids.shape
+            k, v = quant.dequantize_pages(data, page_ids.reshape(-1), self.key_bits, self.value_bits, self.groups,
+                                          self.tokens_per_page(data.shape[1]), self.head_dim)
+            return k.view(*shape, *k.shape[1:]), v.view(*shape, *v.shape[1:])
+        kc, vc, meta = self._views(data)
+        p = page_ids.long()
+        m = meta[p]  # [..., T, 4, g]
+        d = self.head_dim
+        k = reference.dequantize(reference.unpack_codes(kc[p], self.key_bits, d), m[..., 0, :], m[..., 1, :])
+        v = reference.dequantize(reference.unpack_codes(vc[p], self.value_bits, d), m[..., 2, :], m[..., 3, :])
+        return k, v
