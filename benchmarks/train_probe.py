@@ -58,8 +58,9 @@ class TrainConfig:
     device: str = "auto"
     steps: int = 3000
     max_minutes: float = 9.0
-    # "length:start" pairs: the stage of `length` starts at that fraction of the run.
-    curriculum: str = "512:0,1024:0.1,2048:0.25,4096:0.45,8192:0.7"
+    # "length:start" pairs: the stage of `length` starts at that fraction of the run;
+    # "4096+8192:0.8" alternates batches of those lengths.
+    curriculum: str = "512:0,1024:0.1,2048:0.25,4096:0.45,4096+8192:0.7"
     tokens_per_batch: int = 65536
     # "task:weight" pairs, sampled in proportion to the weights.
     tasks: str = DEFAULT_TASKS
@@ -84,17 +85,21 @@ class TrainConfig:
         stages = self.stages  # validates
         if stages[0][1] != 0:
             raise ValueError(f"curriculum must start at fraction 0, got {self.curriculum!r}")
-        if any(length > self.tokens_per_batch for length, _ in stages):
+        if any(max(lengths) > self.tokens_per_batch for lengths, _ in stages):
             raise ValueError(f"tokens_per_batch={self.tokens_per_batch} is smaller than a curriculum length")
         self.task_weights  # validates
 
     @property
-    def stages(self) -> list[tuple[int, float]]:
-        """[(length, start fraction)] in order of start."""
+    def stages(self) -> list[tuple[tuple[int, ...], float]]:
+        """[(lengths, start fraction)] in order of start."""
         try:
-            pairs = [(int(a), float(b)) for a, b in (p.split(":") for p in self.curriculum.split(","))]
+            pairs = [
+                (tuple(int(x) for x in a.split("+")), float(b)) for a, b in (p.split(":") for p in self.curriculum.split(","))
+            ]
         except ValueError as exc:
             raise ValueError(f"curriculum must be 'length:start,...', got {self.curriculum!r}") from exc
+        if any(x <= 0 for lengths, _ in pairs for x in lengths):
+            raise ValueError(f"curriculum lengths must be positive, got {self.curriculum!r}")
         if [s for _, s in pairs] != sorted(s for _, s in pairs) or any(not 0 <= s < 1 for _, s in pairs):
             raise ValueError(f"curriculum starts must be increasing fractions in [0, 1), got {self.curriculum!r}")
         return pairs
@@ -156,17 +161,17 @@ def _rng_for(*keys) -> random.Random:
 
 
 class StageDataset(torch.utils.data.Dataset):
-    """Batch i of a curriculum stage: samples of `length` tokens, tasks drawn by weight.
+    """Batch i of a curriculum stage: samples of lengths[i % len(lengths)] tokens, tasks drawn by weight.
 
     A map-style dataset of whole batches, so the DataLoader's workers each build a batch and the
     order is fixed by (seed, length, i). Items: dict of input_ids [B, T] int64, answer_mask and
     lm_mask [B, T] float32 (weights for predicting token t from tokens < t).
     """
 
-    def __init__(self, tokenizer, length: int, batch_size: int, task_weights, seed: int):
+    def __init__(self, tokenizer, lengths: tuple[int, ...], tokens_per_batch: int, task_weights, seed: int):
         self.tokenizer = tokenizer
-        self.length = length
-        self.batch_size = batch_size
+        self.lengths = tuple(lengths)
+        self.tokens_per_batch = tokens_per_batch
         self.tasks = [t for t, _ in task_weights]
         self.weights = [w for _, w in task_weights]
         self.seed = seed
@@ -177,15 +182,16 @@ class StageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         from benchmarks.tasks import make_sample
 
-        rng = _rng_for("batch", self.seed, self.length, index)
+        length = self.lengths[index % len(self.lengths)]
+        rng = _rng_for("batch", self.seed, self.lengths, index)
         seqs, prompt_lens = [], []
-        for j in range(self.batch_size):
+        for _ in range(max(1, self.tokens_per_batch // length)):
             task = rng.choices(self.tasks, self.weights)[0]
             sample_seed = rng.getrandbits(62)
             try:
-                sample = make_sample(task, self.length, sample_seed, self.tokenizer, depth=rng.random())
+                sample = make_sample(task, length, sample_seed, self.tokenizer, depth=rng.random())
             except ValueError:  # a task that cannot fit this length: fall back to a passkey
-                sample = make_sample("passkey", self.length, sample_seed, self.tokenizer, depth=rng.random())
+                sample = make_sample("passkey", length, sample_seed, self.tokenizer, depth=rng.random())
             ids, n_prompt = encode_sample(sample, self.tokenizer)
             seqs.append(ids)
             prompt_lens.append(n_prompt)
@@ -354,12 +360,11 @@ def train(cfg: TrainConfig) -> dict:
         want = max(i for i, (_, s) in enumerate(stages) if s <= progress)
         if want != stage_idx:
             stage_idx = want
-            length = stages[stage_idx][0]
-            batch_size = max(1, cfg.tokens_per_batch // length)
+            lengths = stages[stage_idx][0]
             loader = None  # shut the previous stage's workers down
-            dataset = StageDataset(tokenizer, length, batch_size, cfg.task_weights, cfg.seed)
+            dataset = StageDataset(tokenizer, lengths, cfg.tokens_per_batch, cfg.task_weights, cfg.seed)
             loader = make_loader(dataset, workers)
-            logger.info("step %d: stage %d, length %d, batch %d", step, stage_idx, length, batch_size)
+            logger.info("step %d: stage %d, lengths %s, %d tokens per batch", step, stage_idx, lengths, cfg.tokens_per_batch)
         t_data = time.perf_counter()
         batch = next(loader)
         t_data = time.perf_counter() - t_data
@@ -376,7 +381,7 @@ def train(cfg: TrainConfig) -> dict:
         if step % cfg.log_every == 0 or step == 1 or step == cfg.steps:
             row = {
                 "step": step,
-                "length": stages[stage_idx][0],
+                "length": batch["input_ids"].shape[1],
                 "answer_loss": answer_loss.item(),
                 "lm_loss": lm_loss.item(),
                 "train_exact": exact.mean().item(),
@@ -395,7 +400,7 @@ def train(cfg: TrainConfig) -> dict:
                 row["lr"], row["elapsed_s"], tokens_seen / 1e6, t_data,
             )
         if cfg.eval_every and step % cfg.eval_every == 0:
-            length = stages[stage_idx][0]
+            length = max(stages[stage_idx][0])
             acc = heldout_accuracy(model, tokenizer, length, eval_tasks, cfg.eval_samples, cfg.seed, device)
             row = {"step": step, "eval_length": length, **{f"acc_{k}": v for k, v in acc.items()}}
             log_file.write(json.dumps(row) + "\n")
@@ -403,7 +408,7 @@ def train(cfg: TrainConfig) -> dict:
             logger.info("eval step %d at %d tokens: %s", step, length, "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
     loader = None
     wall = time.perf_counter() - start
-    final_len = stages[stage_idx][0] if stage_idx >= 0 else stages[0][0]
+    final_len = max(stages[max(stage_idx, 0)][0])
     final_acc = heldout_accuracy(model, tokenizer, final_len, eval_tasks, cfg.eval_samples, cfg.seed, device)
     info = {
         "config": dataclasses.asdict(cfg),
