@@ -1,0 +1,137 @@
+"""The cluster's in-process parts (no Ray): sequence export/import, the worker engine, the cold tier."""
+
+import pytest
+import torch
+
+from cluster.cold_tier_actor import ArenaSpec, BatchArena, ColdTier
+from cluster.worker import ModelSpec, WorkerEngine
+from kvstore import KVStoreClient, KVStoreConfig
+from kvstore.sequence_io import BatchKV, TapCache, export_batch, import_batch
+from tests.conftest import left_padded_batch, tiny_model
+
+PROMPTS = [[5, 9, 13, 2, 77, 31, 4], [8, 1, 200, 3], [17, 19, 23, 29, 31, 37, 41, 43, 47, 53]]
+
+
+def _decode(model, cache, nxt, mask, t):
+    pos = mask[:, :t].sum(1, keepdim=True)
+    mask[:, t] = 1
+    out = model(input_ids=nxt[:, None], attention_mask=mask[:, : t + 1], position_ids=pos, past_key_values=cache)
+    return out.logits[:, -1].argmax(-1)
+
+
+@torch.no_grad()
+def test_export_import_continues_bit_exactly():
+    """Export after 6 steps, import into a fresh store on another copy of the model: same tokens."""
+    m1, m2 = tiny_model("llama"), tiny_model("llama")
+    ids, mask0 = left_padded_batch()
+    B, T = ids.shape
+    c1 = KVStoreClient(KVStoreConfig.preset("full")).attach(m1)
+    c2 = KVStoreClient(KVStoreConfig.preset("full")).attach(m2)
+    seen = []
+    cache = TapCache(c1.store, lambda layer, k, v: seen.append((layer, tuple(k.shape))))
+    mask = torch.zeros(B, T + 16, dtype=torch.long)
+    mask[:, :T] = mask0
+    out = m1(input_ids=ids, attention_mask=mask0, position_ids=(mask0.cumsum(1) - 1).clamp(min=0), past_key_values=cache)
+    nxt, t, toks = out.logits[:, -1].argmax(-1), T, []
+    assert seen[:2] == [(0, (B, 2, T, 16)), (1, (B, 2, T, 16))]
+    for s in range(12):
+        if s == 6:
+            kv, saved = export_batch(cache), (t, nxt.clone(), mask.clone())
+        nxt = _decode(m1, cache, nxt, mask, t)
+        t += 1
+        toks.append(nxt)
+    assert kv.keys.shape == (2, B, 2, T + 6, 16) and kv.lengths.tolist() == [15 + 6, 18 + 6, 20 + 6]
+    t, nxt, mask = saved
+    cache2 = import_batch(c2.store, kv)
+    assert c2.store.seq_len[cache2.seq_ids].tolist() == kv.lengths.tolist()
+    resumed = []
+    for _ in range(6):
+        nxt = _decode(m2, cache2, nxt, mask, t)
+        t += 1
+        resumed.append(nxt)
+    assert torch.equal(torch.stack(resumed, 1), torch.stack(toks[6:], 1))
+    for c in (cache, cache2):
+        c.release()
+    c1.detach(), c2.detach()
+
+
+def test_export_and_import_refuse_bad_input():
+    model = tiny_model("llama")
+    client = KVStoreClient(KVStoreConfig.preset("full")).attach(model)
+    with pytest.raises(ValueError, match="holds no sequences"):
+        export_batch(TapCache(client.store, lambda *a: None))
+    with pytest.raises(ValueError, match=r"\[L, Hkv, d\]"):
+        import_batch(client.store, BatchKV(torch.zeros(3, 1, 2, 4, 16), torch.zeros(3, 1, 2, 4, 16), torch.ones(1, 4, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="valid must be"):
+        BatchKV(torch.zeros(2, 1, 2, 4, 16), torch.zeros(2, 1, 2, 4, 16), torch.ones(1, 5, dtype=torch.bool))
+    client.detach()
+
+
+def _engine():
+    return WorkerEngine(ModelSpec("random", seed=3), preset="full", device="cpu", max_seqs=4)
+
+
+def _arena(cold, engine, batch_id, B, max_tokens):
+    info = engine.info()
+    return cold.create_arena(batch_id, B, info["num_layers"], info["num_kv_heads"], info["head_dim"], max_tokens, info["dtype"])
+
+
+def test_worker_resumes_from_cold_tier_without_prefill():
+    """A worker that dies after step 5 leaves its batch in the cold tier; another one resumes it."""
+    max_new = 12
+    max_tokens = max(map(len, PROMPTS)) + max_new
+    ref_engine = _engine()
+    first = ref_engine.start("ref", PROMPTS, max_new)
+    ref = [first] + [ref_engine.step("ref") for _ in range(max_new - 1)]
+    ref_engine.finish("ref")
+
+    cold = ColdTier(capacity_bytes=1 << 20)
+    spec = _arena(cold, ref_engine, "b0", len(PROMPTS), max_tokens)
+    dying = _engine()
+    got = [dying.start("b0", PROMPTS, max_new, spec)] + [dying.step("b0") for _ in range(5)]
+    assert cold.progress("b0") == (max(map(len, PROMPTS)) + 5, 6)
+    del dying  # its process state is gone; the segment stays with the cold tier
+
+    heir = _engine()
+    so_far = heir.resume("b0", spec, max_new)
+    assert so_far == [list(col) for col in zip(*got)]
+    got += [heir.step("b0") for _ in range(max_new - 6)]
+    assert got == ref
+    assert heir.generated("b0") == [list(col) for col in zip(*ref)]
+    heir.finish("b0")
+    cold.shutdown()
+    with pytest.raises(FileNotFoundError):
+        BatchArena.attach(spec)
+
+
+def test_worker_reprefill_from_tokens():
+    """A lost segment: prefill over prompt + generated tokens, then decoding goes on."""
+    max_new = 8
+    engine = _engine()
+    got = [engine.start("a", PROMPTS, max_new)] + [engine.step("a") for _ in range(3)]
+    generated = [list(col) for col in zip(*got)]
+    again = engine.start("a", PROMPTS, max_new, generated=generated)
+    assert again == got[-1]
+    got += [engine.step("a") for _ in range(max_new - 4)]
+    assert len(engine.generated("a")[0]) == max_new
+    assert engine.free == 1
+    engine.finish("a")
+    assert engine.free == 4
+
+
+def test_cold_tier_and_arena_errors():
+    cold = ColdTier(capacity_bytes=4096)
+    with pytest.raises(MemoryError, match="cold tier full"):
+        cold.create_arena("x", 4, 2, 2, 16, 64, "float32")
+    with pytest.raises(ValueError, match="ArenaSpec.batch"):
+        ArenaSpec("n", 0, 2, 2, 16, 8, "float32")
+    with pytest.raises(ValueError, match="ArenaSpec.dtype"):
+        ArenaSpec("n", 1, 2, 2, 16, 8, "floaty")
+    engine = _engine()
+    cold2 = ColdTier()
+    spec = _arena(cold2, engine, "b", 1, 4)
+    with pytest.raises(ValueError, match="exceeds this worker's free capacity"):
+        engine.start("c", [[1]] * 5, 2)
+    with pytest.raises(ValueError, match="arena .* holds"):
+        engine.start("c", [[1, 2, 3]], 4, spec)
+    cold2.shutdown()
