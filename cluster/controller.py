@@ -161,9 +161,16 @@ class Controller:
             raise RuntimeError(f"no live Ray node has {need} resources for a worker")
         return sorted(nodes, key=lambda n: (not n["Resources"].get("node:__internal_head__"), n["NodeID"]))
 
+    START_TIMEOUT_S = 600
+
     def start(self) -> None:
         """Start a cold tier on each node that hosts workers, then the workers (round-robin)."""
         nodes = self._worker_nodes()
+        if self.use_gpus:
+            gpus = int(sum(n["Resources"].get("GPU", 0) for n in nodes))
+            if self.spec.num_workers > gpus:
+                raise ValueError(f"ClusterSpec.num_workers={self.spec.num_workers} GPU workers, but the cluster has {gpus} GPUs "
+                                 "(one worker per GPU); lower --workers or pass --gpus no")
         placement = [nodes[i % len(nodes)] for i in range(self.spec.num_workers)]
         per_node: dict[str, int] = {}
         for n in placement:
@@ -175,7 +182,14 @@ class Controller:
         for slot in self.slots:
             slot.handle = self._spawn_worker(slot.node_id)
         for slot in self.slots:
-            slot.info = ray.get(slot.handle.info.remote())
+            try:
+                slot.info = ray.get(slot.handle.info.remote(), timeout=self.START_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(
+                    f"worker {slot.index} did not start within {self.START_TIMEOUT_S} s: Ray could not place it (it asks "
+                    f"for {self._cpus[slot.node_id]} CPU, {int(self.use_gpus)} GPU, {self.spec.worker_memory} bytes of "
+                    f"memory; the cluster has {ray.available_resources()})"
+                ) from None
             slot.alive = True
         self.geometry = {k: self.slots[0].info[k] for k in ("num_layers", "num_kv_heads", "head_dim", "dtype")}
         logger.info("cluster up: %d workers on %d nodes (%s), cold tiers on %s", len(self.slots), len(per_node),

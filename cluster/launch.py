@@ -73,7 +73,8 @@ def _start_ray(args: argparse.Namespace):
 
     if args.address is None:
         num_cpus = args.num_cpus or max(os.cpu_count() or 1, args.workers)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        # "local": always a new instance, never one found through /tmp/ray/ray_current_cluster
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     else:
         ray.init(address=args.address, logging_level=logging.WARNING)
     return ray

@@ -49,7 +49,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield
     ray.shutdown()
@@ -123,6 +123,7 @@ def test_ray_job_submit_against_local_head(tmp_path):
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={port}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
+    current = Path("/tmp/ray/ray_current_cluster")
     try:
         out = tmp_path / "summary.json"
         cmd = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{port}", "--",
@@ -137,5 +138,8 @@ def test_ray_job_submit_against_local_head(tmp_path):
         summary = json.loads(out.read_text())
         assert summary["completed"] == 2 and summary["failed"] == 0 and summary["workers"] == 1
     finally:
+        ours = current.read_text() if current.exists() else None
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+        if ours is not None and current.exists() and current.read_text() == ours:
+            current.unlink()  # the stopped head's address, which a later ray.init() would try to join
