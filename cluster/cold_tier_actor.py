@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass
 from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +42,17 @@ logger = logging.getLogger(__name__)
 MAGIC = 0x6B7673746F7265  # "kvstore"
 _ALIGN = 64
 _HEADER = 8
+_SEGMENT = re.compile(r"kvs([0-9a-f]+)_[0-9]+")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -191,6 +204,37 @@ class ColdTier:
         self.prefix = f"{prefix}{os.getpid():x}"
         self.arenas: dict[str, BatchArena] = {}
         self._count = 0
+        self.reap_orphans()
+
+    def reap_orphans(self, names: list[str] | None = None) -> int:
+        """Unlink segments a dead cold tier of this machine left behind; returns how many.
+
+        A cold tier killed outright (SIGKILL) cannot unlink its segments. `names` unlinks those
+        (the controller knows them); without it, every `kvs<pid>_*` segment of /dev/shm whose
+        owner process is gone is unlinked.
+        """
+        shm_dir = Path("/dev/shm")
+        if names is None:
+            names = []
+            if shm_dir.is_dir():
+                for path in shm_dir.iterdir():
+                    m = _SEGMENT.fullmatch(path.name)
+                    if m and not _alive(int(m.group(1), 16)):
+                        names.append(path.name)
+        count = 0
+        for name in names:
+            if name.startswith(self.prefix + "_"):
+                continue  # ours
+            try:
+                seg = shared_memory.SharedMemory(name=name, create=False)
+            except FileNotFoundError:
+                continue
+            seg.close()
+            seg.unlink()  # also unregisters it from this process's resource tracker
+            count += 1
+        if count:
+            logger.warning("unlinked %d segments left by a dead cold tier", count)
+        return count
 
     def ping(self) -> bool:
         return True

@@ -483,7 +483,10 @@ class Controller:
         except Exception as e:  # node gone: its batches keep running, without a segment
             self._failure(f"restarting the cold tier on node {node_id[:8]} failed: {e!r}")
             self.cold.pop(node_id, None)
-        for b in [b for b in batches.values() if b.node_id == node_id and b.arena is not None]:
+        lost = [b for b in batches.values() if b.node_id == node_id and b.arena is not None]
+        if node_id in self.cold and lost:  # the dead tier could not unlink its segments
+            self.cold[node_id].reap_orphans.remote([b.arena.name for b in lost])
+        for b in lost:
             b.arena = None  # its segment died with the cold tier
             slot = self.slots[b.slot]
             if not slot.alive:

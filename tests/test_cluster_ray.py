@@ -55,7 +55,13 @@ def local_ray():
     ray.shutdown()
 
 
+def _segments() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.iterdir() if p.name.startswith("kvs")} if shm.is_dir() else set()
+
+
 def _serve(chaos=None, workers=2):
+    before = _segments()
     controller = Controller(ClusterSpec(model=MODEL, num_workers=workers, max_seqs=3, chaos=chaos,
                                         cold_tier_bytes=16 << 20, worker_memory=256 << 20))
     try:
@@ -63,9 +69,10 @@ def _serve(chaos=None, workers=2):
         result = controller.run(REQUESTS)
         result["worker_nodes"] = [s.node_id for s in controller.slots]
         result["cold_nodes"] = sorted(controller.cold)
-        return result
     finally:
         controller.shutdown()
+    assert _segments() <= before, "cold-tier segments left behind"
+    return result
 
 
 def test_local_cluster_two_workers(local_ray, reference):
@@ -115,7 +122,7 @@ def test_two_node_cluster_routes_across_nodes(reference):
 def test_ray_job_submit_against_local_head(tmp_path):
     if ray.is_initialized():
         ray.shutdown()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONPATH": str(REPO)}
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = 8265 + (os.getpid() % 500)
     head = subprocess.Popen(
