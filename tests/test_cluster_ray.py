@@ -150,3 +150,24 @@ def test_ray_job_submit_against_local_head(tmp_path):
         head.wait(timeout=60)
         if ours is not None and current.exists() and current.read_text() == ours:
             current.unlink()  # the stopped head's address, which a later ray.init() would try to join
+
+
+def test_launch_cli_chaos_run_matches_clean_run(tmp_path):
+    """The issue's acceptance check, shrunk: both runs exit 0 with equal outputs; the chaos run resumes."""
+    if ray.is_initialized():
+        ray.shutdown()
+    summaries = []
+    for name, extra in (("a", []), ("b", ["--chaos", "kill-worker@3"])):
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "cluster.launch", "--model", "random", "--workers", "2", "--requests", "4",
+             "--max-new-tokens", "6", "--summary-json", str(out), *extra],
+            cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summaries.append(json.loads(out.read_text()))
+    a, b = summaries
+    assert a["completed"] == b["completed"] == 4 and a["failed"] == b["failed"] == 0
+    assert a["outputs_sha256"] == b["outputs_sha256"]
+    assert b["worker_restarts"] >= 1 and b["re_prefills"] == 0 and a["worker_restarts"] == 0
+    assert {"serve_s", "startup_s", "total_s", "tokens_per_s"} <= set(b["timings"])

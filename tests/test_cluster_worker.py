@@ -135,3 +135,28 @@ def test_cold_tier_and_arena_errors():
     with pytest.raises(ValueError, match="arena .* holds"):
         engine.start("c", [[1, 2, 3]], 4, spec)
     cold2.shutdown()
+
+
+def test_chaos_spec_and_cli_validation():
+    from cluster.controller import Chaos, ClusterSpec
+    from cluster.launch import parse_args
+    from cluster.workload import builtin_workload, outputs_sha256
+
+    assert Chaos.parse("kill-worker@8") == Chaos("kill-worker", 8)
+    assert Chaos.parse("kill-cold-tier@1") == Chaos("kill-cold-tier", 1)
+    for bad in ("kill-worker", "kill-worker@0", "kill-gpu@3", "kill-worker@x"):
+        with pytest.raises(ValueError, match="--chaos"):
+            Chaos.parse(bad)
+    with pytest.raises(ValueError, match="ClusterSpec.num_workers"):
+        ClusterSpec(num_workers=0)
+    args = parse_args(["--workers", "3", "--prompt-tokens", "4,9", "--chaos", "kill-worker@2"])
+    assert (args.workers, args.prompt_range, args.address) == (3, (4, 9), None)
+    with pytest.raises(SystemExit):
+        parse_args(["--prompt-tokens", "9"])
+    reqs = builtin_workload(5, vocab_size=64, prompt_tokens=(4, 9), max_new_tokens=3, seed=1)
+    assert [r.request_id for r in reqs] == list(range(5))
+    assert all(4 <= len(r.prompt) <= 9 and min(r.prompt) >= 3 and max(r.prompt) < 64 for r in reqs)
+    assert reqs == builtin_workload(5, vocab_size=64, prompt_tokens=(4, 9), max_new_tokens=3, seed=1)
+    assert outputs_sha256([[1, 2], [3]]) != outputs_sha256([[1], [2, 3]])
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        builtin_workload(2, prompt_tokens=(5, 4))
