@@ -283,10 +283,11 @@ def heldout_accuracy(model, tokenizer, length: int, tasks, samples: int, seed: i
 # Training
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio over the run's progress."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    progress = min(1.0, progress)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -368,8 +369,9 @@ def train(cfg: TrainConfig) -> dict:
         t_data = time.perf_counter()
         batch = next(loader)
         t_data = time.perf_counter() - t_data
+        lr = lr_at(step, progress, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr
         answer_loss, lm_loss, exact = batch_losses(model, batch, device)
         loss = answer_loss + cfg.lm_weight * lm_loss
         optimizer.zero_grad(set_to_none=True)
@@ -386,7 +388,7 @@ def train(cfg: TrainConfig) -> dict:
                 "lm_loss": lm_loss.item(),
                 "train_exact": exact.mean().item(),
                 "grad_norm": float(grad_norm),
-                "lr": lr_at(step - 1, cfg),
+                "lr": lr,
                 "tokens": tokens_seen,
                 "elapsed_s": round(time.perf_counter() - start, 1),
                 "data_wait_s": round(t_data, 4),
