@@ -11,11 +11,14 @@ the controller re-prefills the affected batches.
 Segment layout (one batch of B sequences, padded timeline of up to `max_tokens` columns, the
 layout of kvstore.sequence_io.BatchKV)::
 
-    header   int64 [8]             MAGIC, committed columns t, generated tokens, B, prompt columns
-                                   (t and generated are written last)
+    header   int64 [8]             MAGIC, committed columns t, generated tokens, B, prompt columns,
+                                   prefill columns, softmax scale (float64 bits); t and generated last
     ids      int64 [B, max_tokens + 1]   ids[:, :t] tokens fed so far, ids[:, t] the next one to feed
     valid    uint8 [B, max_tokens]       which columns of each row are real tokens (left padding)
     kv       [max_tokens, 2, L, B, Hkv, d]  post-RoPE keys (0) and values (1) at the model's dtype
+    q        [max_tokens, L, B, Hq, d]      post-RoPE queries, only when num_q_heads > 0: presets whose
+                                            store state depends on queries are rebuilt by replay
+                                            (kvstore.sequence_io.replay_batch), which needs them
 
 Column-major K/V: one decode step's K/V of the whole batch, every layer, is one contiguous
 block `kv[t]`, so a GPU worker publishes a step with a single device-to-host copy into the
@@ -66,11 +69,14 @@ class ArenaSpec:
     head_dim: int
     max_tokens: int
     dtype: str  # torch dtype name, e.g. "float32", "bfloat16"
+    num_q_heads: int = 0  # > 0: queries are recorded too
 
     def __post_init__(self) -> None:
         for f in ("batch", "num_layers", "num_kv_heads", "head_dim", "max_tokens"):
             if getattr(self, f) < 1:
                 raise ValueError(f"ArenaSpec.{f}={getattr(self, f)!r} must be >= 1")
+        if self.num_q_heads < 0:
+            raise ValueError(f"ArenaSpec.num_q_heads={self.num_q_heads!r} must be >= 0")
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ValueError(f"ArenaSpec.dtype={self.dtype!r} is not a torch dtype name")
 
@@ -82,7 +88,8 @@ class ArenaSpec:
         elem = torch.empty((), dtype=self.torch_dtype).element_size()
         B, T = self.batch, self.max_tokens
         kv = 2 * B * self.num_layers * self.num_kv_heads * T * self.head_dim * elem
-        sizes = [_HEADER * 8, B * (T + 1) * 8, B * T, kv]
+        q = B * self.num_layers * self.num_q_heads * T * self.head_dim * elem
+        sizes = [_HEADER * 8, B * (T + 1) * 8, B * T, kv, q]
         offsets, at = [], 0
         for s in sizes:
             offsets.append(at)
@@ -99,7 +106,7 @@ class BatchArena:
 
     def __init__(self, spec: ArenaSpec, shm: shared_memory.SharedMemory, owner: bool):
         self.spec, self.shm, self.owner = spec, shm, owner
-        (o_h, o_ids, o_valid, o_kv), _ = spec._offsets()
+        (o_h, o_ids, o_valid, o_kv, o_q), _ = spec._offsets()
         B, T, L, H, d = spec.batch, spec.max_tokens, spec.num_layers, spec.num_kv_heads, spec.head_dim
         buf = shm.buf
         self.header = np.ndarray((_HEADER,), dtype=np.int64, buffer=buf, offset=o_h)
@@ -109,6 +116,11 @@ class BatchArena:
         n = T * 2 * L * B * H * d * elem
         raw = torch.from_numpy(np.ndarray((n,), dtype=np.uint8, buffer=buf, offset=o_kv))
         self.kv = raw.view(spec.torch_dtype).view(T, 2, L, B, H, d)
+        self.q = None
+        if spec.num_q_heads:
+            nq = T * L * B * spec.num_q_heads * d * elem
+            raw = torch.from_numpy(np.ndarray((nq,), dtype=np.uint8, buffer=buf, offset=o_q))
+            self.q = raw.view(spec.torch_dtype).view(T, L, B, spec.num_q_heads, d)
         self._pinned = False
 
     # ---- lifetime -------------------------------------------------------------------------
@@ -145,7 +157,8 @@ class BatchArena:
         if self._pinned or not torch.cuda.is_available():
             return
         ptr = self.kv.data_ptr() - (self.kv.data_ptr() % 4096)
-        size = self.kv.data_ptr() + self.kv.nbytes - ptr
+        end = self.q if self.q is not None else self.kv
+        size = end.data_ptr() + end.nbytes - ptr
         try:
             err = torch.cuda.cudart().cudaHostRegister(ptr, size, 0)
             ok = int(err) == 0
@@ -161,7 +174,7 @@ class BatchArena:
             ptr = self.kv.data_ptr() - (self.kv.data_ptr() % 4096)
             torch.cuda.cudart().cudaHostUnregister(ptr)
             self._pinned = False
-        self.header = self.ids = self.valid = self.kv = None  # drop views first
+        self.header = self.ids = self.valid = self.kv = self.q = None  # drop views first
         try:
             self.shm.close()
         except BufferError:  # a view is still alive somewhere; the mapping goes with the process
@@ -185,6 +198,19 @@ class BatchArena:
     @property
     def prompt_columns(self) -> int:
         return int(self.header[4])
+
+    @property
+    def prefill_columns(self) -> int:
+        return int(self.header[5])
+
+    @property
+    def scale(self) -> float:
+        return float(self.header[6:7].view(np.float64)[0])
+
+    def set_layout(self, prompt_columns: int, prefill_columns: int, scale: float) -> None:
+        self.header[4] = prompt_columns
+        self.header[5] = prefill_columns
+        self.header[6:7].view(np.float64)[0] = scale
 
     def commit(self, committed: int, generated: int) -> None:
         self.header[2] = generated
@@ -252,12 +278,13 @@ class ColdTier:
         return sum(a.spec.nbytes for a in self.arenas.values())
 
     def create_arena(self, batch_id: str, batch: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                     max_tokens: int, dtype: str) -> ArenaSpec:
+                     max_tokens: int, dtype: str, num_q_heads: int = 0) -> ArenaSpec:
         """Allocate a zeroed segment for one batch and return the spec a worker maps."""
         if batch_id in self.arenas:
             raise ValueError(f"batch {batch_id!r} already has an arena")
         self._count += 1
-        spec = ArenaSpec(f"{self.prefix}_{self._count}", batch, num_layers, num_kv_heads, head_dim, max_tokens, dtype)
+        spec = ArenaSpec(f"{self.prefix}_{self._count}", batch, num_layers, num_kv_heads, head_dim, max_tokens, dtype,
+                         num_q_heads)
         if self.used_bytes + spec.nbytes > self.capacity_bytes:
             raise MemoryError(
                 f"cold tier full: {self.used_bytes} of {self.capacity_bytes} bytes used, batch {batch_id!r} needs "

@@ -191,7 +191,7 @@ class Controller:
                     f"memory; the cluster has {ray.available_resources()})"
                 ) from None
             slot.alive = True
-        self.geometry = {k: self.slots[0].info[k] for k in ("num_layers", "num_kv_heads", "head_dim", "dtype")}
+        self.geometry = {k: self.slots[0].info[k] for k in ("num_layers", "num_kv_heads", "head_dim", "dtype", "num_q_heads")}
         logger.info("cluster up: %d workers on %d nodes (%s), cold tiers on %s", len(self.slots), len(per_node),
                     "GPU" if self.use_gpus else "CPU", sorted(per_node))
 
@@ -398,7 +398,7 @@ class Controller:
         g = self.geometry
         try:
             b.arena = ray.get(cold.create_arena.remote(b.batch_id, len(b.requests), g["num_layers"], g["num_kv_heads"],
-                                                       g["head_dim"], total, g["dtype"]))
+                                                       g["head_dim"], total, g["dtype"], g["num_q_heads"]))
             b.cold_epoch = self.cold_epoch[b.node_id]
         except (*_ACTOR_ERRORS, RayTaskError) as e:
             self._failure(f"no cold-tier segment for batch {b.batch_id} on node {b.node_id[:8]}: {e}")

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from cluster.cold_tier_actor import ArenaSpec, BatchArena
 from kvstore import KVStoreClient, KVStoreConfig
-from kvstore.sequence_io import BatchKV, TapCache, import_batch
+from kvstore.sequence_io import BatchKV, BatchTrace, TapCache, exportable, import_batch, replay_batch
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,10 @@ class _Batch:
     arena: BatchArena | None = None
     stage: torch.Tensor | None = None  # [2, L, B, Hkv, d] this step's K/V, then one copy to the arena
     prefill_stage: torch.Tensor | None = None  # [T, 2, L, B, Hkv, d] during a prefill
-    extra: dict = field(default_factory=dict)
+    q_stage: torch.Tensor | None = None  # [L, B, Hq, d] this step's queries (when recorded)
+    prefill_q_stage: torch.Tensor | None = None  # [T, L, B, Hq, d]
+    scale: float = 1.0
+    prefill_columns: int = 0
 
     @property
     def size(self) -> int:
@@ -127,10 +130,12 @@ class WorkerEngine:
         device: "cuda", "cpu" or None (cuda when available).
         max_seqs: sequences this worker serves at once (its capacity).
         num_threads: torch CPU threads (1 keeps CPU results independent of the host's cores).
+        record_queries: also publish each step's queries, so a takeover replays the store's calls
+          (exact for every preset); None: only when the preset's store state depends on them.
     """
 
     def __init__(self, model: ModelSpec = ModelSpec(), preset: str = "full", device: str | None = None,
-                 max_seqs: int = 8, num_threads: int | None = 1):
+                 max_seqs: int = 8, num_threads: int | None = 1, record_queries: bool | None = None):
         if max_seqs < 1:
             raise ValueError(f"max_seqs={max_seqs} must be >= 1")
         if num_threads:
@@ -144,10 +149,13 @@ class WorkerEngine:
         self.max_seqs = max_seqs
         self.batches: dict[str, _Batch] = {}
         geo = self.store.geometry
+        # Presets whose store state depends on queries are rebuilt by replay, which needs them.
+        self.record_queries = not exportable(self.store) if record_queries is None else bool(record_queries)
         logger.info("worker %d ready: %s on %s, preset %s, capacity %d sequences", os.getpid(),
                     self.model_spec.name, self.device, preset, max_seqs)
         self._geometry = dict(num_layers=geo.num_layers, num_kv_heads=geo.num_kv_heads, head_dim=geo.head_dim,
-                              dtype=str(geo.dtype).removeprefix("torch."))
+                              dtype=str(geo.dtype).removeprefix("torch."),
+                              num_q_heads=geo.num_q_heads if self.record_queries else 0)
 
     # ---- what the controller asks ------------------------------------------------------------
     def ping(self) -> bool:
@@ -216,17 +224,19 @@ class WorkerEngine:
         mask = b.mask[:, :T]
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         b.prefill_stage = self._stage(T, B)
+        b.prefill_q_stage = self._q_stage(T, B)
         with torch.no_grad():
             out = self.model(input_ids=b.ids[:, :T], attention_mask=mask, position_ids=positions,
                              past_key_values=b.cache, use_cache=True)
         if g == 0:
             b.ids[:, T] = out.logits[:, -1].argmax(-1)
-        b.t, b.generated = T, max(g, 1)
+        b.t, b.generated, b.prefill_columns = T, max(g, 1), T
         b.positions = mask.sum(1, keepdim=True)
-        self._publish(b, 0, T, b.prefill_stage)
-        b.prefill_stage = None
+        self._publish(b, 0, T, b.prefill_stage, b.prefill_q_stage)
+        b.prefill_stage = b.prefill_q_stage = None
         first = b.ids[:, T].tolist()
         if b.arena is not None:
+            b.arena.set_layout(P, T, b.scale)
             b.arena.commit(b.t, b.generated)
         self.batches[batch_id] = b
         return first
@@ -253,7 +263,16 @@ class WorkerEngine:
             kv = seg.kv[:t].to(self.device)  # [t, 2, L, B, H, d]
             keys = kv[:, 0].permute(1, 2, 3, 0, 4)
             values = kv[:, 1].permute(1, 2, 3, 0, 4)
-            import_batch(self.store, BatchKV(keys, values, b.mask[:, :t].bool()), cache=b.cache)
+            valid = b.mask[:, :t].bool()
+            if seg.q is not None:  # rebuild the store's state by replaying its calls
+                queries = seg.q[:t].to(self.device).permute(1, 2, 3, 0, 4)
+                trace = BatchTrace(keys, values, valid, queries, seg.prefill_columns, seg.scale)
+                replay_batch(self.store, trace, cache=b.cache)
+            elif self.record_queries:
+                raise ValueError(f"arena {arena.name} holds no queries; preset {self.store.config.name!r} needs them to resume")
+            else:
+                import_batch(self.store, BatchKV(keys, values, valid), cache=b.cache)
+            b.prefill_columns, b.scale = seg.prefill_columns, seg.scale
         except BaseException:
             seg.close()
             raise
@@ -277,7 +296,7 @@ class WorkerEngine:
                              past_key_values=b.cache, use_cache=True)
         b.ids[:, t + 1] = out.logits[:, -1].argmax(-1)
         b.positions += 1
-        self._publish(b, t, 1, b.stage.unsqueeze(0))
+        self._publish(b, t, 1, b.stage.unsqueeze(0), None if b.q_stage is None else b.q_stage.unsqueeze(0))
         new = b.ids[:, t + 1].tolist()  # the step's one host sync; the publish copies precede it on the stream
         b.t, b.generated = t + 1, b.generated + 1
         if b.arena is not None:
@@ -302,22 +321,33 @@ class WorkerEngine:
         geo = self.store.geometry
         return torch.empty(T, 2, geo.num_layers, B, geo.num_kv_heads, geo.head_dim, dtype=geo.dtype, device=self.device)
 
+    def _q_stage(self, T: int, B: int) -> torch.Tensor | None:
+        if not self.record_queries:
+            return None
+        geo = self.store.geometry
+        return torch.empty(T, geo.num_layers, B, geo.num_q_heads, geo.head_dim, dtype=geo.dtype, device=self.device)
+
     def _new_batch(self, batch_id: str, B: int, max_tokens: int, P: int, max_new_tokens: int,
                    arena: ArenaSpec | None) -> _Batch:
         holder: dict[str, _Batch] = {}
 
-        def on_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        def on_attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
             b = holder["b"]
-            if k.shape[2] == 1 and b.prefill_stage is None:
+            b.scale = float(scale)
+            if b.prefill_stage is None:  # decode: [B, H, 1, d]
                 b.stage[0, layer] = k[:, :, 0]
                 b.stage[1, layer] = v[:, :, 0]
+                if b.q_stage is not None:
+                    b.q_stage[layer] = q[:, :, 0]
             else:  # prefill: [B, H, T, d] -> [T, B, H, d]
                 b.prefill_stage[:, 0, layer] = k.permute(2, 0, 1, 3)
                 b.prefill_stage[:, 1, layer] = v.permute(2, 0, 1, 3)
+                if b.prefill_q_stage is not None:
+                    b.prefill_q_stage[:, layer] = q.permute(2, 0, 1, 3)
 
         b = _Batch(
             batch_id=batch_id,
-            cache=TapCache(self.store, on_kv),
+            cache=TapCache(self.store, on_attend),
             ids=torch.zeros(B, max_tokens + 1, dtype=torch.int64, device=self.device),
             mask=torch.zeros(B, max_tokens, dtype=torch.int64, device=self.device),
             positions=torch.zeros(B, 1, dtype=torch.int64, device=self.device),
@@ -325,19 +355,25 @@ class WorkerEngine:
             max_new_tokens=max_new_tokens,
             stage=self._stage(1, B)[0],
         )
+        q_stage = self._q_stage(1, B)
+        b.q_stage = None if q_stage is None else q_stage[0]
         holder["b"] = b
         if arena is not None:
+            if (arena.num_q_heads > 0) != self.record_queries:
+                raise ValueError(f"arena {arena.name} has num_q_heads={arena.num_q_heads}; this worker "
+                                 f"{'records' if self.record_queries else 'does not record'} queries")
             b.arena = BatchArena.attach(arena)
             b.arena.pin()
-            b.arena.header[4] = P
         return b
 
-    def _publish(self, b: _Batch, t: int, n: int, stage: torch.Tensor) -> None:
-        """Copy columns t .. t+n-1 (K/V, validity, next ids) into the batch's segment, if any."""
+    def _publish(self, b: _Batch, t: int, n: int, stage: torch.Tensor, q_stage: torch.Tensor | None) -> None:
+        """Copy columns t .. t+n-1 (K/V, queries, validity, next ids) into the batch's segment, if any."""
         if b.arena is None:
             return
         seg = b.arena
         nb = self.device.type == "cuda"
         seg.kv[t:t + n].copy_(stage, non_blocking=nb)
+        if seg.q is not None:
+            seg.q[t:t + n].copy_(q_stage, non_blocking=nb)
         seg.valid[:, t:t + n].copy_(b.mask[:, t:t + n], non_blocking=nb)
         seg.ids[:, t:t + n + 1].copy_(b.ids[:, t:t + n + 1], non_blocking=nb)

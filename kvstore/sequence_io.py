@@ -1,23 +1,28 @@
-"""Move sequences between stores: export their K/V, import it so decoding goes on without prefill.
+"""Move sequences between stores: record what the store received, then rebuild it without the model.
 
-The cluster layer (cluster/) uses this to hand a sequence from a dead worker to a new one. It
-needs three things from the store, all built here on the store's public entry points:
+The cluster layer (cluster/) uses this to hand a batch from a dead worker to a new one with no
+prefill: the model never runs again over tokens it already saw.
 
-* `TapCache`: a `KVStoreCache` that also hands every layer's new post-RoPE K/V (exactly what the
-  store receives) to a callback, so a caller can mirror it to host memory as it is produced.
-* `export_batch(cache)`: the K/V of every token of every layer of a cache's sequences, as dense
-  tensors in the padded timeline layout below. It reads the hot tier, which is exact only while
-  the hot tier keeps every token at the model's dtype (the `full` preset); otherwise it raises.
-* `import_batch(store, kv)`: a fresh `KVStoreCache` holding `kv`'s tokens. It runs the store's
-  own prefill entry point per layer on the given K/V (queries are zeros, so the hot policy sees
-  no attention mass), which puts the tokens exactly where a model prefill would have put them
-  under policies that do not score by attention ("all", "window"). The model itself never runs.
+* `TapCache`: a `KVStoreCache` that hands every layer's attention inputs (post-RoPE q, k, v and
+  the softmax scale: exactly what the store receives) to a callback, so a caller can mirror them
+  to host memory as they are produced.
+* `import_batch(store, kv)`: a fresh `KVStoreCache` holding `kv`'s tokens, built by one store
+  prefill call per layer over the K/V (queries are zeros). Exact where the store's state depends
+  neither on queries nor on where the prefill ended: hot policy "all" with no selector (`full`,
+  `quant`). Cheapest: no queries need to be kept.
+* `replay_batch(store, trace)`: the general path. It replays the store calls the model made
+  (prefill over the prompt columns, then plan + decode per later column) with the recorded
+  q/k/v, so every piece of store state (window, LeanKV scores, PQ codebooks and codes, caches)
+  is rebuilt as the original run built it. It costs the store's own work, not the model's.
+* `export_batch(cache)`: every token's K/V read back from the hot tier (exact only while the hot
+  tier keeps every token at the model's dtype).
 
 Padded timeline layout (what a left-padded HF batch looks like after T tokens were fed)::
 
       column:      0   1   2   3   4   5        valid[b, t]: token t of row b exists
       row 0:       .   .   a0  a1  a2  a3       keys[l, b, h, t]: its post-RoPE key at layer l
       row 1:       b0  b1  b2  b3  b4  b5       positions of row b: 0 .. n_b - 1 from the left
+                   |-- prefill ----|- decode -|  (replay: columns < prefill_columns were one prefill)
 
 Padding columns hold arbitrary values and are never read.
 """
@@ -67,40 +72,69 @@ class BatchKV:
         return self.valid.sum(dim=1)
 
 
-class TapCache(KVStoreCache):
-    """A KVStoreCache that hands each layer's new K/V to `on_kv(layer, k, v)` before storing it.
+@dataclass
+class BatchTrace(BatchKV):
+    """BatchKV plus the queries and where the prefill ended: enough to replay the store exactly.
 
-    k, v: [B, Hkv, T, d] post-RoPE at the model's dtype (T = prompt length at prefill, 1 at
-    decode; padding columns included). The callback must not keep references it mutates.
+    queries: [L, B, Hq, T, d] post-RoPE; prefill_columns: columns 0 .. P-1 were one prefill call,
+    each later column one decode step (every row has a token there); scale: the softmax scale.
     """
 
-    def __init__(self, store: "KVStore", on_kv: Callable[[int, torch.Tensor, torch.Tensor], None]):
-        super().__init__(store)
-        self.on_kv = on_kv
+    queries: torch.Tensor | None = None
+    prefill_columns: int = 0
+    scale: float = 1.0
 
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        self.on_kv(layer_idx, key_states, value_states)
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        L, B, H, T, d = self.keys.shape
+        q = self.queries
+        if q is None or q.dim() != 5 or q.shape[:2] != (L, B) or q.shape[3:] != (T, d):
+            raise ValueError(
+                f"BatchTrace.queries must be [L, B, Hq, T, d] = [{L}, {B}, Hq, {T}, {d}], "
+                f"got {None if q is None else tuple(q.shape)}"
+            )
+        if not 1 <= self.prefill_columns <= T:
+            raise ValueError(f"BatchTrace.prefill_columns={self.prefill_columns} must be in 1..{T}")
+        if not bool(self.valid[:, self.prefill_columns:].all()):
+            raise ValueError("BatchTrace.valid: every row must have a token in every decode column")
+
+
+class TapCache(KVStoreCache):
+    """A KVStoreCache that hands each layer's attention inputs to `on_attend` before the store runs.
+
+    on_attend(layer, q, k, v, scale): q [B, Hq, T, d], k/v [B, Hkv, T, d] post-RoPE at the model's
+    dtype (T = prompt length at prefill, 1 at decode; padding columns included). The callback
+    must copy what it keeps.
+    """
+
+    def __init__(self, store: "KVStore",
+                 on_attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]):
+        super().__init__(store)
+        self.on_attend = on_attend
+
+    def attend(self, layer_idx: int, q, k, v, padding_mask, scale: float) -> torch.Tensor:
+        self.on_attend(layer_idx, q, k, v, scale)
+        return super().attend(layer_idx, q, k, v, padding_mask, scale)
 
 
 def exportable(store: "KVStore") -> bool:
-    """Whether `export_batch` can read this store's sequences exactly from the hot tier."""
-    return store.config.hot_policy == "all" and not store.config.quantized
+    """Whether `export_batch` reads this store's sequences exactly and `import_batch` rebuilds them exactly."""
+    return store.config.hot_policy == "all" and not store.config.quantized and not store.config.retrieves
 
 
 def export_batch(cache: KVStoreCache) -> BatchKV:
     """Every token's K/V of a cache's sequences (all layers), in the padded timeline layout.
 
     Reads the hot tier; raises ValueError when the hot tier does not hold every token exactly
-    (mirror the K/V as it is produced with `TapCache` instead). Not a decode-path operation: it
-    gathers every page and syncs the host.
+    (record the inputs with `TapCache` instead). Not a decode-path operation: it gathers every
+    page and syncs the host.
     """
     store = cache.store
     if not exportable(store):
         raise ValueError(
             f"export_batch reads the hot tier, which under preset {store.config.name!r} "
             f"(hot_policy={store.config.hot_policy!r}, key_bits={store.config.key_bits}) does not hold every token "
-            "exactly; mirror the K/V with TapCache as it is produced"
+            "exactly; record the attention inputs with TapCache as they are produced"
         )
     if cache.seq_ids is None:
         raise ValueError("this KVStoreCache holds no sequences yet (nothing was fed through it)")
@@ -125,31 +159,40 @@ def export_batch(cache: KVStoreCache) -> BatchKV:
     return BatchKV(keys, values, valid)
 
 
+def _check_geometry(store: "KVStore", shape: tuple, num_q_heads: int | None = None) -> None:
+    geo = store.geometry
+    L, B, H, T, d = shape
+    want = (geo.num_layers, geo.num_kv_heads, geo.head_dim, geo.num_q_heads)
+    got = (L, H, d, num_q_heads if num_q_heads is not None else geo.num_q_heads)
+    if got != want:
+        raise ValueError(f"the batch has [L, Hkv, d, Hq] = {list(got)} but the store serves {list(want)}")
+
+
+def _fresh_cache(store: "KVStore", batch: int, cache: KVStoreCache | None) -> KVStoreCache:
+    if cache is None:
+        cache = KVStoreCache(store)
+    if cache.store is not store or cache.seq_ids is not None:
+        raise ValueError("importing needs an empty KVStoreCache of the same store")
+    cache.seq_ids = store.add_sequences(batch)
+    cache._finalizer = weakref.finalize(cache, _release, weakref.ref(store), cache.seq_ids)
+    return cache
+
+
 def import_batch(store: "KVStore", kv: BatchKV, cache: KVStoreCache | None = None) -> KVStoreCache:
     """Put `kv`'s sequences into `store` as new sequences; returns the cache to decode on.
 
     `cache`: an empty cache of `store` to fill (e.g. a `TapCache`); a new one by default.
-
-    The returned cache continues exactly like the one the K/V came from: pass it as
-    `past_key_values` with the next token, an attention mask of T + 1 columns and explicit
-    position_ids. Nothing of the model runs here.
+    The returned cache continues like the one the K/V came from (exactly when
+    `exportable(store)`): pass it as `past_key_values` with the next token, an attention mask of
+    T + 1 columns and explicit position_ids. Nothing of the model runs here.
     """
     geo = store.geometry
+    _check_geometry(store, tuple(kv.keys.shape))
     L, B, H, T, d = kv.keys.shape
-    if (L, H, d) != (geo.num_layers, geo.num_kv_heads, geo.head_dim):
-        raise ValueError(
-            f"BatchKV has [L, Hkv, d] = [{L}, {H}, {d}] but the store serves [{geo.num_layers}, "
-            f"{geo.num_kv_heads}, {geo.head_dim}]"
-        )
     keys = kv.keys.to(device=geo.device, dtype=geo.dtype)
     values = kv.values.to(device=geo.device, dtype=geo.dtype)
     valid = kv.valid.to(device=geo.device, dtype=torch.bool)
-    if cache is None:
-        cache = KVStoreCache(store)
-    if cache.store is not store or cache.seq_ids is not None:
-        raise ValueError("import_batch needs an empty KVStoreCache of the same store")
-    cache.seq_ids = store.add_sequences(B)
-    cache._finalizer = weakref.finalize(cache, _release, weakref.ref(store), cache.seq_ids)
+    cache = _fresh_cache(store, B, cache)
     q = torch.zeros(B, geo.num_q_heads, T, d, dtype=geo.dtype, device=geo.device)
     scale = d ** -0.5
     with torch.no_grad():
@@ -158,4 +201,35 @@ def import_batch(store: "KVStore", kv: BatchKV, cache: KVStoreCache | None = Non
     for layer_cache in cache.layers:
         layer_cache.seen = T
     logger.debug("imported %d sequences of up to %d tokens", B, T)
+    return cache
+
+
+def replay_batch(store: "KVStore", trace: BatchTrace, cache: KVStoreCache | None = None) -> KVStoreCache:
+    """Rebuild `trace`'s sequences in `store` by replaying the store calls the model made.
+
+    One prefill call per layer over columns 0 .. prefill_columns-1, then per later column one
+    `plan` and one `decode` per layer, with the recorded q/k/v: the store ends in the state the
+    original run left it in (bit for bit where the store is deterministic), whatever the preset.
+    The model never runs. Returns the cache to go on decoding with (as `import_batch`).
+    """
+    geo = store.geometry
+    _check_geometry(store, tuple(trace.keys.shape), trace.queries.shape[2])
+    L, B, H, T, d = trace.keys.shape
+    dev = dict(device=geo.device, dtype=geo.dtype)
+    q, k, v = trace.queries.to(**dev), trace.keys.to(**dev), trace.values.to(**dev)
+    valid = trace.valid.to(device=geo.device, dtype=torch.bool)
+    P = trace.prefill_columns
+    cache = _fresh_cache(store, B, cache)
+    with torch.no_grad():
+        for layer in range(L):
+            store.prefill(layer, cache.seq_ids, q[layer, :, :, :P], k[layer, :, :, :P], v[layer, :, :, :P],
+                          valid[:, :P], trace.scale)
+        for t in range(P, T):  # recovery replays each step the original run took (store work only)
+            plan = store.plan(cache.seq_ids)
+            c = slice(t, t + 1)
+            for layer in range(L):
+                store.decode(layer, plan, q[layer, :, :, c], k[layer, :, :, c], v[layer, :, :, c], trace.scale)
+    for layer_cache in cache.layers:
+        layer_cache.seen = T
+    logger.debug("replayed %d sequences: prefill of %d columns + %d decode steps", B, P, T - P)
     return cache

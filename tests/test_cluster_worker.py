@@ -6,7 +6,7 @@ import torch
 from cluster.cold_tier_actor import ArenaSpec, BatchArena, ColdTier
 from cluster.worker import ModelSpec, WorkerEngine
 from kvstore import KVStoreClient, KVStoreConfig
-from kvstore.sequence_io import BatchKV, TapCache, export_batch, import_batch
+from kvstore.sequence_io import BatchKV, BatchTrace, TapCache, export_batch, import_batch
 from tests.conftest import left_padded_batch, tiny_model
 
 PROMPTS = [[5, 9, 13, 2, 77, 31, 4], [8, 1, 200, 3], [17, 19, 23, 29, 31, 37, 41, 43, 47, 53]]
@@ -28,12 +28,12 @@ def test_export_import_continues_bit_exactly():
     c1 = KVStoreClient(KVStoreConfig.preset("full")).attach(m1)
     c2 = KVStoreClient(KVStoreConfig.preset("full")).attach(m2)
     seen = []
-    cache = TapCache(c1.store, lambda layer, k, v: seen.append((layer, tuple(k.shape))))
+    cache = TapCache(c1.store, lambda layer, q, k, v, scale: seen.append((layer, tuple(q.shape), tuple(k.shape))))
     mask = torch.zeros(B, T + 16, dtype=torch.long)
     mask[:, :T] = mask0
     out = m1(input_ids=ids, attention_mask=mask0, position_ids=(mask0.cumsum(1) - 1).clamp(min=0), past_key_values=cache)
     nxt, t, toks = out.logits[:, -1].argmax(-1), T, []
-    assert seen[:2] == [(0, (B, 2, T, 16)), (1, (B, 2, T, 16))]
+    assert seen[:2] == [(0, (B, 4, T, 16), (B, 2, T, 16)), (1, (B, 4, T, 16), (B, 2, T, 16))]
     for s in range(12):
         if s == 6:
             kv, saved = export_batch(cache), (t, nxt.clone(), mask.clone())
@@ -60,39 +60,54 @@ def test_export_and_import_refuse_bad_input():
     client = KVStoreClient(KVStoreConfig.preset("full")).attach(model)
     with pytest.raises(ValueError, match="holds no sequences"):
         export_batch(TapCache(client.store, lambda *a: None))
-    with pytest.raises(ValueError, match=r"\[L, Hkv, d\]"):
+    with pytest.raises(ValueError, match=r"\[L, Hkv, d, Hq\] = \[3, 2, 16, 4\]"):
         import_batch(client.store, BatchKV(torch.zeros(3, 1, 2, 4, 16), torch.zeros(3, 1, 2, 4, 16), torch.ones(1, 4, dtype=torch.bool)))
+    kv = (torch.zeros(2, 1, 2, 4, 16), torch.zeros(2, 1, 2, 4, 16), torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="BatchTrace.queries"):
+        BatchTrace(*kv, queries=torch.zeros(2, 1, 4, 5, 16), prefill_columns=2)
+    with pytest.raises(ValueError, match="BatchTrace.prefill_columns"):
+        BatchTrace(*kv, queries=torch.zeros(2, 1, 4, 4, 16), prefill_columns=0)
+    with pytest.raises(ValueError, match="every decode column"):
+        BatchTrace(kv[0], kv[1], torch.tensor([[True, True, False, True]]), queries=torch.zeros(2, 1, 4, 4, 16),
+                   prefill_columns=2)
     with pytest.raises(ValueError, match="valid must be"):
         BatchKV(torch.zeros(2, 1, 2, 4, 16), torch.zeros(2, 1, 2, 4, 16), torch.ones(1, 5, dtype=torch.bool))
     client.detach()
 
 
-def _engine():
-    return WorkerEngine(ModelSpec("random", seed=3), preset="full", device="cpu", max_seqs=4)
+def _engine(record_queries=None, preset="full"):
+    return WorkerEngine(ModelSpec("random", seed=3), preset=preset, device="cpu", max_seqs=4, record_queries=record_queries)
 
 
 def _arena(cold, engine, batch_id, B, max_tokens):
     info = engine.info()
-    return cold.create_arena(batch_id, B, info["num_layers"], info["num_kv_heads"], info["head_dim"], max_tokens, info["dtype"])
+    return cold.create_arena(batch_id, B, info["num_layers"], info["num_kv_heads"], info["head_dim"], max_tokens,
+                             info["dtype"], info["num_q_heads"])
 
 
-def test_worker_resumes_from_cold_tier_without_prefill():
-    """A worker that dies after step 5 leaves its batch in the cold tier; another one resumes it."""
+@pytest.mark.parametrize("preset,record_queries", [("full", False), ("full", True), ("quant", True)],
+                         ids=["full-import", "full-replay", "quant-replay"])
+def test_worker_resumes_from_cold_tier_without_prefill(preset, record_queries):
+    """A worker that dies after step 5 leaves its batch in the cold tier; another one resumes it.
+
+    Bulk import (K/V only) and replay of the store's calls (with the recorded queries) both
+    continue bit for bit.
+    """
     max_new = 12
     max_tokens = max(map(len, PROMPTS)) + max_new
-    ref_engine = _engine()
+    ref_engine = _engine(record_queries, preset)
     first = ref_engine.start("ref", PROMPTS, max_new)
     ref = [first] + [ref_engine.step("ref") for _ in range(max_new - 1)]
     ref_engine.finish("ref")
 
     cold = ColdTier(capacity_bytes=1 << 20)
     spec = _arena(cold, ref_engine, "b0", len(PROMPTS), max_tokens)
-    dying = _engine()
+    dying = _engine(record_queries, preset)
     got = [dying.start("b0", PROMPTS, max_new, spec)] + [dying.step("b0") for _ in range(5)]
     assert cold.progress("b0") == (max(map(len, PROMPTS)) + 5, 6)
     del dying  # its process state is gone; the segment stays with the cold tier
 
-    heir = _engine()
+    heir = _engine(record_queries, preset)
     so_far = heir.resume("b0", spec, max_new)
     assert so_far == [list(col) for col in zip(*got)]
     got += [heir.step("b0") for _ in range(max_new - 6)]
