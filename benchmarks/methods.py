@@ -1,0 +1,169 @@
+"""The methods the suite compares: store presets and baseline selectors, each with its budget.
+
+    m = make_method("pqcache", budget="0.1")   # -> Method(name, budget, definition, config)
+    available_methods()                          # {name: None or why it cannot run yet}
+
+Every method runs through the same path: `KVStoreClient(method.config).attach(model)`. A method
+whose parts the store has not built yet (checked by `KVStoreConfig.preset` against
+`kvstore.capabilities`) raises `MethodUnavailable` with the store's reason.
+
+Budgets (`--budgets`), for the methods that select tokens at decode:
+  * a fraction c in (0, 1] ("0.2"): PQCache's definition, per (sequence, layer, KV head):
+    S sink tokens + window int((n - S) * c * r) + top-k int((n - S) * c * (1 - r)), n the prompt
+    length, r the window share (0.5), S = 32: about c of the prompt is attended;
+  * an integer k > 1 ("512"): S sinks + the same derived window + exactly k selected tokens.
+Methods without a token budget (full, quant, leankv) run once, with budget "all" (full, quant)
+or their thresholds (leankv); `--budgets` does not apply to them. Every result row carries
+`budget_definition`, the sentence that says which definition produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from kvstore.config import KVStoreConfig
+
+#: Every method the suite knows, in report order.
+METHODS = ("full", "quant", "leankv", "streaming", "h2o", "snapkv", "quest", "pqcache", "oracle", "tiered")
+#: Methods that take a token budget (the rest ignore --budgets).
+BUDGETED = ("streaming", "h2o", "snapkv", "quest", "pqcache", "oracle", "tiered")
+#: The selectors of the baselines (KVStoreConfig.selector), run with sinks + window in the hot
+#: tier and every token in the cold tier, exactly like pqcache/oracle but for the scoring.
+BASELINE_SELECTORS = {"streaming": "streaming", "h2o": "h2o", "snapkv": "snapkv", "quest": "quest"}
+DEFAULT_BUDGET = "0.2"
+
+_SELECTION = {
+    "streaming": "StreamingLLM: the most recent candidates (a longer window)",
+    "h2o": "H2O: largest accumulated attention",
+    "snapkv": "SnapKV: observation-window votes at prefill (fixed)",
+    "quest": "Quest: top pages by the min/max key bound",
+    "pqcache": "PQ top-k from the cold tier (PQCache)",
+    "oracle": "exact top-k over full keys (oracle)",
+    "tiered": "PQ top-k over the tokens the LeanKV hot tier pruned",
+}
+
+
+class MethodUnavailable(RuntimeError):
+    """The store does not provide this method yet (the message says what is missing)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One column of the comparison: a name, a budget label, what it means, and the config."""
+
+    name: str
+    budget: str
+    budget_definition: str
+    config: KVStoreConfig
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, self.budget)
+
+
+def parse_budget(budget: str) -> tuple[str, float | int]:
+    """("fraction", c) or ("tokens", k) for a --budgets entry; ValueError otherwise."""
+    text = str(budget).strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"budget {budget!r} must be a fraction in (0, 1] or a token count > 1") from None
+    if 0 < value <= 1 and ("." in text or value < 1):
+        return "fraction", value
+    if value > 1 and value == int(value):
+        return "tokens", int(value)
+    if value == 1:
+        return "fraction", 1.0
+    raise ValueError(f"budget {budget!r} must be a fraction in (0, 1] or a token count > 1")
+
+
+def _preset(name: str, **overrides) -> KVStoreConfig:
+    try:
+        return KVStoreConfig.preset(name, **overrides)
+    except NotImplementedError as exc:
+        raise MethodUnavailable(str(exc)) from None
+
+
+def _selection_config(name: str, budget: str) -> tuple[KVStoreConfig, str, str]:
+    kind, value = parse_budget(budget)
+    if name in BASELINE_SELECTORS:
+        base = dict(hot_policy="window", selector=BASELINE_SELECTORS[name], cold_tier=True)
+        if name not in KVStoreConfig._PRESETS:
+            try:
+                config = KVStoreConfig(name=name, **base)
+            except ValueError as exc:
+                raise MethodUnavailable(f"{name}: {exc}") from None
+            from kvstore.capabilities import check_implemented
+
+            try:
+                check_implemented(config)
+            except NotImplementedError as exc:
+                raise MethodUnavailable(str(exc)) from None
+        else:
+            config = _preset(name)
+    else:
+        config = _preset(name)
+    if kind == "fraction":
+        config = dataclasses.replace(config, budget_fraction=float(value), token_budget=None)
+        label = f"c={value:g}"
+        topk = f"top-k int((n-S)*{value:g}*(1-r))"
+    else:
+        config = dataclasses.replace(config, token_budget=int(value))
+        label = f"k={value}"
+        topk = f"top-k {value}"
+    S, c, r = config.sink_tokens, config.budget_fraction, config.window_share
+    window = f"window {config.window_tokens}" if config.window_tokens is not None else f"window int((n-S)*{c:g}*{r:g})"
+    hot = "LeanKV hot tier (K8V4/K4V2, pruning) + " if config.hot_policy == "leankv" else ""
+    definition = (
+        f"per (sequence, layer, KV head) at decode: {hot}S={S} sinks + {window} + {topk} "
+        f"[{_SELECTION[name]}]; n = prompt tokens, r = window share"
+    )
+    return config, label, definition
+
+
+def make_method(name: str, budget: str | None = None) -> Method:
+    """Build method `name` at `budget` (see the module docstring); MethodUnavailable if not built."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    if name == "full":
+        return Method("full", "all", "every token at the model's dtype (exact)", _preset("full"))
+    if name == "quant":
+        config = _preset("quant")
+        return Method(
+            "quant", "all", f"every token, K{config.key_bits}V{config.value_bits} per-token quantization", config
+        )
+    if name == "leankv":
+        config = _preset("leankv")
+        return Method(
+            "leankv",
+            f"alpha_p={config.alpha_prune:g}",
+            f"per-head dynamic: prune below {config.alpha_prune:g}/n, K{config.low_key_bits}V{config.low_value_bits} "
+            f"below {config.alpha_quant:g}/n, else K{config.key_bits}V{config.value_bits}; last "
+            f"{config.immune_tokens} tokens immune (pruned tokens are gone)",
+            config,
+        )
+    config, label, definition = _selection_config(name, budget or DEFAULT_BUDGET)
+    return Method(name, label, definition, config)
+
+
+def expand_methods(names: list[str], budgets: list[str] | None = None) -> list[Method]:
+    """Methods x budgets (budgets only multiply the budgeted methods); unavailable ones raise."""
+    budgets = budgets or [DEFAULT_BUDGET]
+    out: list[Method] = []
+    for name in names:
+        for budget in budgets if name in BUDGETED else [None]:
+            out.append(make_method(name, budget))
+    return out
+
+
+def available_methods() -> dict[str, str | None]:
+    """{method: None when it runs, else the reason it cannot run yet}."""
+    out = {}
+    for name in METHODS:
+        try:
+            make_method(name)
+            out[name] = None
+        except MethodUnavailable as exc:
+            out[name] = str(exc)
+    return out

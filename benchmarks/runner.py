@@ -1,0 +1,356 @@
+"""Run tasks x lengths x methods x budgets through one model and write the results.
+
+    model, tokenizer, label = load_model("probe" | "random" | PATH)
+    rows = run_suite(model, tokenizer, RunSpec(tasks=[...], lengths=[...], methods=[...], out="DIR"))
+
+For each (task, length) the prompts are generated once (same ids for every method); for each
+method (a `benchmarks.methods.Method`) the store is attached, the samples run in batches of
+equal-length prompts through `model.generate` (greedy), and one row per (task, length, method,
+budget) is appended to `DIR/results.jsonl`, with every sample's prediction and score in
+`DIR/samples.jsonl`. Rows already in results.jsonl are skipped, so an interrupted run resumes.
+
+Row fields (per sequence unless said otherwise):
+  task, length, method, budget, budget_definition, category, accuracy (mean RULER string-match
+  score), exact (fraction of samples with every answer), samples, model, dtype, device,
+  batch_size, gpu_kv_bytes / host_kv_bytes / dense_kv_bytes (client.stats() at the end of
+  generation, divided by the batch's sequences, averaged over batches), compression
+  (dense / gpu), ttft_s (request start to the first generated token, one batch), tt2t_s
+  (request start to the second token: includes the first decode step, which waits for any
+  PQ build), tpot_s (mean time per output token after the second), tokens_per_s (generated
+  tokens of the whole batch per second of generate()), new_tokens (mean generated per sample).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks.methods import Method, expand_methods
+from benchmarks.scoring import exact_match, mean, score_sample
+from benchmarks.tasks import Sample, make_sample
+
+logger = logging.getLogger(__name__)
+
+RESULT_FIELDS = (
+    "task", "length", "method", "budget", "accuracy", "samples", "gpu_kv_bytes", "dense_kv_bytes",
+    "host_kv_bytes", "ttft_s", "tt2t_s", "tpot_s", "tokens_per_s",
+)
+
+
+@dataclass
+class RunSpec:
+    """What to run. depths: None spreads needle depths evenly over [0, 1] across the samples."""
+
+    tasks: list[str]
+    lengths: list[int]
+    methods: list[str]
+    out: str
+    budgets: list[str] | None = None
+    samples: int = 10
+    batch_size: int | None = None
+    seed: int = 0
+    depths: list[float] | None = None
+    max_new_tokens: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if not self.tasks or not self.lengths or not self.methods:
+            raise ValueError("tasks, lengths and methods must each name at least one entry")
+        if any(n <= 0 for n in self.lengths):
+            raise ValueError(f"lengths must be positive, got {self.lengths}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.depths is not None and any(not 0 <= d <= 1 for d in self.depths):
+            raise ValueError(f"depths must be in [0, 1], got {self.depths}")
+
+    def depth_of(self, i: int) -> float:
+        if self.depths:
+            return self.depths[i % len(self.depths)]
+        return i / (self.samples - 1) if self.samples > 1 else 0.5
+
+    def batch_for(self, length: int) -> int:
+        # Default: about 16K prompt tokens per batch (the CPU reference prefill holds B*Hq*T*T scores).
+        return self.batch_size or max(1, min(self.samples, 16384 // length))
+
+
+# ---- models -----------------------------------------------------------------------------------
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be auto or one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+def random_model(seed: int = 0, **config):
+    """A tiny random Llama (2 layers, hidden 64, GQA 4/2) with the probe tokenizer: plumbing only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.probe_tokenizer import build_tokenizer, default_strings
+
+    tokenizer = build_tokenizer(default_strings())
+    kwargs = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 17,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    kwargs.update(config)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+    return model, tokenizer
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer, label) for "probe" (the shipped probe model), "random", or a local HF path."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if name == "probe":
+        from benchmarks.probe_model import PROBE_DIR, has_probe, load_probe
+
+        if not has_probe(PROBE_DIR):
+            raise FileNotFoundError(
+                f"--model probe: the probe model is not in {PROBE_DIR} yet. Train it with "
+                "`python -m benchmarks.train_probe --out benchmarks/probe`, or pass --model random "
+                "(a tiny random Llama: plumbing only) or a local Hugging Face model folder"
+            )
+        model, tokenizer = load_probe(PROBE_DIR, dtype=dt, device=dev)
+        return model, tokenizer, "probe"
+    if name == "random":
+        model, tokenizer = random_model()
+        return model.to(device=dev, dtype=dt), tokenizer, "random"
+    path = Path(name)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"--model {name!r}: not 'probe', 'random' or a local folder with a Hugging Face model "
+            "(config.json, weights, tokenizer); nothing is downloaded"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dt).to(dev).eval()
+    return model, tokenizer, str(path)
+
+
+# ---- results file -----------------------------------------------------------------------------
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("%s line %d is not JSON (an interrupted write?); ignored", path, i + 1)
+    return rows
+
+
+def row_key(row: dict) -> tuple:
+    return (row["task"], int(row["length"]), row["method"], str(row["budget"]))
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=False) + "\n")
+
+
+# ---- generation -------------------------------------------------------------------------------
+
+
+class _StepTimer:
+    """A `generate()` streamer that stamps the time of each put (prompt, then each token)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []
+
+    def put(self, value) -> None:  # generate() moves the tokens to the host first: in sync already
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def generate_batch(model, tokenizer, samples: list[Sample], method: Method, client, max_new_tokens: int) -> dict:
+    """Greedy-generate one batch of equal-length samples with the store attached.
+
+    Returns predictions, timings and the store's byte counts at the end of generation (the
+    batch's sequences still live: the runner passes its own KVStoreCache and frees it after).
+    """
+    from kvstore.adapters.hf import KVStoreCache
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([s.input_ids for s in samples], dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    timer = _StepTimer(device)
+    cache = KVStoreCache(client.store)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=max_new_tokens,
+                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id, streamer=timer,
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        end = time.perf_counter()
+        stats = client.stats()
+    finally:
+        cache.release()
+    new = out[:, ids.shape[1]:]
+    preds = [tokenizer.decode(row, skip_special_tokens=True) for row in new.tolist()]
+    t = timer.times  # t[0] prompt handed over, t[i] token i generated
+    steps = len(t) - 1
+    ttft = t[1] - start if steps >= 1 else float("nan")
+    tt2t = t[2] - start if steps >= 2 else float("nan")
+    tpot = (t[-1] - t[2]) / (steps - 2) if steps >= 3 else float("nan")
+    n = len(samples)
+    return {
+        "predictions": preds,
+        "ttft_s": ttft,
+        "tt2t_s": tt2t,
+        "tpot_s": tpot,
+        "tokens_per_s": steps * n / (end - start) if end > start else float("nan"),
+        "new_tokens": steps,
+        "gpu_kv_bytes": stats.get("gpu_kv_bytes", 0) / n,
+        "host_kv_bytes": stats.get("host_kv_bytes", 0) / n,
+        "dense_kv_bytes": stats.get("dense_kv_bytes", 0) / n,
+        "stats": stats,
+    }
+
+
+def _nanmean(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def run_method(model, tokenizer, samples: list[Sample], method: Method, batch_size: int,
+               max_new_tokens: int | None = None, progress=None) -> tuple[dict, list[dict]]:
+    """Run `samples` (one task and length) under `method`; returns (row, per-sample records)."""
+    from kvstore import KVStoreClient
+
+    config = method.config
+    if config.max_batch_size < batch_size:
+        config = dataclasses.replace(config, max_batch_size=batch_size)
+    client = KVStoreClient(config)
+    batches = []
+    records = []
+    client.attach(model)
+    try:
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+            budget = max_new_tokens or max(s.max_new_tokens for s in chunk)
+            res = generate_batch(model, tokenizer, chunk, method, client, budget)
+            batches.append(res)
+            for s, pred in zip(chunk, res["predictions"]):
+                records.append({
+                    "task": s.task, "length": s.length, "method": method.name, "budget": method.budget,
+                    "seed": s.seed, "depth": s.depth, "needle_positions": list(s.needle_positions),
+                    "answers": list(s.answers), "prediction": pred, "score": score_sample(pred, s.answers),
+                })
+            if progress is not None:
+                progress.update(len(chunk))
+    finally:
+        client.detach()
+    first = samples[0]
+    gpu = _nanmean([b["gpu_kv_bytes"] for b in batches])
+    dense = _nanmean([b["dense_kv_bytes"] for b in batches])
+    row = {
+        "task": first.task,
+        "length": first.length,
+        "method": method.name,
+        "budget": method.budget,
+        "accuracy": mean(r["score"] for r in records),
+        "exact": mean(float(exact_match(r["prediction"], r["answers"])) for r in records),
+        "samples": len(records),
+        "gpu_kv_bytes": gpu,
+        "dense_kv_bytes": dense,
+        "host_kv_bytes": _nanmean([b["host_kv_bytes"] for b in batches]),
+        "compression": dense / gpu if gpu else float("nan"),
+        "ttft_s": _nanmean([b["ttft_s"] for b in batches]),
+        "tt2t_s": _nanmean([b["tt2t_s"] for b in batches]),
+        "tpot_s": _nanmean([b["tpot_s"] for b in batches]),
+        "tokens_per_s": _nanmean([b["tokens_per_s"] for b in batches]),
+        "new_tokens": _nanmean([b["new_tokens"] for b in batches]),
+        "category": first.category,
+        "budget_definition": method.budget_definition,
+        "batch_size": batch_size,
+        "preset": config.name,
+    }
+    return row, records
+
+
+def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> list[dict]:
+    """Run everything in `spec` not already in OUT/results.jsonl; returns all rows of the file."""
+    from tqdm.auto import tqdm
+
+    out = Path(spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, sample_file = out / "results.jsonl", out / "samples.jsonl"
+    existing = read_rows(results)
+    other = {r.get("model") for r in existing} - {model_label}
+    if other:
+        raise ValueError(
+            f"{results} holds results of model {sorted(map(str, other))}, not {model_label!r}: use another --out"
+        )
+    done = {row_key(r) for r in existing}
+    methods = expand_methods(spec.methods, spec.budgets)  # raises MethodUnavailable early
+    param = next(model.parameters())
+    todo = [
+        (task, length, m) for task in spec.tasks for length in spec.lengths for m in methods
+        if (task, length, m.name, m.budget) not in done
+    ]
+    skipped = len(spec.tasks) * len(spec.lengths) * len(methods) - len(todo)
+    if skipped:
+        logger.info("resuming: %d rows already in %s are skipped", skipped, results)
+    bar = tqdm(total=len(todo) * spec.samples, desc="samples", unit="sample", disable=not spec.progress)
+    cache: dict[tuple[str, int], list[Sample]] = {}
+    try:
+        for task, length, method in todo:
+            if (task, length) not in cache:
+                cache.clear()  # one (task, length) at a time: generation order groups them
+                cache[(task, length)] = [
+                    make_sample(task, length, spec.seed * 1_000_003 + i, tokenizer, spec.depth_of(i))
+                    for i in range(spec.samples)
+                ]
+            bar.set_postfix_str(f"{task} {length} {method.name} {method.budget}")
+            row, records = run_method(
+                model, tokenizer, cache[(task, length)], method, spec.batch_for(length), spec.max_new_tokens, bar
+            )
+            row.update(model=model_label, dtype=str(param.dtype).removeprefix("torch."), device=str(param.device))
+            _append(sample_file, records)
+            _append(results, [row])
+            logger.info(
+                "%s %d %s %s: accuracy %.3f, GPU KV %.0f B/seq (dense %.0f), TTFT %.3fs",
+                task, length, method.name, method.budget, row["accuracy"], row["gpu_kv_bytes"],
+                row["dense_kv_bytes"], row["ttft_s"],
+            )
+    finally:
+        bar.close()
+    return read_rows(results)
