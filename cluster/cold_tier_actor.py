@@ -218,15 +218,19 @@ class BatchArena:
 
 
 class ColdTier:
-    """A node's cold tier: owns the batch segments of the workers on its node.
+    """A node's cold tier: owns the batch segments of the workers on its node, and serves the
+    CPU retrieval service (retrieval/service.py) for sequences whose codes are parked off the GPU.
 
-    `capacity_bytes` caps the host memory it hands out (MemoryError past it).
+    `capacity_bytes` caps the host memory it hands out (MemoryError past it);
+    `retrieval_threads` sizes the retrieval thread pool (started on the first search).
     """
 
-    def __init__(self, capacity_bytes: int = 1 << 30, prefix: str = "kvs"):
+    def __init__(self, capacity_bytes: int = 1 << 30, prefix: str = "kvs", retrieval_threads: int | None = None):
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes={capacity_bytes} must be positive")
         self.capacity_bytes = capacity_bytes
+        self.retrieval_threads = retrieval_threads
+        self._service = None
         self.prefix = f"{prefix}{os.getpid():x}"
         self.arenas: dict[str, BatchArena] = {}
         self._count = 0
@@ -306,9 +310,24 @@ class ColdTier:
     def stats(self) -> dict:
         return {"arenas": len(self.arenas), "host_bytes": self.used_bytes, "capacity_bytes": self.capacity_bytes}
 
+    def search(self, requests: list) -> np.ndarray:
+        """PQ top-k on this node's CPUs for sequences parked off the GPU.
+
+        `requests`: retrieval.service.SearchRequest, one per sequence. Returns int64
+        [len(requests), Hkv, k] absolute token positions (-1 where a head has fewer candidates).
+        """
+        if self._service is None:
+            from retrieval.service import RetrievalService
+
+            self._service = RetrievalService(self.retrieval_threads)
+        return self._service.submit(requests).result()
+
     def shutdown(self) -> None:
         for batch_id in list(self.arenas):
             self.release(batch_id)
+        if self._service is not None:
+            self._service.close()
+            self._service = None
 
     def __del__(self):  # pragma: no cover - best effort at interpreter exit
         try:

@@ -267,6 +267,9 @@ class Controller:
                 self._retire(b)
             for bid in [bid for bid, b in batches.items() if any(r.request_id in failed for r in b.requests)]:
                 self._retire(batches.pop(bid))
+        if self.spec.chaos is not None and not self._chaos_fired:
+            logger.warning("chaos %s@%d never fired: no batch reached decode step %d", self.spec.chaos.kind,
+                           self.spec.chaos.step, self.spec.chaos.step)
         serve_s = time.perf_counter() - t0
         completed = [r for r in requests if r.request_id in outputs and r.request_id not in failed]
         tokens = sum(len(outputs[r.request_id]) for r in completed)
@@ -275,6 +278,7 @@ class Controller:
             "completed": len(completed),
             "failed": len(requests) - len(completed),
             **self.metrics,
+            "chaos_fired": self._chaos_fired,
             "failures": list(self.failures),
             "outputs": [outputs.get(r.request_id) for r in requests],
             "timings": {

@@ -175,3 +175,27 @@ def test_chaos_spec_and_cli_validation():
     assert outputs_sha256([[1, 2], [3]]) != outputs_sha256([[1], [2, 3]])
     with pytest.raises(ValueError, match="prompt_tokens"):
         builtin_workload(2, prompt_tokens=(5, 4))
+
+
+def test_cold_tier_serves_cpu_retrieval():
+    """The node cold tier answers PQ top-k searches with the CPU retrieval service (exact scores agree)."""
+    service = pytest.importorskip("retrieval.service")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    Hkv, G, m, K, dsub, n = 2, 2, 2, 16, 8, 64
+    centroids = rng.standard_normal((Hkv, m, K, dsub)).astype(np.float32)
+    codes = rng.integers(0, K, size=(Hkv, n, m), dtype=np.uint8)
+    q = rng.standard_normal((Hkv * G, m * dsub)).astype(np.float32)
+    req = service.SearchRequest(centroids, codes, q, lo=4, hi=60, k=5, scale=0.25)
+    cold = ColdTier(capacity_bytes=1 << 20, retrieval_threads=2)
+    got = cold.search([req, req])
+    cold.shutdown()
+    assert got.shape == (2, Hkv, 5) and (got[0] == got[1]).all()
+    # reference: scores of every candidate from the codes, softmax per query head, summed over the group
+    for h in range(Hkv):
+        keys = np.concatenate([centroids[h, j, codes[h, :, j]] for j in range(m)], axis=1)  # [n, d]
+        logits = q[h * G:(h + 1) * G] @ keys[4:60].T * 0.25
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        score = (p / p.sum(1, keepdims=True)).sum(0)
+        assert set(got[0, h].tolist()) == set((np.argsort(-score)[:5] + 4).tolist())
