@@ -132,10 +132,12 @@ class WorkerEngine:
         num_threads: torch CPU threads (1 keeps CPU results independent of the host's cores).
         record_queries: also publish each step's queries, so a takeover replays the store's calls
           (exact for every preset); None: only when the preset's store state depends on them.
+        store_overrides: KVStoreConfig fields that override the preset's.
     """
 
     def __init__(self, model: ModelSpec = ModelSpec(), preset: str = "full", device: str | None = None,
-                 max_seqs: int = 8, num_threads: int | None = 1, record_queries: bool | None = None):
+                 max_seqs: int = 8, num_threads: int | None = 1, record_queries: bool | None = None,
+                 store_overrides: dict | None = None):
         if max_seqs < 1:
             raise ValueError(f"max_seqs={max_seqs} must be >= 1")
         if num_threads:
@@ -143,7 +145,7 @@ class WorkerEngine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model_spec = model.resolved()
         self.model = build_model(self.model_spec, self.device)
-        config = KVStoreConfig.preset(preset, max_batch_size=max_seqs)
+        config = KVStoreConfig.preset(preset, **{"max_batch_size": max_seqs, **(store_overrides or {})})
         self.client = KVStoreClient(config).attach(self.model)
         self.store = self.client.store
         self.max_seqs = max_seqs

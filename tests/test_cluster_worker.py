@@ -134,6 +134,42 @@ def test_worker_reprefill_from_tokens():
     assert engine.free == 4
 
 
+def test_worker_resume_replays_retrieval_state():
+    """Under pqcache (window hot tier, PQ retrieval, GPU cache of retrieved tokens) the heir replays
+    the store's calls from the recorded queries and decodes the same tokens as an uninterrupted run."""
+    try:
+        KVStoreConfig.preset("pqcache")
+    except NotImplementedError as e:
+        pytest.skip(str(e))
+    overrides = dict(sink_tokens=4, window_tokens=8, token_budget=8, pq_bits=4, gpu_cache_tokens=8)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (70, 96, 83)]
+    max_new, kill_after = 12, 6
+
+    def engine():
+        return WorkerEngine(ModelSpec("random", seed=3), "pqcache", "cpu", max_seqs=4, store_overrides=overrides)
+
+    ref_engine = engine()
+    assert ref_engine.record_queries
+    ref = [ref_engine.start("r", prompts, max_new)] + [ref_engine.step("r") for _ in range(max_new - 1)]
+    full = WorkerEngine(ModelSpec("random", seed=3), "full", "cpu", max_seqs=4)
+    full_out = [full.start("f", prompts, max_new)] + [full.step("f") for _ in range(max_new - 1)]
+    assert full_out != ref  # retrieval really changed what was attended
+    cold = ColdTier(capacity_bytes=8 << 20)
+    spec = _arena(cold, ref_engine, "b", 3, 96 + max_new)
+    assert spec.num_q_heads == 4
+    dying = engine()
+    got = [dying.start("b", prompts, max_new, spec)] + [dying.step("b") for _ in range(kill_after - 1)]
+    del dying
+    heir = engine()
+    heir.resume("b", spec, max_new)
+    got += [heir.step("b") for _ in range(max_new - kill_after)]
+    assert got == ref
+    for e, b in ((heir, "b"), (ref_engine, "r"), (full, "f")):
+        e.finish(b)
+    cold.shutdown()
+
+
 def test_cold_tier_and_arena_errors():
     cold = ColdTier(capacity_bytes=4096)
     with pytest.raises(MemoryError, match="cold tier full"):
