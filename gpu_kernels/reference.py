@@ -153,3 +153,76 @@ def unpack_codes(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
     shifts = (torch.arange(per, device=packed.device, dtype=torch.int32) * bits).view(per, 1)
     parts = (packed.to(torch.int32).unsqueeze(-2) >> shifts) & ((1 << bits) - 1)  # [..., per, d/per]
     return parts.flatten(-2).to(torch.uint8)
+
+
+def dequantize_pages(data: torch.Tensor, page_ids: torch.Tensor, key_bits: int, value_bits: int, groups: int,
+                     tokens_per_page: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized K, V fp32 [..., tokens_per_page, head_dim] of quantized pages (kvstore/quantization.py layout).
+
+    data: uint8 [P, page_bytes]; page_ids: int [...]. 16 bits is not a quantized layout.
+    """
+    T, d = tokens_per_page, head_dim
+    kB, vB = d * key_bits // 8, d * value_bits // 8
+    P = data.shape[0]
+    kc = data[:, : T * kB].view(P, T, kB)
+    vc = data[:, T * kB: T * (kB + vB)].view(P, T, vB)
+    mo = T * (kB + vB)
+    meta = data[:, mo: mo + T * 8 * groups].view(torch.float16).view(P, T, 4, groups)
+    p = page_ids.long()
+    m = meta[p]
+    k = dequantize(unpack_codes(kc[p], key_bits, d), m[..., 0, :], m[..., 1, :])
+    v = dequantize(unpack_codes(vc[p], value_bits, d), m[..., 2, :], m[..., 3, :])
+    return k, v
+
+
+def paged_decode_attention(
+    q: torch.Tensor, data: torch.Tensor, pages: torch.Tensor, num_high: torch.Tensor, num_low_pages: torch.Tensor,
+    slot_pos: torch.Tensor, high: tuple[int, int, int], low: tuple[int, int, int] | None, groups: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode attention over quantized paged KV, both tiers (reference of gpu_kernels/paged_attention.py).
+
+    Args:
+        q: [B, Hq, d] queries.
+        data: uint8 [P, page_bytes] page pool.
+        pages: int32 [B, Hkv, C] page table of the layer: high pages from the left, low from the right.
+        num_high: int [B, Hkv] high-tier slots in use (index i in page pages[..., i // T_high]).
+        num_low_pages: int [B, Hkv] low pages at the right end of the table.
+        slot_pos: int32 [P, max_slots] token position per slot, -1 = empty (masked).
+        high, low: (key_bits, value_bits, tokens_per_page) of each tier (low None: no low tier).
+        groups: quantization groups; scale: softmax scale.
+    Returns:
+        out fp32 [B, Hq, d], lse fp32 [B, Hq] (natural log), logits fp32 [B, Hq, C, S] in the table's
+        layout (S = max(T_high, T_low); -inf where no token), so probs = exp(logits - lse).
+    """
+    B, Hq, d = q.shape
+    Hkv, C = pages.shape[1], pages.shape[2]
+    G = Hq // Hkv
+    kb, vb, th = high
+    S = max(th, low[2] if low else 0)
+    col = torch.arange(C, device=q.device).view(1, 1, C, 1)
+    slot = torch.arange(S, device=q.device).view(1, 1, 1, S)
+    ks = torch.zeros(B, Hkv, C, S, d, device=q.device)
+    vs = torch.zeros_like(ks)
+    kh, vh = dequantize_pages(data, pages, kb, vb, groups, th, d)  # [B, H, C, th, d]
+    ks[..., :th, :], vs[..., :th, :] = kh, vh
+    valid = (col * th + slot < num_high.view(B, Hkv, 1, 1)) & (slot < th) & (col * th < num_high.view(B, Hkv, 1, 1))
+    if low is not None:
+        lkb, lvb, tl_ = low
+        is_low = col >= C - num_low_pages.view(B, Hkv, 1, 1)
+        kl, vl = dequantize_pages(data, pages, lkb, lvb, groups, tl_, d)
+        low_slot = (slot < tl_).expand(B, Hkv, C, S)
+        pad = S - tl_
+        kl = torch.nn.functional.pad(kl, (0, 0, 0, pad))
+        vl = torch.nn.functional.pad(vl, (0, 0, 0, pad))
+        sel = is_low.unsqueeze(-1)
+        ks, vs = torch.where(sel, kl, ks), torch.where(sel, vl, vs)
+        valid = torch.where(is_low, low_slot, valid & ~is_low)
+    pos = slot_pos[pages.long()][..., :S]  # [B, H, C, S']
+    if pos.shape[-1] < S:
+        pos = torch.nn.functional.pad(pos, (0, S - pos.shape[-1]), value=-1)
+    valid = valid & (pos >= 0)
+    out, lse, probs = decode_attention(q, ks.view(B, Hkv, C * S, d), vs.view(B, Hkv, C * S, d),
+                                       valid.view(B, Hkv, C * S), scale, return_probs=True)
+    logits = torch.log(probs).view(B, Hq, C, S) + lse.view(B, Hq, 1, 1)
+    return out, lse, logits

@@ -10,9 +10,12 @@ Which tokens it keeps and at which precision is the hot-tier policy's business
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from gpu_kernels import reference
 
 from kvstore.config import KVStoreConfig
 from kvstore.page_format import PageFormat, make_format
@@ -150,6 +153,73 @@ class HotTier:
         """Widest page table among the given sequences (one host sync)."""
         n = self.table.num_tokens[seq_ids]
         return int(((n.max() + self.tokens_per_page - 1) // self.tokens_per_page).item()) if n.numel() else 0
+
+    # ---- decode attention ------------------------------------------------------------------
+    @property
+    def kernel_decode(self) -> bool:
+        """Whether decode attention runs the Triton kernel (quantized pages and Triton enabled)."""
+        return bool(getattr(self.high, "use_triton", False)) and self.geometry.head_dim >= 16
+
+    def plan_workspace(self, seq_ids: torch.Tensor, num_pages: int, emit_logits: bool = False) -> dict | None:
+        """Buffers of one decode step for `attend` (plan time: allocation and one host sync here).
+
+        Returns None on the reference path. Splits: about 4 programs per SM over B x Hkv heads.
+        """
+        if not self.kernel_decode:
+            return None
+        from gpu_kernels.paged_attention import choose_splits
+
+        geo = self.geometry
+        B, Hq, d = seq_ids.numel(), geo.num_q_heads, geo.head_dim
+        low_pages = int(self.table.num_low_pages[seq_ids].max().item()) if self.low is not None and B else 0
+        vmax = max(1, num_pages + low_pages)
+        if not hasattr(self, "_num_sms"):
+            dev = torch.device(geo.device)
+            self._num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+        nsplit = choose_splits(B, geo.num_kv_heads, vmax, self._num_sms)
+        pps = math.ceil(vmax / nsplit)
+        nsplit = math.ceil(vmax / pps)
+        dev = geo.device
+        ws = {
+            "pages_per_split": pps,
+            "part_out": torch.empty(B, Hq, nsplit, d, dtype=torch.float32, device=dev),
+            "part_lse": torch.empty(B, Hq, nsplit, dtype=torch.float32, device=dev),
+            "out": torch.empty(B, Hq, d, dtype=torch.float32, device=dev),
+            "lse": torch.empty(B, Hq, dtype=torch.float32, device=dev),
+            "logits": None,
+        }
+        if emit_logits:
+            slots = max(self.tokens_per_page, self.low_tokens_per_page)
+            ws["logits"] = torch.empty(B, Hq, self.table.max_pages, slots, dtype=torch.float32, device=dev)
+        return ws
+
+    def attend(self, layer: int, seq_ids: torch.Tensor, q: torch.Tensor, scale: float, num_pages: int,
+               ws: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode attention of one layer over the hot tier.
+
+        Args:
+            q: [B, Hq, d]; num_pages: widest high-tier table (the plan's); ws: `plan_workspace`'s buffers.
+        Returns:
+            out fp32 [B, Hq, d], lse fp32 [B, Hq] (-inf where a head holds no token). The kernel path
+            allocates nothing and never syncs the host (out/lse are the workspace's, reused per layer).
+        """
+        if ws is None:
+            k_all, v_all, pos = self.gather(layer, seq_ids, num_pages)
+            out, lse, _ = reference.decode_attention(q, k_all, v_all, pos >= 0, scale)
+            return out, lse
+        from gpu_kernels.paged_attention import paged_decode_attention
+
+        high = (self.high.key_bits, self.high.value_bits, self.tokens_per_page)
+        low = (self.low.key_bits, self.low.value_bits, self.low_tokens_per_page) if self.low is not None else None
+        if ws["logits"] is not None:
+            ws["logits"].fill_(float("-inf"))
+        paged_decode_attention(
+            q, self.pool.data, self.table.pages, self.table.num_tokens,
+            self.table.num_low_pages if low is not None else None, seq_ids, layer, self.pool.slot_pos,
+            high, low, self.config.quant_groups, scale, ws["out"], ws["lse"], ws["part_out"], ws["part_lse"],
+            ws["pages_per_split"], ws["logits"],
+        )
+        return ws["out"], ws["lse"]
 
     # ---- release ---------------------------------------------------------------------------
     def release(self, seq_ids: torch.Tensor) -> None:

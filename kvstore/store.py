@@ -50,6 +50,7 @@ class DecodePlan:
     slot: torch.Tensor
     num_pages: int
     evicted_pos: torch.Tensor | None = None
+    hot_ws: dict | None = None  # buffers of the hot tier's decode kernel (HotTier.plan_workspace)
 
 
 class KVStore:
@@ -166,7 +167,9 @@ class KVStore:
         slot = (index % tpp).to(torch.int32)
         hot.table.num_tokens[seq_ids] += fresh.to(torch.int32)
         self.seq_len[seq_ids] += 1
-        return DecodePlan(seq_ids, positions, page, slot, self.hot.pages_in_use(seq_ids), decision.evicted_pos)
+        plan = DecodePlan(seq_ids, positions, page, slot, self.hot.pages_in_use(seq_ids), decision.evicted_pos)
+        plan.hot_ws = self.hot.plan_workspace(seq_ids, plan.num_pages)
+        return plan
 
     def decode(self, layer: int, plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float) -> torch.Tensor:
@@ -179,8 +182,7 @@ class KVStore:
             [B, Hq, 1, d] in q's dtype.
         """
         self.hot.write_slots(layer, plan.page[:, layer], plan.slot[:, layer], k[:, :, 0], v[:, :, 0], plan.positions)
-        k_all, v_all, pos = self.hot.gather(layer, plan.seq_ids, plan.num_pages)
-        out, _, _ = reference.decode_attention(q[:, :, 0], k_all, v_all, pos >= 0, scale)
+        out, _ = self.hot.attend(layer, plan.seq_ids, q[:, :, 0], scale, plan.num_pages, plan.hot_ws)
         return out.to(q.dtype).unsqueeze(2)
 
     # ---- accounting -------------------------------------------------------------------------

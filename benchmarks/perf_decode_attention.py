@@ -1,0 +1,158 @@
+"""K8V4 paged decode-attention kernel vs torch SDPA over bf16 KV (Llama-3-8B head shape).
+
+    python -m benchmarks.perf_decode_attention --out $OUT/decode_attention.json
+
+For each batch B and context N: Hq=32, Hkv=8, d=128, 32-token pages of 200 B per token (K8V4,
+fp16 scale+zero) + a 4 B position per slot, pages scattered at random in the pool. Prints time,
+bytes read, achieved GB/s next to the copy bandwidth measured in the same run (a device-to-device
+copy, read + write bytes / time, as DESIGN.md's 2.94 TB/s), and the speed-up over SDPA. SDPA is
+timed two ways, with `enable_gqa=True` and with the query group folded into the query length
+(q [B, Hkv, G, d] over K [B, Hkv, N, d], no causal mask), and the faster one is the baseline.
+Times: triton.testing.do_bench (CUDA events, L2 flushed between runs), median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+
+from gpu_kernels import reference
+from gpu_kernels.paged_attention import choose_splits, paged_decode_attention
+
+HQ, HKV, D, TPP = 32, 8, 128, 32
+KB, VB = D, D // 2
+BYTES_PER_TOKEN = KB + VB + 8  # codes + fp16 scale/zero for K and V
+
+
+def build_pool(B: int, N: int, device, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    pages_per_head = N // TPP
+    P = B * HKV * pages_per_head + 1
+    page_bytes = TPP * BYTES_PER_TOKEN
+    data = torch.randint(0, 256, (P, page_bytes), dtype=torch.uint8, device=device, generator=g)
+    meta = data[:, TPP * (KB + VB):].view(torch.float16).view(P, TPP, 4)
+    meta[..., 0] = 2.0 / 255  # k scale: keys in [-1, 1]
+    meta[..., 1] = -1.0
+    meta[..., 2] = 2.0 / 15
+    meta[..., 3] = -1.0
+    perm = torch.randperm(P - 1, device=device, generator=g).to(torch.int32) + 1
+    pages = perm.view(B, 1, HKV, pages_per_head).contiguous()
+    num_high = torch.full((B, 1, HKV), N, dtype=torch.int32, device=device)
+    slot_pos = torch.arange(TPP, dtype=torch.int32, device=device).repeat(P, 1)
+    return data, pages, num_high, slot_pos
+
+
+def run_kernel_fn(q, data, pages, num_high, slot_pos, nsplit, num_warps=4, num_stages=2, block_tokens=128):
+    B = q.shape[0]
+    C = pages.shape[-1]
+    pps = math.ceil(C / nsplit)
+    nsplit = math.ceil(C / pps)
+    out = torch.empty(B, HQ, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, HQ, dtype=torch.float32, device=q.device)
+    po = torch.empty(B, HQ, nsplit, D, dtype=torch.float32, device=q.device)
+    pl = torch.empty(B, HQ, nsplit, dtype=torch.float32, device=q.device)
+    seq = torch.arange(B, device=q.device)
+
+    def fn():
+        paged_decode_attention(q, data, pages, num_high, None, seq, 0, slot_pos, (8, 4, TPP), None, 1, D ** -0.5,
+                               out, lse, po, pl, pps, num_warps=num_warps, num_stages=num_stages,
+                               block_tokens=block_tokens)
+        return out
+
+    return fn, out, lse
+
+
+def check_accuracy(device) -> float:
+    """Relative RMS error of the kernel vs the fp32 reference on the same dequantized values."""
+    B, N = 2, 1000
+    data, pages, num_high, slot_pos = build_pool(B, 1024, device, seed=1)
+    num_high.fill_(N)
+    q = torch.randn(B, HQ, D, device=device, dtype=torch.bfloat16)
+    fn, out, lse = run_kernel_fn(q, data, pages, num_high, slot_pos, nsplit=5)
+    out32 = torch.empty(B, HQ, D, device=device)
+    C = pages.shape[-1]
+    pps = math.ceil(C / 5)
+    ns = math.ceil(C / pps)
+    po = torch.empty(B, HQ, ns, D, device=device)
+    pl = torch.empty(B, HQ, ns, device=device)
+    paged_decode_attention(q, data, pages, num_high, None, torch.arange(B, device=device), 0, slot_pos, (8, 4, TPP),
+                           None, 1, D ** -0.5, out32, lse, po, pl, pps)
+    ref, _, _ = reference.paged_decode_attention(q, data, pages[:, 0], num_high[:, 0], torch.zeros_like(num_high[:, 0]),
+                                                 slot_pos, (8, 4, TPP), None, 1, D ** -0.5)
+    return ((out32 - ref).norm() / ref.norm()).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON output path")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--sweep", action="store_true", help="also try other split counts / warps and keep the best")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    sms = props.multi_processor_count
+
+    # copy-bandwidth ceiling, measured here
+    src = torch.empty(1 << 31, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t_copy = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200)
+    copy_gbs = 2 * src.numel() / t_copy / 1e6
+    del src, dst
+    acc = check_accuracy(device)
+    print(f"device: {props.name}, {sms} SMs; copy bandwidth (read+write) {copy_gbs:.0f} GB/s; "
+          f"kernel vs fp32 reference rel RMS {acc:.2e}")
+    rows = []
+    header = (f"{'B':>2} {'N':>7} | {'kernel ms':>9} {'MB read':>8} {'GB/s':>6} {'%copy':>6} | "
+              f"{'sdpa ms':>8} {'sdpa GB/s':>9} | {'speedup':>7} | config")
+    print(header)
+    print("-" * len(header))
+    for B in args.batches:
+        for N in args.lengths:
+            torch.cuda.empty_cache()
+            data, pages, num_high, slot_pos = build_pool(B, N, device)
+            q = torch.randn(B, HQ, D, device=device, dtype=torch.bfloat16)
+            C = pages.shape[-1]
+            auto = choose_splits(B, HKV, C, sms)
+            configs = [(auto, 4, 2, 128)]
+            if args.sweep:
+                configs += [(auto, 4, 3, 128), (auto, 8, 2, 128), (auto, 8, 3, 256), (auto, 4, 2, 64),
+                            (min(C, auto * 2), 4, 2, 128), (min(C, auto * 2), 8, 2, 256), (auto, 8, 2, 256)]
+            best = None
+            for nsplit, warps, stages, bt in configs:
+                fn, _, _ = run_kernel_fn(q, data, pages, num_high, slot_pos, nsplit, warps, stages, bt)
+                t = triton.testing.do_bench(fn, warmup=25, rep=100)
+                if best is None or t < best[0]:
+                    best = (t, (nsplit, warps, stages, bt))
+            t_k, cfg = best
+            kbytes = B * HKV * N * (BYTES_PER_TOKEN + 4) + B * HKV * C * 4 + q.numel() * 2
+            del data, slot_pos
+            torch.cuda.empty_cache()
+            k = torch.randn(B, HKV, N, D, device=device, dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            q4 = q.view(B, HQ, 1, D)
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            t_gqa = triton.testing.do_bench(lambda: sdpa(q4, k, v, enable_gqa=True), warmup=25, rep=100)
+            qf = q.view(B, HKV, HQ // HKV, D)
+            t_fold = triton.testing.do_bench(lambda: sdpa(qf, k, v), warmup=25, rep=100)
+            t_s = min(t_gqa, t_fold)
+            sbytes = 2 * k.numel() * 2
+            del k, v
+            row = dict(B=B, N=N, kernel_ms=t_k, kernel_bytes=kbytes, kernel_gbs=kbytes / t_k / 1e6,
+                       pct_copy=100 * kbytes / t_k / 1e6 / copy_gbs, sdpa_ms=t_s, sdpa_gqa_ms=t_gqa,
+                       sdpa_folded_ms=t_fold, sdpa_bytes=sbytes, sdpa_gbs=sbytes / t_s / 1e6,
+                       speedup=t_s / t_k, splits=cfg[0], num_warps=cfg[1], num_stages=cfg[2], block_tokens=cfg[3])
+            rows.append(row)
+            print(f"{B:>2} {N:>7} | {t_k:>9.3f} {kbytes / 1e6:>8.1f} {row['kernel_gbs']:>6.0f} {row['pct_copy']:>5.1f}% | "
+                  f"{t_s:>8.3f} {row['sdpa_gbs']:>9.0f} | {row['speedup']:>6.2f}x | splits={cfg[0]} warps={cfg[1]} "
+                  f"stages={cfg[2]} block={cfg[3]} (sdpa gqa {t_gqa:.3f} / folded {t_fold:.3f} ms)")
+    with open(args.out, "w") as f:
+        json.dump(dict(device=props.name, copy_gbs=copy_gbs, accuracy_rel_rms=acc, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
