@@ -226,3 +226,64 @@ def paged_decode_attention(
                                        valid.view(B, Hkv, C * S), scale, return_probs=True)
     logits = torch.log(probs).view(B, Hq, C, S) + lse.view(B, Hq, 1, 1)
     return out, lse, logits
+
+
+# ---- PQ retrieval (gpu_kernels/pq_score.py, gpu_kernels/fetch.py) -----------------------------
+#
+# PQCache's selection rule, per (sequence, KV head h) with query heads g of its group:
+#     table[g, j, c] = scale * q_g[j-th sub-vector] . centroid[h, j, c]
+#     logit[g, t]    = sum_j table[g, j, code[h, t, j]]          (asymmetric distance, inner product)
+#     score[t]       = sum_g softmax over candidates t' in [lo, hi) of logit[g, t']
+# Scores are -1 outside the candidates (probabilities are >= 0, so -1 never wins a top-k).
+
+
+def pq_tables(q: torch.Tensor, centroids: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, Hq, d]; centroids fp32 [B, Hkv, m, K, d/m] -> fp32 [B, Hq, m, K] (scaled sub-products)."""
+    B, Hq, d = q.shape
+    Hkv, m, K, dsub = centroids.shape[1:]
+    G = Hq // Hkv
+    qs = q.float().view(B, Hkv, G, m, dsub)
+    return torch.einsum("bhgmd,bhmkd->bhgmk", qs, centroids.float()).reshape(B, Hq, m, K) * scale
+
+
+def group_softmax_scores(logits: torch.Tensor, valid: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """logits fp32 [B, Hq, N] (scaled), valid bool [B, N] -> fp32 [B, Hkv, N]: softmax per query head
+    over the valid tokens, summed over each KV head's group; -1 where not valid."""
+    B, Hq, N = logits.shape
+    mask = valid.view(B, 1, N)
+    lg = logits.float().masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(lg, dim=-1, keepdim=True)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(lg - lse).masked_fill(~mask, 0.0)
+    s = p.view(B, num_kv_heads, Hq // num_kv_heads, N).sum(2)
+    return s.masked_fill(~mask, -1.0)
+
+
+def pq_scores(table: torch.Tensor, codes: torch.Tensor, seq_ids: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+              num_tokens: int) -> torch.Tensor:
+    """Aggregated PQ scores of tokens [0, num_tokens) (reference of gpu_kernels/pq_score.py).
+
+    Args:
+        table: fp32 [B, Hq, m, K] from `pq_tables`.
+        codes: uint8 [S, Hkv, cap, m] codes of every sequence slot (cap >= num_tokens).
+        seq_ids: int [B] slots of the batch; lo, hi: int [B] candidate range [lo, hi) per sequence.
+    Returns:
+        fp32 [B, Hkv, num_tokens], -1 outside the candidates.
+    """
+    B, Hq, m, K = table.shape
+    Hkv = codes.shape[1]
+    G = Hq // Hkv
+    c = codes[seq_ids.long(), :, :num_tokens].long()  # [B, Hkv, N, m]
+    c = c.repeat_interleave(G, dim=1)  # [B, Hq, N, m]
+    logits = torch.gather(table.unsqueeze(2).expand(B, Hq, num_tokens, m, K), 4, c.unsqueeze(-1)).squeeze(-1).sum(-1)
+    t = torch.arange(num_tokens, device=table.device).view(1, num_tokens)
+    valid = (t >= lo.view(B, 1)) & (t < hi.view(B, 1))
+    return group_softmax_scores(logits, valid, Hkv)
+
+
+def gather_rows(src: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """dst[i] = src[rows[i]] where rows[i] >= 0 (others untouched). src [R, D]; rows int [M]; dst [M, D]."""
+    ok = rows >= 0
+    picked = src[rows.clamp(min=0).long().to(src.device)].to(dst.device)
+    dst.copy_(torch.where(ok.to(dst.device).view(-1, 1), picked, dst))
+    return dst

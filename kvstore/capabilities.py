@@ -13,9 +13,9 @@ if TYPE_CHECKING:
 
 # Filled in by the modules that implement each part.
 HOT_POLICIES: set[str] = {"all", "window"}  # "window": kvstore/policies.py
-SELECTORS: set[str] = {"none"}
+SELECTORS: set[str] = {"none", "pq", "exact"}  # "pq", "exact": kvstore/selection.py
 QUANTIZED_HOT_TIER: bool = True  # kvstore/quantization.py
-COLD_TIER: bool = False
+COLD_TIER: bool = True  # kvstore/cold_tier.py
 
 
 def check_implemented(config: "KVStoreConfig") -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,9 @@ from gpu_kernels import reference
 from kvstore.config import KVStoreConfig
 from kvstore.hot_tier import HotTier, ModelGeometry
 from kvstore.policies import make_policy
+from kvstore.cold_tier import ColdTier
+from kvstore.gpu_cache import GPUCache
+from kvstore.selection import SelectionStep, budgets, make_selector, window_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,8 @@ class DecodePlan:
     num_pages: widest page table among the batch (the gather limit for the reference path)
     evicted_pos: int64 [B, L, Hkv] position of the token that leaves the hot tier this step
                (its slot is the one the new token reuses), -1 where none leaves
+    selection: retrieval metadata of the step (kvstore/selection.py), None without a selector
+    retrieved: [2, B, Hkv, kmax, d] buffer of the selected tokens' K/V (hits + fetched misses)
     """
 
     seq_ids: torch.Tensor
@@ -51,6 +57,8 @@ class DecodePlan:
     num_pages: int
     evicted_pos: torch.Tensor | None = None
     hot_ws: dict | None = None  # buffers of the hot tier's decode kernel (HotTier.plan_workspace)
+    selection: SelectionStep | None = None
+    retrieved: torch.Tensor | None = None
 
 
 class KVStore:
@@ -64,6 +72,24 @@ class KVStore:
         self._free_seqs = list(range(self.max_seqs - 1, -1, -1))
         self.active: set[int] = set()
         self.policy = make_policy(config, self.max_seqs, self.device)
+        # cold tier and retrieval (kvstore/cold_tier.py, selection.py, gpu_cache.py)
+        self.cold = ColdTier(config, geometry, self.max_seqs) if config.cold_tier else None
+        self.selector = None
+        self.gpu_cache: GPUCache | None = None
+        if config.retrieves:
+            if config.hot_policy != "window":
+                raise NotImplementedError(
+                    f"selector={config.selector!r} with hot_policy={config.hot_policy!r}: retrieval is wired for the "
+                    "'window' hot policy only (candidates are the tokens outside sinks + window)"
+                )
+            self.selector = make_selector(config, geometry, self.cold)
+            self.window = torch.ones(self.max_seqs, dtype=torch.int64, device=self.device)
+            self.topk = torch.ones(self.max_seqs, dtype=torch.int64, device=self.device)
+            self._cap = 0
+        #: overlap the fetch of misses with attention over resident tokens (False: fully synchronous)
+        self.async_fetch = True
+        self._fetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and config.retrieves else None
+        self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-fetch") if config.retrieves else None
         LIVE_STORES.add(self)
 
     # ---- sequences --------------------------------------------------------------------------
@@ -82,6 +108,14 @@ class KVStore:
         old = self.max_seqs
         self.hot.table.ensure_seqs(max_seqs)
         self.policy.ensure_seqs(max_seqs)
+        if self.cold is not None:
+            self.cold.ensure_seqs(max_seqs)
+        if self.selector is not None:
+            for name in ("window", "topk"):
+                t = torch.ones(max_seqs, dtype=torch.int64, device=self.device)
+                t[:old] = getattr(self, name)
+                setattr(self, name, t)
+            self._ensure_retrieval(max_seqs, self._cap)
         grown = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)
         grown[:old] = self.seq_len
         self.seq_len = grown
@@ -96,6 +130,12 @@ class KVStore:
         t = torch.tensor(ids, dtype=torch.int64, device=self.device)
         self.hot.release(t)
         self.policy.release(t)
+        if self.selector is not None:
+            self.selector.release(t)
+            if self.gpu_cache is not None:
+                self.gpu_cache.release(t)
+        if self.cold is not None:
+            self.cold.release(t)
         self.seq_len[t] = 0
         for i in ids:
             self.active.discard(i)
@@ -135,6 +175,8 @@ class KVStore:
         positions = past_len.view(B, 1) + torch.cumsum(valid.long(), dim=1) - 1
         keep = self.policy.prefill(self, layer, seq_ids, q, k, positions, valid, scale)
         self.hot.append(layer, seq_ids, k, v, keep.high, positions)
+        if self.cold is not None:
+            self._cold_prefill(layer, seq_ids, k, v, positions, valid)
         if layer == self.geometry.num_layers - 1:
             self.seq_len[seq_ids] += valid.sum(dim=1)
         return out
@@ -169,6 +211,10 @@ class KVStore:
         self.seq_len[seq_ids] += 1
         plan = DecodePlan(seq_ids, positions, page, slot, self.hot.pages_in_use(seq_ids), decision.evicted_pos)
         plan.hot_ws = self.hot.plan_workspace(seq_ids, plan.num_pages)
+        if self.cold is not None:
+            self.cold.plan_step(seq_ids, positions)
+        if self.selector is not None:
+            self._plan_retrieval(plan)
         return plan
 
     def decode(self, layer: int, plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -182,6 +228,10 @@ class KVStore:
             [B, Hq, 1, d] in q's dtype.
         """
         self.hot.write_slots(layer, plan.page[:, layer], plan.slot[:, layer], k[:, :, 0], v[:, :, 0], plan.positions)
+        if self.cold is not None:
+            self.cold.write_decode(layer, k[:, :, 0].detach(), v[:, :, 0].detach())
+        if self.selector is not None:
+            return self._decode_retrieval(layer, plan, q, k, scale)
         out, _ = self.hot.attend(layer, plan.seq_ids, q[:, :, 0], scale, plan.num_pages, plan.hot_ws)
         return out.to(q.dtype).unsqueeze(2)
 
@@ -190,14 +240,119 @@ class KVStore:
         ids = torch.tensor(sorted(self.active), dtype=torch.int64, device=self.device)
         tokens = int(self.seq_len[ids].sum().item()) if ids.numel() else 0
         counts = self.hot.token_counts(ids) if ids.numel() else {"hot_high_tokens": 0, "hot_low_tokens": 0}
+        retrieval_bytes = 0
+        if self.selector is not None:
+            per_seq = self.selector.device_bytes_per_seq() + (self.gpu_cache.bytes_per_seq if self.gpu_cache else 0)
+            retrieval_bytes = len(self.active) * per_seq
+        extra = self._retrieval_stats() if self.cold is not None else {}
         return {
             "sequences": len(self.active),
             "tokens": tokens,
-            "gpu_kv_bytes": self.hot.used_bytes,
-            "host_kv_bytes": 0,
+            "gpu_kv_bytes": self.hot.used_bytes + retrieval_bytes,
+            "host_kv_bytes": self.cold.used_bytes if self.cold is not None else 0,
+            **extra,
             "dense_kv_bytes": tokens * self.geometry.dense_bytes_per_token,
             "hot_pages_used": self.hot.pool.num_used,
             "hot_pages_reserved": self.hot.pool.num_pages,
             "page_bytes": self.hot.page_bytes,
             **counts,
         }
+
+    # ---- cold tier and retrieval (kvstore/cold_tier.py, selection.py, gpu_cache.py) ---------------
+    def _ensure_retrieval(self, max_seqs: int, needed: int) -> None:
+        """Grow the position-indexed retrieval buffers (between steps; doubling)."""
+        cap = self._cap if needed <= self._cap else max(needed, 2 * self._cap, 64)
+        self._cap = cap
+        self.selector.ensure(max_seqs, cap)
+        if self.gpu_cache is not None:
+            self.gpu_cache.ensure(max_seqs, 0, cap)
+
+    @torch.no_grad()
+    def _cold_prefill(self, layer: int, seq_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Prompt K/V to the cold tier (copy stream) and the selector's index (background build)."""
+        n = valid.sum(dim=1)
+        if layer == 0:
+            self.cold.allocate_prefill(seq_ids, n)
+            if self.selector is not None:
+                self.window[seq_ids] = window_sizes(self.config, n)
+                self.topk[seq_ids] = budgets(self.config, n)
+                kmax, nmax = (int(x) for x in torch.stack([self.topk[seq_ids].max(), n.max()]).tolist())
+                self._ensure_retrieval(self.max_seqs, nmax + 1)
+                slots = min(self.config.gpu_cache_tokens, kmax)
+                if self.gpu_cache is None:
+                    self.gpu_cache = GPUCache(self.geometry, self.max_seqs, slots, self._cap)
+                else:
+                    self.gpu_cache.ensure(self.max_seqs, slots, self._cap)
+        self.cold.write_prefill(layer, k, v, positions, valid)
+        if self.selector is not None:
+            S = self.config.sink_tokens
+            hi = torch.clamp(n - self.window[seq_ids], min=S)
+            self.selector.prefill(layer, seq_ids, k, positions, valid, n, hi)
+
+    def _plan_retrieval(self, plan: DecodePlan) -> None:
+        """Selection metadata and buffers of one step (host work, one host sync)."""
+        seq_ids, positions = plan.seq_ids, plan.positions
+        S = self.config.sink_tokens
+        hi = torch.clamp(positions + 1 - self.window[seq_ids], min=S)
+        k = self.topk[seq_ids]
+        num_tokens, kmax, kmin, pmax = (int(x) for x in torch.stack([hi.max(), k.max(), k.min(), positions.max()]).tolist())
+        self._ensure_retrieval(self.max_seqs, pmax + 1)
+        self.cold.device_maps()  # refresh the device chunk maps now, not inside a layer
+        kmax = min(kmax, num_tokens - S) if num_tokens > S else 0
+        B, H, d = seq_ids.numel(), self.geometry.num_kv_heads, self.geometry.head_dim
+        plan.selection = SelectionStep(seq_ids, positions, torch.full_like(hi, S), hi, k, num_tokens, kmax, kmin == kmax)
+        plan.retrieved = torch.zeros(2, B, H, kmax, d, dtype=self.geometry.dtype, device=self.device)
+
+    @torch.no_grad()
+    def _decode_retrieval(self, layer: int, plan: DecodePlan, q: torch.Tensor, k: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+        """Select, resolve hits, fetch misses (overlapped with attention over the hot tier), merge by LSE."""
+        step, buf, q0 = plan.selection, plan.retrieved, q[:, :, 0]
+        self.selector.before_decode(layer)  # first step after prefill: this layer's build only
+        self.selector.append(layer, step, k[:, :, 0])
+        pos, valid = self.selector.select(layer, step, q0, scale)
+        slot = self.gpu_cache.lookup(layer, step.seq_ids, pos, valid)
+        miss = valid & (slot < 0)
+        pending = self._start_fetch(layer, step.seq_ids, pos, miss, buf)
+        out_h, lse_h = self.hot.attend(layer, plan.seq_ids, q0, scale, plan.num_pages, plan.hot_ws)
+        self._wait_fetch(pending)
+        self.gpu_cache.read(layer, step.seq_ids, slot, buf)
+        out_r, lse_r, _ = reference.decode_attention(q0, buf[0], buf[1], valid, scale)
+        out, _ = reference.merge_attention(out_h, lse_h, out_r, lse_r)
+        self.gpu_cache.admit(layer, step.seq_ids, pos, valid, slot, buf)
+        if layer == self.geometry.num_layers - 1:
+            self.gpu_cache.end_step()
+        return out.to(q.dtype).unsqueeze(2)
+
+    def _start_fetch(self, layer, seq_ids, pos, miss, buf):
+        if not self.async_fetch:
+            self.cold.fetch(layer, seq_ids, pos, miss, buf)
+            return None
+        if self._fetch_stream is not None:  # CUDA: side stream, ordered after what produced pos/miss
+            self._fetch_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._fetch_stream):
+                self.cold.fetch(layer, seq_ids, pos, miss, buf)
+                ev = torch.cuda.Event()
+                ev.record(self._fetch_stream)
+            return ev
+        return self._fetch_pool.submit(self.cold.fetch, layer, seq_ids, pos, miss, buf)  # CPU: a host thread
+
+    def _wait_fetch(self, pending) -> None:
+        if pending is None:
+            return
+        if isinstance(pending, torch.cuda.Event):
+            torch.cuda.current_stream(self.device).wait_event(pending)
+        else:
+            pending.result()
+
+    def _retrieval_stats(self) -> dict:
+        out = {"host_reserved_bytes": self.cold.reserved_bytes}
+        if self.selector is not None:
+            out["retrieval_gpu_bytes"] = len(self.active) * (
+                self.selector.device_bytes_per_seq() + (self.gpu_cache.bytes_per_seq if self.gpu_cache else 0))
+            out["gpu_cache_hit_rate"] = self.gpu_cache.hit_rate() if self.gpu_cache else float("nan")
+            out["gpu_cache_slots"] = self.gpu_cache.slots if self.gpu_cache else 0
+            out["pq_build_seconds"] = getattr(self.selector, "build_seconds", 0.0)
+            out["pq_wait_seconds"] = getattr(self.selector, "wait_seconds", 0.0)
+        return out

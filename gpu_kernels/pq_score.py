@@ -1,0 +1,120 @@
+"""Triton: PQCache's asymmetric-distance scores with GQA aggregation, then top-k per KV head.
+
+Reference: `gpu_kernels/reference.py` (`pq_tables`, `pq_scores`). Per (sequence b, KV head h):
+
+    logit[g, t] = sum_j table[b, h*G + g, j, codes[seq_ids[b], h, t, j]]     (table is pre-scaled)
+    score[t]    = sum_g exp(logit[g, t] - lse[g]),   lse[g] = logsumexp over candidates [lo_b, hi_b)
+
+Two passes over the codes, both grid (B * Hkv, ceil(N / BLOCK_N)): pass 1 writes each block's
+max and sum of exponentials per query head, torch folds them into lse [B, Hq] (tiny), pass 2
+recomputes the logits (codes are m bytes per token, cheaper to re-read than logits are to
+store: 4*G bytes per token) and writes the summed probabilities. Outside the candidates the
+score is -1. Codes are read where they live (the store's [S, Hkv, cap, m] buffer, indexed by
+`seq_ids`): nothing is copied or re-sent per step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pq_pass(table_ptr, codes_ptr, seq_ptr, lo_ptr, hi_ptr, lse_ptr, part_max_ptr, part_sum_ptr, score_ptr,
+             N, NB, stride_cs, stride_ch, stride_cn,
+             HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, M: tl.constexpr, K: tl.constexpr,
+             BLOCK_N: tl.constexpr, FINAL: tl.constexpr):
+    pid = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = pid // HKV
+    h = pid % HKV
+    seq = tl.load(seq_ptr + b).to(tl.int64)
+    lo = tl.load(lo_ptr + b)
+    hi = tl.load(hi_ptr + b)
+    n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.arange(0, GP)
+    nmask = n < N
+    cand = nmask & (n >= lo) & (n < hi)
+    gmask = g < G
+    acc = tl.zeros((GP, BLOCK_N), dtype=tl.float32)
+    cbase = codes_ptr + seq * stride_cs + h * stride_ch + n.to(tl.int64) * stride_cn
+    row = (b * HKV + h) * G + g  # query head rows of the group [GP]
+    tbase = table_ptr + row.to(tl.int64) * (M * K)
+    for j in tl.static_range(M):
+        c = tl.load(cbase + j, mask=nmask, other=0).to(tl.int32)
+        acc += tl.load(tbase[:, None] + j * K + c[None, :], mask=gmask[:, None] & nmask[None, :], other=0.0)
+    valid = gmask[:, None] & cand[None, :]
+    logits = tl.where(valid, acc, float("-inf"))
+    if FINAL:
+        lse = tl.load(lse_ptr + row, mask=gmask, other=0.0)
+        p = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
+        s = tl.where(cand, tl.sum(p, axis=0), -1.0)
+        tl.store(score_ptr + (b * HKV + h).to(tl.int64) * N + n, s, mask=nmask)
+    else:
+        mx = tl.max(logits, axis=1)
+        safe = tl.where(mx == float("-inf"), 0.0, mx)
+        sm = tl.sum(tl.where(valid, tl.exp(logits - safe[:, None]), 0.0), axis=1)
+        off = row * NB + blk
+        tl.store(part_max_ptr + off, mx, mask=gmask)
+        tl.store(part_sum_ptr + off, sm, mask=gmask)
+
+
+def pq_scores(table: torch.Tensor, codes: torch.Tensor, seq_ids: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+              num_tokens: int, out: torch.Tensor | None = None, block_n: int = 1024) -> torch.Tensor:
+    """Aggregated PQ scores; same contract as `reference.pq_scores`.
+
+    Args:
+        table: fp32 [B, Hq, m, K] contiguous (`reference.pq_tables`).
+        codes: uint8 [S, Hkv, cap, m], last dim contiguous; cap >= num_tokens.
+        seq_ids: int [B]; lo, hi: int32/int64 [B] candidate range per sequence.
+        out: optional fp32 [B, Hkv, num_tokens] contiguous buffer (plan-time allocation).
+    Returns:
+        fp32 [B, Hkv, num_tokens], -1 outside the candidates.
+    """
+    B, Hq, M, K = table.shape
+    S, Hkv, cap, m = codes.shape
+    if m != M or Hq % Hkv or codes.dtype != torch.uint8 or table.dtype != torch.float32 or not table.is_contiguous():
+        raise ValueError(f"pq_scores: table fp32 contiguous [B, Hq, m, K] and codes uint8 [S, Hkv, cap, m] with Hq % Hkv == 0 "
+                         f"expected; got table {table.dtype} {tuple(table.shape)}, codes {codes.dtype} {tuple(codes.shape)}")
+    if codes.stride(3) != 1 or num_tokens > cap:
+        raise ValueError(f"pq_scores: codes need a contiguous last dim and cap {cap} >= num_tokens {num_tokens}")
+    for name, t in (("codes", codes), ("seq_ids", seq_ids), ("lo", lo), ("hi", hi)):
+        if t.device != table.device:
+            raise ValueError(f"pq_scores: {name} is on {t.device}, table on {table.device}")
+    G = Hq // Hkv
+    if out is None:
+        out = torch.empty(B, Hkv, num_tokens, dtype=torch.float32, device=table.device)
+    elif out.shape != (B, Hkv, num_tokens) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"pq_scores: out must be fp32 contiguous [{B}, {Hkv}, {num_tokens}], got {out.dtype} {tuple(out.shape)}")
+    if num_tokens == 0:
+        return out
+    block_n = min(block_n, triton.next_power_of_2(num_tokens))
+    NB = triton.cdiv(num_tokens, block_n)
+    part_max = torch.empty(B, Hq, NB, dtype=torch.float32, device=table.device)
+    part_sum = torch.empty_like(part_max)
+    grid = (B * Hkv, NB)
+    GP = triton.next_power_of_2(G)
+    args = (codes, seq_ids, lo, hi)
+    strides = (num_tokens, NB, codes.stride(0), codes.stride(1), codes.stride(2))
+    _pq_pass[grid](table, *args, part_max, part_max, part_sum, out, *strides,
+                   HKV=Hkv, G=G, GP=GP, M=M, K=K, BLOCK_N=block_n, FINAL=False)
+    mx = part_max.amax(-1, keepdim=True)
+    safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    total = (part_sum * torch.exp(part_max - safe)).sum(-1)
+    lse = safe.squeeze(-1) + torch.log(total)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).contiguous()  # 0 where a head has no candidate
+    _pq_pass[grid](table, *args, lse, part_max, part_sum, out, *strides,
+                   HKV=Hkv, G=G, GP=GP, M=M, K=K, BLOCK_N=block_n, FINAL=True)
+    return out
+
+
+def pq_topk(scores: torch.Tensor, k: int, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+            sorted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k per (sequence, KV head) of `pq_scores`' output: (values fp32, token indices int64) [B, Hkv, k].
+
+    A selected entry is a real candidate iff its value >= 0.
+    """
+    if out is not None:
+        return torch.topk(scores, k, dim=-1, sorted=sorted, out=out)
+    return torch.topk(scores, k, dim=-1, sorted=sorted)

@@ -1,0 +1,345 @@
+"""The cold tier: every token's K/V, per layer, in pinned host memory allocated in large slabs.
+
+Layout. Host memory is a list of *slabs*, each one pinned tensor (one allocation; many small
+pinned allocations fail and waste the link, one huge one fails too: LMCache, vLLM). A slab
+holds `n` *chunks*; a chunk holds `chunk_tokens` consecutive positions of one sequence for
+every layer, K and V, every KV head::
+
+    slab[s]: [L, n, 2, Hkv, C, d]   (model dtype)      row view: [L * n * 2 * Hkv * C, d]
+              |  |  |   |    '-- position p % C within the chunk
+              |  |  |   '------- KV head
+              |  |  '----------- 0 = K, 1 = V
+              |  '-------------- chunk within the slab
+              '----------------- layer: slab[s][l, a:b] is contiguous, so one layer's prefill of a
+                                 batch is ONE device-to-host copy (its chunks are one run)
+
+A sequence's chunk table (`table[seq, p // C]`) gives the global chunk id; `chunk_slab` and
+`chunk_local` place it. With C = 256 tokens a chunk's per-layer block is 2*Hkv*C*d*2 B = 1 MiB
+at Llama-3-8B's shape (vLLM measured 0.5-2 MB blocks 4-5x faster than 8-72 KB ones).
+
+Writes. Prefill: the layer's K/V of the batch is scattered on the GPU into a staging tensor in
+chunk layout and copied to the slab on a copy stream; the staging tensor (the only tensor the
+copy reads) is kept alive with `record_stream`, and the copy's event is kept per layer for the
+codebook builder, which reads the keys from the slab. Decode: each layer's new K/V goes into a
+step staging buffer on the GPU (no host sync, no allocation); `KVStore.plan` of the next step
+flushes it to the slabs with one copy (tokens become search candidates only once they leave
+the window, at least one step later, so nothing reads them before the flush).
+
+Reads. `rows(...)` maps (layer, sequence, KV head, position) to slab rows on the GPU;
+`fetch(...)` gathers them (gpu_kernels/fetch.py, a UVA kernel, on CUDA; indexing elsewhere).
+
+Bytes. `used_bytes` counts the chunks the live sequences hold, `reserved_bytes` the slabs.
+A slab that does not fit `host_tier_bytes` or the host's available memory raises
+`ColdTierMemoryError` saying how much was asked, how much is left, and what to change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from gpu_kernels import reference
+from kvstore.config import KVStoreConfig
+from kvstore.hot_tier import ModelGeometry, use_triton
+
+logger = logging.getLogger(__name__)
+
+
+class ColdTierMemoryError(MemoryError):
+    """Host memory for the cold tier is short; the message says how much and what to change."""
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable of this host (Linux), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class ColdTier:
+    def __init__(self, config: KVStoreConfig, geometry: ModelGeometry, max_seqs: int,
+                 chunk_tokens: int = 256, slab_bytes: int = 1 << 30):
+        if config.cold_key_bits != 16 or config.cold_value_bits != 16:
+            raise NotImplementedError(
+                f"KVStoreConfig.cold_key_bits={config.cold_key_bits}/cold_value_bits={config.cold_value_bits}: "
+                "a quantized cold tier is not built yet; use 16"
+            )
+        self.config = config
+        self.geometry = geometry
+        self.device = geometry.device
+        self.L, self.H, self.d = geometry.num_layers, geometry.num_kv_heads, geometry.head_dim
+        self.dtype = geometry.dtype
+        self.C = chunk_tokens
+        self.elem = torch.empty((), dtype=self.dtype).element_size()
+        self.chunk_bytes = self.L * 2 * self.H * self.C * self.d * self.elem  # all layers
+        self.max_slab_chunks = max(1, slab_bytes // self.chunk_bytes)
+        self.pinned = self.device.type == "cuda"
+        self.use_triton = use_triton(config, self.device)
+        self.copy_stream = torch.cuda.Stream(self.device) if self.pinned else None
+        self.slabs: list[torch.Tensor] = []
+        self.slab_rows: list[torch.Tensor] = []  # row views [L * n * 2 * H * C, d]
+        self.slab_free: list[np.ndarray] = []
+        self.slab_first: list[int] = []  # global id of each slab's chunk 0
+        self.chunk_slab = np.zeros(0, dtype=np.int64)
+        self.chunk_local = np.zeros(0, dtype=np.int64)
+        self.table = np.full((max_seqs, 0), -1, dtype=np.int64)  # [seq, p // C] -> global chunk id
+        self.num_tokens = np.zeros(max_seqs, dtype=np.int64)  # positions stored per sequence
+        self._dirty = True
+        self._dev: dict[str, torch.Tensor] = {}
+        self.prefill_events: dict[int, object] = {}  # layer -> event of its last prefill copy
+        self._step: torch.Tensor | None = None  # [L, B, 2, H, d] decode staging
+        self._step_meta: tuple[np.ndarray, np.ndarray] | None = None
+
+    # ---- allocation ----------------------------------------------------------------------------
+    def ensure_seqs(self, max_seqs: int) -> None:
+        if max_seqs > self.table.shape[0]:
+            t = np.full((max_seqs, self.table.shape[1]), -1, dtype=np.int64)
+            t[: self.table.shape[0]] = self.table
+            self.table = t
+            n = np.zeros(max_seqs, dtype=np.int64)
+            n[: self.num_tokens.shape[0]] = self.num_tokens
+            self.num_tokens = n
+            self._dirty = True
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(s.numel() for s in self.slabs) * self.elem
+
+    @property
+    def used_bytes(self) -> int:
+        return int(sum(int((~f).sum()) for f in self.slab_free)) * self.chunk_bytes
+
+    def _new_slab(self, min_chunks: int) -> int:
+        total = int(self.chunk_slab.shape[0])
+        n = max(min_chunks, min(self.max_slab_chunks, max(4, total)))
+        need = n * self.chunk_bytes
+        cap = self.config.host_tier_bytes
+        if cap is not None and self.reserved_bytes + need > cap:
+            raise ColdTierMemoryError(
+                f"the cold tier needs {need} more bytes of host memory ({n} chunks of {self.C} tokens) but "
+                f"KVStoreConfig.host_tier_bytes={cap} allows {cap - self.reserved_bytes} more; raise host_tier_bytes "
+                "or serve fewer/shorter sequences"
+            )
+        avail = host_available_bytes()
+        if avail is not None and need > avail:
+            raise ColdTierMemoryError(
+                f"the cold tier needs {need} bytes of host memory ({n} chunks of {self.C} tokens, "
+                f"{self.chunk_bytes} B each) but the host has {avail} available; serve fewer/shorter sequences, "
+                "set KVStoreConfig.host_tier_bytes, or free host memory"
+            )
+        try:
+            slab = torch.empty((self.L, n, 2, self.H, self.C, self.d), dtype=self.dtype, pin_memory=self.pinned)
+        except RuntimeError as e:
+            raise ColdTierMemoryError(
+                f"allocating {need} bytes of {'pinned ' if self.pinned else ''}host memory for the cold tier failed "
+                f"({e}); lower the batch or context, or set KVStoreConfig.host_tier_bytes"
+            ) from e
+        self.slabs.append(slab)
+        self.slab_rows.append(slab.view(-1, self.d))
+        self.slab_free.append(np.ones(n, dtype=bool))
+        self.slab_first.append(total)
+        s = len(self.slabs) - 1
+        self.chunk_slab = np.concatenate([self.chunk_slab, np.full(n, s, dtype=np.int64)])
+        self.chunk_local = np.concatenate([self.chunk_local, np.arange(n, dtype=np.int64)])
+        self._dirty = True
+        logger.debug("cold tier slab %d: %d chunks, %d bytes%s", s, n, need, " pinned" if self.pinned else "")
+        return s
+
+    def _alloc_run(self, n: int) -> tuple[int, int]:
+        """n consecutive free chunks of one slab -> (slab, first local index)."""
+        for s, free in enumerate(self.slab_free):
+            if free.shape[0] < n:
+                continue
+            run = np.convolve(free.astype(np.int64), np.ones(n, dtype=np.int64), mode="valid")
+            hit = np.flatnonzero(run == n)
+            if hit.size:
+                a = int(hit[0])
+                free[a: a + n] = False
+                return s, a
+        s = self._new_slab(n)
+        self.slab_free[s][:n] = False
+        return s, 0
+
+    def _ensure_cols(self, cols: int) -> None:
+        if cols > self.table.shape[1]:
+            t = np.full((self.table.shape[0], max(cols, 2 * self.table.shape[1])), -1, dtype=np.int64)
+            t[:, : self.table.shape[1]] = self.table
+            self.table = t
+
+    def device_maps(self) -> dict[str, torch.Tensor]:
+        """Device mirrors of the chunk table and chunk placement (refreshed between steps)."""
+        if self._dirty:
+            dev = self.device
+            self._dev = {
+                "table": torch.from_numpy(self.table.copy()).to(dev),
+                "slab": torch.from_numpy(self.chunk_slab.copy()).to(dev),
+                "local": torch.from_numpy(self.chunk_local.copy()).to(dev),
+                "slab_n": torch.tensor([f.shape[0] for f in self.slab_free] or [0], dtype=torch.int64, device=dev),
+            }
+            self._dirty = False
+        return self._dev
+
+    # ---- prefill ---------------------------------------------------------------------------------
+    def allocate_prefill(self, seq_ids: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Chunks for the prompts of a batch (one run, sequence-major). Host work; at layer 0."""
+        ids = seq_ids.cpu().numpy()
+        n = lengths.cpu().numpy().astype(np.int64)
+        if (self.num_tokens[ids] > 0).any():
+            raise NotImplementedError("the cold tier takes a whole prompt in one prefill chunk (no chunked prefill)")
+        per = (n + self.C - 1) // self.C
+        total = int(per.sum())
+        self._ensure_cols(int(per.max(initial=0)) + 1)
+        if total:
+            s, a = self._alloc_run(total)
+            first = self.slab_first[s] + a
+            starts = first + np.concatenate([[0], np.cumsum(per)[:-1]])
+            for b, sid in enumerate(ids):  # host bookkeeping of B table rows
+                self.table[sid, : per[b]] = np.arange(starts[b], starts[b] + per[b])
+            self._prefill_run = (s, a, total)
+        else:
+            self._prefill_run = (0, 0, 0)
+        self._prefill_starts = torch.from_numpy(
+            (np.concatenate([[0], np.cumsum(per)[:-1]]) if len(per) else np.zeros(0)).astype(np.int64)
+        ).to(self.device)
+        self.num_tokens[ids] = n
+        self._dirty = True
+
+    def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                      valid: torch.Tensor) -> None:
+        """Copy one layer's prompt K/V of the batch (allocated by `allocate_prefill`) to host memory.
+
+        k, v: [B, Hkv, T, d]; positions int [B, T]; valid bool [B, T]. Asynchronous on CUDA.
+        """
+        s, a, total = self._prefill_run
+        if total == 0:
+            return
+        B, H, T, d = k.shape
+        stage = torch.zeros(total, 2, H, self.C, d, dtype=self.dtype, device=k.device)
+        b, t = valid.nonzero(as_tuple=True)
+        p = positions[b, t].long()
+        ci = self._prefill_starts[b] + p // self.C
+        off = p % self.C
+        stage[ci, 0, :, off] = k[b, :, t].to(self.dtype)
+        stage[ci, 1, :, off] = v[b, :, t].to(self.dtype)
+        dst = self.slabs[s][layer, a: a + total]
+        if self.copy_stream is not None:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                dst.copy_(stage, non_blocking=True)
+            stage.record_stream(self.copy_stream)  # the allocator must not reuse it before the copy ran
+            ev = torch.cuda.Event()
+            ev.record(self.copy_stream)
+            self.prefill_events[layer] = ev
+        else:
+            dst.copy_(stage)
+            self.prefill_events[layer] = None
+
+    def wait_prefill(self, layer: int) -> None:
+        """Block the calling (host) thread until layer's last prefill copy is in host memory."""
+        ev = self.prefill_events.get(layer)
+        if ev is not None:
+            ev.synchronize()
+
+    def read_keys(self, seq_id: int, layer: int, lo: int, hi: int, values: bool = False) -> torch.Tensor:
+        """Host copy of keys (or values) [Hkv, hi - lo, d] of positions [lo, hi) of one sequence (host threads)."""
+        if hi <= lo:
+            return torch.zeros(self.H, 0, self.d, dtype=self.dtype)
+        c0, c1 = lo // self.C, (hi - 1) // self.C + 1
+        chunks = self.table[seq_id, c0:c1]
+        parts = [self.slabs[self.chunk_slab[c]][layer, self.chunk_local[c], int(values)] for c in chunks]
+        x = torch.stack(parts, 1).reshape(self.H, -1, self.d)  # [H, (c1 - c0) * C, d]
+        return x[:, lo - c0 * self.C: hi - c0 * self.C]
+
+    # ---- decode ----------------------------------------------------------------------------------
+    def plan_step(self, seq_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """Once per decode step (host): flush the last step's tokens, make room for this step's."""
+        self.flush()
+        ids = seq_ids.cpu().numpy()
+        pos = positions.cpu().numpy().astype(np.int64)
+        self._ensure_cols(int((pos // self.C).max(initial=0)) + 2)
+        col = pos // self.C
+        need = self.table[ids, col] < 0
+        for b in np.flatnonzero(need):  # host bookkeeping, one chunk per sequence every C steps
+            s, a = self._alloc_run(1)
+            self.table[ids[b], col[b]] = self.slab_first[s] + a
+            self._dirty = True
+        self.num_tokens[ids] = pos + 1
+        B = len(ids)
+        if self._step is None or self._step.shape[1] != B:
+            self._step = torch.zeros(self.L, B, 2, self.H, self.d, dtype=self.dtype, device=self.device)
+        self._step_meta = (ids.copy(), pos)
+
+    def write_decode(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stage one layer's new K/V [B, Hkv, d]; no host sync, no allocation."""
+        self._step[layer, :, 0].copy_(k)
+        self._step[layer, :, 1].copy_(v)
+
+    def flush(self) -> None:
+        """Write the staged decode tokens of the last step into the slabs (host; syncs)."""
+        if self._step_meta is None:
+            return
+        ids, pos = self._step_meta
+        self._step_meta = None
+        host = self._step.cpu()  # [L, B, 2, H, d]
+        chunk = self.table[ids, pos // self.C]
+        off = torch.from_numpy(pos % self.C)
+        slab, local = self.chunk_slab[chunk], self.chunk_local[chunk]
+        for s in np.unique(slab):  # a handful of slabs
+            sel = np.flatnonzero(slab == s)
+            lc = torch.from_numpy(local[sel])
+            sl = torch.from_numpy(sel)
+            # slab [L, n, 2, H, C, d] at (chunk, offset) per sequence: indexed view [b, L, 2, H, d]
+            self.slabs[s][:, lc, :, :, off[sl]] = host[:, sl].permute(1, 0, 2, 3, 4)
+
+    def rows(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slab and K row of (layer, sequence, KV head, position). pos int64 [B, H, k] (>= 0) ->
+        (slab int64, row int64) [B, H, k]; the V row is row + H * C. Device ops only."""
+        m = self.device_maps()
+        B, H, k = pos.shape
+        chunk = m["table"][seq_ids.view(B, 1, 1), pos // self.C]
+        slab = m["slab"][chunk]
+        local = m["local"][chunk]
+        n = m["slab_n"][slab]
+        h = torch.arange(H, device=pos.device).view(1, H, 1)
+        row = ((layer * n + local) * 2 * H + h) * self.C + pos % self.C
+        return slab, row
+
+    def fetch(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor, want: torch.Tensor,
+              out: torch.Tensor) -> torch.Tensor:
+        """Gather K and V of the wanted positions into out [2, B, H, k, d] (rows not wanted untouched).
+
+        pos int64 [B, H, k]; want bool [B, H, k]. No host sync; on CUDA a UVA kernel reads the
+        pinned slabs directly (one launch per slab, a handful).
+        """
+        slab, row = self.rows(layer, seq_ids, pos.clamp(min=0))
+        rows_k = torch.where(want, row, torch.full_like(row, -1))
+        dst = out.view(-1, self.d)
+        for s, src in enumerate(self.slab_rows):
+            r = torch.where(slab == s, rows_k, torch.full_like(rows_k, -1)).reshape(-1)
+            r = torch.cat([r, torch.where(r >= 0, r + self.H * self.C, r)])
+            if self.pinned and self.use_triton:
+                from gpu_kernels.fetch import gather_rows
+
+                gather_rows(src, r, dst)
+            else:
+                reference.gather_rows(src, r, dst)
+        return out
+
+    # ---- release ---------------------------------------------------------------------------------
+    def release(self, seq_ids: torch.Tensor) -> None:
+        self.flush()
+        for sid in seq_ids.cpu().numpy().tolist():
+            chunks = self.table[sid][self.table[sid] >= 0]
+            for c in chunks:
+                self.slab_free[self.chunk_slab[c]][self.chunk_local[c]] = True
+            self.table[sid] = -1
+            self.num_tokens[sid] = 0
+        self._dirty = True

@@ -1,0 +1,135 @@
+"""PQ codebooks: FAISS k-means per (KV head, sub-space) on post-RoPE keys, trained on host threads.
+
+One `PQCodebook` covers one (sequence, layer): every KV head, m sub-spaces of d/m dims, K = 2^b
+centroids each. It is trained on the search candidates of that sequence only (tokens in
+[S, n - W): sinks excluded, window not searched; never rows of another request or unwritten
+buffer rows, PQCache's stale-row defect) and then encodes every token in [S, n) (the window's
+tokens get their codes now, with the codebook they would get on leaving the window).
+
+Fewer candidates than centroids: the codebook's first n centroids *are* the candidates'
+sub-vectors and token i gets code i in every sub-space, so the asymmetric-distance score of a
+candidate equals its exact q.k (the "exact scores for that layer" rule, with no second code
+path). Later tokens get nearest-centroid codes as usual.
+
+`KMeansBudget` sizes the iteration count to the prefill time the build hides behind
+(PQCache: clamp 3..300): it measures the host cost of one k-means iteration per point and the
+GPU's prefill time per layer and picks the count that makes one layer's build fit one
+layer's prefill.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PQCodebook:
+    """centroids: float32 [H, m, K, d/m]; codes: uint8 [H, n, m] for tokens [start, start + n)."""
+
+    centroids: np.ndarray
+    codes: np.ndarray
+    start: int
+    exact: bool  # fewer candidates than centroids: scores of candidates are exact
+    iters: int
+    seconds: float
+
+
+def _kmeans(x: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
+    """float32 [n, dsub] -> centroids float32 [k, dsub] (FAISS Lloyd, one init from random points)."""
+    km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, verbose=False, max_points_per_centroid=1 << 30)
+    km.train(x)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def nearest_codes(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Nearest centroid (L2) per sub-space. x float32 [n, d]; centroids [m, K, dsub] -> uint8 [n, m]."""
+    m, K, dsub = centroids.shape
+    xs = x.reshape(x.shape[0], m, dsub)
+    out = np.empty((x.shape[0], m), dtype=np.uint8)
+    for j in range(m):
+        index = faiss.IndexFlatL2(dsub)
+        index.add(np.ascontiguousarray(centroids[j]))
+        _, ids = index.search(np.ascontiguousarray(xs[:, j]), 1)
+        out[:, j] = ids[:, 0]
+    return out
+
+
+def train_codebook(keys: np.ndarray, num_candidates: int, m: int, bits: int, iters: int, seed: int = 0,
+                   start: int = 0) -> PQCodebook:
+    """Train one (sequence, layer) codebook and encode its tokens.
+
+    Args:
+        keys: float32 [H, n, d] post-RoPE keys of tokens [start, start + n); the first
+            `num_candidates` of them are the search candidates k-means is trained on.
+        m, bits: sub-spaces and bits per code (K = 2^bits centroids, bits <= 8).
+        iters: Lloyd iterations.
+    """
+    t0 = time.perf_counter()
+    H, n, d = keys.shape
+    if d % m:
+        raise ValueError(f"head dim {d} is not a multiple of pq_subspaces={m}")
+    if not 0 <= num_candidates <= n:
+        raise ValueError(f"num_candidates={num_candidates} outside [0, {n}]")
+    K, dsub = 1 << bits, d // m
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
+    centroids = np.zeros((H, m, K, dsub), dtype=np.float32)
+    nc = num_candidates
+    exact = nc < K
+    if exact:
+        if nc:
+            cand = keys[:, :nc].reshape(H, nc, m, dsub).transpose(0, 2, 1, 3)  # [H, m, nc, dsub]
+            centroids[:, :, :nc] = cand
+            centroids[:, :, nc:] = cand[:, :, :1]  # duplicates: never nearer than centroid 0
+    else:
+        for h in range(H):  # host thread; FAISS parallelizes each k-means over the cores
+            for j in range(m):
+                x = np.ascontiguousarray(keys[h, :nc, j * dsub:(j + 1) * dsub])
+                centroids[h, j] = _kmeans(x, K, iters, seed + 1000 * h + j)
+    codes = np.empty((H, n, m), dtype=np.uint8)
+    for h in range(H):
+        codes[h] = nearest_codes(keys[h], centroids[h])
+        if exact and nc:
+            codes[h, :nc] = np.arange(nc, dtype=np.uint8)[:, None]
+    return PQCodebook(centroids, codes, start, exact, 0 if exact else iters, time.perf_counter() - t0)
+
+
+class KMeansBudget:
+    """Adaptive k-means iteration count: one layer's build should fit one layer's prefill.
+
+    `observe_build(points, iters, seconds)` feeds the measured host cost; `observe_prefill(s)`
+    the measured prefill time per layer. `iters(points)` = clamp(prefill / cost_per_iter).
+    Before any measurement it returns `min_iters` (the build of layer 0 is the probe).
+    """
+
+    def __init__(self, min_iters: int = 3, max_iters: int = 300):
+        self.min_iters, self.max_iters = min_iters, max_iters
+        self._lock = threading.Lock()
+        self.seconds_per_point_iter: float | None = None
+        self.prefill_seconds_per_layer: float | None = None
+
+    def observe_build(self, points: int, iters: int, seconds: float) -> None:
+        if points <= 0 or iters <= 0:
+            return
+        with self._lock:
+            s = seconds / (points * iters)
+            old = self.seconds_per_point_iter
+            self.seconds_per_point_iter = s if old is None else 0.5 * (old + s)
+
+    def observe_prefill(self, seconds_per_layer: float) -> None:
+        with self._lock:
+            self.prefill_seconds_per_layer = seconds_per_layer
+
+    def iters(self, points: int) -> int:
+        with self._lock:
+            cost, budget = self.seconds_per_point_iter, self.prefill_seconds_per_layer
+        if cost is None or budget is None or points <= 0:
+            return self.min_iters
+        return int(min(self.max_iters, max(self.min_iters, budget / (cost * points))))

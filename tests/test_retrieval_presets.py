@@ -1,0 +1,197 @@
+"""Presets pqcache / oracle / tiered end to end: the store driven directly, and through `attach`."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from conftest import left_padded_batch, tiny_model
+from gpu_kernels import reference
+from kvstore import KVStoreClient, KVStoreConfig
+from kvstore.hot_tier import ModelGeometry
+from kvstore.store import KVStore
+
+L, HQ, HKV, D = 2, 4, 2, 16
+
+
+def _geo():
+    return ModelGeometry(L, HQ, HKV, D, torch.float32, torch.device("cpu"))
+
+
+def _generate(model, config, ids, mask, steps=6):
+    client = KVStoreClient(config)
+    with client.attach(model):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    return torch.stack(out.logits, 1), out.sequences
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_oracle_with_budget_covering_the_context_equals_full(family):
+    model = tiny_model(family)
+    ids, mask = left_padded_batch(3, 70, pads=(5, 2, 0))
+    full_logits, full_seq = _generate(model, KVStoreConfig.preset("full"), ids, mask)
+    cfg = KVStoreConfig.preset("oracle", token_budget=200, sink_tokens=4)
+    logits, seq = _generate(model, cfg, ids, mask)
+    assert torch.equal(seq, full_seq)
+    torch.testing.assert_close(logits, full_logits, rtol=1e-5, atol=1e-5)  # observed max |diff| ~2e-7
+
+
+@pytest.mark.parametrize("preset", ["pqcache", "pqcache-retrieval", "oracle"])
+def test_presets_generate_through_attach(preset):
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(2, 300, pads=(40, 0))
+    full_logits, _ = _generate(model, KVStoreConfig.preset("full"), ids, mask, steps=5)
+    logits, seq = _generate(model, KVStoreConfig.preset(preset), ids, mask, steps=5)
+    assert seq.shape == (2, 305) and torch.isfinite(logits).all()
+    # the first token comes from dense prefill: identical to full
+    torch.testing.assert_close(logits[:, 0], full_logits[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_pqcache_stats_on_a_600_token_prompt():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 600), generator=torch.Generator().manual_seed(0))
+    client = KVStoreClient(KVStoreConfig.preset("pqcache"))
+    with client.attach(model):
+        out = model(ids, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        model(nxt, past_key_values=out.past_key_values, use_cache=True)  # one decode step
+        s = client.stats()
+        assert s["sequences"] == 1 and s["tokens"] == 601
+        assert s["gpu_kv_bytes"] <= s["dense_kv_bytes"] / 3, s  # observed ~0.24 of dense
+        assert s["host_kv_bytes"] >= s["dense_kv_bytes"]  # every token is in the cold tier
+        assert s["retrieval_gpu_bytes"] > 0 and s["gpu_cache_slots"] == KVStoreConfig.preset("pqcache").topk_for(600)
+        out.past_key_values.release()
+
+
+def test_tiered_waits_for_the_leankv_hot_policy():
+    from kvstore import capabilities
+
+    if "leankv" in capabilities.HOT_POLICIES:
+        pytest.skip("leankv exists: tiered is covered by its own tests")
+    with pytest.raises(NotImplementedError, match="leankv"):
+        KVStoreConfig.preset("tiered")
+
+
+def test_retrieval_needs_the_window_policy():
+    with pytest.raises(NotImplementedError, match="window"):
+        KVStore(KVStoreConfig(hot_policy="all", selector="pq", cold_tier=True), _geo())
+
+
+class _Run:
+    """Drive a store with random prompts and decode steps; returns every step's outputs."""
+
+    def __init__(self, store, lengths, seed):
+        self.store, self.g = store, torch.Generator().manual_seed(seed)
+        B, T = len(lengths), max(lengths)
+        self.valid = torch.zeros(B, T, dtype=torch.bool)
+        for b, n in enumerate(lengths):
+            self.valid[b, T - n:] = True
+        self.seq_ids = store.add_sequences(B)
+
+    def r(self, *shape):
+        return torch.randn(*shape, generator=self.g)
+
+    def prefill(self):
+        B, T = self.valid.shape
+        for layer in range(L):
+            self.store.prefill(layer, self.seq_ids, self.r(B, HQ, T, D), self.r(B, HKV, T, D), self.r(B, HKV, T, D),
+                               self.valid, D ** -0.5)
+
+    def step(self, layer_hook=None):
+        B = self.seq_ids.numel()
+        plan = self.store.plan(self.seq_ids)
+        outs = []
+        for layer in range(L):
+            outs.append(self.store.decode(layer, plan, self.r(B, HQ, 1, D) * 3, self.r(B, HKV, 1, D),
+                                          self.r(B, HKV, 1, D), D ** -0.5))
+            if layer_hook:
+                layer_hook(layer)
+        return torch.stack(outs)
+
+
+@pytest.mark.parametrize("selector", ["pq", "exact"])
+def test_overlapped_fetch_equals_synchronous_bit_for_bit(selector):
+    cfg = KVStoreConfig(hot_policy="window", selector=selector, cold_tier=True, sink_tokens=3, window_tokens=4,
+                        token_budget=6, gpu_cache_tokens=5, pq_subspaces=2, pq_bits=3, page_size=4)
+    runs = []
+    for async_fetch in (True, False):
+        store = KVStore(cfg, _geo())
+        store.async_fetch = async_fetch
+        run = _Run(store, [40, 27, 33], seed=7)
+        run.prefill()
+        outs = [run.step() for _ in range(25)]
+        runs.append((store, run, outs))
+    (sa, ra, oa), (ss, rs, os_) = runs
+    for a, b in zip(oa, os_):
+        assert torch.equal(a, b)
+    s = sa.stats()
+    assert 0 < s["gpu_cache_hit_rate"] < 1  # both hits and admissions with evictions happened
+    # every cached token is the cold tier's K/V of the position it claims
+    c = sa.gpu_cache
+    for layer in range(L):
+        for b, sid in enumerate(ra.seq_ids.tolist()):
+            n = int(sa.seq_len[sid])
+            keys = sa.cold.read_keys(sid, layer, 0, n)
+            vals = sa.cold.read_keys(sid, layer, 0, n, values=True)
+            for h in range(HKV):
+                for slot in range(c.slots):
+                    p = int(c.pos[layer, sid, h, slot])
+                    if p >= 0:
+                        assert int(c.slot_of[layer, sid, h, p]) == slot
+                        assert torch.equal(c.k[layer, sid, h, slot], keys[h, p])
+                        assert torch.equal(c.v[layer, sid, h, slot], vals[h, p])
+    for store, run, _ in runs:
+        store.release(run.seq_ids)
+
+
+def test_decode_output_is_attention_over_sinks_window_and_selection():
+    """The merged output equals exact attention over sinks + window + the selected tokens."""
+    cfg = KVStoreConfig(hot_policy="window", selector="exact", cold_tier=True, sink_tokens=3, window_tokens=4,
+                        token_budget=5, gpu_cache_tokens=2, page_size=4)
+    store = KVStore(cfg, _geo())
+    run = _Run(store, [30], seed=3)
+    B, T = 1, 30
+    ks, vs = run.r(L, B, HKV, T, D), run.r(L, B, HKV, T, D)
+    for layer in range(L):
+        store.prefill(layer, run.seq_ids, run.r(B, HQ, T, D), ks[layer], vs[layer], run.valid, D ** -0.5)
+    plan = store.plan(run.seq_ids)
+    q, k1, v1 = run.r(B, HQ, 1, D) * 3, run.r(B, HKV, 1, D), run.r(B, HKV, 1, D)
+    out = store.decode(0, plan, q, k1, v1, D ** -0.5)
+    allk = torch.cat([ks[0], k1], 2)[0]
+    allv = torch.cat([vs[0], v1], 2)[0]  # [H, 31, d]
+    n_now, W, S = 31, 4, 3
+    # exact selection over candidates [S, n_now - W)
+    logits = torch.einsum("hgd,hnd->hgn", q[0, :, 0].view(HKV, 2, D), allk[:, S:n_now - W]) * D ** -0.5
+    top = logits.softmax(-1).sum(1).topk(5).indices + S  # [H, 5]
+    mask = torch.zeros(HKV, n_now, dtype=torch.bool)
+    mask[:, :S] = True
+    mask[:, n_now - W:] = True
+    mask.scatter_(1, top, True)
+    want, _, _ = reference.decode_attention(q[:, :, 0], allk[None], allv[None], mask[None], D ** -0.5)
+    torch.testing.assert_close(out[:, :, 0].float(), want, rtol=1e-5, atol=1e-6)
+    store.decode(1, plan, q, k1, v1, D ** -0.5)
+    store.release(run.seq_ids)
+
+
+def test_decode_waits_only_for_its_own_layers_codebook():
+    cfg = KVStoreConfig(hot_policy="window", selector="pq", cold_tier=True, sink_tokens=2, window_tokens=3,
+                        token_budget=4, pq_subspaces=2, pq_bits=3, page_size=4)
+    store = KVStore(cfg, _geo())
+    store.selector.hold = [threading.Event() for _ in range(L)]
+    store.selector.hold[0].set()  # layer 1's build is held back
+    run = _Run(store, [20], seed=1)
+    run.prefill()
+    seen = []
+
+    def after(layer):
+        seen.append((layer, [f.done() for f, _ in store.selector.pending.get(1, [])]))
+        if layer == 0:
+            store.selector.hold[1].set()
+
+    out = run.step(layer_hook=after)
+    assert seen[0] == (0, [False])  # layer 0 decoded while layer 1's codebook was still being built
+    assert torch.isfinite(out).all()
+    store.release(run.seq_ids)
