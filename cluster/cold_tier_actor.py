@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 from dataclasses import asdict, dataclass
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 MAGIC = 0x6B7673746F7265  # "kvstore"
 _ALIGN = 64
 _HEADER = 8
-_SEGMENT = re.compile(r"kvs([0-9a-f]+)_[0-9]+")
+_SEGMENT = re.compile(r"kvs([0-9a-f]+)_[0-9a-f]+_[0-9]+")  # kvs<owner pid>_<tier>_<n>
 
 
 def _alive(pid: int) -> bool:
@@ -231,7 +232,7 @@ class ColdTier:
         self.capacity_bytes = capacity_bytes
         self.retrieval_threads = retrieval_threads
         self._service = None
-        self.prefix = f"{prefix}{os.getpid():x}"
+        self.prefix = f"{prefix}{os.getpid():x}_{secrets.token_hex(3)}"
         self.arenas: dict[str, BatchArena] = {}
         self._count = 0
         self.reap_orphans()

@@ -93,6 +93,7 @@ class ClusterSpec:
     max_restarts: int = 3
     num_threads: int = 1
     chaos: Chaos | None = None
+    store_overrides: tuple[tuple[str, object], ...] = ()  # KVStoreConfig fields over the preset's
 
     def __post_init__(self) -> None:
         for f in ("num_workers", "max_seqs", "worker_memory", "cold_tier_bytes"):
@@ -205,7 +206,7 @@ class Controller:
         )
         return ray.remote(WorkerEngine).options(**opts).remote(
             self.spec.model, self.spec.preset, "cuda" if self.use_gpus else "cpu", self.spec.max_seqs,
-            self.spec.num_threads,
+            self.spec.num_threads, None, dict(self.spec.store_overrides),
         )
 
     def _start_cold(self, node_id: str) -> None:

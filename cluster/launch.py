@@ -31,8 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="auto",
                    help="'random' (seeded random Llama), 'probe' (benchmarks/probe/), 'auto' (probe if present, else "
                         "random), or a local directory / HF name (safetensors only)")
-    p.add_argument("--workers", type=int, default=2, help="worker actors (one GPU each when the cluster has GPUs)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker actors, one GPU each when the cluster has GPUs (default: one per GPU, else 2 CPU workers)")
     p.add_argument("--preset", default="full", help="KVStoreConfig preset the workers' stores run")
+    p.add_argument("--store", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a KVStoreConfig field of the preset (JSON value), e.g. --store token_budget=256")
     p.add_argument("--address", default=None, help="Ray address to join ('auto' inside `ray job submit`); "
                                                    "default: start a local Ray on 127.0.0.1")
     p.add_argument("--summary-json", type=Path, default=None, help="write the summary here")
@@ -55,7 +58,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         p.error(f"--prompt-tokens {args.prompt_tokens!r}: expected lo,hi")
     args.prompt_range = (lo, hi)
-    if args.workers < 1:
+    args.store_overrides = []
+    for item in args.store:
+        field, sep, value = item.partition("=")
+        if not sep or not field:
+            p.error(f"--store {item!r}: expected FIELD=VALUE")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        args.store_overrides.append((field, parsed))
+    if args.workers is not None and args.workers < 1:
         p.error("--workers must be >= 1")
     return args
 
@@ -72,7 +85,7 @@ def _start_ray(args: argparse.Namespace):
     import ray
 
     if args.address is None:
-        num_cpus = args.num_cpus or max(os.cpu_count() or 1, args.workers)
+        num_cpus = args.num_cpus or max(os.cpu_count() or 1, args.workers or 2)
         # "local": always a new instance, never one found through /tmp/ray/ray_current_cluster
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     else:
@@ -84,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    from kvstore import KVStoreConfig
+
+    try:  # a bad preset or field fails here, before Ray and the actors start
+        KVStoreConfig.preset(args.preset, **dict(args.store_overrides))
+    except (TypeError, ValueError, NotImplementedError) as e:
+        logger.error("--preset %s with --store %s: %s", args.preset, args.store, e)
+        return 2
     t0 = time.perf_counter()
     ray = _start_ray(args)
     t_ray = time.perf_counter()
@@ -94,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.worker import ModelSpec
     from cluster.workload import builtin_workload, outputs_sha256
 
+    if args.workers is None:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        args.workers = gpus if gpus >= 1 and args.gpus != "no" else 2
     spec = ClusterSpec(
         model=ModelSpec(args.model, seed=args.seed, dtype=args.dtype),
         preset=args.preset,
@@ -104,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         cold_tier_bytes=args.cold_tier_mb << 20,
         max_restarts=args.max_restarts,
         chaos=Chaos.parse(args.chaos) if args.chaos else None,
+        store_overrides=tuple(args.store_overrides),
     )
+
     controller = Controller(spec)
     try:
         controller.start()
@@ -133,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         **result,
         "model": controller.slots[0].info.get("model"),
         "preset": args.preset,
+        "store_overrides": dict(args.store_overrides),
         "workers": args.workers,
         "device": controller.slots[0].info.get("device"),
         "nodes": len({s.node_id for s in controller.slots}),

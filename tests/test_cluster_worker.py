@@ -141,7 +141,10 @@ def test_worker_resume_replays_retrieval_state():
         KVStoreConfig.preset("pqcache")
     except NotImplementedError as e:
         pytest.skip(str(e))
-    overrides = dict(sink_tokens=4, window_tokens=8, token_budget=8, pq_bits=4, gpu_cache_tokens=8)
+    # A fixed k-means iteration count: the adaptive one follows measured build times, so two
+    # uninterrupted runs (and a replay) would train different codebooks.
+    overrides = dict(sink_tokens=4, window_tokens=8, token_budget=8, pq_bits=4, gpu_cache_tokens=8,
+                     kmeans_min_iters=8, kmeans_max_iters=8)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (70, 96, 83)]
     max_new, kill_after = 12, 6
@@ -204,6 +207,10 @@ def test_chaos_spec_and_cli_validation():
     assert (args.workers, args.prompt_range, args.address) == (3, (4, 9), None)
     with pytest.raises(SystemExit):
         parse_args(["--prompt-tokens", "9"])
+    assert parse_args(["--store", "token_budget=64", "--store", "use_triton=never"]).store_overrides == [
+        ("token_budget", 64), ("use_triton", "never")]
+    with pytest.raises(SystemExit):
+        parse_args(["--store", "token_budget"])
     reqs = builtin_workload(5, vocab_size=64, prompt_tokens=(4, 9), max_new_tokens=3, seed=1)
     assert [r.request_id for r in reqs] == list(range(5))
     assert all(4 <= len(r.prompt) <= 9 and min(r.prompt) >= 3 and max(r.prompt) < 64 for r in reqs)
