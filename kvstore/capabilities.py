@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 # Filled in by the modules that implement each part.
 HOT_POLICIES: set[str] = {"all", "window"}  # "window": kvstore/policies.py
 SELECTORS: set[str] = {"none", "pq", "exact"}  # "pq", "exact": kvstore/selection.py
+SELECTORS |= {"streaming", "h2o", "snapkv", "quest"}  # kvstore/baseline_selectors.py
 QUANTIZED_HOT_TIER: bool = True  # kvstore/quantization.py
 COLD_TIER: bool = True  # kvstore/cold_tier.py
 

@@ -81,6 +81,11 @@ class Selector:
         """Index one layer's prompt. k [B, Hkv, T, d]; positions int [B, T]; valid bool [B, T];
         prompt_lens int64 [B]; hi int64 [B] end of the prompt's candidates."""
 
+    def prefill_queries(self, layer: int, seq_ids: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        positions: torch.Tensor, valid: torch.Tensor, scale: float) -> None:
+        """Optional, after `prefill`: the prompt's queries too (H2O, SnapKV score with them).
+        q [B, Hq, T, d], k [B, Hkv, T, d] post-RoPE; positions int [B, T]; valid bool [B, T]."""
+
     def before_decode(self, layer: int) -> None:
         """Called at the start of each decode layer; may wait for this layer's index (first step only)."""
 
@@ -299,3 +304,7 @@ def budgets(config: "KVStoreConfig", prompt_lens: torch.Tensor) -> torch.Tensor:
         return torch.full_like(prompt_lens, config.token_budget)
     k = ((prompt_lens - config.sink_tokens).double() * config.budget_fraction * (1 - config.window_share)).trunc().long()
     return k.clamp(min=1)
+
+
+# The benchmark baselines (StreamingLLM, H2O, SnapKV, Quest) add themselves to SELECTORS.
+from kvstore import baseline_selectors  # noqa: E402,F401

@@ -177,6 +177,8 @@ class KVStore:
         self.hot.append(layer, seq_ids, k, v, keep.high, positions)
         if self.cold is not None:
             self._cold_prefill(layer, seq_ids, k, v, positions, valid)
+            if self.selector is not None:  # selectors that score with the prompt's queries (H2O, SnapKV)
+                self.selector.prefill_queries(layer, seq_ids, q, k, positions, valid, scale)
         if layer == self.geometry.num_layers - 1:
             self.seq_len[seq_ids] += valid.sum(dim=1)
         return out

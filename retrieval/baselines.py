@@ -104,31 +104,46 @@ def h2o_update(acc: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return acc + probs.float().view(B, Hkv, G, N).sum(dim=2)
 
 
-def h2o_prefill_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def h2o_prefill_scores(q: torch.Tensor, k: torch.Tensor, scale: float, key_valid: torch.Tensor | None = None,
+                       chunk: int = 512) -> torch.Tensor:
     """H2O's scores after prefill: attention of every prompt query, causally, summed.
 
-    q: [B, Hq, T, d]; k: [B, Hkv, T, d] -> float32 [B, Hkv, T] (sum over queries and the group).
+    q: [B, Hq, T, d]; k: [B, Hkv, T, d]; key_valid: bool [B, T] or None (padding neither attends
+    nor is attended). Returns float32 [B, Hkv, T] (sum over queries and the group). Queries are
+    processed `chunk` at a time so the scores never hold more than B*Hq*chunk*T floats.
     """
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     G = _check_gqa(Hq, Hkv)
-    logits = torch.einsum("bhgtd,bhnd->bhgtn", q.float().view(B, Hkv, G, T, d), k.float()) * scale
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-    return probs.sum(dim=(2, 3))
+    kf = k.float()
+    pos = torch.arange(T, device=q.device)
+    out = torch.zeros(B, Hkv, T, dtype=torch.float32, device=q.device)
+    for start in range(0, T, chunk):  # query blocks (memory bound), not sequences or heads
+        stop = min(T, start + chunk)
+        qf = q[:, :, start:stop].float().view(B, Hkv, G, stop - start, d)
+        logits = torch.einsum("bhgtd,bhnd->bhgtn", qf, kf) * scale
+        mask = pos.view(1, T) <= pos[start:stop].view(-1, 1)  # [t, n] causal
+        if key_valid is not None:
+            kv = key_valid.bool()
+            mask = mask.view(1, 1, 1, stop - start, T) & kv.view(B, 1, 1, 1, T) & kv[:, start:stop].view(B, 1, 1, -1, 1)
+        probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+        out += probs.sum(dim=(2, 3))
+    return out
 
 
 # ---- SnapKV ------------------------------------------------------------------------------------
 
 
-def snapkv_scores(q_obs: torch.Tensor, k: torch.Tensor, scale: float, kernel_size: int = 7) -> torch.Tensor:
+def snapkv_scores(q_obs: torch.Tensor, k: torch.Tensor, scale: float, kernel_size: int = 7,
+                  key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """SnapKV's votes of the observation window over the prefix.
 
     q_obs: [B, Hq, W, d] the last W prompt queries; k: [B, Hkv, N, d] all N prompt keys (the
     window's own keys are the last W). Each window query attends causally (the prefix and the
     window up to itself); its softmax over the prefix keys (the first N - W) is summed over the
     window's queries and the GQA group, then max-pooled along positions with `kernel_size`
-    (odd, same length). Returns float32 [B, Hkv, N - W].
+    (odd, same length). key_valid: bool [B, N] or None (padding keys get no votes).
+    Returns float32 [B, Hkv, N - W].
     """
     B, Hq, W, d = q_obs.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -142,7 +157,9 @@ def snapkv_scores(q_obs: torch.Tensor, k: torch.Tensor, scale: float, kernel_siz
     pos = torch.arange(N, device=k.device)
     qpos = N - W + torch.arange(W, device=k.device)
     logits = logits.masked_fill(pos.view(1, N) > qpos.view(W, 1), float("-inf"))
-    votes = torch.softmax(logits, dim=-1)[..., : N - W].sum(dim=(2, 3))  # [B, Hkv, N - W]
+    if key_valid is not None:
+        logits = logits.masked_fill(~key_valid.bool().view(B, 1, 1, 1, N), float("-inf"))
+    votes = torch.softmax(logits, dim=-1).nan_to_num(0.0)[..., : N - W].sum(dim=(2, 3))  # [B, Hkv, N - W]
     if kernel_size > 1 and N - W > 0:
         votes = F.max_pool1d(votes, kernel_size, stride=1, padding=kernel_size // 2)
     return votes
