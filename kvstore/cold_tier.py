@@ -258,6 +258,16 @@ class ColdTier:
         x = torch.stack(parts, 1).reshape(self.H, -1, self.d)  # [H, (c1 - c0) * C, d]
         return x[:, lo - c0 * self.C: hi - c0 * self.C]
 
+    def read_sequence(self, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored token of one sequence, keys and values [L, Hkv, n, d] (host copies, position
+        order, the model's dtype): what an export of the sequence needs (kvstore/sequence_io.py).
+        Flushes the last decode step first (a host sync: not a decode-path call)."""
+        self.flush()
+        n = int(self.num_tokens[seq_id])
+        keys = torch.stack([self.read_keys(seq_id, layer, 0, n) for layer in range(self.L)])
+        values = torch.stack([self.read_keys(seq_id, layer, 0, n, values=True) for layer in range(self.L)])
+        return keys, values
+
     # ---- decode ----------------------------------------------------------------------------------
     def plan_step(self, seq_ids: torch.Tensor, positions: torch.Tensor) -> None:
         """Once per decode step (host): flush the last step's tokens, make room for this step's."""

@@ -16,9 +16,10 @@ so every scatter has a fixed size)::
                                         -1 none (column cap: trash); 2 bytes per token of context
 
 Eviction policies:
-  lfu  score decays by `decay` every step the layer runs and gains 1 per hit; a miss replaces
-       the lowest score (PQCache used LFU over 128-token blocks; per-token LFU needs no block
-       bookkeeping and measured no worse in benchmarks/perf_retrieval.py's hit-rate table).
+  lfu  (default) score decays by `decay` every step the layer runs and gains 1 per hit; a miss
+       replaces the lowest score. PQCache used LFU over 128-token blocks; per-token LFU needs no
+       block bookkeeping. Which policy wins depends on the model's selection traces: `stats()`
+       reports the hit rate so the two can be compared on a real model (not measured yet).
   lru  score is the step of the last use.
 The slots hit this step are protected from eviction.
 """

@@ -51,6 +51,8 @@ def test_prefill_and_decode_tokens_read_back_exactly(dtype):
         for layer in range(L):
             assert torch.equal(cold.read_keys(sid, layer, 0, n), exp_k[b][layer])
             assert torch.equal(cold.read_keys(sid, layer, 2, n - 1, values=True), exp_v[b][layer][:, 2:n - 1])
+        keys, values = cold.read_sequence(sid)  # export of the whole sequence
+        assert torch.equal(keys, exp_k[b]) and torch.equal(values, exp_v[b])
 
 
 def test_fetch_gathers_wanted_rows_and_leaves_the_rest():

@@ -28,3 +28,17 @@ def test_gather_rows_rejects_bad_shapes():
         gather_rows(torch.zeros(4, 8), torch.zeros(3, dtype=torch.int64), torch.zeros(2, 8))
     with pytest.raises(ValueError, match="dtype"):
         gather_rows(torch.zeros(4, 8), torch.zeros(2, dtype=torch.int64), torch.zeros(2, 8, dtype=torch.float16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host memory read by the GPU)")
+def test_cuda_uva_gather_from_pinned_host_memory():
+    g = torch.Generator().manual_seed(1)
+    src = torch.randn(4096, 128, generator=g).to(torch.bfloat16).pin_memory()
+    rows = torch.randint(-1, 4096, (777,), generator=g).cuda()
+    dst = torch.zeros(777, 128, dtype=torch.bfloat16, device="cuda")
+    gather_rows(src, rows, dst)
+    want = torch.zeros(777, 128, dtype=torch.bfloat16)
+    reference.gather_rows(src, rows.cpu(), want)
+    assert torch.equal(dst.cpu(), want)
+    with pytest.raises(ValueError, match="pinned"):
+        gather_rows(torch.zeros(4, 128, dtype=torch.bfloat16), rows[:2], dst[:2])

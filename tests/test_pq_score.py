@@ -80,3 +80,13 @@ def test_gpu_topk_equals_retrieval_service():
         want = svc.submit([SearchRequest(cb.centroids, cb.codes, q, S, n, k, 0.2, start=S)]).result()[0]
     for h in range(Hkv):
         assert set(idx[0, h].tolist()) == set(want[h].tolist())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_kernel_matches_reference():
+    q, cen, codes = _inputs(B=3, Hq=32, Hkv=8, d=128, m=2, bits=6, S=4, cap=5000, seed=2)
+    table = reference.pq_tables(q, cen, 128 ** -0.5).contiguous()
+    seq_ids, lo, hi = torch.tensor([3, 0, 2]), torch.tensor([32, 32, 0]), torch.tensor([4900, 1000, 5000])
+    want = reference.pq_scores(table, codes, seq_ids, lo, hi, 5000)
+    got = pq_scores(table.cuda(), codes.cuda(), seq_ids.cuda(), lo.cuda(), hi.cuda(), 5000)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-6)

@@ -14,13 +14,15 @@ from kvstore.hot_tier import ModelGeometry
 from kvstore.store import KVStore
 
 L, HQ, HKV, D = 2, 4, 2, 16
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _geo():
-    return ModelGeometry(L, HQ, HKV, D, torch.float32, torch.device("cpu"))
+def _geo(device="cpu"):
+    return ModelGeometry(L, HQ, HKV, D, torch.float32, torch.device(device))
 
 
 def _generate(model, config, ids, mask, steps=6):
+    ids, mask = ids.to(model.device), mask.to(model.device)
     client = KVStoreClient(config)
     with client.attach(model):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
@@ -28,9 +30,10 @@ def _generate(model, config, ids, mask, steps=6):
     return torch.stack(out.logits, 1), out.sequences
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_oracle_with_budget_covering_the_context_equals_full(family):
-    model = tiny_model(family)
+@pytest.mark.parametrize("family,device", [("llama", "cpu"), ("qwen3", "cpu")]
+                         + [("llama", "cuda")] * torch.cuda.is_available())
+def test_oracle_with_budget_covering_the_context_equals_full(family, device):
+    model = tiny_model(family).to(device)
     ids, mask = left_padded_batch(3, 70, pads=(5, 2, 0))
     full_logits, full_seq = _generate(model, KVStoreConfig.preset("full"), ids, mask)
     cfg = KVStoreConfig.preset("oracle", token_budget=200, sink_tokens=4)
@@ -85,6 +88,7 @@ class _Run:
 
     def __init__(self, store, lengths, seed):
         self.store, self.g = store, torch.Generator().manual_seed(seed)
+        self.device = store.device
         B, T = len(lengths), max(lengths)
         self.valid = torch.zeros(B, T, dtype=torch.bool)
         for b, n in enumerate(lengths):
@@ -92,13 +96,13 @@ class _Run:
         self.seq_ids = store.add_sequences(B)
 
     def r(self, *shape):
-        return torch.randn(*shape, generator=self.g)
+        return torch.randn(*shape, generator=self.g).to(self.device)
 
     def prefill(self):
         B, T = self.valid.shape
         for layer in range(L):
             self.store.prefill(layer, self.seq_ids, self.r(B, HQ, T, D), self.r(B, HKV, T, D), self.r(B, HKV, T, D),
-                               self.valid, D ** -0.5)
+                               self.valid.to(self.device), D ** -0.5)
 
     def step(self, layer_hook=None):
         B = self.seq_ids.numel()
@@ -112,13 +116,14 @@ class _Run:
         return torch.stack(outs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("selector", ["pq", "exact"])
-def test_overlapped_fetch_equals_synchronous_bit_for_bit(selector):
+def test_overlapped_fetch_equals_synchronous_bit_for_bit(selector, device):
     cfg = KVStoreConfig(hot_policy="window", selector=selector, cold_tier=True, sink_tokens=3, window_tokens=4,
                         token_budget=6, gpu_cache_tokens=5, pq_subspaces=2, pq_bits=3, page_size=4)
     runs = []
     for async_fetch in (True, False):
-        store = KVStore(cfg, _geo())
+        store = KVStore(cfg, _geo(device))
         store.async_fetch = async_fetch
         run = _Run(store, [40, 27, 33], seed=7)
         run.prefill()
@@ -141,8 +146,8 @@ def test_overlapped_fetch_equals_synchronous_bit_for_bit(selector):
                     p = int(c.pos[layer, sid, h, slot])
                     if p >= 0:
                         assert int(c.slot_of[layer, sid, h, p]) == slot
-                        assert torch.equal(c.k[layer, sid, h, slot], keys[h, p])
-                        assert torch.equal(c.v[layer, sid, h, slot], vals[h, p])
+                        assert torch.equal(c.k[layer, sid, h, slot].cpu(), keys[h, p])
+                        assert torch.equal(c.v[layer, sid, h, slot].cpu(), vals[h, p])
     for store, run, _ in runs:
         store.release(run.seq_ids)
 
@@ -195,3 +200,32 @@ def test_decode_waits_only_for_its_own_layers_codebook():
     assert seen[0] == (0, [False])  # layer 0 decoded while layer 1's codebook was still being built
     assert torch.isfinite(out).all()
     store.release(run.seq_ids)
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_gpu_cache_admits_misses_into_unprotected_slots(policy):
+    from kvstore.gpu_cache import GPUCache
+
+    geo = ModelGeometry(1, 2, 1, 4, torch.float32, torch.device("cpu"))
+    cache = GPUCache(geo, max_seqs=2, slots=2, cap=16, policy=policy)
+    sid = torch.tensor([1])
+
+    def step(positions):
+        pos = torch.tensor([[positions]])
+        valid = torch.ones_like(pos, dtype=torch.bool)
+        slot = cache.lookup(0, sid, pos, valid)
+        kv = pos.float().view(1, 1, 1, -1, 1).expand(2, 1, 1, -1, 4).clone()  # K/V rows = their position
+        cache.admit(0, sid, pos, valid, slot, kv)
+        cache.end_step()
+        return (slot[0, 0] >= 0).tolist()
+
+    assert step([5, 6, 7]) == [False, False, False]  # two slots: 5 and 6 admitted, 7 not
+    assert sorted(cache.pos[0, 1, 0, :2].tolist()) == [5, 6]
+    assert step([5, 7, 8]) == [True, False, False]  # 5 is protected; 7 takes 6's slot; no room for 8
+    assert sorted(cache.pos[0, 1, 0, :2].tolist()) == [5, 7]
+    assert int(cache.slot_of[0, 1, 0, 6]) == -1 and int(cache.slot_of[0, 1, 0, 8]) == -1
+    s7 = int(cache.slot_of[0, 1, 0, 7])
+    assert (cache.k[0, 1, 0, s7] == 7).all()
+    assert step([7, 5]) == [True, True]
+    assert abs(cache.hit_rate() - 3 / 8) < 1e-9
+    assert (cache.pos[0, 0] == -1).all()  # other sequences untouched

@@ -61,10 +61,10 @@ def test_batched_requests_and_short_candidates():
 def test_pq_recall_against_exact_topk():
     """Random keys with 32 planted needles per KV head aligned with that head's queries."""
     rng = np.random.default_rng(3)
-    H, G, d, n, k = 2, 4, 32, 4000, 32
+    H, G, d, n, k = 2, 4, 32, 3000, 32
     recalls = []
     with RetrievalService(2) as svc:
-        for trial in range(3):
+        for trial in range(2):
             keys = rng.normal(size=(H, n, d)).astype(np.float32)
             direction = rng.normal(size=(H, d)).astype(np.float32)
             needles = rng.choice(n, size=(H, k), replace=False)
@@ -75,5 +75,5 @@ def test_pq_recall_against_exact_topk():
             got = svc.submit([SearchRequest(cb.centroids, cb.codes, q, 0, n, k, d ** -0.5)]).result()[0]
             want = exact_topk(q, keys, np.ones(n, bool), k, d ** -0.5)
             recalls += [len(set(got[h]) & set(want[h])) / k for h in range(H)]
-    # observed 2026-11: mean recall@32 = 0.92 (m=4, b=8; per head 0.81..0.97)
+    # observed 2026-11: mean recall@32 = 0.93 (m=4, b=8; per head 0.81..1.0)
     assert np.mean(recalls) > 0.8, recalls

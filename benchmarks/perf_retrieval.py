@@ -1,0 +1,261 @@
+"""PQ retrieval on the GPU vs FAISS on the host; fetch bandwidth; TTFT / time to 2nd token with the PQ build.
+
+    python -m benchmarks.perf_retrieval --out $OUT/perf_retrieval.json          # GPU machine
+    python -m benchmarks.perf_retrieval --quick                                  # CPU smoke run
+
+1. Scoring + top-k (issue 4 target: B=8, N=128K, 8 KV heads <= 0.5 ms per layer, >= 20x FAISS):
+   Hq=32, Hkv=8, d=128, PQCache's m=2, b=6, top-k = N/10 per (sequence, KV head). GPU: the
+   table (torch), gpu_kernels/pq_score.py (two passes over the uint8 codes), torch.topk.
+   Host: FAISS IndexPQ (inner product) over the same codes, one index per (sequence, KV head),
+   searched on a thread pool of all host cores (OpenMP 1 per worker): (a) plain MIPS top-k per
+   query head (less work than the GPU does: no GQA aggregation), (b) the retrieval service's
+   full rule (all ADC scores, softmax per query head, summed over the group, top-k), which is
+   the GPU path's exact semantics. Times: GPU median of triton.testing.do_bench (CUDA events);
+   host median wall time of a few runs.
+2. Fetch: the UVA gather kernel (gpu_kernels/fetch.py) of random 256-byte rows from a pinned
+   host slab into GPU memory, against one large pinned host-to-device copy of the same bytes
+   (the ceiling, measured in the same run), and PQCache's way (CPU fancy-index + copy).
+3. TTFT and time to the 2nd token on a random-weight HF Llama at Llama-3-8B width (hidden
+   4096, 32 query / 8 KV heads, d=128, MLP 14336) with `--layers` layers and a `--prompt`-token
+   prompt: preset full (no cold tier), oracle (cold tier copy, no PQ build) and pqcache (cold
+   tier + PQ build on host threads). The PQ build's TTFT cost = pqcache / oracle - 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from gpu_kernels import reference
+
+HQ, HKV, D = 32, 8, 128
+
+
+def _bench_gpu(fn, quick):
+    if torch.cuda.is_available():
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return _wall(fn, 1 if quick else 3) * 1e3
+
+
+def _wall(fn, reps):
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def bench_scoring(B, N, device, threads, quick, m=2, bits=6):
+    import faiss
+
+    from gpu_kernels.pq_score import pq_scores
+    from retrieval.service import RetrievalService, SearchRequest, pq_index
+
+    K, k = 1 << bits, max(1, N // 10)
+    g = torch.Generator(device="cpu").manual_seed(B * 7 + N)
+    cen = torch.randn(B, HKV, m, K, D // m, generator=g)
+    codes = torch.randint(0, K, (B, HKV, N, m), generator=g, dtype=torch.uint8)
+    q = torch.randn(B, HQ, D, generator=g)
+    scale = D ** -0.5
+    cen_d, codes_d, q_d = cen.to(device), codes.to(device), q.to(device)
+    seq = torch.arange(B, device=device)
+    lo, hi = torch.zeros(B, dtype=torch.int64, device=device), torch.full((B,), N, dtype=torch.int64, device=device)
+    out = torch.empty(B, HKV, N, dtype=torch.float32, device=device)
+    use_kernel = device.type == "cuda"
+
+    def score():
+        table = reference.pq_tables(q_d, cen_d, scale).contiguous()
+        if use_kernel:
+            return pq_scores(table, codes_d, seq, lo, hi, N, out=out)
+        return reference.pq_scores(table, codes_d, seq, lo, hi, N)
+
+    def score_topk():
+        return torch.topk(score(), k, dim=-1, sorted=False)
+
+    gpu_ms = _bench_gpu(score_topk, quick)
+    score_ms = _bench_gpu(score, quick)
+    _, idx = score_topk()
+    # host: FAISS over the same codes
+    cen_np, codes_np, q_np = cen.numpy(), codes.numpy(), q.numpy()
+    indexes = [[pq_index(cen_np[b, h], codes_np[b, h]) for h in range(HKV)] for b in range(B)]
+    G = HQ // HKV
+    pool = ThreadPoolExecutor(threads, initializer=faiss.omp_set_num_threads, initargs=(1,))
+
+    def faiss_mips():
+        futs = [pool.submit(indexes[b][h].search, np.ascontiguousarray(q_np[b, h * G:(h + 1) * G]), k)
+                for b in range(B) for h in range(HKV)]
+        return [f.result() for f in futs]
+
+    faiss_mips()
+    mips_s = _wall(faiss_mips, 1 if quick else 3)
+    svc = RetrievalService(threads)
+    reqs = [SearchRequest(cen_np[b], codes_np[b], q_np[b], 0, N, k, scale) for b in range(B)]
+    rule_s = _wall(lambda: svc.submit(reqs).result(), 1)
+    got = svc.submit(reqs[:1]).result()[0, 0]
+    svc.close()
+    pool.shutdown()
+    agree = len(set(got.tolist()) & set(idx[0, 0].cpu().tolist())) / k
+    return {
+        "B": B, "N": N, "k": k, "m": m, "bits": bits, "gpu_score_topk_ms": gpu_ms, "gpu_score_ms": score_ms,
+        "faiss_mips_ms": mips_s * 1e3, "faiss_rule_ms": rule_s * 1e3, "host_threads": threads,
+        "speedup_vs_mips": mips_s * 1e3 / gpu_ms, "speedup_vs_rule": rule_s * 1e3 / gpu_ms,
+        "topk_agreement_with_service": agree,
+    }
+
+
+def bench_fetch(device, quick):
+    from gpu_kernels.fetch import gather_rows
+
+    R = (1 << 16) if quick else (1 << 22)  # 4M rows x 256 B = 1 GiB pinned slab
+    M = (1 << 12) if quick else (1 << 20)  # 1M rows = 256 MiB fetched
+    pinned = device.type == "cuda"
+    src = torch.empty(R, D, dtype=torch.bfloat16, pin_memory=pinned)
+    src.copy_(torch.randn(R, D, dtype=torch.bfloat16, device=device).cpu() if pinned else torch.randn(R, D).bfloat16())
+    rows = torch.randperm(R, device=device)[:M]
+    dst = torch.empty(M, D, dtype=torch.bfloat16, device=device)
+    nbytes = M * D * 2
+    res = {"rows": M, "row_bytes": D * 2, "slab_bytes": R * D * 2}
+    if pinned:
+        gather_rows(src, rows, dst)
+        torch.cuda.synchronize()
+        assert torch.equal(dst.cpu(), src[rows.cpu()]), "UVA gather returned wrong rows"
+        t = _bench_gpu(lambda: gather_rows(src, rows, dst, block_r=16), quick)
+        res["uva_gather_GBps"] = nbytes / t / 1e6
+        half = torch.where(torch.rand(M, device=device) < 0.5, rows, torch.full_like(rows, -1))
+        t_half = _bench_gpu(lambda: gather_rows(src, half, dst), quick)
+        res["uva_gather_half_hits_GBps_of_fetched"] = nbytes / 2 / t_half / 1e6
+        t_copy = _bench_gpu(lambda: dst.copy_(src[:M], non_blocking=True), quick)
+        res["pinned_copy_ceiling_GBps"] = nbytes / t_copy / 1e6
+        rows_cpu = rows.cpu()
+        staging = torch.empty(M, D, dtype=torch.bfloat16, pin_memory=True)
+
+        def pqcache_way():
+            torch.index_select(src, 0, rows_cpu, out=staging)
+            dst.copy_(staging, non_blocking=True)
+            torch.cuda.synchronize()
+
+        res["cpu_gather_then_copy_GBps"] = nbytes / _wall(pqcache_way, 3) / 1e9
+        res["uva_vs_ceiling"] = res["uva_gather_GBps"] / res["pinned_copy_ceiling_GBps"]
+    else:
+        t = _wall(lambda: reference.gather_rows(src, rows, dst), 3)
+        res["reference_gather_GBps"] = nbytes / t / 1e9
+    return res
+
+
+def bench_ttft(device, layers, prompt, quick):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvstore import KVStoreClient, KVStoreConfig
+
+    if quick:
+        cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+                          num_hidden_layers=layers, vocab_size=1000, max_position_embeddings=prompt + 64)
+    else:
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                          num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=prompt + 64,
+                          rope_theta=500000.0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(prev)
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = []
+    for preset in ("full", "oracle", "pqcache"):
+        client = KVStoreClient(KVStoreConfig.preset(preset))
+        times = []
+        with client.attach(model), torch.no_grad():
+            for rep in range(1 if quick else 3):  # rep 0 warms up (compiles, allocates the pinned slab)
+                sync()
+                t0 = time.perf_counter()
+                out = model(ids, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+                sync()
+                t1 = time.perf_counter()
+                out2 = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+                nxt2 = out2.logits[:, -1:].argmax(-1)
+                sync()
+                t2 = time.perf_counter()
+                model(nxt2, past_key_values=out.past_key_values, use_cache=True)
+                sync()
+                t3 = time.perf_counter()
+                st = client.stats()
+                out.past_key_values.release()
+                times.append((t1 - t0, t2 - t0, t3 - t2, st))
+        use = times[1:] if len(times) > 1 else times
+        ttft = statistics.median(t[0] for t in use)
+        tt2t = statistics.median(t[1] for t in use)
+        tpot = statistics.median(t[2] for t in use)
+        st = use[-1][3]
+        rows.append({"preset": preset, "ttft_ms": ttft * 1e3, "tt2t_ms": tt2t * 1e3, "step3_ms": tpot * 1e3,
+                     "gpu_kv_bytes": st["gpu_kv_bytes"], "host_kv_bytes": st["host_kv_bytes"],
+                     "dense_kv_bytes": st["dense_kv_bytes"], "pq_build_s": st.get("pq_build_seconds", 0.0),
+                     "pq_wait_s": st.get("pq_wait_seconds", 0.0)})
+    del model
+    return {"layers": layers, "prompt": prompt, "rows": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=32768)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: scoring,fetch,ttft")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads = os.cpu_count() or 1
+    skip = set(filter(None, args.skip.split(",")))
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "host_cores": threads}
+    if "scoring" not in skip:
+        sizes = [(1, 4096), (2, 8192)] if args.quick else [(1, 32768), (8, 32768), (1, 131072), (8, 131072)]
+        result["scoring"] = [bench_scoring(B, N, device, threads, args.quick) for B, N in sizes]
+    if "fetch" not in skip:
+        result["fetch"] = bench_fetch(device, args.quick)
+    if "ttft" not in skip:
+        result["ttft"] = bench_ttft(device, args.layers, 2048 if args.quick else args.prompt, args.quick)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"\n== device {result['device']}, {threads} host cores ==")
+    if "scoring" in result:
+        print("scoring+top-k  (Hq=32 Hkv=8 d=128 m=2 b=6, k=N/10)")
+        print(f"{'B':>3} {'N':>7} {'gpu ms':>8} {'score ms':>8} {'faiss mips ms':>13} {'faiss rule ms':>13} "
+              f"{'x mips':>7} {'x rule':>7} {'agree':>6}")
+        for r in result["scoring"]:
+            print(f"{r['B']:>3} {r['N']:>7} {r['gpu_score_topk_ms']:>8.3f} {r['gpu_score_ms']:>8.3f} "
+                  f"{r['faiss_mips_ms']:>13.2f} {r['faiss_rule_ms']:>13.2f} {r['speedup_vs_mips']:>7.1f} "
+                  f"{r['speedup_vs_rule']:>7.1f} {r['topk_agreement_with_service']:>6.3f}")
+    if "fetch" in result:
+        print("fetch  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result["fetch"].items()))
+    if "ttft" in result:
+        t = result["ttft"]
+        print(f"TTFT / time to 2nd token, Llama-3-8B width, {t['layers']} layers, prompt {t['prompt']}")
+        print(f"{'preset':>8} {'TTFT ms':>9} {'TT2T ms':>9} {'step3 ms':>9} {'gpu/dense':>9} {'host/dense':>10} {'build s':>8} {'wait s':>7}")
+        base = {r["preset"]: r for r in t["rows"]}
+        for r in t["rows"]:
+            print(f"{r['preset']:>8} {r['ttft_ms']:>9.1f} {r['tt2t_ms']:>9.1f} {r['step3_ms']:>9.1f} "
+                  f"{r['gpu_kv_bytes'] / max(r['dense_kv_bytes'], 1):>9.3f} {r['host_kv_bytes'] / max(r['dense_kv_bytes'], 1):>10.3f} "
+                  f"{r['pq_build_s']:>8.2f} {r['pq_wait_s']:>7.2f}")
+        if "oracle" in base and "pqcache" in base:
+            print(f"PQ build TTFT growth (pqcache / oracle - 1): {base['pqcache']['ttft_ms'] / base['oracle']['ttft_ms'] - 1:+.1%}; "
+                  f"vs full: {base['pqcache']['ttft_ms'] / base['full']['ttft_ms'] - 1:+.1%}")
+
+
+if __name__ == "__main__":
+    main()
