@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from kvstore.config import KVStoreConfig
 
 # Filled in by the modules that implement each part.
-HOT_POLICIES: set[str] = {"all", "window"}  # "window": kvstore/policies.py
+HOT_POLICIES: set[str] = {"all", "window", "leankv"}  # kvstore/policies.py
 SELECTORS: set[str] = {"none", "pq", "exact"}  # "pq", "exact": kvstore/selection.py
 SELECTORS |= {"streaming", "h2o", "snapkv", "quest"}  # kvstore/baseline_selectors.py
 QUANTIZED_HOT_TIER: bool = True  # kvstore/quantization.py

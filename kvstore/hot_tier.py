@@ -76,11 +76,13 @@ class HotTier:
         self.pool = PagePool(self.page_bytes, max_slots, geometry.device, max_bytes=config.hot_tier_bytes,
                              slot_scores=config.hot_policy == "leankv")
         self.table = PageTable(config.max_batch_size, geometry.num_layers, geometry.num_kv_heads, geometry.device)
+        self.last_ws: tuple[torch.Tensor, dict] | None = None
 
     # ---- writing ---------------------------------------------------------------------------
     def append(self, layer: int, seq_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               keep: torch.Tensor, positions: torch.Tensor) -> None:
-        """Append the kept tokens of a chunk to the high tier of one layer.
+               keep: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor | None = None,
+               low: bool = False) -> None:
+        """Append the kept tokens of a chunk to the high tier (or, `low=True`, the low tier) of one layer.
 
         Args:
             layer: layer index.
@@ -88,17 +90,26 @@ class HotTier:
             k, v: [B, Hkv, T, d] post-RoPE keys and values of the chunk.
             keep: bool [B, Hkv, T], which tokens each head stores (padding is never kept).
             positions: int [B, T] token positions (written to the slots' metadata).
+            scores: fp32 [B, Hkv, T] policy scores written to the slots (LeanKV), or None.
+            low: append to the low tier, whose pages fill the table from the right.
         Allocates the pages it needs in one batched call (one host sync), so it is a prefill
         operation; decode appends go through `write_slots` at slots chosen by the plan.
         """
         B, H, T, d = k.shape
-        tpp = self.tokens_per_page
-        old = self.table.num_tokens[seq_ids, layer].long()  # [B, H]
+        fmt = self.low if low else self.high
+        tpp = self.low_tokens_per_page if low else self.tokens_per_page
+        count = self.table.num_low if low else self.table.num_tokens
+        old = count[seq_ids, layer].long()  # [B, H]
         add = keep.sum(-1)  # [B, H]
         new = old + add
         old_pages = (old + tpp - 1) // tpp
         new_pages = (new + tpp - 1) // tpp
-        self.table.ensure_pages(int(new_pages.max().item()) + int(self.table.num_low_pages.max().item()))
+        if low:
+            high_pages = (self.table.num_tokens.long() + self.tokens_per_page - 1) // self.tokens_per_page
+            self.table.ensure_pages(int(high_pages.max().item()) + int(new_pages.max().item()) + 1)
+        else:
+            self.table.ensure_pages(int(new_pages.max().item()) + int(self.table.num_low_pages.max().item()))
+        C = self.table.max_pages
         ids, offsets = self.pool.allocate((new_pages - old_pages).reshape(-1))
         if ids.numel():
             need = (new_pages - old_pages).reshape(-1)
@@ -106,16 +117,20 @@ class HotTier:
             rank = torch.arange(ids.numel(), device=ids.device) - offsets[req]
             col = old_pages.reshape(-1)[req] + rank
             b_idx, h_idx = req // H, req % H
-            self.table.pages[seq_ids[b_idx], layer, h_idx, col] = ids
+            self.table.pages[seq_ids[b_idx], layer, h_idx, C - 1 - col if low else col] = ids
+        if low:
+            self.table.num_low_pages[seq_ids, layer] = new_pages.to(torch.int32)
         # token -> (page, slot)
         idx = old.unsqueeze(-1) + torch.cumsum(keep.long(), -1) - 1  # [B, H, T] slot index if kept
         b, h, t = keep.nonzero(as_tuple=True)
         tok = idx[b, h, t]
-        page = self.table.pages[seq_ids[b], layer, h, tok // tpp]
+        page = self.table.pages[seq_ids[b], layer, h, C - 1 - tok // tpp if low else tok // tpp]
         slot = tok % tpp
-        self.high.write(self.pool.data, page, slot, k[b, h, t], v[b, h, t])
+        fmt.write(self.pool.data, page, slot, k[b, h, t], v[b, h, t])
         self.pool.slot_pos[page.long(), slot] = positions[b, t].to(torch.int32)
-        self.table.num_tokens[seq_ids, layer] = new.to(torch.int32)
+        if scores is not None and self.pool.score_slots:
+            self.pool.slot_score[page.long(), slot] = scores[b, h, t].float()
+        count[seq_ids, layer] = new.to(torch.int32)
 
     def write_slots(self, layer: int, page: torch.Tensor, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     positions: torch.Tensor) -> None:
@@ -131,6 +146,8 @@ class HotTier:
         self.pool.slot_pos[page.reshape(-1).long(), slot.reshape(-1).long()] = (
             positions.view(B, 1).expand(B, H).reshape(-1).to(torch.int32)
         )
+        if self.pool.score_slots:  # the new token starts with no attention mass
+            self.pool.slot_score[page.reshape(-1).long(), slot.reshape(-1).long()] = 0.0
 
     # ---- reading ---------------------------------------------------------------------------
     def gather(self, layer: int, seq_ids: torch.Tensor, num_pages: int | None = None
@@ -160,17 +177,26 @@ class HotTier:
         """Whether decode attention runs the Triton kernel (quantized pages and Triton enabled)."""
         return bool(getattr(self.high, "use_triton", False)) and self.geometry.head_dim >= 16
 
-    def plan_workspace(self, seq_ids: torch.Tensor, num_pages: int, emit_logits: bool = False) -> dict | None:
+    def plan_workspace(self, seq_ids: torch.Tensor, num_pages: int, emit_logits: bool | None = None) -> dict | None:
         """Buffers of one decode step for `attend` (plan time: allocation and one host sync here).
 
         Returns None on the reference path. Splits: about 4 programs per SM over B x Hkv heads.
         """
-        if not self.kernel_decode:
-            return None
-        from gpu_kernels.paged_attention import choose_splits
-
+        if emit_logits is None:  # the LeanKV policy reads every hot token's probability
+            emit_logits = self.config.hot_policy == "leankv"
         geo = self.geometry
         B, Hq, d = seq_ids.numel(), geo.num_q_heads, geo.head_dim
+        ws: dict = {"kernel": self.kernel_decode, "logits_all": None}
+        if emit_logits:  # per-token logits of every layer, read by the policy at the next plan
+            slots = max(self.tokens_per_page, self.low_tokens_per_page)
+            L, dev = geo.num_layers, geo.device
+            ws["logits_all"] = torch.full((L, B, Hq, self.table.max_pages, slots), float("-inf"), device=dev)
+            ws["lse_all"] = torch.full((L, B, Hq), float("-inf"), device=dev)
+        self.last_ws = (seq_ids, ws) if emit_logits else None  # the policy reads it at the next plan
+        if not self.kernel_decode:
+            return ws if emit_logits else None
+        from gpu_kernels.paged_attention import choose_splits
+
         low_pages = int(self.table.num_low_pages[seq_ids].max().item()) if self.low is not None and B else 0
         vmax = max(1, num_pages + low_pages)
         if not hasattr(self, "_num_sms"):
@@ -180,17 +206,13 @@ class HotTier:
         pps = math.ceil(vmax / nsplit)
         nsplit = math.ceil(vmax / pps)
         dev = geo.device
-        ws = {
-            "pages_per_split": pps,
-            "part_out": torch.empty(B, Hq, nsplit, d, dtype=torch.float32, device=dev),
-            "part_lse": torch.empty(B, Hq, nsplit, dtype=torch.float32, device=dev),
-            "out": torch.empty(B, Hq, d, dtype=torch.float32, device=dev),
-            "lse": torch.empty(B, Hq, dtype=torch.float32, device=dev),
-            "logits": None,
-        }
-        if emit_logits:
-            slots = max(self.tokens_per_page, self.low_tokens_per_page)
-            ws["logits"] = torch.empty(B, Hq, self.table.max_pages, slots, dtype=torch.float32, device=dev)
+        ws.update(
+            pages_per_split=pps,
+            part_out=torch.empty(B, Hq, nsplit, d, dtype=torch.float32, device=dev),
+            part_lse=torch.empty(B, Hq, nsplit, dtype=torch.float32, device=dev),
+            out=torch.empty(B, Hq, d, dtype=torch.float32, device=dev),
+            lse=torch.empty(B, Hq, dtype=torch.float32, device=dev),
+        )
         return ws
 
     def attend(self, layer: int, seq_ids: torch.Tensor, q: torch.Tensor, scale: float, num_pages: int,
@@ -201,25 +223,38 @@ class HotTier:
             q: [B, Hq, d]; num_pages: widest high-tier table (the plan's); ws: `plan_workspace`'s buffers.
         Returns:
             out fp32 [B, Hq, d], lse fp32 [B, Hq] (-inf where a head holds no token). The kernel path
-            allocates nothing and never syncs the host (out/lse are the workspace's, reused per layer).
+            never syncs the host and allocates only these two results (the split buffers and the
+            logits are the plan's workspace).
         """
-        if ws is None:
-            k_all, v_all, pos = self.gather(layer, seq_ids, num_pages)
-            out, lse, _ = reference.decode_attention(q, k_all, v_all, pos >= 0, scale)
+        high = (getattr(self.high, "key_bits", 16), getattr(self.high, "value_bits", 16), self.tokens_per_page)
+        low = (self.low.key_bits, self.low.value_bits, self.low_tokens_per_page) if self.low is not None else None
+        emit = ws is not None and ws.get("logits_all") is not None
+        if ws is None or not ws["kernel"]:
+            if low is None and not emit:
+                k_all, v_all, pos = self.gather(layer, seq_ids, num_pages)
+                out, lse, _ = reference.decode_attention(q, k_all, v_all, pos >= 0, scale)
+                return out, lse
+            t = self.table
+            out, lse, logits = reference.paged_decode_attention(
+                q, self.pool.data, t.pages[seq_ids, layer], t.num_tokens[seq_ids, layer], t.num_low_pages[seq_ids, layer],
+                self.pool.slot_pos, high, low, self.config.quant_groups, scale)
+            if emit:
+                ws["logits_all"][layer].copy_(logits)
+                ws["lse_all"][layer].copy_(lse)
             return out, lse
         from gpu_kernels.paged_attention import paged_decode_attention
 
-        high = (self.high.key_bits, self.high.value_bits, self.tokens_per_page)
-        low = (self.low.key_bits, self.low.value_bits, self.low_tokens_per_page) if self.low is not None else None
-        if ws["logits"] is not None:
-            ws["logits"].fill_(float("-inf"))
+        logits, lse_buf = (ws["logits_all"][layer], ws["lse_all"][layer]) if emit else (None, torch.empty_like(ws["lse"]))
+        out = torch.empty_like(ws["out"])  # the layer's output: the caller may keep it past the next layer
+        if logits is not None:
+            logits.fill_(float("-inf"))
         paged_decode_attention(
             q, self.pool.data, self.table.pages, self.table.num_tokens,
             self.table.num_low_pages if low is not None else None, seq_ids, layer, self.pool.slot_pos,
-            high, low, self.config.quant_groups, scale, ws["out"], ws["lse"], ws["part_out"], ws["part_lse"],
-            ws["pages_per_split"], ws["logits"],
+            high, low, self.config.quant_groups, scale, out, lse_buf, ws["part_out"], ws["part_lse"],
+            ws["pages_per_split"], logits,
         )
-        return ws["out"], ws["lse"]
+        return out, lse_buf
 
     # ---- release ---------------------------------------------------------------------------
     def release(self, seq_ids: torch.Tensor) -> None:

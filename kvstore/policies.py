@@ -45,10 +45,12 @@ class PrefillKeep:
 
     high: bool [B, Hkv, T] tokens stored in the high tier (padding never).
     low:  bool [B, Hkv, T] or None, tokens stored in the low tier (LeanKV only).
+    scores: fp32 [B, Hkv, T] or None, the policy's initial score of each stored token.
     """
 
     high: torch.Tensor
     low: torch.Tensor | None = None
+    scores: torch.Tensor | None = None  # fp32 [B, Hkv, T] initial slot scores (LeanKV)
 
 
 @dataclass
@@ -188,3 +190,204 @@ def make_policy(config: "KVStoreConfig", max_seqs: int, device: torch.device) ->
 
 
 POLICIES: dict[str, type[HotPolicy]] = {"all": AllPolicy, "window": WindowPolicy}
+
+
+class LeanKVPolicy(HotPolicy):
+    """LeanKV's per-head dynamic sparsity over two precision tiers (SEEDS.md).
+
+    Score of a token per (sequence, layer, KV head): attention mass summed over the queries that
+    saw it, max over the GQA group per query; its mean is score / count, count = the number of
+    those queries. At prefill the queries are the prompt's last `score_queries` (Q), so a token
+    at position t < n has count min(Q, n - t); every decode step adds its max-over-group
+    probability and 1 to the count. The count is never stored: with a prompt of n tokens and
+    the step's position `now`, count = min(Q, n - t) + (now - n) for t < n and now - t after.
+
+    Thresholds are relative to uniform attention over the n_now = now + 1 tokens of the context:
+    mean < alpha_prune / n_now prunes (the token leaves the hot tier; it stays in the cold tier
+    when there is one), mean < alpha_quant / n_now demotes it to the low tier. Tokens among the
+    last `immune_tokens` positions are never touched.
+
+    Per (sequence, layer, KV head) and decode step, at most one prune and one demotion:
+      1. the lowest-mean non-immune high token h: prune it if below the prune threshold, else
+         demote it if below the quantization threshold; either way the new token takes its slot;
+      2. unless h was pruned, the lowest-mean low token l is pruned if below the prune
+         threshold; a token demoted in the same step takes l's slot, otherwise it is appended to
+         the low tier (a new low page from the right of the table when the last one is full).
+    A low token pruned without a demotion leaves an empty slot (position -1, never attended).
+
+    Under retrieval (the `tiered` preset) only hot tokens get probabilities. The rule: a hot
+    token's probability is its share of the *merged* softmax (hot + retrieved, the lse the
+    store writes to the step's `lse_all`), so the scores of hot tokens keep meaning "attention
+    mass", and retrieved tokens (not in the hot tier) get no score: retrieval is their way back.
+
+    All decisions are batched tensor operations over (sequence, layer, KV head) at plan time; the
+    demotion moves (dequantize high, requantize low) happen there too, before any layer runs.
+    """
+
+    name = "leankv"
+
+    def __init__(self, config: "KVStoreConfig", max_seqs: int, device: torch.device):
+        super().__init__(config, max_seqs, device)
+        self.prompt_len = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)
+        #: positions pruned from the low tier by the last plan, int64 [B, L, Hkv] (-1: none)
+        self.last_low_evicted: torch.Tensor | None = None
+
+    def ensure_seqs(self, max_seqs: int) -> None:
+        old = self.prompt_len.shape[0]
+        if max_seqs > old:
+            grown = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)
+            grown[:old] = self.prompt_len
+            self.prompt_len = grown
+
+    # ---- prefill --------------------------------------------------------------------------
+    def prefill(self, store, layer, seq_ids, q, k, positions, valid, scale):
+        B, Hkv, T, d = k.shape
+        if bool((store.seq_len[seq_ids] > 0).any().item()):
+            raise NotImplementedError(
+                "hot_policy='leankv' scores the prompt's last queries at prefill and needs the whole prompt in one "
+                "chunk; chunked prefill is supported with hot_policy='all'"
+            )
+        c = self.config
+        Q = min(c.score_queries, T)
+        Hq = q.shape[1]
+        G = Hq // Hkv
+        qv = valid[:, T - Q:]  # [B, Q] valid queries among the last Q columns
+        logits = torch.einsum("bhgqd,bhtd->bhgqt", q[:, :, T - Q:].float().view(B, Hkv, G, Q, d), k.float()) * scale
+        causal = torch.arange(T, device=k.device).view(1, T) <= torch.arange(T - Q, T, device=k.device).view(Q, 1)
+        mask = causal.view(1, 1, 1, Q, T) & valid.view(B, 1, 1, 1, T) & qv.view(B, 1, 1, Q, 1)
+        probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+        score = probs.sum(3).amax(2)  # sum over queries, max over the group: [B, Hkv, T]
+        n = valid.sum(1)  # prompt length
+        count = torch.minimum(torch.full_like(positions, Q), n.view(B, 1) - positions).clamp(min=1)
+        mean = score / count.view(B, 1, T)
+        immune = positions >= (n - c.immune_tokens).view(B, 1)
+        n_f = n.view(B, 1, 1).float()
+        high = valid.view(B, 1, T) & (immune.view(B, 1, T) | (mean >= c.alpha_quant / n_f))
+        low = valid.view(B, 1, T) & ~high & (mean >= c.alpha_prune / n_f)
+        if layer == 0:
+            self.prompt_len[seq_ids] = n
+        return PrefillKeep(high=high, low=low, scores=score)
+
+    # ---- decode plan ----------------------------------------------------------------------
+    def _counts(self, pos: torch.Tensor, n: torch.Tensor, now: torch.Tensor) -> torch.Tensor:
+        """Queries that saw each token: pos int [B, ...], n / now int64 [B]."""
+        shape = (-1,) + (1,) * (pos.dim() - 1)
+        n, now = n.view(shape), now.view(shape)
+        p = pos.long()
+        Q = torch.clamp(n, max=self.config.score_queries)
+        prompt = torch.minimum(Q, n - p) + (now - n)
+        return torch.where(p < n, prompt, now - p).clamp(min=1).float()
+
+    def _observe_last_step(self, store: "KVStore") -> None:
+        """Add the last decode step's max-over-group probabilities to the hot tokens' scores."""
+        last = store.hot.last_ws
+        store.hot.last_ws = None
+        if last is None:
+            return
+        seq_ids, ws = last
+        logits, lse = ws["logits_all"], ws["lse_all"]  # [L, B, Hq, C, S], [L, B, Hq]
+        L, B, Hq, C, S = logits.shape
+        Hkv = store.geometry.num_kv_heads
+        probs = torch.exp(logits - lse.view(L, B, Hq, 1, 1)).nan_to_num(0.0)
+        pmax = probs.view(L, B, Hkv, Hq // Hkv, C, S).amax(3)  # [L, B, Hkv, C, S]
+        pages = store.hot.table.pages[seq_ids][..., :C].permute(1, 0, 2, 3)  # [L, B, Hkv, C]
+        pool = store.hot.pool
+        pid = pages.long().unsqueeze(-1).expand(L, B, Hkv, C, S)
+        sl = torch.arange(S, device=pid.device).expand_as(pid)
+        ok = (pid > 0) & (sl < pool.max_slots) & (pmax > 0)
+        pool.slot_score.index_put_((pid[ok], sl[ok]), pmax[ok], accumulate=True)
+
+    def plan(self, store, seq_ids, positions):
+        hot, c = store.hot, self.config
+        self._observe_last_step(store)
+        pool, table = hot.pool, hot.table
+        B, L, H = len(seq_ids), store.geometry.num_layers, store.geometry.num_kv_heads
+        dev = positions.device
+        th, tl_ = hot.tokens_per_page, hot.low_tokens_per_page
+        n, now = self.prompt_len[seq_ids], positions
+        n_ctx = (now + 1).float().view(B, 1, 1)
+        thr_p, thr_q = c.alpha_prune / n_ctx, c.alpha_quant / n_ctx
+        not_immune = lambda p: (p >= 0) & (p.long() < (now - c.immune_tokens).view(B, 1, 1, 1))  # noqa: E731
+        pages = table.pages[seq_ids]  # [B, L, H, C]
+        C = pages.shape[-1]
+        inf = torch.tensor(float("inf"), device=dev)
+
+        # lowest-mean non-immune high token per head
+        n_high = table.num_tokens[seq_ids].long()
+        hmax = hot.pages_in_use(seq_ids) * th
+        hidx = torch.arange(max(hmax, 1), device=dev)
+        hpage = torch.gather(pages, 3, (hidx // th).view(1, 1, 1, -1).expand(B, L, H, -1).clamp(max=C - 1)).long()
+        hslot = (hidx % th).view(1, 1, 1, -1).expand_as(hpage)
+        hpos = pool.slot_pos[hpage, hslot]
+        hmean = pool.slot_score[hpage, hslot] / self._counts(hpos, n, now)
+        hcand = not_immune(hpos) & (hidx.view(1, 1, 1, -1) < n_high.unsqueeze(-1)) & (hpage > 0)
+        hmin, harg = torch.where(hcand, hmean, inf).min(-1)
+        h_prune = hmin < thr_p
+        h_demote = ~h_prune & (hmin < thr_q)
+
+        # lowest-mean low token per head
+        nlp = table.num_low_pages[seq_ids].long()
+        lmax = int(nlp.max().item()) * tl_ if B else 0  # host sync (plan time)
+        lidx = torch.arange(max(lmax, 1), device=dev)
+        lcol = (C - 1 - lidx // tl_).clamp(min=0)
+        lpage = torch.gather(pages, 3, lcol.view(1, 1, 1, -1).expand(B, L, H, -1)).long()
+        lslot = (lidx % tl_).view(1, 1, 1, -1).expand_as(lpage)
+        lpos = pool.slot_pos[lpage, lslot]
+        lmean = pool.slot_score[lpage, lslot] / self._counts(lpos, n, now)
+        lcand = not_immune(lpos) & ((lidx // tl_).view(1, 1, 1, -1) < nlp.unsqueeze(-1)) & (lpage > 0)
+        lmin, larg = torch.where(lcand, lmean, inf).min(-1)
+        l_prune = ~h_prune & (lmin < thr_p)
+
+        h_page = torch.gather(hpage, 3, harg.unsqueeze(-1)).squeeze(-1)
+        h_slot = torch.gather(hslot, 3, harg.unsqueeze(-1)).squeeze(-1)
+        h_pos = torch.gather(hpos, 3, harg.unsqueeze(-1)).squeeze(-1).long()
+        l_page = torch.gather(lpage, 3, larg.unsqueeze(-1)).squeeze(-1)
+        l_slot = torch.gather(lslot, 3, larg.unsqueeze(-1)).squeeze(-1)
+        l_pos = torch.gather(lpos, 3, larg.unsqueeze(-1)).squeeze(-1).long()
+
+        # prune low tokens first (a demotion of the same head may take the slot right after)
+        pm = l_prune.reshape(-1)
+        pool.slot_pos[l_page.reshape(-1)[pm], l_slot.reshape(-1)[pm]] = -1
+        pool.slot_score[l_page.reshape(-1)[pm], l_slot.reshape(-1)[pm]] = 0.0
+
+        # demotions: destination = the pruned low slot, else the next low slot (maybe a new page)
+        append = h_demote & ~l_prune
+        n_low = table.num_low[seq_ids].long()
+        needs = append & (n_low % tl_ == 0)
+        if bool(needs.any().item()):
+            high_pages = (table.num_tokens.long() + th - 1) // th
+            table.ensure_pages(int(high_pages.max().item()) + int(table.num_low_pages.max().item()) + 2)
+            pages_full = table.pages
+            C = pages_full.shape[-1]
+            ids, offsets = pool.allocate(needs.reshape(-1).long())
+            flat = needs.reshape(-1).nonzero(as_tuple=True)[0]
+            b, rest = flat // (L * H), flat % (L * H)
+            l, h = rest // H, rest % H
+            pages_full[seq_ids[b], l, h, C - 1 - nlp.reshape(-1)[flat]] = ids[offsets[flat]]
+            table.num_low_pages[seq_ids] += needs.to(torch.int32)
+        pages = table.pages[seq_ids]
+        C = pages.shape[-1]
+        app_col = (C - 1 - n_low // tl_).clamp(min=0)
+        app_page = torch.gather(pages, 3, app_col.unsqueeze(-1)).squeeze(-1).long()
+        dst_page = torch.where(l_prune, l_page, app_page)
+        dst_slot = torch.where(l_prune, l_slot, n_low % tl_)
+        table.num_low[seq_ids] += append.to(torch.int32)
+        dm = h_demote.reshape(-1)
+        if bool(dm.any().item()):
+            src_page, src_slot = h_page.reshape(-1)[dm], h_slot.reshape(-1)[dm]
+            k_pages, v_pages = hot.high.read(pool.data, src_page)  # [M, th, d]
+            rows = torch.arange(src_page.numel(), device=dev)
+            kk, vv = k_pages[rows, src_slot], v_pages[rows, src_slot]
+            dp, ds = dst_page.reshape(-1)[dm], dst_slot.reshape(-1)[dm]
+            hot.low.write(pool.data, dp, ds, kk.to(store.geometry.dtype), vv.to(store.geometry.dtype))
+            pool.slot_pos[dp, ds] = pool.slot_pos[src_page, src_slot]
+            pool.slot_score[dp, ds] = pool.slot_score[src_page, src_slot]
+
+        act = h_prune | h_demote
+        reuse = torch.where(act, harg, torch.full_like(harg, -1))
+        evicted = torch.where(h_prune, h_pos, torch.full_like(h_pos, -1))
+        self.last_low_evicted = torch.where(l_prune, l_pos, torch.full_like(l_pos, -1))
+        return StepDecision(reuse=reuse, evicted_pos=evicted)
+
+
+POLICIES["leankv"] = LeanKVPolicy

@@ -174,7 +174,9 @@ class KVStore:
             out = reference.prefill_attention(q, k, v, valid.view(B, 1, T), scale)
         positions = past_len.view(B, 1) + torch.cumsum(valid.long(), dim=1) - 1
         keep = self.policy.prefill(self, layer, seq_ids, q, k, positions, valid, scale)
-        self.hot.append(layer, seq_ids, k, v, keep.high, positions)
+        self.hot.append(layer, seq_ids, k, v, keep.high, positions, keep.scores)
+        if keep.low is not None:
+            self.hot.append(layer, seq_ids, k, v, keep.low, positions, keep.scores, low=True)
         if self.cold is not None:
             self._cold_prefill(layer, seq_ids, k, v, positions, valid)
             if self.selector is not None:  # selectors that score with the prompt's queries (H2O, SnapKV)

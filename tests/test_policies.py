@@ -173,3 +173,87 @@ def test_window_config_constructible_with_cold_tier():
     assert config.hot_policy == "window"
     with pytest.raises(ValueError, match="hot_policy"):
         KVStoreConfig(hot_policy="window", selector="none", cold_tier=False)
+
+
+# ---- LeanKV ---------------------------------------------------------------------------------
+
+def _leankv_config(**kw) -> KVStoreConfig:
+    base = dict(hot_policy="leankv", key_bits=8, value_bits=4, low_key_bits=4, low_value_bits=2, page_size=4,
+                immune_tokens=4, score_queries=8, alpha_prune=0.5, alpha_quant=2.0)
+    base.update(kw)
+    return KVStoreConfig(**base)
+
+
+def _tiers(store: KVStore, seq_id: int) -> dict[tuple[int, int], tuple[set[int], set[int]]]:
+    """(layer, head) -> (positions in the high tier, positions in the low tier)."""
+    hot, t = store.hot, store.hot.table
+    out = {}
+    for layer in range(L):
+        for h in range(HKV):
+            pages = t.pages[seq_id, layer, h]
+            n, nlp, C = int(t.num_tokens[seq_id, layer, h]), int(t.num_low_pages[seq_id, layer, h]), pages.numel()
+            high = {int(hot.pool.slot_pos[pages[i // hot.tokens_per_page], i % hot.tokens_per_page]) for i in range(n)}
+            low = set()
+            for j in range(nlp):
+                low |= set(hot.pool.slot_pos[pages[C - 1 - j], : hot.low_tokens_per_page].tolist())
+            out[layer, h] = (high - {-1}, low - {-1})
+    return out
+
+
+class _PeakyDriver(_Driver):
+    def _rand(self, *shape):
+        return torch.randn(*shape, generator=self.g) * 2.5  # peaky attention: some tokens score low
+
+
+@pytest.mark.parametrize("use_triton", ["never", "always"])
+def test_leankv_invariants(use_triton):
+    config = _leankv_config(use_triton=use_triton)
+    store = KVStore(config, _geometry())
+    lens = [24, 13]
+    drv = _PeakyDriver(store, lens, seed=1)
+    drv.prefill()
+    before = [_tiers(store, int(s)) for s in drv.seq_ids]
+    pruned = demoted = 0
+    for step in range(14):
+        plan, results = drv.step()
+        for b, n in enumerate(lens):
+            now = n + step + 1
+            after = _tiers(store, int(drv.seq_ids[b]))
+            for key, (hi, lo) in after.items():
+                hi0, lo0 = before[b][key]
+                assert set(range(max(0, now - config.immune_tokens), now)) <= hi  # immune window, new token included
+                assert not hi & lo
+                gone = (hi0 | lo0) - (hi | lo)
+                down = (hi0 & lo)
+                assert len(gone) <= 1 and len(down) <= 1, (step, key, gone, down)  # one prune, one demotion
+                assert (hi | lo) <= set(range(now)) and (hi | lo) - (hi0 | lo0) == {now - 1}
+                assert int(plan.evicted_pos[b, key[0], key[1]]) in gone | {-1}
+                pruned += len(gone)
+                demoted += len(down)
+            before[b] = after
+        # exact accounting: every page in use is in exactly one table, and vice versa
+        tables = store.hot.table.pages[drv.seq_ids]
+        in_tables = tables[tables > 0]
+        assert in_tables.unique().numel() == in_tables.numel() == store.hot.pool.num_used
+    assert pruned > 0 and demoted > 0  # the thresholds did act
+    s = store.stats()
+    assert s["gpu_kv_bytes"] == store.hot.pool.num_used * store.hot.pool.bytes_per_page
+    store.release(drv.seq_ids)
+    assert store.hot.pool.all_free()
+
+
+def test_leankv_decode_attends_exactly_the_hot_tokens():
+    """The kernel path and the reference path keep the same tokens and give the same outputs."""
+    outs = {}
+    for use_triton in ("never", "always"):
+        store = KVStore(_leankv_config(use_triton=use_triton), _geometry(torch.bfloat16))
+        drv = _PeakyDriver(store, [21, 9], seed=2)
+        drv.prefill()
+        outs[use_triton] = []
+        for _ in range(6):
+            _, results = drv.step()
+            outs[use_triton].append((torch.stack([r[0] for r in results]).float(), _tiers(store, int(drv.seq_ids[0]))))
+        store.release(drv.seq_ids)
+    for (a, ta), (b, tb) in zip(outs["never"], outs["always"]):
+        assert ta == tb
+        assert ((a - b).norm() / a.norm()).item() < 1e-2  # bf16 outputs of the two paths
