@@ -216,9 +216,13 @@ class LeanKVPolicy(HotPolicy):
     A low token pruned without a demotion leaves an empty slot (position -1, never attended).
 
     Under retrieval (the `tiered` preset) only hot tokens get probabilities. The rule: a hot
-    token's probability is its share of the *merged* softmax (hot + retrieved, the lse the
-    store writes to the step's `lse_all`), so the scores of hot tokens keep meaning "attention
-    mass", and retrieved tokens (not in the hot tier) get no score: retrieval is their way back.
+    token's probability is its share of the *merged* softmax (hot + retrieved: the store
+    overwrites the step's `lse_all[layer]` with the merged log-sum-exp after the LSE merge,
+    `KVStore._decode_retrieval`), so the scores of hot tokens keep meaning "attention mass"
+    and a retrieved token that takes mass lowers the hot tokens' shares exactly as it would
+    with every token hot. Retrieved tokens (not in the hot tier) get no score and are never
+    re-admitted: retrieval is their way back. The sinks (positions < `sink_tokens`) are immune
+    under retrieval: the PQ index never codes them.
 
     All decisions are batched tensor operations over (sequence, layer, KV head) at plan time; the
     demotion moves (dequantize high, requantize low) happen there too, before any layer runs.
@@ -229,6 +233,9 @@ class LeanKVPolicy(HotPolicy):
     def __init__(self, config: "KVStoreConfig", max_seqs: int, device: torch.device):
         super().__init__(config, max_seqs, device)
         self.prompt_len = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)
+        #: under retrieval (`tiered`) the first `sink_tokens` positions are immune too: the PQ
+        #: index never codes them, so a pruned sink could not come back
+        self.protect_sinks = config.retrieves
         #: positions pruned from the low tier by the last plan, int64 [B, L, Hkv] (-1: none)
         self.last_low_evicted: torch.Tensor | None = None
 
@@ -261,9 +268,14 @@ class LeanKVPolicy(HotPolicy):
         count = torch.minimum(torch.full_like(positions, Q), n.view(B, 1) - positions).clamp(min=1)
         mean = score / count.view(B, 1, T)
         immune = positions >= (n - c.immune_tokens).view(B, 1)
+        if self.protect_sinks:  # under retrieval the sinks are never coded: they must stay hot
+            immune = immune | (positions < c.sink_tokens)
         n_f = n.view(B, 1, 1).float()
-        high = valid.view(B, 1, T) & (immune.view(B, 1, T) | (mean >= c.alpha_quant / n_f))
-        low = valid.view(B, 1, T) & ~high & (mean >= c.alpha_prune / n_f)
+        # as at decode: below the prune threshold a token goes (whatever alpha_quant says), else
+        # below the quantization threshold it is low, else high; immune tokens are high
+        kept = mean >= c.alpha_prune / n_f
+        high = valid.view(B, 1, T) & (immune.view(B, 1, T) | (kept & (mean >= c.alpha_quant / n_f)))
+        low = valid.view(B, 1, T) & ~high & kept
         if layer == 0:
             self.prompt_len[seq_ids] = n
         return PrefillKeep(high=high, low=low, scores=score)
@@ -307,7 +319,8 @@ class LeanKVPolicy(HotPolicy):
         n, now = self.prompt_len[seq_ids], positions
         n_ctx = (now + 1).float().view(B, 1, 1)
         thr_p, thr_q = c.alpha_prune / n_ctx, c.alpha_quant / n_ctx
-        not_immune = lambda p: (p >= 0) & (p.long() < (now - c.immune_tokens).view(B, 1, 1, 1))  # noqa: E731
+        lowest = c.sink_tokens if self.protect_sinks else 0  # under retrieval the sinks stay hot
+        not_immune = lambda p: (p >= lowest) & (p.long() < (now - c.immune_tokens).view(B, 1, 1, 1))  # noqa: E731
         pages = table.pages[seq_ids]  # [B, L, H, C]
         C = pages.shape[-1]
         inf = torch.tensor(float("inf"), device=dev)

@@ -51,6 +51,10 @@ class SelectionStep:
     num_tokens: host int, max(hi): the width scored this step.
     kmax:       host int, min(max(k), num_tokens): the fixed width of the selection.
     uniform_k:  every sequence selects the same k (then top-k need not be sorted).
+    exclude:    bool [L, S, Hkv, cap + 1] or None: True where a (layer, sequence slot, KV head,
+                position) is resident in the hot tier and so never selected (the LeanKV hot
+                policy of `tiered`: the candidates are the tokens it pruned). The store's own
+                tensor, updated in plan; column cap is a trash column.
     """
 
     seq_ids: torch.Tensor
@@ -61,6 +65,7 @@ class SelectionStep:
     num_tokens: int
     kmax: int
     uniform_k: bool
+    exclude: torch.Tensor | None = None
 
 
 class Selector:
@@ -103,6 +108,10 @@ class Selector:
             z = torch.zeros(B, H, 0, dtype=torch.int64, device=self.device)
             return z, z.bool()
         s = self.scores(layer, step, q, scale)
+        if step.exclude is not None:
+            # Hot tokens are attended anyway: never selected. They stay in the scores' softmax
+            # denominators (their mass is real attention mass), only the top-k skips them.
+            s = s.masked_fill(step.exclude[layer, step.seq_ids, :, : s.shape[-1]], -1.0)
         vals, idx = torch.topk(s, step.kmax, dim=-1, sorted=not step.uniform_k)
         valid = vals >= 0
         if not step.uniform_k:

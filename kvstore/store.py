@@ -76,16 +76,24 @@ class KVStore:
         self.cold = ColdTier(config, geometry, self.max_seqs) if config.cold_tier else None
         self.selector = None
         self.gpu_cache: GPUCache | None = None
+        #: bool [L, S, Hkv, cap + 1] under hot_policy='leankv' with retrieval (`tiered`): which
+        #: positions each (layer, sequence, KV head) holds in the hot tier; the others (pruned)
+        #: are the selector's candidates. Column cap is a trash column for "no position".
+        self.resident: torch.Tensor | None = None
         if config.retrieves:
-            if config.hot_policy != "window":
+            if config.hot_policy not in ("window", "leankv"):
                 raise NotImplementedError(
                     f"selector={config.selector!r} with hot_policy={config.hot_policy!r}: retrieval is wired for the "
-                    "'window' hot policy only (candidates are the tokens outside sinks + window)"
+                    "'window' hot policy (candidates: outside sinks + window) and 'leankv' (candidates: the tokens "
+                    "it pruned)"
                 )
             self.selector = make_selector(config, geometry, self.cold)
             self.window = torch.ones(self.max_seqs, dtype=torch.int64, device=self.device)
             self.topk = torch.ones(self.max_seqs, dtype=torch.int64, device=self.device)
             self._cap = 0
+            if config.hot_policy == "leankv":
+                L, H = geometry.num_layers, geometry.num_kv_heads
+                self.resident = torch.zeros(L, self.max_seqs, H, 1, dtype=torch.bool, device=self.device)
         #: overlap the fetch of misses with attention over resident tokens (False: fully synchronous)
         self.async_fetch = True
         self._fetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and config.retrieves else None
@@ -134,6 +142,8 @@ class KVStore:
             self.selector.release(t)
             if self.gpu_cache is not None:
                 self.gpu_cache.release(t)
+            if self.resident is not None:
+                self.resident[:, t] = False
         if self.cold is not None:
             self.cold.release(t)
         self.seq_len[t] = 0
@@ -179,6 +189,8 @@ class KVStore:
             self.hot.append(layer, seq_ids, k, v, keep.low, positions, keep.scores, low=True)
         if self.cold is not None:
             self._cold_prefill(layer, seq_ids, k, v, positions, valid)
+            if self.resident is not None:  # tiered: the prompt tokens LeanKV kept are not candidates
+                self._mark_resident_prefill(layer, seq_ids, keep, positions, valid)
             if self.selector is not None:  # selectors that score with the prompt's queries (H2O, SnapKV)
                 self.selector.prefill_queries(layer, seq_ids, q, k, positions, valid, scale)
         if layer == self.geometry.num_layers - 1:
@@ -246,8 +258,7 @@ class KVStore:
         counts = self.hot.token_counts(ids) if ids.numel() else {"hot_high_tokens": 0, "hot_low_tokens": 0}
         retrieval_bytes = 0
         if self.selector is not None:
-            per_seq = self.selector.device_bytes_per_seq() + (self.gpu_cache.bytes_per_seq if self.gpu_cache else 0)
-            retrieval_bytes = len(self.active) * per_seq
+            retrieval_bytes = len(self.active) * self._retrieval_bytes_per_seq()
         extra = self._retrieval_stats() if self.cold is not None else {}
         return {
             "sequences": len(self.active),
@@ -270,6 +281,59 @@ class KVStore:
         self.selector.ensure(max_seqs, cap)
         if self.gpu_cache is not None:
             self.gpu_cache.ensure(max_seqs, 0, cap)
+        if self.resident is not None:
+            L, S, H, C = self.resident.shape
+            if max_seqs > S or cap + 1 > C:
+                grown = torch.zeros(L, max(S, max_seqs), H, max(C, cap + 1), dtype=torch.bool, device=self.device)
+                grown[:, :S, :, : C - 1] = self.resident[..., : C - 1]
+                self.resident = grown
+
+    def _retrieval_bytes_per_seq(self) -> int:
+        """Device bytes of retrieval state per sequence slot: index, GPU cache, residency map."""
+        per_seq = self.selector.device_bytes_per_seq() + (self.gpu_cache.bytes_per_seq if self.gpu_cache else 0)
+        if self.resident is not None:
+            per_seq += self.resident[:, 0].numel() * self.resident.element_size()
+        return per_seq
+
+    def _candidate_window(self, n: torch.Tensor) -> torch.Tensor:
+        """Recent tokens per sequence that are never candidates (int64 [B] for prompt lengths n).
+
+        'window': PQCache's window. 'leankv' (tiered): the recent tokens LeanKV never prunes, so
+        min(window, immune_tokens) >= 1: a larger window would leave tokens pruned between the
+        immune region and the window's start out of both the hot tier and the candidates.
+        """
+        w = window_sizes(self.config, n)
+        if self.resident is not None:
+            w = w.clamp(max=max(1, self.config.immune_tokens))
+        return w
+
+    @torch.no_grad()
+    def _mark_resident_prefill(self, layer: int, seq_ids: torch.Tensor, keep, positions: torch.Tensor,
+                               valid: torch.Tensor) -> None:
+        """Record which prompt tokens of one layer the hot tier holds (either precision tier)."""
+        B, H, T = keep.high.shape
+        held = keep.high if keep.low is None else keep.high | keep.low
+        cap = self.resident.shape[-1] - 1
+        self.resident[layer, seq_ids] = False
+        col = torch.where(valid, positions.long(), torch.full_like(positions, cap, dtype=torch.int64))
+        h = torch.arange(H, device=self.device).view(1, H, 1)
+        self.resident[layer, seq_ids.view(B, 1, 1), h, col.view(B, 1, T)] = held & valid.view(B, 1, T)
+        self.resident[layer, :, :, cap] = False
+
+    @torch.no_grad()
+    def _mark_resident_step(self, plan: "DecodePlan") -> None:
+        """Plan time: the new token is hot in every (layer, KV head); what the policy pruned is not."""
+        B, L, H = plan.page.shape
+        cap = self.resident.shape[-1] - 1
+        sb = plan.seq_ids.view(B, 1, 1)
+        l_ = torch.arange(L, device=self.device).view(1, L, 1)
+        h = torch.arange(H, device=self.device).view(1, 1, H)
+        for gone in (plan.evicted_pos, getattr(self.policy, "last_low_evicted", None)):
+            if gone is not None:
+                col = torch.where(gone >= 0, gone, torch.full_like(gone, cap))
+                self.resident[l_, sb, h, col] = False
+        self.resident[:, plan.seq_ids, :, plan.positions] = True
+        self.resident[:, :, :, cap] = False
 
     @torch.no_grad()
     def _cold_prefill(self, layer: int, seq_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -279,7 +343,7 @@ class KVStore:
         if layer == 0:
             self.cold.allocate_prefill(seq_ids, n)
             if self.selector is not None:
-                self.window[seq_ids] = window_sizes(self.config, n)
+                self.window[seq_ids] = self._candidate_window(n)
                 self.topk[seq_ids] = budgets(self.config, n)
                 kmax, nmax = (int(x) for x in torch.stack([self.topk[seq_ids].max(), n.max()]).tolist())
                 self._ensure_retrieval(self.max_seqs, nmax + 1)
@@ -303,9 +367,12 @@ class KVStore:
         num_tokens, kmax, kmin, pmax = (int(x) for x in torch.stack([hi.max(), k.max(), k.min(), positions.max()]).tolist())
         self._ensure_retrieval(self.max_seqs, pmax + 1)
         self.cold.device_maps()  # refresh the device chunk maps now, not inside a layer
+        if self.resident is not None:
+            self._mark_resident_step(plan)
         kmax = min(kmax, num_tokens - S) if num_tokens > S else 0
         B, H, d = seq_ids.numel(), self.geometry.num_kv_heads, self.geometry.head_dim
-        plan.selection = SelectionStep(seq_ids, positions, torch.full_like(hi, S), hi, k, num_tokens, kmax, kmin == kmax)
+        plan.selection = SelectionStep(seq_ids, positions, torch.full_like(hi, S), hi, k, num_tokens, kmax, kmin == kmax,
+                                       exclude=self.resident)
         plan.retrieved = torch.zeros(2, B, H, kmax, d, dtype=self.geometry.dtype, device=self.device)
 
     @torch.no_grad()
@@ -323,7 +390,12 @@ class KVStore:
         self._wait_fetch(pending)
         self.gpu_cache.read(layer, step.seq_ids, slot, buf)
         out_r, lse_r, _ = reference.decode_attention(q0, buf[0], buf[1], valid, scale)
-        out, _ = reference.merge_attention(out_h, lse_h, out_r, lse_r)
+        out, lse = reference.merge_attention(out_h, lse_h, out_r, lse_r)
+        ws = plan.hot_ws
+        if ws is not None and ws.get("lse_all") is not None:
+            # LeanKV's score update reads exp(logit - lse_all): with the merged lse, a hot token's
+            # probability is its share of the softmax over hot + retrieved tokens (policies.py)
+            ws["lse_all"][layer].copy_(lse)
         self.gpu_cache.admit(layer, step.seq_ids, pos, valid, slot, buf)
         if layer == self.geometry.num_layers - 1:
             self.gpu_cache.end_step()
@@ -353,8 +425,7 @@ class KVStore:
     def _retrieval_stats(self) -> dict:
         out = {"host_reserved_bytes": self.cold.reserved_bytes}
         if self.selector is not None:
-            out["retrieval_gpu_bytes"] = len(self.active) * (
-                self.selector.device_bytes_per_seq() + (self.gpu_cache.bytes_per_seq if self.gpu_cache else 0))
+            out["retrieval_gpu_bytes"] = len(self.active) * self._retrieval_bytes_per_seq()
             out["gpu_cache_hit_rate"] = self.gpu_cache.hit_rate() if self.gpu_cache else float("nan")
             out["gpu_cache_slots"] = self.gpu_cache.slots if self.gpu_cache else 0
             out["pq_build_seconds"] = getattr(self.selector, "build_seconds", 0.0)
