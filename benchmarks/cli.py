@@ -1,7 +1,8 @@
 """`kvstore-bench`: the long-context benchmark suite's command line.
 
+    kvstore-bench quick [--model probe] [--out DIR]   # the README's main job: a few minutes on CPU
     kvstore-bench run --model PATH_OR_NAME --tasks passkey,niah_single_1 --lengths 4096 \\
-        --methods full,pqcache [--budgets 0.1,0.2] --samples 10 --out DIR
+        --methods full,pqcache [--budgets 0.1,0.2] --samples 10 --out DIR [--max-minutes M]
     kvstore-bench report --out DIR          # rewrite DIR/summary.md and the plots
     kvstore-bench list                      # tasks, and which methods the store provides now
 
@@ -9,7 +10,16 @@
 with the probe tokenizer: checks the plumbing, scores ~0), or a local Hugging Face model folder.
 Nothing is downloaded. Results: DIR/results.jsonl (one line per task, length, method, budget),
 DIR/samples.jsonl, DIR/summary.md, DIR/*.png. Rerunning with the same DIR skips the rows
-already there.
+already there. --methods available runs every method the store provides (others are skipped
+with a warning). --max-minutes stops cleanly (exit 0, "stopped:" on stderr) and the same
+command resumes.
+
+`quick` runs QUICK_TASKS at QUICK_LENGTHS with full against the best presets the store
+provides (QUICK_METHODS: quant, leankv, snapkv, pqcache, oracle, tiered; budget 1/5) and prints
+the summary table. Its default model is the probe; when the probe files are not there yet it
+falls back to --model random with a warning (accuracy then means nothing, the table only shows
+that every method runs); an explicit --model probe without the files is an error. Without
+--out it writes to a fresh temporary folder.
 """
 
 from __future__ import annotations
@@ -17,8 +27,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
+import time
 
 logger = logging.getLogger("kvstore-bench")
+
+#: `kvstore-bench quick`: measured at 2048 tokens with the probe architecture (4 layers, hidden
+#: 256, 8q/2kv heads) on 2 CPU cores, see benchmarks/README.md for the wall time.
+QUICK_TASKS = ("passkey", "niah_single_1", "niah_multikey_2")
+QUICK_LENGTHS = (2048,)
+QUICK_SAMPLES = 4
 
 
 def _csv(text: str) -> list[str]:
@@ -62,11 +80,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     run.add_argument("--no-plots", action="store_true", help="write summary.md only")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    _run_guards(run)
+    quick = sub.add_parser("quick", help="a few tasks at 2K tokens, full against the best presets; prints the table")
+    quick.add_argument("--model", default=None,
+                       help="default: the probe (falls back to 'random' with a warning while it is not shipped)")
+    quick.add_argument("--out", default=None, help="output folder (default: a fresh temporary folder)")
+    quick.add_argument("--tasks", type=_csv, default=list(QUICK_TASKS))
+    quick.add_argument("--lengths", type=_lengths, default=list(QUICK_LENGTHS))
+    quick.add_argument("--methods", type=_csv, default=None,
+                       help="default: full and whichever of quant, leankv, snapkv, pqcache, oracle, tiered the store provides")
+    quick.add_argument("--budgets", type=_csv, default=None, help="default 0.2 (1/5 of the prompt attended)")
+    quick.add_argument("--samples", type=int, default=QUICK_SAMPLES)
+    quick.add_argument("--device", default="auto")
+    quick.add_argument("--dtype", default="auto")
+    quick.add_argument("--no-plots", action="store_true")
+    quick.add_argument("--quiet", action="store_true")
+    _run_guards(quick)
     rep = sub.add_parser("report", help="rewrite DIR/summary.md and the plots from DIR/results.jsonl")
     rep.add_argument("--out", required=True)
     rep.add_argument("--no-plots", action="store_true")
     sub.add_parser("list", help="tasks and methods (with what each method still lacks in the store)")
     return parser
+
+
+def _run_guards(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop cleanly before this much wall time is spent (rows written so far stay; rerun to resume)")
+    p.add_argument("--warmup", choices=("auto", "on", "off"), default="auto",
+                   help="one untimed batch per (method, length) first; auto: on CUDA only (Triton compilation)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +131,27 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.runner import RunSpec, load_model, run_suite
 
+    skip_unavailable = False
+    if args.command == "quick":
+        from benchmarks.methods import QUICK_METHODS
+        from benchmarks.probe_model import PROBE_DIR, has_probe
+
+        if args.model is None:
+            args.model = "probe"
+            if not has_probe(PROBE_DIR):
+                logger.warning(
+                    "WARNING: the probe model is not in %s yet, so this runs --model random, a tiny random "
+                    "Llama: its accuracy is meaningless (it only shows every method runs). Train the probe "
+                    "with `python -m benchmarks.train_probe --out benchmarks/probe` or pass --model PATH.",
+                    PROBE_DIR,
+                )
+                args.model = "random"
+        if args.methods is None:
+            args.methods, skip_unavailable = list(QUICK_METHODS), True
+        if args.out is None:
+            args.out = tempfile.mkdtemp(prefix="kvstore-bench-quick-")
+        args.batch_size = args.depths = args.max_new_tokens = None
+        args.seed = 0
     tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -99,17 +161,29 @@ def main(argv: list[str] | None = None) -> int:
         spec = RunSpec(
             tasks=tasks, lengths=args.lengths, methods=args.methods, out=args.out, budgets=args.budgets,
             samples=args.samples, batch_size=args.batch_size, seed=args.seed, depths=args.depths,
-            max_new_tokens=args.max_new_tokens, progress=not args.quiet,
+            max_new_tokens=args.max_new_tokens, progress=not args.quiet, max_minutes=args.max_minutes,
+            warmup={"auto": None, "on": True, "off": False}[args.warmup], skip_unavailable=skip_unavailable,
         )
         from benchmarks.methods import expand_methods
 
-        expand_methods(spec.methods, spec.budgets)  # fail before loading the model
+        methods = expand_methods(spec.methods, spec.budgets, skip_unavailable)  # fail before loading the model
+        logger.info(
+            "kvstore-bench %s: %d tasks x %d lengths x %d methods@budgets x %d samples -> %s",
+            args.command, len(tasks), len(spec.lengths), len(methods), spec.samples, args.out,
+        )
+        start = time.perf_counter()
         model, tokenizer, label = load_model(args.model, args.device, args.dtype)
-        run_suite(model, tokenizer, spec, label)
+        result = run_suite(model, tokenizer, spec, label)
     except (ValueError, FileNotFoundError, MethodUnavailable) as exc:
         print(f"kvstore-bench: {exc}", file=sys.stderr)
         return 2
     print(write_report(args.out, plots=not args.no_plots))
+    elapsed = time.perf_counter() - start
+    if result.stopped:
+        print(f"kvstore-bench: stopped: {result.stopped}. Rerun the same command to resume.", file=sys.stderr)
+    for name, why in result.skipped.items():
+        print(f"kvstore-bench: skipped {name}: {why}", file=sys.stderr)
+    print(f"kvstore-bench: {result.completed} rows in {elapsed:.1f} s; results in {args.out}", file=sys.stderr)
     return 0
 
 

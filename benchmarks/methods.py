@@ -15,14 +15,25 @@ Budgets (`--budgets`), for the methods that select tokens at decode:
 Methods without a token budget (full, quant, leankv) run once, with budget "all" (full, quant)
 or their thresholds (leankv); `--budgets` does not apply to them. Every result row carries
 `budget_definition`, the sentence that says which definition produced it.
+
+Method lists: "available" (or "all") stands for every method the store provides now; those it
+does not provide are skipped with a logged warning, while a method named explicitly that the
+store cannot run raises `MethodUnavailable`. Availability is checked twice: against
+`kvstore.capabilities` (the preset) and by building a one-layer store on the CPU (the store
+refuses some combinations at construction, e.g. a selector over a hot policy it is not wired for).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
+import torch
+
 from kvstore.config import KVStoreConfig
+
+logger = logging.getLogger(__name__)
 
 #: Every method the suite knows, in report order.
 METHODS = ("full", "quant", "leankv", "streaming", "h2o", "snapkv", "quest", "pqcache", "oracle", "tiered")
@@ -32,6 +43,10 @@ BUDGETED = ("streaming", "h2o", "snapkv", "quest", "pqcache", "oracle", "tiered"
 #: tier and every token in the cold tier, exactly like pqcache/oracle but for the scoring.
 BASELINE_SELECTORS = {"streaming": "streaming", "h2o": "h2o", "snapkv": "snapkv", "quest": "quest"}
 DEFAULT_BUDGET = "0.2"
+#: What `kvstore-bench quick` compares by default: full against the best presets and one baseline.
+QUICK_METHODS = ("full", "quant", "leankv", "snapkv", "pqcache", "oracle", "tiered")
+#: Names in a method list that stand for every available method.
+ALL_AVAILABLE = ("available", "all")
 
 _SELECTION = {
     "streaming": "StreamingLLM: the most recent candidates (a longer window)",
@@ -85,6 +100,25 @@ def _preset(name: str, **overrides) -> KVStoreConfig:
         raise MethodUnavailable(str(exc)) from None
 
 
+def check_store(config: KVStoreConfig) -> None:
+    """Build a one-layer store on the CPU with `config`; MethodUnavailable if the store refuses it.
+
+    Catches what `kvstore.capabilities` cannot see: a combination the store raises
+    NotImplementedError for at construction. Costs milliseconds (the first retrieval store
+    imports FAISS).
+    """
+    from kvstore.hot_tier import ModelGeometry
+    from kvstore.store import KVStore
+
+    geometry = ModelGeometry(num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=16, dtype=torch.float32,
+                             device=torch.device("cpu"))
+    try:
+        store = KVStore(dataclasses.replace(config, max_batch_size=1), geometry)
+    except NotImplementedError as exc:
+        raise MethodUnavailable(f"preset {config.name!r}: {exc}") from None
+    store.release_all()
+
+
 def _selection_config(name: str, budget: str) -> tuple[KVStoreConfig, str, str]:
     kind, value = parse_budget(budget)
     if name in BASELINE_SELECTORS:
@@ -122,8 +156,7 @@ def _selection_config(name: str, budget: str) -> tuple[KVStoreConfig, str, str]:
     return config, label, definition
 
 
-def make_method(name: str, budget: str | None = None) -> Method:
-    """Build method `name` at `budget` (see the module docstring); MethodUnavailable if not built."""
+def _make_method(name: str, budget: str | None = None) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
     if name == "full":
@@ -147,13 +180,45 @@ def make_method(name: str, budget: str | None = None) -> Method:
     return Method(name, label, definition, config)
 
 
-def expand_methods(names: list[str], budgets: list[str] | None = None) -> list[Method]:
-    """Methods x budgets (budgets only multiply the budgeted methods); unavailable ones raise."""
+def make_method(name: str, budget: str | None = None) -> Method:
+    """Build method `name` at `budget` (see the module docstring); MethodUnavailable if not built."""
+    method = _make_method(name, budget)
+    check_store(method.config)
+    return method
+
+
+def expand_methods(names: list[str], budgets: list[str] | None = None, skip_unavailable: bool = False) -> list[Method]:
+    """Methods x budgets (budgets only multiply the budgeted methods).
+
+    "available" / "all" in `names` expands to every method in METHODS. A method the store
+    cannot run raises MethodUnavailable, unless it came from "available" or `skip_unavailable`
+    is set: then it is left out with a logged warning.
+    """
     budgets = budgets or [DEFAULT_BUDGET]
-    out: list[Method] = []
+    for b in budgets:
+        parse_budget(b)  # ValueError naming the bad entry before anything runs
+    expanded: list[tuple[str, bool]] = []  # (name, may skip)
     for name in names:
+        if name in ALL_AVAILABLE:
+            expanded += [(m, True) for m in METHODS]
+        elif name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)} (or 'available')")
+        else:
+            expanded.append((name, skip_unavailable))
+    out: list[Method] = []
+    seen: set[tuple[str, str]] = set()
+    for name, may_skip in expanded:
         for budget in budgets if name in BUDGETED else [None]:
-            out.append(make_method(name, budget))
+            try:
+                method = make_method(name, budget)
+            except MethodUnavailable as exc:
+                if not may_skip:
+                    raise
+                logger.warning("method %s skipped: %s", name, exc)
+                break
+            if method.key not in seen:
+                seen.add(method.key)
+                out.append(method)
     return out
 
 

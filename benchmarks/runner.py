@@ -8,6 +8,13 @@ method (a `benchmarks.methods.Method`) the store is attached, the samples run in
 equal-length prompts through `model.generate` (greedy), and one row per (task, length, method,
 budget) is appended to `DIR/results.jsonl`, with every sample's prediction and score in
 `DIR/samples.jsonl`. Rows already in results.jsonl are skipped, so an interrupted run resumes.
+Rows run length by length (shortest first), so a run stopped by `max_minutes` (or killed)
+leaves the short lengths complete; a row is written only once all its samples ran.
+
+Timing is honest on CUDA: the device is synchronized before the request starts and after
+generate() returns, and each token's stamp is taken after generate() copied it to the host.
+On CUDA every (method, length, batch size) first runs one untimed warm-up batch (a few tokens)
+so that Triton compilation and allocator growth do not land in the first row's TTFT.
 
 Row fields (per sequence unless said otherwise):
   task, length, method, budget, budget_definition, category, accuracy (mean RULER string-match
@@ -17,7 +24,8 @@ Row fields (per sequence unless said otherwise):
   (dense / gpu), ttft_s (request start to the first generated token, one batch), tt2t_s
   (request start to the second token: includes the first decode step, which waits for any
   PQ build), tpot_s (mean time per output token after the second), tokens_per_s (generated
-  tokens of the whole batch per second of generate()), new_tokens (mean generated per sample).
+  tokens of the whole batch per second of generate()), new_tokens (mean generated per sample),
+wall_s (the row's wall time, warm-up included).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.methods import Method, expand_methods
+from benchmarks.methods import Method, MethodUnavailable, expand_methods
 from benchmarks.scoring import exact_match, mean, score_sample
 from benchmarks.tasks import Sample, make_sample
 
@@ -59,6 +67,12 @@ class RunSpec:
     depths: list[float] | None = None
     max_new_tokens: int | None = None
     progress: bool = True
+    #: stop cleanly (between batches, before a row that would not fit) after this many minutes
+    max_minutes: float | None = None
+    #: None: warm up on CUDA only (Triton compilation); True / False: always / never
+    warmup: bool | None = None
+    #: leave out methods the store cannot run (with a warning) instead of failing
+    skip_unavailable: bool = False
 
     def __post_init__(self):
         if self.samples < 1:
@@ -71,15 +85,29 @@ class RunSpec:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.depths is not None and any(not 0 <= d <= 1 for d in self.depths):
             raise ValueError(f"depths must be in [0, 1], got {self.depths}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
 
     def depth_of(self, i: int) -> float:
         if self.depths:
             return self.depths[i % len(self.depths)]
         return i / (self.samples - 1) if self.samples > 1 else 0.5
 
-    def batch_for(self, length: int) -> int:
-        # Default: about 16K prompt tokens per batch (the CPU reference prefill holds B*Hq*T*T scores).
-        return self.batch_size or max(1, min(self.samples, 16384 // length))
+    def batch_for(self, length: int, device: torch.device | str = "cpu") -> int:
+        """Sequences per generate() call: --batch-size, else about TOKENS_PER_BATCH[device] prompt
+        tokens, balanced so the last batch is not a straggler (20 samples at most 8 -> 7, 7, 6)."""
+        if self.batch_size:
+            return self.batch_size
+        most = max(1, min(self.samples, TOKENS_PER_BATCH[torch.device(device).type == "cuda"] // length))
+        num_batches = math.ceil(self.samples / most)
+        return math.ceil(self.samples / num_batches)
+
+
+#: Prompt tokens per batch by default, {on CUDA: ..., else: ...}. CPU: the reference prefill
+#: holds B*Hq*T*T attention scores. CUDA: the store's prefill builds a [B, 1, T, T] mask for
+#: SDPA (1 GiB bool at 4 x 16K, plus its bf16 bias), small next to 80 GB; larger batches mean
+#: fewer decode steps, and the per-step Python overhead of the store is what a run pays for.
+TOKENS_PER_BATCH = {False: 16384, True: 65536}
 
 
 # ---- models -----------------------------------------------------------------------------------
@@ -250,20 +278,38 @@ def _nanmean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+class DeadlineReached(Exception):
+    """The run's max_minutes passed; the row in progress was abandoned (nothing written)."""
+
+
 def run_method(model, tokenizer, samples: list[Sample], method: Method, batch_size: int,
-               max_new_tokens: int | None = None, progress=None) -> tuple[dict, list[dict]]:
-    """Run `samples` (one task and length) under `method`; returns (row, per-sample records)."""
+               max_new_tokens: int | None = None, progress=None, warmup: bool = False,
+               deadline: float | None = None) -> tuple[dict, list[dict]]:
+    """Run `samples` (one task and length) under `method`; returns (row, per-sample records).
+
+    warmup: first run the first batch untimed for a few tokens (Triton compilation on CUDA).
+    deadline: a time.perf_counter() value; past it, DeadlineReached is raised between batches.
+    A store that refuses the method at attach raises MethodUnavailable.
+    """
     from kvstore import KVStoreClient
 
+    wall_start = time.perf_counter()
     config = method.config
     if config.max_batch_size < batch_size:
         config = dataclasses.replace(config, max_batch_size=batch_size)
     client = KVStoreClient(config)
     batches = []
     records = []
-    client.attach(model)
     try:
+        client.attach(model)
+    except NotImplementedError as exc:
+        raise MethodUnavailable(f"{method.name}: {exc}") from None
+    try:
+        if warmup:
+            generate_batch(model, tokenizer, samples[:batch_size], method, client, min(4, max_new_tokens or 4))
         for start in range(0, len(samples), batch_size):
+            if deadline is not None and time.perf_counter() > deadline:
+                raise DeadlineReached(f"{method.name} {method.budget} stopped after {len(records)} samples")
             chunk = samples[start:start + batch_size]
             budget = max_new_tokens or max(s.max_new_tokens for s in chunk)
             res = generate_batch(model, tokenizer, chunk, method, client, budget)
@@ -302,14 +348,36 @@ def run_method(model, tokenizer, samples: list[Sample], method: Method, batch_si
         "budget_definition": method.budget_definition,
         "batch_size": batch_size,
         "preset": config.name,
+        "wall_s": time.perf_counter() - wall_start,
     }
     return row, records
 
 
-def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> list[dict]:
-    """Run everything in `spec` not already in OUT/results.jsonl; returns all rows of the file."""
+@dataclass
+class SuiteResult:
+    """What run_suite did: every row now in results.jsonl, and whether the plan finished."""
+
+    rows: list[dict]
+    planned: int  # rows this call set out to run (rows already in the file excluded)
+    completed: int  # rows this call wrote
+    stopped: str | None = None  # why it stopped early (max_minutes), else None
+    skipped: dict[str, str] = field(default_factory=dict)  # method -> why the store refused it
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped is None
+
+
+def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> SuiteResult:
+    """Run everything in `spec` not already in OUT/results.jsonl (lengths ascending).
+
+    Stops cleanly at spec.max_minutes: before a row whose estimated time (seconds per sample
+    seen at that length) would overrun, or between batches; rerunning resumes.
+    """
     from tqdm.auto import tqdm
 
+    t0 = time.perf_counter()
+    deadline = t0 + 60 * spec.max_minutes if spec.max_minutes is not None else None
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     results, sample_file = out / "results.jsonl", out / "samples.jsonl"
@@ -320,37 +388,81 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> li
             f"{results} holds results of model {sorted(map(str, other))}, not {model_label!r}: use another --out"
         )
     done = {row_key(r) for r in existing}
-    methods = expand_methods(spec.methods, spec.budgets)  # raises MethodUnavailable early
+    methods = expand_methods(spec.methods, spec.budgets, spec.skip_unavailable)  # raises MethodUnavailable early
     param = next(model.parameters())
+    device = param.device
+    warmup = spec.warmup if spec.warmup is not None else device.type == "cuda"
     todo = [
-        (task, length, m) for task in spec.tasks for length in spec.lengths for m in methods
+        (task, length, m) for length in sorted(spec.lengths) for task in spec.tasks for m in methods
         if (task, length, m.name, m.budget) not in done
     ]
     skipped = len(spec.tasks) * len(spec.lengths) * len(methods) - len(todo)
     if skipped:
         logger.info("resuming: %d rows already in %s are skipped", skipped, results)
+    result = SuiteResult(rows=[], planned=len(todo), completed=0)
     bar = tqdm(total=len(todo) * spec.samples, desc="samples", unit="sample", disable=not spec.progress)
     cache: dict[tuple[str, int], list[Sample]] = {}
+    warmed: set[tuple] = set()
+    per_sample: dict[int, float] = {}  # length -> the slowest row's seconds per sample so far
+    refused: set[str] = set()
     try:
         for task, length, method in todo:
+            if method.name in refused:
+                continue
+            now = time.perf_counter()
+            if deadline is not None and now + per_sample.get(length, 0.0) * spec.samples > deadline:
+                result.stopped = (
+                    f"max_minutes={spec.max_minutes:g} reached after {(now - t0) / 60:.1f} min "
+                    f"({result.completed} of {result.planned} rows written)"
+                )
+                break
             if (task, length) not in cache:
                 cache.clear()  # one (task, length) at a time: generation order groups them
                 cache[(task, length)] = [
                     make_sample(task, length, spec.seed * 1_000_003 + i, tokenizer, spec.depth_of(i))
                     for i in range(spec.samples)
                 ]
+            batch = spec.batch_for(length, device)
             bar.set_postfix_str(f"{task} {length} {method.name} {method.budget}")
-            row, records = run_method(
-                model, tokenizer, cache[(task, length)], method, spec.batch_for(length), spec.max_new_tokens, bar
-            )
-            row.update(model=model_label, dtype=str(param.dtype).removeprefix("torch."), device=str(param.device))
+            wkey = (method.key, length, batch)
+            try:
+                row, records = run_method(
+                    model, tokenizer, cache[(task, length)], method, batch, spec.max_new_tokens, bar,
+                    warmup=warmup and wkey not in warmed, deadline=deadline,
+                )
+            except MethodUnavailable as exc:
+                if not (spec.skip_unavailable or (method.name not in spec.methods and _from_available(spec.methods))):
+                    raise
+                logger.warning("method %s skipped: %s", method.name, exc)
+                refused.add(method.name)
+                result.skipped[method.name] = str(exc)
+                continue
+            except DeadlineReached as exc:
+                result.stopped = (
+                    f"max_minutes={spec.max_minutes:g} reached after {(time.perf_counter() - t0) / 60:.1f} min "
+                    f"({result.completed} of {result.planned} rows written; {exc}, not written)"
+                )
+                break
+            warmed.add(wkey)
+            per_sample[length] = max(per_sample.get(length, 0.0), row["wall_s"] / spec.samples)
+            row.update(model=model_label, dtype=str(param.dtype).removeprefix("torch."), device=str(device))
             _append(sample_file, records)
             _append(results, [row])
+            result.completed += 1
             logger.info(
-                "%s %d %s %s: accuracy %.3f, GPU KV %.0f B/seq (dense %.0f), TTFT %.3fs",
+                "%s %d %s %s: accuracy %.3f, GPU KV %.0f B/seq (dense %.0f), TTFT %.3fs, %.1fs",
                 task, length, method.name, method.budget, row["accuracy"], row["gpu_kv_bytes"],
-                row["dense_kv_bytes"], row["ttft_s"],
+                row["dense_kv_bytes"], row["ttft_s"], row["wall_s"],
             )
     finally:
         bar.close()
-    return read_rows(results)
+    if result.stopped:
+        logger.warning("stopped: %s; rerun the same command to resume", result.stopped)
+    result.rows = read_rows(results)
+    return result
+
+
+def _from_available(names: list[str]) -> bool:
+    from benchmarks.methods import ALL_AVAILABLE
+
+    return any(n in ALL_AVAILABLE for n in names)
