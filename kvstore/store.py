@@ -321,19 +321,24 @@ class KVStore:
         self.resident[layer, :, :, cap] = False
 
     @torch.no_grad()
-    def _mark_resident_step(self, plan: "DecodePlan") -> None:
-        """Plan time: the new token is hot in every (layer, KV head); what the policy pruned is not."""
+    def _mark_pruned_step(self, plan: "DecodePlan", hi: torch.Tensor) -> torch.Tensor:
+        """Plan time: what the policy pruned this step leaves the residency map. Returns the number
+        of candidates (pruned tokens in [S, hi)) per (layer, sequence, KV head), int64 [L, B, Hkv]."""
         B, L, H = plan.page.shape
         cap = self.resident.shape[-1] - 1
         sb = plan.seq_ids.view(B, 1, 1)
         l_ = torch.arange(L, device=self.device).view(1, L, 1)
         h = torch.arange(H, device=self.device).view(1, 1, H)
-        for gone in (plan.evicted_pos, getattr(self.policy, "last_low_evicted", None)):
+        for gone in (plan.evicted_pos, getattr(self.policy, "last_low_evicted", None)):  # two tensors
             if gone is not None:
                 col = torch.where(gone >= 0, gone, torch.full_like(gone, cap))
                 self.resident[l_, sb, h, col] = False
-        self.resident[:, plan.seq_ids, :, plan.positions] = True
         self.resident[:, :, :, cap] = False
+        S = self.config.sink_tokens
+        t = torch.arange(cap, device=self.device).view(1, 1, 1, cap)
+        in_range = (t >= S) & (t < hi.view(1, B, 1, 1))
+        held = (self.resident[:, plan.seq_ids, :, :cap] & in_range).sum(-1)  # [L, B, H]
+        return (hi - S).clamp(min=0).view(1, B, 1) - held
 
     @torch.no_grad()
     def _cold_prefill(self, layer: int, seq_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -347,7 +352,8 @@ class KVStore:
                 self.topk[seq_ids] = budgets(self.config, n)
                 kmax, nmax = (int(x) for x in torch.stack([self.topk[seq_ids].max(), n.max()]).tolist())
                 self._ensure_retrieval(self.max_seqs, nmax + 1)
-                slots = min(self.config.gpu_cache_tokens, kmax)
+                # tiered: no candidate before LeanKV prunes; the cache grows at plan time with them
+                slots = 0 if self.resident is not None else min(self.config.gpu_cache_tokens, kmax)
                 if self.gpu_cache is None:
                     self.gpu_cache = GPUCache(self.geometry, self.max_seqs, slots, self._cap)
                 else:
@@ -364,12 +370,20 @@ class KVStore:
         S = self.config.sink_tokens
         hi = torch.clamp(positions + 1 - self.window[seq_ids], min=S)
         k = self.topk[seq_ids]
-        num_tokens, kmax, kmin, pmax = (int(x) for x in torch.stack([hi.max(), k.max(), k.min(), positions.max()]).tolist())
+        # tiered: the selection is never wider than the most candidates any (layer, sequence, head)
+        # has (nothing pruned yet: nothing to select, no fetch, no GPU cache slots)
+        cand = self._mark_pruned_step(plan, hi).max() if self.resident is not None else hi.max()
+        num_tokens, kmax, kmin, pmax, cmax = (
+            int(x) for x in torch.stack([hi.max(), k.max(), k.min(), positions.max(), cand]).tolist())
         self._ensure_retrieval(self.max_seqs, pmax + 1)
         self.cold.device_maps()  # refresh the device chunk maps now, not inside a layer
+        ktop, kmax = kmax, max(0, min(kmax, num_tokens - S, cmax))
         if self.resident is not None:
-            self._mark_resident_step(plan)
-        kmax = min(kmax, num_tokens - S) if num_tokens > S else 0
+            self.resident[:, seq_ids, :, positions] = True  # the new token is hot in every (layer, head)
+            want = min(self.config.gpu_cache_tokens, kmax)
+            if self.gpu_cache is not None and want > self.gpu_cache.slots:  # grows with the candidates
+                cap_slots = min(self.config.gpu_cache_tokens, ktop)
+                self.gpu_cache.ensure(self.max_seqs, min(cap_slots, max(want, 2 * self.gpu_cache.slots)), self._cap)
         B, H, d = seq_ids.numel(), self.geometry.num_kv_heads, self.geometry.head_dim
         plan.selection = SelectionStep(seq_ids, positions, torch.full_like(hi, S), hi, k, num_tokens, kmax, kmin == kmax,
                                        exclude=self.resident)
