@@ -107,7 +107,7 @@ def test_tiered_without_pruning_equals_quant():
 def test_budget_covering_the_context_attends_every_token_once():
     """Each step and layer: out == merge(hot tier at its quantized values, every other position
     [0, now] exactly from the history), i.e. retrieval brings back exactly what LeanKV pruned."""
-    store = KVStore(_tiered(), _geometry())
+    store = KVStore(_tiered(max_batch_size=1), _geometry())  # 2 sequences: the slots grow too
     g = torch.Generator().manual_seed(3)
     rand = lambda *shape: torch.randn(*shape, generator=g) * 2.5  # noqa: E731  peaky: some tokens score low
     lens = [30, 19]
@@ -143,7 +143,11 @@ def test_budget_covering_the_context_attends_every_token_once():
                 want, _ = reference.merge_attention(out_h[b:b + 1], lse_h[b:b + 1], out_c, lse_c)
                 torch.testing.assert_close(out[b:b + 1], want, rtol=1e-5, atol=1e-5)
     assert pruned > 0  # the thresholds did prune: the test compared recalled tokens
+    evicted_at_decode = int((plan.evicted_pos >= 0).sum()) + int((store.policy.last_low_evicted >= 0).sum())
+    hit_rate = store.stats()["gpu_cache_hit_rate"]
     store.release(seq_ids)
+    assert evicted_at_decode > 0  # decode-time prunes too (observed 4 at the last step)
+    assert hit_rate > 0.5, hit_rate  # later steps read recalled tokens from the GPU cache (observed 0.88)
 
 
 def test_pruned_top1_key_comes_back_and_scores_use_the_merged_softmax():
