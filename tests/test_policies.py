@@ -257,3 +257,36 @@ def test_leankv_decode_attends_exactly_the_hot_tokens():
     for (a, ta), (b, tb) in zip(outs["never"], outs["always"]):
         assert ta == tb
         assert ((a - b).norm() / a.norm()).item() < 1e-2  # bf16 outputs of the two paths
+
+
+def test_leankv_prefill_prunes_below_alpha_p_whatever_alpha_q():
+    """Prune is checked before demotion, at prefill as at decode: alpha_quant=0 (nothing demoted)
+    still prunes what falls below alpha_prune / n."""
+    store = KVStore(_leankv_config(alpha_quant=0.0, alpha_prune=0.5), _geometry())
+    drv = _PeakyDriver(store, [24, 13], seed=1)
+    drv.prefill()
+    for b, n in enumerate([24, 13]):
+        for (layer, h), (hi, lo) in _tiers(store, int(drv.seq_ids[b])).items():
+            assert not lo  # nothing below alpha_quant = 0
+            assert set(range(n - 4, n)) <= hi  # immune
+    held = sum(len(hi) for b in range(2) for hi, _ in _tiers(store, int(drv.seq_ids[b])).values())
+    assert held < (24 + 13) * L * HKV  # some tokens pruned at prefill
+    store.release(drv.seq_ids)
+
+
+def test_leankv_keeps_the_sinks_under_retrieval():
+    """With a selector (`tiered`) the first sink_tokens positions are immune: the PQ index never
+    codes them, so they must stay hot. Without one, LeanKV may prune them (as the paper does)."""
+    kept = {}
+    for retrieves in (False, True):
+        extra = dict(selector="pq", cold_tier=True, window_tokens=4, pq_bits=3) if retrieves else {}
+        store = KVStore(_leankv_config(alpha_prune=1.5, alpha_quant=3.0, sink_tokens=3, **extra), _geometry())
+        drv = _PeakyDriver(store, [24, 13], seed=4)
+        drv.prefill()
+        for _ in range(8):
+            drv.step()
+        tiers = [_tiers(store, int(s)) for s in drv.seq_ids]
+        kept[retrieves] = all({0, 1, 2} <= hi | lo for t in tiers for hi, lo in t.values())
+        store.release(drv.seq_ids)
+    assert kept[True]
+    assert not kept[False]  # the thresholds are high enough to prune a sink when nothing protects them
