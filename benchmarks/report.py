@@ -6,7 +6,8 @@
 summary.md holds: the accuracy table (task x length rows, one column per method@budget), the
 per-method table (mean accuracy on retrieval tasks and, separately, on aggregation tasks, where
 top-k attention is known to break; GPU KV bytes and compression against the dense cache; host
-bytes; TTFT, TT2T, TPOT, tokens/s), and each method's budget definition.
+bytes; TTFT, TT2T, TPOT, tokens/s), with several lengths the same speed columns per length
+(timings mix lengths otherwise), and each method's budget definition.
 """
 
 from __future__ import annotations
@@ -63,10 +64,13 @@ def summary_markdown(rows: list[dict]) -> str:
     by_cell = {(r["task"], r["length"], _label(r)): r for r in rows}
     keys = sorted({(r["task"], r["length"]) for r in rows}, key=lambda k: (k[1], k[0]))
     models = sorted({str(r.get("model", "?")) for r in rows})
+    devices = sorted({f"{r.get('device', '?')} ({r['device_name']})" if r.get("device_name") not in (None, "cpu")
+                      else str(r.get("device", "?")) for r in rows})
+    dtypes = sorted({str(r.get("dtype", "?")) for r in rows})
     lines = [
         "# kvstore-bench summary",
         "",
-        f"Model: {', '.join(models)}. Device: {', '.join(sorted({str(r.get('device', '?')) for r in rows}))}. "
+        f"Model: {', '.join(models)} ({', '.join(dtypes)}). Device: {', '.join(devices)}. "
         "Accuracy: RULER string match (fraction of expected answers in the greedy output), mean over samples.",
         "",
         "## Accuracy",
@@ -103,6 +107,30 @@ def summary_markdown(rows: list[dict]) -> str:
             f"{_fmt(_mean(r['tt2t_s'] for r in rs))} | {_fmt(1000 * _mean(r['tpot_s'] for r in rs), 1)} | "
             f"{_fmt(_mean(r['tokens_per_s'] for r in rs), 1)} |"
         )
+    lengths = sorted({r["length"] for r in rows})
+    if len(lengths) > 1:
+        lines += [
+            "",
+            "## Speed by length",
+            "",
+            "Means over the tasks at each length; batch = sequences per generate() call.",
+            "",
+            "| method | length | batch | compression | TTFT s | TT2T s | TPOT ms | tok/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for lab in labels:
+            for length in lengths:
+                rs = [r for r in groups[lab] if r["length"] == length]
+                if not rs:
+                    continue
+                gpu, dense = _mean(r["gpu_kv_bytes"] for r in rs), _mean(r["dense_kv_bytes"] for r in rs)
+                batch = sorted({r.get("batch_size") for r in rs if r.get("batch_size") is not None})
+                lines.append(
+                    f"| {lab} | {length} | {'/'.join(map(str, batch)) or '-'} | "
+                    f"{_fmt(dense / gpu if gpu else float('nan'), 2)}x | {_fmt(_mean(r['ttft_s'] for r in rs))} | "
+                    f"{_fmt(_mean(r['tt2t_s'] for r in rs))} | {_fmt(1000 * _mean(r['tpot_s'] for r in rs), 1)} | "
+                    f"{_fmt(_mean(r['tokens_per_s'] for r in rs), 1)} |"
+                )
     lines += ["", "## Budget definitions", ""]
     for lab in labels:
         lines.append(f"- **{lab}**: {groups[lab][0].get('budget_definition', '?')}")
@@ -110,15 +138,18 @@ def summary_markdown(rows: list[dict]) -> str:
 
 
 def _read_samples(path: Path) -> list[dict]:
+    """The per-sample records; a sample written twice (a run killed between the two files and
+    resumed) counts once, the last record winning."""
     if not path.exists():
         return []
-    out = []
+    out = {}
     for line in path.read_text().splitlines():
         try:
-            out.append(json.loads(line))
+            s = json.loads(line)
         except json.JSONDecodeError:
             continue
-    return out
+        out[(s.get("task"), s.get("length"), s.get("method"), str(s.get("budget")), s.get("seed"))] = s
+    return list(out.values())
 
 
 def plot(rows: list[dict], samples: list[dict], out: Path) -> list[Path]:

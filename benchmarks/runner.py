@@ -104,10 +104,12 @@ class RunSpec:
 
 
 #: Prompt tokens per batch by default, {on CUDA: ..., else: ...}. CPU: the reference prefill
-#: holds B*Hq*T*T attention scores. CUDA: the store's prefill builds a [B, 1, T, T] mask for
-#: SDPA (1 GiB bool at 4 x 16K, plus its bf16 bias), small next to 80 GB; larger batches mean
-#: fewer decode steps, and the per-step Python overhead of the store is what a run pays for.
-TOKENS_PER_BATCH = {False: 16384, True: 65536}
+#: holds B*Hq*T*T attention scores. CUDA: the store's prefill builds a [B, 1, T, T] bool mask
+#: for SDPA (7 x 16K: 1.9 GB, plus its bf16 bias) and H2O scores 512 queries at a time
+#: (7 x 8 x 512 x 16K fp32: 1.9 GB), small next to 80 GB. Larger batches mean fewer decode
+#: steps, and the per-step Python overhead of the store is what a GPU run pays for: 128K gives
+#: 20 samples as 1 batch at 4K, 2 at 8K, 3 at 16K. An out-of-memory error halves the batch.
+TOKENS_PER_BATCH = {False: 16384, True: 131072}
 
 
 # ---- models -----------------------------------------------------------------------------------
@@ -392,6 +394,7 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
     param = next(model.parameters())
     device = param.device
     warmup = spec.warmup if spec.warmup is not None else device.type == "cuda"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     todo = [
         (task, length, m) for length in sorted(spec.lengths) for task in spec.tasks for m in methods
         if (task, length, m.name, m.budget) not in done
@@ -403,10 +406,14 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
     bar = tqdm(total=len(todo) * spec.samples, desc="samples", unit="sample", disable=not spec.progress)
     cache: dict[tuple[str, int], list[Sample]] = {}
     warmed: set[tuple] = set()
+    max_batch: dict[int, int] = {}  # length -> batch cap after an out-of-memory error
     per_sample: dict[int, float] = {}  # length -> the slowest row's seconds per sample so far
     refused: set[str] = set()
     try:
-        for task, length, method in todo:
+        i = 0
+        while i < len(todo):
+            task, length, method = todo[i]
+            i += 1
             if method.name in refused:
                 continue
             now = time.perf_counter()
@@ -422,7 +429,7 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
                     make_sample(task, length, spec.seed * 1_000_003 + i, tokenizer, spec.depth_of(i))
                     for i in range(spec.samples)
                 ]
-            batch = spec.batch_for(length, device)
+            batch = min(spec.batch_for(length, device), max_batch.get(length, spec.samples))
             bar.set_postfix_str(f"{task} {length} {method.name} {method.budget}")
             wkey = (method.key, length, batch)
             try:
@@ -430,6 +437,16 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
                     model, tokenizer, cache[(task, length)], method, batch, spec.max_new_tokens, bar,
                     warmup=warmup and wkey not in warmed, deadline=deadline,
                 )
+            except torch.OutOfMemoryError:
+                if batch == 1 or spec.batch_size:
+                    raise
+                max_batch[length] = batch // 2
+                logger.warning("out of memory at %d tokens x %d sequences: batches of %d from now on",
+                               length, batch, batch // 2)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                todo.insert(i, (task, length, method))  # retry the row next
+                continue
             except MethodUnavailable as exc:
                 if not (spec.skip_unavailable or (method.name not in spec.methods and _from_available(spec.methods))):
                     raise
@@ -445,7 +462,8 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
                 break
             warmed.add(wkey)
             per_sample[length] = max(per_sample.get(length, 0.0), row["wall_s"] / spec.samples)
-            row.update(model=model_label, dtype=str(param.dtype).removeprefix("torch."), device=str(device))
+            row.update(model=model_label, dtype=str(param.dtype).removeprefix("torch."), device=str(device),
+                       device_name=device_name)
             _append(sample_file, records)
             _append(results, [row])
             result.completed += 1

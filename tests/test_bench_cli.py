@@ -1,0 +1,140 @@
+"""kvstore-bench quick, --methods available, the --max-minutes guard, OOM back-off, batching, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+import benchmarks.probe_model as probe_model
+import benchmarks.runner as runner
+from benchmarks import cli
+from benchmarks.methods import BUDGETED, METHODS, QUICK_METHODS, MethodUnavailable, available_methods, expand_methods
+from benchmarks.report import summary_markdown, write_report
+from benchmarks.runner import RunSpec, random_model, read_rows, run_method, run_suite
+from benchmarks.tasks import make_sample
+
+LENGTH = 300
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_model(seed=0)
+
+
+def test_quick_falls_back_to_random_with_a_warning_and_prints_the_table(monkeypatch, tmp_path, capsys, caplog):
+    monkeypatch.setattr(probe_model, "PROBE_DIR", tmp_path / "no-probe")
+    out = tmp_path / "quick"
+    with caplog.at_level(logging.WARNING):
+        code = cli.main(["quick", "--tasks", "passkey", "--lengths", str(LENGTH), "--samples", "1", "--out", str(out),
+                         "--quiet", "--no-plots"])
+    assert code == 0
+    assert "accuracy is meaningless" in caplog.text
+    printed = capsys.readouterr()
+    expected = [m for m in QUICK_METHODS if available_methods()[m] is None]
+    assert "full" in expected and len(expected) >= 4  # full, quant, leankv, pqcache at least
+    rows = read_rows(out / "results.jsonl")
+    assert {r["model"] for r in rows} == {"random"}
+    assert [r["method"] for r in rows] == expected  # every available quick method, in order
+    defaults = cli.build_parser().parse_args(["quick"])
+    assert defaults.tasks == list(cli.QUICK_TASKS) and defaults.lengths == list(cli.QUICK_LENGTHS)
+    assert defaults.model is None and defaults.methods is None and defaults.samples == cli.QUICK_SAMPLES
+    assert "| passkey | 300 |" in printed.out and "## Per method" in printed.out
+    header = next(line for line in printed.out.splitlines() if line.startswith("| task | length |"))
+    for name in expected:
+        assert name in header
+    assert f"{len(rows)} rows" in printed.err
+    # an explicit --model probe without the files is an error that says how to get them
+    assert cli.main(["quick", "--model", "probe", "--out", str(tmp_path / "q2"), "--quiet"]) == 2
+    assert "train_probe" in capsys.readouterr().err
+
+
+def test_methods_available_expands_and_skips_what_the_store_lacks(monkeypatch, caplog):
+    every = expand_methods(["available"], ["0.2", "0.05"])
+    names = [m.name for m in every]
+    assert names == [n for n in METHODS for _ in range(2 if n in BUDGETED else 1) if available_methods()[n] is None]
+    assert {m.budget for m in every if m.name == "pqcache"} == {"c=0.2", "c=0.05"}
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        expand_methods(["full", "nope"])
+    with pytest.raises(ValueError, match="budget"):
+        expand_methods(["full"], ["0.2", "x"])
+    import kvstore.capabilities as caps
+
+    monkeypatch.setattr(caps, "SELECTORS", {"none"})
+    with caplog.at_level(logging.WARNING):
+        kept = expand_methods(["available"])
+    assert [m.name for m in kept] == ["full", "quant", "leankv"] and "pqcache skipped" in caplog.text
+    with pytest.raises(MethodUnavailable):
+        expand_methods(["full", "pqcache"])  # named explicitly: an error
+    assert [m.name for m in expand_methods(["full", "pqcache"], skip_unavailable=True)] == ["full"]
+
+
+def test_max_minutes_stops_cleanly_and_the_same_run_resumes(tiny, tmp_path):
+    model, tok = tiny
+    spec = dict(tasks=["passkey", "niah_single_1"], lengths=[LENGTH], methods=["full", "quant"], out=str(tmp_path),
+                samples=1, progress=False, max_new_tokens=2)
+    stopped = run_suite(model, tok, RunSpec(**spec, max_minutes=1e-9), "random")
+    assert stopped.stopped and "max_minutes" in stopped.stopped and not stopped.finished
+    assert stopped.completed == 0 and read_rows(tmp_path / "results.jsonl") == []
+    done = run_suite(model, tok, RunSpec(**spec, max_minutes=60), "random")
+    assert done.finished and done.completed == 4 and len(done.rows) == 4
+    again = run_suite(model, tok, RunSpec(**spec), "random")
+    assert again.planned == 0 and again.completed == 0 and len(again.rows) == 4
+    # between batches: a deadline already past abandons the row before its first batch
+    samples = [make_sample("passkey", LENGTH, s, tok, 0.5) for s in range(2)]
+    with pytest.raises(runner.DeadlineReached):
+        run_method(model, tok, samples, expand_methods(["full"])[0], batch_size=1, deadline=0.0)
+
+
+def test_lengths_run_shortest_first_and_an_oom_halves_the_batch(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    real = runner.run_method
+    calls = []
+
+    def flaky(model, tokenizer, samples, method, batch_size, *args, **kwargs):
+        calls.append((samples[0].length, method.name, batch_size))
+        if batch_size > 1 and samples[0].length == 2 * LENGTH:
+            raise torch.OutOfMemoryError("test: out of memory")
+        return real(model, tokenizer, samples, method, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_method", flaky)
+    res = run_suite(model, tok, RunSpec(tasks=["passkey"], lengths=[2 * LENGTH, LENGTH], methods=["full", "quant"],
+                                        out=str(tmp_path), samples=2, progress=False, max_new_tokens=2), "random")
+    assert res.finished and res.completed == 4
+    assert calls == [(LENGTH, "full", 2), (LENGTH, "quant", 2), (2 * LENGTH, "full", 2), (2 * LENGTH, "full", 1),
+                     (2 * LENGTH, "quant", 1)]
+    assert [(r["length"], r["batch_size"]) for r in res.rows] == [(LENGTH, 2), (LENGTH, 2), (2 * LENGTH, 1), (2 * LENGTH, 1)]
+
+
+def test_default_batches_are_balanced_and_larger_on_cuda():
+    spec = RunSpec(tasks=["passkey"], lengths=[4096], methods=["full"], out="x", samples=20)
+    assert spec.batch_for(4096) == 4 and spec.batch_for(16384) == 1  # CPU: ~16K tokens per batch
+    assert spec.batch_for(4096, "cuda") == 20 and spec.batch_for(8192, "cuda") == 10 and spec.batch_for(16384, "cuda") == 7
+    assert RunSpec(tasks=["passkey"], lengths=[1], methods=["full"], out="x", samples=20, batch_size=3).batch_for(16384, "cuda") == 3
+    with pytest.raises(ValueError, match="max_minutes"):
+        RunSpec(tasks=["passkey"], lengths=[1], methods=["full"], out="x", max_minutes=0)
+
+
+def test_report_speed_by_length_and_duplicate_samples(tmp_path):
+    base = dict(task="passkey", method="pqcache", budget="c=0.2", accuracy=1.0, samples=1, gpu_kv_bytes=100.0,
+                dense_kv_bytes=400.0, host_kv_bytes=500.0, ttft_s=0.5, tt2t_s=0.6, tpot_s=0.01, tokens_per_s=50.0,
+                category="retrieval", budget_definition="d", batch_size=4, model="m", device="cuda:0",
+                device_name="NVIDIA H100 80GB HBM3", dtype="bfloat16")
+    rows = [dict(base, length=4096), dict(base, length=8192, ttft_s=1.5, batch_size=2)]
+    text = summary_markdown(rows)
+    assert "cuda:0 (NVIDIA H100 80GB HBM3)" in text and "(bfloat16)" in text
+    assert "| pqcache@c=0.2 | 4096 | 4 | 4.00x | 0.500 |" in text
+    assert "| pqcache@c=0.2 | 8192 | 2 | 4.00x | 1.500 |" in text
+    assert "Speed by length" not in summary_markdown(rows[:1])
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sample = dict(task="passkey", length=4096, method="pqcache", budget="c=0.2", seed=0, depth=0.5, score=0.0)
+    lines = [sample, dict(sample, score=1.0), dict(sample, length=8192, score=1.0)]  # the first one written twice
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in lines))
+    from benchmarks.report import _read_samples
+
+    got = _read_samples(tmp_path / "samples.jsonl")
+    assert len(got) == 2 and all(s["score"] == 1.0 for s in got)
+    write_report(tmp_path, plots=True)
+    assert (tmp_path / "accuracy_by_depth.png").stat().st_size > 1000
