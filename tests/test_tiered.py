@@ -23,10 +23,12 @@ from kvstore.store import KVStore
 
 L, HQ, HKV, D = 2, 4, 2, 16
 SCALE = D ** -0.5
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TOL = {"cpu": 1e-5, "cuda": 1e-4}  # CUDA: the Triton kernels against the references / each other
 
 
-def _geometry():
-    return ModelGeometry(L, HQ, HKV, D, torch.float32, torch.device("cpu"))
+def _geometry(device="cpu"):
+    return ModelGeometry(L, HQ, HKV, D, torch.float32, torch.device(device))
 
 
 def _tiered(**kw) -> KVStoreConfig:
@@ -36,6 +38,7 @@ def _tiered(**kw) -> KVStoreConfig:
 
 
 def _generate(model, config, ids, mask, steps=6):
+    ids, mask = ids.to(model.device), mask.to(model.device)
     client = KVStoreClient(config)
     with client.attach(model):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
@@ -70,8 +73,9 @@ def _hot_attention(store: KVStore, layer: int, seq_ids: torch.Tensor, q: torch.T
 
 # ---- through attach --------------------------------------------------------------------------
 
-def test_tiered_prunes_recalls_and_generates_through_attach():
-    model = tiny_model("llama", num_hidden_layers=3)
+@pytest.mark.parametrize("device", DEVICES)
+def test_tiered_prunes_recalls_and_generates_through_attach(device):
+    model = tiny_model("llama", num_hidden_layers=3).to(device)
     ids, mask = left_padded_batch(2, 160, pads=(30, 0))
     full_logits, _, _ = _generate(model, KVStoreConfig.preset("full"), ids, mask)
     # a random model attends diffusely (every mean is near 1/n): thresholds above 1 make LeanKV act
@@ -79,7 +83,7 @@ def test_tiered_prunes_recalls_and_generates_through_attach():
                                token_budget=16)
     logits, seq, s = _generate(model, cfg, ids, mask)
     assert seq.shape == (2, 166) and torch.isfinite(logits).all()
-    torch.testing.assert_close(logits[:, 0], full_logits[:, 0], rtol=1e-5, atol=1e-5)  # dense prefill
+    torch.testing.assert_close(logits[:, 0], full_logits[:, 0], rtol=TOL[device], atol=TOL[device])  # dense prefill
     slots = s["tokens"] * 3 * 2  # (token, layer, KV head)
     assert 0 < s["hot_high_tokens"] + s["hot_low_tokens"] < slots  # LeanKV pruned some tokens ...
     assert s["hot_low_tokens"] > 0  # ... and demoted some
@@ -88,33 +92,36 @@ def test_tiered_prunes_recalls_and_generates_through_attach():
     assert s["gpu_kv_bytes"] < s["dense_kv_bytes"]
 
 
-def test_tiered_without_pruning_equals_quant():
+@pytest.mark.parametrize("device", DEVICES)
+def test_tiered_without_pruning_equals_quant(device):
     """alpha_prune = alpha_quant = 0: every token stays hot at K8V4 (the `quant` hot tier), so
-    no candidate is left to retrieve and tiered's logits are quant's (both fp32 references)."""
-    model = tiny_model("llama")
+    no candidate is left to retrieve and tiered's logits are quant's (fp32)."""
+    model = tiny_model("llama").to(device)
     ids, mask = left_padded_batch(2, 120, pads=(17, 0))
     q_logits, q_seq, _ = _generate(model, KVStoreConfig.preset("quant"), ids, mask)
     cfg = KVStoreConfig.preset("tiered", alpha_prune=0.0, alpha_quant=0.0, sink_tokens=4, token_budget=1000)
     logits, seq, s = _generate(model, cfg, ids, mask)
     assert torch.equal(seq, q_seq)
-    torch.testing.assert_close(logits, q_logits, rtol=1e-5, atol=1e-5)  # observed max |diff| ~1e-6
+    torch.testing.assert_close(logits, q_logits, rtol=TOL[device], atol=TOL[device])  # CPU: observed max |diff| ~1e-6
     assert s["hot_low_tokens"] == 0 and s["hot_high_tokens"] == s["tokens"] * 2 * 2
     assert s["gpu_cache_hit_rate"] != s["gpu_cache_hit_rate"]  # nan: no lookup, nothing was a candidate
 
 
 # ---- store driven directly -------------------------------------------------------------------
 
-def test_budget_covering_the_context_attends_every_token_once():
+@pytest.mark.parametrize("device", DEVICES)
+def test_budget_covering_the_context_attends_every_token_once(device):
     """Each step and layer: out == merge(hot tier at its quantized values, every other position
     [0, now] exactly from the history), i.e. retrieval brings back exactly what LeanKV pruned."""
-    store = KVStore(_tiered(max_batch_size=1), _geometry())  # 2 sequences: the slots grow too
+    store = KVStore(_tiered(max_batch_size=1), _geometry(device))  # 2 sequences: the slots grow too
     g = torch.Generator().manual_seed(3)
-    rand = lambda *shape: torch.randn(*shape, generator=g) * 2.5  # noqa: E731  peaky: some tokens score low
+    rand = lambda *shape: (torch.randn(*shape, generator=g) * 2.5).to(device)  # noqa: E731  peaky: some score low
     lens = [30, 19]
     B, T = len(lens), max(lens)
     valid = torch.zeros(B, T, dtype=torch.bool)
     for b, n in enumerate(lens):
         valid[b, T - n:] = True
+    valid = valid.to(device)
     seq_ids = store.add_sequences(B)
     hist_k = [[None] * B for _ in range(L)]
     hist_v = [[None] * B for _ in range(L)]
@@ -136,12 +143,12 @@ def test_budget_covering_the_context_attends_every_token_once():
             for b in range(B):
                 held = _hot_positions(store, int(seq_ids[b]), layer)
                 N = hist_k[layer][b].shape[1]
-                cold = torch.tensor([[p not in held[h] for p in range(N)] for h in range(HKV)])
+                cold = torch.tensor([[p not in held[h] for p in range(N)] for h in range(HKV)], device=device)
                 pruned += int(cold.sum())
                 out_c, lse_c, _ = reference.decode_attention(q[b:b + 1, :, 0], hist_k[layer][b][None],
                                                              hist_v[layer][b][None], cold[None], SCALE)
                 want, _ = reference.merge_attention(out_h[b:b + 1], lse_h[b:b + 1], out_c, lse_c)
-                torch.testing.assert_close(out[b:b + 1], want, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(out[b:b + 1].float(), want, rtol=TOL[device], atol=TOL[device])
     assert pruned > 0  # the thresholds did prune: the test compared recalled tokens
     evicted_at_decode = int((plan.evicted_pos >= 0).sum()) + int((store.policy.last_low_evicted >= 0).sum())
     hit_rate = store.stats()["gpu_cache_hit_rate"]
@@ -150,7 +157,8 @@ def test_budget_covering_the_context_attends_every_token_once():
     assert hit_rate > 0.5, hit_rate  # later steps read recalled tokens from the GPU cache (observed 0.88)
 
 
-def test_pruned_top1_key_comes_back_and_scores_use_the_merged_softmax():
+@pytest.mark.parametrize("device", DEVICES)
+def test_pruned_top1_key_comes_back_and_scores_use_the_merged_softmax(device):
     """Hand case: the prompt's last queries look away from token 9 (LeanKV prunes it at prefill);
     the decode query points at it. Tiered attends it (out ~ its value); leankv alone cannot.
     The hot tokens' score update after that step is their share of the merged softmax: ~0."""
@@ -164,20 +172,21 @@ def test_pruned_top1_key_comes_back_and_scores_use_the_merged_softmax():
     v[:, :, t_star] = 0.0
     v[:, :, t_star, 1] = 5.0  # token 9's value: 5 * e_1
     q_pre = (6.0 * u).expand(1, HQ, n, D).contiguous()  # every prompt query: q.k_9 = -36 * scale
-    valid = torch.ones(1, n, dtype=torch.bool)
+    valid = torch.ones(1, n, dtype=torch.bool, device=device)
+    k, v, q_pre, u = k.to(device), v.to(device), q_pre.to(device), u.to(device)
     results = {}
     for name, config in (("tiered", _tiered(alpha_prune=0.3, alpha_quant=0.0)),
                          ("leankv", _tiered(alpha_prune=0.3, alpha_quant=0.0, selector="none", cold_tier=False))):
-        store = KVStore(config, _geometry())
+        store = KVStore(config, _geometry(device))
         seq_ids = store.add_sequences(1)
         for layer in range(L):
             store.prefill(layer, seq_ids, q_pre, k, v, valid, SCALE)
         assert all(t_star not in held and len(held) < n for held in _hot_positions(store, 0, 0))  # pruned
         plan = store.plan(seq_ids)
         q = (-8.0 * u).expand(1, HQ, 1, D).contiguous()  # q.k_9 = +48 * scale: the top-1 key by far
-        kn, vn = torch.zeros(1, HKV, 1, D), torch.zeros(1, HKV, 1, D)
+        kn, vn = torch.zeros(1, HKV, 1, D, device=device), torch.zeros(1, HKV, 1, D, device=device)
         outs = [store.decode(layer, plan, q, kn, vn, SCALE)[0, :, 0] for layer in range(L)]
-        results[name] = torch.stack(outs)  # [L, Hq, d]
+        results[name] = torch.stack(outs).float().cpu()  # [L, Hq, d]
         if name == "tiered":
             before = store.hot.pool.slot_score.clone()
             store.plan(seq_ids)  # observes the last step's probabilities
