@@ -208,3 +208,20 @@ def test_tiered_config_and_preset():
     assert cfg.cold_tier and cfg.window_tokens == cfg.immune_tokens
     with pytest.raises(NotImplementedError, match="hot_policy='all'"):
         KVStore(KVStoreConfig(selector="pq", cold_tier=True), _geometry())
+
+
+def test_memory_report_quant_figures(tmp_path):
+    """benchmarks/memory_report.py end to end on a random bf16 Llama with Llama-3's head dim."""
+    import json
+
+    from benchmarks.memory_report import main
+
+    out = tmp_path / "memory.json"
+    assert main(["--length", "512", "--steps", "3", "--head-dim", "128", "--presets", "full,quant,tiered",
+                 "--json", str(out)]) == 0
+    rows = {r["preset"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["quant"]["dense_over_gpu"] >= 2.3  # issue 3's bar; observed 2.38 (K8V4 + metadata, d=128)
+    assert rows["quant"]["max_rel_logit"] < 0.1  # observed 0.023
+    assert rows["full"]["max_rel_logit"] < 0.02  # bf16 noise floor, observed 0.006
+    assert all(r["prefill_exact"] for r in rows.values())  # the first token comes from dense prefill
+    assert rows["tiered"]["host_kv_bytes"] >= rows["tiered"]["dense_kv_bytes"] > rows["tiered"]["gpu_kv_bytes"]
