@@ -49,7 +49,8 @@ class SelectionStep:
     lo, hi:     int64 [B] candidate range [lo, hi) per sequence.
     k:          int64 [B] tokens to select per (sequence, KV head) (fixed at prefill).
     num_tokens: host int, max(hi): the width scored this step.
-    kmax:       host int, min(max(k), num_tokens): the fixed width of the selection.
+    kmax:       host int, min(max(k), num_tokens - lo), and under `exclude` at most the most
+                candidates any (layer, sequence, KV head) has: the fixed width of the selection.
     uniform_k:  every sequence selects the same k (then top-k need not be sorted).
     exclude:    bool [L, S, Hkv, cap + 1] or None: True where a (layer, sequence slot, KV head,
                 position) is resident in the hot tier and so never selected (the LeanKV hot
