@@ -12,7 +12,8 @@ Nothing is downloaded. Results: DIR/results.jsonl (one line per task, length, me
 DIR/samples.jsonl, DIR/summary.md, DIR/*.png. Rerunning with the same DIR skips the rows
 already there. --methods available runs every method the store provides (others are skipped
 with a warning). --max-minutes stops cleanly (exit 0, "stopped:" on stderr) and the same
-command resumes.
+command resumes. A method that raises is logged with its traceback and left out for the rest
+of the run, the others go on, and the exit status is 1 (--fail-fast: stop at once instead).
 
 `quick` runs QUICK_TASKS at QUICK_LENGTHS with full against the best presets the store
 provides (QUICK_METHODS: quant, leankv, snapkv, pqcache, oracle, tiered; budget 1/5) and prints
@@ -108,6 +109,9 @@ def _run_guards(p: argparse.ArgumentParser) -> None:
                    help="stop cleanly before this much wall time is spent (rows written so far stay; rerun to resume)")
     p.add_argument("--warmup", choices=("auto", "on", "off"), default="auto",
                    help="one untimed batch per (method, length) first; auto: on CUDA only (Triton compilation)")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="stop at the first method that raises (default: log it, leave that method@budget out, "
+                        "run the rest, exit 1)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             samples=args.samples, batch_size=args.batch_size, seed=args.seed, depths=args.depths,
             max_new_tokens=args.max_new_tokens, progress=not args.quiet, max_minutes=args.max_minutes,
             warmup={"auto": None, "on": True, "off": False}[args.warmup], skip_unavailable=skip_unavailable,
+            keep_going=not args.fail_fast,
         )
         from benchmarks.methods import expand_methods
 
@@ -183,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvstore-bench: stopped: {result.stopped}. Rerun the same command to resume.", file=sys.stderr)
     for name, why in result.skipped.items():
         print(f"kvstore-bench: skipped {name}: {why}", file=sys.stderr)
+    for name, why in result.failed.items():
+        print(f"kvstore-bench: FAILED {name} (left out after this error): {why}", file=sys.stderr)
     print(f"kvstore-bench: {result.completed} rows in {elapsed:.1f} s; results in {args.out}", file=sys.stderr)
-    return 0
+    return 1 if result.failed else 0
 
 
 if __name__ == "__main__":

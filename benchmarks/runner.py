@@ -73,6 +73,9 @@ class RunSpec:
     warmup: bool | None = None
     #: leave out methods the store cannot run (with a warning) instead of failing
     skip_unavailable: bool = False
+    #: a method@budget that raises is logged (traceback), recorded in SuiteResult.failed and
+    #: left out for the rest of the run, instead of ending it (a long GPU run keeps the rest)
+    keep_going: bool = False
 
     def __post_init__(self):
         if self.samples < 1:
@@ -364,6 +367,7 @@ class SuiteResult:
     completed: int  # rows this call wrote
     stopped: str | None = None  # why it stopped early (max_minutes), else None
     skipped: dict[str, str] = field(default_factory=dict)  # method -> why the store refused it
+    failed: dict[str, str] = field(default_factory=dict)  # "method budget" -> the error (keep_going)
 
     @property
     def finished(self) -> bool:
@@ -409,12 +413,13 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
     max_batch: dict[int, int] = {}  # length -> batch cap after an out-of-memory error
     per_sample: dict[int, float] = {}  # length -> the slowest row's seconds per sample so far
     refused: set[str] = set()
+    broken: set[tuple[str, str]] = set()
     try:
         i = 0
         while i < len(todo):
             task, length, method = todo[i]
             i += 1
-            if method.name in refused:
+            if method.name in refused or method.key in broken:
                 continue
             now = time.perf_counter()
             if deadline is not None and now + per_sample.get(length, 0.0) * spec.samples > deadline:
@@ -460,6 +465,14 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
                     f"({result.completed} of {result.planned} rows written; {exc}, not written)"
                 )
                 break
+            except Exception as exc:
+                if not spec.keep_going:
+                    raise
+                logger.exception("%s %d %s %s failed; this method@budget is left out from now on",
+                                 task, length, method.name, method.budget)
+                broken.add(method.key)
+                result.failed[f"{method.name} {method.budget}"] = f"{task} {length}: {type(exc).__name__}: {exc}"
+                continue
             warmed.add(wkey)
             per_sample[length] = max(per_sample.get(length, 0.0), row["wall_s"] / spec.samples)
             row.update(model=model_label, dtype=str(param.dtype).removeprefix("torch."), device=str(device),

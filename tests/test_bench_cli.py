@@ -138,3 +138,27 @@ def test_report_speed_by_length_and_duplicate_samples(tmp_path):
     assert len(got) == 2 and all(s["score"] == 1.0 for s in got)
     write_report(tmp_path, plots=True)
     assert (tmp_path / "accuracy_by_depth.png").stat().st_size > 1000
+
+
+def test_a_failing_method_is_left_out_and_the_run_goes_on(tiny, tmp_path, monkeypatch, capsys):
+    model, tok = tiny
+    real = runner.run_method
+
+    def broken_quant(model, tokenizer, samples, method, *args, **kwargs):
+        if method.name == "quant":
+            raise RuntimeError("test: kernel failure")
+        return real(model, tokenizer, samples, method, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_method", broken_quant)
+    spec = dict(tasks=["passkey", "niah_single_1"], lengths=[LENGTH], methods=["quant", "full"], out=str(tmp_path),
+                samples=1, progress=False, max_new_tokens=2)
+    res = run_suite(model, tok, RunSpec(**spec, keep_going=True), "random")
+    assert [(r["task"], r["method"]) for r in res.rows] == [("passkey", "full"), ("niah_single_1", "full")]
+    assert list(res.failed) == ["quant all"] and "test: kernel failure" in res.failed["quant all"]
+    with pytest.raises(RuntimeError, match="kernel failure"):
+        run_suite(model, tok, RunSpec(**spec), "random")  # keep_going=False (the library default)
+    monkeypatch.setattr(probe_model, "PROBE_DIR", tmp_path / "no-probe")
+    code = cli.main(["quick", "--tasks", "passkey", "--lengths", str(LENGTH), "--samples", "1", "--methods", "quant,full",
+                     "--out", str(tmp_path / "cli"), "--quiet", "--no-plots"])
+    assert code == 1 and "FAILED quant all" in capsys.readouterr().err
+    assert [r["method"] for r in read_rows(tmp_path / "cli" / "results.jsonl")] == ["full"]
