@@ -25,7 +25,7 @@ Row fields (per sequence unless said otherwise):
   (request start to the second token: includes the first decode step, which waits for any
   PQ build), tpot_s (mean time per output token after the second), tokens_per_s (generated
   tokens of the whole batch per second of generate()), new_tokens (mean generated per sample),
-wall_s (the row's wall time, warm-up included).
+wall_s (the row's wall time, warm-up included), warmup_s (the untimed warm-up's share).
 """
 
 from __future__ import annotations
@@ -310,8 +310,10 @@ def run_method(model, tokenizer, samples: list[Sample], method: Method, batch_si
     except NotImplementedError as exc:
         raise MethodUnavailable(f"{method.name}: {exc}") from None
     try:
+        warm_start = time.perf_counter()
         if warmup:
             generate_batch(model, tokenizer, samples[:batch_size], method, client, min(4, max_new_tokens or 4))
+        warmup_s = time.perf_counter() - warm_start
         for start in range(0, len(samples), batch_size):
             if deadline is not None and time.perf_counter() > deadline:
                 raise DeadlineReached(f"{method.name} {method.budget} stopped after {len(records)} samples")
@@ -354,6 +356,7 @@ def run_method(model, tokenizer, samples: list[Sample], method: Method, batch_si
         "batch_size": batch_size,
         "preset": config.name,
         "wall_s": time.perf_counter() - wall_start,
+        "warmup_s": warmup_s,
     }
     return row, records
 
@@ -474,7 +477,7 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
                 result.failed[f"{method.name} {method.budget}"] = f"{task} {length}: {type(exc).__name__}: {exc}"
                 continue
             warmed.add(wkey)
-            per_sample[length] = max(per_sample.get(length, 0.0), row["wall_s"] / spec.samples)
+            per_sample[length] = max(per_sample.get(length, 0.0), (row["wall_s"] - row["warmup_s"]) / spec.samples)
             row.update(model=model_label, dtype=str(param.dtype).removeprefix("torch."), device=str(device),
                        device_name=device_name)
             _append(sample_file, records)
