@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger("train_probe")
 
-DEFAULT_TASKS = "niah_single_1:2,niah_multikey_2:2,niah_multikey_3:1,passkey:2,kv_retrieval:3,vt:1"
+DEFAULT_TASKS = "niah_single_1:1,niah_multikey_2:3,niah_multikey_3:2,passkey:1,kv_retrieval:4,vt:1"
 EVAL_TASKS = ("niah_single_1", "niah_multikey_2", "passkey", "kv_retrieval")
 
 
@@ -56,11 +56,11 @@ class TrainConfig:
     out: str = "out/probe"
     seed: int = 0
     device: str = "auto"
-    steps: int = 3000
-    max_minutes: float = 9.0
+    steps: int = 100000  # the shipped run is bounded by max_minutes
+    max_minutes: float = 8.7
     # "length:start" pairs: the stage of `length` starts at that fraction of the run;
     # "4096+8192:0.8" alternates batches of those lengths.
-    curriculum: str = "512:0,1024:0.1,2048:0.25,4096:0.45,4096+8192:0.7"
+    curriculum: str = "512:0,1024:0.15,2048:0.3,4096:0.5,4096+8192:0.7"
     tokens_per_batch: int = 65536
     # "task:weight" pairs, sampled in proportion to the weights.
     tasks: str = DEFAULT_TASKS
@@ -70,16 +70,32 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     lm_weight: float = 0.2
+    # Fraction of sequences that are a random token string followed by its repeat (loss on the
+    # repeat, weight copy_weight): a dense copying signal that grows induction heads early.
+    copy_fraction: float = 0.4
+    copy_weight: float = 1.0
+    copy_until: float = 0.85
+    # Until this fraction of the run, every sequence is random tokens followed by their repeat
+    # (loss on the repeat): induction heads form within ~100 steps on this signal, and without
+    # them the sparse answer loss of the tasks never starts to fall (see probe/README.md).
+    induction_until: float = 0.06
     eval_every: int = 250
     eval_samples: int = 16
     workers: int = -1
     log_every: int = 25
+    precision: str = "bf16"  # "bf16" (autocast on CUDA) or "fp32"
 
     def __post_init__(self):
         if self.steps <= 0:
             raise ValueError(f"steps must be positive, got {self.steps}")
         if self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if not 0 <= self.induction_until < 1:
+            raise ValueError(f"induction_until must be in [0, 1), got {self.induction_until}")
+        if not 0 <= self.copy_fraction < 1:
+            raise ValueError(f"copy_fraction must be in [0, 1), got {self.copy_fraction}")
         if self.tokens_per_batch <= 0:
             raise ValueError(f"tokens_per_batch must be positive, got {self.tokens_per_batch}")
         stages = self.stages  # validates
@@ -168,8 +184,11 @@ class StageDataset(torch.utils.data.Dataset):
     lm_mask [B, T] float32 (weights for predicting token t from tokens < t).
     """
 
-    def __init__(self, tokenizer, lengths: tuple[int, ...], tokens_per_batch: int, task_weights, seed: int):
+    def __init__(self, tokenizer, lengths: tuple[int, ...], tokens_per_batch: int, task_weights, seed: int,
+                 copy_fraction: float = 0.0, induction: bool = False):
         self.tokenizer = tokenizer
+        self.copy_fraction = copy_fraction
+        self.induction = induction
         self.lengths = tuple(lengths)
         self.tokens_per_batch = tokens_per_batch
         self.tasks = [t for t, _ in task_weights]
@@ -184,8 +203,14 @@ class StageDataset(torch.utils.data.Dataset):
 
         length = self.lengths[index % len(self.lengths)]
         rng = _rng_for("batch", self.seed, self.lengths, index)
-        seqs, prompt_lens = [], []
+        seqs, prompt_lens, copies = [], [], []
         for _ in range(max(1, self.tokens_per_batch // length)):
+            if self.induction:
+                copies.append(repeat_sequence(rng, length, self.tokenizer))
+                continue
+            if rng.random() < self.copy_fraction:
+                copies.append(copy_sequence(rng, length, self.tokenizer))
+                continue
             task = rng.choices(self.tasks, self.weights)[0]
             sample_seed = rng.getrandbits(62)
             try:
@@ -195,20 +220,116 @@ class StageDataset(torch.utils.data.Dataset):
             ids, n_prompt = encode_sample(sample, self.tokenizer)
             seqs.append(ids)
             prompt_lens.append(n_prompt)
-        return collate(seqs, prompt_lens, self.tokenizer.pad_token_id)
+        return collate(seqs, prompt_lens, self.tokenizer.pad_token_id, copies)
 
 
-def collate(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> dict:
-    """Right-pad `seqs` into a batch with the answer and language-model loss masks."""
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    answer_mask = torch.zeros((len(seqs), width), dtype=torch.float32)
-    lm_mask = torch.zeros((len(seqs), width), dtype=torch.float32)
-    for b, (s, n) in enumerate(zip(seqs, prompt_lens)):
+def repeat_sequence(rng: random.Random, length: int, tokenizer) -> tuple[list[int], list[float]]:
+    """Random ordinary tokens, then the same tokens again (loss on the repeat): (ids, weights).
+
+    A random-length random prefix comes first so the repeat distance varies (content-based
+    copying, not a fixed positional offset).
+    """
+    bos = tokenizer.bos_token_id
+    prefix = rng.randrange(0, length // 4 + 1)
+    half = (length - 1 - prefix) // 2
+    draw = lambda n: [rng.randrange(4, len(tokenizer)) for _ in range(n)]  # noqa: E731
+    pre, x = draw(prefix), draw(half)
+    ids = [bos] + pre + x + x
+    weights = [0.0] * (1 + prefix + half + 1) + [1.0] * (half - 1)
+    return ids, weights
+
+
+def copy_sequence(rng: random.Random, length: int, tokenizer) -> tuple[list[int], list[float]]:
+    """An auxiliary sequence of `length` ids with a dense retrieval signal: (ids, loss weights).
+
+    Half of them are random ordinary tokens in which spans of 4-24 tokens repeat earlier spans
+    at random distances (loss on each repeated span after its first token: content-based
+    copying, i.e. induction heads; a fixed distance would be learned positionally instead).
+    The other half are associative recall in the suite's own words: noise sentences with many
+    needles ("One of the special magic numbers for bold-tiger is: 7041932." or UUID
+    key-value pairs) and, after them, many of the suite's questions with their answers
+    (loss on the answers), the skill every retrieval task asks for, but dense.
+    """
+    from benchmarks import vocab
+
+    bos = tokenizer.bos_token_id
+    if rng.random() < 0.5:
+        ids, weights = [bos], [0.0]
+        while len(ids) < length:
+            span = rng.randint(4, 24)
+            if len(ids) > span + 1 and rng.random() < 0.5:
+                start = rng.randrange(1, len(ids) - span)
+                ids += ids[start : start + span]
+                weights += [0.0] + [1.0] * (span - 1)
+            else:
+                ids += [rng.randrange(4, len(tokenizer)) for _ in range(span)]
+                weights += [0.0] * span
+        return ids[:length], weights[:length]
+
+    def uuid() -> str:
+        h = "".join(rng.choice("0123456789abcdef") for _ in range(32))
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+    style = rng.choice(("number", "uuid", "kv"))
+    pieces: list[tuple[str, bool]] = []
+    known: list[tuple[str, str]] = []
+    tokens_est = 0
+    while tokens_est < length:
+        r = rng.random()
+        if known and r < 0.3:
+            key, value = rng.choice(known)
+            if style == "kv":
+                pieces.append((f'Key: "{key}" The value associated with the specified key is:', False))
+            else:
+                kind = style
+                pieces.append((f"What is the special magic {kind} for {key} mentioned in the provided text? "
+                               f"The special magic {kind} for {key} mentioned in the provided text is", False))
+            pieces.append((value, True))
+            tokens_est += 40 + len(value)
+        elif r < 0.7:
+            if style == "number":
+                key = f"{rng.choice(vocab.ADJECTIVES)}-{rng.choice(vocab.NOUNS)}"
+                value = str(rng.randrange(10**6, 10**7))
+                pieces.append((f"One of the special magic numbers for {key} is: {value}.", False))
+            elif style == "uuid":
+                key, value = uuid(), uuid()
+                pieces.append((f"One of the special magic uuids for {key} is: {value}.", False))
+            else:
+                key, value = uuid(), uuid()
+                pieces.append((f'"{key}": "{value}",', False))
+            known.append((key, value))
+            tokens_est += 12 + 2 * len(value) if style != "number" else 20
+        else:
+            pieces.append((rng.choice(vocab.NOISE_SENTENCES), False))
+            tokens_est += 5
+    encoded = tokenizer([p for p, _ in pieces], add_special_tokens=False)["input_ids"]
+    ids, weights = [bos], [0.0]
+    for piece_ids, (_, target) in zip(encoded, pieces):
+        ids += piece_ids
+        weights += [1.0 if target else 0.0] * len(piece_ids)
+    return ids[:length], weights[:length]
+
+
+def collate(seqs: list[list[int]], prompt_lens: list[int], pad_id: int, copies=()) -> dict:
+    """Right-pad `seqs` (then the `copies`, (ids, loss weights)) into a batch with loss masks.
+
+    answer_mask: the answer and </s> of each task sequence; lm_mask: its prompt tokens;
+    copy_mask: the weights of each auxiliary sequence (see `copy_sequence`).
+    """
+    rows = [(s, n, None) for s, n in zip(seqs, prompt_lens)] + [(s, None, r) for s, r in copies]
+    width = max(len(s) for s, _, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    answer_mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    lm_mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    copy_mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    for b, (s, n, r) in enumerate(rows):
         input_ids[b, : len(s)] = torch.tensor(s)
-        lm_mask[b, 1:n] = 1.0  # predicting prompt tokens from their prefix
-        answer_mask[b, n : len(s)] = 1.0  # predicting the answer and </s>
-    return {"input_ids": input_ids, "answer_mask": answer_mask, "lm_mask": lm_mask}
+        if r is None:
+            lm_mask[b, 1:n] = 1.0  # predicting prompt tokens from their prefix
+            answer_mask[b, n : len(s)] = 1.0  # predicting the answer and </s>
+        else:
+            copy_mask[b, : len(s)] = torch.tensor(r)
+    return {"input_ids": input_ids, "answer_mask": answer_mask, "lm_mask": lm_mask, "copy_mask": copy_mask}
 
 
 def _worker_init(_):
@@ -235,12 +356,18 @@ def make_loader(dataset: StageDataset, workers: int):
 # Loss and evaluation
 
 
-def batch_losses(model, batch: dict, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(answer loss, lm loss, per-sequence answer exact match) for one batch."""
+def batch_losses(model, batch: dict, device: str, precision: str = "bf16") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(answer loss, lm loss, copy loss, per-sequence answer exact match) for one batch.
+
+    Exact match is 1 for a sequence whose answer tokens are all argmax predictions (copy
+    sequences count as 1: the caller averages over task sequences with `answer_mask`).
+    """
     ids = batch["input_ids"].to(device, non_blocking=True)
     ans = batch["answer_mask"].to(device, non_blocking=True)[:, 1:]
     lm = batch["lm_mask"].to(device, non_blocking=True)[:, 1:]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    cp = batch["copy_mask"].to(device, non_blocking=True)[:, 1:]
+    amp = device.startswith("cuda") and precision == "bf16"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False)
     with autocast:
         hidden = model.model(input_ids=ids).last_hidden_state
         logits = model.lm_head(hidden[:, :-1])
@@ -249,8 +376,9 @@ def batch_losses(model, batch: dict, device: str) -> tuple[torch.Tensor, torch.T
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view_as(targets)
     answer_loss = (ce * ans).sum() / ans.sum().clamp_min(1)
     lm_loss = (ce * lm).sum() / lm.sum().clamp_min(1)
+    copy_loss = (ce * cp).sum() / cp.sum().clamp_min(1)
     wrong = ((logits.argmax(-1) != targets).float() * ans).sum(-1)
-    return answer_loss, lm_loss, (wrong == 0).float()
+    return answer_loss, lm_loss, copy_loss, (wrong == 0).float()
 
 
 @torch.no_grad()
@@ -272,7 +400,7 @@ def heldout_accuracy(model, tokenizer, length: int, tasks, samples: int, seed: i
                 ids, n = encode_sample(sample, tokenizer)
                 seqs.append(ids)
                 lens.append(n)
-            _, _, exact = batch_losses(model, collate(seqs, lens, tokenizer.pad_token_id), device)
+            _, _, _, exact = batch_losses(model, collate(seqs, lens, tokenizer.pad_token_id), device)
             hits += int(exact.sum().item())
         out[task] = hits / samples
     model.train(was_training)
@@ -348,7 +476,7 @@ def train(cfg: TrainConfig) -> dict:
     eval_tasks = [t for t in EVAL_TASKS if t in {name for name, _ in cfg.task_weights}] or [cfg.task_weights[0][0]]
     log_file = (out / "train_log.jsonl").open("w")
     start = time.perf_counter()
-    stage_idx, loader, tokens_seen = -1, None, 0
+    stage_idx, loader, tokens_seen, in_induction = -1, None, 0, None
     history = []
     step = 0
     stop_reason = "steps"
@@ -359,21 +487,25 @@ def train(cfg: TrainConfig) -> dict:
             break
         progress = max(step / cfg.steps, elapsed / (cfg.max_minutes * 60))
         want = max(i for i, (_, s) in enumerate(stages) if s <= progress)
-        if want != stage_idx:
-            stage_idx = want
+        induction = progress < cfg.induction_until
+        if want != stage_idx or induction != in_induction:
+            stage_idx, in_induction = want, induction
             lengths = stages[stage_idx][0]
             loader = None  # shut the previous stage's workers down
-            dataset = StageDataset(tokenizer, lengths, cfg.tokens_per_batch, cfg.task_weights, cfg.seed)
+            copy_fraction = cfg.copy_fraction if stages[stage_idx][1] < cfg.copy_until else 0.0
+            dataset = StageDataset(tokenizer, lengths, cfg.tokens_per_batch, cfg.task_weights, cfg.seed, copy_fraction,
+                                   induction=induction)
             loader = make_loader(dataset, workers)
-            logger.info("step %d: stage %d, lengths %s, %d tokens per batch", step, stage_idx, lengths, cfg.tokens_per_batch)
+            logger.info("step %d: stage %d, lengths %s, %d tokens per batch%s", step, stage_idx, lengths,
+                        cfg.tokens_per_batch, " (induction warm-up: repeated random tokens)" if induction else "")
         t_data = time.perf_counter()
         batch = next(loader)
         t_data = time.perf_counter() - t_data
         lr = lr_at(step, progress, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        answer_loss, lm_loss, exact = batch_losses(model, batch, device)
-        loss = answer_loss + cfg.lm_weight * lm_loss
+        answer_loss, lm_loss, copy_loss, exact = batch_losses(model, batch, device, cfg.precision)
+        loss = answer_loss + cfg.lm_weight * lm_loss + cfg.copy_weight * copy_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -386,7 +518,9 @@ def train(cfg: TrainConfig) -> dict:
                 "length": batch["input_ids"].shape[1],
                 "answer_loss": answer_loss.item(),
                 "lm_loss": lm_loss.item(),
-                "train_exact": exact.mean().item(),
+                "copy_loss": copy_loss.item(),
+                "train_exact": (exact * (batch["answer_mask"].sum(-1) > 0).to(exact)).sum().item()
+                / max(1, int((batch["answer_mask"].sum(-1) > 0).sum())),
                 "grad_norm": float(grad_norm),
                 "lr": lr,
                 "tokens": tokens_seen,
@@ -397,8 +531,8 @@ def train(cfg: TrainConfig) -> dict:
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
             logger.info(
-                "step %5d len %5d  ans %.3f lm %.3f exact %.2f  gn %.2f lr %.2e  %.0fs  %.1fM tok  wait %.3fs",
-                step, row["length"], row["answer_loss"], row["lm_loss"], row["train_exact"], row["grad_norm"],
+                "step %5d len %5d  ans %.3f lm %.3f copy %.3f exact %.2f  gn %.2f lr %.2e  %.0fs  %.1fM tok  wait %.3fs",
+                step, row["length"], row["answer_loss"], row["lm_loss"], row["copy_loss"], row["train_exact"], row["grad_norm"],
                 row["lr"], row["elapsed_s"], tokens_seen / 1e6, t_data,
             )
         if cfg.eval_every and step % cfg.eval_every == 0:
@@ -437,18 +571,10 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def score_answer(prediction: str, sample) -> float:
-    """The suite's scorer when it exists, else the fraction of expected answers in the text."""
-    try:
-        from benchmarks import scoring
+    """The suite's scorer (RULER string_match_all) of `prediction` against the sample's answers."""
+    from benchmarks.scoring import score_sample
 
-        for name in ("score_sample", "score"):
-            fn = getattr(scoring, name, None)
-            if fn is not None:
-                return float(fn(prediction, sample))
-    except ImportError:
-        pass
-    answers = getattr(sample, "answers", None) or [sample.answer]
-    return sum(str(a) in prediction for a in answers) / len(answers)
+    return float(score_sample(prediction, list(sample.answers)))
 
 
 @torch.no_grad()

@@ -1,0 +1,119 @@
+"""The probe model: tokenizer, shipped weights, retrieval at 2K tokens on CPU, training smoke test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.probe_model import PROBE_DIR, load_probe, probe_config
+from benchmarks.probe_tokenizer import build_tokenizer, default_strings, load_tokenizer
+
+TEXT = (
+    "The grass is green. The sky is blue. One of the special magic numbers for tiger is: 7041932. "
+    "Key: a3f2c1d0-bb01-4c2e-9f00-123456789abc Value: 00ff31e2-0000-4abc-8def-0123456789ab"
+)
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return load_probe(PROBE_DIR, dtype=torch.float32, device="cpu")
+
+
+def test_tokenizer_round_trip_digits_separate(tmp_path):
+    tok = build_tokenizer(["The grass is green.", "One of the special magic numbers for tiger is:", "Key: Value:"])
+    ids = tok(TEXT)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == TEXT
+    pieces = tok.convert_ids_to_tokens(ids)
+    # Whole words are single tokens; every digit is its own token.
+    assert "grass" in pieces and "special" in pieces
+    assert all(len(p.removeprefix("##")) == 1 for p in pieces if any(c.isdigit() for c in p))
+    assert tok.convert_tokens_to_ids("##7") != tok.convert_tokens_to_ids("7")
+    # Whitespace runs collapse to one space: the only normalization.
+    assert tok.decode(tok("a  b\n\nc")["input_ids"], skip_special_tokens=True) == "a b c"
+    tok.save_pretrained(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again(TEXT)["input_ids"] == ids
+    assert (again.pad_token_id, again.bos_token_id, again.eos_token_id) == (0, 2, 3)
+
+
+def test_tokenizer_same_vocabulary_every_build():
+    strings = ["zeta alpha beta.", "gamma, delta"]
+    assert build_tokenizer(strings).get_vocab() == build_tokenizer(list(reversed(strings))).get_vocab()
+    with pytest.raises(ValueError, match="must be str"):
+        build_tokenizer(["ok", 3])
+
+
+def test_shipped_tokenizer_covers_the_generators(probe):
+    from benchmarks.tasks import make_sample
+
+    _, tok = probe
+    shipped = tok.get_vocab()
+    assert build_tokenizer(default_strings()).get_vocab() == shipped, "benchmarks/vocab.py changed: retrain the probe"
+    for task in ("niah_single_1", "niah_multikey_2", "passkey", "kv_retrieval"):
+        sample = make_sample(task, 512, 3, tok)
+        ids = tok(sample.prompt)["input_ids"]
+        assert tok.unk_token_id not in ids, task
+
+
+def test_shipped_model_loads(probe):
+    model, tok = probe
+    assert model.config.model_type == "llama"
+    assert model.config.num_attention_heads == 8 and model.config.num_key_value_heads == 2
+    assert model.config.vocab_size >= len(tok)
+    assert sum(p.numel() for p in model.parameters()) < 4_000_000
+    assert (PROBE_DIR / "model.safetensors").stat().st_size <= 8 * 2**20
+    assert (PROBE_DIR / "README.md").is_file()
+
+
+@pytest.mark.parametrize("task", ["passkey", "niah_single_1"])
+def test_full_attention_answers_at_2k(probe, task):
+    """Greedy decoding over the whole context, through kvstore's exact `full` preset."""
+    from benchmarks.tasks import make_sample
+    from benchmarks.train_probe import answer_text, sample_prompt_ids, score_answer
+    from kvstore import KVStoreClient, KVStoreConfig
+
+    model, tok = probe
+    hits = 0
+    seeds = range(4)
+    for seed in seeds:
+        sample = make_sample(task, 2048, 1000 + seed, tok)
+        ids = torch.tensor([sample_prompt_ids(sample, tok)])
+        n_answer = len(tok(" " + answer_text(sample), add_special_tokens=False)["input_ids"])
+        client = KVStoreClient(KVStoreConfig.preset("full"))
+        with client.attach(model):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_answer + 2, do_sample=False)
+        text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        hits += score_answer(text, sample)
+    assert hits == len(seeds), f"{task}: {hits}/{len(seeds)} answered"
+
+
+def test_a_few_training_steps_reduce_the_loss(tmp_path):
+    from benchmarks.train_probe import TrainConfig, train
+
+    cfg = TrainConfig(
+        out=str(tmp_path / "probe"), steps=16, curriculum="256:0", tokens_per_batch=2048, warmup_steps=4,
+        lr=3e-3, tasks="passkey,niah_single_1", eval_every=0, eval_samples=2, workers=0, log_every=1, device="cpu", induction_until=0.0,
+    )
+    info = train(cfg)
+    rows = [r for r in map(__import__("json").loads, (tmp_path / "probe" / "train_log.jsonl").read_text().splitlines()) if "answer_loss" in r]
+    first, last = rows[0], rows[-1]
+    assert info["steps"] == 16
+    assert last["answer_loss"] < 0.7 * first["answer_loss"], (first, last)
+    assert last["lm_loss"] < first["lm_loss"], (first, last)
+    model, tok = load_probe(tmp_path / "probe")
+    assert model.dtype == torch.float32 and len(tok) == info["vocab"]
+
+
+def test_train_config_errors():
+    from benchmarks.train_probe import TrainConfig
+
+    with pytest.raises(ValueError, match="curriculum"):
+        TrainConfig(curriculum="512:0.2,1024:0.1")
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="tasks entry"):
+        TrainConfig(tasks="passkey:-1")
+    with pytest.raises(ValueError, match="vocab_size"):
+        probe_config(0)
