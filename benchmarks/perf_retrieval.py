@@ -83,6 +83,15 @@ def bench_scoring(B, N, device, threads, quick, m=2, bits=6):
     def score_topk():
         return torch.topk(score(), k, dim=-1, sorted=False)
 
+    sc = score()
+    topk_only_ms = _bench_gpu(lambda: torch.topk(sc, k, dim=-1, sorted=False), quick)
+    table_only_ms = _bench_gpu(lambda: reference.pq_tables(q_d, cen_d, scale).contiguous(), quick)
+    blocks = {}
+    if use_kernel:
+        tbl = reference.pq_tables(q_d, cen_d, scale).contiguous()
+        for bn in (512, 1024, 2048):
+            blocks[bn] = _bench_gpu(lambda: pq_scores(tbl, codes_d, seq, lo, hi, N, out=out, block_n=bn), quick)
+
     gpu_ms = _bench_gpu(score_topk, quick)
     score_ms = _bench_gpu(score, quick)
     _, idx = score_topk()
@@ -110,7 +119,8 @@ def bench_scoring(B, N, device, threads, quick, m=2, bits=6):
         "B": B, "N": N, "k": k, "m": m, "bits": bits, "gpu_score_topk_ms": gpu_ms, "gpu_score_ms": score_ms,
         "faiss_mips_ms": mips_s * 1e3, "faiss_rule_ms": rule_s * 1e3, "host_threads": threads,
         "speedup_vs_mips": mips_s * 1e3 / gpu_ms, "speedup_vs_rule": rule_s * 1e3 / gpu_ms,
-        "topk_agreement_with_service": agree,
+        "topk_agreement_with_service": agree, "topk_only_ms": topk_only_ms, "table_only_ms": table_only_ms,
+        "kernel_ms_by_block_n": blocks,
     }
 
 
@@ -130,8 +140,15 @@ def bench_fetch(device, quick):
         gather_rows(src, rows, dst)
         torch.cuda.synchronize()
         assert torch.equal(dst.cpu(), src[rows.cpu()]), "UVA gather returned wrong rows"
-        t = _bench_gpu(lambda: gather_rows(src, rows, dst, block_r=16), quick)
-        res["uva_gather_GBps"] = nbytes / t / 1e6
+        t = _bench_gpu(lambda: gather_rows(src, rows, dst, block_r=16, num_warps=4), quick)
+        res["uva_gather_old_16r_4w_GBps"] = nbytes / t / 1e6
+        sweep = {}
+        for br, nw in ((16, 8), (32, 4), (64, 4), (64, 8), (128, 8), (256, 8), (512, 16)):
+            sweep[f"{br}r_{nw}w"] = nbytes / _bench_gpu(lambda: gather_rows(src, rows, dst, block_r=br, num_warps=nw), quick) / 1e6
+        res["uva_sweep_GBps"] = sweep
+        res["uva_best"] = max(sweep, key=sweep.get)
+        t = _bench_gpu(lambda: gather_rows(src, rows, dst), quick)
+        res["uva_gather_GBps"] = nbytes / t / 1e6  # the default the store uses (64 rows, 8 warps)
         half = torch.where(torch.rand(M, device=device) < 0.5, rows, torch.full_like(rows, -1))
         t_half = _bench_gpu(lambda: gather_rows(src, half, dst), quick)
         res["uva_gather_half_hits_GBps_of_fetched"] = nbytes / 2 / t_half / 1e6
@@ -241,8 +258,13 @@ def main():
             print(f"{r['B']:>3} {r['N']:>7} {r['gpu_score_topk_ms']:>8.3f} {r['gpu_score_ms']:>8.3f} "
                   f"{r['faiss_mips_ms']:>13.2f} {r['faiss_rule_ms']:>13.2f} {r['speedup_vs_mips']:>7.1f} "
                   f"{r['speedup_vs_rule']:>7.1f} {r['topk_agreement_with_service']:>6.3f}")
+            print(f"      breakdown: topk only {r['topk_only_ms']:.3f} ms, table only {r['table_only_ms']:.3f} ms, "
+                  f"kernels by block_n {{{', '.join(f'{b}: {v:.3f}' for b, v in r['kernel_ms_by_block_n'].items())}}}")
     if "fetch" in result:
-        print("fetch  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result["fetch"].items()))
+        print("fetch  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result["fetch"].items()
+                                    if not isinstance(v, dict)))
+        if "uva_sweep_GBps" in result["fetch"]:
+            print("fetch sweep GB/s: " + ", ".join(f"{k}={v:.1f}" for k, v in result["fetch"]["uva_sweep_GBps"].items()))
     if "ttft" in result:
         t = result["ttft"]
         print(f"TTFT / time to 2nd token, Llama-3-8B width, {t['layers']} layers, prompt {t['prompt']}")

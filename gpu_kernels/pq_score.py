@@ -8,7 +8,10 @@ Reference: `gpu_kernels/reference.py` (`pq_tables`, `pq_scores`). Per (sequence 
 Two passes over the codes, both grid (B * Hkv, ceil(N / BLOCK_N)): pass 1 writes each block's
 max and sum of exponentials per query head, torch folds them into lse [B, Hq] (tiny), pass 2
 recomputes the logits (codes are m bytes per token, cheaper to re-read than logits are to
-store: 4*G bytes per token) and writes the summed probabilities. Outside the candidates the
+store: 4*G bytes per token) and writes the summed probabilities. Pass 2 folds pass 1's per-block
+(max, sum) into each query head's lse itself (every program re-reads G x NB floats, ~2 KB), so a
+step is two launches and no torch glue: at B=8, N=128K the previous torch fold (amax, exp, sum,
+log, where: ~8 launches) cost more than the kernels. Outside the candidates the
 score is -1. Codes are read where they live (the store's [S, Hkv, cap, m] buffer, indexed by
 `seq_ids`): nothing is copied or re-sent per step.
 """
@@ -24,7 +27,7 @@ import triton.language as tl
 def _pq_pass(table_ptr, codes_ptr, seq_ptr, lo_ptr, hi_ptr, lse_ptr, part_max_ptr, part_sum_ptr, score_ptr,
              N, NB, stride_cs, stride_ch, stride_cn,
              HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, M: tl.constexpr, K: tl.constexpr,
-             BLOCK_N: tl.constexpr, FINAL: tl.constexpr):
+             BLOCK_N: tl.constexpr, FINAL: tl.constexpr, NBP: tl.constexpr):
     pid = tl.program_id(0)
     blk = tl.program_id(1)
     b = pid // HKV
@@ -47,7 +50,16 @@ def _pq_pass(table_ptr, codes_ptr, seq_ptr, lo_ptr, hi_ptr, lse_ptr, part_max_pt
     valid = gmask[:, None] & cand[None, :]
     logits = tl.where(valid, acc, float("-inf"))
     if FINAL:
-        lse = tl.load(lse_ptr + row, mask=gmask, other=0.0)
+        # fold pass 1's per-block (max, sum) of this group's query heads here: no torch glue between passes
+        nb = tl.arange(0, NBP)
+        pm = gmask[:, None] & (nb < NB)[None, :]
+        poff = row[:, None] * NB + nb[None, :]
+        bmax = tl.load(part_max_ptr + poff, mask=pm, other=float("-inf"))
+        bsum = tl.load(part_sum_ptr + poff, mask=pm, other=0.0)
+        gmax = tl.max(bmax, axis=1)
+        gsafe = tl.where(gmax == float("-inf"), 0.0, gmax)
+        tot = tl.sum(tl.where(pm, bsum * tl.exp(bmax - gsafe[:, None]), 0.0), axis=1)
+        lse = tl.where(tot > 0, gsafe + tl.log(tl.where(tot > 0, tot, 1.0)), 0.0)
         p = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
         s = tl.where(cand, tl.sum(p, axis=0), -1.0)
         tl.store(score_ptr + (b * HKV + h).to(tl.int64) * N + n, s, mask=nmask)
@@ -95,17 +107,12 @@ def pq_scores(table: torch.Tensor, codes: torch.Tensor, seq_ids: torch.Tensor, l
     part_sum = torch.empty_like(part_max)
     grid = (B * Hkv, NB)
     GP = triton.next_power_of_2(G)
+    NBP = triton.next_power_of_2(NB)
     args = (codes, seq_ids, lo, hi)
     strides = (num_tokens, NB, codes.stride(0), codes.stride(1), codes.stride(2))
-    _pq_pass[grid](table, *args, part_max, part_max, part_sum, out, *strides,
-                   HKV=Hkv, G=G, GP=GP, M=M, K=K, BLOCK_N=block_n, FINAL=False)
-    mx = part_max.amax(-1, keepdim=True)
-    safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    total = (part_sum * torch.exp(part_max - safe)).sum(-1)
-    lse = safe.squeeze(-1) + torch.log(total)
-    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).contiguous()  # 0 where a head has no candidate
-    _pq_pass[grid](table, *args, lse, part_max, part_sum, out, *strides,
-                   HKV=Hkv, G=G, GP=GP, M=M, K=K, BLOCK_N=block_n, FINAL=True)
+    meta = dict(HKV=Hkv, G=G, GP=GP, M=M, K=K, BLOCK_N=block_n, NBP=NBP)
+    _pq_pass[grid](table, *args, part_max, part_max, part_sum, out, *strides, FINAL=False, **meta)
+    _pq_pass[grid](table, *args, part_max, part_max, part_sum, out, *strides, FINAL=True, **meta)
     return out
 
 
