@@ -50,12 +50,30 @@ def _load_codes(rowptr, BITS: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _load_codes_f16(rowptr, BITS: tl.constexpr, D: tl.constexpr):
+    """As `_load_codes`, but fp16 codes made without int-to-float conversions (the slow conversion pipe).
+
+    fp16 bits 0x6400 | c (c < 1024) are exactly 1024 + c, so (bits as fp16) - 1024 is exactly c: an OR
+    and an fp16 subtract per element instead of a cvt (16 per clock per SM on sm_90).
+    """
+    PER: tl.constexpr = 8 // BITS
+    SUB: tl.constexpr = D // PER
+    dims = tl.arange(0, D)
+    if PER == 1:
+        b = tl.load(rowptr[:, None] + dims[None, :]).to(tl.int16)
+    else:
+        b = tl.load(rowptr[:, None] + (dims % SUB)[None, :]).to(tl.int16)
+        b = (b >> ((dims // SUB) * BITS).to(tl.int16)[None, :]) & ((1 << BITS) - 1)
+    return ((b | 0x6400).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
+
+
+@triton.jit
 def _attend_block(
     acc, m_i, l_i, q, data_ptr, data16_ptr, table, vp0, vp_end, n_high, n_hp, C, pos_ptr, max_slots, page_bytes,
     scale_log2, emit_ptr, emit_row_stride, DO_EMIT: tl.constexpr, IS_LOW: tl.constexpr,
     TPP: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr,
     NG: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_G: tl.constexpr, G: tl.constexpr,
-    FP32: tl.constexpr,
+    FP32: tl.constexpr, FAST_CVT: tl.constexpr,
 ):
     """NP virtual pages [vp0, vp0 + NP) (clipped at vp_end) of one head: BLOCK = NP * BT token rows."""
     KB: tl.constexpr = D * KBITS // 8
@@ -75,8 +93,12 @@ def _attend_block(
     pos = tl.load(pos_ptr + page * max_slots + slot, mask=in_page, other=-1)
     valid = in_page & (pos >= 0)
     base = page * page_bytes
-    kc = _load_codes(data_ptr + base + slot * KB, KBITS, D)
-    vc = _load_codes(data_ptr + base + TPP * KB + slot * VB, VBITS, D)
+    if FAST_CVT and not FP32:
+        kc = _load_codes_f16(data_ptr + base + slot * KB, KBITS, D)
+        vc = _load_codes_f16(data_ptr + base + TPP * KB + slot * VB, VBITS, D)
+    else:
+        kc = _load_codes(data_ptr + base + slot * KB, KBITS, D)
+        vc = _load_codes(data_ptr + base + TPP * KB + slot * VB, VBITS, D)
     meta = (base + TPP * (KB + VB)) // 2 + slot * (4 * NG)
     dims = tl.arange(0, D)
     grp = dims // (D // NG)
@@ -129,11 +151,10 @@ def _paged_decode_kernel(
     stride_ps, stride_pl, stride_ph,  # page table [S, L, H, C] (last stride 1)
     stride_ns, stride_nl,  # num_high / num_low_pages [S, L, H] (last stride 1)
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, NG: tl.constexpr,
-    NSPLIT: tl.constexpr,
     TPP_H: tl.constexpr, BLOCK_TH: tl.constexpr, NP_H: tl.constexpr, KB_H: tl.constexpr, VB_H: tl.constexpr,
     HAS_LOW: tl.constexpr, TPP_L: tl.constexpr, BLOCK_TL: tl.constexpr, NP_L: tl.constexpr,
     KB_L: tl.constexpr, VB_L: tl.constexpr,
-    SLOTS: tl.constexpr, DO_EMIT: tl.constexpr, FP32: tl.constexpr,
+    SLOTS: tl.constexpr, DO_EMIT: tl.constexpr, FP32: tl.constexpr, FAST_CVT: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -165,19 +186,19 @@ def _paged_decode_kernel(
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, data_ptr, data16_ptr, table, vp, h_end, n_high, n_hp, C, pos_ptr, max_slots,
             page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, False,
-            TPP_H, BLOCK_TH, NP_H, SLOTS, D, NG, KB_H, VB_H, BLOCK_G, G, FP32,
+            TPP_H, BLOCK_TH, NP_H, SLOTS, D, NG, KB_H, VB_H, BLOCK_G, G, FP32, FAST_CVT,
         )
     if HAS_LOW:
         for vp in range(tl.maximum(v0, n_hp), v1, NP_L):
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, data_ptr, data16_ptr, table, vp, v1, n_high, n_hp, C, pos_ptr, max_slots,
                 page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, True,
-                TPP_L, BLOCK_TL, NP_L, SLOTS, D, NG, KB_L, VB_L, BLOCK_G, G, FP32,
+                TPP_L, BLOCK_TL, NP_L, SLOTS, D, NG, KB_L, VB_L, BLOCK_G, G, FP32, FAST_CVT,
             )
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    row = (b * HKV * G + h * G + g) * NSPLIT + split
+    row = (b * HKV * G + h * G + g) * tl.num_programs(1) + split  # not a constexpr: one compile for all split counts
     tl.store(part_out_ptr + row[:, None] * D + dims[None, :], out, mask=gmask[:, None])
     tl.store(part_lse_ptr + row, lse, mask=gmask)
 
@@ -206,9 +227,19 @@ def merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tens
     _merge_kernel[(R,)](part_out, part_lse, out, lse, NSPLIT=nsplit, BLOCK_S=triton.next_power_of_2(nsplit), D=d)
 
 
+# Launch defaults KVStore uses (HotTier.attend): the winners of benchmarks/perf_decode_attention --sweep.
+DEFAULT_LAUNCH = dict(fast_cvt=True, programs_per_sm_small=4, programs_per_sm_large=8)
+
+
 def choose_splits(batch: int, num_kv_heads: int, max_pages: int, num_sms: int = 132) -> int:
-    """Splits per (sequence, KV head): about 4 programs per SM, at least one page per split."""
-    want = max(1, (4 * num_sms) // max(1, batch * num_kv_heads))
+    """Splits per (sequence, KV head), at least one page per split.
+
+    About 4 programs per SM when there are few heads (B x Hkv < 32: H100 B=1 best at 66 splits) and 8
+    when there are many (B=8, Hkv=8: 16 splits beat 8, 1.31 vs 1.40 ms at N=128K).
+    """
+    heads = max(1, batch * num_kv_heads)
+    per_sm = DEFAULT_LAUNCH["programs_per_sm_small" if heads < 32 else "programs_per_sm_large"]
+    want = max(1, (per_sm * num_sms) // heads)
     return int(max(1, min(want, max_pages, 256)))
 
 
@@ -218,7 +249,7 @@ def paged_decode_attention(
     high: tuple[int, int, int], low: tuple[int, int, int] | None, groups: int, scale: float,
     out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
     pages_per_split: int, logits: torch.Tensor | None = None, num_warps: int = 4, num_stages: int = 2,
-    block_tokens: int = 128,
+    block_tokens: int = 128, fast_cvt: bool | None = None,
 ) -> None:
     """Decode attention of one layer over the quantized hot tier, written into `out` and `lse`.
 
@@ -235,7 +266,10 @@ def paged_decode_attention(
         part_out fp32 [B, Hq, NSPLIT, d], part_lse fp32 [B, Hq, NSPLIT]: split workspace.
         pages_per_split: pages each split walks; NSPLIT * pages_per_split must cover the widest head.
         logits: optional fp32 [B, Hq, C, max(T_high, T_low)]: per-token scaled logits (-inf = no token).
+        num_warps / num_stages / block_tokens / fast_cvt: launch variant (None: DEFAULT_LAUNCH's);
+            fast_cvt makes fp16 codes by the 0x6400 bit trick instead of int-to-float conversions.
     """
+    fast_cvt = DEFAULT_LAUNCH["fast_cvt"] if fast_cvt is None else fast_cvt
     B, Hq, d = q.shape
     S_, L, Hkv, C = pages.shape
     if Hq % Hkv:
@@ -270,10 +304,10 @@ def paged_decode_attention(
         q.stride(0), q.stride(1),
         pages.stride(0), pages.stride(1), pages.stride(2),
         num_high.stride(0), num_high.stride(1),
-        HKV=Hkv, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=d, NG=groups, NSPLIT=nsplit,
+        HKV=Hkv, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=d, NG=groups,
         TPP_H=th, BLOCK_TH=bth, NP_H=max(1, block_tokens // bth), KB_H=kb, VB_H=vb,
         HAS_LOW=low is not None, TPP_L=tlow, BLOCK_TL=btl, NP_L=max(1, block_tokens // btl), KB_L=lkb, VB_L=lvb,
-        SLOTS=slots, DO_EMIT=logits is not None, FP32=q.dtype == torch.float32,
+        SLOTS=slots, DO_EMIT=logits is not None, FP32=q.dtype == torch.float32, FAST_CVT=bool(fast_cvt),
         num_warps=num_warps, num_stages=num_stages,
     )
     merge_splits(part_out.view(B * Hq, nsplit, d), part_lse.view(B * Hq, nsplit), out.view(B * Hq, d), lse.view(B * Hq))

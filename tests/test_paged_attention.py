@@ -49,7 +49,8 @@ def _layout(B, Hkv, d, n_high, n_low, tpp, groups, seed, holes=True):
     return data, pages, num_high, num_low_pages, slot_pos, t_low
 
 
-def _run(q, data, pages, num_high, num_low_pages, slot_pos, tpp, t_low, groups, nsplit, with_low=True, emit=True):
+def _run(q, data, pages, num_high, num_low_pages, slot_pos, tpp, t_low, groups, nsplit, with_low=True, emit=True,
+         **launch):
     B, Hq, d = q.shape
     C = pages.shape[-1]
     vmax = int((num_high.long() + tpp - 1).div(tpp, rounding_mode="floor").add(num_low_pages).max())
@@ -62,7 +63,7 @@ def _run(q, data, pages, num_high, num_low_pages, slot_pos, tpp, t_low, groups, 
     logits = torch.full((B, Hq, C, slots), float("-inf")) if emit else None
     low = (4, 2, t_low) if with_low else None
     paged_decode_attention(q, data, pages, num_high, num_low_pages if with_low else None, torch.arange(B), 0,
-                           slot_pos, (8, 4, tpp), low, groups, q.shape[-1] ** -0.5, out, lse, po, pl, pps, logits)
+                           slot_pos, (8, 4, tpp), low, groups, q.shape[-1] ** -0.5, out, lse, po, pl, pps, logits, **launch)
     ref = reference.paged_decode_attention(q, data, pages[:, 0], num_high[:, 0], num_low_pages[:, 0] if with_low
                                            else torch.zeros_like(num_high[:, 0]), slot_pos, (8, 4, tpp), low, groups,
                                            q.shape[-1] ** -0.5)
@@ -105,6 +106,20 @@ def test_kernel_matches_reference(n_high, n_low, tpp, G, d, groups, dtype):
     # probabilities from the emitted logits sum to one per query head
     probs = torch.exp(logits - lse.view(B, -1, 1, 1))
     torch.testing.assert_close(probs.sum((-1, -2)), torch.ones(B, Hkv * G), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fast_cvt", [False, True])
+def test_launch_variants_match_reference(fast_cvt):
+    """Both code conversions (int-to-float and the 0x6400 bit trick), both tiers, G=4, d=128, 2 scale groups."""
+    data, pages, num_high, nlp, slot_pos, t_low = _layout(2, 2, 128, [45, 13], [19, 7], 9, 2, seed=11)
+    q = torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    (out, lse, logits), (r_out, r_lse, r_logits) = _run(q, data, pages, num_high, nlp, slot_pos, 9, t_low, 2,
+                                                        nsplit=2, fast_cvt=fast_cvt, block_tokens=64, num_warps=8)
+    assert _rel_rms(out, r_out) < 1e-3
+    torch.testing.assert_close(lse, r_lse, rtol=1e-5, atol=1e-4)
+    fin = torch.isfinite(r_logits)
+    assert torch.equal(torch.isfinite(logits), fin)
+    torch.testing.assert_close(logits[fin], r_logits[fin], rtol=1e-4, atol=1e-3)
 
 
 def test_split_count_does_not_change_the_result():
