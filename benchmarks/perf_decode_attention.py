@@ -126,7 +126,8 @@ def main() -> None:
             C = pages.shape[-1]
             auto = choose_splits(B, HKV, C, sms)  # what KVStore uses
             fast = DEFAULT_LAUNCH["fast_cvt"] and fast_ok
-            configs = [(auto, 4, 2, 128, fast)]
+            dl = DEFAULT_LAUNCH
+            configs = [(auto, dl["num_warps"], dl["num_stages"], dl["block_tokens"], fast)]
             if args.sweep:
                 half, dbl = max(1, auto // 2), min(C, auto * 2)
                 configs += [(auto, 4, 2, 128, False), (half, 4, 2, 128, False), (dbl, 4, 2, 128, False)]

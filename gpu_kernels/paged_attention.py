@@ -228,7 +228,8 @@ def merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tens
 
 
 # Launch defaults KVStore uses (HotTier.attend): the winners of benchmarks/perf_decode_attention --sweep.
-DEFAULT_LAUNCH = dict(fast_cvt=True, programs_per_sm_small=4, programs_per_sm_large=8)
+DEFAULT_LAUNCH = dict(fast_cvt=True, num_warps=4, num_stages=2, block_tokens=128, programs_per_sm_small=4,
+                      programs_per_sm_large=8)
 
 
 def choose_splits(batch: int, num_kv_heads: int, max_pages: int, num_sms: int = 132) -> int:
@@ -248,8 +249,8 @@ def paged_decode_attention(
     num_low_pages: torch.Tensor | None, seq_ids: torch.Tensor, layer: int, slot_pos: torch.Tensor,
     high: tuple[int, int, int], low: tuple[int, int, int] | None, groups: int, scale: float,
     out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
-    pages_per_split: int, logits: torch.Tensor | None = None, num_warps: int = 4, num_stages: int = 2,
-    block_tokens: int = 128, fast_cvt: bool | None = None,
+    pages_per_split: int, logits: torch.Tensor | None = None, num_warps: int | None = None,
+    num_stages: int | None = None, block_tokens: int | None = None, fast_cvt: bool | None = None,
 ) -> None:
     """Decode attention of one layer over the quantized hot tier, written into `out` and `lse`.
 
@@ -270,6 +271,9 @@ def paged_decode_attention(
             fast_cvt makes fp16 codes by the 0x6400 bit trick instead of int-to-float conversions.
     """
     fast_cvt = DEFAULT_LAUNCH["fast_cvt"] if fast_cvt is None else fast_cvt
+    num_warps = DEFAULT_LAUNCH["num_warps"] if num_warps is None else num_warps
+    num_stages = DEFAULT_LAUNCH["num_stages"] if num_stages is None else num_stages
+    block_tokens = DEFAULT_LAUNCH["block_tokens"] if block_tokens is None else block_tokens
     B, Hq, d = q.shape
     S_, L, Hkv, C = pages.shape
     if Hq % Hkv:
