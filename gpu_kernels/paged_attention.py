@@ -15,7 +15,9 @@ Codes (< 256) are exact in fp16, and so is a bf16 query of magnitude in [6e-5, 6
 mantissa bits fit fp16's 10), so with a 16-bit query the tensor-core fp16 dot q . codes_k is exact
 up to fp32 accumulation (fp16 rather than bf16 operands: the same exactness, and the Triton
 interpreter's bf16 dot is wrong). The value side rounds p * scale_v to fp16 (2^-11 relative).
-fp32 queries use fp32 dots ("ieee").
+fp32 queries use fp32 dots ("ieee"). With fast_cvt (DEFAULT_LAUNCH), 16-bit codes are made as
+fp16(0x6400 | c) - 1024 (exact) rather than by int-to-float conversions, which run at 16 per clock
+per SM on sm_90: 256 per token and head, about 0.5 ms of the 1.3 ms at B=8, N=128K before.
 
 With `logits` given, the kernel also writes each token's scaled logit in the page table's layout
 [B, Hq, C, S]; probabilities are exp(logit - lse) once the splits are merged (LeanKV's scores).
