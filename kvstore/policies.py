@@ -263,7 +263,10 @@ class LeanKVPolicy(HotPolicy):
         causal = torch.arange(T, device=k.device).view(1, T) <= torch.arange(T - Q, T, device=k.device).view(Q, 1)
         mask = causal.view(1, 1, 1, Q, T) & valid.view(B, 1, 1, 1, T) & qv.view(B, 1, 1, Q, 1)
         probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
-        score = probs.sum(3).amax(2)  # sum over queries, max over the group: [B, Hkv, T]
+        # max over the GQA group per query, then summed over the queries: the decode update adds
+        # the same per-query group max each step (max of sums would undercount a token that
+        # different heads of the group attend at different queries)
+        score = probs.amax(2).sum(2)  # [B, Hkv, T]
         n = valid.sum(1)  # prompt length
         count = torch.minimum(torch.full_like(positions, Q), n.view(B, 1) - positions).clamp(min=1)
         mean = score / count.view(B, 1, T)

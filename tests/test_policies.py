@@ -294,3 +294,29 @@ def test_leankv_keeps_the_sinks_under_retrieval():
         store.release(drv.seq_ids)
     assert kept[True]
     assert not kept[False]  # the thresholds are high enough to prune a sink when nothing protects them
+
+
+def test_leankv_prefill_score_is_the_group_max_per_query_summed():
+    """Prefill scores follow the decode rule: per query, the max over the GQA group of the
+    attention probability; summed over the last `score_queries` queries. Hand case: the two query
+    heads of a group attend tokens 0 and 1 in opposite order at the two scored queries, so every
+    query gives each of them probability ~1 (score 2), where a max over the group of per-head
+    sums would say 1."""
+    store = KVStore(_leankv_config(score_queries=2, alpha_prune=0.0, alpha_quant=0.0), _geometry())
+    seq_ids = store.add_sequences(1)
+    T, G = 4, HQ // HKV
+    k = torch.zeros(1, HKV, T, D)
+    k[0, :, torch.arange(T), torch.arange(T)] = 1.0  # key t = e_t in every KV head
+    q = torch.zeros(1, HQ, T, D)
+    big = 60.0
+    for kv in range(HKV):  # group heads kv*G (g=0) and kv*G+1 (g=1)
+        q[0, kv * G + 0, 2, 0] = big  # g=0: query 2 -> token 0, query 3 -> token 1
+        q[0, kv * G + 0, 3, 1] = big
+        q[0, kv * G + 1, 2, 1] = big  # g=1: the opposite order
+        q[0, kv * G + 1, 3, 0] = big
+    positions = torch.arange(T).view(1, T)
+    valid = torch.ones(1, T, dtype=torch.bool)
+    keep = store.policy.prefill(store, 0, seq_ids, q, k, positions, valid, scale=1.0)
+    torch.testing.assert_close(keep.scores[0, :, :2], torch.full((HKV, 2), 2.0), atol=1e-4, rtol=0)
+    assert float(keep.scores[0, :, 2:].max()) < 1e-4  # tokens 2, 3 get ~nothing
+    store.release(seq_ids)
