@@ -136,6 +136,12 @@ class KVStore:
         if not ids:
             return
         t = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        # Freed pages are zeroed: high (K8V4) and low (K4V2) pages share the pool with different
+        # layouts, so a page reused in the other tier would read stale bytes as scales in its
+        # not-yet-written slots; those slots are masked, but 0 * NaN/inf in P @ V is NaN (this
+        # made `tiered` emit NaN logits on every batch after the first one of a store).
+        pages = self.hot.table.pages[t]
+        self.hot.pool.data[pages[pages > 0].long()] = 0
         self.hot.release(t)
         self.policy.release(t)
         if self.selector is not None:

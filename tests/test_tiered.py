@@ -225,3 +225,40 @@ def test_memory_report_quant_figures(tmp_path):
     assert rows["full"]["max_rel_logit"] < 0.02  # bf16 noise floor, observed 0.006
     assert all(r["prefill_exact"] for r in rows.values())  # the first token comes from dense prefill
     assert rows["tiered"]["host_kv_bytes"] >= rows["tiered"]["dense_kv_bytes"] > rows["tiered"]["gpu_kv_bytes"]
+
+
+def test_store_reused_across_batches_gives_a_fresh_stores_logits():
+    """A store serves batch after batch (the benchmark runner keeps one client per method, and on
+    CUDA a warm-up batch runs first): freed pages are zeroed, so a page reused in the other
+    precision tier (K8V4 high vs K4V2 low layouts share the pool) never reads stale bytes as the
+    scales of its unwritten, masked slots (0 * NaN in P @ V made every later batch NaN). The
+    stale bytes are forced to 0xFF (NaN as fp16/bf16 scales) before the first batch ends."""
+    from kvstore.adapters.hf import KVStoreCache
+
+    model = tiny_model("llama")
+    config = _tiered(alpha_prune=0.3, alpha_quant=1.5)
+    ids_a, mask_a = left_padded_batch(batch=2, length=40, pads=(0, 0), seed=3)
+    ids_b, mask_b = left_padded_batch(batch=2, length=40, pads=(0, 0), seed=4)
+
+    def gen(client, ids, mask, poison=False):
+        cache = KVStoreCache(client.store)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+        if poison:
+            pool = client.store.hot.pool
+            pages = client.store.hot.table.pages
+            pool.data[pages[pages > 0].long()] = 0xFF
+        cache.release()
+        return torch.stack(out.logits, 1)
+
+    fresh = KVStoreClient(config)
+    with fresh.attach(model):
+        want = gen(fresh, ids_b, mask_b)
+    reused = KVStoreClient(config)
+    with reused.attach(model):
+        gen(reused, ids_a, mask_a, poison=True)
+        assert int(reused.store.hot.pool.data.max()) == 0  # every freed page zeroed
+        got = gen(reused, ids_b, mask_b)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
