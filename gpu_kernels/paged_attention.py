@@ -19,6 +19,19 @@ fp32 queries use fp32 dots ("ieee"). With fast_cvt (DEFAULT_LAUNCH), 16-bit code
 fp16(0x6400 | c) - 1024 (exact) rather than by int-to-float conversions, which run at 16 per clock
 per SM on sm_90: 256 per token and head, about 0.5 ms of the 1.3 ms at B=8, N=128K before.
 
+Where the time went (H100, B=8, N=128K, 1.7 GB of K8V4 pages; a kernel that only reads the same
+pages through the same page table: 0.585 ms, 97% of copy bandwidth):
+  1.18 ms  first kernel: value codes converted to fp16 and staged through shared memory for the dot,
+           each value byte loaded twice (once per nibble), 4 warps and two cross-warp reductions a block;
+  1.00 ms  values as two head-dim halves, one dot each (a byte loaded once feeds both);
+  0.735    the softmax denominator and the value zero-point term summed once after the loop (LAZY);
+  0.638    K8 and V4 codes converted by PTX prmt (2 instructions per 2 codes), one warp per program, one
+           page per step, 3 stages;
+  0.607    values stored byte-major in the page (kvstore/quantization.py), so the tensor-core operand
+           (consecutive tokens of one element) loads as words rather than single bytes.
+The remaining gap to the read-only kernel is instruction issue: the tensor-core dots need 16 query
+rows and a GQA group has 4, so the softmax arithmetic runs on 4x the rows it needs.
+
 With `logits` given, the kernel also writes each token's scaled logit in the page table's layout
 [B, Hq, C, S]; probabilities are exp(logit - lse) once the splits are merged (LeanKV's scores).
 
@@ -26,6 +39,8 @@ Graph-safe: allocates nothing, syncs nothing; every buffer is passed in (built a
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -36,86 +51,179 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _load_codes(rowptr, BITS: tl.constexpr, D: tl.constexpr):
-    """Codes [BLOCK_T, D] int32 of planar-packed rows starting at byte pointers rowptr [BLOCK_T].
+def _codes_f16(b, FAST_CVT: tl.constexpr):
+    """fp16 (exact) of int16 codes b < 1024.
 
-    Element e of a row lives in byte e % (D / per) at bit (e // (D / per)) * BITS: every element
-    loads its byte (repeats hit L1) so no register shuffle is needed to restore the order.
+    FAST_CVT: fp16 bits 0x6400 | c are exactly 1024 + c, so (bits as fp16) - 1024 is exactly c: an
+    OR and an fp16 subtract per element instead of an int-to-float conversion (16 per clock per SM
+    on sm_90, the slow pipe).
     """
-    PER: tl.constexpr = 8 // BITS
-    SUB: tl.constexpr = D // PER
-    dims = tl.arange(0, D)
-    if PER == 1:
-        return tl.load(rowptr[:, None] + dims[None, :]).to(tl.int32)
-    byte = tl.load(rowptr[:, None] + (dims % SUB)[None, :]).to(tl.int32)
-    return (byte >> ((dims // SUB) * BITS)[None, :]) & ((1 << BITS) - 1)
+    if FAST_CVT:
+        return ((b | 0x6400).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
+    return b.to(tl.float16)
 
 
 @triton.jit
-def _load_codes_f16(rowptr, BITS: tl.constexpr, D: tl.constexpr):
-    """As `_load_codes`, but fp16 codes made without int-to-float conversions (the slow conversion pipe).
+def _u8_f16_asm(b):
+    """fp16 of uint8 codes, 4 per instance: prmt builds fp16 1024 + c from each byte, one f16x2 subtract per pair.
 
-    fp16 bits 0x6400 | c (c < 1024) are exactly 1024 + c, so (bits as fp16) - 1024 is exactly c: an OR
-    and an fp16 subtract per element instead of a cvt (16 per clock per SM on sm_90).
+    The same exact values as `_codes_f16`, in two instructions per two codes instead of three (PTX:
+    CUDA only, not the interpreter).
+    """
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 m, k;
+        mov.b32 m, 0x64646464;
+        mov.b32 k, 0x64006400;
+        prmt.b32 $0, $2, m, 0x4140;
+        prmt.b32 $1, $2, m, 0x4342;
+        sub.f16x2 $0, $0, k;
+        sub.f16x2 $1, $1, k;
+        }""",
+        constraints="=r,=r,r", args=[b], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _u4x2_f16_asm(b):
+    """(low nibbles, high nibbles) of uint8 bytes as fp16, 4 bytes per instance (PTX: CUDA only)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 m, k, l, h;
+        mov.b32 m, 0x64646464;
+        mov.b32 k, 0x64006400;
+        and.b32 l, $4, 0x0F0F0F0F;
+        shr.b32 h, $4, 4;
+        and.b32 h, h, 0x0F0F0F0F;
+        prmt.b32 $0, l, m, 0x4140;
+        prmt.b32 $1, l, m, 0x4342;
+        prmt.b32 $2, h, m, 0x4140;
+        prmt.b32 $3, h, m, 0x4342;
+        sub.f16x2 $0, $0, k;
+        sub.f16x2 $1, $1, k;
+        sub.f16x2 $2, $2, k;
+        sub.f16x2 $3, $3, k;
+        }""",
+        constraints="=r,=r,=r,=r,r", args=[b], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _load_plane(rowptr, e0, BITS: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BSTRIDE: tl.constexpr):
+    """Codes int16 [BLOCK_T, W] of elements [e0, e0 + W) of planar-packed rows at byte pointers rowptr.
+
+    Element e of a row lives in byte j = e % (D / per) at bit (e // (D / per)) * BITS (per = 8 // BITS
+    codes a byte); byte j of a row is at rowptr + j * BSTRIDE (1 for keys, token-major; tokens per
+    page for values, byte-major). Elements load their byte (repeats hit L1), so no register shuffle
+    restores the order; `_load_halves` loads each byte once where the halves are whole bit planes.
     """
     PER: tl.constexpr = 8 // BITS
     SUB: tl.constexpr = D // PER
-    dims = tl.arange(0, D)
+    e = e0 + tl.arange(0, W)
+    b = tl.load(rowptr[:, None] + ((e % SUB) * BSTRIDE)[None, :]).to(tl.int16)
     if PER == 1:
-        b = tl.load(rowptr[:, None] + dims[None, :]).to(tl.int16)
-    else:
-        b = tl.load(rowptr[:, None] + (dims % SUB)[None, :]).to(tl.int16)
-        b = (b >> ((dims // SUB) * BITS).to(tl.int16)[None, :]) & ((1 << BITS) - 1)
-    return ((b | 0x6400).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
+        return b
+    return (b >> ((e // SUB) * BITS).to(tl.int16)[None, :]) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _load_halves(rowptr, BITS: tl.constexpr, D: tl.constexpr, BSTRIDE: tl.constexpr):
+    """Codes int16 ([BLOCK_T, D/2], [BLOCK_T, D/2]) of the two halves of the head dim.
+
+    4 bits: the halves are the low and high nibbles of the same D/2 bytes, loaded once and split by
+    constant masks and shifts (elementwise ops the compiler moves past the shared-memory stage, so
+    the dot operands are read from shared memory as bytes, not as converted fp16).
+    """
+    H: tl.constexpr = D // 2
+    if BITS == 4:
+        b = tl.load(rowptr[:, None] + (tl.arange(0, H) * BSTRIDE)[None, :]).to(tl.int16)
+        return b & 15, b >> 4
+    return _load_plane(rowptr, 0, BITS, D, H, BSTRIDE), _load_plane(rowptr, H, BITS, D, H, BSTRIDE)
+
+
+@triton.jit
+def _operand(codes, FP32: tl.constexpr, FAST_CVT: tl.constexpr):
+    if FP32:
+        return codes.to(tl.float32)
+    return _codes_f16(codes, FAST_CVT)
 
 
 @triton.jit
 def _attend_block(
-    acc, m_i, l_i, q, data_ptr, data16_ptr, table, vp0, vp_end, n_high, n_hp, C, pos_ptr, max_slots, page_bytes,
-    scale_log2, emit_ptr, emit_row_stride, DO_EMIT: tl.constexpr, IS_LOW: tl.constexpr,
+    acc0, acc1, m_i, l_i, z_i, q, data_ptr, data16_ptr, data64_ptr, table, vp0, vp_end, n_high, n_hp, C, pos_ptr,
+    max_slots, page_bytes, scale_log2, emit_ptr, emit_row_stride, DO_EMIT: tl.constexpr, IS_LOW: tl.constexpr,
     TPP: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr,
     NG: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_G: tl.constexpr, G: tl.constexpr,
-    FP32: tl.constexpr, FAST_CVT: tl.constexpr,
+    FP32: tl.constexpr, FAST_CVT: tl.constexpr, META64: tl.constexpr, LAZY: tl.constexpr, ASM_CVT: tl.constexpr,
+    VHINT: tl.constexpr,
 ):
-    """NP virtual pages [vp0, vp0 + NP) (clipped at vp_end) of one head: BLOCK = NP * BT token rows."""
+    """NP virtual pages [vp0, vp0 + NP) (clipped at vp_end) of one head: BLOCK = NP * BT token rows.
+
+    The output accumulates in two halves of the head dim, acc0 = dims [0, D/2) and acc1 = [D/2, D):
+    with 4-bit values (planar: low nibbles hold the first half, high nibbles the second) each value
+    byte is loaded once and feeds both halves' dots, with no shuffle to restore the element order.
+
+    LAZY (one scale group): the softmax denominator l_i and the value zero-point term z_i are kept
+    per token slot, [BLOCK_G, NP * BT], rescaled with the accumulators and summed over tokens once
+    after the loop, instead of two cross-warp reductions per block. Otherwise l_i is [BLOCK_G] and z_i
+    unused (the zero-point term goes straight into the accumulators).
+    """
     KB: tl.constexpr = D * KBITS // 8
     VB: tl.constexpr = D * VBITS // 8
+    H: tl.constexpr = D // 2
     r = tl.arange(0, NP * BT)
     vp = vp0 + r // BT
     slot = r % BT
-    in_page = (slot < TPP) & (vp < vp_end)
+    page_ok = (slot < TPP) & (vp < vp_end)
     if IS_LOW:
         col = C - 1 - (vp - n_hp)
+        in_page = page_ok
     else:
         col = vp
-        in_page = in_page & (vp * TPP + slot < n_high)
-    col = tl.where(in_page, col, 0)
-    slot = tl.where(in_page, slot, 0)
-    page = tl.load(table + col, mask=in_page, other=0).to(tl.int64)
+        in_page = page_ok & (vp * TPP + slot < n_high)
+    # Rows past the table read page 0 (masked below); a page's slots stay consecutive, so the value
+    # rows of a page are contiguous runs of TPP bytes (the load hint below). Slots past n_high read
+    # their page's unused bytes and are masked.
+    col = tl.where(page_ok, col, 0)
+    slot = tl.where(slot < TPP, slot, 0)
+    page = tl.load(table + col, mask=page_ok, other=0).to(tl.int64)
     pos = tl.load(pos_ptr + page * max_slots + slot, mask=in_page, other=-1)
     valid = in_page & (pos >= 0)
     base = page * page_bytes
-    if FAST_CVT and not FP32:
-        kc = _load_codes_f16(data_ptr + base + slot * KB, KBITS, D)
-        vc = _load_codes_f16(data_ptr + base + TPP * KB + slot * VB, VBITS, D)
+    if ASM_CVT and KBITS == 8 and not FP32:
+        kc = _u8_f16_asm(tl.load((data_ptr + base + slot * KB)[:, None] + tl.arange(0, D)[None, :]))
     else:
-        kc = _load_codes(data_ptr + base + slot * KB, KBITS, D)
-        vc = _load_codes(data_ptr + base + TPP * KB + slot * VB, VBITS, D)
-    meta = (base + TPP * (KB + VB)) // 2 + slot * (4 * NG)
+        kc = _operand(_load_plane(data_ptr + base + slot * KB, 0, KBITS, D, D, 1), FP32, FAST_CVT)
+    vrow = data_ptr + base + TPP * KB + slot  # byte j of a token's values at vrow + j * TPP
+    if ASM_CVT and VBITS == 4 and not FP32:
+        voff = (base + TPP * KB + slot)[:, None] + (tl.arange(0, H) * TPP)[None, :]
+        if VHINT:  # runs of TPP consecutive tokens, 16-byte aligned (TPP % 16 == 0, page_bytes % 16 == 0)
+            voff = tl.max_contiguous(tl.multiple_of(voff, [16, 1]), [TPP, 1])
+        vc0, vc1 = _u4x2_f16_asm(tl.load(data_ptr + voff))
+    else:
+        vh0, vh1 = _load_halves(vrow, VBITS, D, TPP)
+        vc0 = _operand(vh0, FP32, FAST_CVT)
+        vc1 = _operand(vh1, FP32, FAST_CVT)
+    meta_b = base + TPP * (KB + VB) + slot * (8 * NG)  # byte offset of the slot's [ks, kz, vs, vz] (NG each)
+    if META64:  # NG == 1: the four fp16 of a slot as one 8-byte load
+        w = tl.load(data64_ptr + meta_b // 8)
+        ks = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        kz = ((w >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        vs0 = ((w >> 32) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        vz0 = ((w >> 48) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     dims = tl.arange(0, D)
     grp = dims // (D // NG)
     s = tl.zeros((BLOCK_G, NP * BT), dtype=tl.float32)
     for j in tl.static_range(NG):
-        ks = tl.load(data16_ptr + meta + j).to(tl.float32)
-        kz = tl.load(data16_ptr + meta + NG + j).to(tl.float32)
+        if not META64:
+            ks = tl.load(data16_ptr + meta_b // 2 + j).to(tl.float32)
+            kz = tl.load(data16_ptr + meta_b // 2 + NG + j).to(tl.float32)
         if NG == 1:
             qj = q
         else:
             qj = tl.where((grp == j)[None, :], q, 0.0)
         if FP32:
-            dot = tl.dot(qj, tl.trans(kc.to(tl.float32)), input_precision="ieee")
+            dot = tl.dot(qj, tl.trans(kc), input_precision="ieee")
         else:
-            dot = tl.dot(qj.to(tl.float16), tl.trans(kc.to(tl.float16)))
+            dot = tl.dot(qj.to(tl.float16), tl.trans(kc))
         qsum = tl.sum(qj.to(tl.float32), axis=1)
         s += dot * ks[None, :] + qsum[:, None] * kz[None, :]
     s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
@@ -127,26 +235,54 @@ def _attend_block(
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None]
+    if LAZY:
+        l_i = l_i * alpha[:, None] + p
+    else:
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc0 = acc0 * alpha[:, None]
+    acc1 = acc1 * alpha[:, None]
+    hdims = tl.arange(0, H)
     for j in tl.static_range(NG):
-        vs = tl.load(data16_ptr + meta + 2 * NG + j).to(tl.float32)
-        vz = tl.load(data16_ptr + meta + 3 * NG + j).to(tl.float32)
+        if not META64:
+            vs0 = tl.load(data16_ptr + meta_b // 2 + 2 * NG + j).to(tl.float32)
+            vz0 = tl.load(data16_ptr + meta_b // 2 + 3 * NG + j).to(tl.float32)
         if FP32:
-            pv = tl.dot(p * vs[None, :], vc.to(tl.float32), input_precision="ieee")
+            pw = p * vs0[None, :]
         else:
-            pv = tl.dot((p * vs[None, :]).to(tl.float16), vc.to(tl.float16))
-        pz = tl.sum(p * vz[None, :], axis=1)
-        if NG == 1:
-            acc += pv + pz[:, None]
+            pw = (p * vs0[None, :]).to(tl.float16)
+        if LAZY:
+            z_i = z_i * alpha[:, None] + p * vz0[None, :]
         else:
-            acc += tl.where((grp == j)[None, :], pv + pz[:, None], 0.0)
-    return acc, m_new, l_i
+            pz = tl.sum(p * vz0[None, :], axis=1)
+        # group j covers dims [j * D / NG, (j + 1) * D / NG): which halves it touches is known at compile time
+        if j * (D // NG) < H:
+            if FP32:
+                pv = tl.dot(pw, vc0, input_precision="ieee")
+            else:
+                pv = tl.dot(pw, vc0)
+            if LAZY:
+                acc0 += pv
+            elif NG <= 2:
+                acc0 += pv + pz[:, None]
+            else:
+                acc0 += tl.where((hdims // (D // NG) == j)[None, :], pv + pz[:, None], 0.0)
+        if (j + 1) * (D // NG) > H:
+            if FP32:
+                pv = tl.dot(pw, vc1, input_precision="ieee")
+            else:
+                pv = tl.dot(pw, vc1)
+            if LAZY:
+                acc1 += pv
+            elif NG <= 2:
+                acc1 += pv + pz[:, None]
+            else:
+                acc1 += tl.where(((H + hdims) // (D // NG) == j)[None, :], pv + pz[:, None], 0.0)
+    return acc0, acc1, m_new, l_i, z_i
 
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, data_ptr, data16_ptr, pages_ptr, num_high_ptr, num_low_pages_ptr, seq_ptr, pos_ptr,
+    q_ptr, data_ptr, data16_ptr, data64_ptr, pages_ptr, num_high_ptr, num_low_pages_ptr, seq_ptr, pos_ptr,
     part_out_ptr, part_lse_ptr, emit_ptr,
     layer, C, page_bytes, max_slots, pages_per_split, scale_log2,
     stride_qb, stride_qh,
@@ -156,7 +292,8 @@ def _paged_decode_kernel(
     TPP_H: tl.constexpr, BLOCK_TH: tl.constexpr, NP_H: tl.constexpr, KB_H: tl.constexpr, VB_H: tl.constexpr,
     HAS_LOW: tl.constexpr, TPP_L: tl.constexpr, BLOCK_TL: tl.constexpr, NP_L: tl.constexpr,
     KB_L: tl.constexpr, VB_L: tl.constexpr,
-    SLOTS: tl.constexpr, DO_EMIT: tl.constexpr, FP32: tl.constexpr, FAST_CVT: tl.constexpr,
+    SLOTS: tl.constexpr, DO_EMIT: tl.constexpr, FP32: tl.constexpr, FAST_CVT: tl.constexpr, META64: tl.constexpr,
+    LAZY: tl.constexpr, ASM_CVT: tl.constexpr, VHINT: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -178,30 +315,45 @@ def _paged_decode_kernel(
     table = pages_ptr + seq * stride_ps + layer * stride_pl + h * stride_ph
     v0 = split * pages_per_split
     v1 = tl.minimum(v0 + pages_per_split, n_hp + n_lp)
-    acc = tl.zeros((BLOCK_G, D), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_G, D // 2), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_G, D // 2), dtype=tl.float32)
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     emit_row_stride = C * SLOTS
     emit_base = emit_ptr + (b * HKV * G + h * G).to(tl.int64) * emit_row_stride
     h_end = tl.minimum(v1, n_hp)
+    if LAZY:
+        l_h = tl.zeros((BLOCK_G, NP_H * BLOCK_TH), dtype=tl.float32)
+        z_h = tl.zeros((BLOCK_G, NP_H * BLOCK_TH), dtype=tl.float32)
+    else:
+        l_h = l_i
+        z_h = l_i
     for vp in range(v0, h_end, NP_H):
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, data_ptr, data16_ptr, table, vp, h_end, n_high, n_hp, C, pos_ptr, max_slots,
-            page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, False,
-            TPP_H, BLOCK_TH, NP_H, SLOTS, D, NG, KB_H, VB_H, BLOCK_G, G, FP32, FAST_CVT,
+        acc0, acc1, m_i, l_h, z_h = _attend_block(
+            acc0, acc1, m_i, l_h, z_h, q, data_ptr, data16_ptr, data64_ptr, table, vp, h_end, n_high, n_hp, C,
+            pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, False,
+            TPP_H, BLOCK_TH, NP_H, SLOTS, D, NG, KB_H, VB_H, BLOCK_G, G, FP32, FAST_CVT, META64, LAZY, ASM_CVT, VHINT,
         )
+    if LAZY:
+        l_i = tl.sum(l_h, axis=1)
+        zsum = tl.sum(z_h, axis=1)
+        acc0 += zsum[:, None]
+        acc1 += zsum[:, None]
+    else:
+        l_i = l_h
     if HAS_LOW:
         for vp in range(tl.maximum(v0, n_hp), v1, NP_L):
-            acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, data_ptr, data16_ptr, table, vp, v1, n_high, n_hp, C, pos_ptr, max_slots,
-                page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, True,
-                TPP_L, BLOCK_TL, NP_L, SLOTS, D, NG, KB_L, VB_L, BLOCK_G, G, FP32, FAST_CVT,
+            acc0, acc1, m_i, l_i, z_h = _attend_block(
+                acc0, acc1, m_i, l_i, l_i, q, data_ptr, data16_ptr, data64_ptr, table, vp, v1, n_high, n_hp, C,
+                pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, True,
+                TPP_L, BLOCK_TL, NP_L, SLOTS, D, NG, KB_L, VB_L, BLOCK_G, G, FP32, FAST_CVT, META64, False, ASM_CVT, False,
             )
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    hd = tl.arange(0, D // 2)
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     row = (b * HKV * G + h * G + g) * tl.num_programs(1) + split  # not a constexpr: one compile for all split counts
-    tl.store(part_out_ptr + row[:, None] * D + dims[None, :], out, mask=gmask[:, None])
+    tl.store(part_out_ptr + row[:, None] * D + hd[None, :], acc0 / l_safe[:, None], mask=gmask[:, None])
+    tl.store(part_out_ptr + row[:, None] * D + D // 2 + hd[None, :], acc1 / l_safe[:, None], mask=gmask[:, None])
     tl.store(part_lse_ptr + row, lse, mask=gmask)
 
 
@@ -229,16 +381,18 @@ def merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tens
     _merge_kernel[(R,)](part_out, part_lse, out, lse, NSPLIT=nsplit, BLOCK_S=triton.next_power_of_2(nsplit), D=d)
 
 
-# Launch defaults KVStore uses (HotTier.attend): the winners of benchmarks/perf_decode_attention --sweep.
-DEFAULT_LAUNCH = dict(fast_cvt=True, num_warps=4, num_stages=2, block_tokens=128, programs_per_sm_small=4,
-                      programs_per_sm_large=8)
+# Launch defaults KVStore uses (HotTier.attend): the winners of benchmarks/perf_decode_attention --sweep
+# (H100, B=8, N=128K: one warp per program, one 32-token page per step, 3 stages: 0.607 ms against 0.735
+# for 2 warps x 64 tokens, and 1.18 ms for the first 4-warp kernel; see benchmarks/results/).
+DEFAULT_LAUNCH = dict(fast_cvt=True, lazy=True, asm_cvt=True, num_warps=1, num_stages=3, block_tokens=32,
+                      programs_per_sm_small=8, programs_per_sm_large=8)
 
 
 def choose_splits(batch: int, num_kv_heads: int, max_pages: int, num_sms: int = 132) -> int:
-    """Splits per (sequence, KV head), at least one page per split.
+    """Splits per (sequence, KV head), at least one page per split: about 8 programs per SM.
 
-    About 4 programs per SM when there are few heads (B x Hkv < 32: H100 B=1 best at 66 splits) and 8
-    when there are many (B=8, Hkv=8: 16 splits beat 8, 1.31 vs 1.40 ms at N=128K).
+    H100, one-warp programs: B=1 (8 heads) best at 132 splits (0.097 vs 0.114 ms at 66), B=8 (64 heads)
+    at 16 (0.607 ms; 32: 0.610).
     """
     heads = max(1, batch * num_kv_heads)
     per_sm = DEFAULT_LAUNCH["programs_per_sm_small" if heads < 32 else "programs_per_sm_large"]
@@ -253,6 +407,7 @@ def paged_decode_attention(
     out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
     pages_per_split: int, logits: torch.Tensor | None = None, num_warps: int | None = None,
     num_stages: int | None = None, block_tokens: int | None = None, fast_cvt: bool | None = None,
+    lazy: bool | None = None, asm_cvt: bool | None = None,
 ) -> None:
     """Decode attention of one layer over the quantized hot tier, written into `out` and `lse`.
 
@@ -269,10 +424,16 @@ def paged_decode_attention(
         part_out fp32 [B, Hq, NSPLIT, d], part_lse fp32 [B, Hq, NSPLIT]: split workspace.
         pages_per_split: pages each split walks; NSPLIT * pages_per_split must cover the widest head.
         logits: optional fp32 [B, Hq, C, max(T_high, T_low)]: per-token scaled logits (-inf = no token).
-        num_warps / num_stages / block_tokens / fast_cvt: launch variant (None: DEFAULT_LAUNCH's);
-            fast_cvt makes fp16 codes by the 0x6400 bit trick instead of int-to-float conversions.
+        num_warps / num_stages / block_tokens / fast_cvt / lazy / asm_cvt: launch variant (None:
+            DEFAULT_LAUNCH's); fast_cvt makes fp16 codes by the 0x6400 bit trick instead of int-to-float
+            conversions; lazy sums the softmax denominator and the value zero-point term once after the
+            loop (one scale group); asm_cvt converts K8 and V4 codes with PTX (prmt), CUDA only: ignored
+            in the interpreter and on CPU tensors.
     """
     fast_cvt = DEFAULT_LAUNCH["fast_cvt"] if fast_cvt is None else fast_cvt
+    lazy = DEFAULT_LAUNCH["lazy"] if lazy is None else lazy
+    asm_ok = q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")  # PTX: not in the interpreter
+    asm_cvt = bool(DEFAULT_LAUNCH["asm_cvt"] if asm_cvt is None else asm_cvt) and asm_ok
     num_warps = DEFAULT_LAUNCH["num_warps"] if num_warps is None else num_warps
     num_stages = DEFAULT_LAUNCH["num_stages"] if num_stages is None else num_stages
     block_tokens = DEFAULT_LAUNCH["block_tokens"] if block_tokens is None else block_tokens
@@ -303,8 +464,11 @@ def paged_decode_attention(
     bth, btl = triton.next_power_of_2(th), triton.next_power_of_2(tlow)
     bth, btl = max(16 if bth <= block_tokens else bth, bth), max(btl, 16)
     grid = (B * Hkv, nsplit)
+    # One scale/zero group: a slot's [k scale, k zero, v scale, v zero] is one aligned 8-byte word.
+    meta64 = groups == 1 and data.shape[1] % 8 == 0 and (th * (kb + vb) * d // 8) % 8 == 0 and (
+        low is None or (tlow * (lkb + lvb) * d // 8) % 8 == 0)
     _paged_decode_kernel[grid](
-        q, data, data.view(torch.float16), pages, num_high, nlp, seq_ids, slot_pos,
+        q, data, data.view(torch.float16), data.view(torch.int64) if meta64 else data, pages, num_high, nlp, seq_ids, slot_pos,
         part_out, part_lse, logits if logits is not None else part_lse,
         layer, C, data.shape[1], slot_pos.shape[1], pages_per_split, scale * LOG2E,
         q.stride(0), q.stride(1),
@@ -313,7 +477,9 @@ def paged_decode_attention(
         HKV=Hkv, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=d, NG=groups,
         TPP_H=th, BLOCK_TH=bth, NP_H=max(1, block_tokens // bth), KB_H=kb, VB_H=vb,
         HAS_LOW=low is not None, TPP_L=tlow, BLOCK_TL=btl, NP_L=max(1, block_tokens // btl), KB_L=lkb, VB_L=lvb,
-        SLOTS=slots, DO_EMIT=logits is not None, FP32=q.dtype == torch.float32, FAST_CVT=bool(fast_cvt),
+        SLOTS=slots, DO_EMIT=logits is not None, FP32=q.dtype == torch.float32, FAST_CVT=bool(fast_cvt), META64=meta64,
+        LAZY=bool(lazy) and groups == 1, ASM_CVT=asm_cvt,
+        VHINT=th % 16 == 0 and bth == th and data.shape[1] % 16 == 0,
         num_warps=num_warps, num_stages=num_stages,
     )
     merge_splits(part_out.view(B * Hq, nsplit, d), part_lse.view(B * Hq, nsplit), out.view(B * Hq, d), lse.view(B * Hq))

@@ -55,7 +55,7 @@ def _quantize_into_pages_kernel(
     tl.store(data_ptr + base + slot * KB + tl.arange(0, KB), kp.to(tl.uint8))
     v = tl.load(v_ptr + row * stride_v + dims).to(tl.float32)
     vp, vs, vz = _quantize_row(v, NG, D, VBITS)
-    tl.store(data_ptr + base + TPP * KB + slot * VB + tl.arange(0, VB), vp.to(tl.uint8))
+    tl.store(data_ptr + base + TPP * KB + tl.arange(0, VB) * TPP + slot, vp.to(tl.uint8))  # V byte-major
     meta = (base + TPP * (KB + VB)) // 2 + slot * 4 * NG
     g = tl.arange(0, NG)
     tl.store(data16_ptr + meta + g, ks.to(tl.float16))
@@ -99,12 +99,12 @@ def quantize_into_pages(data: torch.Tensor, page_ids: torch.Tensor, slots: torch
 
 
 @triton.jit
-def _unpack(packed_ptr, rows, D: tl.constexpr, BITS: tl.constexpr, stride_row):
-    """Codes fp32 [BLOCK_T, D] of `rows` (byte offsets of row starts given by rows * stride_row)."""
+def _unpack(packed_ptr, rows, D: tl.constexpr, BITS: tl.constexpr, stride_row, stride_byte):
+    """Codes fp32 [BLOCK_T, D] of `rows`: byte j of row r at rows[r] * stride_row + j * stride_byte."""
     PER: tl.constexpr = 8 // BITS
     SUB: tl.constexpr = D // PER
     dims = tl.arange(0, D)
-    byte = tl.load(packed_ptr + rows[:, None] * stride_row + (dims % SUB)[None, :]).to(tl.int32)
+    byte = tl.load(packed_ptr + rows[:, None] * stride_row + ((dims % SUB) * stride_byte)[None, :]).to(tl.int32)
     return ((byte >> ((dims // SUB) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
 
 
@@ -125,8 +125,8 @@ def _dequantize_pages_kernel(
     base = page * page_bytes
     grp = dims // (D // NG)
     meta = (base + TPP * (KB + VB)) // 2 + tt[:, None] * 4 * NG + grp[None, :]
-    kc = _unpack(data_ptr + base, tt, D, KBITS, KB)
-    vc = _unpack(data_ptr + base + TPP * KB, tt, D, VBITS, VB)
+    kc = _unpack(data_ptr + base, tt, D, KBITS, KB, 1)
+    vc = _unpack(data_ptr + base + TPP * KB, tt, D, VBITS, 1, TPP)  # values byte-major
     ks = tl.load(data16_ptr + meta).to(tl.float32)
     kz = tl.load(data16_ptr + meta + NG).to(tl.float32)
     vs = tl.load(data16_ptr + meta + 2 * NG).to(tl.float32)

@@ -108,13 +108,16 @@ def test_kernel_matches_reference(n_high, n_low, tpp, G, d, groups, dtype):
     torch.testing.assert_close(probs.sum((-1, -2)), torch.ones(B, Hkv * G), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fast_cvt", [False, True])
-def test_launch_variants_match_reference(fast_cvt):
-    """Both code conversions (int-to-float and the 0x6400 bit trick), both tiers, G=4, d=128, 2 scale groups."""
-    data, pages, num_high, nlp, slot_pos, t_low = _layout(2, 2, 128, [45, 13], [19, 7], 9, 2, seed=11)
+@pytest.mark.parametrize("fast_cvt,lazy,groups,tpp", [(False, False, 2, 9), (True, False, 2, 9), (True, False, 1, 8),
+                                                      (True, True, 1, 8), (False, True, 1, 9)])
+def test_launch_variants_match_reference(fast_cvt, lazy, groups, tpp):
+    """Both code conversions (int-to-float and the 0x6400 bit trick), eager and lazy softmax sums, both tiers,
+    G=4, d=128, 1 or 2 scale groups, metadata as one 8-byte word (tpp 8) or four fp16 loads (tpp 9)."""
+    data, pages, num_high, nlp, slot_pos, t_low = _layout(2, 2, 128, [45, 13], [19, 7], tpp, groups, seed=11)
     q = torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    (out, lse, logits), (r_out, r_lse, r_logits) = _run(q, data, pages, num_high, nlp, slot_pos, 9, t_low, 2,
-                                                        nsplit=2, fast_cvt=fast_cvt, block_tokens=64, num_warps=8)
+    (out, lse, logits), (r_out, r_lse, r_logits) = _run(q, data, pages, num_high, nlp, slot_pos, tpp, t_low, groups,
+                                                        nsplit=2, fast_cvt=fast_cvt, lazy=lazy, block_tokens=64,
+                                                        num_warps=8)
     assert _rel_rms(out, r_out) < 1e-3
     torch.testing.assert_close(lse, r_lse, rtol=1e-5, atol=1e-4)
     fin = torch.isfinite(r_logits)
@@ -167,3 +170,31 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="part_out"):
         paged_decode_attention(q, data, pages, num_high, None, torch.arange(1), 0, slot_pos, (8, 4, 8), None, 1, 0.1,
                                torch.empty(1, 6, 64), torch.empty(1, 6), torch.empty(1, 6, 2, 32), torch.empty(1, 6, 2), 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                    reason="compiled CUDA paths (PTX code conversion, value-load hints): a GPU without the interpreter")
+@pytest.mark.parametrize("asm_cvt", [False, True])
+@pytest.mark.parametrize("tpp,d,n_high,n_low", [(32, 128, [200, 37], [40, 3]), (16, 64, [1, 95], [0, 70]), (9, 128, [45, 13], [19, 7])])
+def test_cuda_kernel_matches_reference(asm_cvt, tpp, d, n_high, n_low):
+    """On the GPU: the PTX conversions and the contiguous value loads (32- and 16-token pages) equal the reference."""
+    data, pages, num_high, nlp, slot_pos, t_low = _layout(2, 2, d, n_high, n_low, tpp, 1, seed=tpp + d)
+    dev = torch.device("cuda")
+    data, pages, num_high, nlp, slot_pos = (x.to(dev) for x in (data, pages, num_high, nlp, slot_pos))
+    q = torch.randn(2, 8, d, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(dev)
+    for launch in (dict(num_warps=1, num_stages=3, block_tokens=32), dict(num_warps=4, num_stages=2, block_tokens=128)):
+        C = pages.shape[-1]
+        out = torch.full((2, 8, d), float("nan"), device=dev)
+        lse = torch.full((2, 8), float("nan"), device=dev)
+        po, pl = torch.empty(2, 8, 3, d, device=dev), torch.empty(2, 8, 3, device=dev)
+        logits = torch.full((2, 8, C, max(tpp, t_low)), float("-inf"), device=dev)
+        paged_decode_attention(q, data, pages, num_high, nlp, torch.arange(2, device=dev), 0, slot_pos, (8, 4, tpp),
+                               (4, 2, t_low), 1, d ** -0.5, out, lse, po, pl, math.ceil(C / 3), logits,
+                               asm_cvt=asm_cvt, **launch)
+        r_out, r_lse, r_logits = reference.paged_decode_attention(q, data, pages[:, 0], num_high[:, 0], nlp[:, 0],
+                                                                  slot_pos, (8, 4, tpp), (4, 2, t_low), 1, d ** -0.5)
+        assert _rel_rms(out, r_out) < 1e-3, launch
+        torch.testing.assert_close(lse, r_lse, rtol=1e-5, atol=1e-4)
+        fin = torch.isfinite(r_logits)
+        assert torch.equal(torch.isfinite(logits), fin)
+        torch.testing.assert_close(logits[fin], r_logits[fin], rtol=1e-4, atol=1e-3)
