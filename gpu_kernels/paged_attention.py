@@ -141,9 +141,12 @@ def _load_halves(rowptr, BITS: tl.constexpr, D: tl.constexpr, BSTRIDE: tl.conste
 
 @triton.jit
 def _operand(codes, FP32: tl.constexpr, FAST_CVT: tl.constexpr):
+    """Dot operand of int16 codes: fp32 for fp32 queries, else exact fp16."""
     if FP32:
-        return codes.to(tl.float32)
-    return _codes_f16(codes, FAST_CVT)
+        x = codes.to(tl.float32)
+    else:
+        x = _codes_f16(codes, FAST_CVT)
+    return x
 
 
 @triton.jit
@@ -341,10 +344,11 @@ def _paged_decode_kernel(
         acc1 += zsum[:, None]
     else:
         l_i = l_h
-    if HAS_LOW:
+    if HAS_LOW:  # eager sums (l_i [BLOCK_G]); z_l is unused
+        z_l = l_i
         for vp in range(tl.maximum(v0, n_hp), v1, NP_L):
-            acc0, acc1, m_i, l_i, z_h = _attend_block(
-                acc0, acc1, m_i, l_i, l_i, q, data_ptr, data16_ptr, data64_ptr, table, vp, v1, n_high, n_hp, C,
+            acc0, acc1, m_i, l_i, z_l = _attend_block(
+                acc0, acc1, m_i, l_i, z_l, q, data_ptr, data16_ptr, data64_ptr, table, vp, v1, n_high, n_hp, C,
                 pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, True,
                 TPP_L, BLOCK_TL, NP_L, SLOTS, D, NG, KB_L, VB_L, BLOCK_G, G, FP32, FAST_CVT, META64, False, ASM_CVT, False,
             )
