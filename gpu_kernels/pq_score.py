@@ -72,8 +72,22 @@ def _pq_pass(table_ptr, codes_ptr, seq_ptr, lo_ptr, hi_ptr, lse_ptr, part_max_pt
         tl.store(part_sum_ptr + off, sm, mask=gmask)
 
 
+def score_blocks(num_tokens: int, block_n: int | None = None) -> tuple[int, int]:
+    """(tokens per program, programs per row NB) of `pq_scores` over `num_tokens` tokens: what its
+    `part` buffers are sized by (a plan sizes them before any layer runs).
+
+    Default block: 512 from 64K tokens on, else 2048 (the fastest on an H100 in
+    benchmarks/perf_retrieval.py: 0.205 vs 0.326 ms at B=8, N=128K; 0.051 vs 0.086 ms at B=1, N=32K).
+    """
+    if block_n is None:
+        block_n = 512 if num_tokens >= 65536 else 2048
+    block_n = min(block_n, triton.next_power_of_2(max(num_tokens, 1)))
+    return block_n, triton.cdiv(num_tokens, block_n)
+
+
 def pq_scores(table: torch.Tensor, codes: torch.Tensor, seq_ids: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-              num_tokens: int, out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
+              num_tokens: int, out: torch.Tensor | None = None, block_n: int | None = None,
+              part: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Aggregated PQ scores; same contract as `reference.pq_scores`.
 
     Args:
@@ -81,9 +95,10 @@ def pq_scores(table: torch.Tensor, codes: torch.Tensor, seq_ids: torch.Tensor, l
         codes: uint8 [S, Hkv, cap, m], last dim contiguous; cap >= num_tokens.
         seq_ids: int [B]; lo, hi: int32/int64 [B] candidate range per sequence.
         out: optional fp32 [B, Hkv, num_tokens] contiguous buffer (plan-time allocation).
-        block_n: tokens per program; default 512 from 64K tokens on, else 2048 (the fastest on an
-            H100 in benchmarks/perf_retrieval.py: 0.205 vs 0.326 ms at B=8, N=128K; 0.051 vs
-            0.086 ms at B=1, N=32K).
+        block_n: tokens per program; default from `score_blocks`.
+        part: optional fp32 (max, sum) buffers [B, Hq, NB] contiguous of the passes' per-block
+            partials, NB from `score_blocks(num_tokens, block_n)`; with `out` and `part` given,
+            nothing is allocated (the decode run of KVStore).
     Returns:
         fp32 [B, Hkv, num_tokens], -1 outside the candidates.
     """
@@ -104,12 +119,16 @@ def pq_scores(table: torch.Tensor, codes: torch.Tensor, seq_ids: torch.Tensor, l
         raise ValueError(f"pq_scores: out must be fp32 contiguous [{B}, {Hkv}, {num_tokens}], got {out.dtype} {tuple(out.shape)}")
     if num_tokens == 0:
         return out
-    if block_n is None:
-        block_n = 512 if num_tokens >= 65536 else 2048
-    block_n = min(block_n, triton.next_power_of_2(num_tokens))
-    NB = triton.cdiv(num_tokens, block_n)
-    part_max = torch.empty(B, Hq, NB, dtype=torch.float32, device=table.device)
-    part_sum = torch.empty_like(part_max)
+    block_n, NB = score_blocks(num_tokens, block_n)
+    if part is None:
+        part_max = torch.empty(B, Hq, NB, dtype=torch.float32, device=table.device)
+        part_sum = torch.empty_like(part_max)
+    else:
+        part_max, part_sum = part
+        for t in part:
+            if t.shape != (B, Hq, NB) or t.dtype != torch.float32 or not t.is_contiguous() or t.device != table.device:
+                raise ValueError(f"pq_scores: part buffers must be fp32 contiguous [{B}, {Hq}, {NB}] on "
+                                 f"{table.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
     grid = (B * Hkv, NB)
     GP = triton.next_power_of_2(G)
     NBP = triton.next_power_of_2(NB)
