@@ -44,6 +44,7 @@ import torch
 from gpu_kernels import reference
 from kvstore.config import KVStoreConfig
 from kvstore.hot_tier import ModelGeometry, use_triton
+from kvstore.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -309,38 +310,65 @@ class ColdTier:
             # slab [L, n, 2, H, C, d] at (chunk, offset) per sequence: indexed view [b, L, 2, H, d]
             self.slabs[s][:, lc, :, :, off[sl]] = host[:, sl].permute(1, 0, 2, 3, 4)
 
-    def rows(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fetch_workspace(self, seq_ids: torch.Tensor, k: int, wsp: Workspace) -> dict:
+        """Plan time, after `device_maps`: the buffers `rows` and `fetch` write for a step of width k."""
+        B, H = seq_ids.numel(), self.H
+        i64 = torch.int64
+        cols = self.device_maps()["table"].shape[1]
+        ws = {name: wsp.take("fetch." + name, (B, H, k), i64)
+              for name in ("p", "ci", "flat", "chunk", "slab", "local", "n", "row", "rem", "rows_k")}
+        ws.update(sel=wsp.take("fetch.sel", (B, H, k), torch.bool), ge=wsp.take("fetch.ge", (B * H * k,), torch.bool))
+        ws["r"] = wsp.take("fetch.r", (2, B * H * k), i64)
+        ws["h"] = wsp.arange("fetch.h", H).view(1, H, 1)
+        ws["neg1"] = wsp.full("fetch.neg1", (), i64, -1)
+        ws["tbase"] = torch.mul(seq_ids.view(B, 1, 1), cols, out=wsp.take("fetch.tbase", (B, 1, 1), i64))
+        return ws
+
+    def rows(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor, ws: dict | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Slab and K row of (layer, sequence, KV head, position). pos int64 [B, H, k] (>= 0) ->
-        (slab int64, row int64) [B, H, k]; the V row is row + H * C. Device ops only."""
+        (slab int64, row int64) [B, H, k]; the V row is row + H * C. Device ops only; with ws
+        (`fetch_workspace`) no allocation (the results are views of ws)."""
         m = self.device_maps()
         B, H, k = pos.shape
-        chunk = m["table"][seq_ids.view(B, 1, 1), pos // self.C]
-        slab = m["slab"][chunk]
-        local = m["local"][chunk]
-        n = m["slab_n"][slab]
-        h = torch.arange(H, device=pos.device).view(1, H, 1)
-        row = ((layer * n + local) * 2 * H + h) * self.C + pos % self.C
-        return slab, row
+        ws = ws if ws is not None else self.fetch_workspace(seq_ids, k, Workspace(pos.device))
+        ci = torch.div(pos, self.C, rounding_mode="floor", out=ws["ci"])
+        flat = torch.add(ci, ws["tbase"], out=ws["flat"]).view(-1)
+        # chunk -1 (none: a position past a shorter sequence's end, never wanted) reads chunk 0
+        chunk = torch.index_select(m["table"].view(-1), 0, flat, out=ws["chunk"].view(-1)).clamp_(min=0)
+        slab = torch.index_select(m["slab"], 0, chunk, out=ws["slab"].view(-1))
+        local = torch.index_select(m["local"], 0, chunk, out=ws["local"].view(-1))
+        n = torch.index_select(m["slab_n"], 0, slab, out=ws["n"].view(-1))
+        row = torch.mul(n, layer, out=ws["row"].view(-1)).view(B, H, k)
+        row.add_(local.view(B, H, k)).mul_(2 * H).add_(ws["h"]).mul_(self.C)
+        row.add_(torch.remainder(pos, self.C, out=ws["rem"]))
+        return ws["slab"], row
 
     def fetch(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor, want: torch.Tensor,
-              out: torch.Tensor) -> torch.Tensor:
+              out: torch.Tensor, ws: dict | None = None) -> torch.Tensor:
         """Gather K and V of the wanted positions into out [2, B, H, k, d] (rows not wanted untouched).
 
-        pos int64 [B, H, k]; want bool [B, H, k]. No host sync; on CUDA a UVA kernel reads the
-        pinned slabs directly (one launch per slab, a handful).
+        pos int64 [B, H, k]; want bool [B, H, k]. No host sync; with ws (`fetch_workspace`) no
+        allocation on the kernel path (the reference gather allocates). On CUDA a UVA kernel
+        reads the pinned slabs directly (one launch per slab, a handful); with
+        use_triton="always" on a CPU store the same kernel runs in the interpreter.
         """
-        slab, row = self.rows(layer, seq_ids, pos.clamp(min=0))
-        rows_k = torch.where(want, row, torch.full_like(row, -1))
+        B, H, k = pos.shape
+        ws = ws if ws is not None else self.fetch_workspace(seq_ids, k, Workspace(pos.device))
+        slab, row = self.rows(layer, seq_ids, torch.clamp(pos, min=0, out=ws["p"]), ws)
+        rows_k = torch.where(want, row, ws["neg1"], out=ws["rows_k"])
         dst = out.view(-1, self.d)
+        r = ws["r"]  # [2, M]: K rows, then V rows (-1: skip)
         for s, src in enumerate(self.slab_rows):
-            r = torch.where(slab == s, rows_k, torch.full_like(rows_k, -1)).reshape(-1)
-            r = torch.cat([r, torch.where(r >= 0, r + self.H * self.C, r)])
-            if self.pinned and self.use_triton:
+            torch.where(torch.eq(slab, s, out=ws["sel"]), rows_k, ws["neg1"], out=r[0].view(B, H, k))
+            torch.add(r[0], self.H * self.C, out=r[1])
+            torch.where(torch.ge(r[0], 0, out=ws["ge"]), r[1], r[0], out=r[1])
+            if self.use_triton:
                 from gpu_kernels.fetch import gather_rows
 
-                gather_rows(src, r, dst)
+                gather_rows(src, r.view(-1), dst)
             else:
-                reference.gather_rows(src, r, dst)
+                reference.gather_rows(src, r.view(-1), dst)
         return out
 
     # ---- release ---------------------------------------------------------------------------------

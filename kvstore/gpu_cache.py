@@ -3,8 +3,9 @@
 Each step's selected tokens are resolved against the cache on the GPU (`lookup`: a position
 -> slot map, so a hit costs one gather), misses are fetched from the cold tier, and after the
 step's attention the misses are admitted (`admit`) into the least valuable slots. Everything
-is batched over (sequence, KV head) and sized up front: no host sync, no allocation of cache
-memory, no Python loop over sequences or heads.
+is batched over (sequence, KV head) and sized up front: no host sync, no allocation (the step's
+index and mask temporaries are plan-time buffers, `plan_workspace`), no Python loop over
+sequences or heads.
 
 Layout (per layer; slot `slots` is a trash slot that absorbs the writes of non-admitted rows,
 so every scatter has a fixed size)::
@@ -29,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from kvstore.hot_tier import ModelGeometry
+from kvstore.workspace import Workspace
 
 POLICIES = ("lfu", "lru")
 
@@ -79,29 +81,72 @@ class GPUCache:
         per = [t[:, 0].numel() * t.element_size() for t in (self.k, self.v, self.pos, self.score, self.slot_of)]
         return sum(per)
 
-    # ---- per layer, per step (no host sync, no allocation of cache memory) ------------------------
-    def lookup(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Slot of each selected position, -1 on a miss. pos int64 [B, H, k]; valid bool [B, H, k]."""
+    # ---- plan time: the step's buffers --------------------------------------------------------
+    def plan_workspace(self, seq_ids: torch.Tensor, k: int, wsp: Workspace) -> dict:
+        """Buffers `lookup`, `read` and `admit` write at every layer of a step of width k (plan
+        time, after the last `ensure`: the flat row bases depend on slots and cap)."""
+        g, B, H = self.geometry, seq_ids.numel(), self.geometry.num_kv_heads
+        i64, f32, b8 = torch.int64, torch.float32, torch.bool
+        n = self.slots + 1
+        nv = min(k, self.slots)
+        h = wsp.arange("cache.h", H).view(1, H, 1)
+        ws = {"h": h, "count": wsp.take("cache.count", (), i64)}
+        row = (seq_ids.view(B, 1, 1) * H + h)  # (sequence, head) row of the [L][S, H, ...] buffers
+        ws["base_of"] = torch.mul(row, self.cap + 1, out=wsp.take("cache.base_of", (B, H, 1), i64))
+        ws["base_kv"] = torch.mul(row, n, out=wsp.take("cache.base_kv", (B, H, 1), i64))
+        for name in ("hit", "nohit", "invalid", "miss", "ok", "notok", "b"):
+            ws[name] = wsp.take("cache." + name, (B, H, k), b8)
+        for name in ("i1", "slot", "hit_slot", "missl", "cs", "rank", "tslot", "old", "old_col", "new_col"):
+            ws[name] = wsp.take("cache." + name, (B, H, k), i64)
+        for name in ("hitf", "stepf", "gv"):
+            ws[name] = wsp.take("cache." + name, (B, H, k), f32)
+        ws["slot16"] = wsp.take("cache.slot16", (B, H, k), self.slot_of.dtype)
+        ws["tslot16"] = wsp.take("cache.tslot16", (B, H, k), self.slot_of.dtype)
+        ws["old32"] = wsp.take("cache.old32", (B, H, k), torch.int32)
+        ws["p32"] = wsp.take("cache.p32", (B, H, k), torch.int32)
+        ws["kv"] = wsp.take("cache.kv", (B, H, k, g.head_dim), g.dtype)
+        ws["score"] = wsp.take("cache.score", (B, H, n), f32)
+        ws["prot"] = wsp.take("cache.prot", (B, H, n), f32)
+        ws["posg"] = wsp.take("cache.posg", (B, H, n), torch.int32)
+        ws["empty"] = wsp.take("cache.empty", (B, H, n), b8)
+        ws["vals"] = wsp.take("cache.vals", (B, H, nv), f32)
+        ws["victims"] = wsp.take("cache.victims", (B, H, nv), i64)
+        return ws
+
+    def _ws(self, seq_ids: torch.Tensor, k: int, ws: dict | None) -> dict:
+        return ws if ws is not None else self.plan_workspace(seq_ids, k, Workspace(self.device))
+
+    # ---- per layer, per step (no host sync, no allocation) ---------------------------------------
+    def lookup(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
+               ws: dict | None = None) -> torch.Tensor:
+        """Slot of each selected position, -1 on a miss. pos int64 [B, H, k]; valid bool [B, H, k].
+
+        Returns int64 [B, H, k], a view of ws (the step's buffers, `plan_workspace`).
+        """
         B, H, k = pos.shape
-        h = torch.arange(H, device=pos.device).view(1, H, 1)
-        slot = self.slot_of[layer][seq_ids.view(B, 1, 1), h, pos.clamp(0, self.cap)].long()
-        slot = torch.where(valid, slot, torch.full_like(slot, -1))
-        self.hits += (slot >= 0).sum()
-        self.lookups += valid.sum()
+        ws = self._ws(seq_ids, k, ws)
+        flat = torch.clamp(pos, 0, self.cap, out=ws["i1"]).add_(ws["base_of"])
+        torch.index_select(self.slot_of[layer].view(-1), 0, flat.view(-1), out=ws["slot16"].view(-1))
+        slot = ws["slot"].copy_(ws["slot16"])
+        slot.masked_fill_(torch.logical_not(valid, out=ws["invalid"]), -1)
+        self.hits += torch.sum(torch.ge(slot, 0, out=ws["hit"]), (0, 1, 2), out=ws["count"])
+        self.lookups += torch.sum(valid, (0, 1, 2), out=ws["count"])
         return slot
 
-    def read(self, layer: int, seq_ids: torch.Tensor, slot: torch.Tensor, out: torch.Tensor) -> None:
+    def read(self, layer: int, seq_ids: torch.Tensor, slot: torch.Tensor, out: torch.Tensor,
+             ws: dict | None = None) -> None:
         """Copy the hits' K/V into out [2, B, H, k, d] (misses' rows untouched)."""
         B, H, k = slot.shape
-        h = torch.arange(H, device=slot.device).view(1, H, 1)
-        s = slot.clamp(min=0)
-        hit = (slot >= 0).unsqueeze(-1)
-        sb = seq_ids.view(B, 1, 1)
-        out[0] = torch.where(hit, self.k[layer][sb, h, s], out[0])
-        out[1] = torch.where(hit, self.v[layer][sb, h, s], out[1])
+        ws = self._ws(seq_ids, k, ws)
+        rows = torch.clamp(slot, min=0, out=ws["i1"]).add_(ws["base_kv"]).view(-1)
+        hit = torch.ge(slot, 0, out=ws["hit"]).unsqueeze(-1)
+        d = self.geometry.head_dim
+        for i, src in enumerate((self.k, self.v)):
+            torch.index_select(src[layer].view(-1, d), 0, rows, out=ws["kv"].view(-1, d))
+            torch.where(hit, ws["kv"], out[i], out=out[i])
 
     def admit(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor,
-              kv: torch.Tensor) -> None:
+              kv: torch.Tensor, ws: dict | None = None) -> None:
         """Update scores and admit this step's misses into the least valuable unprotected slots.
 
         pos int64, valid bool, slot int64 (from `lookup`) [B, H, k]; kv [2, B, H, k, d] the
@@ -110,40 +155,43 @@ class GPUCache:
         if self.slots == 0:
             return
         B, H, k = pos.shape
-        trash = self.slots
-        dev = pos.device
-        h = torch.arange(H, device=dev).view(1, H, 1)
-        sb = seq_ids.view(B, 1, 1)
-        hit = slot >= 0
-        miss = valid & ~hit
-        score = self.score[layer][seq_ids]  # [B, H, slots + 1] (a gathered copy)
-        hit_slot = torch.where(hit, slot, torch.full_like(slot, trash))
+        ws = self._ws(seq_ids, k, ws)
+        trash, cap, inf = self.slots, self.cap, float("inf")
+        h, sb = ws["h"], seq_ids.view(B, 1, 1)
+        nohit = torch.lt(slot, 0, out=ws["nohit"])
+        hit = torch.ge(slot, 0, out=ws["hit"])
+        miss = torch.bitwise_and(valid, nohit, out=ws["miss"])
+        score = torch.index_select(self.score[layer], 0, seq_ids, out=ws["score"])  # [B, H, slots + 1]
+        hit_slot = ws["hit_slot"].copy_(slot).masked_fill_(nohit, trash)
         if self.policy == "lfu":
-            score = score * self.decay
-            score.scatter_add_(2, hit_slot, hit.float())
+            score.mul_(self.decay)
+            score.scatter_add_(2, hit_slot, ws["hitf"].copy_(hit))
         else:
-            score.scatter_(2, hit_slot, self.step.expand_as(hit_slot).clone())
-        score[..., trash] = 0.0
+            score.scatter_(2, hit_slot, ws["stepf"].copy_(self.step.expand(B, H, k)))
+        score[..., trash].fill_(0.0)
         self.score[layer][seq_ids] = score
-        prot = score.masked_fill(self.pos[layer][seq_ids] < 0, float("-inf"))  # empty slots go first
-        prot = prot.scatter(2, hit_slot, torch.full_like(hit_slot, float("inf"), dtype=prot.dtype))
-        prot[..., trash] = float("inf")
+        posg = torch.index_select(self.pos[layer], 0, seq_ids, out=ws["posg"])  # [B, H, slots + 1]
+        prot = ws["prot"].copy_(score).masked_fill_(torch.lt(posg, 0, out=ws["empty"]), -inf)  # empty slots first
+        prot.scatter_(2, hit_slot, inf)
+        prot[..., trash].fill_(inf)
         nv = min(k, self.slots)
-        vals, victims = torch.topk(prot, nv, dim=-1, largest=False, sorted=True)  # [B, H, nv]
-        rank = (torch.cumsum(miss.long(), -1) - 1).clamp(0, nv - 1)
-        ok = miss & (torch.cumsum(miss.long(), -1) <= nv)
-        ok &= torch.gather(vals, 2, rank) < float("inf")
-        tslot = torch.where(ok, torch.gather(victims, 2, rank), torch.full_like(rank, trash))
-        old = torch.gather(self.pos[layer][seq_ids], 2, tslot).long()
-        old_col = torch.where(ok & (old >= 0), old, torch.full_like(old, self.cap))
+        vals, victims = torch.topk(prot, nv, dim=-1, largest=False, sorted=True, out=(ws["vals"], ws["victims"]))
+        cs = torch.cumsum(ws["missl"].copy_(miss), -1, out=ws["cs"])
+        rank = torch.sub(cs, 1, out=ws["rank"]).clamp_(0, nv - 1)
+        ok = torch.le(cs, nv, out=ws["ok"]).bitwise_and_(miss)
+        ok.bitwise_and_(torch.lt(torch.gather(vals, 2, rank, out=ws["gv"]), inf, out=ws["b"]))
+        notok = torch.logical_not(ok, out=ws["notok"])
+        tslot = torch.gather(victims, 2, rank, out=ws["tslot"]).masked_fill_(notok, trash)
+        old = ws["old"].copy_(torch.gather(posg, 2, tslot, out=ws["old32"]))
+        keep_old = torch.ge(old, 0, out=ws["b"]).bitwise_and_(ok)
+        old_col = ws["old_col"].copy_(old).masked_fill_(torch.logical_not(keep_old, out=ws["b"]), cap)
         self.slot_of[layer][sb, h, old_col] = -1
-        new_col = torch.where(ok, pos.clamp(0, self.cap), torch.full_like(pos, self.cap))
-        self.slot_of[layer][sb, h, new_col] = tslot.to(self.slot_of.dtype)
+        new_col = torch.clamp(pos, 0, cap, out=ws["new_col"]).masked_fill_(notok, cap)
+        self.slot_of[layer][sb, h, new_col] = ws["tslot16"].copy_(tslot)
         self.k[layer][sb, h, tslot] = kv[0]
         self.v[layer][sb, h, tslot] = kv[1]
-        self.pos[layer][sb, h, tslot] = torch.where(ok, pos, torch.full_like(pos, -1)).to(torch.int32)
-        fresh = torch.ones_like(tslot, dtype=torch.float32) if self.policy == "lfu" else self.step.expand_as(tslot).clone()
-        self.score[layer][sb, h, tslot] = fresh
+        self.pos[layer][sb, h, tslot] = ws["p32"].copy_(pos).masked_fill_(notok, -1)
+        self.score[layer][sb, h, tslot] = 1.0 if self.policy == "lfu" else self.step
         self.pos[layer][:, :, trash] = -1
         self.slot_of[layer][..., self.cap] = -1
 

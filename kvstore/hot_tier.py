@@ -18,9 +18,10 @@ import torch
 from gpu_kernels import reference
 
 from kvstore.config import KVStoreConfig
-from kvstore.page_format import PageFormat, make_format
+from kvstore.page_format import FullFormat, PageFormat, make_format
 from kvstore.page_pool import PagePool
 from kvstore.page_table import PageTable
+from kvstore.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -133,21 +134,38 @@ class HotTier:
         count[seq_ids, layer] = new.to(torch.int32)
 
     def write_slots(self, layer: int, page: torch.Tensor, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    positions: torch.Tensor) -> None:
+                    positions: torch.Tensor, ws: dict | None = None) -> None:
         """Decode write of one token per (sequence, KV head) at slots chosen by the plan.
 
         Args:
             page, slot: int [B, Hkv] where each head's new token goes.
             k, v: [B, Hkv, d]; positions: int [B].
-        Allocates nothing and never syncs the host.
+            ws: `plan_workspace`'s buffers, whose "write" entry holds page and slot of every layer
+                as contiguous int32 / int64 rows (then `page`, `slot`, `positions` are not read).
+        Allocates nothing (given ws) and never syncs the host.
         """
         B, H = page.shape
-        self.high.write(self.pool.data, page.reshape(-1), slot.reshape(-1), k.reshape(B * H, -1), v.reshape(B * H, -1))
-        self.pool.slot_pos[page.reshape(-1).long(), slot.reshape(-1).long()] = (
-            positions.view(B, 1).expand(B, H).reshape(-1).to(torch.int32)
-        )
+        w = ws.get("write") if ws is not None else None
+        if w is None:  # outside a plan: the same indices, built here
+            w, layer = self._write_indices(page.view(B, 1, H), slot.view(B, 1, H), positions, Workspace(page.device)), 0
+        p64, s64 = w["page64"][layer], w["slot64"][layer]
+        p, s = (w["page"][layer], w["slot"][layer]) if getattr(self.high, "use_triton", False) else (p64, s64)
+        self.high.write(self.pool.data, p, s, k.reshape(B * H, -1), v.reshape(B * H, -1))
+        self.pool.slot_pos[p64, s64] = w["pos"]
         if self.pool.score_slots:  # the new token starts with no attention mass
-            self.pool.slot_score[page.reshape(-1).long(), slot.reshape(-1).long()] = 0.0
+            self.pool.slot_score[p64, s64] = 0.0
+
+    @staticmethod
+    def _write_indices(page: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor, wsp: Workspace) -> dict:
+        """Plan time: page/slot [B, L, Hkv] -> per-layer rows [L, B * Hkv] (int32 for the kernels, int64
+        for indexing) and the positions int32 [B * Hkv] that `write_slots` stores."""
+        B, L, H = page.shape
+        w = {}
+        for name, src in (("page", page), ("slot", slot)):
+            for key, dtype in ((name, torch.int32), (name + "64", torch.int64)):
+                w[key] = wsp.take(f"hot.write.{key}", (L, B, H), dtype).copy_(src.permute(1, 0, 2)).view(L, B * H)
+        w["pos"] = wsp.take("hot.write.pos", (B, H), torch.int32).copy_(positions.view(B, 1).expand(B, H)).view(B * H)
+        return w
 
     # ---- reading ---------------------------------------------------------------------------
     def gather(self, layer: int, seq_ids: torch.Tensor, num_pages: int | None = None
@@ -177,24 +195,39 @@ class HotTier:
         """Whether decode attention runs the Triton kernel (quantized pages and Triton enabled)."""
         return bool(getattr(self.high, "use_triton", False)) and self.geometry.head_dim >= 16
 
-    def plan_workspace(self, seq_ids: torch.Tensor, num_pages: int, emit_logits: bool | None = None) -> dict | None:
-        """Buffers of one decode step for `attend` (plan time: allocation and one host sync here).
+    def plan_workspace(self, seq_ids: torch.Tensor, num_pages: int, emit_logits: bool | None = None,
+                       workspace: Workspace | None = None, page: torch.Tensor | None = None,
+                       slot: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> dict:
+        """Buffers of one decode step for `write_slots` and `attend` (plan time: allocation and host syncs here).
 
-        Returns None on the reference path. Splits: about 4 programs per SM over B x Hkv heads.
+        workspace: where the buffers come from (the store's, reused step after step; None: fresh).
+        page, slot int [B, L, Hkv], positions int [B]: the step's decode writes ("write", per layer).
+        Kernel path: split buffers (splits: about 4 programs per SM over B x Hkv heads) and the fp32
+        output / lse scratch a layer's LSE merge reads. Reference path over 16-bit pages (what the
+        GPU runs for the model-dtype hot tier of full / pqcache / oracle): every layer's page ids,
+        the gathered pages, their fp32 K/V and the attention buffers ("ref"). With emit_logits (the
+        LeanKV policy reads every hot token's probability) the per-token logits of every layer,
+        read by the policy at the next plan. Other reference paths (quantized pages without the
+        kernel, the low tier on the CPU) allocate in `attend`: the GPU runs the kernel there.
         """
         if emit_logits is None:  # the LeanKV policy reads every hot token's probability
             emit_logits = self.config.hot_policy == "leankv"
         geo = self.geometry
-        B, Hq, d = seq_ids.numel(), geo.num_q_heads, geo.head_dim
+        wsp = workspace if workspace is not None else Workspace(geo.device)
+        B, Hq, d, L = seq_ids.numel(), geo.num_q_heads, geo.head_dim, geo.num_layers
+        f32 = torch.float32
         ws: dict = {"kernel": self.kernel_decode, "logits_all": None}
+        if page is not None:
+            ws["write"] = self._write_indices(page, slot, positions, wsp)
         if emit_logits:  # per-token logits of every layer, read by the policy at the next plan
             slots = max(self.tokens_per_page, self.low_tokens_per_page)
-            L, dev = geo.num_layers, geo.device
-            ws["logits_all"] = torch.full((L, B, Hq, self.table.max_pages, slots), float("-inf"), device=dev)
-            ws["lse_all"] = torch.full((L, B, Hq), float("-inf"), device=dev)
+            ws["logits_all"] = wsp.full("hot.logits_all", (L, B, Hq, self.table.max_pages, slots), f32, float("-inf"))
+            ws["lse_all"] = wsp.full("hot.lse_all", (L, B, Hq), f32, float("-inf"))
         self.last_ws = (seq_ids, ws) if emit_logits else None  # the policy reads it at the next plan
         if not self.kernel_decode:
-            return ws if emit_logits else None
+            if self.low is None and not emit_logits and isinstance(self.high, FullFormat):
+                ws["ref"] = self._reference_buffers(seq_ids, num_pages, wsp)
+            return ws
         from gpu_kernels.paged_attention import choose_splits
 
         low_pages = int(self.table.num_low_pages[seq_ids].max().item()) if self.low is not None and B else 0
@@ -205,47 +238,85 @@ class HotTier:
         nsplit = choose_splits(B, geo.num_kv_heads, vmax, self._num_sms)
         pps = math.ceil(vmax / nsplit)
         nsplit = math.ceil(vmax / pps)
-        dev = geo.device
         ws.update(
             pages_per_split=pps,
-            part_out=torch.empty(B, Hq, nsplit, d, dtype=torch.float32, device=dev),
-            part_lse=torch.empty(B, Hq, nsplit, dtype=torch.float32, device=dev),
-            out=torch.empty(B, Hq, d, dtype=torch.float32, device=dev),
-            lse=torch.empty(B, Hq, dtype=torch.float32, device=dev),
+            part_out=wsp.take("hot.part_out", (B, Hq, nsplit, d), f32),
+            part_lse=wsp.take("hot.part_lse", (B, Hq, nsplit), f32),
+            out=wsp.take("hot.out", (B, Hq, d), f32),
+            lse=wsp.take("hot.lse", (B, Hq), f32),
         )
         return ws
 
+    def _reference_buffers(self, seq_ids: torch.Tensor, num_pages: int, wsp: Workspace) -> dict:
+        """Plan time, 16-bit pages: page ids int64 [L, B, Hkv, P] of every layer and the buffers of
+        `attend`'s gather + attention (P = num_pages, N = P * tokens_per_page)."""
+        geo = self.geometry
+        B, Hq, Hkv, d, L = seq_ids.numel(), geo.num_q_heads, geo.num_kv_heads, geo.head_dim, geo.num_layers
+        P, tpp = num_pages, self.tokens_per_page
+        N = P * tpp
+        pages = wsp.take("hot.ref.pages", (L, B, Hkv, P), torch.int64)
+        pages.copy_(self.table.pages[seq_ids][..., :P].permute(1, 0, 2, 3))
+        return dict(
+            pages=pages,
+            raw=wsp.take("hot.ref.raw", (B * Hkv * P, 2 * tpp * d), geo.dtype),
+            pos=wsp.take("hot.ref.pos", (B * Hkv * P, self.pool.max_slots), torch.int32),
+            invalid=wsp.take("hot.ref.invalid", (B, Hkv, N), torch.bool),
+            kf=wsp.take("hot.ref.kf", (B, Hkv, N, d), torch.float32),
+            vf=wsp.take("hot.ref.vf", (B, Hkv, N, d), torch.float32),
+            attn=reference.decode_attention_buffers(lambda n, s, t: wsp.take("hot.ref." + n, s, t),
+                                                    B, Hq, Hkv, N, d, kv_fp32=True),
+        )
+
+    def _attend_16bit(self, layer: int, q: torch.Tensor, scale: float, r: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference decode attention over 16-bit pages into the plan's buffers `r` (no allocation):
+        `gather` + `reference.decode_attention`, bit for bit."""
+        B, Hkv, N, d = r["kf"].shape
+        tpp = self.tokens_per_page
+        P = N // tpp
+        pages = r["pages"][layer].view(-1)
+        src = self.high._view(self.pool.data)  # [pool pages, 2, tpp, d] model dtype, no copy
+        raw = torch.index_select(src.view(src.shape[0], -1), 0, pages, out=r["raw"]).view(B, Hkv, P, 2, tpp, d)
+        r["kf"].view(B, Hkv, P, tpp, d).copy_(raw[:, :, :, 0])
+        r["vf"].view(B, Hkv, P, tpp, d).copy_(raw[:, :, :, 1])
+        pos = torch.index_select(self.pool.slot_pos, 0, pages, out=r["pos"]).view(B, Hkv, P, -1)[..., :tpp]
+        torch.lt(pos, 0, out=r["invalid"].view(B, Hkv, P, tpp))
+        return reference.decode_attention_out(q, r["kf"], r["vf"], r["invalid"], scale, r["attn"])
+
     def attend(self, layer: int, seq_ids: torch.Tensor, q: torch.Tensor, scale: float, num_pages: int,
-               ws: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+               ws: dict | None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode attention of one layer over the hot tier.
 
         Args:
             q: [B, Hq, d]; num_pages: widest high-tier table (the plan's); ws: `plan_workspace`'s buffers.
+            out: optional [B, Hq, d] contiguous buffer (any float dtype) that receives the output.
         Returns:
-            out fp32 [B, Hq, d], lse fp32 [B, Hq] (-inf where a head holds no token). The kernel path
-            never syncs the host and allocates only these two results (the split buffers and the
-            logits are the plan's workspace).
+            out [B, Hq, d] (`out`, else fp32), lse fp32 [B, Hq] (-inf where a head holds no token).
+            Without `out` they are views of ws, overwritten by the next layer's `attend`. The kernel
+            path and the 16-bit reference path never sync the host and allocate nothing; the other
+            reference paths (CPU only, for supported geometries) allocate.
         """
         high = (getattr(self.high, "key_bits", 16), getattr(self.high, "value_bits", 16), self.tokens_per_page)
         low = (self.low.key_bits, self.low.value_bits, self.low_tokens_per_page) if self.low is not None else None
         emit = ws is not None and ws.get("logits_all") is not None
         if ws is None or not ws["kernel"]:
-            if low is None and not emit:
+            if ws is not None and ws.get("ref") is not None:
+                res, lse = self._attend_16bit(layer, q, scale, ws["ref"])
+            elif low is None and not emit:
                 k_all, v_all, pos = self.gather(layer, seq_ids, num_pages)
-                out, lse, _ = reference.decode_attention(q, k_all, v_all, pos >= 0, scale)
-                return out, lse
-            t = self.table
-            out, lse, logits = reference.paged_decode_attention(
-                q, self.pool.data, t.pages[seq_ids, layer], t.num_tokens[seq_ids, layer], t.num_low_pages[seq_ids, layer],
-                self.pool.slot_pos, high, low, self.config.quant_groups, scale)
-            if emit:
-                ws["logits_all"][layer].copy_(logits)
-                ws["lse_all"][layer].copy_(lse)
-            return out, lse
+                res, lse, _ = reference.decode_attention(q, k_all, v_all, pos >= 0, scale)
+            else:
+                t = self.table
+                res, lse, logits = reference.paged_decode_attention(
+                    q, self.pool.data, t.pages[seq_ids, layer], t.num_tokens[seq_ids, layer],
+                    t.num_low_pages[seq_ids, layer], self.pool.slot_pos, high, low, self.config.quant_groups, scale)
+                if emit:
+                    ws["logits_all"][layer].copy_(logits)
+                    ws["lse_all"][layer].copy_(lse)
+            return (out.copy_(res) if out is not None else res), lse
         from gpu_kernels.paged_attention import paged_decode_attention
 
-        logits, lse_buf = (ws["logits_all"][layer], ws["lse_all"][layer]) if emit else (None, torch.empty_like(ws["lse"]))
-        out = torch.empty_like(ws["out"])  # the layer's output: the caller may keep it past the next layer
+        logits, lse_buf = (ws["logits_all"][layer], ws["lse_all"][layer]) if emit else (None, ws["lse"])
+        out = ws["out"] if out is None else out
         if logits is not None:
             logits.fill_(float("-inf"))
         paged_decode_attention(

@@ -12,8 +12,10 @@ The interface every selector implements (PQ, the exact oracle, and the benchmark
 a validity mask. A selector only scores tokens in the step's candidate range [lo_b, hi_b)
 (PQCache: sinks [0, S) and the window [n_now - W, n_now) are attended anyway and are never
 candidates); `scores` must return -1 outside it. `prefill` runs per layer during prefill, the
-other calls per layer during decode and must not sync the host or allocate store memory.
-Per-step metadata (`SelectionStep`) is built once per step by `make_step` in the store's plan.
+other calls per layer during decode and must not sync the host or allocate: what they write
+goes into the step's buffers, taken at plan time by `plan_workspace` (a selector that scores
+with its own tensors extends it; `select` copies scores returned elsewhere into the buffer).
+Per-step metadata (`SelectionStep`) is built once per step in the store's plan.
 
 Selectors register in `SELECTORS` and in kvstore/capabilities.py.
 """
@@ -31,6 +33,7 @@ import torch
 
 from gpu_kernels import reference
 from kvstore.hot_tier import use_triton
+from kvstore.workspace import Workspace
 
 if TYPE_CHECKING:
     from kvstore.cold_tier import ColdTier
@@ -56,6 +59,9 @@ class SelectionStep:
                 position) is resident in the hot tier and so never selected (the LeanKV hot
                 policy of `tiered`: the candidates are the tokens it pruned). The store's own
                 tensor, updated in plan; column cap is a trash column.
+    ws:         the step's buffers (`Selector.plan_workspace`, plus the store's for the GPU cache,
+                the fetch and the attention over the selection), or None outside a store's plan:
+                then each call builds its buffers itself (the same ops, allocating).
     """
 
     seq_ids: torch.Tensor
@@ -67,6 +73,7 @@ class SelectionStep:
     kmax: int
     uniform_k: bool
     exclude: torch.Tensor | None = None
+    ws: dict | None = None
 
 
 class Selector:
@@ -101,22 +108,57 @@ class Selector:
     def scores(self, layer: int, step: SelectionStep, q: torch.Tensor, scale: float) -> torch.Tensor:
         raise NotImplementedError
 
+    def plan_workspace(self, step: SelectionStep, wsp: Workspace) -> dict:
+        """Plan time: the buffers `select` writes at every layer (subclasses add their scoring's).
+
+        scores fp32 [B, Hkv, N]; cand_invalid bool [B, 1, N] (outside each sequence's candidates
+        [lo, hi)); vals fp32 / idx int64 / valid bool [B, Hkv, kmax]; kmask bool [B, 1, kmax] (which
+        of the kmax columns each sequence's k keeps, when k differs); exclude bool [B, Hkv, N] (a
+        layer's residency rows, tiered).
+        """
+        B, H, N, k = step.seq_ids.numel(), self.geometry.num_kv_heads, step.num_tokens, step.kmax
+        t = wsp.arange("sel.t", N).view(1, 1, N)
+        inv = wsp.take("sel.cand_invalid", (B, 1, N), torch.bool)
+        torch.ge(t, step.hi.view(B, 1, 1), out=inv).logical_or_(torch.lt(t, step.lo.view(B, 1, 1)))
+        ws = dict(
+            cand_invalid=inv,
+            scores=wsp.take("sel.scores", (B, H, N), torch.float32),
+            vals=wsp.take("sel.vals", (B, H, k), torch.float32),
+            idx=wsp.take("sel.idx", (B, H, k), torch.int64),
+            valid=wsp.take("sel.valid", (B, H, k), torch.bool),
+        )
+        if k and not step.uniform_k:
+            cols = wsp.arange("sel.cols", k).view(1, 1, k)
+            ws["kmask"] = torch.lt(cols, step.k.view(-1, 1, 1), out=wsp.take("sel.kmask", (B, 1, k), torch.bool))
+        if step.exclude is not None:
+            ws["exclude"] = wsp.take("sel.exclude", (B, H, N), torch.bool)
+        return ws
+
+    def _ws(self, step: SelectionStep) -> dict:
+        """The step's buffers, or fresh ones outside a store's plan."""
+        return step.ws if step.ws is not None else self.plan_workspace(step, Workspace(self.device))
+
     def select(self, layer: int, step: SelectionStep, q: torch.Tensor, scale: float
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k positions int64 [B, Hkv, kmax] and valid bool [B, Hkv, kmax]. q [B, Hq, d]."""
-        B, H = step.seq_ids.shape[0], self.geometry.num_kv_heads
+        """Top-k positions int64 [B, Hkv, kmax] and valid bool [B, Hkv, kmax]. q [B, Hq, d].
+
+        They are views of the step's buffers (overwritten by the next layer's select).
+        """
+        ws = self._ws(step)
         if step.kmax == 0:
-            z = torch.zeros(B, H, 0, dtype=torch.int64, device=self.device)
-            return z, z.bool()
+            return ws["idx"], ws["valid"]
         s = self.scores(layer, step, q, scale)
+        if s.data_ptr() != ws["scores"].data_ptr():  # a selector that scored into its own tensor
+            s = ws["scores"].copy_(s)
         if step.exclude is not None:
             # Hot tokens are attended anyway: never selected. They stay in the scores' softmax
             # denominators (their mass is real attention mass), only the top-k skips them.
-            s = s.masked_fill(step.exclude[layer, step.seq_ids, :, : s.shape[-1]], -1.0)
-        vals, idx = torch.topk(s, step.kmax, dim=-1, sorted=not step.uniform_k)
-        valid = vals >= 0
+            excl = step.exclude[layer][:, :, : s.shape[-1]]
+            s.masked_fill_(torch.index_select(excl, 0, step.seq_ids, out=ws["exclude"]), -1.0)
+        vals, idx = torch.topk(s, step.kmax, dim=-1, sorted=not step.uniform_k, out=(ws["vals"], ws["idx"]))
+        valid = torch.ge(vals, 0, out=ws["valid"])
         if not step.uniform_k:
-            valid &= torch.arange(step.kmax, device=self.device).view(1, 1, -1) < step.k.view(-1, 1, 1)
+            valid.bitwise_and_(ws["kmask"])
         return idx, valid
 
     def release(self, seq_ids: torch.Tensor) -> None:
@@ -154,15 +196,38 @@ class ExactSelector(Selector):
     def append(self, layer, step, k_new):
         self.keys[layer, step.seq_ids, :, step.positions] = k_new.to(self.keys.dtype)
 
+    def plan_workspace(self, step, wsp):
+        """Adds the gathered keys and the fp32 q / keys / logits of the exact scores."""
+        ws = super().plan_workspace(step, wsp)
+        B, N = step.seq_ids.numel(), step.num_tokens
+        g = self.geometry
+        H, Hq, d, f32 = g.num_kv_heads, g.num_q_heads, g.head_dim, torch.float32
+        ws.update(
+            keys=wsp.take("exact.keys", (B, H, N, d), self.keys.dtype),
+            qf=wsp.take("exact.qf", (B, Hq, d), f32),
+            logits=wsp.take("exact.logits", (B, Hq, N), f32),
+            lse=wsp.take("exact.lse", (B, Hq, 1), f32),
+        )
+        if self.keys.dtype != f32:
+            ws["kf"] = wsp.take("exact.kf", (B, H, N, d), f32)
+        return ws
+
     def scores(self, layer, step, q, scale):
+        """Softmax per query head over the candidates of exact logits, summed per group (no
+        allocation: the same ops as `reference.decode_attention`'s logits and
+        `reference.group_softmax_scores`, into the step's buffers)."""
+        ws = self._ws(step)
         N = step.num_tokens
-        keys = self.keys[layer, step.seq_ids, :, :N]  # [B, H, N, d]
         B, Hq, d = q.shape
-        H = keys.shape[1]
-        logits = torch.einsum("bhgd,bhnd->bhgn", q.float().view(B, H, Hq // H, d), keys.float()) * scale
-        t = torch.arange(N, device=q.device).view(1, N)
-        valid = (t >= step.lo.view(B, 1)) & (t < step.hi.view(B, 1))
-        return reference.group_softmax_scores(logits.reshape(B, Hq, N), valid, H)
+        H = self.keys.shape[2]
+        G = Hq // H
+        keys = torch.index_select(self.keys[layer][:, :, :N], 0, step.seq_ids, out=ws["keys"])  # [B, H, N, d]
+        kf = ws["kf"].copy_(keys) if "kf" in ws else keys
+        qf = ws["qf"].copy_(q)
+        logits = ws["logits"]
+        torch.bmm(qf.view(B * H, G, d), kf.view(B * H, N, d).transpose(1, 2), out=logits.view(B * H, G, N))
+        logits.mul_(scale)
+        return reference.group_softmax_scores_out(logits, ws["cand_invalid"], H, ws["lse"], ws["scores"])
 
     def device_bytes_per_seq(self):
         return self.keys[:, 0].numel() * self.keys.element_size()
@@ -263,19 +328,56 @@ class PQSelector(Selector):
                 self.codes[layer, seq_ids, :, start: start + n] = torch.from_numpy(codes).to(self.device)
         self.wait_seconds += time.perf_counter() - t0
 
+    def plan_workspace(self, step, wsp):
+        """Adds the nearest-centroid coding of the new token, the ADC tables and the scorer's partials."""
+        ws = super().plan_workspace(step, wsp)
+        g = self.geometry
+        B, H, Hq, d = step.seq_ids.numel(), g.num_kv_heads, g.num_q_heads, g.head_dim
+        m, K, ds = self.m, self.K, self.dsub
+        f32 = torch.float32
+        ws.update(
+            cen16=wsp.take("pq.cen16", (B, H, m, K, ds), torch.float16),
+            cen=wsp.take("pq.cen", (B, H, m, K, ds), f32),
+            x=wsp.take("pq.x", (B, H, d), f32),
+            diff=wsp.take("pq.diff", (B, H, m, K, ds), f32),
+            dist=wsp.take("pq.dist", (B, H, m, K), f32),
+            code=wsp.take("pq.code", (B, H, m), torch.int64),
+            code8=wsp.take("pq.code8", (B, H, m), torch.uint8),
+            qperm=wsp.take("pq.qperm", (B, H, m, Hq // H, ds), f32),
+            prod=wsp.take("pq.prod", (B * H * m, Hq // H, K), f32),
+            table=wsp.take("pq.table", (B, Hq, m, K), f32),
+        )
+        if self.use_triton:
+            from gpu_kernels.pq_score import score_blocks
+
+            _, nb = score_blocks(step.num_tokens)
+            ws["part"] = (wsp.take("pq.part_max", (B, Hq, nb), f32), wsp.take("pq.part_sum", (B, Hq, nb), f32))
+        return ws
+
+    def _centroids(self, layer: int, seq_ids: torch.Tensor, ws: dict) -> torch.Tensor:
+        """fp32 [B, Hkv, m, K, d/m] centroids of the batch (gathered per layer: the first decode
+        step of a layer loads them in `before_decode`, after the plan)."""
+        torch.index_select(self.centroids[layer], 0, seq_ids, out=ws["cen16"])
+        return ws["cen"].copy_(ws["cen16"])
+
     def append(self, layer, step, k_new):
         B, H, d = k_new.shape
-        x = k_new.float().view(B, H, self.m, 1, self.dsub)
-        cen = self.centroids[layer, step.seq_ids].float()  # [B, H, m, K, dsub]
-        code = ((x - cen) ** 2).sum(-1).argmin(-1)  # [B, H, m]
-        self.codes[layer, step.seq_ids, :, step.positions] = code.to(torch.uint8)
+        ws = self._ws(step)
+        x = ws["x"].copy_(k_new).view(B, H, self.m, 1, self.dsub)
+        cen = self._centroids(layer, step.seq_ids, ws)  # [B, H, m, K, dsub]
+        dist = torch.sum(torch.sub(x, cen, out=ws["diff"]).pow_(2), -1, out=ws["dist"])
+        code = torch.argmin(dist, -1, out=ws["code"])  # [B, H, m]
+        self.codes[layer, step.seq_ids, :, step.positions] = ws["code8"].copy_(code)
 
     def scores(self, layer, step, q, scale):
-        table = reference.pq_tables(q, self.centroids[layer, step.seq_ids], scale).contiguous()
+        ws = self._ws(step)
+        cen = self._centroids(layer, step.seq_ids, ws)
+        table = reference.pq_tables_out(q, cen, scale, ws["qperm"], ws["prod"], ws["table"])
         if self.use_triton:
             from gpu_kernels.pq_score import pq_scores
 
-            return pq_scores(table, self.codes[layer], step.seq_ids, step.lo, step.hi, step.num_tokens)
+            return pq_scores(table, self.codes[layer], step.seq_ids, step.lo, step.hi, step.num_tokens,
+                             out=ws["scores"], part=ws["part"])
         return reference.pq_scores(table, self.codes[layer], step.seq_ids, step.lo, step.hi, step.num_tokens)
 
     def release(self, seq_ids):

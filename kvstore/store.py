@@ -4,8 +4,8 @@
     seq_ids = store.add_sequences(batch)                      # sequence slots
     for layer: out = store.prefill(layer, seq_ids, q, k, v, valid, scale)
     for step:
-        plan = store.plan(seq_ids)                            # host work, allocation, one host sync
-        for layer: out = store.decode(layer, plan, q, k, v, scale)   # no allocation of store memory, no host sync
+        plan = store.plan(seq_ids)                            # host work, the step's buffers, host syncs
+        for layer: out = store.decode(layer, plan, q, k, v, scale)   # no allocation, no host sync
     store.release(seq_ids)                                    # every page back to the pool
 
 Everything is batched over sequences, layers and heads; there is no Python loop over any of
@@ -28,6 +28,7 @@ from kvstore.policies import make_policy
 from kvstore.cold_tier import ColdTier
 from kvstore.gpu_cache import GPUCache
 from kvstore.selection import SelectionStep, budgets, make_selector, window_sizes
+from kvstore.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,13 @@ class DecodePlan:
     num_pages: widest page table among the batch (the gather limit for the reference path)
     evicted_pos: int64 [B, L, Hkv] position of the token that leaves the hot tier this step
                (its slot is the one the new token reuses), -1 where none leaves
-    selection: retrieval metadata of the step (kvstore/selection.py), None without a selector
+    hot_ws:    buffers of the hot tier's decode writes and attention (HotTier.plan_workspace)
+    selection: retrieval metadata of the step (kvstore/selection.py), None without a selector;
+               its `ws` holds the buffers of the selection, GPU cache, fetch and merge
     retrieved: [2, B, Hkv, kmax, d] buffer of the selected tokens' K/V (hits + fetched misses)
+    out:       [L, B, Hq, 1, d] model dtype: layer l's decode output is out[l]
+    step_id:   the store's plan counter when this plan was built (a later plan makes it stale)
+    Every tensor of a plan that a layer writes is a view of the store's `Workspace`.
     """
 
     seq_ids: torch.Tensor
@@ -56,9 +62,11 @@ class DecodePlan:
     slot: torch.Tensor
     num_pages: int
     evicted_pos: torch.Tensor | None = None
-    hot_ws: dict | None = None  # buffers of the hot tier's decode kernel (HotTier.plan_workspace)
+    hot_ws: dict | None = None
     selection: SelectionStep | None = None
     retrieved: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+    step_id: int = 0
 
 
 class KVStore:
@@ -98,6 +106,9 @@ class KVStore:
         self.async_fetch = True
         self._fetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and config.retrieves else None
         self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-fetch") if config.retrieves else None
+        #: buffers of the decode step, carved by `plan`, written by every layer's `decode` (kvstore/workspace.py)
+        self.workspace = Workspace(self.device)
+        self._plan_id = 0
         LIVE_STORES.add(self)
 
     # ---- sequences --------------------------------------------------------------------------
@@ -208,9 +219,11 @@ class KVStore:
         """Prepare one decode step for every layer: where each head's new token goes.
 
         Allocates the pages that fill up this step for all (sequence, layer, KV head) at once,
-        with one host sync. Nothing later in the step allocates store memory or syncs.
-        The hot policy decides per head whether the new token takes a fresh slot (high-tier
-        index n, the next one) or reuses the slot of a token that leaves the hot tier.
+        and takes every buffer the layers' decode runs write from the store's workspace (all
+        allocation of the step happens here, with the step's host syncs). Nothing later in the
+        step allocates or syncs. The hot policy decides per head whether the new token takes a
+        fresh slot (high-tier index n, the next one) or reuses the slot of a token that leaves
+        the hot tier. One step is in flight per store: a new plan makes the last one stale.
         """
         hot, tpp = self.hot, self.hot.tokens_per_page
         n = hot.table.num_tokens[seq_ids].long()  # [B, L, H]
@@ -232,30 +245,55 @@ class KVStore:
         hot.table.num_tokens[seq_ids] += fresh.to(torch.int32)
         self.seq_len[seq_ids] += 1
         plan = DecodePlan(seq_ids, positions, page, slot, self.hot.pages_in_use(seq_ids), decision.evicted_pos)
-        plan.hot_ws = self.hot.plan_workspace(seq_ids, plan.num_pages)
+        plan.hot_ws = self.hot.plan_workspace(seq_ids, plan.num_pages, workspace=self.workspace, page=page, slot=slot,
+                                              positions=positions)
+        geo = self.geometry
+        plan.out = self.workspace.take("store.out", (L, B, geo.num_q_heads, 1, geo.head_dim), geo.dtype)
         if self.cold is not None:
             self.cold.plan_step(seq_ids, positions)
         if self.selector is not None:
             self._plan_retrieval(plan)
+        self._plan_id += 1
+        plan.step_id = self._plan_id
         return plan
 
+    @torch.no_grad()
     def decode(self, layer: int, plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float) -> torch.Tensor:
-        """One layer of one decode step.
+        """One layer of one decode step: no allocation and no host sync (but on the first step after
+        a prefill, where a PQ selector waits for this layer's codebook and loads it). Inference
+        only: the output carries no autograd history (out= ops into the step's buffers).
 
         Args:
-            plan: this step's plan.
-            q: [B, Hq, 1, d]; k, v: [B, Hkv, 1, d] post-RoPE K/V of the new token.
+            plan: this step's plan (the latest `plan` of this store).
+            q: [B, Hq, 1, d]; k, v: [B, Hkv, 1, d] post-RoPE K/V of the new token, the model's dtype.
         Returns:
-            [B, Hq, 1, d] in q's dtype.
+            [B, Hq, 1, d] in q's dtype: `plan.out[layer]`, a view of the step's workspace. Each
+            layer has its own: layer i's output stays valid while later layers of the step run,
+            until the next `plan` (which reuses the buffer). A caller that keeps outputs across
+            steps copies them (the HF adapter's o_proj consumes each one within its layer).
+            (q in another dtype than the store's gets a fresh tensor.)
         """
-        self.hot.write_slots(layer, plan.page[:, layer], plan.slot[:, layer], k[:, :, 0], v[:, :, 0], plan.positions)
+        if plan.step_id != self._plan_id:
+            raise RuntimeError(
+                f"decode got a stale plan (step {plan.step_id}, the store's latest is {self._plan_id}): plan() "
+                "reuses the step's buffers, so plan once per step and decode every layer before the next plan"
+            )
+        ws = plan.hot_ws
+        self.hot.write_slots(layer, plan.page[:, layer], plan.slot[:, layer], k[:, :, 0], v[:, :, 0], plan.positions,
+                             ws)
         if self.cold is not None:
             self.cold.write_decode(layer, k[:, :, 0].detach(), v[:, :, 0].detach())
         if self.selector is not None:
-            return self._decode_retrieval(layer, plan, q, k, scale)
-        out, _ = self.hot.attend(layer, plan.seq_ids, q[:, :, 0], scale, plan.num_pages, plan.hot_ws)
-        return out.to(q.dtype).unsqueeze(2)
+            out = self._decode_retrieval(layer, plan, q, k, scale)
+        else:
+            out, _ = self.hot.attend(layer, plan.seq_ids, q[:, :, 0], scale, plan.num_pages, ws,
+                                     out=plan.out[layer, :, :, 0] if q.dtype == plan.out.dtype else None)
+        if q.dtype != plan.out.dtype:
+            return out.to(q.dtype, copy=True).unsqueeze(2)
+        if out.data_ptr() != plan.out[layer].data_ptr():  # fp32 merge result (retrieval)
+            plan.out[layer, :, :, 0].copy_(out)
+        return plan.out[layer]
 
     # ---- accounting -------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -273,6 +311,7 @@ class KVStore:
             "host_kv_bytes": self.cold.used_bytes if self.cold is not None else 0,
             **extra,
             "dense_kv_bytes": tokens * self.geometry.dense_bytes_per_token,
+            "decode_workspace_bytes": self.workspace.nbytes,  # the step's buffers (kvstore/workspace.py), not KV
             "hot_pages_used": self.hot.pool.num_used,
             "hot_pages_reserved": self.hot.pool.num_pages,
             "page_bytes": self.hot.page_bytes,
@@ -390,49 +429,63 @@ class KVStore:
             if self.gpu_cache is not None and want > self.gpu_cache.slots:  # grows with the candidates
                 cap_slots = min(self.config.gpu_cache_tokens, ktop)
                 self.gpu_cache.ensure(self.max_seqs, min(cap_slots, max(want, 2 * self.gpu_cache.slots)), self._cap)
-        B, H, d = seq_ids.numel(), self.geometry.num_kv_heads, self.geometry.head_dim
-        plan.selection = SelectionStep(seq_ids, positions, torch.full_like(hi, S), hi, k, num_tokens, kmax, kmin == kmax,
-                                       exclude=self.resident)
-        plan.retrieved = torch.zeros(2, B, H, kmax, d, dtype=self.geometry.dtype, device=self.device)
+        geo, wsp = self.geometry, self.workspace
+        B, H, Hq, d = seq_ids.numel(), geo.num_kv_heads, geo.num_q_heads, geo.head_dim
+        step = SelectionStep(seq_ids, positions, torch.full_like(hi, S), hi, k, num_tokens, kmax, kmin == kmax,
+                             exclude=self.resident)
+        ws = self.selector.plan_workspace(step, wsp)
+        ws["cache"] = self.gpu_cache.plan_workspace(seq_ids, kmax, wsp)
+        ws["fetch"] = self.cold.fetch_workspace(seq_ids, kmax, wsp)
+        ws["miss"] = wsp.take("ret.miss", (B, H, kmax), torch.bool)
+        ws["invalid"] = wsp.take("ret.invalid", (B, H, kmax), torch.bool)
+        ws["attn"] = reference.decode_attention_buffers(lambda n, sh, t: wsp.take("ret." + n, sh, t), B, Hq, H, kmax, d,
+                                                        kv_fp32=geo.dtype == torch.float32)
+        ws["merge"] = reference.merge_attention_buffers(lambda n, sh, t: wsp.take("merge." + n, sh, t), B, Hq, d)
+        step.ws = ws
+        plan.selection = step
+        plan.retrieved = wsp.take("ret.kv", (2, B, H, kmax, d), geo.dtype).zero_()
 
     @torch.no_grad()
     def _decode_retrieval(self, layer: int, plan: DecodePlan, q: torch.Tensor, k: torch.Tensor,
                           scale: float) -> torch.Tensor:
-        """Select, resolve hits, fetch misses (overlapped with attention over the hot tier), merge by LSE."""
+        """Select, resolve hits, fetch misses (overlapped with attention over the hot tier), merge by
+        LSE. Returns fp32 [B, Hq, d], a view of the step's buffers."""
         step, buf, q0 = plan.selection, plan.retrieved, q[:, :, 0]
+        ws = step.ws
         self.selector.before_decode(layer)  # first step after prefill: this layer's build only
         self.selector.append(layer, step, k[:, :, 0])
         pos, valid = self.selector.select(layer, step, q0, scale)
-        slot = self.gpu_cache.lookup(layer, step.seq_ids, pos, valid)
-        miss = valid & (slot < 0)
-        pending = self._start_fetch(layer, step.seq_ids, pos, miss, buf)
+        slot = self.gpu_cache.lookup(layer, step.seq_ids, pos, valid, ws["cache"])
+        miss = torch.lt(slot, 0, out=ws["miss"]).bitwise_and_(valid)
+        pending = self._start_fetch(layer, step.seq_ids, pos, miss, buf, ws["fetch"])
         out_h, lse_h = self.hot.attend(layer, plan.seq_ids, q0, scale, plan.num_pages, plan.hot_ws)
         self._wait_fetch(pending)
-        self.gpu_cache.read(layer, step.seq_ids, slot, buf)
-        out_r, lse_r, _ = reference.decode_attention(q0, buf[0], buf[1], valid, scale)
-        out, lse = reference.merge_attention(out_h, lse_h, out_r, lse_r)
-        ws = plan.hot_ws
-        if ws is not None and ws.get("lse_all") is not None:
+        self.gpu_cache.read(layer, step.seq_ids, slot, buf, ws["cache"])
+        invalid = torch.logical_not(valid, out=ws["invalid"])
+        out_r, lse_r = reference.decode_attention_out(q0, buf[0], buf[1], invalid, scale, ws["attn"])
+        out, lse = reference.merge_attention_out(out_h, lse_h, out_r, lse_r, ws["merge"])
+        hws = plan.hot_ws
+        if hws is not None and hws.get("lse_all") is not None:
             # LeanKV's score update reads exp(logit - lse_all): with the merged lse, a hot token's
             # probability is its share of the softmax over hot + retrieved tokens (policies.py)
-            ws["lse_all"][layer].copy_(lse)
-        self.gpu_cache.admit(layer, step.seq_ids, pos, valid, slot, buf)
+            hws["lse_all"][layer].copy_(lse)
+        self.gpu_cache.admit(layer, step.seq_ids, pos, valid, slot, buf, ws["cache"])
         if layer == self.geometry.num_layers - 1:
             self.gpu_cache.end_step()
-        return out.to(q.dtype).unsqueeze(2)
+        return out
 
-    def _start_fetch(self, layer, seq_ids, pos, miss, buf):
+    def _start_fetch(self, layer, seq_ids, pos, miss, buf, ws=None):
         if not self.async_fetch:
-            self.cold.fetch(layer, seq_ids, pos, miss, buf)
+            self.cold.fetch(layer, seq_ids, pos, miss, buf, ws)
             return None
         if self._fetch_stream is not None:  # CUDA: side stream, ordered after what produced pos/miss
             self._fetch_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._fetch_stream):
-                self.cold.fetch(layer, seq_ids, pos, miss, buf)
+                self.cold.fetch(layer, seq_ids, pos, miss, buf, ws)
                 ev = torch.cuda.Event()
                 ev.record(self._fetch_stream)
             return ev
-        return self._fetch_pool.submit(self.cold.fetch, layer, seq_ids, pos, miss, buf)  # CPU: a host thread
+        return self._fetch_pool.submit(self.cold.fetch, layer, seq_ids, pos, miss, buf, ws)  # CPU: a host thread
 
     def _wait_fetch(self, pending) -> None:
         if pending is None:
