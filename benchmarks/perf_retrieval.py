@@ -166,9 +166,62 @@ def bench_fetch(device, quick):
 
         res["cpu_gather_then_copy_GBps"] = nbytes / _wall(pqcache_way, 3) / 1e9
         res["uva_vs_ceiling"] = res["uva_gather_GBps"] / res["pinned_copy_ceiling_GBps"]
+        del staging
     else:
         t = _wall(lambda: reference.gather_rows(src, rows, dst), 3)
         res["reference_gather_GBps"] = nbytes / t / 1e9
+    del src
+    res["store_order"] = bench_fetch_store_order(device, quick)
+    return res
+
+
+def bench_fetch_store_order(device, quick, B=8, N=131072, C=256, budget=0.1, hit_rate=0.5):
+    """The fetch as the store issues it, over one layer's region of the cold tier at B=8, N=128K (4 GiB).
+
+    Cold-tier layout (kvstore/cold_tier.py): per chunk of C positions, [2 (K, V), Hkv, C, d]; a
+    sequence's chunks consecutive. Per (sequence, KV head): top-k positions of random scores by
+    torch.topk(sorted=False) (the selector's call), half of them misses; the gather rows are
+    [K rows of (b, h, slot)..., V rows...] with -1 for hits, as ColdTier.fetch builds them. The GPU
+    maps pinned host memory in pages its translation cache covers only partly: rows gathered in
+    address order (what topk's unsorted output gives within a head) keep the reads in flight on a
+    few pages; the same rows in random order (`uva_gather_GBps` above) miss on nearly every row.
+    """
+    from gpu_kernels.fetch import gather_rows
+
+    if quick:
+        B, N = 2, 4096
+    H = HKV
+    chunks = B * N // C
+    src = torch.empty(chunks * 2 * H * C, D, dtype=torch.bfloat16, pin_memory=device.type == "cuda")
+    src.view(-1)[:: 4096].fill_(1.0)
+    k = int(N * budget)
+    g = torch.Generator(device=device).manual_seed(0)
+    pos = torch.topk(torch.rand(B, H, N, device=device, generator=g), k, dim=-1, sorted=False).indices
+    want = torch.rand(B, H, k, device=device, generator=g) < (1 - hit_rate)
+    b = torch.arange(B, device=device).view(B, 1, 1)
+    h = torch.arange(H, device=device).view(1, H, 1)
+    krow = ((b * (N // C) + pos // C) * 2 * H + h) * C + pos % C
+    krow = torch.where(want, krow, torch.full_like(krow, -1))
+    rows = torch.cat([krow.view(-1), torch.where(krow.view(-1) >= 0, krow.view(-1) + H * C, krow.view(-1))])
+    dst = torch.empty(rows.numel(), D, dtype=torch.bfloat16, device=device)
+    nbytes = int(want.sum()) * 2 * D * 2
+    res = {"B": B, "N": N, "k": k, "region_bytes": src.numel() * 2, "fetched_bytes": nbytes,
+           "topk_indices_ascending": float((pos.diff(dim=-1) > 0).float().mean())}
+    if device.type == "cuda":
+        gather_rows(src, rows, dst)
+        torch.cuda.synchronize()
+        sel = rows >= 0
+        assert torch.equal(dst[sel].cpu(), src[rows[sel].cpu()]), "store-order gather returned wrong rows"
+        res["store_order_GBps"] = nbytes / _bench_gpu(lambda: gather_rows(src, rows, dst), quick) / 1e6
+        shuffled = rows[torch.randperm(rows.numel(), device=device, generator=g)]
+        res["shuffled_GBps"] = nbytes / _bench_gpu(lambda: gather_rows(src, shuffled, dst), quick) / 1e6
+        srt = torch.sort(rows).values
+        res["sorted_GBps"] = nbytes / _bench_gpu(lambda: gather_rows(src, srt, dst), quick) / 1e6
+        cdst = torch.empty(min(src.numel(), 1 << 27), dtype=torch.bfloat16, device=device)
+        res["pinned_copy_ceiling_GBps"] = cdst.numel() * 2 / _bench_gpu(
+            lambda: cdst.copy_(src.view(-1)[: cdst.numel()], non_blocking=True), quick) / 1e6
+    else:
+        res["reference_GBps"] = nbytes / _wall(lambda: reference.gather_rows(src, rows, dst), 1) / 1e9
     return res
 
 
@@ -265,6 +318,9 @@ def main():
     if "fetch" in result:
         print("fetch  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result["fetch"].items()
                                     if not isinstance(v, dict)))
+        if "store_order" in result["fetch"]:
+            print("fetch in the store's order  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                          for k, v in result["fetch"]["store_order"].items()))
         if "uva_sweep_GBps" in result["fetch"]:
             print("fetch sweep GB/s: " + ", ".join(f"{k}={v:.1f}" for k, v in result["fetch"]["uva_sweep_GBps"].items()))
     if "ttft" in result:
