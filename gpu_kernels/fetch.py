@@ -5,8 +5,14 @@ pinned host pointer is a valid device pointer), so the kernel reads host memory 
 directly, one program per BLOCK_R rows, with no host round trip and no staging copy. A row id
 of -1 means "nothing to fetch" (a cache hit): the destination row is left as it is, so the
 grid and the buffers have the same size every step (no host sync to learn the miss count).
-DESIGN.md: on an H100 such a gather of 256-byte rows moved 47 GB/s against 55 GB/s for one
-large pinned copy. Reference: `gpu_kernels/reference.py::gather_rows`.
+Order matters more than launch shape (H100, 256-byte rows, pinned copy ceiling 55 GB/s): the GPU
+reaches pinned host memory through a translation cache that covers a few hundred MB, so rows in
+address order move 51-52 GB/s while the same rows in random order move 26 GB/s over a 1 GiB slab
+and 10 GB/s over 4 GiB (512-byte rows: 49 and 19); every rows-per-program / warps setting gave the
+same figure. The store's fetch comes in address order within each (sequence, KV head): the top-k
+positions (torch.topk(sorted=False) on CUDA returns them ascending) map to rows that grow with
+the position in the cold tier's chunk layout (benchmarks/perf_retrieval.py, "store order").
+Reference: `gpu_kernels/reference.py::gather_rows`.
 """
 
 from __future__ import annotations
@@ -36,10 +42,8 @@ def gather_rows(src: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor, block_
         src: [R, D] contiguous, pinned host memory (or any memory the kernel's device can read).
         rows: int32/int64 [M] on dst's device, -1 = skip.
         dst: [M, D] contiguous, same dtype as src.
-        block_r, num_warps: rows per program and warps. Over PCIe the gather is bound by reads in
-            flight: 16 rows x 256 B with 4 warps moved 27.7 GB/s (H100, 55 GB/s pinned copy);
-            more rows per program and more warps keep more 16-byte loads outstanding per SM.
-            benchmarks/perf_retrieval.py sweeps them and prints the winner.
+        block_r, num_warps: rows per program and warps (benchmarks/perf_retrieval.py sweeps them: on
+            the H100 all settings gave the same GB/s; the row order sets it, see above).
     """
     if src.dim() != 2 or dst.dim() != 2 or src.shape[1] != dst.shape[1] or rows.shape != (dst.shape[0],):
         raise ValueError(f"gather_rows: src [R, D], rows [M], dst [M, D] expected; got {tuple(src.shape)}, "
