@@ -244,7 +244,6 @@ def _attend_block(
         l_i = l_i * alpha + tl.sum(p, axis=1)
     acc0 = acc0 * alpha[:, None]
     acc1 = acc1 * alpha[:, None]
-    hdims = tl.arange(0, H)
     for j in tl.static_range(NG):
         if not META64:
             vs0 = tl.load(data16_ptr + meta_b // 2 + 2 * NG + j).to(tl.float32)
@@ -255,32 +254,32 @@ def _attend_block(
             pw = (p * vs0[None, :]).to(tl.float16)
         if LAZY:
             z_i = z_i * alpha[:, None] + p * vz0[None, :]
+            pz = m_new  # unused: the zero-point term is summed after the loop
         else:
             pz = tl.sum(p * vz0[None, :], axis=1)
         # group j covers dims [j * D / NG, (j + 1) * D / NG): which halves it touches is known at compile time
         if j * (D // NG) < H:
-            if FP32:
-                pv = tl.dot(pw, vc0, input_precision="ieee")
-            else:
-                pv = tl.dot(pw, vc0)
-            if LAZY:
-                acc0 += pv
-            elif NG <= 2:
-                acc0 += pv + pz[:, None]
-            else:
-                acc0 += tl.where((hdims // (D // NG) == j)[None, :], pv + pz[:, None], 0.0)
+            acc0 = _add_half(acc0, pw, vc0, pz, j, 0, D, NG, FP32, LAZY)
         if (j + 1) * (D // NG) > H:
-            if FP32:
-                pv = tl.dot(pw, vc1, input_precision="ieee")
-            else:
-                pv = tl.dot(pw, vc1)
-            if LAZY:
-                acc1 += pv
-            elif NG <= 2:
-                acc1 += pv + pz[:, None]
-            else:
-                acc1 += tl.where(((H + hdims) // (D // NG) == j)[None, :], pv + pz[:, None], 0.0)
+            acc1 = _add_half(acc1, pw, vc1, pz, j, H, D, NG, FP32, LAZY)
     return acc0, acc1, m_new, l_i, z_i
+
+
+@triton.jit
+def _add_half(acc, pw, vc, pz, j: tl.constexpr, E0: tl.constexpr, D: tl.constexpr, NG: tl.constexpr,
+              FP32: tl.constexpr, LAZY: tl.constexpr):
+    """acc += pw @ vc on the head-dim half [E0, E0 + D/2), plus group j's zero-point term pz where j covers it."""
+    if FP32:
+        pv = tl.dot(pw, vc, input_precision="ieee")
+    else:
+        pv = tl.dot(pw, vc)
+    if LAZY:
+        acc += pv
+    elif NG <= 2:
+        acc += pv + pz[:, None]
+    else:
+        acc += tl.where(((E0 + tl.arange(0, D // 2)) // (D // NG) == j)[None, :], pv + pz[:, None], 0.0)
+    return acc
 
 
 @triton.jit
