@@ -130,7 +130,7 @@ def main() -> None:
             configs = [(auto, dict())]
             if args.sweep:
                 configs = [(ns, launch) for launch in SWEEP for ns in dict.fromkeys((auto, max(1, auto // 2), min(C, auto * 2)))]
-            best, cfg_times = None, []
+            best, cfg_times, t_default = None, [], float("nan")
             for nsplit, launch in configs:
                 try:
                     fn, _, _ = run_kernel_fn(q, data, pages, num_high, slot_pos, nsplit, **launch)
@@ -139,10 +139,11 @@ def main() -> None:
                     print(f"  config splits={nsplit} {launch} failed: {type(e).__name__}: {str(e)[:120]}")
                     continue
                 cfg_times.append(dict(splits=nsplit, **launch, ms=t))
+                if nsplit == auto and not launch:  # what KVStore runs
+                    t_default = t
                 if best is None or t < best[0]:
                     best = (t, nsplit, launch)
             t_k, best_splits, best_launch = best
-            t_default = cfg_times[0]["ms"] if cfg_times and cfg_times[0]["splits"] == auto and len(cfg_times[0]) == 2 else float("nan")
             kbytes = B * HKV * N * (BYTES_PER_TOKEN + 4) + B * HKV * C * 4 + q.numel() * 2
             del data, slot_pos
             torch.cuda.empty_cache()

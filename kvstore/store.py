@@ -105,6 +105,8 @@ class KVStore:
         #: overlap the fetch of misses with attention over resident tokens (False: fully synchronous)
         self.async_fetch = True
         self._fetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and config.retrieves else None
+        # one completion event per layer, re-recorded every step (nothing created on the decode path)
+        self._fetch_events = [torch.cuda.Event() for _ in range(geometry.num_layers)] if self._fetch_stream is not None else []
         self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-fetch") if config.retrieves else None
         #: buffers of the decode step, carved by `plan`, written by every layer's `decode` (kvstore/workspace.py)
         self.workspace = Workspace(self.device)
@@ -482,7 +484,7 @@ class KVStore:
             self._fetch_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._fetch_stream):
                 self.cold.fetch(layer, seq_ids, pos, miss, buf, ws)
-                ev = torch.cuda.Event()
+                ev = self._fetch_events[layer]
                 ev.record(self._fetch_stream)
             return ev
         return self._fetch_pool.submit(self.cold.fetch, layer, seq_ids, pos, miss, buf, ws)  # CPU: a host thread
