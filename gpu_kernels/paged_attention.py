@@ -40,6 +40,7 @@ Graph-safe: allocates nothing, syncs nothing; every buffer is passed in (built a
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -384,18 +385,47 @@ def merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tens
     _merge_kernel[(R,)](part_out, part_lse, out, lse, NSPLIT=nsplit, BLOCK_S=triton.next_power_of_2(nsplit), D=d)
 
 
+@functools.lru_cache(maxsize=None)
+def min_dot_rows() -> int:
+    """Fewest rows a 16-bit tl.dot takes on this Triton's NVIDIA backend: 1 where it pads to the
+    tensor-core tile itself (Triton >= 3.2), 16 on older versions (and wherever the backend's rule
+    cannot be read). The interpreter takes any shape, but the same block is used there so that CI
+    runs the shapes the GPU runs."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import min_dot_size
+
+        rows = min_dot_size(GPUTarget("cuda", 90, 32))(tl.block_type(tl.float16, [16, 16]),
+                                                        tl.block_type(tl.float16, [16, 16]))[0]
+        return max(1, int(rows))
+    except Exception:  # noqa: BLE001 - an older backend without the rule: the tensor-core tile
+        return 16
+
+
+def query_block(group: int) -> int:
+    """Rows of the query block: the GQA group, padded to a power of two and to min_dot_rows().
+
+    Why it matters (H200, B=8, N=128K, one-warp programs): padding a group of 4 to 16 rows made
+    the accumulators, the softmax tiles and the query 4x larger, 248 registers a thread, so 8 warps
+    fit an SM; the unpadded block needs 168, and 12 fit (the tensor-core dot pads internally).
+    """
+    return max(min_dot_rows(), triton.next_power_of_2(group))
+
+
 # Launch defaults KVStore uses (HotTier.attend): the winners of benchmarks/perf_decode_attention --sweep
 # (H100, B=8, N=128K: one warp per program, one 32-token page per step, 3 stages: 0.607 ms against 0.735
 # for 2 warps x 64 tokens, and 1.18 ms for the first 4-warp kernel; see benchmarks/results/).
+# H200 with the unpadded query block (168 registers, 12 one-warp programs an SM): 24 splits at B=8,
+# N=128K, 0.509 ms against 0.583 at 16 and 0.594 at 32; B=1 best at 198 splits.
 DEFAULT_LAUNCH = dict(fast_cvt=True, lazy=True, asm_cvt=True, num_warps=1, num_stages=3, block_tokens=32,
-                      programs_per_sm_small=8, programs_per_sm_large=8)
+                      programs_per_sm_small=12, programs_per_sm_large=12)
 
 
 def choose_splits(batch: int, num_kv_heads: int, max_pages: int, num_sms: int = 132) -> int:
-    """Splits per (sequence, KV head), at least one page per split: about 8 programs per SM.
+    """Splits per (sequence, KV head), at least 8 pages per split: about as many one-warp programs
+    as an SM holds at once (DEFAULT_LAUNCH's programs_per_sm_*: 12 since the query block is unpadded).
 
-    H100, one-warp programs: B=1 (8 heads) best at 132 splits (0.097 vs 0.114 ms at 66), B=8 (64 heads)
-    at 16 (0.607 ms; 32: 0.610).
+    H200: B=1 (8 heads) best at 198 splits, B=8 (64 heads) at 24 (0.509 ms; 16: 0.583, 32: 0.594).
     """
     heads = max(1, batch * num_kv_heads)
     per_sm = DEFAULT_LAUNCH["programs_per_sm_small" if heads < 32 else "programs_per_sm_large"]
@@ -412,7 +442,7 @@ def paged_decode_attention(
     out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
     pages_per_split: int, logits: torch.Tensor | None = None, num_warps: int | None = None,
     num_stages: int | None = None, block_tokens: int | None = None, fast_cvt: bool | None = None,
-    lazy: bool | None = None, asm_cvt: bool | None = None,
+    lazy: bool | None = None, asm_cvt: bool | None = None, maxnreg: int | None = None,
 ) -> None:
     """Decode attention of one layer over the quantized hot tier, written into `out` and `lse`.
 
@@ -433,7 +463,8 @@ def paged_decode_attention(
             DEFAULT_LAUNCH's); fast_cvt makes fp16 codes by the 0x6400 bit trick instead of int-to-float
             conversions; lazy sums the softmax denominator and the value zero-point term once after the
             loop (one scale group); asm_cvt converts K8 and V4 codes with PTX (prmt), CUDA only: ignored
-            in the interpreter and on CPU tensors.
+            in the interpreter and on CPU tensors; maxnreg caps the registers a thread (more
+            programs an SM, at the price of spills; CUDA only).
     """
     fast_cvt = DEFAULT_LAUNCH["fast_cvt"] if fast_cvt is None else fast_cvt
     lazy = DEFAULT_LAUNCH["lazy"] if lazy is None else lazy
@@ -469,6 +500,8 @@ def paged_decode_attention(
     bth, btl = triton.next_power_of_2(th), triton.next_power_of_2(tlow)
     bth, btl = max(16 if bth <= block_tokens else bth, bth), max(btl, 16)
     grid = (B * Hkv, nsplit)
+    maxnreg = DEFAULT_LAUNCH.get("maxnreg") if maxnreg is None else maxnreg
+    extra = dict(maxnreg=maxnreg) if maxnreg and q.is_cuda else {}  # a register cap (CUDA compiles only)
     # One scale/zero group: a slot's [k scale, k zero, v scale, v zero] is one aligned 8-byte word.
     meta64 = groups == 1 and data.shape[1] % 8 == 0 and (th * (kb + vb) * d // 8) % 8 == 0 and (
         low is None or (tlow * (lkb + lvb) * d // 8) % 8 == 0)
@@ -479,12 +512,12 @@ def paged_decode_attention(
         q.stride(0), q.stride(1),
         pages.stride(0), pages.stride(1), pages.stride(2),
         num_high.stride(0), num_high.stride(1),
-        HKV=Hkv, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=d, NG=groups,
+        HKV=Hkv, G=G, BLOCK_G=query_block(G), D=d, NG=groups,
         TPP_H=th, BLOCK_TH=bth, NP_H=max(1, block_tokens // bth), KB_H=kb, VB_H=vb,
         HAS_LOW=low is not None, TPP_L=tlow, BLOCK_TL=btl, NP_L=max(1, block_tokens // btl), KB_L=lkb, VB_L=lvb,
         SLOTS=slots, DO_EMIT=logits is not None, FP32=q.dtype == torch.float32, FAST_CVT=bool(fast_cvt), META64=meta64,
         LAZY=bool(lazy) and groups == 1, ASM_CVT=asm_cvt,
         VHINT=th % 16 == 0 and bth == th and data.shape[1] % 16 == 0,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **extra,
     )
     merge_splits(part_out.view(B * Hq, nsplit, d), part_lse.view(B * Hq, nsplit), out.view(B * Hq, d), lse.view(B * Hq))
