@@ -435,6 +435,32 @@ def choose_splits(batch: int, num_kv_heads: int, max_pages: int, num_sms: int = 
     return int(max(1, min(want, max_pages // 8, 256)))
 
 
+def kernel_constexprs(
+    num_kv_heads: int, group: int, head_dim: int, groups: int, high: tuple[int, int, int],
+    low: tuple[int, int, int] | None, page_bytes: int, block_tokens: int, emit: bool, fp32: bool,
+    fast_cvt: bool, lazy: bool, asm_cvt: bool,
+) -> dict:
+    """The compile-time parameters of `_paged_decode_kernel` for one launch (also what
+    benchmarks/kernel_resources.py compiles, so its report is of the kernel KVStore runs)."""
+    kb, vb, th = high
+    lkb, lvb, tlow = low if low is not None else (kb, vb, th)
+    # A block of `block_tokens` rows spans block_tokens // BLOCK_T pages per loop step: more bytes
+    # in flight and fewer softmax rescales than one page (32 tokens) per step (1.2 TB/s at one page).
+    bth, btl = triton.next_power_of_2(th), triton.next_power_of_2(tlow)
+    bth, btl = max(16 if bth <= block_tokens else bth, bth), max(btl, 16)
+    # One scale/zero group: a slot's [k scale, k zero, v scale, v zero] is one aligned 8-byte word.
+    meta64 = groups == 1 and page_bytes % 8 == 0 and (th * (kb + vb) * head_dim // 8) % 8 == 0 and (
+        low is None or (tlow * (lkb + lvb) * head_dim // 8) % 8 == 0)
+    return dict(
+        HKV=num_kv_heads, G=group, BLOCK_G=query_block(group), D=head_dim, NG=groups,
+        TPP_H=th, BLOCK_TH=bth, NP_H=max(1, block_tokens // bth), KB_H=kb, VB_H=vb,
+        HAS_LOW=low is not None, TPP_L=tlow, BLOCK_TL=btl, NP_L=max(1, block_tokens // btl), KB_L=lkb, VB_L=lvb,
+        SLOTS=max(th, tlow if low is not None else 0), DO_EMIT=emit, FP32=fp32, FAST_CVT=bool(fast_cvt),
+        META64=meta64, LAZY=bool(lazy) and groups == 1, ASM_CVT=bool(asm_cvt),
+        VHINT=th % 16 == 0 and bth == th and page_bytes % 16 == 0,
+    )
+
+
 def paged_decode_attention(
     q: torch.Tensor, data: torch.Tensor, pages: torch.Tensor, num_high: torch.Tensor,
     num_low_pages: torch.Tensor | None, seq_ids: torch.Tensor, layer: int, slot_pos: torch.Tensor,
@@ -489,35 +515,23 @@ def paged_decode_attention(
     if out.shape != (B, Hq, d) or lse.shape != (B, Hq) or not out.is_contiguous():
         raise ValueError(f"out {tuple(out.shape)} / lse {tuple(lse.shape)}: want contiguous [B, Hq, d] / [B, Hq]")
     G = Hq // Hkv
-    kb, vb, th = high
-    lkb, lvb, tlow = low if low is not None else (kb, vb, th)
-    slots = max(th, tlow if low is not None else 0)
+    slots = max(high[2], low[2] if low is not None else 0)
     if logits is not None and logits.shape != (B, Hq, C, slots):
         raise ValueError(f"logits {tuple(logits.shape)}: want [B, Hq, C={C}, {slots}]")
     nlp = num_low_pages if num_low_pages is not None else num_high
-    # A block of `block_tokens` rows spans block_tokens // BLOCK_T pages per loop step: more bytes
-    # in flight and fewer softmax rescales than one page (32 tokens) per step (1.2 TB/s at one page).
-    bth, btl = triton.next_power_of_2(th), triton.next_power_of_2(tlow)
-    bth, btl = max(16 if bth <= block_tokens else bth, bth), max(btl, 16)
     grid = (B * Hkv, nsplit)
     maxnreg = DEFAULT_LAUNCH.get("maxnreg") if maxnreg is None else maxnreg
     extra = dict(maxnreg=maxnreg) if maxnreg and q.is_cuda else {}  # a register cap (CUDA compiles only)
-    # One scale/zero group: a slot's [k scale, k zero, v scale, v zero] is one aligned 8-byte word.
-    meta64 = groups == 1 and data.shape[1] % 8 == 0 and (th * (kb + vb) * d // 8) % 8 == 0 and (
-        low is None or (tlow * (lkb + lvb) * d // 8) % 8 == 0)
+    consts = kernel_constexprs(Hkv, G, d, groups, high, low, data.shape[1], block_tokens, logits is not None,
+                               q.dtype == torch.float32, fast_cvt, lazy, asm_cvt)
     _paged_decode_kernel[grid](
-        q, data, data.view(torch.float16), data.view(torch.int64) if meta64 else data, pages, num_high, nlp, seq_ids, slot_pos,
+        q, data, data.view(torch.float16), data.view(torch.int64) if consts["META64"] else data, pages, num_high, nlp, seq_ids, slot_pos,
         part_out, part_lse, logits if logits is not None else part_lse,
         layer, C, data.shape[1], slot_pos.shape[1], pages_per_split, scale * LOG2E,
         q.stride(0), q.stride(1),
         pages.stride(0), pages.stride(1), pages.stride(2),
         num_high.stride(0), num_high.stride(1),
-        HKV=Hkv, G=G, BLOCK_G=query_block(G), D=d, NG=groups,
-        TPP_H=th, BLOCK_TH=bth, NP_H=max(1, block_tokens // bth), KB_H=kb, VB_H=vb,
-        HAS_LOW=low is not None, TPP_L=tlow, BLOCK_TL=btl, NP_L=max(1, block_tokens // btl), KB_L=lkb, VB_L=lvb,
-        SLOTS=slots, DO_EMIT=logits is not None, FP32=q.dtype == torch.float32, FAST_CVT=bool(fast_cvt), META64=meta64,
-        LAZY=bool(lazy) and groups == 1, ASM_CVT=asm_cvt,
-        VHINT=th % 16 == 0 and bth == th and data.shape[1] % 16 == 0,
+        **consts,
         num_warps=num_warps, num_stages=num_stages, **extra,
     )
     merge_splits(part_out.view(B * Hq, nsplit, d), part_lse.view(B * Hq, nsplit), out.view(B * Hq, d), lse.view(B * Hq))

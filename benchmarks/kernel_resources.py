@@ -1,0 +1,132 @@
+"""What the decode-attention kernel costs the GPU, read without a GPU: registers, spills, shared
+memory, how many programs an SM holds, and the instruction mix of the main loop.
+
+    python -m benchmarks.kernel_resources                       # DEFAULT_LAUNCH, Llama-3-8B head shape
+    python -m benchmarks.kernel_resources --variants default,num_warps=2:block_tokens=64 --json out.json
+
+Triton compiles `_paged_decode_kernel` for sm_90 on this machine (its bundled ptxas) with the
+constexprs `paged_decode_attention` would pass (`kernel_constexprs`) and the divisibility a real
+launch specializes on (pointers, page bytes and strides divisible by 16), then disassembles the
+cubin with the bundled nvdisasm. The loop is the first backward branch's body; its instruction
+mix (PRMT/HADD2: code conversion, HMMA: tensor-core dots, LDGSTS: asynchronous page copies, MOV:
+register shuffles) is what a kernel change moves. Registers set occupancy: 65,536 per SM, so a
+one-warp program at R registers lets 65536 // (32 * R) programs share an SM.
+
+The numbers are the local Triton's; the GPU machine's Triton may differ by a few registers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import re
+import subprocess
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_PTRS = {"q_ptr": "*bf16", "data_ptr": "*u8", "data16_ptr": "*fp16", "data64_ptr": "*i64", "pages_ptr": "*i32",
+         "num_high_ptr": "*i32", "num_low_pages_ptr": "*i32", "seq_ptr": "*i64", "pos_ptr": "*i32",
+         "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "emit_ptr": "*fp32"}
+# runtime integers a launch sees as multiples of 16 (Triton specializes on that)
+_DIV16 = {"C", "page_bytes", "max_slots", "stride_qb", "stride_qh", "stride_ps", "stride_pl", "stride_ph",
+          "stride_ns", "stride_nl"}
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def parse_variant(text: str) -> dict:
+    """'default' or 'key=value:key=value' (ints and true/false) -> launch overrides."""
+    if text in ("", "default"):
+        return {}
+    out = {}
+    for item in text.split(":"):
+        k, v = item.split("=")
+        out[k] = {"true": True, "false": False}.get(v.lower(), None)
+        if out[k] is None:
+            out[k] = int(v)
+    return out
+
+
+def compile_report(launch: dict | None = None, num_kv_heads: int = 8, group: int = 4, head_dim: int = 128,
+                   tokens_per_page: int = 32, low: tuple[int, int, int] | None = None, emit: bool = False,
+                   arch: int = 90) -> dict:
+    """Compile one launch variant for sm_`arch` and return its resources and loop instruction mix."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gpu_kernels.paged_attention import DEFAULT_LAUNCH, _paged_decode_kernel, kernel_constexprs
+
+    cfg = {**DEFAULT_LAUNCH, **(launch or {})}
+    high = (8, 4, tokens_per_page)
+    page_bytes = tokens_per_page * (head_dim + head_dim // 2 + 8)
+    consts = kernel_constexprs(num_kv_heads, group, head_dim, 1, high, low, page_bytes, cfg["block_tokens"], emit,
+                               False, cfg["fast_cvt"], cfg["lazy"], cfg["asm_cvt"])
+    fn = _paged_decode_kernel
+    if not hasattr(fn, "cache_key"):
+        raise RuntimeError("the kernel was loaded for the Triton interpreter: run with TRITON_INTERPRET=0")
+    sig = {n: _PTRS.get(n, "constexpr" if n in consts else ("fp32" if n == "scale_log2" else "i32")) for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n in _PTRS or n in _DIV16}
+    opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg.get("maxnreg"):
+        opts["maxnreg"] = cfg["maxnreg"]
+    kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                            options=opts)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    regs = int(fields.get("REG", 0))
+    lines = sass.splitlines()
+    branches = [i for i, line in enumerate(lines) if re.search(r"\bBRA\b", line)]
+    body = lines[branches[0]:branches[1]] if len(branches) >= 2 else lines
+    ops = collections.Counter()
+    for line in body:
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s*(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            ops[m.group(1)] += 1
+    warps = cfg["num_warps"]
+    return dict(
+        launch={k: cfg[k] for k in ("num_warps", "num_stages", "block_tokens", "fast_cvt", "lazy", "asm_cvt")}
+        | ({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
+        block_g=consts["BLOCK_G"], registers=regs, stack_bytes=int(fields.get("STACK", 0)),
+        shared_bytes=kernel.metadata.shared, programs_per_sm_by_registers=65536 // (32 * warps * max(regs, 1)),
+        loop_instructions=sum(ops.values()), loop_mix=dict(ops.most_common()),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default="default,num_warps=2:num_stages=2:block_tokens=64",
+                    help="comma-separated launch variants ('default' or key=value:key=value)")
+    ap.add_argument("--group", type=int, default=4, help="GQA group (query heads per KV head)")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--json", help="write the reports here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    reports = []
+    for text in args.variants.split(","):
+        r = compile_report(parse_variant(text), group=args.group, head_dim=args.head_dim)
+        reports.append(r)
+        top = ", ".join(f"{k} {v}" for k, v in list(r["loop_mix"].items())[:8])
+        log.info("%-45s regs %3d  stack %4d B  smem %6d B  programs/SM %2d  loop %4d instr: %s",
+                 text, r["registers"], r["stack_bytes"], r["shared_bytes"], r["programs_per_sm_by_registers"],
+                 r["loop_instructions"], top)
+    if args.json:
+        Path(args.json).write_text(json.dumps(reports, indent=2))
+
+
+if __name__ == "__main__":
+    main()

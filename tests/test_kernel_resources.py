@@ -1,0 +1,37 @@
+"""benchmarks/kernel_resources: the decode kernel compiled for sm_90 on a machine without a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+from benchmarks.kernel_resources import parse_variant  # noqa: E402
+
+
+def test_parse_variant():
+    assert parse_variant("default") == {}
+    assert parse_variant("num_warps=2:asm_cvt=false") == {"num_warps": 2, "asm_cvt": False}
+
+
+def test_default_launch_compiles_to_tensor_cores_and_async_copies(tmp_path):
+    # the conftest runs kernels in the interpreter; compiling needs the real JIT, so a fresh process
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--variants", "default",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode and "FileNotFoundError" in proc.stderr:  # a Triton wheel without the bundled CUDA tools
+        pytest.skip(proc.stderr[-300:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (r,) = json.loads(out.read_text())
+    assert r["block_g"] in (4, 16)  # the GQA group unpadded where the Triton in use pads the dot itself
+    assert 0 < r["registers"] <= 255
+    assert r["programs_per_sm_by_registers"] == 65536 // (32 * r["registers"])
+    mix = r["loop_mix"]
+    assert mix.get("HMMA", 0) > 0, mix  # QK and PV on tensor cores
+    assert mix.get("LDGSTS", 0) > 0, mix  # pages copied asynchronously (num_stages pipelining)
+    assert r["loop_instructions"] == sum(mix.values())
