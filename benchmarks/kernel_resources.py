@@ -68,7 +68,7 @@ def compile_report(launch: dict | None = None, num_kv_heads: int = 8, group: int
     high = (8, 4, tokens_per_page)
     page_bytes = tokens_per_page * (head_dim + head_dim // 2 + 8)
     consts = kernel_constexprs(num_kv_heads, group, head_dim, 1, high, low, page_bytes, cfg["block_tokens"], emit,
-                               False, cfg["fast_cvt"], cfg["lazy"], cfg["asm_cvt"])
+                               False, cfg["fast_cvt"], cfg["lazy"], cfg["asm_cvt"], cfg.get("transposed", False))
     fn = _paged_decode_kernel
     if not hasattr(fn, "cache_key"):
         raise RuntimeError("the kernel was loaded for the Triton interpreter: run with TRITON_INTERPRET=0")
@@ -100,6 +100,7 @@ def compile_report(launch: dict | None = None, num_kv_heads: int = 8, group: int
     warps = cfg["num_warps"]
     return dict(
         launch={k: cfg[k] for k in ("num_warps", "num_stages", "block_tokens", "fast_cvt", "lazy", "asm_cvt")}
+        | {"transposed": bool(cfg.get("transposed", False))}
         | ({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         block_g=consts["BLOCK_G"], registers=regs, stack_bytes=int(fields.get("STACK", 0)),
         shared_bytes=kernel.metadata.shared, programs_per_sm_by_registers=65536 // (32 * warps * max(regs, 1)),

@@ -80,11 +80,13 @@ def check_accuracy(device, **launch) -> float:
 
 
 # The sweep: DEFAULT_LAUNCH first, then variants (the kernel's history: 4-warp 128-token steps, no lazy
-# sums, no PTX conversion) and register caps, each at the default split count, half, 1.5x and double.
+# sums, no PTX conversion) and register caps, each at the default split count, half, 4/3, 1.5x and double.
 SWEEP = [
     dict(),
     dict(maxnreg=128),
     dict(maxnreg=144),
+    dict(transposed=False),
+    dict(transposed=False, maxnreg=128),
     dict(num_warps=1, num_stages=4, block_tokens=32),
     dict(num_warps=2, num_stages=2, block_tokens=64),
     dict(num_warps=2, num_stages=3, block_tokens=64),
@@ -131,7 +133,7 @@ def main() -> None:
             auto = choose_splits(B, HKV, C, sms)  # what KVStore uses
             configs = [(auto, dict())]
             if args.sweep:
-                splits = (auto, max(1, auto // 2), min(C, auto * 3 // 2), min(C, auto * 2))
+                splits = (auto, max(1, auto // 2), min(C, auto * 4 // 3), min(C, auto * 3 // 2), min(C, auto * 2))
                 configs = [(ns, launch) for launch in SWEEP for ns in dict.fromkeys(splits)]
             best, cfg_times, t_default = None, [], float("nan")
             for nsplit, launch in configs:

@@ -157,7 +157,7 @@ def _attend_block(
     TPP: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr,
     NG: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_G: tl.constexpr, G: tl.constexpr,
     FP32: tl.constexpr, FAST_CVT: tl.constexpr, META64: tl.constexpr, LAZY: tl.constexpr, ASM_CVT: tl.constexpr,
-    VHINT: tl.constexpr,
+    VHINT: tl.constexpr, TRANS: tl.constexpr,
 ):
     """NP virtual pages [vp0, vp0 + NP) (clipped at vp_end) of one head: BLOCK = NP * BT token rows.
 
@@ -169,6 +169,13 @@ def _attend_block(
     per token slot, [BLOCK_G, NP * BT], rescaled with the accumulators and summed over tokens once
     after the loop, instead of two cross-warp reductions per block. Otherwise l_i is [BLOCK_G] and z_i
     unused (the zero-point term goes straight into the accumulators).
+
+    TRANS: the same arithmetic with tokens and head dims as the rows of the dots and the query group
+    as their columns, S^T = K @ Q^T [tokens, G] and O^T += V^T @ P^T [D/2, G] per half: q arrives as
+    Q^T [D, BLOCK_G], the accumulators are [D/2, BLOCK_G], l_i/z_i [NP * BT, BLOCK_G] (LAZY) and the
+    token vectors broadcast along columns. The tensor-core tile's 16 rows are then tokens or head dims,
+    all real, and a small GQA group only pads the tile's 8 columns: no query rows replicated into
+    registers (with a group of 4 in 16 rows they were, and moved into place on every page).
     """
     KB: tl.constexpr = D * KBITS // 8
     VB: tl.constexpr = D * VBITS // 8
@@ -215,71 +222,126 @@ def _attend_block(
         vz0 = ((w >> 48) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     dims = tl.arange(0, D)
     grp = dims // (D // NG)
-    s = tl.zeros((BLOCK_G, NP * BT), dtype=tl.float32)
+    if TRANS:
+        s = tl.zeros((NP * BT, BLOCK_G), dtype=tl.float32)
+    else:
+        s = tl.zeros((BLOCK_G, NP * BT), dtype=tl.float32)
     for j in tl.static_range(NG):
         if not META64:
             ks = tl.load(data16_ptr + meta_b // 2 + j).to(tl.float32)
             kz = tl.load(data16_ptr + meta_b // 2 + NG + j).to(tl.float32)
-        if NG == 1:
-            qj = q
+        if TRANS:  # q is Q^T [D, BLOCK_G]
+            if NG == 1:
+                qj = q
+            else:
+                qj = tl.where((grp == j)[:, None], q, 0.0)
+            if FP32:
+                dot = tl.dot(kc, qj, input_precision="ieee")
+            else:
+                dot = tl.dot(kc, qj.to(tl.float16))
+            qsum = tl.sum(qj.to(tl.float32), axis=0)
+            s += dot * ks[:, None] + kz[:, None] * qsum[None, :]
         else:
-            qj = tl.where((grp == j)[None, :], q, 0.0)
-        if FP32:
-            dot = tl.dot(qj, tl.trans(kc), input_precision="ieee")
+            if NG == 1:
+                qj = q
+            else:
+                qj = tl.where((grp == j)[None, :], q, 0.0)
+            if FP32:
+                dot = tl.dot(qj, tl.trans(kc), input_precision="ieee")
+            else:
+                dot = tl.dot(qj.to(tl.float16), tl.trans(kc))
+            qsum = tl.sum(qj.to(tl.float32), axis=1)
+            s += dot * ks[None, :] + qsum[:, None] * kz[None, :]
+    g = tl.arange(0, BLOCK_G)
+    if TRANS:
+        s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
+        if DO_EMIT:
+            tl.store(emit_ptr + g[None, :] * emit_row_stride + (col * SLOTS + slot)[:, None], s * 0.6931471805599453,
+                     mask=(g[None, :] < G) & in_page[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[None, :])
+        if LAZY:
+            l_i = l_i * alpha[None, :] + p
         else:
-            dot = tl.dot(qj.to(tl.float16), tl.trans(kc))
-        qsum = tl.sum(qj.to(tl.float32), axis=1)
-        s += dot * ks[None, :] + qsum[:, None] * kz[None, :]
-    s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-    if DO_EMIT:
-        g = tl.arange(0, BLOCK_G)
-        tl.store(emit_ptr + g[:, None] * emit_row_stride + (col * SLOTS + slot)[None, :], s * 0.6931471805599453,
-                 mask=(g[:, None] < G) & in_page[None, :])
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    if LAZY:
-        l_i = l_i * alpha[:, None] + p
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc0 = acc0 * alpha[None, :]
+        acc1 = acc1 * alpha[None, :]
     else:
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc0 = acc0 * alpha[:, None]
-    acc1 = acc1 * alpha[:, None]
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+        if DO_EMIT:
+            tl.store(emit_ptr + g[:, None] * emit_row_stride + (col * SLOTS + slot)[None, :], s * 0.6931471805599453,
+                     mask=(g[:, None] < G) & in_page[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        if LAZY:
+            l_i = l_i * alpha[:, None] + p
+        else:
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc0 = acc0 * alpha[:, None]
+        acc1 = acc1 * alpha[:, None]
     for j in tl.static_range(NG):
         if not META64:
             vs0 = tl.load(data16_ptr + meta_b // 2 + 2 * NG + j).to(tl.float32)
             vz0 = tl.load(data16_ptr + meta_b // 2 + 3 * NG + j).to(tl.float32)
-        if FP32:
-            pw = p * vs0[None, :]
+        if TRANS:  # p, pw: P^T [tokens, BLOCK_G]
+            vs = vs0[:, None]
+            vz = vz0[:, None]
+            red: tl.constexpr = 0
         else:
-            pw = (p * vs0[None, :]).to(tl.float16)
+            vs = vs0[None, :]
+            vz = vz0[None, :]
+            red: tl.constexpr = 1
+        if FP32:
+            pw = p * vs
+        else:
+            pw = (p * vs).to(tl.float16)
         if LAZY:
-            z_i = z_i * alpha[:, None] + p * vz0[None, :]
+            if TRANS:
+                z_i = z_i * alpha[None, :] + p * vz
+            else:
+                z_i = z_i * alpha[:, None] + p * vz
             pz = m_new  # unused: the zero-point term is summed after the loop
         else:
-            pz = tl.sum(p * vz0[None, :], axis=1)
+            pz = tl.sum(p * vz, axis=red)
         # group j covers dims [j * D / NG, (j + 1) * D / NG): which halves it touches is known at compile time
         if j * (D // NG) < H:
-            acc0 = _add_half(acc0, pw, vc0, pz, j, 0, D, NG, FP32, LAZY)
+            acc0 = _add_half(acc0, pw, vc0, pz, j, 0, D, NG, FP32, LAZY, TRANS)
         if (j + 1) * (D // NG) > H:
-            acc1 = _add_half(acc1, pw, vc1, pz, j, H, D, NG, FP32, LAZY)
+            acc1 = _add_half(acc1, pw, vc1, pz, j, H, D, NG, FP32, LAZY, TRANS)
     return acc0, acc1, m_new, l_i, z_i
 
 
 @triton.jit
 def _add_half(acc, pw, vc, pz, j: tl.constexpr, E0: tl.constexpr, D: tl.constexpr, NG: tl.constexpr,
-              FP32: tl.constexpr, LAZY: tl.constexpr):
-    """acc += pw @ vc on the head-dim half [E0, E0 + D/2), plus group j's zero-point term pz where j covers it."""
-    if FP32:
-        pv = tl.dot(pw, vc, input_precision="ieee")
+              FP32: tl.constexpr, LAZY: tl.constexpr, TRANS: tl.constexpr):
+    """acc += pw @ vc on the head-dim half [E0, E0 + D/2), plus group j's zero-point term pz where j covers it
+    (TRANS: acc^T += vc^T @ pw^T, acc [D/2, BLOCK_G], pw [tokens, BLOCK_G])."""
+    if TRANS:
+        if FP32:
+            pv = tl.dot(tl.trans(vc), pw, input_precision="ieee")
+        else:
+            pv = tl.dot(tl.trans(vc), pw)
+        if LAZY:
+            acc += pv
+        elif NG <= 2:
+            acc += pv + pz[None, :]
+        else:
+            acc += tl.where(((E0 + tl.arange(0, D // 2)) // (D // NG) == j)[:, None], pv + pz[None, :], 0.0)
     else:
-        pv = tl.dot(pw, vc)
-    if LAZY:
-        acc += pv
-    elif NG <= 2:
-        acc += pv + pz[:, None]
-    else:
-        acc += tl.where(((E0 + tl.arange(0, D // 2)) // (D // NG) == j)[None, :], pv + pz[:, None], 0.0)
+        if FP32:
+            pv = tl.dot(pw, vc, input_precision="ieee")
+        else:
+            pv = tl.dot(pw, vc)
+        if LAZY:
+            acc += pv
+        elif NG <= 2:
+            acc += pv + pz[:, None]
+        else:
+            acc += tl.where(((E0 + tl.arange(0, D // 2)) // (D // NG) == j)[None, :], pv + pz[:, None], 0.0)
     return acc
 
 
@@ -296,7 +358,7 @@ def _paged_decode_kernel(
     HAS_LOW: tl.constexpr, TPP_L: tl.constexpr, BLOCK_TL: tl.constexpr, NP_L: tl.constexpr,
     KB_L: tl.constexpr, VB_L: tl.constexpr,
     SLOTS: tl.constexpr, DO_EMIT: tl.constexpr, FP32: tl.constexpr, FAST_CVT: tl.constexpr, META64: tl.constexpr,
-    LAZY: tl.constexpr, ASM_CVT: tl.constexpr, VHINT: tl.constexpr,
+    LAZY: tl.constexpr, ASM_CVT: tl.constexpr, VHINT: tl.constexpr, TRANS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -309,6 +371,8 @@ def _paged_decode_kernel(
     q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + dims[None, :], mask=gmask[:, None], other=0.0)
     if FP32:
         q = q.to(tl.float32)
+    if TRANS:
+        q = tl.trans(q)  # Q^T [D, BLOCK_G]
     n_high = tl.load(num_high_ptr + seq * stride_ns + layer * stride_nl + h)
     n_hp = (n_high + TPP_H - 1) // TPP_H
     if HAS_LOW:
@@ -318,14 +382,21 @@ def _paged_decode_kernel(
     table = pages_ptr + seq * stride_ps + layer * stride_pl + h * stride_ph
     v0 = split * pages_per_split
     v1 = tl.minimum(v0 + pages_per_split, n_hp + n_lp)
-    acc0 = tl.zeros((BLOCK_G, D // 2), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_G, D // 2), dtype=tl.float32)
+    if TRANS:
+        acc0 = tl.zeros((D // 2, BLOCK_G), dtype=tl.float32)
+        acc1 = tl.zeros((D // 2, BLOCK_G), dtype=tl.float32)
+    else:
+        acc0 = tl.zeros((BLOCK_G, D // 2), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_G, D // 2), dtype=tl.float32)
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     emit_row_stride = C * SLOTS
     emit_base = emit_ptr + (b * HKV * G + h * G).to(tl.int64) * emit_row_stride
     h_end = tl.minimum(v1, n_hp)
-    if LAZY:
+    if LAZY and TRANS:
+        l_h = tl.zeros((NP_H * BLOCK_TH, BLOCK_G), dtype=tl.float32)
+        z_h = tl.zeros((NP_H * BLOCK_TH, BLOCK_G), dtype=tl.float32)
+    elif LAZY:
         l_h = tl.zeros((BLOCK_G, NP_H * BLOCK_TH), dtype=tl.float32)
         z_h = tl.zeros((BLOCK_G, NP_H * BLOCK_TH), dtype=tl.float32)
     else:
@@ -336,8 +407,14 @@ def _paged_decode_kernel(
             acc0, acc1, m_i, l_h, z_h, q, data_ptr, data16_ptr, data64_ptr, table, vp, h_end, n_high, n_hp, C,
             pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, False,
             TPP_H, BLOCK_TH, NP_H, SLOTS, D, NG, KB_H, VB_H, BLOCK_G, G, FP32, FAST_CVT, META64, LAZY, ASM_CVT, VHINT,
+            TRANS,
         )
-    if LAZY:
+    if LAZY and TRANS:
+        l_i = tl.sum(l_h, axis=0)
+        zsum = tl.sum(z_h, axis=0)
+        acc0 += zsum[None, :]
+        acc1 += zsum[None, :]
+    elif LAZY:
         l_i = tl.sum(l_h, axis=1)
         zsum = tl.sum(z_h, axis=1)
         acc0 += zsum[:, None]
@@ -351,13 +428,18 @@ def _paged_decode_kernel(
                 acc0, acc1, m_i, l_i, z_l, q, data_ptr, data16_ptr, data64_ptr, table, vp, v1, n_high, n_hp, C,
                 pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, True,
                 TPP_L, BLOCK_TL, NP_L, SLOTS, D, NG, KB_L, VB_L, BLOCK_G, G, FP32, FAST_CVT, META64, False, ASM_CVT, False,
+                TRANS,
             )
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     hd = tl.arange(0, D // 2)
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     row = (b * HKV * G + h * G + g) * tl.num_programs(1) + split  # not a constexpr: one compile for all split counts
-    tl.store(part_out_ptr + row[:, None] * D + hd[None, :], acc0 / l_safe[:, None], mask=gmask[:, None])
-    tl.store(part_out_ptr + row[:, None] * D + D // 2 + hd[None, :], acc1 / l_safe[:, None], mask=gmask[:, None])
+    if TRANS:
+        tl.store(part_out_ptr + row[None, :] * D + hd[:, None], acc0 / l_safe[None, :], mask=gmask[None, :])
+        tl.store(part_out_ptr + row[None, :] * D + D // 2 + hd[:, None], acc1 / l_safe[None, :], mask=gmask[None, :])
+    else:
+        tl.store(part_out_ptr + row[:, None] * D + hd[None, :], acc0 / l_safe[:, None], mask=gmask[:, None])
+        tl.store(part_out_ptr + row[:, None] * D + D // 2 + hd[None, :], acc1 / l_safe[:, None], mask=gmask[:, None])
     tl.store(part_lse_ptr + row, lse, mask=gmask)
 
 
@@ -417,7 +499,7 @@ def query_block(group: int) -> int:
 # for 2 warps x 64 tokens, and 1.18 ms for the first 4-warp kernel; see benchmarks/results/).
 # H200 with the unpadded query block (168 registers, 12 one-warp programs an SM): 24 splits at B=8,
 # N=128K, 0.509 ms against 0.583 at 16 and 0.594 at 32; B=1 best at 198 splits.
-DEFAULT_LAUNCH = dict(fast_cvt=True, lazy=True, asm_cvt=True, num_warps=1, num_stages=3, block_tokens=32,
+DEFAULT_LAUNCH = dict(fast_cvt=True, lazy=True, asm_cvt=True, transposed=True, num_warps=1, num_stages=3, block_tokens=32,
                       programs_per_sm_small=12, programs_per_sm_large=12)
 
 
@@ -438,7 +520,7 @@ def choose_splits(batch: int, num_kv_heads: int, max_pages: int, num_sms: int = 
 def kernel_constexprs(
     num_kv_heads: int, group: int, head_dim: int, groups: int, high: tuple[int, int, int],
     low: tuple[int, int, int] | None, page_bytes: int, block_tokens: int, emit: bool, fp32: bool,
-    fast_cvt: bool, lazy: bool, asm_cvt: bool,
+    fast_cvt: bool, lazy: bool, asm_cvt: bool, transposed: bool = False,
 ) -> dict:
     """The compile-time parameters of `_paged_decode_kernel` for one launch (also what
     benchmarks/kernel_resources.py compiles, so its report is of the kernel KVStore runs)."""
@@ -457,7 +539,7 @@ def kernel_constexprs(
         HAS_LOW=low is not None, TPP_L=tlow, BLOCK_TL=btl, NP_L=max(1, block_tokens // btl), KB_L=lkb, VB_L=lvb,
         SLOTS=max(th, tlow if low is not None else 0), DO_EMIT=emit, FP32=fp32, FAST_CVT=bool(fast_cvt),
         META64=meta64, LAZY=bool(lazy) and groups == 1, ASM_CVT=bool(asm_cvt),
-        VHINT=th % 16 == 0 and bth == th and page_bytes % 16 == 0,
+        VHINT=th % 16 == 0 and bth == th and page_bytes % 16 == 0, TRANS=bool(transposed),
     )
 
 
@@ -469,6 +551,7 @@ def paged_decode_attention(
     pages_per_split: int, logits: torch.Tensor | None = None, num_warps: int | None = None,
     num_stages: int | None = None, block_tokens: int | None = None, fast_cvt: bool | None = None,
     lazy: bool | None = None, asm_cvt: bool | None = None, maxnreg: int | None = None,
+    transposed: bool | None = None,
 ) -> None:
     """Decode attention of one layer over the quantized hot tier, written into `out` and `lse`.
 
@@ -490,10 +573,12 @@ def paged_decode_attention(
             conversions; lazy sums the softmax denominator and the value zero-point term once after the
             loop (one scale group); asm_cvt converts K8 and V4 codes with PTX (prmt), CUDA only: ignored
             in the interpreter and on CPU tensors; maxnreg caps the registers a thread (more
-            programs an SM, at the price of spills; CUDA only).
+            programs an SM, at the price of spills; CUDA only); transposed computes S^T = K Q^T and
+            O^T = V^T P^T (tokens and head dims as tile rows, the GQA group as columns).
     """
     fast_cvt = DEFAULT_LAUNCH["fast_cvt"] if fast_cvt is None else fast_cvt
     lazy = DEFAULT_LAUNCH["lazy"] if lazy is None else lazy
+    transposed = DEFAULT_LAUNCH["transposed"] if transposed is None else transposed
     asm_ok = q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")  # PTX: not in the interpreter
     asm_cvt = bool(DEFAULT_LAUNCH["asm_cvt"] if asm_cvt is None else asm_cvt) and asm_ok
     num_warps = DEFAULT_LAUNCH["num_warps"] if num_warps is None else num_warps
@@ -523,7 +608,7 @@ def paged_decode_attention(
     maxnreg = DEFAULT_LAUNCH.get("maxnreg") if maxnreg is None else maxnreg
     extra = dict(maxnreg=maxnreg) if maxnreg and q.is_cuda else {}  # a register cap (CUDA compiles only)
     consts = kernel_constexprs(Hkv, G, d, groups, high, low, data.shape[1], block_tokens, logits is not None,
-                               q.dtype == torch.float32, fast_cvt, lazy, asm_cvt)
+                               q.dtype == torch.float32, fast_cvt, lazy, asm_cvt, transposed)
     _paged_decode_kernel[grid](
         q, data, data.view(torch.float16), data.view(torch.int64) if consts["META64"] else data, pages, num_high, nlp, seq_ids, slot_pos,
         part_out, part_lse, logits if logits is not None else part_lse,

@@ -86,9 +86,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("transposed", [True, False], ids=["kqT", "qkT"])
 @pytest.mark.parametrize("n_high,n_low,tpp,G,d,groups,dtype", CASES,
                          ids=[f"n{c[0]}+{c[1]}-t{c[2]}-G{c[3]}-d{c[4]}-g{c[5]}-{str(c[6])[6:]}" for c in CASES])
-def test_kernel_matches_reference(n_high, n_low, tpp, G, d, groups, dtype):
+def test_kernel_matches_reference(n_high, n_low, tpp, G, d, groups, dtype, transposed):
+    """Both orientations: S^T = K Q^T (tokens as tile rows, DEFAULT_LAUNCH) and S = Q K^T."""
     B, Hkv = 2, 2
     # the second sequence is shorter: heads of different lengths in one launch
     nh, nl = [n_high, max(1, n_high // 3)], [n_low, n_low // 2]
@@ -96,7 +98,7 @@ def test_kernel_matches_reference(n_high, n_low, tpp, G, d, groups, dtype):
     q = torch.randn(B, Hkv * G, d, generator=torch.Generator().manual_seed(7)).to(dtype)
     with_low = n_low > 0
     (out, lse, logits), (r_out, r_lse, r_logits) = _run(q, data, pages, num_high, nlp, slot_pos, tpp, t_low, groups,
-                                                        nsplit=3, with_low=with_low)
+                                                        nsplit=3, with_low=with_low, transposed=transposed)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert _rel_rms(out, r_out) < 1e-3  # observed 1e-7 (fp32) to 2e-4 (16-bit queries)
     torch.testing.assert_close(lse, r_lse, rtol=1e-5, atol=1e-4)
@@ -108,16 +110,17 @@ def test_kernel_matches_reference(n_high, n_low, tpp, G, d, groups, dtype):
     torch.testing.assert_close(probs.sum((-1, -2)), torch.ones(B, Hkv * G), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("transposed", [True, False], ids=["kqT", "qkT"])
 @pytest.mark.parametrize("fast_cvt,lazy,groups,tpp", [(False, False, 2, 9), (True, False, 2, 9), (True, False, 1, 8),
                                                       (True, True, 1, 8), (False, True, 1, 9)])
-def test_launch_variants_match_reference(fast_cvt, lazy, groups, tpp):
+def test_launch_variants_match_reference(fast_cvt, lazy, groups, tpp, transposed):
     """Both code conversions (int-to-float and the 0x6400 bit trick), eager and lazy softmax sums, both tiers,
     G=4, d=128, 1 or 2 scale groups, metadata as one 8-byte word (tpp 8) or four fp16 loads (tpp 9)."""
     data, pages, num_high, nlp, slot_pos, t_low = _layout(2, 2, 128, [45, 13], [19, 7], tpp, groups, seed=11)
     q = torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     (out, lse, logits), (r_out, r_lse, r_logits) = _run(q, data, pages, num_high, nlp, slot_pos, tpp, t_low, groups,
                                                         nsplit=2, fast_cvt=fast_cvt, lazy=lazy, block_tokens=64,
-                                                        num_warps=8)
+                                                        num_warps=8, transposed=transposed)
     assert _rel_rms(out, r_out) < 1e-3
     torch.testing.assert_close(lse, r_lse, rtol=1e-5, atol=1e-4)
     fin = torch.isfinite(r_logits)
@@ -174,9 +177,10 @@ def test_bad_shapes_are_refused():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
                     reason="compiled CUDA paths (PTX code conversion, value-load hints): a GPU without the interpreter")
+@pytest.mark.parametrize("transposed", [True, False])
 @pytest.mark.parametrize("asm_cvt", [False, True])
 @pytest.mark.parametrize("tpp,d,n_high,n_low", [(32, 128, [200, 37], [40, 3]), (16, 64, [1, 95], [0, 70]), (9, 128, [45, 13], [19, 7])])
-def test_cuda_kernel_matches_reference(asm_cvt, tpp, d, n_high, n_low):
+def test_cuda_kernel_matches_reference(asm_cvt, tpp, d, n_high, n_low, transposed):
     """On the GPU: the PTX conversions and the contiguous value loads (32- and 16-token pages) equal the reference."""
     data, pages, num_high, nlp, slot_pos, t_low = _layout(2, 2, d, n_high, n_low, tpp, 1, seed=tpp + d)
     dev = torch.device("cuda")
@@ -190,7 +194,7 @@ def test_cuda_kernel_matches_reference(asm_cvt, tpp, d, n_high, n_low):
         logits = torch.full((2, 8, C, max(tpp, t_low)), float("-inf"), device=dev)
         paged_decode_attention(q, data, pages, num_high, nlp, torch.arange(2, device=dev), 0, slot_pos, (8, 4, tpp),
                                (4, 2, t_low), 1, d ** -0.5, out, lse, po, pl, math.ceil(C / 3), logits,
-                               asm_cvt=asm_cvt, **launch)
+                               asm_cvt=asm_cvt, transposed=transposed, **launch)
         r_out, r_lse, r_logits = reference.paged_decode_attention(q, data, pages[:, 0], num_high[:, 0], nlp[:, 0],
                                                                   slot_pos, (8, 4, tpp), (4, 2, t_low), 1, d ** -0.5)
         assert _rel_rms(out, r_out) < 1e-3, launch
