@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger("train_probe")
 
-DEFAULT_TASKS = "niah_single_1:1,niah_multikey_2:3,niah_multikey_3:2,passkey:1,kv_retrieval:4,vt:1"
+DEFAULT_TASKS = "niah_single_1:1,niah_multikey_2:3,niah_multikey_3:1,passkey:1,kv_retrieval:4,vt:1"
 EVAL_TASKS = ("niah_single_1", "niah_multikey_2", "passkey", "kv_retrieval")
 
 
@@ -57,10 +57,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     steps: int = 100000  # the shipped run is bounded by max_minutes
-    max_minutes: float = 8.7
+    max_minutes: float = 7.8
     # "length:start" pairs: the stage of `length` starts at that fraction of the run;
     # "4096+8192:0.8" alternates batches of those lengths.
-    curriculum: str = "512:0,1024:0.15,2048:0.3,4096:0.5,4096+8192:0.7"
+    curriculum: str = "256+512:0,1024:0.28,2048:0.4,4096:0.52,4096+8192:0.68"
     tokens_per_batch: int = 65536
     # "task:weight" pairs, sampled in proportion to the weights.
     tasks: str = DEFAULT_TASKS
@@ -72,17 +72,29 @@ class TrainConfig:
     lm_weight: float = 0.2
     # Fraction of sequences that are a random token string followed by its repeat (loss on the
     # repeat, weight copy_weight): a dense copying signal that grows induction heads early.
-    copy_fraction: float = 0.4
+    copy_fraction: float = 0.5
     copy_weight: float = 1.0
-    copy_until: float = 0.85
+    copy_until: float = 0.6
     # Until this fraction of the run, every sequence is random tokens followed by their repeat
     # (loss on the repeat): induction heads form within ~100 steps on this signal, and without
     # them the sparse answer loss of the tasks never starts to fall (see probe/README.md).
-    induction_until: float = 0.06
-    eval_every: int = 250
+    induction_until: float = 0.04
+    # Share of the auxiliary sequences that are associative recall in the suite's formats (the
+    # rest: random spans that repeat earlier spans); see `copy_sequence`.
+    recall_fraction: float = 0.6
+    # Share of the recall questions that echo the needle's own words (see `copy_sequence`).
+    recall_echo: float = 0.3
+    # Share of the random-span sequences drawn from digits / hex digits only (see `copy_sequence`).
+    copy_ngram: float = 0.6
+    # Architecture (benchmarks.probe_model.probe_config's arguments).
+    layers: int = 6
+    intermediate_size: int = 256
+    heads: int = 8
+    kv_heads: int = 2
+    eval_every: int = 400
     eval_samples: int = 16
     workers: int = -1
-    log_every: int = 25
+    log_every: int = 100
     precision: str = "bf16"  # "bf16" (autocast on CUDA) or "fp32"
 
     def __post_init__(self):
@@ -96,6 +108,16 @@ class TrainConfig:
             raise ValueError(f"induction_until must be in [0, 1), got {self.induction_until}")
         if not 0 <= self.copy_fraction < 1:
             raise ValueError(f"copy_fraction must be in [0, 1), got {self.copy_fraction}")
+        if not 0 <= self.copy_ngram <= 1:
+            raise ValueError(f"copy_ngram must be in [0, 1], got {self.copy_ngram}")
+        if not 0 <= self.recall_echo <= 1:
+            raise ValueError(f"recall_echo must be in [0, 1], got {self.recall_echo}")
+        if not 0 <= self.recall_fraction <= 1:
+            raise ValueError(f"recall_fraction must be in [0, 1], got {self.recall_fraction}")
+        if self.layers <= 0 or self.intermediate_size <= 0 or self.heads <= 0 or self.kv_heads <= 0:
+            raise ValueError("layers, intermediate_size, heads and kv_heads must be positive")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if self.tokens_per_batch <= 0:
             raise ValueError(f"tokens_per_batch must be positive, got {self.tokens_per_batch}")
         stages = self.stages  # validates
@@ -185,8 +207,12 @@ class StageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, tokenizer, lengths: tuple[int, ...], tokens_per_batch: int, task_weights, seed: int,
-                 copy_fraction: float = 0.0, induction: bool = False):
+                 copy_fraction: float = 0.0, induction: bool = False, recall_fraction: float = 0.5,
+                 recall_echo: float = 0.0, copy_ngram: float = 0.0):
         self.tokenizer = tokenizer
+        self.copy_ngram = copy_ngram
+        self.recall_fraction = recall_fraction
+        self.recall_echo = recall_echo
         self.copy_fraction = copy_fraction
         self.induction = induction
         self.lengths = tuple(lengths)
@@ -209,7 +235,8 @@ class StageDataset(torch.utils.data.Dataset):
                 copies.append(repeat_sequence(rng, length, self.tokenizer))
                 continue
             if rng.random() < self.copy_fraction:
-                copies.append(copy_sequence(rng, length, self.tokenizer))
+                copies.append(copy_sequence(rng, length, self.tokenizer, self.recall_fraction, self.recall_echo,
+                                            self.copy_ngram))
                 continue
             task = rng.choices(self.tasks, self.weights)[0]
             sample_seed = rng.getrandbits(62)
@@ -239,30 +266,47 @@ def repeat_sequence(rng: random.Random, length: int, tokenizer) -> tuple[list[in
     return ids, weights
 
 
-def copy_sequence(rng: random.Random, length: int, tokenizer) -> tuple[list[int], list[float]]:
+def copy_sequence(rng: random.Random, length: int, tokenizer, recall_fraction: float = 0.5,
+                  echo: float = 0.0, ngram: float = 0.0) -> tuple[list[int], list[float]]:
     """An auxiliary sequence of `length` ids with a dense retrieval signal: (ids, loss weights).
 
-    Half of them are random ordinary tokens in which spans of 4-24 tokens repeat earlier spans
+    A share 1 - `recall_fraction` of them are random ordinary tokens in which spans of 4-24 tokens repeat earlier spans
     at random distances (loss on each repeated span after its first token: content-based
     copying, i.e. induction heads; a fixed distance would be learned positionally instead).
-    The other half are associative recall in the suite's own words: noise sentences with many
+    A share `ngram` of those use only digits or hex digits (spans of 8-40): one token of context
+    is then ambiguous and the copy must match a longer prefix.
+    The others (a share `recall_fraction`) are associative recall in the suite's own words: noise sentences with many
     needles ("One of the special magic numbers for bold-tiger is: 7041932." or UUID
     key-value pairs) and, after them, many of the suite's questions with their answers
-    (loss on the answers), the skill every retrieval task asks for, but dense.
+    (loss on the answers), the skill every retrieval task asks for, but dense. A share `echo` of
+    those questions repeat the needle's own words up to its value instead ("One of the special
+    magic numbers for bold-tiger is:", '"key":'): a stepping stone that multi-token induction
+    answers, which grows the key-matching features the suite's questions then reuse.
     """
     from benchmarks import vocab
 
     bos = tokenizer.bos_token_id
-    if rng.random() < 0.5:
+    if rng.random() < 1 - recall_fraction:
         ids, weights = [bos], [0.0]
+        if ngram and rng.random() < ngram:
+            # Digits or hex digits only: one token of context matches everywhere, so a repeat is
+            # found by its longer prefix (n-gram induction, as copying a 7-digit number or a UUID
+            # among many needs).
+            chars = "0123456789" if rng.random() < 0.5 else "0123456789abcdef"
+            alphabet = tokenizer.convert_tokens_to_ids(["##" + c for c in chars])
+            lo, hi = 8, 40
+            draw = lambda n: [rng.choice(alphabet) for _ in range(n)]  # noqa: E731
+        else:
+            lo, hi = 4, 24
+            draw = lambda n: [rng.randrange(4, len(tokenizer)) for _ in range(n)]  # noqa: E731
         while len(ids) < length:
-            span = rng.randint(4, 24)
+            span = rng.randint(lo, hi)
             if len(ids) > span + 1 and rng.random() < 0.5:
                 start = rng.randrange(1, len(ids) - span)
                 ids += ids[start : start + span]
                 weights += [0.0] + [1.0] * (span - 1)
             else:
-                ids += [rng.randrange(4, len(tokenizer)) for _ in range(span)]
+                ids += draw(span)
                 weights += [0.0] * span
         return ids[:length], weights[:length]
 
@@ -278,7 +322,14 @@ def copy_sequence(rng: random.Random, length: int, tokenizer) -> tuple[list[int]
         r = rng.random()
         if known and r < 0.3:
             key, value = rng.choice(known)
-            if style == "kv":
+            if echo and rng.random() < echo:
+                # The needle's own words up to its value: plain (multi-token) induction answers it.
+                if style == "kv":
+                    pieces.append((f'"{key}":', False))
+                    value = f'"{value}"'
+                else:
+                    pieces.append((f"One of the special magic {style}s for {key} is:", False))
+            elif style == "kv":
                 pieces.append((f'Key: "{key}" The value associated with the specified key is:', False))
             else:
                 kind = style
@@ -428,7 +479,8 @@ def build(cfg: TrainConfig):
 
     tokenizer = build_tokenizer(default_strings())
     torch.manual_seed(cfg.seed)
-    config = probe_config(len(tokenizer))
+    config = probe_config(len(tokenizer), num_hidden_layers=cfg.layers, intermediate_size=cfg.intermediate_size,
+                          num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads)
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config)
     return model, tokenizer
@@ -494,7 +546,7 @@ def train(cfg: TrainConfig) -> dict:
             loader = None  # shut the previous stage's workers down
             copy_fraction = cfg.copy_fraction if stages[stage_idx][1] < cfg.copy_until else 0.0
             dataset = StageDataset(tokenizer, lengths, cfg.tokens_per_batch, cfg.task_weights, cfg.seed, copy_fraction,
-                                   induction=induction)
+                                   induction=induction, recall_fraction=cfg.recall_fraction, recall_echo=cfg.recall_echo, copy_ngram=cfg.copy_ngram)
             loader = make_loader(dataset, workers)
             logger.info("step %d: stage %d, lengths %s, %d tokens per batch%s", step, stage_idx, lengths,
                         cfg.tokens_per_batch, " (induction warm-up: repeated random tokens)" if induction else "")
