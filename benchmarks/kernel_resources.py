@@ -7,7 +7,8 @@ memory, how many programs an SM holds, and the instruction mix of the main loop.
 Triton compiles `_paged_decode_kernel` for sm_90 on this machine (its bundled ptxas) with the
 constexprs `paged_decode_attention` would pass (`kernel_constexprs`) and the divisibility a real
 launch specializes on (pointers, page bytes and strides divisible by 16), then disassembles the
-cubin with the bundled nvdisasm. The loop is the first backward branch's body; its instruction
+cubin with the bundled nvdisasm. The loop is the largest span from a label to a branch back to it
+(the walk over pages; a branch inside it, as lazy_rescale makes, counts both sides); its instruction
 mix (PRMT/HADD2: code conversion, HMMA: tensor-core dots, LDGSTS: asynchronous page copies, MOV:
 register shuffles) is what a kernel change moves. Registers set occupancy: 65,536 per SM, so a
 one-warp program at R registers lets 65536 // (32 * R) programs share an SM.
@@ -68,7 +69,8 @@ def compile_report(launch: dict | None = None, num_kv_heads: int = 8, group: int
     high = (8, 4, tokens_per_page)
     page_bytes = tokens_per_page * (head_dim + head_dim // 2 + 8)
     consts = kernel_constexprs(num_kv_heads, group, head_dim, 1, high, low, page_bytes, cfg["block_tokens"], emit,
-                               False, cfg["fast_cvt"], cfg["lazy"], cfg["asm_cvt"], cfg.get("transposed", False))
+                               False, cfg["fast_cvt"], cfg["lazy"], cfg["asm_cvt"], cfg.get("transposed", False),
+                               cfg.get("lazy_rescale", False))
     fn = _paged_decode_kernel
     if not hasattr(fn, "cache_key"):
         raise RuntimeError("the kernel was loaded for the Triton interpreter: run with TRITON_INTERPRET=0")
@@ -90,8 +92,14 @@ def compile_report(launch: dict | None = None, num_kv_heads: int = 8, group: int
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     regs = int(fields.get("REG", 0))
     lines = sass.splitlines()
-    branches = [i for i, line in enumerate(lines) if re.search(r"\bBRA\b", line)]
-    body = lines[branches[0]:branches[1]] if len(branches) >= 2 else lines
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line.strip()))}
+    loops = []  # (label line, backward branch line): the largest is the main loop over pages
+    for i, line in enumerate(lines):
+        m = re.search(r"\bBRA\b.*\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            loops.append((labels[m.group(1)], i))
+    a, b = max(loops, key=lambda ab: ab[1] - ab[0]) if loops else (0, len(lines))
+    body = lines[a:b + 1]
     ops = collections.Counter()
     for line in body:
         m = re.match(r"\s*/\*[0-9a-f]+\*/\s*(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)", line)
@@ -100,7 +108,7 @@ def compile_report(launch: dict | None = None, num_kv_heads: int = 8, group: int
     warps = cfg["num_warps"]
     return dict(
         launch={k: cfg[k] for k in ("num_warps", "num_stages", "block_tokens", "fast_cvt", "lazy", "asm_cvt")}
-        | {"transposed": bool(cfg.get("transposed", False))}
+        | {"transposed": bool(cfg.get("transposed", False)), "lazy_rescale": bool(cfg.get("lazy_rescale", False))}
         | ({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         block_g=consts["BLOCK_G"], registers=regs, stack_bytes=int(fields.get("STACK", 0)),
         shared_bytes=kernel.metadata.shared, programs_per_sm_by_registers=65536 // (32 * warps * max(regs, 1)),

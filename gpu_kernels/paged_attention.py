@@ -157,7 +157,7 @@ def _attend_block(
     TPP: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr,
     NG: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_G: tl.constexpr, G: tl.constexpr,
     FP32: tl.constexpr, FAST_CVT: tl.constexpr, META64: tl.constexpr, LAZY: tl.constexpr, ASM_CVT: tl.constexpr,
-    VHINT: tl.constexpr, TRANS: tl.constexpr,
+    VHINT: tl.constexpr, TRANS: tl.constexpr, RESCALE_ALWAYS: tl.constexpr,
 ):
     """NP virtual pages [vp0, vp0 + NP) (clipped at vp_end) of one head: BLOCK = NP * BT token rows.
 
@@ -175,7 +175,9 @@ def _attend_block(
     Q^T [D, BLOCK_G], the accumulators are [D/2, BLOCK_G], l_i/z_i [NP * BT, BLOCK_G] (LAZY) and the
     token vectors broadcast along columns. The tensor-core tile's 16 rows are then tokens or head dims,
     all real, and a small GQA group only pads the tile's 8 columns: no query rows replicated into
-    registers (with a group of 4 in 16 rows they were, and moved into place on every page).
+    registers (with a group of 4 in 16 rows they were, and moved into place on every page). Unless
+    RESCALE_ALWAYS, the accumulators are rescaled only on pages where some row's running max moved
+    (alpha is exactly 1 otherwise, so the result is the same bit for bit).
     """
     KB: tl.constexpr = D * KBITS // 8
     VB: tl.constexpr = D * VBITS // 8
@@ -262,12 +264,20 @@ def _attend_block(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[None, :])
+        if RESCALE_ALWAYS:
+            moved = True
+        else:  # past the first pages the running max rarely moves: alpha is then exactly 1 for every row
+            moved = tl.max((m_new > m_i).to(tl.int32), axis=0) > 0
+        if moved:
+            acc0 = acc0 * alpha[None, :]
+            acc1 = acc1 * alpha[None, :]
+            if LAZY:
+                l_i = l_i * alpha[None, :]
+                z_i = z_i * alpha[None, :]
         if LAZY:
-            l_i = l_i * alpha[None, :] + p
+            l_i = l_i + p
         else:
             l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc0 = acc0 * alpha[None, :]
-        acc1 = acc1 * alpha[None, :]
     else:
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
         if DO_EMIT:
@@ -300,8 +310,8 @@ def _attend_block(
         else:
             pw = (p * vs).to(tl.float16)
         if LAZY:
-            if TRANS:
-                z_i = z_i * alpha[None, :] + p * vz
+            if TRANS:  # rescaled above
+                z_i = z_i + p * vz
             else:
                 z_i = z_i * alpha[:, None] + p * vz
             pz = m_new  # unused: the zero-point term is summed after the loop
@@ -359,6 +369,7 @@ def _paged_decode_kernel(
     KB_L: tl.constexpr, VB_L: tl.constexpr,
     SLOTS: tl.constexpr, DO_EMIT: tl.constexpr, FP32: tl.constexpr, FAST_CVT: tl.constexpr, META64: tl.constexpr,
     LAZY: tl.constexpr, ASM_CVT: tl.constexpr, VHINT: tl.constexpr, TRANS: tl.constexpr,
+    RESCALE_ALWAYS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -407,7 +418,7 @@ def _paged_decode_kernel(
             acc0, acc1, m_i, l_h, z_h, q, data_ptr, data16_ptr, data64_ptr, table, vp, h_end, n_high, n_hp, C,
             pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, False,
             TPP_H, BLOCK_TH, NP_H, SLOTS, D, NG, KB_H, VB_H, BLOCK_G, G, FP32, FAST_CVT, META64, LAZY, ASM_CVT, VHINT,
-            TRANS,
+            TRANS, RESCALE_ALWAYS,
         )
     if LAZY and TRANS:
         l_i = tl.sum(l_h, axis=0)
@@ -428,7 +439,7 @@ def _paged_decode_kernel(
                 acc0, acc1, m_i, l_i, z_l, q, data_ptr, data16_ptr, data64_ptr, table, vp, v1, n_high, n_hp, C,
                 pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, True,
                 TPP_L, BLOCK_TL, NP_L, SLOTS, D, NG, KB_L, VB_L, BLOCK_G, G, FP32, FAST_CVT, META64, False, ASM_CVT, False,
-                TRANS,
+                TRANS, RESCALE_ALWAYS,
             )
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     hd = tl.arange(0, D // 2)
@@ -499,7 +510,8 @@ def query_block(group: int) -> int:
 # for 2 warps x 64 tokens, and 1.18 ms for the first 4-warp kernel; see benchmarks/results/).
 # H200 with the unpadded query block (168 registers, 12 one-warp programs an SM): 24 splits at B=8,
 # N=128K, 0.509 ms against 0.583 at 16 and 0.594 at 32; B=1 best at 198 splits.
-DEFAULT_LAUNCH = dict(fast_cvt=True, lazy=True, asm_cvt=True, transposed=True, num_warps=1, num_stages=3, block_tokens=32,
+DEFAULT_LAUNCH = dict(fast_cvt=True, lazy=True, asm_cvt=True, transposed=True, lazy_rescale=True, num_warps=1,
+                      num_stages=3, block_tokens=32,
                       programs_per_sm_small=12, programs_per_sm_large=12)
 
 
@@ -520,7 +532,7 @@ def choose_splits(batch: int, num_kv_heads: int, max_pages: int, num_sms: int = 
 def kernel_constexprs(
     num_kv_heads: int, group: int, head_dim: int, groups: int, high: tuple[int, int, int],
     low: tuple[int, int, int] | None, page_bytes: int, block_tokens: int, emit: bool, fp32: bool,
-    fast_cvt: bool, lazy: bool, asm_cvt: bool, transposed: bool = False,
+    fast_cvt: bool, lazy: bool, asm_cvt: bool, transposed: bool = False, lazy_rescale: bool = False,
 ) -> dict:
     """The compile-time parameters of `_paged_decode_kernel` for one launch (also what
     benchmarks/kernel_resources.py compiles, so its report is of the kernel KVStore runs)."""
@@ -540,6 +552,7 @@ def kernel_constexprs(
         SLOTS=max(th, tlow if low is not None else 0), DO_EMIT=emit, FP32=fp32, FAST_CVT=bool(fast_cvt),
         META64=meta64, LAZY=bool(lazy) and groups == 1, ASM_CVT=bool(asm_cvt),
         VHINT=th % 16 == 0 and bth == th and page_bytes % 16 == 0, TRANS=bool(transposed),
+        RESCALE_ALWAYS=not lazy_rescale,
     )
 
 
@@ -551,7 +564,7 @@ def paged_decode_attention(
     pages_per_split: int, logits: torch.Tensor | None = None, num_warps: int | None = None,
     num_stages: int | None = None, block_tokens: int | None = None, fast_cvt: bool | None = None,
     lazy: bool | None = None, asm_cvt: bool | None = None, maxnreg: int | None = None,
-    transposed: bool | None = None,
+    transposed: bool | None = None, lazy_rescale: bool | None = None,
 ) -> None:
     """Decode attention of one layer over the quantized hot tier, written into `out` and `lse`.
 
@@ -574,11 +587,13 @@ def paged_decode_attention(
             loop (one scale group); asm_cvt converts K8 and V4 codes with PTX (prmt), CUDA only: ignored
             in the interpreter and on CPU tensors; maxnreg caps the registers a thread (more
             programs an SM, at the price of spills; CUDA only); transposed computes S^T = K Q^T and
-            O^T = V^T P^T (tokens and head dims as tile rows, the GQA group as columns).
+            O^T = V^T P^T (tokens and head dims as tile rows, the GQA group as columns); lazy_rescale
+            (transposed only) skips the accumulator rescale on pages where no running max moved.
     """
     fast_cvt = DEFAULT_LAUNCH["fast_cvt"] if fast_cvt is None else fast_cvt
     lazy = DEFAULT_LAUNCH["lazy"] if lazy is None else lazy
     transposed = DEFAULT_LAUNCH["transposed"] if transposed is None else transposed
+    lazy_rescale = DEFAULT_LAUNCH["lazy_rescale"] if lazy_rescale is None else lazy_rescale
     asm_ok = q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")  # PTX: not in the interpreter
     asm_cvt = bool(DEFAULT_LAUNCH["asm_cvt"] if asm_cvt is None else asm_cvt) and asm_ok
     num_warps = DEFAULT_LAUNCH["num_warps"] if num_warps is None else num_warps
@@ -608,7 +623,7 @@ def paged_decode_attention(
     maxnreg = DEFAULT_LAUNCH.get("maxnreg") if maxnreg is None else maxnreg
     extra = dict(maxnreg=maxnreg) if maxnreg and q.is_cuda else {}  # a register cap (CUDA compiles only)
     consts = kernel_constexprs(Hkv, G, d, groups, high, low, data.shape[1], block_tokens, logits is not None,
-                               q.dtype == torch.float32, fast_cvt, lazy, asm_cvt, transposed)
+                               q.dtype == torch.float32, fast_cvt, lazy, asm_cvt, transposed, lazy_rescale)
     _paged_decode_kernel[grid](
         q, data, data.view(torch.float16), data.view(torch.int64) if consts["META64"] else data, pages, num_high, nlp, seq_ids, slot_pos,
         part_out, part_lse, logits if logits is not None else part_lse,

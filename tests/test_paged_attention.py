@@ -110,17 +110,18 @@ def test_kernel_matches_reference(n_high, n_low, tpp, G, d, groups, dtype, trans
     torch.testing.assert_close(probs.sum((-1, -2)), torch.ones(B, Hkv * G), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("transposed", [True, False], ids=["kqT", "qkT"])
+@pytest.mark.parametrize("transposed,lazy_rescale", [(True, True), (True, False), (False, False)],
+                         ids=["kqT", "kqT-rescale-always", "qkT"])
 @pytest.mark.parametrize("fast_cvt,lazy,groups,tpp", [(False, False, 2, 9), (True, False, 2, 9), (True, False, 1, 8),
                                                       (True, True, 1, 8), (False, True, 1, 9)])
-def test_launch_variants_match_reference(fast_cvt, lazy, groups, tpp, transposed):
+def test_launch_variants_match_reference(fast_cvt, lazy, groups, tpp, transposed, lazy_rescale):
     """Both code conversions (int-to-float and the 0x6400 bit trick), eager and lazy softmax sums, both tiers,
     G=4, d=128, 1 or 2 scale groups, metadata as one 8-byte word (tpp 8) or four fp16 loads (tpp 9)."""
     data, pages, num_high, nlp, slot_pos, t_low = _layout(2, 2, 128, [45, 13], [19, 7], tpp, groups, seed=11)
     q = torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     (out, lse, logits), (r_out, r_lse, r_logits) = _run(q, data, pages, num_high, nlp, slot_pos, tpp, t_low, groups,
                                                         nsplit=2, fast_cvt=fast_cvt, lazy=lazy, block_tokens=64,
-                                                        num_warps=8, transposed=transposed)
+                                                        num_warps=8, transposed=transposed, lazy_rescale=lazy_rescale)
     assert _rel_rms(out, r_out) < 1e-3
     torch.testing.assert_close(lse, r_lse, rtol=1e-5, atol=1e-4)
     fin = torch.isfinite(r_logits)
