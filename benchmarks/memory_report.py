@@ -33,6 +33,8 @@ import time
 
 import torch
 
+from kvstore.adapters.hf import CACHE_ARG, model_cache
+
 DEFAULT_PRESETS = "full,quant,leankv,tiered"
 
 
@@ -84,13 +86,13 @@ def _model(name: str, dtype: torch.dtype, head_dim: int):
 def _reference(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy continuation of the unattached model and its logits [steps + 1, V] (fp32)."""
     out = model(ids, use_cache=True)
-    past, logits = out.past_key_values, [out.logits[0, -1].float()]
+    past, logits = model_cache(out), [out.logits[0, -1].float()]
     toks = []
     for _ in range(steps):
         nxt = logits[-1].argmax().view(1, 1)
         toks.append(nxt)
-        out = model(nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(nxt, **{CACHE_ARG: past}, use_cache=True)
+        past = model_cache(out)
         logits.append(out.logits[0, -1].float())
     return torch.cat(toks, 1), torch.stack(logits)
 
@@ -104,11 +106,11 @@ def _run(model, ids: torch.Tensor, forced: torch.Tensor, config) -> tuple[torch.
     t0 = time.perf_counter()
     with client.attach(model):
         out = model(ids, use_cache=True)
-        past, logits = out.past_key_values, [out.logits[0, -1].float()]
+        past, logits = model_cache(out), [out.logits[0, -1].float()]
         try:
             for i in range(forced.shape[1]):
-                out = model(forced[:, i: i + 1], past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(forced[:, i: i + 1], **{CACHE_ARG: past}, use_cache=True)
+                past = model_cache(out)
                 logits.append(out.logits[0, -1].float())
             stats = client.stats()
         finally:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from gpu_kernels import reference
+from kvstore.adapters.hf import CACHE_ARG, model_cache
 
 HQ, HKV, D = 32, 8, 128
 
@@ -258,15 +259,15 @@ def bench_ttft(device, layers, prompt, quick):
                 nxt = out.logits[:, -1:].argmax(-1)
                 sync()
                 t1 = time.perf_counter()
-                out2 = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+                out2 = model(nxt, **{CACHE_ARG: model_cache(out)}, use_cache=True)
                 nxt2 = out2.logits[:, -1:].argmax(-1)
                 sync()
                 t2 = time.perf_counter()
-                model(nxt2, past_key_values=out.past_key_values, use_cache=True)
+                model(nxt2, **{CACHE_ARG: model_cache(out)}, use_cache=True)
                 sync()
                 t3 = time.perf_counter()
                 st = client.stats()
-                out.past_key_values.release()
+                model_cache(out).release()
                 times.append((t1 - t0, t2 - t0, t3 - t2, st))
         use = times[1:] if len(times) > 1 else times
         ttft = statistics.median(t[0] for t in use)

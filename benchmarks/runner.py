@@ -43,6 +43,7 @@ import torch
 from benchmarks.methods import Method, MethodUnavailable, expand_methods
 from benchmarks.scoring import exact_match, mean, score_sample
 from benchmarks.tasks import Sample, make_sample
+from kvstore.adapters.hf import CACHE_ARG
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ def generate_batch(model, tokenizer, samples: list[Sample], method: Method, clie
     try:
         with torch.no_grad():
             out = model.generate(
-                input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=max_new_tokens,
+                input_ids=ids, attention_mask=mask, **{CACHE_ARG: cache}, max_new_tokens=max_new_tokens,
                 do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
                 eos_token_id=tokenizer.eos_token_id, streamer=timer,
             )

@@ -26,6 +26,7 @@ import torch
 
 from cluster.cold_tier_actor import ArenaSpec, BatchArena
 from kvstore import KVStoreClient, KVStoreConfig
+from kvstore.adapters.hf import CACHE_ARG
 from kvstore.sequence_io import BatchKV, BatchTrace, TapCache, exportable, import_batch, replay_batch
 
 logger = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ class WorkerEngine:
         b.prefill_q_stage = self._q_stage(T, B)
         with torch.no_grad():
             out = self.model(input_ids=b.ids[:, :T], attention_mask=mask, position_ids=positions,
-                             past_key_values=b.cache, use_cache=True)
+                             **{CACHE_ARG: b.cache}, use_cache=True)
         if g == 0:
             b.ids[:, T] = out.logits[:, -1].argmax(-1)
         b.t, b.generated, b.prefill_columns = T, max(g, 1), T
@@ -295,7 +296,7 @@ class WorkerEngine:
         b.mask[:, t] = 1
         with torch.no_grad():
             out = self.model(input_ids=b.ids[:, t:t + 1], attention_mask=b.mask[:, :t + 1], position_ids=b.positions,
-                             past_key_values=b.cache, use_cache=True)
+                             **{CACHE_ARG: b.cache}, use_cache=True)
         b.ids[:, t + 1] = out.logits[:, -1].argmax(-1)
         b.positions += 1
         self._publish(b, t, 1, b.stage.unsqueeze(0), None if b.q_stage is None else b.q_stage.unsqueeze(0))

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
 from kvstore import KVStoreClient, KVStoreConfig
-from kvstore.adapters.hf import KVStoreCache, UnsupportedModelError
+from kvstore.adapters.hf import CACHE_ARG, KVStoreCache, UnsupportedModelError, model_cache
 from tests.conftest import left_padded_batch, tiny_model
 
 
@@ -25,9 +25,9 @@ def test_full_preset_equals_unattached_model(family):
     client = KVStoreClient(KVStoreConfig.preset("full"))
     with client.attach(model):
         out = _generate(model, ids, mask)
-        assert isinstance(out.past_key_values, KVStoreCache)
+        assert isinstance(model_cache(out), KVStoreCache)
         stats = client.stats()
-        del out.past_key_values
+        setattr(out, CACHE_ARG, None)  # drop the output's reference to the cache
     assert torch.equal(ref.sequences, out.sequences)
     err = max((a - b).abs().max().item() for a, b in zip(ref.logits, out.logits))
     assert err < 1e-4, err  # observed ~1e-7 on fp32
@@ -52,7 +52,7 @@ def test_detach_restores_model_exactly():
     assert torch.equal(before, after)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
                          return_dict_in_generate=True)
-    assert not isinstance(out.past_key_values, KVStoreCache)
+    assert not isinstance(model_cache(out), KVStoreCache)
 
 
 def test_sampling_and_pages_freed_after_generation():
@@ -77,13 +77,13 @@ def test_forward_loop_over_past_key_values():
     with client.attach(model):
         out = model(ids, attention_mask=mask, use_cache=True)
         assert torch.allclose(out.logits[mask.bool()], ref.logits[mask.bool()], atol=1e-5)
-        past, ref_past = out.past_key_values, ref.past_key_values
+        past, ref_past = model_cache(out), model_cache(ref)
         our_ids, m = out.logits[:, -1].argmax(-1), mask
         for _ in range(5):
             m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
             pos = (m.sum(1, keepdim=True) - 1)
-            step = model(our_ids[:, None], attention_mask=m, past_key_values=past, position_ids=pos)
-            past = step.past_key_values
+            step = model(our_ids[:, None], attention_mask=m, **{CACHE_ARG: past}, position_ids=pos)
+            past = model_cache(step)
             our_ids = step.logits[:, -1].argmax(-1)
         client.detach()
     m = mask
@@ -91,8 +91,8 @@ def test_forward_loop_over_past_key_values():
     for _ in range(5):
         m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
         pos = (m.sum(1, keepdim=True) - 1)
-        step = model(ref_ids[:, None], attention_mask=m, past_key_values=ref_past, position_ids=pos)
-        ref_past = step.past_key_values
+        step = model(ref_ids[:, None], attention_mask=m, **{CACHE_ARG: ref_past}, position_ids=pos)
+        ref_past = model_cache(step)
         ref_ids = step.logits[:, -1].argmax(-1)
     assert torch.equal(ref_ids, our_ids)
 
@@ -104,7 +104,7 @@ def test_chunked_prefill_equals_one_shot():
     client = KVStoreClient(KVStoreConfig.preset("full"))
     with client.attach(model):
         a = model(ids[:, :10], use_cache=True)
-        b = model(ids[:, 10:], past_key_values=a.past_key_values, use_cache=True)
+        b = model(ids[:, 10:], **{CACHE_ARG: model_cache(a)}, use_cache=True)
     got = torch.cat([a.logits, b.logits], 1)
     assert (got - ref).abs().max().item() < 1e-5
 
@@ -181,12 +181,12 @@ def test_refuses_foreign_cache_and_double_attach():
 
     model = tiny_model("llama")
     ids, _ = left_padded_batch(pads=(0, 0, 0))
-    dense = model(ids, use_cache=True).past_key_values
+    dense = model_cache(model(ids, use_cache=True))
     assert isinstance(dense, DynamicCache)
     client = _client()
     with client.attach(model):
         with pytest.raises(ValueError, match="not built by kvstore"):
-            model(ids[:, :1], past_key_values=dense)
+            model(ids[:, :1], **{CACHE_ARG: dense})
         with pytest.raises(RuntimeError, match="already attached"):
             client.attach(model)
 

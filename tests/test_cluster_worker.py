@@ -6,6 +6,7 @@ import torch
 from cluster.cold_tier_actor import ArenaSpec, BatchArena, ColdTier
 from cluster.worker import ModelSpec, WorkerEngine
 from kvstore import KVStoreClient, KVStoreConfig
+from kvstore.adapters.hf import CACHE_ARG
 from kvstore.sequence_io import BatchKV, BatchTrace, TapCache, export_batch, import_batch
 from tests.conftest import left_padded_batch, tiny_model
 
@@ -15,7 +16,7 @@ PROMPTS = [[5, 9, 13, 2, 77, 31, 4], [8, 1, 200, 3], [17, 19, 23, 29, 31, 37, 41
 def _decode(model, cache, nxt, mask, t):
     pos = mask[:, :t].sum(1, keepdim=True)
     mask[:, t] = 1
-    out = model(input_ids=nxt[:, None], attention_mask=mask[:, : t + 1], position_ids=pos, past_key_values=cache)
+    out = model(input_ids=nxt[:, None], attention_mask=mask[:, : t + 1], position_ids=pos, **{CACHE_ARG: cache})
     return out.logits[:, -1].argmax(-1)
 
 
@@ -31,7 +32,7 @@ def test_export_import_continues_bit_exactly():
     cache = TapCache(c1.store, lambda layer, q, k, v, scale: seen.append((layer, tuple(q.shape), tuple(k.shape))))
     mask = torch.zeros(B, T + 16, dtype=torch.long)
     mask[:, :T] = mask0
-    out = m1(input_ids=ids, attention_mask=mask0, position_ids=(mask0.cumsum(1) - 1).clamp(min=0), past_key_values=cache)
+    out = m1(input_ids=ids, attention_mask=mask0, position_ids=(mask0.cumsum(1) - 1).clamp(min=0), **{CACHE_ARG: cache})
     nxt, t, toks = out.logits[:, -1].argmax(-1), T, []
     assert seen[:2] == [(0, (B, 4, T, 16), (B, 2, T, 16)), (1, (B, 4, T, 16), (B, 2, T, 16))]
     for s in range(12):

@@ -10,6 +10,7 @@ import torch
 from conftest import left_padded_batch, tiny_model
 from gpu_kernels import reference
 from kvstore import KVStoreClient, KVStoreConfig
+from kvstore.adapters.hf import CACHE_ARG, model_cache
 from kvstore.hot_tier import ModelGeometry
 from kvstore.store import KVStore
 
@@ -60,13 +61,13 @@ def test_pqcache_stats_on_a_600_token_prompt():
     with client.attach(model):
         out = model(ids, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        model(nxt, past_key_values=out.past_key_values, use_cache=True)  # one decode step
+        model(nxt, **{CACHE_ARG: model_cache(out)}, use_cache=True)  # one decode step
         s = client.stats()
         assert s["sequences"] == 1 and s["tokens"] == 601
         assert s["gpu_kv_bytes"] <= s["dense_kv_bytes"] / 3, s  # observed ~0.24 of dense
         assert s["host_kv_bytes"] >= s["dense_kv_bytes"]  # every token is in the cold tier
         assert s["retrieval_gpu_bytes"] > 0 and s["gpu_cache_slots"] == KVStoreConfig.preset("pqcache").topk_for(600)
-        out.past_key_values.release()
+        model_cache(out).release()
 
 
 def test_tiered_waits_for_the_leankv_hot_policy():

@@ -18,6 +18,7 @@ import torch
 from conftest import left_padded_batch, tiny_model
 from gpu_kernels import reference
 from kvstore import KVStoreClient, KVStoreConfig
+from kvstore.adapters.hf import CACHE_ARG
 from kvstore.hot_tier import ModelGeometry
 from kvstore.store import KVStore
 
@@ -243,7 +244,7 @@ def test_store_reused_across_batches_gives_a_fresh_stores_logits():
     def gen(client, ids, mask, poison=False):
         cache = KVStoreCache(client.store)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False,
+            out = model.generate(ids, attention_mask=mask, **{CACHE_ARG: cache}, max_new_tokens=5, do_sample=False,
                                  output_logits=True, return_dict_in_generate=True)
         if poison:
             pool = client.store.hot.pool

@@ -16,6 +16,8 @@ It uses transformers' own extension points and copies no modeling code:
 
 from __future__ import annotations
 
+import inspect
+
 import logging
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -34,6 +36,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _cache_arg() -> str:
+    """The name transformers gives the cache, as a forward argument and an output field: `cache` from
+    5.24 on (`past_key_values` stays a deprecated alias until 5.40), `past_key_values` before."""
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+CACHE_ARG = _cache_arg()
+
+
+def model_cache(output: Any) -> Any:
+    """The cache a forward or generate() output carries (whatever this transformers calls the field)."""
+    return getattr(output, CACHE_ARG)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -205,6 +223,8 @@ class HFAdapter:
         ALL_ATTENTION_FUNCTIONS.register(self.name, self._attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(self.name, _padding_mask)
         self._set_impl(self.name)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self._post_hook = model.register_forward_hook(self._post_forward)
 
@@ -226,7 +246,15 @@ class HFAdapter:
 
     # ---- hooks -----------------------------------------------------------------------------
     def _pre_forward(self, module, args, kwargs):
-        past = kwargs.get("past_key_values")
+        # transformers >= 5.24 names the cache argument `cache` (`past_key_values` is a deprecated alias
+        # until 5.40); the cache goes in under the name this model's forward takes, never under both.
+        key = self._cache_kw
+        past = kwargs.get(key)
+        if key != "past_key_values" and kwargs.get("past_key_values") is not None:
+            legacy = kwargs.pop("past_key_values")
+            if past is not None and past is not legacy:
+                raise ValueError("both `cache` and `past_key_values` were given: pass one")
+            past = legacy
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.model.config, "use_cache", True)
@@ -239,13 +267,13 @@ class HFAdapter:
         elif past is None or (isinstance(past, DynamicCache) and past.get_seq_length() == 0):
             past = KVStoreCache(self.store)
             self.caches.add(past)
-            kwargs["past_key_values"] = past
             kwargs["use_cache"] = True
         else:
             raise ValueError(
                 f"past_key_values of type {type(past).__name__} with {past.get_seq_length()} tokens was not built by "
                 "kvstore; while attached, start generation without a cache (or pass the KVStoreCache you got back)"
             )
+        kwargs[key] = past
         self.active_cache = past
         return args, kwargs
 
