@@ -29,8 +29,18 @@ pages through the same page table: 0.585 ms, 97% of copy bandwidth):
            page per step, 3 stages;
   0.607    values stored byte-major in the page (kvstore/quantization.py), so the tensor-core operand
            (consecutive tokens of one element) loads as words rather than single bytes.
-The remaining gap to the read-only kernel is instruction issue: the tensor-core dots need 16 query
-rows and a GQA group has 4, so the softmax arithmetic runs on 4x the rows it needs.
+Then on the H200 (4.27 TB/s copy, SDPA over bf16 0.96 ms; `benchmarks.kernel_resources` reads the
+registers and the loop's instructions without a GPU):
+  0.537 ms the kernel above: 248 registers a thread (the group of 4 padded to 16 query rows), so only
+           8 one-warp programs fit an SM, each stalled most of the time: 75% of copy bandwidth;
+  0.509    the query block unpadded (Triton >= 3.2 pads the dot itself): 168 registers, 12 programs;
+  0.433    transposed (TRANS): S^T = K Q^T and O^T += V^T P^T, tokens and head dims as the tiles'
+           rows and the group as their columns; no replicated query rows moved into place every
+           page (loop 902 -> 774 instructions, half the HMMAs);
+  0.424    accumulators rescaled only on pages where a running max moved (lazy_rescale): 4,051 GB/s,
+           95% of copy bandwidth, 2.26x SDPA. What is left is mostly memory time.
+Tried and rejected: codes kept as fp16 1024 + c with the bias folded into the zero points (no
+subtracts): 0.65 ms and 4.8e-3 relative error (benchmarks/results/h200).
 
 With `logits` given, the kernel also writes each token's scaled logit in the page table's layout
 [B, Hq, C, S]; probabilities are exp(logit - lse) once the splits are merged (LeanKV's scores).
@@ -508,8 +518,8 @@ def query_block(group: int) -> int:
 # Launch defaults KVStore uses (HotTier.attend): the winners of benchmarks/perf_decode_attention --sweep
 # (H100, B=8, N=128K: one warp per program, one 32-token page per step, 3 stages: 0.607 ms against 0.735
 # for 2 warps x 64 tokens, and 1.18 ms for the first 4-warp kernel; see benchmarks/results/).
-# H200 with the unpadded query block (168 registers, 12 one-warp programs an SM): 24 splits at B=8,
-# N=128K, 0.509 ms against 0.583 at 16 and 0.594 at 32; B=1 best at 198 splits.
+# H200, transposed with lazy rescale (168 registers, 12 one-warp programs an SM): 24 splits at B=8,
+# N=128K, 0.424 ms; 2 warps x 64 tokens 0.461, register caps (maxnreg 128/144) within noise.
 DEFAULT_LAUNCH = dict(fast_cvt=True, lazy=True, asm_cvt=True, transposed=True, lazy_rescale=True, num_warps=1,
                       num_stages=3, block_tokens=32,
                       programs_per_sm_small=12, programs_per_sm_large=12)
