@@ -10,11 +10,14 @@ What it does:
   kv_retrieval, variable tracking ...), each sample = prompt + answer + </s>, in worker
   processes (a `DataLoader` over a map-style dataset: sample i of a stage always has the same
   task and seed, so the data order is fixed by --seed);
-* a curriculum of lengths (default 512 -> 1K -> 2K -> 4K -> 8K), a constant number of tokens
+* a curriculum of lengths (default 256/512 -> 1K -> 2K -> 4K -> 4K/8K), a constant number of tokens
   per batch; a stage starts when the run's progress (the larger of step/steps and
   elapsed/max-minutes) passes its start, so a time-limited run still reaches the last stage;
 * loss = cross-entropy on the answer tokens + lm_weight x next-token loss on the prompt
   (the repetitive haystack teaches copying, i.e. induction heads, which retrieval builds on);
+* auxiliary sequences with a dense signal (`copy_sequence`): repeated random spans, some over
+  digits / hex digits only (a repeat is found by its longer prefix: n-gram induction), and
+  associative recall in the suite's formats, some questions echoing the needle's own words;
 * bf16 autocast on CUDA, SDPA attention (flash kernels: no mask is passed, right padding is
   harmless under a causal mask), AdamW with warmup and cosine decay, gradient clipping;
 * held-out accuracy every --eval-every steps (teacher-forced exact match of the answer tokens,
@@ -57,7 +60,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     steps: int = 100000  # the shipped run is bounded by max_minutes
-    max_minutes: float = 7.8
+    max_minutes: float = 7.6
     # "length:start" pairs: the stage of `length` starts at that fraction of the run;
     # "4096+8192:0.8" alternates batches of those lengths.
     curriculum: str = "256+512:0,1024:0.28,2048:0.4,4096:0.52,4096+8192:0.68"

@@ -106,6 +106,25 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path):
     assert model.dtype == torch.float32 and len(tok) == info["vocab"]
 
 
+def test_aux_sequences_ngram_and_echo():
+    """Digit/hex-only span copies hold nothing else; echo questions repeat the needle's words."""
+    import random
+
+    from benchmarks.train_probe import copy_sequence
+
+    tok = build_tokenizer(default_strings())
+    hex_ids = set(tok.convert_tokens_to_ids(["##" + c for c in "0123456789abcdef"]))
+    for seed in range(4):
+        ids, weights = copy_sequence(random.Random(seed), 300, tok, recall_fraction=0.0, ngram=1.0)
+        assert len(ids) == len(weights) == 300 and ids[0] == tok.bos_token_id
+        assert set(ids[1:]) <= hex_ids
+    for seed in range(6):
+        ids, weights = copy_sequence(random.Random(seed), 400, tok, recall_fraction=1.0, echo=1.0)
+        text = tok.decode(ids, skip_special_tokens=True)
+        assert "What is the special" not in text and "Key:" not in text
+        assert sum(weights) > 0
+
+
 def test_train_config_errors():
     from benchmarks.train_probe import TrainConfig
 
@@ -115,5 +134,9 @@ def test_train_config_errors():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="tasks entry"):
         TrainConfig(tasks="passkey:-1")
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        TrainConfig(heads=6, kv_heads=4)
+    with pytest.raises(ValueError, match="copy_ngram"):
+        TrainConfig(copy_ngram=1.5)
     with pytest.raises(ValueError, match="vocab_size"):
         probe_config(0)
