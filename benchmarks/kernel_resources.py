@@ -116,6 +116,48 @@ def compile_report(launch: dict | None = None, num_kv_heads: int = 8, group: int
     )
 
 
+def compile_variants(full: bool = False, arch: int = 90) -> list[str]:
+    """Compile the kernel for sm_`arch` over its constexpr combinations; return the failures.
+
+    The interpreter accepts code the compiler refuses (a constexpr assigned twice in an unrolled
+    loop, a value whose type changes across a loop), so CI compiles what the GPU would run. `full`:
+    every combination (192, minutes); else both orientations x query dtype x scale groups x low
+    tier, with emitted logits (16).
+    """
+    import itertools
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gpu_kernels.paged_attention import _paged_decode_kernel as fn
+    from gpu_kernels.paged_attention import kernel_constexprs
+
+    if not hasattr(fn, "cache_key"):
+        raise RuntimeError("the kernel was loaded for the Triton interpreter: run with TRITON_INTERPRET=0")
+    grid = dict(fp32=[False, True], emit=[True] if not full else [False, True], low=[False, True], groups=[1, 2],
+                group=[4] if not full else [1, 4, 8], trans=[True, False], warps=[1] if not full else [1, 4])
+    failures = []
+    for fp32, emit, low, groups, group, trans, warps in itertools.product(*grid.values()):
+        page_bytes = 32 * (128 + 64 + 8 * groups)
+        low_fmt = (4, 2, page_bytes // (64 + 32 + 8 * groups)) if low else None
+        consts = kernel_constexprs(8, group, 128, groups, (8, 4, 32), low_fmt, page_bytes, 32 * warps, emit, fp32,
+                                   True, True, True, trans, True)
+        ptrs = {**_PTRS, "q_ptr": "*fp32" if fp32 else "*bf16"}
+        sig = {n: ptrs.get(n, "constexpr" if n in consts else ("fp32" if n == "scale_log2" else "i32"))
+               for n in fn.arg_names}
+        try:
+            triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                           options=dict(num_warps=warps, num_stages=3))
+        except Exception as e:  # noqa: BLE001 - collected and reported, the rest still compile
+            root = e
+            while root.__cause__ is not None:
+                root = root.__cause__
+            failures.append(f"fp32={fp32} emit={emit} low={low} groups={groups} G={group} transposed={trans} "
+                            f"warps={warps}: {type(root).__name__}: {str(root)[-200:]}")
+    return failures
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="default,num_warps=2:num_stages=2:block_tokens=64",
@@ -123,8 +165,16 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4, help="GQA group (query heads per KV head)")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--json", help="write the reports here")
+    ap.add_argument("--check-variants", choices=["ci", "full"],
+                    help="compile the kernel's constexpr combinations instead; exit 1 if any fails")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.check_variants:
+        failures = compile_variants(full=args.check_variants == "full")
+        for f in failures:
+            log.error("%s", f)
+        log.info("%d failed", len(failures))
+        raise SystemExit(1 if failures else 0)
     reports = []
     for text in args.variants.split(","):
         r = compile_report(parse_variant(text), group=args.group, head_dim=args.head_dim)

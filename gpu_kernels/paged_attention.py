@@ -310,11 +310,9 @@ def _attend_block(
         if TRANS:  # p, pw: P^T [tokens, BLOCK_G]
             vs = vs0[:, None]
             vz = vz0[:, None]
-            red: tl.constexpr = 0
         else:
             vs = vs0[None, :]
             vz = vz0[None, :]
-            red: tl.constexpr = 1
         if FP32:
             pw = p * vs
         else:
@@ -325,8 +323,10 @@ def _attend_block(
             else:
                 z_i = z_i * alpha[:, None] + p * vz
             pz = m_new  # unused: the zero-point term is summed after the loop
+        elif TRANS:
+            pz = tl.sum(p * vz, axis=0)
         else:
-            pz = tl.sum(p * vz, axis=red)
+            pz = tl.sum(p * vz, axis=1)
         # group j covers dims [j * D / NG, (j + 1) * D / NG): which halves it touches is known at compile time
         if j * (D // NG) < H:
             acc0 = _add_half(acc0, pw, vc0, pz, j, 0, D, NG, FP32, LAZY, TRANS)
