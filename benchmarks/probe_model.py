@@ -20,11 +20,11 @@ PROBE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_
 
 
 def probe_config(vocab_size: int, **overrides) -> LlamaConfig:
-    """The probe architecture for a tokenizer of `vocab_size` tokens (about 3.4M parameters).
+    """The probe architecture for a tokenizer of `vocab_size` tokens (about 3.7M parameters).
 
-    4 layers, hidden 256, 8 query heads over 2 KV heads (GQA group 4) of head_dim 64, SwiGLU
-    512, tied embeddings; RoPE base 1e6 so 16K+ positions keep distinct low-frequency phases.
-    ~6.8 MB in bf16 safetensors.
+    6 layers, hidden 256, 8 query heads over 2 KV heads (GQA group 4) of head_dim 64, SwiGLU
+    256 (attention depth matters more than MLP width for retrieval), tied embeddings; RoPE base
+    1e6 so 16K+ positions keep distinct low-frequency phases. ~7.4 MB in bf16 safetensors.
     """
     if vocab_size <= 0:
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
@@ -33,8 +33,8 @@ def probe_config(vocab_size: int, **overrides) -> LlamaConfig:
     kwargs = dict(
         vocab_size=padded,
         hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
+        intermediate_size=256,
+        num_hidden_layers=6,
         num_attention_heads=8,
         num_key_value_heads=2,
         head_dim=64,

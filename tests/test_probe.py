@@ -67,7 +67,13 @@ def test_shipped_model_loads(probe):
     assert (PROBE_DIR / "README.md").is_file()
 
 
-@pytest.mark.parametrize("task", ["passkey", "niah_single_1"])
+# Answers out of 10 at 2K (seeds 1000-1009, fp32 on CPU) the shipped probe gave when it was committed:
+# passkey 10, niah_single_1 8 (both misses: numbers with a repeated digit), niah_multikey_2 10,
+# kv_retrieval 9. The floor leaves room for one more miss; a model that does not retrieve scores 0.
+AT_LEAST_2K = {"passkey": 9, "niah_single_1": 7, "niah_multikey_2": 9, "kv_retrieval": 8}
+
+
+@pytest.mark.parametrize("task", list(AT_LEAST_2K))
 def test_full_attention_answers_at_2k(probe, task):
     """Greedy decoding over the whole context, through kvstore's exact `full` preset."""
     from benchmarks.tasks import make_sample
@@ -76,7 +82,7 @@ def test_full_attention_answers_at_2k(probe, task):
 
     model, tok = probe
     hits = 0
-    seeds = range(4)
+    seeds = range(10)
     for seed in seeds:
         sample = make_sample(task, 2048, 1000 + seed, tok)
         ids = torch.tensor([sample_prompt_ids(sample, tok)])
@@ -86,7 +92,7 @@ def test_full_attention_answers_at_2k(probe, task):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_answer + 2, do_sample=False)
         text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         hits += score_answer(text, sample)
-    assert hits == len(seeds), f"{task}: {hits}/{len(seeds)} answered"
+    assert hits >= AT_LEAST_2K[task], f"{task}: {hits}/{len(seeds)} answered"
 
 
 def test_a_few_training_steps_reduce_the_loss(tmp_path):
