@@ -42,6 +42,27 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
+def _compile(consts, fp32: bool, num_warps: int, num_stages: int, maxnreg: int | None = None, arch: int = 90):
+    """triton.compile of `_paged_decode_kernel` for sm_`arch` with `consts`, specialized as a real launch
+    is (pointers, page bytes and strides divisible by 16)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gpu_kernels.paged_attention import _paged_decode_kernel as fn
+
+    if not hasattr(fn, "cache_key"):
+        raise RuntimeError("the kernel was loaded for the Triton interpreter: run with TRITON_INTERPRET=0")
+    ptrs = {**_PTRS, "q_ptr": "*fp32" if fp32 else "*bf16"}
+    sig = {n: ptrs.get(n, "constexpr" if n in consts else ("fp32" if n == "scale_log2" else "i32")) for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n in _PTRS or n in _DIV16}
+    opts = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    return triton.compile(ASTSource(fn, sig, constexprs=dict(consts), attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32), options=opts)
+
+
 def parse_variant(text: str) -> dict:
     """'default' or 'key=value:key=value' (ints and true/false) -> launch overrides."""
     if text in ("", "default"):
@@ -59,28 +80,15 @@ def compile_report(launch: dict | None = None, num_kv_heads: int = 8, group: int
                    tokens_per_page: int = 32, low: tuple[int, int, int] | None = None, emit: bool = False,
                    arch: int = 90) -> dict:
     """Compile one launch variant for sm_`arch` and return its resources and loop instruction mix."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from gpu_kernels.paged_attention import DEFAULT_LAUNCH, _paged_decode_kernel, kernel_constexprs
+    from gpu_kernels.paged_attention import DEFAULT_LAUNCH, kernel_constexprs
 
     cfg = {**DEFAULT_LAUNCH, **(launch or {})}
     high = (8, 4, tokens_per_page)
     page_bytes = tokens_per_page * (head_dim + head_dim // 2 + 8)
     consts = kernel_constexprs(num_kv_heads, group, head_dim, 1, high, low, page_bytes, cfg["block_tokens"], emit,
-                               False, cfg["fast_cvt"], cfg["lazy"], cfg["asm_cvt"], cfg.get("transposed", False),
-                               cfg.get("lazy_rescale", False))
-    fn = _paged_decode_kernel
-    if not hasattr(fn, "cache_key"):
-        raise RuntimeError("the kernel was loaded for the Triton interpreter: run with TRITON_INTERPRET=0")
-    sig = {n: _PTRS.get(n, "constexpr" if n in consts else ("fp32" if n == "scale_log2" else "i32")) for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n in _PTRS or n in _DIV16}
-    opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if cfg.get("maxnreg"):
-        opts["maxnreg"] = cfg["maxnreg"]
-    kernel = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                            options=opts)
+                               False, cfg["fast_cvt"], cfg["lazy"], cfg["asm_cvt"], cfg["transposed"],
+                               cfg["lazy_rescale"])
+    kernel = _compile(consts, False, cfg["num_warps"], cfg["num_stages"], cfg.get("maxnreg"), arch)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,8 +115,8 @@ def compile_report(launch: dict | None = None, num_kv_heads: int = 8, group: int
             ops[m.group(1)] += 1
     warps = cfg["num_warps"]
     return dict(
-        launch={k: cfg[k] for k in ("num_warps", "num_stages", "block_tokens", "fast_cvt", "lazy", "asm_cvt")}
-        | {"transposed": bool(cfg.get("transposed", False)), "lazy_rescale": bool(cfg.get("lazy_rescale", False))}
+        launch={k: cfg[k] for k in ("num_warps", "num_stages", "block_tokens", "fast_cvt", "lazy", "asm_cvt",
+                                    "transposed", "lazy_rescale")}
         | ({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         block_g=consts["BLOCK_G"], registers=regs, stack_bytes=int(fields.get("STACK", 0)),
         shared_bytes=kernel.metadata.shared, programs_per_sm_by_registers=65536 // (32 * warps * max(regs, 1)),
@@ -126,15 +134,8 @@ def compile_variants(full: bool = False, arch: int = 90) -> list[str]:
     """
     import itertools
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from gpu_kernels.paged_attention import _paged_decode_kernel as fn
     from gpu_kernels.paged_attention import kernel_constexprs
 
-    if not hasattr(fn, "cache_key"):
-        raise RuntimeError("the kernel was loaded for the Triton interpreter: run with TRITON_INTERPRET=0")
     grid = dict(fp32=[False, True], emit=[True] if not full else [False, True], low=[False, True], groups=[1, 2],
                 group=[4] if not full else [1, 4, 8], trans=[True, False], warps=[1] if not full else [1, 4])
     failures = []
@@ -143,12 +144,8 @@ def compile_variants(full: bool = False, arch: int = 90) -> list[str]:
         low_fmt = (4, 2, page_bytes // (64 + 32 + 8 * groups)) if low else None
         consts = kernel_constexprs(8, group, 128, groups, (8, 4, 32), low_fmt, page_bytes, 32 * warps, emit, fp32,
                                    True, True, True, trans, True)
-        ptrs = {**_PTRS, "q_ptr": "*fp32" if fp32 else "*bf16"}
-        sig = {n: ptrs.get(n, "constexpr" if n in consts else ("fp32" if n == "scale_log2" else "i32"))
-               for n in fn.arg_names}
         try:
-            triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                           options=dict(num_warps=warps, num_stages=3))
+            _compile(consts, fp32, warps, 3, arch=arch)
         except Exception as e:  # noqa: BLE001 - collected and reported, the rest still compile
             root = e
             while root.__cause__ is not None:

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 
 import torch
 import triton
@@ -539,13 +540,18 @@ def choose_splits(batch: int, num_kv_heads: int, max_pages: int, num_sms: int = 
     return int(max(1, min(want, max_pages // 8, 256)))
 
 
+@functools.lru_cache(maxsize=256)
 def kernel_constexprs(
     num_kv_heads: int, group: int, head_dim: int, groups: int, high: tuple[int, int, int],
     low: tuple[int, int, int] | None, page_bytes: int, block_tokens: int, emit: bool, fp32: bool,
     fast_cvt: bool, lazy: bool, asm_cvt: bool, transposed: bool = False, lazy_rescale: bool = False,
-) -> dict:
+) -> types.MappingProxyType:
     """The compile-time parameters of `_paged_decode_kernel` for one launch (also what
-    benchmarks/kernel_resources.py compiles, so its report is of the kernel KVStore runs)."""
+    benchmarks/kernel_resources.py compiles, so its report is of the kernel KVStore runs).
+
+    Cached: every layer of every step launches with the same few argument sets, so the decode path
+    looks them up rather than recomputing them; the mapping is read-only.
+    """
     kb, vb, th = high
     lkb, lvb, tlow = low if low is not None else (kb, vb, th)
     # A block of `block_tokens` rows spans block_tokens // BLOCK_T pages per loop step: more bytes
@@ -555,7 +561,7 @@ def kernel_constexprs(
     # One scale/zero group: a slot's [k scale, k zero, v scale, v zero] is one aligned 8-byte word.
     meta64 = groups == 1 and page_bytes % 8 == 0 and (th * (kb + vb) * head_dim // 8) % 8 == 0 and (
         low is None or (tlow * (lkb + lvb) * head_dim // 8) % 8 == 0)
-    return dict(
+    return types.MappingProxyType(dict(
         HKV=num_kv_heads, G=group, BLOCK_G=query_block(group), D=head_dim, NG=groups,
         TPP_H=th, BLOCK_TH=bth, NP_H=max(1, block_tokens // bth), KB_H=kb, VB_H=vb,
         HAS_LOW=low is not None, TPP_L=tlow, BLOCK_TL=btl, NP_L=max(1, block_tokens // btl), KB_L=lkb, VB_L=lvb,
@@ -563,7 +569,7 @@ def kernel_constexprs(
         META64=meta64, LAZY=bool(lazy) and groups == 1, ASM_CVT=bool(asm_cvt),
         VHINT=th % 16 == 0 and bth == th and page_bytes % 16 == 0, TRANS=bool(transposed),
         RESCALE_ALWAYS=not lazy_rescale,
-    )
+    ))
 
 
 def paged_decode_attention(
@@ -632,8 +638,9 @@ def paged_decode_attention(
     grid = (B * Hkv, nsplit)
     maxnreg = DEFAULT_LAUNCH.get("maxnreg") if maxnreg is None else maxnreg
     extra = dict(maxnreg=maxnreg) if maxnreg and q.is_cuda else {}  # a register cap (CUDA compiles only)
-    consts = kernel_constexprs(Hkv, G, d, groups, high, low, data.shape[1], block_tokens, logits is not None,
-                               q.dtype == torch.float32, fast_cvt, lazy, asm_cvt, transposed, lazy_rescale)
+    consts = kernel_constexprs(Hkv, G, d, groups, tuple(high), tuple(low) if low is not None else None, data.shape[1],
+                               block_tokens, logits is not None, q.dtype == torch.float32, bool(fast_cvt), bool(lazy),
+                               asm_cvt, bool(transposed), bool(lazy_rescale))
     _paged_decode_kernel[grid](
         q, data, data.view(torch.float16), data.view(torch.int64) if consts["META64"] else data, pages, num_high, nlp, seq_ids, slot_pos,
         part_out, part_lse, logits if logits is not None else part_lse,

@@ -17,12 +17,12 @@ It uses transformers' own extension points and copies no modeling code:
 from __future__ import annotations
 
 import inspect
-
 import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import LlamaForCausalLM
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -36,23 +36,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _cache_arg() -> str:
-    """The name transformers gives the cache, as a forward argument and an output field: `cache` from
-    5.24 on (`past_key_values` stays a deprecated alias until 5.40), `past_key_values` before."""
-    from transformers import LlamaForCausalLM
-
-    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+def cache_arg(forward: Any) -> str:
+    """The name a model's forward takes its cache by: `cache` from transformers 5.24 on
+    (`past_key_values` stays a deprecated alias until 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
-CACHE_ARG = _cache_arg()
+#: This transformers' name for the cache, as a forward argument and an output field.
+CACHE_ARG = cache_arg(LlamaForCausalLM.forward)
 
 
 def model_cache(output: Any) -> Any:
     """The cache a forward or generate() output carries (whatever this transformers calls the field)."""
     return getattr(output, CACHE_ARG)
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class UnsupportedModelError(ValueError):
@@ -223,8 +222,7 @@ class HFAdapter:
         ALL_ATTENTION_FUNCTIONS.register(self.name, self._attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(self.name, _padding_mask)
         self._set_impl(self.name)
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_arg(model.forward)
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self._post_hook = model.register_forward_hook(self._post_forward)
 
