@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +53,10 @@ class DecodePlan:
     retrieved: [2, B, Hkv, kmax, d] buffer of the selected tokens' K/V (hits + fetched misses)
     out:       [L, B, Hq, 1, d] model dtype: layer l's decode output is out[l]
     step_id:   the store's plan counter when this plan was built (a later plan makes it stale)
+    fresh:     bool [B, L, Hkv] heads whose new token takes a fresh high-tier slot (index n, the next one)
+    new_page:  bool [B, L, Hkv] heads for which that fresh slot opened a new page
+    written:   per layer, whether `decode` wrote the layer's new tokens (an abandoned step is undone, see
+               `KVStore._undo_unwritten_slots`)
     Every tensor of a plan that a layer writes is a view of the store's `Workspace`.
     """
 
@@ -67,6 +71,9 @@ class DecodePlan:
     retrieved: torch.Tensor | None = None
     out: torch.Tensor | None = None
     step_id: int = 0
+    fresh: torch.Tensor | None = None
+    new_page: torch.Tensor | None = None
+    written: list[bool] = field(default_factory=list)
 
 
 class KVStore:
@@ -111,6 +118,8 @@ class KVStore:
         #: buffers of the decode step, carved by `plan`, written by every layer's `decode` (kvstore/workspace.py)
         self.workspace = Workspace(self.device)
         self._plan_id = 0
+        #: the latest plan, until the next plan / prefill / release checks that every layer decoded it
+        self._last_plan: DecodePlan | None = None
         LIVE_STORES.add(self)
 
     # ---- sequences --------------------------------------------------------------------------
@@ -148,6 +157,7 @@ class KVStore:
         ids = [int(i) for i in seq_ids.tolist() if int(i) in self.active]
         if not ids:
             return
+        self._undo_unwritten_slots()  # before the tables are cleared: the last plan's rows are still these sequences'
         t = torch.tensor(ids, dtype=torch.int64, device=self.device)
         # Freed pages are zeroed: high (K8V4) and low (K4V2) pages share the pool with different
         # layouts, so a page reused in the other tier would read stale bytes as scales in its
@@ -190,6 +200,7 @@ class KVStore:
             the model's own causal attention; after earlier chunks it attends the hot tier.
         """
         B, Hkv, T, d = k.shape
+        self._undo_unwritten_slots()
         past_len = self.seq_len[seq_ids]  # [B]
         has_past = bool((past_len > 0).any().item())
         if has_past:
@@ -225,8 +236,11 @@ class KVStore:
         allocation of the step happens here, with the step's host syncs). Nothing later in the
         step allocates or syncs. The hot policy decides per head whether the new token takes a
         fresh slot (high-tier index n, the next one) or reuses the slot of a token that leaves
-        the hot tier. One step is in flight per store: a new plan makes the last one stale.
+        the hot tier. One step is in flight per store: a new plan makes the last one stale (and
+        undoes the fresh slots of layers that step did not decode: the high tier stays dense,
+        `_undo_unwritten_slots`).
         """
+        self._undo_unwritten_slots()
         hot, tpp = self.hot, self.hot.tokens_per_page
         n = hot.table.num_tokens[seq_ids].long()  # [B, L, H]
         B, L, H = n.shape
@@ -257,6 +271,8 @@ class KVStore:
             self._plan_retrieval(plan)
         self._plan_id += 1
         plan.step_id = self._plan_id
+        plan.fresh, plan.new_page, plan.written = fresh, needs.bool(), [False] * L
+        self._last_plan = plan
         return plan
 
     @torch.no_grad()
@@ -284,6 +300,7 @@ class KVStore:
         ws = plan.hot_ws
         self.hot.write_slots(layer, plan.page[:, layer], plan.slot[:, layer], k[:, :, 0], v[:, :, 0], plan.positions,
                              ws)
+        plan.written[layer] = True
         if self.cold is not None:
             self.cold.write_decode(layer, k[:, :, 0].detach(), v[:, :, 0].detach())
         if self.selector is not None:
@@ -296,6 +313,44 @@ class KVStore:
         if out.data_ptr() != plan.out[layer].data_ptr():  # fp32 merge result (retrieval)
             plan.out[layer, :, :, 0].copy_(out)
         return plan.out[layer]
+
+    def _undo_unwritten_slots(self) -> None:
+        """Keep every head's high tier dense after a step that did not decode every layer.
+
+        The decode kernel attends high-tier indices [0, n_high) without reading their positions
+        (`HIGH_DENSE`, gpu_kernels/paged_attention.py), so every index below n_high must hold a
+        token whenever it runs. The store keeps it so: prefill packs the kept tokens from index 0;
+        a plan gives each head's new token either the next index n (n_high becomes n + 1) or the
+        index of a token that leaves the high tier this step (demoted or pruned: the slot keeps that
+        token until the new one overwrites it); the low tier's prunes empty low slots only; and
+        each layer's `decode` writes its new tokens before its attention runs. The one gap is a plan
+        whose step stops before every layer's `decode` (an exception inside the model's forward, a
+        caller that plans and drops the step): the fresh index n of the layers not written would be
+        an empty slot below n_high. Called before the next plan, prefill or release, this gives
+        those layers their index back (n_high = n, and the page that index opened, if any, back to
+        the pool). Costs nothing unless a step was abandoned (then a few indexing ops, one host
+        sync). The step's other effects stay as they were: the sequence's length counts the token,
+        and a high token the plan demoted or pruned in an unwritten layer stays in its slot.
+        """
+        plan, self._last_plan = self._last_plan, None
+        if plan is None or plan.fresh is None or all(plan.written):
+            return
+        skip = torch.tensor([not w for w in plan.written], device=self.device).view(1, -1, 1)
+        undo = plan.fresh & skip
+        drop = plan.new_page & skip
+        if not bool(undo.any().item()):
+            return
+        t, pool, sid = self.hot.table, self.hot.pool, plan.seq_ids
+        t.num_tokens[sid] -= undo.to(torch.int32)
+        b, l, h = drop.nonzero(as_tuple=True)
+        if b.numel():
+            col = t.num_tokens[sid[b], l, h].long() // self.hot.tokens_per_page  # index n opened page n // tpp
+            ids = t.pages[sid[b], l, h, col]
+            t.pages[sid[b], l, h, col] = 0
+            pool.data[ids.long()] = 0  # as release does: a page may come back in the other tier
+            pool.free(ids)
+        logger.debug("a decode step stopped after %d of %d layers: undid %d unwritten slots",
+                     sum(plan.written), len(plan.written), int(undo.sum().item()))
 
     # ---- accounting -------------------------------------------------------------------------
     def stats(self) -> dict:

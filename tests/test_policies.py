@@ -320,3 +320,159 @@ def test_leankv_prefill_score_is_the_group_max_per_query_summed():
     torch.testing.assert_close(keep.scores[0, :, :2], torch.full((HKV, 2), 2.0), atol=1e-4, rtol=0)
     assert float(keep.scores[0, :, 2:].max()) < 1e-4  # tokens 2, 3 get ~nothing
     store.release(seq_ids)
+
+
+# ---- the high tier is dense: what lets the decode kernel skip the position load (HIGH_DENSE) --
+
+def _high_holes(store: KVStore, seq_ids: torch.Tensor, layers: list[int] | None = None) -> list[list[int]]:
+    """[row, layer, head, index] of every high-tier index below n_high whose slot holds no token."""
+    hot, t = store.hot, store.hot.table
+    tpp = hot.tokens_per_page
+    n = t.num_tokens[seq_ids].long()  # [B, L, H]
+    idx = torch.arange(max(int(n.max()), 1))
+    pages = t.pages[seq_ids].long()
+    pg = pages[..., (idx // tpp).clamp(max=pages.shape[-1] - 1)]  # [B, L, H, N]
+    pos = hot.pool.slot_pos[pg, (idx % tpp).expand_as(pg)]
+    bad = (idx < n.unsqueeze(-1)) & ((pg == 0) | (pos < 0))
+    if layers is not None:
+        bad = bad[:, layers]
+    return bad.nonzero().tolist()
+
+
+def _check_dense_when_attending(store: KVStore) -> list[int]:
+    """Wrap the hot tier's attention: assert, each time a layer's decode attention runs, that no
+    high-tier index below n_high of that layer is empty. Returns the list of layers checked."""
+    attend, seen = store.hot.attend, []
+
+    def checked(layer, seq_ids, *args, **kw):
+        holes = _high_holes(store, seq_ids, [layer])
+        assert not holes, f"layer {layer}: empty high-tier slots below n_high (row, -, head, index): {holes[:8]}"
+        seen.append(layer)
+        return attend(layer, seq_ids, *args, **kw)
+
+    store.hot.attend = checked
+    return seen
+
+
+class _Batch:
+    """A left-padded batch driven straight through the store, peaky random q/k/v (LeanKV acts)."""
+
+    def __init__(self, store: KVStore, lens: list[int], seed: int):
+        self.store, self.g = store, torch.Generator().manual_seed(seed)
+        B, T = len(lens), max(lens)
+        self.valid = torch.zeros(B, T, dtype=torch.bool)
+        for b, n in enumerate(lens):
+            self.valid[b, T - n:] = True
+        self.ids = store.add_sequences(B)
+
+    def _rand(self, *shape):
+        return torch.randn(*shape, generator=self.g) * 2.5
+
+    def prefill(self, chunks: int = 1) -> None:
+        B, T = self.valid.shape
+        for cols in torch.arange(T).chunk(chunks):
+            c = len(cols)
+            for layer in range(L):
+                self.store.prefill(layer, self.ids, self._rand(B, HQ, c, D), self._rand(B, HKV, c, D),
+                                   self._rand(B, HKV, c, D), self.valid[:, cols], D ** -0.5)
+
+    def step(self, layers: int = L):
+        B = self.ids.numel()
+        plan = self.store.plan(self.ids)
+        for layer in range(layers):
+            self.store.decode(layer, plan, self._rand(B, HQ, 1, D), self._rand(B, HKV, 1, D),
+                              self._rand(B, HKV, 1, D), D ** -0.5)
+        return plan
+
+
+def _dense_cases():
+    # the bookkeeping is the same on the kernel path (its emitted logits feed LeanKV's scores as the
+    # reference's do: test_leankv_decode_attends_exactly_the_hot_tokens); the reference path is fast
+    tiered = dict(page_size=4, sink_tokens=2, immune_tokens=4, window_tokens=4, score_queries=8, alpha_prune=0.5,
+                  alpha_quant=2.0, pq_bits=3, token_budget=512)
+    return [
+        pytest.param(lambda: _leankv_config(), 1, id="leankv"),
+        pytest.param(lambda: KVStoreConfig.preset("tiered", **tiered), 1, id="tiered"),
+        pytest.param(lambda: _config("window"), 1, id="window"),
+        pytest.param(lambda: KVStoreConfig(hot_policy="all", key_bits=8, value_bits=4, page_size=4), 3,
+                     id="quant-chunked-prefill"),
+    ]
+
+
+@pytest.mark.parametrize("make_config,chunks", _dense_cases())
+def test_high_tier_has_no_empty_slot_below_n_high(make_config, chunks):
+    """The invariant the decode kernel's HIGH_DENSE relies on: whenever a layer's decode attention
+    runs, every high-tier index below n_high of every (sequence, KV head) of that layer holds a
+    token (slot_pos >= 0). Driven through demotions and prunes (LeanKV), a sliding window's slot
+    reuse, batches of different prompt lengths (left padding), chunked prefill, the release of one
+    sequence in the middle of a batch and a new batch that reuses its slot and pages (both tiers'
+    pages freed and taken again), two batches stepping in turn."""
+    config = make_config()
+    store = KVStore(config, _geometry())
+    seen = _check_dense_when_attending(store)
+    leankv = config.hot_policy == "leankv"
+    a = _Batch(store, [24, 13, 5], seed=1)
+    a.prefill(chunks)
+    assert not _high_holes(store, a.ids)
+    prunes = low_prunes = 0
+    most_low = 0
+
+    def step(batch):
+        nonlocal prunes, low_prunes, most_low
+        plan = batch.step()
+        assert not _high_holes(store, batch.ids)
+        prunes += int((plan.evicted_pos >= 0).sum())
+        if leankv:
+            low_prunes += int((store.policy.last_low_evicted >= 0).sum())
+            most_low = max(most_low, int(store.hot.table.num_low[batch.ids].sum()))
+
+    for _ in range(25):
+        step(a)
+    store.release(a.ids[1:2])  # the middle sequence ends; its slot and pages go back
+    a.ids = a.ids[[0, 2]]
+    b = _Batch(store, [30, 9], seed=2)
+    assert int(a.ids.numel() + b.ids.numel()) == 4 and 1 in b.ids.tolist()  # sequence slot 1 reused
+    b.prefill(chunks)
+    assert not _high_holes(store, torch.cat([a.ids, b.ids]))
+    for _ in range(15):
+        step(b)
+        step(a)
+    assert len(seen) == (25 + 30) * L
+    if leankv:
+        assert prunes > 0 and low_prunes > 0 and most_low > 0  # high prunes, low prunes and demotions all happened
+    elif config.hot_policy == "window":
+        assert prunes > 0  # the window's slot reuse happened
+    store.release(torch.cat([a.ids, b.ids]))
+    assert store.hot.pool.all_free()
+
+
+@pytest.mark.parametrize("then", ["plan", "release"])
+def test_a_step_stopped_after_some_layers_leaves_no_empty_high_slot(then):
+    """A plan whose step stops after layer 0 (an exception in the model's forward, a dropped step)
+    gave layer 1's heads a fresh index n nobody wrote; the next plan (or the release) gives it back,
+    with the page it opened, so the high tier stays dense and no page leaks."""
+    use = "always" if os.environ.get("TRITON_INTERPRET") == "1" else "never"
+    store = KVStore(KVStoreConfig(hot_policy="all", key_bits=8, value_bits=4, page_size=4, use_triton=use), _geometry())
+    seen = _check_dense_when_attending(store)
+    batch = _Batch(store, [8, 5], seed=3)  # 8 tokens: the next index opens a page; 5: it does not
+    batch.prefill()
+    n0 = store.hot.table.num_tokens[batch.ids].clone()
+    used0 = store.hot.pool.num_used
+    plan = batch.step(layers=1)  # layer 1 is never decoded
+    assert plan.written == [True, False]
+    assert _high_holes(store, batch.ids, [1])  # the gap: layer 1's index n is empty below n_high
+    if then == "release":
+        store.release(batch.ids)
+        assert store.hot.pool.all_free()
+        return
+    batch.step()
+    assert not _high_holes(store, batch.ids)
+    n = store.hot.table.num_tokens[batch.ids]
+    assert torch.equal(n[:, 0], n0[:, 0] + 2) and torch.equal(n[:, 1], n0[:, 1] + 1)
+    tables = store.hot.table.pages[batch.ids]
+    in_tables = tables[tables > 0]
+    assert in_tables.unique().numel() == in_tables.numel() == store.hot.pool.num_used
+    assert store.hot.pool.num_used == used0 + 2 * HKV  # sequence 0 opened a page per head in each layer, once
+    assert seen == [0, 0, 1]
+    store.release(batch.ids)
+    assert store.hot.pool.all_free()
