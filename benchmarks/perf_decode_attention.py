@@ -1,9 +1,13 @@
 """K8V4 paged decode-attention kernel vs torch SDPA over bf16 KV (Llama-3-8B head shape).
 
     python -m benchmarks.perf_decode_attention --out $OUT/decode_attention.json
+    # DEFAULT_LAUNCH against launch overrides in one run, in this order (repeats allowed, to see the noise):
+    python -m benchmarks.perf_decode_attention --out $OUT/dense.json --batches 8 --lengths 131072 --variants default,high_dense=false
 
 For each batch B and context N: Hq=32, Hkv=8, d=128, 32-token pages of 200 B per token (K8V4,
-fp16 scale+zero) + a 4 B position per slot, pages scattered at random in the pool. Prints time,
+fp16 scale+zero) + a 4 B position per slot, pages scattered at random in the pool (every slot holds
+a token: the high tier as KVStore keeps it; with high_dense, DEFAULT_LAUNCH's, the kernel does not
+read the positions, and the bytes counted leave them out). Prints time,
 bytes read, achieved GB/s next to the copy bandwidth measured in the same run (a device-to-device
 copy, read + write bytes / time, as DESIGN.md's 2.94 TB/s), and the speed-up over SDPA. SDPA is
 timed two ways, with `enable_gqa=True` and with the query group folded into the query length
@@ -20,6 +24,7 @@ import math
 import torch
 import triton
 
+from benchmarks.kernel_resources import parse_variant
 from gpu_kernels import reference
 from gpu_kernels.paged_attention import DEFAULT_LAUNCH, choose_splits, paged_decode_attention
 
@@ -79,12 +84,19 @@ def check_accuracy(device, **launch) -> float:
     return ((out32 - ref).norm() / ref.norm()).item()
 
 
+def kernel_bytes(B: int, N: int, C: int, q: torch.Tensor, launch: dict) -> int:
+    """Bytes one launch reads: pages (+ the 4 B slot positions unless high_dense), page table, queries."""
+    dense = launch.get("high_dense", DEFAULT_LAUNCH["high_dense"])
+    return B * HKV * N * (BYTES_PER_TOKEN + (0 if dense else 4)) + B * HKV * C * 4 + q.numel() * 2
+
+
 # The sweep: DEFAULT_LAUNCH first, then variants (the kernel's history: 4-warp 128-token steps, no lazy
 # sums, no PTX conversion) and register caps, each at the default split count, half, 4/3, 1.5x and double.
 SWEEP = [
     dict(),
     dict(maxnreg=128),
     dict(maxnreg=144),
+    dict(high_dense=False),
     dict(lazy_rescale=False),
     dict(lazy_rescale=False, maxnreg=128),
     dict(transposed=False),
@@ -104,7 +116,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--sweep", action="store_true", help="also try other split counts / warps and keep the best")
+    ap.add_argument("--variants", help="comma-separated launch variants timed in this order at KVStore's split "
+                    "count, each printed: 'default' (DEFAULT_LAUNCH) or key=value:key=value overrides of it, e.g. "
+                    "default,high_dense=false (as benchmarks.kernel_resources --variants; repeats allowed); "
+                    "with --sweep, timed after it")
     args = ap.parse_args()
+    variants = [parse_variant(v) for v in args.variants.split(",")] if args.variants else []
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     sms = props.multi_processor_count
@@ -132,14 +149,15 @@ def main() -> None:
             q = torch.randn(B, HQ, D, device=device, dtype=torch.bfloat16)
             C = pages.shape[-1]
             auto = choose_splits(B, HKV, C, sms)  # what KVStore uses
-            configs = [(auto, dict())]
+            configs = [] if variants else [(auto, dict(), False)]  # (splits, launch, print it)
             if args.sweep:
                 splits = (auto, max(1, auto // 2), min(C, auto * 4 // 3), min(C, auto * 3 // 2), min(C, auto * 2))
-                configs = [(ns, launch) for launch in SWEEP for ns in dict.fromkeys(splits)]
+                configs = [(ns, launch, False) for launch in SWEEP for ns in dict.fromkeys(splits)]
+            configs += [(auto, launch, True) for launch in variants]
             best, cfg_times, t_default = None, [], float("nan")
             # warm-up: the GPU idles at low clocks while the pool is built; the first config timed would pay for it
             triton.testing.do_bench(run_kernel_fn(q, data, pages, num_high, slot_pos, auto)[0], warmup=100, rep=200)
-            for nsplit, launch in configs:
+            for nsplit, launch, show in configs:
                 try:
                     fn, _, _ = run_kernel_fn(q, data, pages, num_high, slot_pos, nsplit, **launch)
                     t = triton.testing.do_bench(fn, warmup=25, rep=100)
@@ -147,12 +165,16 @@ def main() -> None:
                     print(f"  config splits={nsplit} {launch} failed: {type(e).__name__}: {str(e)[:120]}")
                     continue
                 cfg_times.append(dict(splits=nsplit, **launch, ms=t))
+                if show:
+                    b = kernel_bytes(B, N, C, q, launch)
+                    print(f"  B={B} N={N} splits={nsplit} {launch or 'DEFAULT_LAUNCH'}: {t:.4f} ms, "
+                          f"{b / 1e6:.1f} MB, {b / t / 1e6:.0f} GB/s")
                 if nsplit == auto and not launch:  # what KVStore runs
                     t_default = t
                 if best is None or t < best[0]:
                     best = (t, nsplit, launch)
             t_k, best_splits, best_launch = best
-            kbytes = B * HKV * N * (BYTES_PER_TOKEN + 4) + B * HKV * C * 4 + q.numel() * 2
+            kbytes = kernel_bytes(B, N, C, q, best_launch)
             del data, slot_pos
             torch.cuda.empty_cache()
             k = torch.randn(B, HKV, N, D, device=device, dtype=torch.bfloat16)

@@ -42,6 +42,18 @@ registers and the loop's instructions without a GPU):
 Tried and rejected: codes kept as fp16 1024 + c with the bias folded into the zero points (no
 subtracts): 0.65 ms and 4.8e-3 relative error (benchmarks/results/h200).
 
+Empty slots. A slot's int32 position (slot_pos, -1 = empty) is read only to mask empty slots. The
+low tier has them (LeanKV prunes a low token without refilling its slot); the high tier of KVStore
+does not: every index below n_high holds a token whenever this kernel runs (prefill packs the
+kept tokens from index 0, a decode step's new token takes index n_high or the slot of a token that
+leaves the high tier in that step, and each layer writes its new token before its attention; a step
+stopped before its last layer is undone by the next plan: kvstore/store.py,
+`KVStore._undo_unwritten_slots`; tests/test_policies.py checks it at every layer's attention). So
+with HIGH_DENSE (DEFAULT_LAUNCH's high_dense) the high tier loads no position: 4 of the ~204 bytes a
+token costs per head at K8V4, d=128. The emitted logits (below) are unchanged: they were written for
+every slot below n_high, -inf only where the position was -1, which no longer occurs there.
+high_dense=False keeps the old masking for callers whose high tier may have holes.
+
 With `logits` given, the kernel also writes each token's scaled logit in the page table's layout
 [B, Hq, C, S]; probabilities are exp(logit - lse) once the splits are merged (LeanKV's scores).
 
@@ -168,9 +180,13 @@ def _attend_block(
     TPP: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr,
     NG: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_G: tl.constexpr, G: tl.constexpr,
     FP32: tl.constexpr, FAST_CVT: tl.constexpr, META64: tl.constexpr, LAZY: tl.constexpr, ASM_CVT: tl.constexpr,
-    VHINT: tl.constexpr, TRANS: tl.constexpr, RESCALE_ALWAYS: tl.constexpr,
+    VHINT: tl.constexpr, TRANS: tl.constexpr, RESCALE_ALWAYS: tl.constexpr, DENSE: tl.constexpr,
 ):
     """NP virtual pages [vp0, vp0 + NP) (clipped at vp_end) of one head: BLOCK = NP * BT token rows.
+
+    DENSE (the high tier under HIGH_DENSE): every slot below n_high holds a token, so the slots'
+    positions are not loaded (4 of ~204 bytes a token at K8V4, d=128); otherwise a slot whose
+    position is -1 is empty and masked (the low tier, whose prunes leave such slots).
 
     The output accumulates in two halves of the head dim, acc0 = dims [0, D/2) and acc1 = [D/2, D):
     with 4-bit values (planar: low nibbles hold the first half, high nibbles the second) each value
@@ -209,8 +225,11 @@ def _attend_block(
     col = tl.where(page_ok, col, 0)
     slot = tl.where(slot < TPP, slot, 0)
     page = tl.load(table + col, mask=page_ok, other=0).to(tl.int64)
-    pos = tl.load(pos_ptr + page * max_slots + slot, mask=in_page, other=-1)
-    valid = in_page & (pos >= 0)
+    if DENSE:
+        valid = in_page
+    else:
+        pos = tl.load(pos_ptr + page * max_slots + slot, mask=in_page, other=-1)
+        valid = in_page & (pos >= 0)
     base = page * page_bytes
     if ASM_CVT and KBITS == 8 and not FP32:
         kc = _u8_f16_asm(tl.load((data_ptr + base + slot * KB)[:, None] + tl.arange(0, D)[None, :]))
@@ -380,7 +399,7 @@ def _paged_decode_kernel(
     KB_L: tl.constexpr, VB_L: tl.constexpr,
     SLOTS: tl.constexpr, DO_EMIT: tl.constexpr, FP32: tl.constexpr, FAST_CVT: tl.constexpr, META64: tl.constexpr,
     LAZY: tl.constexpr, ASM_CVT: tl.constexpr, VHINT: tl.constexpr, TRANS: tl.constexpr,
-    RESCALE_ALWAYS: tl.constexpr,
+    RESCALE_ALWAYS: tl.constexpr, HIGH_DENSE: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -429,7 +448,7 @@ def _paged_decode_kernel(
             acc0, acc1, m_i, l_h, z_h, q, data_ptr, data16_ptr, data64_ptr, table, vp, h_end, n_high, n_hp, C,
             pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, False,
             TPP_H, BLOCK_TH, NP_H, SLOTS, D, NG, KB_H, VB_H, BLOCK_G, G, FP32, FAST_CVT, META64, LAZY, ASM_CVT, VHINT,
-            TRANS, RESCALE_ALWAYS,
+            TRANS, RESCALE_ALWAYS, HIGH_DENSE,
         )
     if LAZY and TRANS:
         l_i = tl.sum(l_h, axis=0)
@@ -450,7 +469,7 @@ def _paged_decode_kernel(
                 acc0, acc1, m_i, l_i, z_l, q, data_ptr, data16_ptr, data64_ptr, table, vp, v1, n_high, n_hp, C,
                 pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, True,
                 TPP_L, BLOCK_TL, NP_L, SLOTS, D, NG, KB_L, VB_L, BLOCK_G, G, FP32, FAST_CVT, META64, False, ASM_CVT, False,
-                TRANS, RESCALE_ALWAYS,
+                TRANS, RESCALE_ALWAYS, False,
             )
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     hd = tl.arange(0, D // 2)
@@ -521,8 +540,8 @@ def query_block(group: int) -> int:
 # for 2 warps x 64 tokens, and 1.18 ms for the first 4-warp kernel; see benchmarks/results/).
 # H200, transposed with lazy rescale (168 registers, 12 one-warp programs an SM): 24 splits at B=8,
 # N=128K, 0.424 ms; 2 warps x 64 tokens 0.461, register caps (maxnreg 128/144) within noise.
-DEFAULT_LAUNCH = dict(fast_cvt=True, lazy=True, asm_cvt=True, transposed=True, lazy_rescale=True, num_warps=1,
-                      num_stages=3, block_tokens=32,
+DEFAULT_LAUNCH = dict(fast_cvt=True, lazy=True, asm_cvt=True, transposed=True, lazy_rescale=True, high_dense=True,
+                      num_warps=1, num_stages=3, block_tokens=32,
                       programs_per_sm_small=12, programs_per_sm_large=12)
 
 
@@ -545,6 +564,7 @@ def kernel_constexprs(
     num_kv_heads: int, group: int, head_dim: int, groups: int, high: tuple[int, int, int],
     low: tuple[int, int, int] | None, page_bytes: int, block_tokens: int, emit: bool, fp32: bool,
     fast_cvt: bool, lazy: bool, asm_cvt: bool, transposed: bool = False, lazy_rescale: bool = False,
+    high_dense: bool = False,
 ) -> types.MappingProxyType:
     """The compile-time parameters of `_paged_decode_kernel` for one launch (also what
     benchmarks/kernel_resources.py compiles, so its report is of the kernel KVStore runs).
@@ -568,7 +588,7 @@ def kernel_constexprs(
         SLOTS=max(th, tlow if low is not None else 0), DO_EMIT=emit, FP32=fp32, FAST_CVT=bool(fast_cvt),
         META64=meta64, LAZY=bool(lazy) and groups == 1, ASM_CVT=bool(asm_cvt),
         VHINT=th % 16 == 0 and bth == th and page_bytes % 16 == 0, TRANS=bool(transposed),
-        RESCALE_ALWAYS=not lazy_rescale,
+        RESCALE_ALWAYS=not lazy_rescale, HIGH_DENSE=bool(high_dense),
     ))
 
 
@@ -580,7 +600,7 @@ def paged_decode_attention(
     pages_per_split: int, logits: torch.Tensor | None = None, num_warps: int | None = None,
     num_stages: int | None = None, block_tokens: int | None = None, fast_cvt: bool | None = None,
     lazy: bool | None = None, asm_cvt: bool | None = None, maxnreg: int | None = None,
-    transposed: bool | None = None, lazy_rescale: bool | None = None,
+    transposed: bool | None = None, lazy_rescale: bool | None = None, high_dense: bool | None = None,
 ) -> None:
     """Decode attention of one layer over the quantized hot tier, written into `out` and `lse`.
 
@@ -591,7 +611,12 @@ def paged_decode_attention(
             left, low pages from the right); num_high int32 [S, L, Hkv] high slots in use;
             num_low_pages int32 [S, L, Hkv] or None.
         seq_ids: int64 [B] sequence slots of the batch rows; layer: the layer.
-        slot_pos: int32 [P, max_slots], -1 marks an empty slot (never attended).
+        slot_pos: int32 [P, max_slots], -1 marks an empty slot (never attended). With high_dense
+            (DEFAULT_LAUNCH) only the low tier's positions are read: the caller guarantees that every
+            high-tier slot below num_high holds a token, and an empty one there would be attended with
+            whatever bytes its page holds. KVStore keeps its high tiers so (kvstore/store.py,
+            `KVStore._undo_unwritten_slots`, says how; tests/test_policies.py checks it at every
+            layer's decode attention). high_dense=False masks empty high slots too, as the low tier's.
         high / low: (key_bits, value_bits, tokens_per_page) per tier (low None: no low tier).
         out: [B, Hq, d] (any float dtype), lse fp32 [B, Hq]: results (natural-log lse, -inf if empty).
         part_out fp32 [B, Hq, NSPLIT, d], part_lse fp32 [B, Hq, NSPLIT]: split workspace.
@@ -604,12 +629,14 @@ def paged_decode_attention(
             in the interpreter and on CPU tensors; maxnreg caps the registers a thread (more
             programs an SM, at the price of spills; CUDA only); transposed computes S^T = K Q^T and
             O^T = V^T P^T (tokens and head dims as tile rows, the GQA group as columns); lazy_rescale
-            (transposed only) skips the accumulator rescale on pages where no running max moved.
+            (transposed only) skips the accumulator rescale on pages where no running max moved;
+            high_dense skips the high tier's position loads (see slot_pos).
     """
     fast_cvt = DEFAULT_LAUNCH["fast_cvt"] if fast_cvt is None else fast_cvt
     lazy = DEFAULT_LAUNCH["lazy"] if lazy is None else lazy
     transposed = DEFAULT_LAUNCH["transposed"] if transposed is None else transposed
     lazy_rescale = DEFAULT_LAUNCH["lazy_rescale"] if lazy_rescale is None else lazy_rescale
+    high_dense = DEFAULT_LAUNCH["high_dense"] if high_dense is None else high_dense
     asm_ok = q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")  # PTX: not in the interpreter
     asm_cvt = bool(DEFAULT_LAUNCH["asm_cvt"] if asm_cvt is None else asm_cvt) and asm_ok
     num_warps = DEFAULT_LAUNCH["num_warps"] if num_warps is None else num_warps
@@ -640,7 +667,7 @@ def paged_decode_attention(
     extra = dict(maxnreg=maxnreg) if maxnreg and q.is_cuda else {}  # a register cap (CUDA compiles only)
     consts = kernel_constexprs(Hkv, G, d, groups, tuple(high), tuple(low) if low is not None else None, data.shape[1],
                                block_tokens, logits is not None, q.dtype == torch.float32, bool(fast_cvt), bool(lazy),
-                               asm_cvt, bool(transposed), bool(lazy_rescale))
+                               asm_cvt, bool(transposed), bool(lazy_rescale), bool(high_dense))
     _paged_decode_kernel[grid](
         q, data, data.view(torch.float16), data.view(torch.int64) if consts["META64"] else data, pages, num_high, nlp, seq_ids, slot_pos,
         part_out, part_lse, logits if logits is not None else part_lse,

@@ -266,7 +266,7 @@ def dequantize_pages(data: torch.Tensor, page_ids: torch.Tensor, key_bits: int, 
 def paged_decode_attention(
     q: torch.Tensor, data: torch.Tensor, pages: torch.Tensor, num_high: torch.Tensor, num_low_pages: torch.Tensor,
     slot_pos: torch.Tensor, high: tuple[int, int, int], low: tuple[int, int, int] | None, groups: int,
-    scale: float,
+    scale: float, high_dense: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decode attention over quantized paged KV, both tiers (reference of gpu_kernels/paged_attention.py).
 
@@ -279,6 +279,8 @@ def paged_decode_attention(
         slot_pos: int32 [P, max_slots] token position per slot, -1 = empty (masked).
         high, low: (key_bits, value_bits, tokens_per_page) of each tier (low None: no low tier).
         groups: quantization groups; scale: softmax scale.
+        high_dense: the kernel's HIGH_DENSE: high-tier slots below num_high are attended whatever
+            their position (the store never leaves one empty); only the low tier's -1 slots are masked.
     Returns:
         out fp32 [B, Hq, d], lse fp32 [B, Hq] (natural log), logits fp32 [B, Hq, C, S] in the table's
         layout (S = max(T_high, T_low); -inf where no token), so probs = exp(logits - lse).
@@ -295,6 +297,7 @@ def paged_decode_attention(
     kh, vh = dequantize_pages(data, pages, kb, vb, groups, th, d)  # [B, H, C, th, d]
     ks[..., :th, :], vs[..., :th, :] = kh, vh
     valid = (col * th + slot < num_high.view(B, Hkv, 1, 1)) & (slot < th) & (col * th < num_high.view(B, Hkv, 1, 1))
+    is_low = torch.zeros_like(valid)
     if low is not None:
         lkb, lvb, tl_ = low
         is_low = col >= C - num_low_pages.view(B, Hkv, 1, 1)
@@ -309,7 +312,7 @@ def paged_decode_attention(
     pos = slot_pos[pages.long()][..., :S]  # [B, H, C, S']
     if pos.shape[-1] < S:
         pos = torch.nn.functional.pad(pos, (0, S - pos.shape[-1]), value=-1)
-    valid = valid & (pos >= 0)
+    valid = valid & ((pos >= 0) | (high_dense & ~is_low))
     out, lse, probs = decode_attention(q, ks.view(B, Hkv, C * S, d), vs.view(B, Hkv, C * S, d),
                                        valid.view(B, Hkv, C * S), scale, return_probs=True)
     logits = torch.log(probs).view(B, Hq, C, S) + lse.view(B, Hq, 1, 1)

@@ -8,12 +8,16 @@ import pytest
 import torch
 
 from gpu_kernels import reference
-from gpu_kernels.paged_attention import merge_splits, paged_decode_attention
+from gpu_kernels.paged_attention import DEFAULT_LAUNCH, merge_splits, paged_decode_attention
 from kvstore.quantization import QuantFormat
 
 
-def _layout(B, Hkv, d, n_high, n_low, tpp, groups, seed, holes=True):
-    """A pool with per-head high pages (left) and low pages (right), random K/V, some empty low slots."""
+def _layout(B, Hkv, d, n_high, n_low, tpp, groups, seed, holes=True, high_holes=False):
+    """A pool with per-head high pages (left) and low pages (right), random K/V, some empty low slots.
+
+    The high tier has no empty slot below num_high, as in KVStore (what the kernel's HIGH_DENSE, on
+    in DEFAULT_LAUNCH, relies on); `high_holes` empties slot 2 of every high page holding 4+ tokens
+    (only the high_dense=False kernel masks them)."""
     g = torch.Generator().manual_seed(seed)
     hi, lo = QuantFormat(8, 4, d, torch.bfloat16, groups), QuantFormat(4, 2, d, torch.bfloat16, groups)
     page_bytes = hi.bytes_per_token * tpp
@@ -35,6 +39,8 @@ def _layout(B, Hkv, d, n_high, n_low, tpp, groups, seed, holes=True):
                 hi.write(data, torch.full((cnt,), nxt), torch.arange(cnt), torch.randn(cnt, d, generator=g) * 2,
                          torch.randn(cnt, d, generator=g))
                 slot_pos[nxt, :cnt] = torch.arange(cnt)
+                if high_holes and cnt > 3:
+                    slot_pos[nxt, 2] = -1
                 nxt += 1
             num_low_pages[b, 0, h] = math.ceil(n_low[b] / t_low)
             for j in range(num_low_pages[b, 0, h]):
@@ -64,9 +70,10 @@ def _run(q, data, pages, num_high, num_low_pages, slot_pos, tpp, t_low, groups, 
     low = (4, 2, t_low) if with_low else None
     paged_decode_attention(q, data, pages, num_high, num_low_pages if with_low else None, torch.arange(B), 0,
                            slot_pos, (8, 4, tpp), low, groups, q.shape[-1] ** -0.5, out, lse, po, pl, pps, logits, **launch)
+    dense = DEFAULT_LAUNCH["high_dense"] if launch.get("high_dense") is None else launch["high_dense"]
     ref = reference.paged_decode_attention(q, data, pages[:, 0], num_high[:, 0], num_low_pages[:, 0] if with_low
                                            else torch.zeros_like(num_high[:, 0]), slot_pos, (8, 4, tpp), low, groups,
-                                           q.shape[-1] ** -0.5)
+                                           q.shape[-1] ** -0.5, high_dense=dense)
     return (out, lse, logits), ref
 
 
@@ -127,6 +134,47 @@ def test_launch_variants_match_reference(fast_cvt, lazy, groups, tpp, transposed
     fin = torch.isfinite(r_logits)
     assert torch.equal(torch.isfinite(logits), fin)
     torch.testing.assert_close(logits[fin], r_logits[fin], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("transposed", [True, False], ids=["kqT", "qkT"])
+def test_high_dense_equals_the_masking_kernel_without_holes(transposed):
+    """HIGH_DENSE (no position load in the high tier) gives the masking kernel's results on a high tier
+    without holes (what KVStore keeps): the same outputs, lse and emitted logits, bit for bit (the low
+    tier's holes are masked in both)."""
+    data, pages, num_high, nlp, slot_pos, t_low = _layout(2, 2, 128, [45, 13], [19, 7], 8, 1, seed=12)
+    q = torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    res = {}
+    for dense in (True, False):
+        (out, lse, logits), ref = _run(q, data, pages, num_high, nlp, slot_pos, 8, t_low, 1, nsplit=2,
+                                       transposed=transposed, high_dense=dense)
+        assert _rel_rms(out, ref[0]) < 1e-3
+        res[dense] = (out, lse, logits)
+    for a, b in zip(res[True], res[False]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("transposed", [True, False], ids=["kqT", "qkT"])
+def test_high_tier_holes_are_masked_with_high_dense_off(transposed):
+    """high_dense=False, the old path: empty high slots (position -1) are never attended, as the
+    reference masks them; with HIGH_DENSE the kernel does not read positions there and attends them
+    (the reference's high_dense=True), so it is only for high tiers without holes."""
+    data, pages, num_high, nlp, slot_pos, t_low = _layout(2, 2, 64, [45, 13], [19, 7], 8, 1, seed=13,
+                                                          high_holes=True)
+    assert (slot_pos[pages[:, 0, :, 0].long(), 2] == -1).all()  # the first high page of every head has a hole
+    q = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    outs = {}
+    for dense in (False, True):
+        (out, lse, logits), (r_out, r_lse, r_logits) = _run(q, data, pages, num_high, nlp, slot_pos, 8, t_low, 1,
+                                                            nsplit=2, transposed=transposed, high_dense=dense)
+        assert _rel_rms(out, r_out) < 1e-3
+        torch.testing.assert_close(lse, r_lse, rtol=1e-5, atol=1e-4)
+        fin = torch.isfinite(r_logits)
+        assert torch.equal(torch.isfinite(logits), fin)
+        torch.testing.assert_close(logits[fin], r_logits[fin], rtol=1e-4, atol=1e-3)
+        outs[dense] = (out, fin)
+    assert not outs[False][1][:, :, 0, 2].any()  # the holes: masked (-inf logits)
+    assert outs[True][1][:, :, 0, 2].all()  # attended
+    assert _rel_rms(outs[True][0], outs[False][0]) > 1e-3
 
 
 def test_split_count_does_not_change_the_result():
