@@ -1,6 +1,7 @@
 """Train the probe model on the benchmark suite's synthetic tasks (reproducible, one GPU, <= 10 min).
 
     python -m benchmarks.train_probe --out DIR [--steps N] [--max-minutes M] [--device cuda]
+    python -m benchmarks.train_probe --out DIR2 --init-from DIR ...   # a second stage (probe/README.md)
     python -m benchmarks.train_probe eval --model DIR --lengths 4096,8192,16384 --samples 50
 
 What it does:
@@ -16,7 +17,7 @@ What it does:
 * loss = cross-entropy on the answer tokens + lm_weight x next-token loss on the prompt
   (the repetitive haystack teaches copying, i.e. induction heads, which retrieval builds on);
 * auxiliary sequences with a dense signal (`copy_sequence`): repeated random spans, some over
-  digits / hex digits only (a repeat is found by its longer prefix: n-gram induction), and
+  digits / UUID hex-digit pairs only (a repeat is found by its longer prefix: n-gram induction), and
   associative recall in the suite's formats, some questions echoing the needle's own words;
 * bf16 autocast on CUDA, SDPA attention (flash kernels: no mask is passed, right padding is
   harmless under a causal mask), AdamW with warmup and cosine decay, gradient clipping;
@@ -24,7 +25,9 @@ What it does:
   which equals greedy decoding getting the whole answer right), logged and written to
   DIR/train_log.jsonl;
 * stops cleanly at --steps or --max-minutes and always saves DIR (bf16 safetensors, config,
-  generation config, tokenizer).
+  generation config, tokenizer), also at every held-out evaluation (a checkpoint, in case the run
+  is cut short);
+* --init-from DIR starts from a saved probe's weights instead of a fresh initialization.
 
 The run is deterministic for a given --seed when --steps binds (stage switches by time depend
 on the machine's speed).
@@ -33,6 +36,7 @@ on the machine's speed).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -60,7 +64,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     steps: int = 100000  # the shipped run is bounded by max_minutes
-    max_minutes: float = 7.6
+    max_minutes: float = 8.5
     # "length:start" pairs: the stage of `length` starts at that fraction of the run;
     # "4096+8192:0.8" alternates batches of those lengths.
     curriculum: str = "256+512:0,1024:0.28,2048:0.4,4096:0.52,4096+8192:0.68"
@@ -99,6 +103,9 @@ class TrainConfig:
     workers: int = -1
     log_every: int = 100
     precision: str = "bf16"  # "bf16" (autocast on CUDA) or "fp32"
+    # Start from the weights in this folder (a saved probe with the same tokenizer) instead of a
+    # fresh initialization: a second, short stage of training (see probe/README.md).
+    init_from: str = ""
 
     def __post_init__(self):
         if self.steps <= 0:
@@ -269,6 +276,22 @@ def repeat_sequence(rng: random.Random, length: int, tokenizer) -> tuple[list[in
     return ids, weights
 
 
+def _digit_alphabet(tokenizer) -> list[int]:
+    return tokenizer.convert_tokens_to_ids(["##" + c for c in "0123456789"])
+
+
+def _uuid_alphabet(tokenizer) -> list[int]:
+    """The tokens a UUID's hex digits are copied as: the digit-pair tokens of the probe tokenizer
+    (`uuid_pairs`), else the single hex characters."""
+    from benchmarks.probe_tokenizer import PREFIX, uuid_pair_tokens
+
+    pairs = [t for t in uuid_pair_tokens() if t.startswith(PREFIX) and len(t) == len(PREFIX) + 2]
+    ids = tokenizer.convert_tokens_to_ids(pairs)
+    if tokenizer.unk_token_id in ids:
+        ids = tokenizer.convert_tokens_to_ids(["##" + c for c in "0123456789abcdef"])
+    return ids
+
+
 def copy_sequence(rng: random.Random, length: int, tokenizer, recall_fraction: float = 0.5,
                   echo: float = 0.0, ngram: float = 0.0) -> tuple[list[int], list[float]]:
     """An auxiliary sequence of `length` ids with a dense retrieval signal: (ids, loss weights).
@@ -276,8 +299,8 @@ def copy_sequence(rng: random.Random, length: int, tokenizer, recall_fraction: f
     A share 1 - `recall_fraction` of them are random ordinary tokens in which spans of 4-24 tokens repeat earlier spans
     at random distances (loss on each repeated span after its first token: content-based
     copying, i.e. induction heads; a fixed distance would be learned positionally instead).
-    A share `ngram` of those use only digits or hex digits (spans of 8-40): one token of context
-    is then ambiguous and the copy must match a longer prefix.
+    A share `ngram` of those use only digits or UUID hex-digit pairs (spans of 8-40): one token
+    of context is then ambiguous and the copy must match a longer prefix.
     The others (a share `recall_fraction`) are associative recall in the suite's own words: noise sentences with many
     needles ("One of the special magic numbers for bold-tiger is: 7041932." or UUID
     key-value pairs) and, after them, many of the suite's questions with their answers
@@ -295,8 +318,7 @@ def copy_sequence(rng: random.Random, length: int, tokenizer, recall_fraction: f
             # Digits or hex digits only: one token of context matches everywhere, so a repeat is
             # found by its longer prefix (n-gram induction, as copying a 7-digit number or a UUID
             # among many needs).
-            chars = "0123456789" if rng.random() < 0.5 else "0123456789abcdef"
-            alphabet = tokenizer.convert_tokens_to_ids(["##" + c for c in chars])
+            alphabet = _digit_alphabet(tokenizer) if rng.random() < 0.5 else _uuid_alphabet(tokenizer)
             lo, hi = 8, 40
             draw = lambda n: [rng.choice(alphabet) for _ in range(n)]  # noqa: E731
         else:
@@ -485,6 +507,16 @@ def build(cfg: TrainConfig):
     config = probe_config(len(tokenizer), num_hidden_layers=cfg.layers, intermediate_size=cfg.intermediate_size,
                           num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads)
     config._attn_implementation = "sdpa"
+    if cfg.init_from:
+        model = LlamaForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, attn_implementation="sdpa")
+        saved = build_tokenizer(default_strings()).get_vocab()
+        from benchmarks.probe_tokenizer import load_tokenizer
+
+        if load_tokenizer(cfg.init_from).get_vocab() != saved:
+            raise ValueError(f"init_from={cfg.init_from!r} was trained with another tokenizer than benchmarks.vocab builds")
+        if model.config.vocab_size != config.vocab_size or model.config.num_hidden_layers != config.num_hidden_layers:
+            raise ValueError(f"init_from={cfg.init_from!r} has another architecture than this configuration")
+        return model, tokenizer
     model = LlamaForCausalLM(config)
     return model, tokenizer
 
@@ -597,6 +629,10 @@ def train(cfg: TrainConfig) -> dict:
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
             logger.info("eval step %d at %d tokens: %s", step, length, "  ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+            # A checkpoint with every eval, so a run cut short (a machine's time limit) keeps its weights.
+            save(copy.deepcopy(model), tokenizer, out, {"config": dataclasses.asdict(cfg), "checkpoint_step": step,
+                                                         "elapsed_s": round(time.perf_counter() - start, 1),
+                                                         "heldout_exact": acc, "eval_length": length})
     loader = None
     wall = time.perf_counter() - start
     final_len = max(stages[max(stage_idx, 0)][0])
