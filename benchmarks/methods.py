@@ -16,6 +16,12 @@ Methods without a token budget (full, quant, leankv) run once, with budget "all"
 or their thresholds (leankv); `--budgets` does not apply to them. Every result row carries
 `budget_definition`, the sentence that says which definition produced it.
 
+Options: "name@field=value[:field=value]" runs a method with KVStoreConfig fields overridden,
+e.g. "leankv@alpha_p=0.002" (LeanKV's thresholds are model-specific: the preset's are the
+paper's for Llama-3-8B) or "tiered@alpha_p=0.005"; aliases alpha_p / alpha_q stand for
+alpha_prune / alpha_quant. The options become part of the method's label, so the variants are
+separate columns (and resume separately).
+
 Method lists: "available" (or "all") stands for every method the store provides now; those it
 does not provide are skipped with a logged warning, while a method named explicitly that the
 store cannot run raises `MethodUnavailable`. Availability is checked twice: against
@@ -123,7 +129,7 @@ def check_store(config: KVStoreConfig) -> None:
     store.release_all()
 
 
-def _selection_config(name: str, budget: str) -> tuple[KVStoreConfig, str, str]:
+def _selection_config(name: str, budget: str, options: dict | None = None) -> tuple[KVStoreConfig, str, str]:
     kind, value = parse_budget(budget)
     if name in BASELINE_SELECTORS:
         base = dict(hot_policy="window", selector=BASELINE_SELECTORS[name], cold_tier=True)
@@ -142,6 +148,7 @@ def _selection_config(name: str, budget: str) -> tuple[KVStoreConfig, str, str]:
             config = _preset(name)
     else:
         config = _preset(name)
+    config = _apply(config, name, options)
     if kind == "fraction":
         config = dataclasses.replace(config, budget_fraction=float(value), token_budget=None)
         label = f"c={value:g}"
@@ -160,33 +167,98 @@ def _selection_config(name: str, budget: str) -> tuple[KVStoreConfig, str, str]:
     return config, label, definition
 
 
-def _make_method(name: str, budget: str | None = None) -> Method:
+#: Short names accepted in method options ("leankv@alpha_p=0.002").
+OPTION_ALIASES = {"alpha_p": "alpha_prune", "alpha_q": "alpha_quant"}
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """("leankv", {"alpha_prune": 0.002}) for "leankv@alpha_p=0.002"; ValueError naming the bad part.
+
+    Values are parsed as the field's current type (int, float, bool, str; "none" for None).
+    """
+    name, _, options = str(spec).strip().partition("@")
+    if not options:
+        return name, {}
+    fields = {f.name for f in dataclasses.fields(KVStoreConfig)}
+    defaults = KVStoreConfig()
+    out = {}
+    for part in options.split(":"):
+        key, eq, text = part.partition("=")
+        key = OPTION_ALIASES.get(key.strip(), key.strip())
+        if key in ("budget_fraction", "token_budget"):
+            raise ValueError(f"method {spec!r}: set the budget with --budgets, not {key}")
+        if not eq or key not in fields or key == "name":
+            raise ValueError(f"method {spec!r}: option {part!r} must be field=value with a KVStoreConfig field "
+                             f"(or {', '.join(OPTION_ALIASES)})")
+        out[key] = _parse_value(spec, key, text.strip(), getattr(defaults, key))
+    return name, out
+
+
+def _parse_value(spec: str, key: str, text: str, default):
+    if text.lower() == "none":
+        return None
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float) or default is None:
+            number = float(text)
+            return int(number) if default is None and number == int(number) and "." not in text else number
+    except ValueError:
+        raise ValueError(f"method {spec!r}: {key}={text!r} is not a {type(default).__name__}") from None
+    return text
+
+
+def _apply(config: KVStoreConfig, name: str, options: dict | None) -> KVStoreConfig:
+    """`config` with the method options' fields replaced (validated by KVStoreConfig)."""
+    if not options:
+        return config
+    try:
+        return dataclasses.replace(config, **options)
+    except ValueError as exc:
+        raise ValueError(f"method {name}@...: {exc}") from None
+
+
+def _options_text(options: dict) -> str:
+    short = {v: k for k, v in OPTION_ALIASES.items()}
+    return ":".join(f"{short.get(k, k)}={v:g}" if isinstance(v, float) else f"{short.get(k, k)}={v}"
+                    for k, v in options.items())
+
+
+def _leankv_text(config: KVStoreConfig) -> tuple[str, str]:
+    return (
+        f"alpha_p={config.alpha_prune:g}",
+        f"per-head dynamic: prune below {config.alpha_prune:g}/n, K{config.low_key_bits}V{config.low_value_bits} "
+        f"below {config.alpha_quant:g}/n, else K{config.key_bits}V{config.value_bits}; last "
+        f"{config.immune_tokens} tokens immune (pruned tokens are gone)",
+    )
+
+
+def _make_method(name: str, budget: str | None = None, options: dict | None = None) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
-    if name == "full":
-        return Method("full", "all", "every token at the model's dtype (exact)", _preset("full"))
-    if name == "quant":
-        config = _preset("quant")
-        return Method(
-            "quant", "all", f"every token, K{config.key_bits}V{config.value_bits} per-token quantization", config
-        )
+    extra = _options_text(options) if options else ""
     if name == "leankv":
-        config = _preset("leankv")
-        return Method(
-            "leankv",
-            f"alpha_p={config.alpha_prune:g}",
-            f"per-head dynamic: prune below {config.alpha_prune:g}/n, K{config.low_key_bits}V{config.low_value_bits} "
-            f"below {config.alpha_quant:g}/n, else K{config.key_bits}V{config.value_bits}; last "
-            f"{config.immune_tokens} tokens immune (pruned tokens are gone)",
-            config,
-        )
-    config, label, definition = _selection_config(name, budget or DEFAULT_BUDGET)
-    return Method(name, label, definition, config)
+        config = _apply(_preset("leankv"), name, options)
+        label, definition = _leankv_text(config)
+        return Method("leankv", label if set(options or {}) <= {"alpha_prune"} else extra, definition, config)
+    if name in ("full", "quant"):
+        config = _apply(_preset(name), name, options)
+        definition = ("every token at the model's dtype (exact)" if name == "full" else
+                      f"every token, K{config.key_bits}V{config.value_bits} per-token quantization")
+        return Method(name, extra or "all", definition + (f" (with {extra})" if extra else ""), config)
+    config, label, definition = _selection_config(name, budget or DEFAULT_BUDGET, options)
+    return Method(name, f"{label}:{extra}" if extra else label, definition + (f" (with {extra})" if extra else ""), config)
 
 
 def make_method(name: str, budget: str | None = None) -> Method:
-    """Build method `name` at `budget` (see the module docstring); MethodUnavailable if not built."""
-    method = _make_method(name, budget)
+    """Build method `name` (options allowed: "leankv@alpha_p=0.002") at `budget` (see the module
+    docstring); MethodUnavailable if not built, ValueError for a bad name or option."""
+    base, options = parse_method(name)
+    method = _make_method(base, budget, options)
     check_store(method.config)
     return method
 
@@ -205,14 +277,14 @@ def expand_methods(names: list[str], budgets: list[str] | None = None, skip_unav
     for name in names:
         if name in ALL_AVAILABLE:
             expanded += [(m, True) for m in METHODS]
-        elif name not in METHODS:
+        elif parse_method(name)[0] not in METHODS:
             raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)} (or 'available')")
         else:
             expanded.append((name, skip_unavailable))
     out: list[Method] = []
     seen: set[tuple[str, str]] = set()
     for name, may_skip in expanded:
-        for budget in budgets if name in BUDGETED else [None]:
+        for budget in budgets if parse_method(name)[0] in BUDGETED else [None]:
             try:
                 method = make_method(name, budget)
             except MethodUnavailable as exc:

@@ -162,3 +162,26 @@ def test_a_failing_method_is_left_out_and_the_run_goes_on(tiny, tmp_path, monkey
                      "--out", str(tmp_path / "cli"), "--quiet", "--no-plots"])
     assert code == 1 and "FAILED quant all" in capsys.readouterr().err
     assert [r["method"] for r in read_rows(tmp_path / "cli" / "results.jsonl")] == ["full"]
+
+
+def test_method_options_override_config_fields_and_label_the_column():
+    from benchmarks.methods import parse_method
+
+    assert parse_method("leankv@alpha_p=0.002:alpha_q=0.5") == ("leankv", {"alpha_prune": 0.002, "alpha_quant": 0.5})
+    assert parse_method("pqcache") == ("pqcache", {})
+    methods = expand_methods(["leankv", "leankv@alpha_p=0.002", "tiered@alpha_p=0.002", "pqcache@window_share=0.25"],
+                             ["0.2", "0.05"])
+    by_key = {m.key: m for m in methods}
+    assert set(by_key) == {("leankv", "alpha_p=0.02"), ("leankv", "alpha_p=0.002"), ("tiered", "c=0.2:alpha_p=0.002"),
+                           ("tiered", "c=0.05:alpha_p=0.002"), ("pqcache", "c=0.2:window_share=0.25"),
+                           ("pqcache", "c=0.05:window_share=0.25")}
+    assert by_key[("leankv", "alpha_p=0.002")].config.alpha_prune == 0.002
+    assert "prune below 0.002/n" in by_key[("leankv", "alpha_p=0.002")].budget_definition
+    tiered = by_key[("tiered", "c=0.05:alpha_p=0.002")].config
+    assert (tiered.alpha_prune, tiered.budget_fraction, tiered.hot_policy) == (0.002, 0.05, "leankv")
+    assert "int((n-S)*0.2*0.25)" in by_key[("pqcache", "c=0.2:window_share=0.25")].budget_definition
+    for bad, match in [("leankv@foo=1", "KVStoreConfig field"), ("leankv@alpha_p", "field=value"),
+                       ("leankv@alpha_p=x", "not a float"), ("leankv@alpha_p=-1", "alpha_prune"),
+                       ("nope@alpha_p=1", "unknown method"), ("pqcache@budget_fraction=0.1", "--budgets")]:
+        with pytest.raises(ValueError, match=match):
+            expand_methods([bad])
