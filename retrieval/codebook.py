@@ -73,7 +73,11 @@ def _pool() -> ThreadPoolExecutor:
 
 def _kmeans(x: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
     """float32 [n, dsub] -> centroids float32 [k, dsub] (FAISS Lloyd, one init from random points)."""
-    km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, verbose=False, max_points_per_centroid=1 << 30)
+    # min_points_per_centroid=1: FAISS would print a warning to stderr for every (head, sub-space)
+    # with fewer than 39 points per centroid (a prompt under ~2.5K candidates at K=64); k-means
+    # is still well defined there, and `train_codebook` logs the case once per codebook instead.
+    km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, verbose=False, max_points_per_centroid=1 << 30,
+                      min_points_per_centroid=1)
     km.train(x)
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
@@ -118,6 +122,9 @@ def train_codebook(keys: np.ndarray, num_candidates: int, m: int, bits: int, ite
             centroids[:, :, :nc] = cand
             centroids[:, :, nc:] = cand[:, :, :1]  # duplicates: never nearer than centroid 0
     else:
+        if nc < 39 * K:  # FAISS's own threshold for a warning (silenced in `_kmeans`)
+            logger.debug("PQ codebook: k-means on %d candidates for %d centroids (%.1f per centroid)", nc, K, nc / K)
+
         def fit(hj):
             h, j = hj
             x = np.ascontiguousarray(keys[h, :nc, j * dsub:(j + 1) * dsub])
