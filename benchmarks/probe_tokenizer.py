@@ -26,6 +26,9 @@ decoder maps them back, so decode(encode(text)) is still text:
 
     '"a3f2c1d0-bb01-..."'  ->  " | ##a3 | ##f2 | ##c1 | ##d0 | ##- | ##bb | ##01 | ...   (shown unmapped)
 
+(Text that already holds characters U+E000..U+E010 decodes them as hex digits and dashes; the
+generators never emit them.)
+
 It is saved and loaded as a Hugging Face `PreTrainedTokenizerFast` (tokenizer.json +
 tokenizer_config.json), so `AutoTokenizer.from_pretrained(path)` works.
 """
