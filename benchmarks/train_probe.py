@@ -508,11 +508,10 @@ def build(cfg: TrainConfig):
                           num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads)
     config._attn_implementation = "sdpa"
     if cfg.init_from:
-        model = LlamaForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, attn_implementation="sdpa")
-        saved = build_tokenizer(default_strings()).get_vocab()
         from benchmarks.probe_tokenizer import load_tokenizer
 
-        if load_tokenizer(cfg.init_from).get_vocab() != saved:
+        model = LlamaForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, attn_implementation="sdpa")
+        if load_tokenizer(cfg.init_from).get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"init_from={cfg.init_from!r} was trained with another tokenizer than benchmarks.vocab builds")
         if model.config.vocab_size != config.vocab_size or model.config.num_hidden_layers != config.num_hidden_layers:
             raise ValueError(f"init_from={cfg.init_from!r} has another architecture than this configuration")

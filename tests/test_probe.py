@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -122,6 +124,13 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path):
     assert last["lm_loss"] < first["lm_loss"], (first, last)
     model, tok = load_probe(tmp_path / "probe")
     assert model.dtype == torch.float32 and len(tok) == info["vocab"]
+    # A second stage starts from those weights: its first loss is the first stage's last, not a fresh model's.
+    again = dataclasses.replace(cfg, out=str(tmp_path / "stage2"), steps=1, init_from=str(tmp_path / "probe"))
+    train(again)
+    row = __import__("json").loads((tmp_path / "stage2" / "train_log.jsonl").read_text().splitlines()[0])
+    assert row["answer_loss"] < 0.7 * first["answer_loss"], (first, row)
+    with pytest.raises(ValueError, match="architecture"):
+        train(dataclasses.replace(again, out=str(tmp_path / "stage3"), layers=2))
 
 
 def test_aux_sequences_ngram_and_echo():
