@@ -35,8 +35,9 @@ logger = logging.getLogger("kvstore-bench")
 
 #: `kvstore-bench quick` with the first probe architecture (4 layers, hidden 256, 8q/2kv heads), 7
 #: methods, on 2 CPU cores (2026-11, fp32, unloaded): 61 s at 2048 tokens, 113 s at 3072, 177 s
-#: at 4096; with the 6-layer probe 153 s at 3072 (every method 1.00 on the three tasks). 3072 keeps the PQ k-means above FAISS's 39 training points per centroid (at 2048 it
-#: prints a warning per codebook) and leaves room for a loaded machine (2.5x at load 5).
+#: at 4096; with the 6-layer probe 153 s at 3072, with the UUID-pair probe 147 s. 3072 keeps the
+#: PQ k-means above FAISS's 39 training points per centroid and leaves room for a loaded machine
+#: (2.5x at load 5).
 QUICK_TASKS = ("passkey", "niah_single_1", "niah_multikey_2")
 QUICK_LENGTHS = (3072,)
 QUICK_SAMPLES = 4

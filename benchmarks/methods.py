@@ -138,6 +138,7 @@ def _selection_config(name: str, budget: str, options: dict | None = None) -> tu
                 config = KVStoreConfig(name=name, **base)
             except ValueError as exc:
                 raise MethodUnavailable(f"{name}: {exc}") from None
+            config = config.replace(**(options or {}))
             from kvstore.capabilities import check_implemented
 
             try:
@@ -145,10 +146,9 @@ def _selection_config(name: str, budget: str, options: dict | None = None) -> tu
             except NotImplementedError as exc:
                 raise MethodUnavailable(str(exc)) from None
         else:
-            config = _preset(name)
+            config = _preset(name, **(options or {}))
     else:
-        config = _preset(name)
-    config = _apply(config, name, options)
+        config = _preset(name, **(options or {}))
     if kind == "fraction":
         config = dataclasses.replace(config, budget_fraction=float(value), token_budget=None)
         label = f"c={value:g}"
@@ -208,18 +208,9 @@ def _parse_value(spec: str, key: str, text: str, default):
             number = float(text)
             return int(number) if default is None and number == int(number) and "." not in text else number
     except ValueError:
-        raise ValueError(f"method {spec!r}: {key}={text!r} is not a {type(default).__name__}") from None
+        kind = "number" if default is None else type(default).__name__
+        raise ValueError(f"method {spec!r}: {key}={text!r} is not a {kind}") from None
     return text
-
-
-def _apply(config: KVStoreConfig, name: str, options: dict | None) -> KVStoreConfig:
-    """`config` with the method options' fields replaced (validated by KVStoreConfig)."""
-    if not options:
-        return config
-    try:
-        return dataclasses.replace(config, **options)
-    except ValueError as exc:
-        raise ValueError(f"method {name}@...: {exc}") from None
 
 
 def _options_text(options: dict) -> str:
@@ -242,11 +233,11 @@ def _make_method(name: str, budget: str | None = None, options: dict | None = No
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
     extra = _options_text(options) if options else ""
     if name == "leankv":
-        config = _apply(_preset("leankv"), name, options)
+        config = _preset("leankv", **(options or {}))
         label, definition = _leankv_text(config)
         return Method("leankv", label if set(options or {}) <= {"alpha_prune"} else extra, definition, config)
     if name in ("full", "quant"):
-        config = _apply(_preset(name), name, options)
+        config = _preset(name, **(options or {}))
         definition = ("every token at the model's dtype (exact)" if name == "full" else
                       f"every token, K{config.key_bits}V{config.value_bits} per-token quantization")
         return Method(name, extra or "all", definition + (f" (with {extra})" if extra else ""), config)

@@ -54,7 +54,7 @@ class DecodePlan:
     out:       [L, B, Hq, 1, d] model dtype: layer l's decode output is out[l]
     step_id:   the store's plan counter when this plan was built (a later plan makes it stale)
     fresh:     bool [B, L, Hkv] heads whose new token takes a fresh high-tier slot (index n, the next one)
-    new_page:  bool [B, L, Hkv] heads for which that fresh slot opened a new page
+    new_page:  int64 [B, L, Hkv] 1 for heads whose fresh slot opened a new page (the plan's allocation counts)
     written:   per layer, whether `decode` wrote the layer's new tokens (an abandoned step is undone, see
                `KVStore._undo_unwritten_slots`)
     Every tensor of a plan that a layer writes is a view of the store's `Workspace`.
@@ -271,7 +271,7 @@ class KVStore:
             self._plan_retrieval(plan)
         self._plan_id += 1
         plan.step_id = self._plan_id
-        plan.fresh, plan.new_page, plan.written = fresh, needs.bool(), [False] * L
+        plan.fresh, plan.new_page, plan.written = fresh, needs, [False] * L
         self._last_plan = plan
         return plan
 
@@ -337,7 +337,7 @@ class KVStore:
             return
         skip = torch.tensor([not w for w in plan.written], device=self.device).view(1, -1, 1)
         undo = plan.fresh & skip
-        drop = plan.new_page & skip
+        drop = plan.new_page.bool() & skip
         if not bool(undo.any().item()):
             return
         t, pool, sid = self.hot.table, self.hot.pool, plan.seq_ids
