@@ -320,8 +320,26 @@ def _join(parts: _Parts, pad: list[str]) -> tuple[str, int, int, list[int]]:
     return text + context + "\n" + parts.tail, start, end, needle_chars
 
 
-def _count(tokenizer, text: str) -> int:
-    return len(tokenizer(text)["input_ids"])
+class _Encoder:
+    """`tokenizer(text)["input_ids"]`, memoized for one sample.
+
+    The length search measures the same texts more than once (the prompt without pad words is
+    both the last unit count and the first pad count; the prompt that fits is measured, then
+    encoded), and each full-length encode is most of a sample's cost.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._ids: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        out = self._ids.get(text)
+        if out is None:
+            out = self._ids[text] = list(self.tokenizer(text)["input_ids"])
+        return out
+
+    def count(self, text: str) -> int:
+        return len(self.ids(text))
 
 
 def _largest_fitting(count: Callable[[int], int], lo: int, target: int, step_hint: float) -> tuple[int, int]:
@@ -372,12 +390,16 @@ def make_sample(task: str, length: int, seed: int, tokenizer, depth: float | Non
     if not isinstance(length, int) or length <= 0:
         raise ValueError(f"length must be a positive int, got {length!r}")
     build = _BUILDERS[task]
+    enc = _Encoder(tokenizer)
+    built: dict[int, _Parts] = {}
 
     def parts_for(n: int) -> _Parts:
-        return build(random.Random(f"{task}|{seed}"), n, depth)
+        if n not in built:
+            built[n] = build(random.Random(f"{task}|{seed}"), n, depth)
+        return built[n]
 
     def count_units(n: int) -> int:
-        return _count(tokenizer, _join(parts_for(n), [])[0])
+        return enc.count(_join(parts_for(n), [])[0])
 
     lo = _MIN_UNITS.get(task, 0)
     probe = max(lo + 16, 32)
@@ -392,22 +414,22 @@ def make_sample(task: str, length: int, seed: int, tokenizer, depth: float | Non
     pad_words = [parts.pad_words[i % len(parts.pad_words)] for i in range(max(0, length - used) * 2 + 2)]
 
     def count_pad(k: int) -> int:
-        return _count(tokenizer, _join(parts, pad_words[:k])[0])
+        return enc.count(_join(parts, pad_words[:k])[0])
 
     k, used = _largest_fitting(count_pad, 0, length, 1.0) if used < length else (0, used)
     text, ctx_start, ctx_end, needle_chars = _join(parts, pad_words[:k])
-    ids = list(tokenizer(text)["input_ids"])
+    ids = list(enc.ids(text))
     token_pad = length - len(ids)
     if token_pad > 0:
         filler = tokenizer(" " + " ".join(pad_words), add_special_tokens=False)["input_ids"]
         filler = (filler * (token_pad // max(1, len(filler)) + 1))[:token_pad]
-        at = _count(tokenizer, text[:ctx_end])
+        at = enc.count(text[:ctx_end])
         ids = ids[:at] + filler + ids[at:]
         prompt = tokenizer.decode(ids, skip_special_tokens=True)
     else:
         prompt = text
     assert len(ids) == length, (task, length, len(ids))
-    positions = tuple(_count(tokenizer, text[:c].rstrip()) for c in needle_chars)
+    positions = tuple(enc.count(text[:c].rstrip()) for c in needle_chars)
     answer_ids = tokenizer(" " + " ".join(parts.answers), add_special_tokens=False)["input_ids"]
     category = "aggregation" if task in AGGREGATION_TASKS else "multihop" if task in MULTIHOP_TASKS else "retrieval"
     meta = dict(parts.meta)
@@ -415,7 +437,7 @@ def make_sample(task: str, length: int, seed: int, tokenizer, depth: float | Non
         units=n,
         pad_words=k,
         token_pad=max(0, token_pad),
-        context_tokens=(_count(tokenizer, text[:ctx_start].rstrip()), _count(tokenizer, text[:ctx_end])),
+        context_tokens=(enc.count(text[:ctx_start].rstrip()), enc.count(text[:ctx_end])),
     )
     return Sample(
         task=task,

@@ -36,6 +36,7 @@ on the machine's speed).
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
 import json
@@ -98,6 +99,10 @@ class TrainConfig:
     intermediate_size: int = 256
     heads: int = 8
     kv_heads: int = 2
+    # Each batch the workers build is trained on `data_echo` times, in the next `data_echo` steps
+    # (newest batch first, then the ones before it): the generators (tokenizing 4K-8K-token
+    # prompts) feed the GPU more slowly than it trains, and reusing a batch costs nothing.
+    data_echo: int = 1
     eval_every: int = 400
     eval_samples: int = 16
     workers: int = -1
@@ -128,6 +133,8 @@ class TrainConfig:
             raise ValueError("layers, intermediate_size, heads and kv_heads must be positive")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.data_echo < 1:
+            raise ValueError(f"data_echo must be >= 1, got {self.data_echo}")
         if self.tokens_per_batch <= 0:
             raise ValueError(f"tokens_per_batch must be positive, got {self.tokens_per_batch}")
         stages = self.stages  # validates
@@ -563,6 +570,9 @@ def train(cfg: TrainConfig) -> dict:
     log_file = (out / "train_log.jsonl").open("w")
     start = time.perf_counter()
     stage_idx, loader, tokens_seen, in_induction = -1, None, 0, None
+    recent: collections.deque = collections.deque(maxlen=cfg.data_echo)  # the batches still to echo
+    pending: list[dict] = []  # this window's batches: the fresh one, then its echoes
+    fresh_tokens, data_wait = 0, 0.0
     history = []
     step = 0
     stop_reason = "steps"
@@ -582,11 +592,18 @@ def train(cfg: TrainConfig) -> dict:
             dataset = StageDataset(tokenizer, lengths, cfg.tokens_per_batch, cfg.task_weights, cfg.seed, copy_fraction,
                                    induction=induction, recall_fraction=cfg.recall_fraction, recall_echo=cfg.recall_echo, copy_ngram=cfg.copy_ngram)
             loader = make_loader(dataset, workers)
+            recent.clear()
+            pending = []
             logger.info("step %d: stage %d, lengths %s, %d tokens per batch%s", step, stage_idx, lengths,
                         cfg.tokens_per_batch, " (induction warm-up: repeated random tokens)" if induction else "")
-        t_data = time.perf_counter()
-        batch = next(loader)
-        t_data = time.perf_counter() - t_data
+        if not pending:
+            t_data = time.perf_counter()
+            fresh = next(loader)
+            data_wait += time.perf_counter() - t_data
+            fresh_tokens += fresh["input_ids"].numel()
+            recent.appendleft(fresh)
+            pending = list(recent)
+        batch = pending.pop(0)
         lr = lr_at(step, progress, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -611,15 +628,17 @@ def train(cfg: TrainConfig) -> dict:
                 "lr": lr,
                 "tokens": tokens_seen,
                 "elapsed_s": round(time.perf_counter() - start, 1),
-                "data_wait_s": round(t_data, 4),
+                "fresh_tokens": fresh_tokens,
+                "data_wait_s": round(data_wait, 3),  # since the previous log line
             }
+            data_wait = 0.0
             history.append(row)
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
             logger.info(
-                "step %5d len %5d  ans %.3f lm %.3f copy %.3f exact %.2f  gn %.2f lr %.2e  %.0fs  %.1fM tok  wait %.3fs",
+                "step %5d len %5d  ans %.3f lm %.3f copy %.3f exact %.2f  gn %.2f lr %.2e  %.0fs  %.1fM tok  wait %.2fs",
                 step, row["length"], row["answer_loss"], row["lm_loss"], row["copy_loss"], row["train_exact"], row["grad_norm"],
-                row["lr"], row["elapsed_s"], tokens_seen / 1e6, t_data,
+                row["lr"], row["elapsed_s"], tokens_seen / 1e6, row["data_wait_s"],
             )
         if cfg.eval_every and step % cfg.eval_every == 0:
             length = max(stages[stage_idx][0])
@@ -644,6 +663,7 @@ def train(cfg: TrainConfig) -> dict:
         "steps": step,
         "stop_reason": stop_reason,
         "tokens": tokens_seen,
+        "fresh_tokens": fresh_tokens,
         "wall_s": round(wall, 1),
         "final_length": final_len,
         "final_heldout_exact": final_acc,

@@ -133,6 +133,25 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path):
         train(dataclasses.replace(again, out=str(tmp_path / "stage3"), layers=2))
 
 
+def test_data_echo_reuses_each_batch(tmp_path):
+    """data_echo=2: 7 steps train on 4 fresh batches (b0, b1 b0, b2 b1, b3 b2), each used at most twice."""
+    from benchmarks.train_probe import TrainConfig, train
+
+    cfg = TrainConfig(
+        out=str(tmp_path / "echo"), steps=7, curriculum="256:0", tokens_per_batch=1024, warmup_steps=1, data_echo=2,
+        tasks="passkey", eval_every=0, eval_samples=1, workers=0, log_every=1, device="cpu", induction_until=0.0,
+        copy_fraction=0.0,
+    )
+    info = train(cfg)
+    rows = [r for r in map(__import__("json").loads, (tmp_path / "echo" / "train_log.jsonl").read_text().splitlines()) if "answer_loss" in r]
+    fresh = [r["fresh_tokens"] for r in rows]
+    # A new batch arrives at steps 1, 2, 4 and 6 only; the other steps reuse one.
+    assert [b > a for a, b in zip([0] + fresh, fresh)] == [True, True, False, True, False, True, False]
+    assert info["fresh_tokens"] == fresh[-1] < info["tokens"]
+    with pytest.raises(ValueError, match="data_echo"):
+        TrainConfig(data_echo=0)
+
+
 def test_aux_sequences_ngram_and_echo():
     """Digit/hex-only span copies hold nothing else; echo questions repeat the needle's words."""
     import random
