@@ -43,7 +43,9 @@ import json
 import logging
 import math
 import os
+import queue
 import random
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +67,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     steps: int = 100000  # the shipped run is bounded by max_minutes
-    max_minutes: float = 8.5
+    max_minutes: float = 8.8
     # "length:start" pairs: the stage of `length` starts at that fraction of the run;
     # "4096+8192:0.8" alternates batches of those lengths.
-    curriculum: str = "256+512:0,1024:0.28,2048:0.4,4096:0.52,4096+8192:0.68"
+    curriculum: str = "256+512:0,1024:0.2,2048:0.3,4096:0.4,4096+8192:0.55"
     tokens_per_batch: int = 65536
     # "task:weight" pairs, sampled in proportion to the weights.
     tasks: str = DEFAULT_TASKS
@@ -99,10 +101,13 @@ class TrainConfig:
     intermediate_size: int = 256
     heads: int = 8
     kv_heads: int = 2
-    # Each batch the workers build is trained on `data_echo` times, in the next `data_echo` steps
-    # (newest batch first, then the ones before it): the generators (tokenizing 4K-8K-token
-    # prompts) feed the GPU more slowly than it trains, and reusing a batch costs nothing.
-    data_echo: int = 1
+    # Up to this many training steps per generated batch (`BatchFeed`): the generators (tokenizing
+    # each prompt several times to hit its length) feed one GPU more slowly than it trains, and a
+    # reused batch costs no CPU. With echo_when_idle a batch is reused only while no fresh one is
+    # ready (machine-dependent: the run is then not bit-reproducible); without, every batch is
+    # used exactly data_echo times, newest first (b0, b1 b0, b2 b1, ...).
+    data_echo: int = 3
+    echo_when_idle: bool = True
     eval_every: int = 400
     eval_samples: int = 16
     workers: int = -1
@@ -415,6 +420,76 @@ def collate(seqs: list[list[int]], prompt_lens: list[int], pad_id: int, copies=(
     return {"input_ids": input_ids, "answer_mask": answer_mask, "lm_mask": lm_mask, "copy_mask": copy_mask}
 
 
+class BatchFeed:
+    """The training batches of one stage: fresh ones from `loader`, each reused up to `echo` times.
+
+    A thread moves batches from the loader into a one-slot queue, so the training loop can see
+    whether a fresh batch is ready without blocking. `next()` returns (batch, fresh, seconds
+    waited). With `when_idle`, a fresh batch is taken whenever one is ready, and otherwise the
+    least-used recent batch with uses left is trained on again (no wait); only when none has uses
+    left does it wait. Without, it waits for a fresh batch every `echo` steps, deterministically.
+    Errors in the loader are raised by `next()`.
+    """
+
+    def __init__(self, loader, echo: int = 1, when_idle: bool = True):
+        self.echo, self.when_idle = echo, when_idle
+        self.recent: collections.deque = collections.deque(maxlen=echo)  # [batch, uses], newest first
+        self.pending: list = []  # deterministic mode: this window's batches
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pull, args=(loader,), daemon=True, name="batch-feed")
+        self._thread.start()
+
+    def _pull(self, loader) -> None:
+        while not self._stop.is_set():
+            try:
+                item = next(loader)
+            except BaseException as exc:  # noqa: BLE001 - handed to the training loop
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def _take(self, block: bool) -> list | None:
+        """A fresh batch as a new [batch, uses] entry of `recent`, or None (not ready, not blocking)."""
+        try:
+            item = self._queue.get(block=block)
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        entry = [item, 0]
+        self.recent.appendleft(entry)
+        return entry
+
+    def next(self) -> tuple[dict, bool, float]:
+        entry = None
+        if self.when_idle:
+            entry = self._take(block=False)
+            if entry is None:
+                reusable = [e for e in self.recent if e[1] < self.echo]
+                # The least-used one; ties go to the newest (recent is newest first).
+                entry = min(reusable, key=lambda e: e[1]) if reusable else None
+        elif self.pending:
+            entry = self.pending.pop(0)
+        t = time.perf_counter()
+        if entry is None:
+            entry = self._take(block=True)
+            self.pending = list(self.recent)[1:]
+        wait = time.perf_counter() - t
+        entry[1] += 1
+        return entry[0], entry[1] == 1, wait
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
 def _worker_init(_):
     torch.set_num_threads(1)
 
@@ -570,8 +645,7 @@ def train(cfg: TrainConfig) -> dict:
     log_file = (out / "train_log.jsonl").open("w")
     start = time.perf_counter()
     stage_idx, loader, tokens_seen, in_induction = -1, None, 0, None
-    recent: collections.deque = collections.deque(maxlen=cfg.data_echo)  # the batches still to echo
-    pending: list[dict] = []  # this window's batches: the fresh one, then its echoes
+    feed: BatchFeed | None = None
     fresh_tokens, data_wait = 0, 0.0
     history = []
     step = 0
@@ -587,23 +661,19 @@ def train(cfg: TrainConfig) -> dict:
         if want != stage_idx or induction != in_induction:
             stage_idx, in_induction = want, induction
             lengths = stages[stage_idx][0]
-            loader = None  # shut the previous stage's workers down
+            if feed is not None:
+                feed.close()
+            feed = loader = None  # shut the previous stage's workers down
             copy_fraction = cfg.copy_fraction if stages[stage_idx][1] < cfg.copy_until else 0.0
             dataset = StageDataset(tokenizer, lengths, cfg.tokens_per_batch, cfg.task_weights, cfg.seed, copy_fraction,
                                    induction=induction, recall_fraction=cfg.recall_fraction, recall_echo=cfg.recall_echo, copy_ngram=cfg.copy_ngram)
             loader = make_loader(dataset, workers)
-            recent.clear()
-            pending = []
+            feed = BatchFeed(loader, cfg.data_echo, cfg.echo_when_idle)
             logger.info("step %d: stage %d, lengths %s, %d tokens per batch%s", step, stage_idx, lengths,
                         cfg.tokens_per_batch, " (induction warm-up: repeated random tokens)" if induction else "")
-        if not pending:
-            t_data = time.perf_counter()
-            fresh = next(loader)
-            data_wait += time.perf_counter() - t_data
-            fresh_tokens += fresh["input_ids"].numel()
-            recent.appendleft(fresh)
-            pending = list(recent)
-        batch = pending.pop(0)
+        batch, is_fresh, waited = feed.next()
+        data_wait += waited
+        fresh_tokens += batch["input_ids"].numel() if is_fresh else 0
         lr = lr_at(step, progress, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -651,7 +721,9 @@ def train(cfg: TrainConfig) -> dict:
             save(copy.deepcopy(model), tokenizer, out, {"config": dataclasses.asdict(cfg), "checkpoint_step": step,
                                                          "elapsed_s": round(time.perf_counter() - start, 1),
                                                          "heldout_exact": acc, "eval_length": length})
-    loader = None
+    if feed is not None:
+        feed.close()
+    feed = loader = None
     wall = time.perf_counter() - start
     final_len = max(stages[max(stage_idx, 0)][0])
     final_acc = heldout_accuracy(model, tokenizer, final_len, eval_tasks, cfg.eval_samples, cfg.seed, device)

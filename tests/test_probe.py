@@ -134,13 +134,13 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path):
 
 
 def test_data_echo_reuses_each_batch(tmp_path):
-    """data_echo=2: 7 steps train on 4 fresh batches (b0, b1 b0, b2 b1, b3 b2), each used at most twice."""
+    """data_echo=2, deterministic: 7 steps train on 4 fresh batches (b0, b1 b0, b2 b1, b3 b2)."""
     from benchmarks.train_probe import TrainConfig, train
 
     cfg = TrainConfig(
         out=str(tmp_path / "echo"), steps=7, curriculum="256:0", tokens_per_batch=1024, warmup_steps=1, data_echo=2,
-        tasks="passkey", eval_every=0, eval_samples=1, workers=0, log_every=1, device="cpu", induction_until=0.0,
-        copy_fraction=0.0,
+        echo_when_idle=False, tasks="passkey", eval_every=0, eval_samples=1, workers=0, log_every=1, device="cpu",
+        induction_until=0.0, copy_fraction=0.0,
     )
     info = train(cfg)
     rows = [r for r in map(__import__("json").loads, (tmp_path / "echo" / "train_log.jsonl").read_text().splitlines()) if "answer_loss" in r]
@@ -150,6 +150,43 @@ def test_data_echo_reuses_each_batch(tmp_path):
     assert info["fresh_tokens"] == fresh[-1] < info["tokens"]
     with pytest.raises(ValueError, match="data_echo"):
         TrainConfig(data_echo=0)
+
+
+def test_batch_feed_echoes_only_while_waiting():
+    """when_idle: a ready batch is always taken; while none is, recent ones are reused up to `echo` uses."""
+    import threading
+
+    from benchmarks.train_probe import BatchFeed
+
+    gate = threading.Semaphore(0)
+
+    def loader():
+        for i in range(100):
+            gate.acquire()
+            yield {"i": i}
+        raise RuntimeError("generator broke")
+
+    feed = BatchFeed(loader(), echo=3, when_idle=True)
+    gate.release()
+    assert feed.next()[:2] == ({"i": 0}, True)  # blocks: nothing to reuse yet
+    # Nothing ready: batch 0 again, twice (3 uses in all), then the feed waits for batch 1.
+    assert [feed.next()[:2] for _ in range(2)] == [({"i": 0}, False)] * 2
+    gate.release()
+    assert feed.next()[:2] == ({"i": 1}, True)
+    # Batch 1 has the fewest uses; batch 0 has none left.
+    assert [feed.next()[0]["i"] for _ in range(2)] == [1, 1]
+    for _ in range(3):
+        gate.release()
+    import time
+
+    time.sleep(0.5)
+    assert feed.next()[:2] == ({"i": 2}, True)  # a ready batch wins over reuse
+    for _ in range(97):
+        gate.release()
+    with pytest.raises(RuntimeError, match="generator broke"):
+        for _ in range(1000):
+            feed.next()
+    feed.close()
 
 
 def test_aux_sequences_ngram_and_echo():
