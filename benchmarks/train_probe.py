@@ -706,9 +706,9 @@ def train(cfg: TrainConfig) -> dict:
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
             logger.info(
-                "step %5d len %5d  ans %.3f lm %.3f copy %.3f exact %.2f  gn %.2f lr %.2e  %.0fs  %.1fM tok  wait %.2fs",
+                "step %5d len %5d  ans %.3f lm %.3f copy %.3f exact %.2f  gn %.2f lr %.2e  %.0fs  %.1fM tok (%.0f%% fresh)  wait %.2fs",
                 step, row["length"], row["answer_loss"], row["lm_loss"], row["copy_loss"], row["train_exact"], row["grad_norm"],
-                row["lr"], row["elapsed_s"], tokens_seen / 1e6, row["data_wait_s"],
+                row["lr"], row["elapsed_s"], tokens_seen / 1e6, 100 * fresh_tokens / max(1, tokens_seen), row["data_wait_s"],
             )
         if cfg.eval_every and step % cfg.eval_every == 0:
             length = max(stages[stage_idx][0])
