@@ -19,6 +19,8 @@ What it does:
 * auxiliary sequences with a dense signal (`copy_sequence`): repeated random spans, some over
   digits / UUID hex-digit pairs only (a repeat is found by its longer prefix: n-gram induction), and
   associative recall in the suite's formats, some questions echoing the needle's own words;
+* `BatchFeed`: while no fresh batch is ready, train again on a recent one (each at most
+  --data-echo times), so the GPU does not wait on the generators;
 * bf16 autocast on CUDA, SDPA attention (flash kernels: no mask is passed, right padding is
   harmless under a causal mask), AdamW with warmup and cosine decay, gradient clipping;
 * held-out accuracy every --eval-every steps (teacher-forced exact match of the answer tokens,
@@ -29,8 +31,8 @@ What it does:
   is cut short);
 * --init-from DIR starts from a saved probe's weights instead of a fresh initialization.
 
-The run is deterministic for a given --seed when --steps binds (stage switches by time depend
-on the machine's speed).
+The run is deterministic for a given --seed when --steps binds and --no-echo-when-idle is given
+(stage switches by time, and reuse while the generators lag, depend on the machine's speed).
 """
 
 from __future__ import annotations
@@ -801,7 +803,10 @@ def evaluate(model, tokenizer, tasks, lengths, samples: int, seed: int = 12345, 
 def _parser_from_dataclass(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, type=type(field.default), default=field.default, help=f"(default: {field.default})")
+        if isinstance(field.default, bool):  # --flag / --no-flag (type=bool would take "false" as True)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default, help=f"(default: {field.default})")
 
 
 def main(argv: list[str] | None = None) -> None:
