@@ -385,7 +385,11 @@ def _add_half(acc, pw, vc, pz, j: tl.constexpr, E0: tl.constexpr, D: tl.constexp
     return acc
 
 
-@triton.jit
+# The sizes that vary from call to call are not specialized on (Triton compiles a variant for an int
+# argument equal to 1 and for one divisible by 16): the layer index, the page-table width and the
+# split sizes would otherwise each trigger a compile (seconds) inside a serving step, when a batch
+# of another length or a longer sequence first arrives. The page-table strides follow its width.
+@triton.jit(do_not_specialize=["layer", "C", "max_slots", "pages_per_split", "stride_ps", "stride_pl", "stride_ph"])
 def _paged_decode_kernel(
     q_ptr, data_ptr, data16_ptr, data64_ptr, pages_ptr, num_high_ptr, num_low_pages_ptr, seq_ptr, pos_ptr,
     part_out_ptr, part_lse_ptr, emit_ptr,
@@ -484,18 +488,17 @@ def _paged_decode_kernel(
     tl.store(part_lse_ptr + row, lse, mask=gmask)
 
 
-@triton.jit
-def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
-                  D: tl.constexpr):
+@triton.jit(do_not_specialize=["nsplit"])
+def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, nsplit, BLOCK_S: tl.constexpr, D: tl.constexpr):
     r = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, D)
-    lse = tl.load(part_lse_ptr + r * NSPLIT + s, mask=s < NSPLIT, other=float("-inf"))
+    lse = tl.load(part_lse_ptr + r * nsplit + s, mask=s < nsplit, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse - m_safe)
     total = tl.sum(w, axis=0)
-    parts = tl.load(part_out_ptr + (r * NSPLIT + s)[:, None] * D + dims[None, :], mask=(s < NSPLIT)[:, None], other=0.0)
+    parts = tl.load(part_out_ptr + (r * nsplit + s)[:, None] * D + dims[None, :], mask=(s < nsplit)[:, None], other=0.0)
     t_safe = tl.where(total > 0, total, 1.0)
     out = tl.sum(parts * w[:, None], axis=0) / t_safe
     tl.store(out_ptr + r * D + dims, out.to(out_ptr.dtype.element_ty))
@@ -505,7 +508,7 @@ def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, NSPLIT: tl.const
 def merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Merge per-split partial results: part_out fp32 [R, NSPLIT, d], part_lse fp32 [R, NSPLIT] -> out [R, d], lse [R]."""
     R, nsplit, d = part_out.shape
-    _merge_kernel[(R,)](part_out, part_lse, out, lse, NSPLIT=nsplit, BLOCK_S=triton.next_power_of_2(nsplit), D=d)
+    _merge_kernel[(R,)](part_out, part_lse, out, lse, nsplit, BLOCK_S=triton.next_power_of_2(nsplit), D=d)
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "NB", "stride_cs", "stride_ch"])  # they vary with the candidates
 def _pq_pass(table_ptr, codes_ptr, seq_ptr, lo_ptr, hi_ptr, lse_ptr, part_max_ptr, part_sum_ptr, score_ptr,
              N, NB, stride_cs, stride_ch, stride_cn,
              HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, M: tl.constexpr, K: tl.constexpr,

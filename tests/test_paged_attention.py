@@ -246,3 +246,45 @@ def test_cuda_kernel_matches_reference(asm_cvt, tpp, d, n_high, n_low, transpose
         r_out, r_lse, r_logits = reference.paged_decode_attention(q, data, pages[:, 0], num_high[:, 0], nlp[:, 0],
                                                                   slot_pos, (8, 4, tpp), (4, 2, t_low), 1, d ** -0.5)
         _assert_matches((out, lse, logits), (r_out, r_lse, r_logits), launch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                    reason="counts Triton compiles: a GPU without the interpreter")
+def test_cuda_sizes_that_vary_compile_nothing_new():
+    """Once warm, another layer, page-table width or split count compiles no new kernel variant.
+
+    Triton compiles a variant for each int argument equal to 1 or divisible by 16 unless told not
+    to; each compile costs seconds inside a decode step (seen as 0.3-2 s time-to-second-token spikes
+    in kvstore-bench before the kernels said which arguments vary).
+    """
+    import triton
+
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None or not hasattr(runtime, "jit_cache_hook"):
+        pytest.skip("this Triton has no triton.knobs.runtime.jit_cache_hook")
+    dev = torch.device("cuda")
+    compiled = []
+
+    def run(n_high, layer, nsplit):
+        data, pages, num_high, nlp, slot_pos, t_low = _layout(2, 2, 64, n_high, [40, 3], 16, 1, seed=7)
+        pages, num_high, nlp = (x.repeat(1, 3, 1, *([1] if x.dim() == 4 else [])) for x in (pages, num_high, nlp))
+        data, pages, num_high, nlp, slot_pos = (x.to(dev) for x in (data, pages, num_high, nlp, slot_pos))
+        C = pages.shape[-1]
+        q = torch.randn(2, 8, 64, device=dev).to(torch.bfloat16)
+        out, lse = torch.empty(2, 8, 64, device=dev), torch.empty(2, 8, device=dev)
+        po, pl = torch.empty(2, 8, nsplit, 64, device=dev), torch.empty(2, 8, nsplit, device=dev)
+        paged_decode_attention(q, data, pages, num_high, nlp, torch.arange(2, device=dev), layer, slot_pos, (8, 4, 16),
+                               (4, 2, t_low), 1, 0.125, out, lse, po, pl, math.ceil(C / nsplit))
+        torch.cuda.synchronize()
+
+    run([200, 37], 0, 5)  # warm: whatever compiles here is allowed
+    previous = runtime.jit_cache_hook
+    runtime.jit_cache_hook = lambda **kw: compiled.append(kw.get("repr", "?")) and False
+    try:
+        run([200, 37], 1, 5)  # layer 1 (an int equal to 1)
+        run([200, 37], 2, 6)  # layer 2, another split count
+        run([330, 37], 0, 7)  # a wider page table (16 -> 24 columns: no longer divisible by 16), 7 splits
+        run([150, 37], 1, 8)  # a narrower one (13 columns), 8 splits
+    finally:
+        runtime.jit_cache_hook = previous
+    assert compiled == [], compiled
