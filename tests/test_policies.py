@@ -61,21 +61,25 @@ class _Driver:
     def _rand(self, *shape):
         return torch.randn(*shape, generator=self.g)
 
-    def prefill(self):
+    def prefill(self, chunks: int = 1):
+        """The prompts, in `chunks` chunks of columns (chunked prefill)."""
         B, T = self.valid.shape
-        for layer in range(L):
-            q, k, v = self._rand(B, HQ, T, D), self._rand(B, HKV, T, D), self._rand(B, HKV, T, D)
-            self.store.prefill(layer, self.seq_ids, q, k, v, self.valid, self.scale)
-            for b in range(B):
-                self.hist_k[layer][b] += list(k[b, :, self.valid[b]].unbind(1))
-                self.hist_v[layer][b] += list(v[b, :, self.valid[b]].unbind(1))
+        for cols in torch.arange(T).chunk(chunks):
+            valid, c = self.valid[:, cols], len(cols)
+            for layer in range(L):
+                q, k, v = self._rand(B, HQ, c, D), self._rand(B, HKV, c, D), self._rand(B, HKV, c, D)
+                self.store.prefill(layer, self.seq_ids, q, k, v, valid, self.scale)
+                for b in range(B):
+                    self.hist_k[layer][b] += list(k[b, :, valid[b]].unbind(1))
+                    self.hist_v[layer][b] += list(v[b, :, valid[b]].unbind(1))
 
-    def step(self):
-        """One decode step; returns (plan, [per layer: (out, expected out)])."""
-        B = len(self.prompt_lens)
+    def step(self, layers: int = L):
+        """One decode step over the first `layers` layers (fewer: a step stopped part-way);
+        returns (plan, [per layer: (out, q)])."""
+        B = self.seq_ids.numel()
         plan = self.store.plan(self.seq_ids)
         results = []
-        for layer in range(L):
+        for layer in range(layers):
             q, k, v = self._rand(B, HQ, 1, D), self._rand(B, HKV, 1, D), self._rand(B, HKV, 1, D)
             out = self.store.decode(layer, plan, q, k, v, self.scale)
             for b in range(B):
@@ -83,6 +87,16 @@ class _Driver:
                 self.hist_v[layer][b].append(v[b, :, 0])
             results.append((out, q))
         return plan, results
+
+    def release(self, rows: list[int]) -> None:
+        """End the sequences of these batch rows (the store frees their slots and pages); the rest go on."""
+        self.store.release(self.seq_ids[rows])
+        keep = [b for b in range(self.seq_ids.numel()) if b not in rows]
+        self.seq_ids, self.valid = self.seq_ids[keep], self.valid[keep]
+        self.prompt_lens = [self.prompt_lens[b] for b in keep]
+        for hist in (self.hist_k, self.hist_v):
+            for layer in range(L):
+                hist[layer] = [hist[layer][b] for b in keep]
 
     def hot_positions(self, layer: int, b: int, h: int) -> list[int]:
         _, _, pos = self.store.hot.gather(layer, self.seq_ids[b:b + 1], self.store.hot.pages_in_use(self.seq_ids))
@@ -354,37 +368,6 @@ def _check_dense_when_attending(store: KVStore) -> list[int]:
     return seen
 
 
-class _Batch:
-    """A left-padded batch driven straight through the store, peaky random q/k/v (LeanKV acts)."""
-
-    def __init__(self, store: KVStore, lens: list[int], seed: int):
-        self.store, self.g = store, torch.Generator().manual_seed(seed)
-        B, T = len(lens), max(lens)
-        self.valid = torch.zeros(B, T, dtype=torch.bool)
-        for b, n in enumerate(lens):
-            self.valid[b, T - n:] = True
-        self.ids = store.add_sequences(B)
-
-    def _rand(self, *shape):
-        return torch.randn(*shape, generator=self.g) * 2.5
-
-    def prefill(self, chunks: int = 1) -> None:
-        B, T = self.valid.shape
-        for cols in torch.arange(T).chunk(chunks):
-            c = len(cols)
-            for layer in range(L):
-                self.store.prefill(layer, self.ids, self._rand(B, HQ, c, D), self._rand(B, HKV, c, D),
-                                   self._rand(B, HKV, c, D), self.valid[:, cols], D ** -0.5)
-
-    def step(self, layers: int = L):
-        B = self.ids.numel()
-        plan = self.store.plan(self.ids)
-        for layer in range(layers):
-            self.store.decode(layer, plan, self._rand(B, HQ, 1, D), self._rand(B, HKV, 1, D),
-                              self._rand(B, HKV, 1, D), D ** -0.5)
-        return plan
-
-
 def _dense_cases():
     # the bookkeeping is the same on the kernel path (its emitted logits feed LeanKV's scores as the
     # reference's do: test_leankv_decode_attends_exactly_the_hot_tokens); the reference path is fast
@@ -411,29 +394,28 @@ def test_high_tier_has_no_empty_slot_below_n_high(make_config, chunks):
     store = KVStore(config, _geometry())
     seen = _check_dense_when_attending(store)
     leankv = config.hot_policy == "leankv"
-    a = _Batch(store, [24, 13, 5], seed=1)
+    a = _PeakyDriver(store, [24, 13, 5], seed=1)
     a.prefill(chunks)
-    assert not _high_holes(store, a.ids)
+    assert not _high_holes(store, a.seq_ids)
     prunes = low_prunes = 0
     most_low = 0
 
     def step(batch):
         nonlocal prunes, low_prunes, most_low
-        plan = batch.step()
-        assert not _high_holes(store, batch.ids)
+        plan, _ = batch.step()
+        assert not _high_holes(store, batch.seq_ids)
         prunes += int((plan.evicted_pos >= 0).sum())
         if leankv:
             low_prunes += int((store.policy.last_low_evicted >= 0).sum())
-            most_low = max(most_low, int(store.hot.table.num_low[batch.ids].sum()))
+            most_low = max(most_low, int(store.hot.table.num_low[batch.seq_ids].sum()))
 
     for _ in range(25):
         step(a)
-    store.release(a.ids[1:2])  # the middle sequence ends; its slot and pages go back
-    a.ids = a.ids[[0, 2]]
-    b = _Batch(store, [30, 9], seed=2)
-    assert int(a.ids.numel() + b.ids.numel()) == 4 and 1 in b.ids.tolist()  # sequence slot 1 reused
+    a.release([1])  # the middle sequence ends; its slot and pages go back
+    b = _PeakyDriver(store, [30, 9], seed=2)
+    assert int(a.seq_ids.numel() + b.seq_ids.numel()) == 4 and 1 in b.seq_ids.tolist()  # sequence slot 1 reused
     b.prefill(chunks)
-    assert not _high_holes(store, torch.cat([a.ids, b.ids]))
+    assert not _high_holes(store, torch.cat([a.seq_ids, b.seq_ids]))
     for _ in range(15):
         step(b)
         step(a)
@@ -442,7 +424,7 @@ def test_high_tier_has_no_empty_slot_below_n_high(make_config, chunks):
         assert prunes > 0 and low_prunes > 0 and most_low > 0  # high prunes, low prunes and demotions all happened
     elif config.hot_policy == "window":
         assert prunes > 0  # the window's slot reuse happened
-    store.release(torch.cat([a.ids, b.ids]))
+    store.release(torch.cat([a.seq_ids, b.seq_ids]))
     assert store.hot.pool.all_free()
 
 
@@ -454,25 +436,25 @@ def test_a_step_stopped_after_some_layers_leaves_no_empty_high_slot(then):
     use = "always" if os.environ.get("TRITON_INTERPRET") == "1" else "never"
     store = KVStore(KVStoreConfig(hot_policy="all", key_bits=8, value_bits=4, page_size=4, use_triton=use), _geometry())
     seen = _check_dense_when_attending(store)
-    batch = _Batch(store, [8, 5], seed=3)  # 8 tokens: the next index opens a page; 5: it does not
+    batch = _PeakyDriver(store, [8, 5], seed=3)  # 8 tokens: the next index opens a page; 5: it does not
     batch.prefill()
-    n0 = store.hot.table.num_tokens[batch.ids].clone()
+    n0 = store.hot.table.num_tokens[batch.seq_ids].clone()
     used0 = store.hot.pool.num_used
-    plan = batch.step(layers=1)  # layer 1 is never decoded
+    plan, _ = batch.step(layers=1)  # layer 1 is never decoded
     assert plan.written == [True, False]
-    assert _high_holes(store, batch.ids, [1])  # the gap: layer 1's index n is empty below n_high
+    assert _high_holes(store, batch.seq_ids, [1])  # the gap: layer 1's index n is empty below n_high
     if then == "release":
-        store.release(batch.ids)
+        store.release(batch.seq_ids)
         assert store.hot.pool.all_free()
         return
     batch.step()
-    assert not _high_holes(store, batch.ids)
-    n = store.hot.table.num_tokens[batch.ids]
+    assert not _high_holes(store, batch.seq_ids)
+    n = store.hot.table.num_tokens[batch.seq_ids]
     assert torch.equal(n[:, 0], n0[:, 0] + 2) and torch.equal(n[:, 1], n0[:, 1] + 1)
-    tables = store.hot.table.pages[batch.ids]
+    tables = store.hot.table.pages[batch.seq_ids]
     in_tables = tables[tables > 0]
     assert in_tables.unique().numel() == in_tables.numel() == store.hot.pool.num_used
     assert store.hot.pool.num_used == used0 + 2 * HKV  # sequence 0 opened a page per head in each layer, once
     assert seen == [0, 0, 1]
-    store.release(batch.ids)
+    store.release(batch.seq_ids)
     assert store.hot.pool.all_free()
