@@ -168,20 +168,32 @@ class HotTier:
         return w
 
     # ---- reading ---------------------------------------------------------------------------
-    def gather(self, layer: int, seq_ids: torch.Tensor, num_pages: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Dequantized K, V and positions of every slot of one layer (reference path).
+    def gather(self, layer: int, seq_ids: torch.Tensor, num_pages: int | None = None, dtype: torch.dtype | None = None,
+               block_bytes: int = 1 << 30) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dequantized K, V and positions of every high-tier slot of one layer.
 
-        Returns k, v [B, Hkv, P * tokens_per_page, d] and pos int32 [B, Hkv, P * tokens_per_page]
-        (-1 for empty slots). `num_pages` limits P to the first pages of each table.
+        Returns k, v [B, Hkv, P * tokens_per_page, d] (`dtype`; by default as the page format
+        reads: fp32 dequantized, the model's dtype unquantized) and pos int32
+        [B, Hkv, P * tokens_per_page] (-1 for empty slots). `num_pages` limits P to the first
+        pages of each table. Pages are read in blocks so that the dequantization's fp32
+        temporaries stay near `block_bytes` (a long context's past is read chunk after chunk
+        of a chunked prefill).
         """
         pages = self.table.pages[seq_ids, layer]  # [B, H, P]
         if num_pages is not None:
             pages = pages[..., :num_pages]
         B, H, P = pages.shape
-        k, v = self.high.read(self.pool.data, pages)  # [B, H, P, tpp, d]
-        pos = self.pool.slot_pos[pages.long()][..., : self.tokens_per_page]
-        d = self.geometry.head_dim
+        tpp, d = self.tokens_per_page, self.geometry.head_dim
+        if dtype is None:  # as the format reads: the model's dtype unquantized, fp32 dequantized
+            dtype = self.geometry.dtype if self.high.key_bits == 16 else torch.float32
+        k = torch.empty(B, H, P, tpp, d, dtype=dtype, device=pages.device)
+        v = torch.empty_like(k)
+        step = max(1, block_bytes // max(1, B * H * tpp * d * 16))
+        for s in range(0, P, step):  # blocks of pages, not a loop over sequences or heads
+            kb, vb = self.high.read(self.pool.data, pages[..., s:s + step])  # [B, H, p, tpp, d]
+            k[:, :, s:s + step].copy_(kb)
+            v[:, :, s:s + step].copy_(vb)
+        pos = self.pool.slot_pos[pages.long()][..., :tpp]
         return k.reshape(B, H, -1, d), v.reshape(B, H, -1, d), pos.reshape(B, H, -1)
 
     def pages_in_use(self, seq_ids: torch.Tensor) -> int:

@@ -25,6 +25,7 @@ from gpu_kernels import reference
 from kvstore.config import KVStoreConfig
 from kvstore.hot_tier import HotTier, ModelGeometry
 from kvstore.policies import make_policy
+from kvstore.prefill_attention import prefill_attention
 from kvstore.cold_tier import ColdTier
 from kvstore.gpu_cache import GPUCache
 from kvstore.selection import SelectionStep, budgets, make_selector, window_sizes
@@ -203,15 +204,12 @@ class KVStore:
         self._undo_unwritten_slots()
         past_len = self.seq_len[seq_ids]  # [B]
         has_past = bool((past_len > 0).any().item())
-        if has_past:
-            num_pages = self.hot.pages_in_use(seq_ids)
-            k_past, v_past, pos = self.hot.gather(layer, seq_ids, num_pages)
-            k_all = torch.cat([k_past.to(k.dtype), k], dim=2)
-            v_all = torch.cat([v_past.to(v.dtype), v], dim=2)
-            key_valid = torch.cat([pos >= 0, valid.view(B, 1, T).expand(B, Hkv, T)], dim=2)
-            out = reference.prefill_attention(q, k_all, v_all, key_valid, scale, past=k_past.shape[2])
-        else:
-            out = reference.prefill_attention(q, k, v, valid.view(B, 1, T), scale)
+        past = None
+        if has_past:  # a later chunk: attend what the hot tier holds, read in the model's dtype
+            k_past, v_past, pos = self.hot.gather(layer, seq_ids, self.hot.pages_in_use(seq_ids), dtype=k.dtype)
+            past = (k_past, v_past, pos >= 0)
+        out = prefill_attention(q, k, v, valid, scale, past=past)
+        del past
         positions = past_len.view(B, 1) + torch.cumsum(valid.long(), dim=1) - 1
         keep = self.policy.prefill(self, layer, seq_ids, q, k, positions, valid, scale)
         self.hot.append(layer, seq_ids, k, v, keep.high, positions, keep.scores)

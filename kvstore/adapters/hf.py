@@ -27,8 +27,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from gpu_kernels import reference
 from kvstore.hot_tier import ModelGeometry
+from kvstore.prefill_attention import prefill_attention
 
 if TYPE_CHECKING:
     from kvstore.store import DecodePlan, KVStore
@@ -291,7 +291,7 @@ class HFAdapter:
         if cache is None:  # use_cache=False: plain causal attention, nothing stored
             B, T = query.shape[0], query.shape[2]
             valid = attention_mask[:, -T:] if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=query.device)
-            out = reference.prefill_attention(query, key, value, valid.view(B, 1, T).bool(), scale)
+            out = prefill_attention(query, key, value, valid.bool(), scale)
         else:
             out = cache.attend(module.layer_idx, query, key, value, attention_mask, scale)
         return out.transpose(1, 2).contiguous(), None
