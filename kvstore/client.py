@@ -86,15 +86,22 @@ class KVStoreClient:
 
     # ---- stats -----------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Byte and token accounting of the live sequences.
+        """Byte and token accounting: of the live sequences, or of the last generation.
 
-        Keys: gpu_kv_bytes (hot-tier pages in use, slot metadata included), host_kv_bytes,
-        dense_kv_bytes (what the model's dense cache would hold for the same valid tokens, at
-        its dtype), compression (dense / gpu), token counts per tier, page counts.
+        While sequences are held (inside a forward loop, or a generation whose cache is still
+        referenced) the figures are live and ``stats()["live"]`` is True. Once they are released
+        (`model.generate()` drops its cache when it returns) the figures are those the store had
+        just before that release, with ``live`` False: so `stats()` after `generate()` describes
+        that generation. Keys: gpu_kv_bytes (hot-tier pages in use, slot metadata included, plus
+        retrieval state), host_kv_bytes, dense_kv_bytes (what the model's dense cache would hold
+        for the same valid tokens, at its dtype), compression (dense / gpu), token counts per tier,
+        page counts (hot_pages_used / _reserved / _peak: the peak is over the store's life).
         """
         if self.store is None:
-            return {"gpu_kv_bytes": 0, "host_kv_bytes": 0, "dense_kv_bytes": 0, "sequences": 0}
-        s = self.store.stats()
+            return {"gpu_kv_bytes": 0, "host_kv_bytes": 0, "dense_kv_bytes": 0, "sequences": 0, "live": False}
+        live = bool(self.store.active) or self.store.last_stats is None
+        s = self.store.stats() if live else dict(self.store.last_stats)
+        s["live"] = live
         s["compression"] = s["dense_kv_bytes"] / s["gpu_kv_bytes"] if s["gpu_kv_bytes"] else float("nan")
         s["preset"] = self.config.name
         return s

@@ -31,6 +31,11 @@ class KVStoreConfig:
         the same for every tier (unified paging).
       hot_tier_bytes: hard cap on the page pool; None grows the pool between steps as needed.
       max_batch_size: sequence slots allocated up front (grows between steps when exceeded).
+      prefill_chunk_tokens: `generate()` runs a longer prompt through the model in chunks of at
+        most this many tokens (transformers' `prefill_chunk_size`), each attending what the store
+        holds, so a prefill's activations are one chunk's; None runs every prompt in one pass.
+        Chunking applies to presets whose hot tier keeps every token and that have no cold tier
+        (hot_policy="all": full, quant); the others prefill in one pass (see `chunked_prefill`).
       alpha_prune / alpha_quant: LeanKV thresholds relative to uniform attention 1/n.
       immune_tokens: the most recent tokens LeanKV never prunes or demotes.
       score_queries: prompt queries whose attention seeds LeanKV's scores at prefill.
@@ -68,6 +73,7 @@ class KVStoreConfig:
     page_size: int = 32
     hot_tier_bytes: int | None = None
     max_batch_size: int = 16
+    prefill_chunk_tokens: int | None = 8192
     alpha_prune: float = 0.02
     alpha_quant: float = 1.0
     immune_tokens: int = 64
@@ -123,6 +129,8 @@ class KVStoreConfig:
             raise bad("host_tier_bytes", "must be positive or None")
         if self.max_batch_size < 1:
             raise bad("max_batch_size", "must be >= 1")
+        if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
+            raise bad("prefill_chunk_tokens", "must be >= 1 or None")
         if self.alpha_prune < 0 or self.alpha_quant < 0:
             raise bad("alpha_prune", "thresholds must be >= 0")
         if self.immune_tokens < 0:
@@ -176,6 +184,14 @@ class KVStoreConfig:
     def retrieves(self) -> bool:
         """Whether decode selects tokens beyond the hot tier's resident ones."""
         return self.selector != "none"
+
+    @property
+    def chunked_prefill(self) -> bool:
+        """Whether `generate()` prefills long prompts in chunks of `prefill_chunk_tokens`: the
+        hot tier keeps every token (hot_policy="all") and there is no cold tier. The window and
+        LeanKV policies fix what they keep from the whole prompt, and the cold tier and PQ index
+        take a prompt in one piece, so those presets prefill in one pass."""
+        return self.prefill_chunk_tokens is not None and self.hot_policy == "all" and not self.cold_tier
 
     def window_for(self, num_tokens: int) -> int:
         """Window size for a prompt of `num_tokens` (PQCache: int((n - S) * c * r), >= 1)."""

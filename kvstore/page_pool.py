@@ -91,8 +91,18 @@ class PagePool:
             return True
         return total <= self.num_free + (self.max_pages - self.num_pages)
 
-    def _grow(self, min_pages: int) -> None:
-        new_n = max(min_pages, 2 * self.num_pages)
+    def reserve(self, pages: int) -> None:
+        """Make room for `pages` more pages than are in use now, growing once to exactly that
+        (uncapped pools; a capped pool is left alone: `allocate` raises when it runs out). A caller
+        that knows a batch's need (KVStore.reserve, before a generation) calls this so the pool is
+        sized once instead of growing step by step."""
+        if self.max_pages is None and pages > self.num_free:
+            self._grow(self.num_pages + pages - self.num_free, factor=1.0)
+
+    def _grow(self, min_pages: int, factor: float = 1.25) -> None:
+        """Grow to max(min_pages, factor x the current size). Not doubling: a growth step briefly
+        holds the old and the new pool, and every page it adds beyond the need stays reserved."""
+        new_n = max(min_pages, int(factor * self.num_pages))
         if self.max_pages is not None:
             new_n = min(new_n, self.max_pages)
         old_n = self.num_pages

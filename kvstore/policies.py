@@ -192,6 +192,10 @@ def make_policy(config: "KVStoreConfig", max_seqs: int, device: torch.device) ->
 POLICIES: dict[str, type[HotPolicy]] = {"all": AllPolicy, "window": WindowPolicy}
 
 
+#: LeanKV's prefill scores: fp32 bytes of probabilities computed at once (blocks of KV heads)
+_SCORE_BLOCK_BYTES = 1 << 30
+
+
 class LeanKVPolicy(HotPolicy):
     """LeanKV's per-head dynamic sparsity over two precision tiers (SEEDS.md).
 
@@ -259,14 +263,21 @@ class LeanKVPolicy(HotPolicy):
         Hq = q.shape[1]
         G = Hq // Hkv
         qv = valid[:, T - Q:]  # [B, Q] valid queries among the last Q columns
-        logits = torch.einsum("bhgqd,bhtd->bhgqt", q[:, :, T - Q:].float().view(B, Hkv, G, Q, d), k.float()) * scale
         causal = torch.arange(T, device=k.device).view(1, T) <= torch.arange(T - Q, T, device=k.device).view(Q, 1)
         mask = causal.view(1, 1, 1, Q, T) & valid.view(B, 1, 1, 1, T) & qv.view(B, 1, 1, Q, 1)
-        probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
-        # max over the GQA group per query, then summed over the queries: the decode update adds
-        # the same per-query group max each step (max of sums would undercount a token that
-        # different heads of the group attend at different queries)
-        score = probs.amax(2).sum(2)  # [B, Hkv, T]
+        qg = q[:, :, T - Q:].view(B, Hkv, G, Q, d)
+        score = torch.empty(B, Hkv, T, dtype=torch.float32, device=k.device)
+        # [Q, T] probabilities per query head, in blocks of KV heads so that a long prompt's fp32
+        # temporaries stay near _SCORE_BLOCK_BYTES (Q x T, never T x T)
+        step = max(1, _SCORE_BLOCK_BYTES // max(1, 16 * B * G * Q * T))
+        for h in range(0, Hkv, step):
+            e = min(Hkv, h + step)
+            logits = torch.einsum("bhgqd,bhtd->bhgqt", qg[:, h:e].float(), k[:, h:e].float()) * scale
+            probs = torch.softmax(logits.masked_fill_(~mask, float("-inf")), dim=-1).nan_to_num_(0.0)
+            # max over the GQA group per query, then summed over the queries: the decode update adds
+            # the same per-query group max each step (max of sums would undercount a token that
+            # different heads of the group attend at different queries)
+            score[:, h:e] = probs.amax(2).sum(2)
         n = valid.sum(1)  # prompt length
         count = torch.minimum(torch.full_like(positions, Q), n.view(B, 1) - positions).clamp(min=1)
         mean = score / count.view(B, 1, T)

@@ -121,6 +121,9 @@ class KVStore:
         self._plan_id = 0
         #: the latest plan, until the next plan / prefill / release checks that every layer decoded it
         self._last_plan: DecodePlan | None = None
+        #: `stats()` as it stood before the last release (the figures of the last generation)
+        self.last_stats: dict | None = None
+        self._expected_new = 0  # decode steps announced by `reserve`, for the first layer's prefill
         LIVE_STORES.add(self)
 
     # ---- sequences --------------------------------------------------------------------------
@@ -153,11 +156,38 @@ class KVStore:
         self._free_seqs = list(range(max_seqs - 1, old - 1, -1)) + self._free_seqs
         self.max_seqs = max_seqs
 
+    def reserve(self, batch: int, prompt_tokens: int, new_tokens: int = 0) -> None:
+        """Before a generation of `batch` prompts of up to `prompt_tokens` tokens and `new_tokens`
+        decode steps: size the hot tier's pool once, so it does not grow (and copy) step by step.
+        hot_policy="all" knows its need now (every token takes a slot). The other policies keep
+        what their prefill decides: the pool is sized at the first layer's prefill, from that
+        layer's need times the layers (`_reserve_from_first_layer`)."""
+        self._expected_new = max(0, new_tokens)
+        if self.config.hot_policy != "all" or batch <= 0:
+            return
+        geo, tpp = self.geometry, self.hot.tokens_per_page
+        self.hot.pool.reserve(batch * geo.num_layers * geo.num_kv_heads * -(-(prompt_tokens + new_tokens) // tpp))
+
+    def _reserve_from_first_layer(self, keep) -> None:
+        """Layer 0 of a prefill (policies that keep a subset): reserve the pages layer 0 takes times
+        the layers, plus the decode steps `reserve` announced (one host sync)."""
+        hot, geo = self.hot, self.geometry
+        pages = torch.div(keep.high.sum(-1) + hot.tokens_per_page - 1, hot.tokens_per_page, rounding_mode="floor").sum()
+        if keep.low is not None:
+            low_tpp = hot.low_tokens_per_page
+            pages = pages + torch.div(keep.low.sum(-1) + low_tpp - 1, low_tpp, rounding_mode="floor").sum()
+        B, H = keep.high.shape[:2]
+        decode = B * H * -(-self._expected_new // hot.tokens_per_page)
+        hot.pool.reserve(geo.num_layers * (int(pages.item()) + decode))
+        self._expected_new = 0
+
     def release(self, seq_ids: torch.Tensor) -> None:
-        """End sequences: every page they held goes back to the pool."""
+        """End sequences: every page they held goes back to the pool. The figures of the store
+        just before (`stats()`) stay in `last_stats`, so a caller can read them after a generation."""
         ids = [int(i) for i in seq_ids.tolist() if int(i) in self.active]
         if not ids:
             return
+        self.last_stats = self.stats()
         self._undo_unwritten_slots()  # before the tables are cleared: the last plan's rows are still these sequences'
         t = torch.tensor(ids, dtype=torch.int64, device=self.device)
         # Freed pages are zeroed: high (K8V4) and low (K4V2) pages share the pool with different
@@ -212,6 +242,8 @@ class KVStore:
         del past
         positions = past_len.view(B, 1) + torch.cumsum(valid.long(), dim=1) - 1
         keep = self.policy.prefill(self, layer, seq_ids, q, k, positions, valid, scale)
+        if layer == 0 and not has_past and self.config.hot_policy != "all":
+            self._reserve_from_first_layer(keep)
         self.hot.append(layer, seq_ids, k, v, keep.high, positions, keep.scores)
         if keep.low is not None:
             self.hot.append(layer, seq_ids, k, v, keep.low, positions, keep.scores, low=True)
@@ -369,6 +401,8 @@ class KVStore:
             "decode_workspace_bytes": self.workspace.nbytes,  # the step's buffers (kvstore/workspace.py), not KV
             "hot_pages_used": self.hot.pool.num_used,
             "hot_pages_reserved": self.hot.pool.num_pages,
+            "hot_pages_peak": self.hot.pool.peak_used,
+            "hot_reserved_bytes": self.hot.pool.reserved_bytes,
             "page_bytes": self.hot.page_bytes,
             **counts,
         }

@@ -213,3 +213,80 @@ def test_dtype_change_after_attach_is_refused():
         model(ids, attention_mask=mask)
     client.detach()
     gc.collect()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_generate_chunked_prefill_equals_one_shot(padded):
+    """`prefill_chunk_tokens` runs a long prompt through the model chunk by chunk (transformers'
+    prefill_chunk_size); for `full` in fp32 the tokens are the same as one pass and the logits agree
+    to float rounding. quant stays within its quantization error of its own one-pass run."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(length=70, pads=(13, 40, 0)) if padded else left_padded_batch(length=70, pads=())
+    outs = {}
+    for name, chunk in (("full", None), ("full", 16), ("quant", None), ("quant", 16)):
+        client = KVStoreClient(KVStoreConfig.preset(name, prefill_chunk_tokens=chunk))
+        with client.attach(model):
+            outs[name, chunk] = _generate(model, ids, mask)
+            assert client.stats()["tokens"] == int(mask.sum()) + 3 * 23  # stats() after generate: that generation
+    one, chunked = outs["full", None], outs["full", 16]
+    assert torch.equal(one.sequences, chunked.sequences)
+    err = max((a - b).abs().max().item() for a, b in zip(one.logits, chunked.logits))
+    assert err < 1e-4, err
+    ref = _generate(model, ids, mask)
+    assert torch.equal(ref.sequences, one.sequences)
+    q_one, q_chunk = outs["quant", None].logits[0], outs["quant", 16].logits[0]
+    q_err = (q_one - q_chunk).abs().max().item()
+    assert q_err < 0.05 * (q_one - ref.logits[0]).abs().max().item() + 0.05, q_err
+
+
+def test_generate_chunks_only_long_prompts_of_chunkable_presets():
+    """The wrapper passes prefill_chunk_size only where it applies, and detach restores generate."""
+    model = tiny_model("llama")
+    calls = []
+
+    def spy(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        calls.append(ids.shape[1])
+
+    hook = model.register_forward_pre_hook(spy, with_kwargs=True)
+    ids, mask = left_padded_batch(length=40, pads=())
+    for name, expect in (("full", [16, 16, 8, 1]), ("pqcache", [40, 1])):
+        calls.clear()
+        client = KVStoreClient(KVStoreConfig.preset(name, prefill_chunk_tokens=16))
+        with client.attach(model):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert calls == expect, (name, calls)
+    hook.remove()
+    assert "generate" not in vars(model)
+
+
+def test_stats_after_generate_are_the_generations():
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    client = KVStoreClient(KVStoreConfig.preset("quant"))
+    with client.attach(model):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        gc.collect()
+        s = client.stats()
+        assert client.store.hot.pool.all_free()  # the sequences are released ...
+    assert s["live"] is False and s["sequences"] == 3  # ... and stats() still describes them
+    assert s["gpu_kv_bytes"] > 0 and s["tokens"] == 53 + 3 * 3 and s["compression"] > 1
+    assert client.stats()["tokens"] == s["tokens"]  # after detach too
+
+
+def test_generate_reserves_the_pool_once():
+    """generate() sizes the pool for prompt + max_new_tokens up front: no growth mid-generation and
+    reserved pages close to the pages used (`full`: every token takes a slot)."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(length=64, pads=())
+    client = KVStoreClient(KVStoreConfig.preset("full", page_size=16))
+    with client.attach(model):
+        pool = client.store.hot.pool
+        grows = []
+        orig = pool._grow
+        pool._grow = lambda *a, **kw: (grows.append(a), orig(*a, **kw))[1]
+        model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
+        s = client.stats()
+    assert len(grows) == 1
+    # 3 sequences x 2 layers x 2 KV heads x ceil(96 / 16) pages, plus the null page
+    assert s["hot_pages_peak"] == 3 * 2 * 2 * 6 and s["hot_pages_reserved"] == 3 * 2 * 2 * 6 + 1

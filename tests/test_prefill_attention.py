@@ -82,3 +82,21 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's compiled path runs on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_with_past_on_cuda(dtype):
+    """CUDA, a later chunk: FlexAttention (compiled) against the masked reference, two past lengths
+    (the compiled kernel takes dynamic shapes)."""
+    for P, T in ((300, 200), (1000, 129)):
+        q, k, v = (x.cuda().to(dtype) for x in _qkv(B=2, Hq=8, Hkv=2, T=T, d=64, seed=P))
+        _, kp, vp = (x.cuda().to(dtype) for x in _qkv(B=2, Hq=8, Hkv=2, T=P, d=64, seed=P + 1))
+        past_valid = (torch.rand(2, 2, P, generator=torch.Generator().manual_seed(P)) > 0.2).cuda()
+        valid = _left_padded(2, T).cuda()
+        got = pa.prefill_attention(q, k, v, valid, 0.125, past=(kp, vp, past_valid))
+        key_valid = torch.cat([past_valid, valid.view(2, 1, T).expand(2, 2, T)], dim=2)
+        ref = reference.prefill_attention(q.float(), torch.cat([kp, k], 2).float(), torch.cat([vp, v], 2).float(),
+                                          key_valid, 0.125, past=P).masked_fill(~valid.view(2, 1, T, 1), 0.0)
+        tol = 2e-2 if dtype == torch.bfloat16 else 2e-4
+        torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)

@@ -225,6 +225,11 @@ class HFAdapter:
         self._cache_kw = cache_arg(model.forward)
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self._post_hook = model.register_forward_hook(self._post_forward)
+        # generate() gets a wrapper (an instance attribute, removed by detach) that sizes the
+        # store for the batch and chunks long prompts (`_generate`)
+        self._own_generate = "generate" in vars(model)
+        self._orig_generate = model.generate
+        model.generate = self._generate
 
     def _set_impl(self, name: str) -> None:
         for module in self.model.modules():
@@ -233,6 +238,10 @@ class HFAdapter:
                 cfg._attn_implementation = name
 
     def detach(self) -> None:
+        if self._own_generate:
+            self.model.generate = self._orig_generate
+        else:
+            vars(self.model).pop("generate", None)
         self._hook.remove()
         self._post_hook.remove()
         self._set_impl(self._orig_impl)
@@ -241,6 +250,33 @@ class HFAdapter:
         for cache in list(self.caches):
             cache.release()
         self.active_cache = None
+
+    # ---- generate ------------------------------------------------------------------------------
+    def _generate(self, *args, **kwargs):
+        """`model.generate` while attached: the model's own, after two things it cannot do itself.
+
+        * The store reserves the batch's pages at once (prompt + max_new_tokens; `KVStore.reserve`),
+          so the pool is sized once rather than grown (and copied) step by step.
+        * With `KVStoreConfig.chunked_prefill`, a prompt longer than `prefill_chunk_tokens` goes
+          through the model in chunks (transformers' `prefill_chunk_size`, unless the call sets
+          one): activations of one chunk instead of the whole prompt. Each chunk attends to what
+          the store holds of the earlier ones (`KVStore.prefill`).
+        """
+        config = self.store.config
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        gen_config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 2:
+            B, T = inputs.shape
+            new = kwargs.get("max_new_tokens", getattr(gen_config, "max_new_tokens", None))
+            if new is None:  # max_length counts the prompt
+                new = max(0, (kwargs.get("max_length", getattr(gen_config, "max_length", None) or T)) - T)
+            self.store.reserve(B, T, int(new))
+            chunk = config.prefill_chunk_tokens
+            if (config.chunked_prefill and T > chunk and "prefill_chunk_size" not in kwargs
+                    and getattr(gen_config, "prefill_chunk_size", None) is None):
+                kwargs["prefill_chunk_size"] = chunk
+                logger.debug("generate: prefill of %d tokens in chunks of %d", T, chunk)
+        return self._orig_generate(*args, **kwargs)
 
     # ---- hooks -----------------------------------------------------------------------------
     def _pre_forward(self, module, args, kwargs):
