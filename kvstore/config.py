@@ -34,8 +34,8 @@ class KVStoreConfig:
       prefill_chunk_tokens: `generate()` runs a longer prompt through the model in chunks of at
         most this many tokens (transformers' `prefill_chunk_size`), each attending what the store
         holds, so a prefill's activations are one chunk's; None runs every prompt in one pass.
-        Chunking applies to presets whose hot tier keeps every token and that have no cold tier
-        (hot_policy="all": full, quant); the others prefill in one pass (see `chunked_prefill`).
+        Chunking applies to the presets without a cold tier (full, quant, leankv); the cold-tier
+        presets (pqcache, tiered) prefill in one pass for now (see `chunked_prefill`).
       alpha_prune / alpha_quant: LeanKV thresholds relative to uniform attention 1/n.
       immune_tokens: the most recent tokens LeanKV never prunes or demotes.
       score_queries: prompt queries whose attention seeds LeanKV's scores at prefill.
@@ -187,11 +187,11 @@ class KVStoreConfig:
 
     @property
     def chunked_prefill(self) -> bool:
-        """Whether `generate()` prefills long prompts in chunks of `prefill_chunk_tokens`: the
-        hot tier keeps every token (hot_policy="all") and there is no cold tier. The window and
-        LeanKV policies fix what they keep from the whole prompt, and the cold tier and PQ index
-        take a prompt in one piece, so those presets prefill in one pass."""
-        return self.prefill_chunk_tokens is not None and self.hot_policy == "all" and not self.cold_tier
+        """Whether `generate()` prefills long prompts in chunks of `prefill_chunk_tokens`: every
+        preset without a cold tier (the cold tier and the PQ index take a prompt in one piece).
+        Under LeanKV (and the window policy) the hot tier holds the earlier chunks in full and the
+        policy decides at the last chunk, over the whole prompt (KVStore._whole_prompt_keep)."""
+        return self.prefill_chunk_tokens is not None and not self.cold_tier
 
     def window_for(self, num_tokens: int) -> int:
         """Window size for a prompt of `num_tokens` (PQCache: int((n - S) * c * r), >= 1)."""

@@ -343,6 +343,14 @@ class HotTier:
     def release(self, seq_ids: torch.Tensor) -> None:
         self.pool.free(self.table.clear(seq_ids))
 
+    def release_layer(self, layer: int, seq_ids: torch.Tensor) -> None:
+        """Free one layer's pages of the given sequences (zeroed, as `KVStore.release` does: a page
+        may come back in the other precision tier)."""
+        pages = self.table.clear(seq_ids, layer)
+        pages = pages[pages > 0]
+        self.pool.data[pages.long()] = 0
+        self.pool.free(pages)
+
     @property
     def used_bytes(self) -> int:
         return self.pool.used_bytes

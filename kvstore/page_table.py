@@ -66,12 +66,14 @@ class PageTable:
         self.num_low = grow(self.num_low)
         self.num_low_pages = grow(self.num_low_pages)
 
-    def clear(self, seq_ids: torch.Tensor) -> torch.Tensor:
-        """Forget the given sequences; returns their page ids (0 padded) for the pool to free."""
+    def clear(self, seq_ids: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Forget the given sequences (of one layer, or all); returns their page ids (0 padded)
+        for the pool to free."""
         ids = seq_ids.to(self.device, torch.long)
-        pages = self.pages[ids].reshape(-1).clone()
-        self.pages[ids] = 0
-        self.num_tokens[ids] = 0
-        self.num_low[ids] = 0
-        self.num_low_pages[ids] = 0
+        at = (ids,) if layer is None else (ids, layer)
+        pages = self.pages[at].reshape(-1).clone()
+        self.pages[at] = 0
+        self.num_tokens[at] = 0
+        self.num_low[at] = 0
+        self.num_low_pages[at] = 0
         return pages

@@ -69,6 +69,10 @@ class HotPolicy:
     """Base policy; subclasses override what they decide differently."""
 
     name = "base"
+    #: prefill decides from the whole prompt (window: its length; LeanKV: its last queries). In a
+    #: chunked prefill the store then keeps every token of the earlier chunks and calls `prefill`
+    #: once, at the last chunk, over the whole prompt (KVStore.prefill)
+    whole_prompt = False
 
     def __init__(self, config: "KVStoreConfig", max_seqs: int, device: torch.device):
         self.config = config
@@ -82,7 +86,8 @@ class HotPolicy:
         """Decide which tokens of a prefill chunk one layer keeps.
 
         Args:
-            seq_ids: int64 [B]; q: [B, Hq, T, d]; k: [B, Hkv, T, d] post-RoPE.
+            seq_ids: int64 [B]; q: [B, Hq, Tq, d] the queries of the last Tq <= T columns;
+            k: [B, Hkv, T, d] post-RoPE.
             positions: int64 [B, T] token positions (meaningless where ~valid).
             valid: bool [B, T], False for padding.
         """
@@ -127,6 +132,7 @@ class WindowPolicy(HotPolicy):
     """
 
     name = "window"
+    whole_prompt = True
 
     def __init__(self, config: "KVStoreConfig", max_seqs: int, device: torch.device):
         super().__init__(config, max_seqs, device)
@@ -152,11 +158,6 @@ class WindowPolicy(HotPolicy):
 
     def prefill(self, store, layer, seq_ids, q, k, positions, valid, scale):
         B, Hkv, T, _ = k.shape
-        if bool((store.seq_len[seq_ids] > 0).any().item()):
-            raise NotImplementedError(
-                "hot_policy='window' fixes the window at prefill and needs the whole prompt in one chunk; "
-                "chunked prefill is supported with hot_policy='all'"
-            )
         S = self.config.sink_tokens
         n = valid.sum(dim=1).long()  # prompt length per sequence
         W = self.window_sizes(n)
@@ -233,6 +234,7 @@ class LeanKVPolicy(HotPolicy):
     """
 
     name = "leankv"
+    whole_prompt = True
 
     def __init__(self, config: "KVStoreConfig", max_seqs: int, device: torch.device):
         super().__init__(config, max_seqs, device)
@@ -253,19 +255,15 @@ class LeanKVPolicy(HotPolicy):
     # ---- prefill --------------------------------------------------------------------------
     def prefill(self, store, layer, seq_ids, q, k, positions, valid, scale):
         B, Hkv, T, d = k.shape
-        if bool((store.seq_len[seq_ids] > 0).any().item()):
-            raise NotImplementedError(
-                "hot_policy='leankv' scores the prompt's last queries at prefill and needs the whole prompt in one "
-                "chunk; chunked prefill is supported with hot_policy='all'"
-            )
         c = self.config
-        Q = min(c.score_queries, T)
+        Tq = q.shape[2]  # the queries are the last Tq columns of k's (the last chunk of a chunked prefill)
+        Q = min(c.score_queries, Tq)
         Hq = q.shape[1]
         G = Hq // Hkv
         qv = valid[:, T - Q:]  # [B, Q] valid queries among the last Q columns
         causal = torch.arange(T, device=k.device).view(1, T) <= torch.arange(T - Q, T, device=k.device).view(Q, 1)
         mask = causal.view(1, 1, 1, Q, T) & valid.view(B, 1, 1, 1, T) & qv.view(B, 1, 1, Q, 1)
-        qg = q[:, :, T - Q:].view(B, Hkv, G, Q, d)
+        qg = q[:, :, Tq - Q:].view(B, Hkv, G, Q, d)
         score = torch.empty(B, Hkv, T, dtype=torch.float32, device=k.device)
         # [Q, T] probabilities per query head, in blocks of KV heads so that a long prompt's fp32
         # temporaries stay near _SCORE_BLOCK_BYTES (Q x T, never T x T)

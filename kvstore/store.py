@@ -24,7 +24,7 @@ import torch
 from gpu_kernels import reference
 from kvstore.config import KVStoreConfig
 from kvstore.hot_tier import HotTier, ModelGeometry
-from kvstore.policies import make_policy
+from kvstore.policies import PrefillKeep, make_policy
 from kvstore.prefill_attention import prefill_attention
 from kvstore.cold_tier import ColdTier
 from kvstore.gpu_cache import GPUCache
@@ -85,6 +85,8 @@ class KVStore:
         self.hot = HotTier(config, geometry)
         self.max_seqs = config.max_batch_size
         self.seq_len = torch.zeros(self.max_seqs, dtype=torch.int64, device=self.device)
+        #: each sequence's whole prompt length when its caller said it (add_sequences), else 0
+        self.prompt_len = torch.zeros(self.max_seqs, dtype=torch.int64, device=self.device)
         self._free_seqs = list(range(self.max_seqs - 1, -1, -1))
         self.active: set[int] = set()
         self.policy = make_policy(config, self.max_seqs, self.device)
@@ -127,8 +129,12 @@ class KVStore:
         LIVE_STORES.add(self)
 
     # ---- sequences --------------------------------------------------------------------------
-    def add_sequences(self, n: int) -> torch.Tensor:
-        """Reserve `n` sequence slots; returns their ids (int64 [n] on the store's device)."""
+    def add_sequences(self, n: int, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Reserve `n` sequence slots; returns their ids (int64 [n] on the store's device).
+
+        `prompt_lengths` (int [n], valid tokens of each prompt) lets a prefill in chunks serve the
+        policies that decide from the whole prompt (window, LeanKV); without it such a policy
+        takes its first prefill call as the whole prompt."""
         if n > len(self._free_seqs):
             grow_to = max(self.max_seqs * 2, len(self.active) + n)
             self._grow_seqs(grow_to)
@@ -136,6 +142,7 @@ class KVStore:
         self.active.update(ids)
         t = torch.tensor(ids, dtype=torch.int64, device=self.device)
         self.seq_len[t] = 0
+        self.prompt_len[t] = 0 if prompt_lengths is None else prompt_lengths.to(self.device, torch.int64)
         return t
 
     def _grow_seqs(self, max_seqs: int) -> None:
@@ -150,20 +157,22 @@ class KVStore:
                 t[:old] = getattr(self, name)
                 setattr(self, name, t)
             self._ensure_retrieval(max_seqs, self._cap)
-        grown = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)
-        grown[:old] = self.seq_len
-        self.seq_len = grown
+        for name in ("seq_len", "prompt_len"):
+            grown = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)
+            grown[:old] = getattr(self, name)
+            setattr(self, name, grown)
         self._free_seqs = list(range(max_seqs - 1, old - 1, -1)) + self._free_seqs
         self.max_seqs = max_seqs
 
-    def reserve(self, batch: int, prompt_tokens: int, new_tokens: int = 0) -> None:
+    def reserve(self, batch: int, prompt_tokens: int, new_tokens: int = 0, chunked: bool = False) -> None:
         """Before a generation of `batch` prompts of up to `prompt_tokens` tokens and `new_tokens`
         decode steps: size the hot tier's pool once, so it does not grow (and copy) step by step.
-        hot_policy="all" knows its need now (every token takes a slot). The other policies keep
-        what their prefill decides: the pool is sized at the first layer's prefill, from that
-        layer's need times the layers (`_reserve_from_first_layer`)."""
+        hot_policy="all" knows its need now (every token takes a slot), and so does a chunked
+        prefill of any policy (it holds the whole prompt until its last chunk). Otherwise the
+        policy keeps what its prefill decides: the pool is sized at the first layer's prefill,
+        from that layer's need times the layers (`_reserve_from_first_layer`)."""
         self._expected_new = max(0, new_tokens)
-        if self.config.hot_policy != "all" or batch <= 0:
+        if (self.config.hot_policy != "all" and not chunked) or batch <= 0:
             return
         geo, tpp = self.geometry, self.hot.tokens_per_page
         self.hot.pool.reserve(batch * geo.num_layers * geo.num_kv_heads * -(-(prompt_tokens + new_tokens) // tpp))
@@ -178,8 +187,7 @@ class KVStore:
             pages = pages + torch.div(keep.low.sum(-1) + low_tpp - 1, low_tpp, rounding_mode="floor").sum()
         B, H = keep.high.shape[:2]
         decode = B * H * -(-self._expected_new // hot.tokens_per_page)
-        hot.pool.reserve(geo.num_layers * (int(pages.item()) + decode))
-        self._expected_new = 0
+        hot.pool.reserve(geo.num_layers * (int(pages.item()) + decode))  # no-op when `reserve` did it
 
     def release(self, seq_ids: torch.Tensor) -> None:
         """End sequences: every page they held goes back to the pool. The figures of the store
@@ -207,6 +215,7 @@ class KVStore:
         if self.cold is not None:
             self.cold.release(t)
         self.seq_len[t] = 0
+        self.prompt_len[t] = 0
         for i in ids:
             self.active.discard(i)
             self._free_seqs.append(i)
@@ -234,14 +243,21 @@ class KVStore:
         self._undo_unwritten_slots()
         past_len = self.seq_len[seq_ids]  # [B]
         has_past = bool((past_len > 0).any().item())
-        past = None
+        past = past_pos = None
         if has_past:  # a later chunk: attend what the hot tier holds, read in the model's dtype
-            k_past, v_past, pos = self.hot.gather(layer, seq_ids, self.hot.pages_in_use(seq_ids), dtype=k.dtype)
-            past = (k_past, v_past, pos >= 0)
+            if self.cold is not None:
+                raise NotImplementedError("the cold tier takes a whole prompt in one prefill chunk (no chunked prefill)")
+            k_past, v_past, past_pos = self.hot.gather(layer, seq_ids, self.hot.pages_in_use(seq_ids), dtype=k.dtype)
+            past = (k_past, v_past, past_pos >= 0)
         out = prefill_attention(q, k, v, valid, scale, past=past)
-        del past
         positions = past_len.view(B, 1) + torch.cumsum(valid.long(), dim=1) - 1
-        keep = self.policy.prefill(self, layer, seq_ids, q, k, positions, valid, scale)
+        new_tokens = valid.sum(dim=1)
+        if self.policy.whole_prompt and (has_past or not self._prompt_complete(seq_ids, past_len, valid)):
+            keep, k, v, positions, valid = self._whole_prompt_keep(layer, seq_ids, q, k, v, positions, valid, past,
+                                                                   past_pos, past_len, scale)
+        else:
+            keep = self.policy.prefill(self, layer, seq_ids, q, k, positions, valid, scale)
+        del past, past_pos
         if layer == 0 and not has_past and self.config.hot_policy != "all":
             self._reserve_from_first_layer(keep)
         self.hot.append(layer, seq_ids, k, v, keep.high, positions, keep.scores)
@@ -254,8 +270,42 @@ class KVStore:
             if self.selector is not None:  # selectors that score with the prompt's queries (H2O, SnapKV)
                 self.selector.prefill_queries(layer, seq_ids, q, k, positions, valid, scale)
         if layer == self.geometry.num_layers - 1:
-            self.seq_len[seq_ids] += valid.sum(dim=1)
+            self.seq_len[seq_ids] += new_tokens
         return out
+
+    def _prompt_complete(self, seq_ids: torch.Tensor, past_len: torch.Tensor, valid: torch.Tensor) -> bool:
+        """Whether this chunk ends every sequence's prompt: its length is unknown (`add_sequences`
+        without prompt lengths: the chunk is taken as the whole prompt) or reached."""
+        n = self.prompt_len[seq_ids]
+        return bool(((n == 0) | (past_len + valid.sum(1) >= n)).all().item())
+
+    def _whole_prompt_keep(self, layer, seq_ids, q, k, v, positions, valid, past, past_pos, past_len, scale):
+        """Chunked prefill under a policy that decides from the whole prompt (window, LeanKV).
+
+        Before the last chunk every token is kept (high tier): the hot tier holds the prompt so
+        far in full, in the same order for every head. At the last chunk this layer's earlier
+        chunks are read back (`past`, as attention read them), their pages freed, and the policy
+        decides over the whole prompt with the last chunk's queries, as a one-pass prefill would
+        (LeanKV: the last `score_queries` queries, all in the last chunk when it is at least that
+        long, as the generate() wrapper's even chunks make it). The earlier tokens go back
+        quantized from their dequantized values: K8V4 codes come back the same up to rounding of
+        the scales; a token demoted to K4V2 is quantized from its K8V4 values, not the model's.
+        Returns (keep, k, v, positions, valid) of what to append.
+        """
+        B, Hkv, T = k.shape[0], k.shape[1], k.shape[2]
+        if not bool((self.prompt_len[seq_ids] > 0).all().item()) and past is not None:
+            raise NotImplementedError(
+                f"hot_policy={self.config.hot_policy!r} decides from the whole prompt: a chunked prefill must say the "
+                "prompt lengths first (generate() does; a forward loop passes them to add_sequences)")
+        if not self._prompt_complete(seq_ids, past_len, valid):  # an earlier chunk: keep it all for now
+            return PrefillKeep(high=valid.view(B, 1, T).expand(B, Hkv, T)), k, v, positions, valid
+        k_past, v_past, held = past
+        self.hot.release_layer(layer, seq_ids)
+        k = torch.cat([k_past, k], dim=2)
+        v = torch.cat([v_past, v], dim=2)
+        positions = torch.cat([past_pos[:, 0].long(), positions], dim=1)  # head 0's: every head holds the same
+        valid = torch.cat([held[:, 0], valid], dim=1)
+        return self.policy.prefill(self, layer, seq_ids, q, k, positions, valid, scale), k, v, positions, valid
 
     # ---- decode -----------------------------------------------------------------------------
     def plan(self, seq_ids: torch.Tensor) -> DecodePlan:

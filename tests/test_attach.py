@@ -240,7 +240,8 @@ def test_generate_chunked_prefill_equals_one_shot(padded):
 
 
 def test_generate_chunks_only_long_prompts_of_chunkable_presets():
-    """The wrapper passes prefill_chunk_size only where it applies, and detach restores generate."""
+    """The wrapper passes prefill_chunk_size only where it applies (even chunks of at most
+    prefill_chunk_tokens; not with a cold tier), and detach restores generate."""
     model = tiny_model("llama")
     calls = []
 
@@ -250,7 +251,7 @@ def test_generate_chunks_only_long_prompts_of_chunkable_presets():
 
     hook = model.register_forward_pre_hook(spy, with_kwargs=True)
     ids, mask = left_padded_batch(length=40, pads=())
-    for name, expect in (("full", [16, 16, 8, 1]), ("pqcache", [40, 1])):
+    for name, expect in (("full", [14, 14, 12, 1]), ("leankv", [14, 14, 12, 1]), ("pqcache", [40, 1])):
         calls.clear()
         client = KVStoreClient(KVStoreConfig.preset(name, prefill_chunk_tokens=16))
         with client.attach(model):
@@ -290,3 +291,34 @@ def test_generate_reserves_the_pool_once():
     assert len(grows) == 1
     # 3 sequences x 2 layers x 2 KV heads x ceil(96 / 16) pages, plus the null page
     assert s["hot_pages_peak"] == 3 * 2 * 2 * 6 and s["hot_pages_reserved"] == 3 * 2 * 2 * 6 + 1
+
+
+def test_leankv_chunked_prefill_decides_over_the_whole_prompt():
+    """LeanKV in chunks: earlier chunks are held in full, the last chunk's queries score the whole
+    prompt; what it keeps and its logits stay close to a one-pass prefill's (the earlier chunks
+    attend quantized K/V and are re-quantized once)."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(length=300, pads=(37, 0, 120))
+    res = {}
+    for chunk in (None, 64):
+        client = KVStoreClient(KVStoreConfig.preset("leankv", prefill_chunk_tokens=chunk, alpha_prune=1.5, alpha_quant=3.0))
+        with client.attach(model):
+            res[chunk] = (_generate(model, ids, mask), client.stats())
+    (one, s_one), (chunked, s_chunk) = res[None], res[64]
+    assert s_chunk["tokens"] == s_one["tokens"]
+    kept_one = s_one["hot_high_tokens"] + s_one["hot_low_tokens"]
+    kept_chunk = s_chunk["hot_high_tokens"] + s_chunk["hot_low_tokens"]
+    assert kept_one < s_one["tokens"] * 2 * 2  # the policy pruned (counts are per layer and KV head) ...
+    assert abs(kept_chunk - kept_one) <= 0.05 * kept_one  # ... about the same tokens either way
+    err = (one.logits[0] - chunked.logits[0]).abs().max().item()
+    scale = one.logits[0].abs().max().item()
+    assert err < 0.1 * scale, (err, scale)
+
+
+def test_whole_prompt_policy_refuses_chunks_without_lengths():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))
+    with KVStoreClient(KVStoreConfig.preset("leankv")).attach(model):
+        a = model(ids[:, :10], use_cache=True)
+        with pytest.raises(NotImplementedError, match="prompt lengths"):
+            model(ids[:, 10:], **{CACHE_ARG: model_cache(a)}, use_cache=True)

@@ -158,9 +158,12 @@ class KVStoreCache(Cache):
     cache is garbage-collected (or `release()` is called) its sequences' pages are freed.
     """
 
-    def __init__(self, store: "KVStore"):
+    def __init__(self, store: "KVStore", prompt_lengths: torch.Tensor | None = None):
         super().__init__(layers=[_StoreLayer() for _ in range(store.geometry.num_layers)])
         self.store = store
+        #: valid tokens of each prompt, when known before the first forward (generate() knows them);
+        #: lets a chunked prefill serve the policies that decide from the whole prompt
+        self.prompt_lengths = prompt_lengths
         self.seq_ids: torch.Tensor | None = None
         self.plan: "DecodePlan | None" = None
         self.decoding = False
@@ -170,7 +173,8 @@ class KVStoreCache(Cache):
         if layer_idx == 0:
             batch, q_len = key_states.shape[0], key_states.shape[-2]
             if self.seq_ids is None:
-                self.seq_ids = self.store.add_sequences(batch)
+                lengths = self.prompt_lengths if self.prompt_lengths is not None and len(self.prompt_lengths) == batch else None
+                self.seq_ids = self.store.add_sequences(batch, lengths)
                 self._finalizer = weakref.finalize(self, _release, weakref.ref(self.store), self.seq_ids)
             elif batch != self.seq_ids.numel():
                 raise ValueError(
@@ -217,6 +221,7 @@ class HFAdapter:
         self.store = store
         self.name = f"kvstore_{id(self):x}"
         self.active_cache: KVStoreCache | None = None
+        self._prompt_lengths: torch.Tensor | None = None  # of the generate() call in progress
         self.caches: "weakref.WeakSet[KVStoreCache]" = weakref.WeakSet()
         self._orig_impl = model.config._attn_implementation
         ALL_ATTENTION_FUNCTIONS.register(self.name, self._attention)
@@ -258,9 +263,11 @@ class HFAdapter:
         * The store reserves the batch's pages at once (prompt + max_new_tokens; `KVStore.reserve`),
           so the pool is sized once rather than grown (and copied) step by step.
         * With `KVStoreConfig.chunked_prefill`, a prompt longer than `prefill_chunk_tokens` goes
-          through the model in chunks (transformers' `prefill_chunk_size`, unless the call sets
-          one): activations of one chunk instead of the whole prompt. Each chunk attends to what
-          the store holds of the earlier ones (`KVStore.prefill`).
+          through the model in even chunks of at most that size (transformers' `prefill_chunk_size`,
+          unless the call sets one): activations of one chunk instead of the whole prompt. Each
+          chunk attends to what the store holds of the earlier ones (`KVStore.prefill`); the
+          prompt lengths (from the attention mask) go to the store with the cache, for the
+          policies that decide from the whole prompt.
         """
         config = self.store.config
         inputs = kwargs.get("input_ids", args[0] if args else None)
@@ -270,13 +277,21 @@ class HFAdapter:
             new = kwargs.get("max_new_tokens", getattr(gen_config, "max_new_tokens", None))
             if new is None:  # max_length counts the prompt
                 new = max(0, (kwargs.get("max_length", getattr(gen_config, "max_length", None) or T)) - T)
-            self.store.reserve(B, T, int(new))
+            mask = kwargs.get("attention_mask")
+            self._prompt_lengths = (mask.sum(1) if isinstance(mask, torch.Tensor) and mask.dim() == 2
+                                    else torch.full((B,), T, dtype=torch.int64))
             chunk = config.prefill_chunk_tokens
-            if (config.chunked_prefill and T > chunk and "prefill_chunk_size" not in kwargs
-                    and getattr(gen_config, "prefill_chunk_size", None) is None):
-                kwargs["prefill_chunk_size"] = chunk
-                logger.debug("generate: prefill of %d tokens in chunks of %d", T, chunk)
-        return self._orig_generate(*args, **kwargs)
+            chunked = (config.chunked_prefill and T > chunk and "prefill_chunk_size" not in kwargs
+                       and getattr(gen_config, "prefill_chunk_size", None) is None)
+            if chunked:  # even chunks: the last is nearly full (LeanKV scores with its last queries)
+                pieces = -(-T // chunk)
+                kwargs["prefill_chunk_size"] = -(-T // pieces)
+                logger.debug("generate: prefill of %d tokens in %d chunks of %d", T, pieces, kwargs["prefill_chunk_size"])
+            self.store.reserve(B, T, int(new), chunked=chunked)
+        try:
+            return self._orig_generate(*args, **kwargs)
+        finally:
+            self._prompt_lengths = None
 
     # ---- hooks -----------------------------------------------------------------------------
     def _pre_forward(self, module, args, kwargs):
@@ -299,7 +314,8 @@ class HFAdapter:
             self.active_cache = None
             return args, kwargs
         elif past is None or (isinstance(past, DynamicCache) and past.get_seq_length() == 0):
-            past = KVStoreCache(self.store)
+            past = KVStoreCache(self.store, self._prompt_lengths)
+            self._prompt_lengths = None
             self.caches.add(past)
             kwargs["use_cache"] = True
         else:
