@@ -86,9 +86,10 @@ def _numel(shape) -> int:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's compiled path runs on CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flex_with_past_on_cuda(dtype):
+def test_flex_with_past_on_cuda(dtype, monkeypatch):
     """CUDA, a later chunk: FlexAttention (compiled) against the masked reference, two past lengths
     (the compiled kernel takes dynamic shapes)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # conftest sets 1 for the CPU kernels; inductor's kernels compile
     for P, T in ((300, 200), (1000, 129)):
         q, k, v = (x.cuda().to(dtype) for x in _qkv(B=2, Hq=8, Hkv=2, T=T, d=64, seed=P))
         _, kp, vp = (x.cuda().to(dtype) for x in _qkv(B=2, Hq=8, Hkv=2, T=P, d=64, seed=P + 1))
