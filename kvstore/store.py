@@ -188,6 +188,7 @@ class KVStore:
         B, H = keep.high.shape[:2]
         decode = B * H * -(-self._expected_new // hot.tokens_per_page)
         hot.pool.reserve(geo.num_layers * (int(pages.item()) + decode))  # no-op when `reserve` did it
+        self._expected_new = 0  # announced for this generation only
 
     def release(self, seq_ids: torch.Tensor) -> None:
         """End sequences: every page they held goes back to the pool. The figures of the store
@@ -293,7 +294,7 @@ class KVStore:
         Returns (keep, k, v, positions, valid) of what to append.
         """
         B, Hkv, T = k.shape[0], k.shape[1], k.shape[2]
-        if not bool((self.prompt_len[seq_ids] > 0).all().item()) and past is not None:
+        if past is not None and not bool((self.prompt_len[seq_ids] > 0).all().item()):
             raise NotImplementedError(
                 f"hot_policy={self.config.hot_policy!r} decides from the whole prompt: a chunked prefill must say the "
                 "prompt lengths first (generate() does; a forward loop passes them to add_sequences)")
