@@ -144,12 +144,9 @@ def _batch(text: str) -> int | str:
     if text == "max":
         return "max"
     try:
-        value = int(text)
-    except ValueError:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"must be 'max' or a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 'max' or a positive integer, got {text!r}")
-    return value
 
 
 def _positive_float(text: str) -> float:
