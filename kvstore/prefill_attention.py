@@ -10,9 +10,12 @@ Nothing of size N x N is ever built (N = the tokens attended). Two cases:
   padding rows come out as zeros. Attention needs no positions: q and k are post-RoPE.
 * Earlier tokens (a later chunk of a chunked prefill): the chunk attends to every valid past
   token (per sequence and KV head: a pruned or empty slot is not valid) and causally to itself.
-  On CUDA this is FlexAttention (compiled; the validity mask is a score_mod reading a [B, Hkv, P]
-  tensor, no mask matrix). Elsewhere it is SDPA with a boolean mask over blocks of queries, so
-  the mask is at most `_CPU_MASK_ELEMENTS` elements, never chunk x N for a long chunk.
+  A past with no holes (every slot valid: `full`, `quant`, LeanKV's kept-whole earlier chunks, no
+  padding) is plain causal attention aligned to the lower right: on CUDA in 16 bits, SDPA's flash
+  kernel with `causal_lower_right` (no mask at all, GQA native). A past with holes on CUDA is
+  FlexAttention (compiled; the validity mask is a score_mod reading a [B, Hkv, P] tensor, no mask
+  matrix). Elsewhere it is SDPA with a boolean mask over blocks of queries, so the mask is at most
+  `_CPU_MASK_ELEMENTS` elements, never chunk x N for a long chunk.
 
 `gpu_kernels.reference.prefill_attention` is the plain (masked, N x N) reference this is
 tested against.
@@ -61,6 +64,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: 
         q, k, v = (_take(x, order) for x in (q, k, v))
     if past is None or past[0].shape[2] == 0:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
+    elif q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and bool(past[2].all().item()):
+        out = _flash_dense_past(q, k, v, past[0], past[1], scale)
     elif q.is_cuda:
         out = _flex_with_past(q, k, v, *past, scale)
     else:
@@ -108,6 +113,18 @@ def _sdpa_with_past(q, k, v, k_past, v_past, past_valid, scale):
         out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], keys, values, attn_mask=mask, scale=scale,
                                                         enable_gqa=G > 1)
     return out
+
+
+def _flash_dense_past(q, k, v, k_past, v_past, scale):
+    """Every past slot valid: causal attention over [past | chunk] aligned to the lower right (query i
+    of the chunk sees all P past keys and chunk keys <= i), SDPA's flash kernel, no mask tensor."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    keys = torch.cat([k_past, k], dim=2)
+    values = torch.cat([v_past, v], dim=2)
+    T, N = q.shape[2], keys.shape[2]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(T, N), scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 @functools.lru_cache(maxsize=1)

@@ -101,3 +101,21 @@ def test_flex_with_past_on_cuda(dtype, monkeypatch):
                                           key_valid, 0.125, past=P).masked_fill(~valid.view(2, 1, T, 1), 0.0)
         tol = 2e-2 if dtype == torch.bfloat16 else 2e-4
         torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash kernel runs on CUDA")
+@pytest.mark.parametrize("padded", [False, True])
+def test_flash_dense_past_on_cuda(padded):
+    """CUDA, 16 bits, a later chunk over a past with no holes: SDPA's flash kernel with the
+    lower-right causal bias (GQA, no mask tensor) against the masked reference."""
+    B, Hq, Hkv, d = 2, 8, 2, 64
+    for P, T in ((300, 200), (1000, 129)):
+        q, k, v = (x.cuda().bfloat16() for x in _qkv(B=B, Hq=Hq, Hkv=Hkv, T=T, d=d, seed=P))
+        _, kp, vp = (x.cuda().bfloat16() for x in _qkv(B=B, Hq=Hq, Hkv=Hkv, T=P, d=d, seed=P + 1))
+        past_valid = torch.ones(B, Hkv, P, dtype=torch.bool, device="cuda")
+        valid = (_left_padded(B, T) if padded else torch.ones(B, T, dtype=torch.bool)).cuda()
+        got = pa.prefill_attention(q, k, v, valid, 0.125, past=(kp, vp, past_valid))
+        key_valid = torch.cat([past_valid, valid.view(B, 1, T).expand(B, Hkv, T)], dim=2)
+        ref = reference.prefill_attention(q.float(), torch.cat([kp, k], 2).float(), torch.cat([vp, v], 2).float(),
+                                          key_valid, 0.125, past=P).masked_fill(~valid.view(B, 1, T, 1), 0.0)
+        torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
