@@ -49,7 +49,12 @@ class KVStoreConfig:
         budget_fraction * (1 - window_share) * (n - sink_tokens), as PQCache does.
       budget_fraction / window_share: PQCache's c and r.
       pq_subspaces / pq_bits: PQ's m and b (codes are uint8 when b <= 8).
-      kmeans_min_iters / kmeans_max_iters: bounds of the adaptive k-means iteration count.
+      pq_trainer: who trains the codebooks. "auto": torch on the store's device when it is CUDA
+        (`kvstore.kmeans`: batched, synchronous after each layer's prefill, stopped by the
+        convergence rule), FAISS on host threads otherwise; "device" or "faiss" force one.
+      kmeans_min_iters / kmeans_max_iters: bounds of the k-means iteration count (FAISS: adapted
+        to the prefill time, PQCache's rule; device trainer: the convergence rule's bounds).
+      kmeans_tol: device trainer: Lloyd stops once at most this share of the points change centroid.
       gpu_cache_tokens: GPU cache slots of retrieved tokens per (sequence, layer, KV head).
 
     Cold tier (host memory)
@@ -89,6 +94,8 @@ class KVStoreConfig:
     pq_bits: int = 6
     kmeans_min_iters: int = 3
     kmeans_max_iters: int = 300
+    pq_trainer: str = "auto"
+    kmeans_tol: float = 1e-3
     gpu_cache_tokens: int = 4096
     # cold tier
     cold_tier: bool = False
@@ -153,6 +160,10 @@ class KVStoreConfig:
             raise bad("pq_bits", "must be in 1..8 (codes are uint8)")
         if not 1 <= self.kmeans_min_iters <= self.kmeans_max_iters:
             raise bad("kmeans_min_iters", "need 1 <= kmeans_min_iters <= kmeans_max_iters")
+        if self.pq_trainer not in ("auto", "device", "faiss"):
+            raise bad("pq_trainer", "must be 'auto', 'device' or 'faiss'")
+        if not 0 <= self.kmeans_tol < 1:
+            raise bad("kmeans_tol", "must be in [0, 1)")
         if self.gpu_cache_tokens < 0:
             raise bad("gpu_cache_tokens", "must be >= 0")
         if self.cold_key_bits not in (16, 8) or self.cold_value_bits not in (16, 8, 4):

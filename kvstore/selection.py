@@ -234,12 +234,15 @@ class ExactSelector(Selector):
 
 
 class PQSelector(Selector):
-    """PQCache: codebooks trained on host threads during prefill, codes resident on the device.
+    """PQCache: codebooks trained during prefill, codes resident on the device.
 
     codes:     uint8 [L, S, Hkv, cap, m]      position-indexed; sinks never coded
     centroids: fp16  [L, S, Hkv, m, K, d/m]   (fp16 halves what a short prompt spends on them;
                                               tables and distances are computed in fp32)
-    Prefill of layer l hands a build job to one background thread (FAISS k-means uses the
+    A store on CUDA trains them on the device right after each layer's prefill, on the keys
+    already there (`kvstore.kmeans`, `pq_trainer="auto"`): seeded, stopped by a convergence
+    rule, no host copy and no wait at the first decode step. A CPU store (or
+    `pq_trainer="faiss"`) trains them with FAISS on host threads: prefill of layer l hands a build job to one background thread (FAISS k-means uses the
     cores); the job waits for layer l's copy to host memory, trains on the candidates
     [S, n - W) and encodes [S, n). Decode of layer l waits only for layer l's jobs
     (`before_decode`), on the first step after the prefill. New tokens are coded on the device
@@ -278,7 +281,14 @@ class PQSelector(Selector):
         cen[:, :S] = self.centroids
         self.codes, self.centroids = codes, cen
 
+    @property
+    def trains_on_device(self) -> bool:
+        t = self.config.pq_trainer
+        return t == "device" or (t == "auto" and self.device.type == "cuda")
+
     def prefill(self, layer, seq_ids, k, positions, valid, prompt_lens, hi):
+        if self.trains_on_device:
+            return self._train_on_device(layer, seq_ids, k, valid, prompt_lens, hi)
         now = time.perf_counter()
         if layer > 0 and self._last_prefill is not None:
             self.budget.observe_prefill(now - self._last_prefill)
@@ -289,6 +299,27 @@ class PQSelector(Selector):
         his = hi.cpu().numpy().tolist()
         fut = self.pool.submit(self._build, layer, ids, lens, his, S)
         self.pending.setdefault(layer, []).append((fut, seq_ids.clone()))
+
+    @torch.no_grad()
+    def _train_on_device(self, layer, seq_ids, k, valid, prompt_lens, hi):
+        """Codebooks of one layer trained on the keys in device memory (`kvstore.kmeans`), one
+        sequence at a time (its H x m problems batched), codes and centroids written in place."""
+        from kvstore.kmeans import train_codebook
+
+        t0 = time.perf_counter()
+        S, c = self.config.sink_tokens, self.config
+        dense = bool(valid.all().item())
+        lens, his = prompt_lens.tolist(), hi.tolist()
+        for b, (sid, n, h) in enumerate(zip(seq_ids.tolist(), lens, his)):
+            if n <= S:
+                continue
+            keys = k[b, :, S:n] if dense else k[b][:, valid[b]][:, S:n]  # [Hkv, n - S, d], positions S..n-1
+            # seeded by layer only: a sequence's codebook does not depend on its batchmates
+            cb = train_codebook(keys, max(h - S, 0), self.m, c.pq_bits, seed=layer, min_iters=c.kmeans_min_iters,
+                                max_iters=c.kmeans_max_iters, tol=c.kmeans_tol)
+            self.centroids[layer, sid] = cb.centroids.to(torch.float16)
+            self.codes[layer, sid, :, S:n] = cb.codes
+        self.build_seconds += time.perf_counter() - t0
 
     def _build(self, layer: int, ids: list[int], lens: list[int], his: list[int], S: int):
         """Host thread: train and encode every sequence of the batch for one layer."""

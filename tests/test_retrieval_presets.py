@@ -230,3 +230,25 @@ def test_gpu_cache_admits_misses_into_unprotected_slots(policy):
     assert step([7, 5]) == [True, True]
     assert abs(cache.hit_rate() - 3 / 8) < 1e-9
     assert (cache.pos[0, 0] == -1).all()  # other sequences untouched
+
+
+@pytest.mark.parametrize("preset", ["pqcache", "tiered"])
+def test_device_trainer_generates_the_same_tokens_every_run(preset, monkeypatch):
+    """pq_trainer="device" (what a CUDA store runs) on CPU: codebooks trained after each layer's prefill,
+    no background build left pending, and the same tokens and logits on every run, whatever the clock says."""
+    import time as _time
+
+    from kvstore import kmeans
+
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(2, 300, pads=(40, 0))
+    cfg = KVStoreConfig.preset(preset, pq_trainer="device")
+    calls = []
+    real = kmeans.train_codebook
+    monkeypatch.setattr(kmeans, "train_codebook", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k))
+    first = _generate(model, cfg, ids, mask, steps=5)
+    assert sorted(set(calls)) == list(range(L)) and len(calls) == 2 * L  # per layer, per sequence
+    clock = iter(range(10 ** 6))
+    monkeypatch.setattr(_time, "perf_counter", lambda: float(next(clock)) * 7.3)  # a stressed, jumpy clock
+    again = _generate(model, cfg, ids, mask, steps=5)
+    assert torch.equal(first[1], again[1]) and torch.equal(first[0], again[0])
