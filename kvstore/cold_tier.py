@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -51,6 +52,32 @@ logger = logging.getLogger(__name__)
 
 class ColdTierMemoryError(MemoryError):
     """Host memory for the cold tier is short; the message says how much and what to change."""
+
+
+def _pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, registered: list[torch.Tensor]) -> torch.Tensor:
+    """Page-locked host tensor of exactly its size: allocated pageable, then registered with the CUDA
+    runtime. (`torch.empty(pin_memory=True)` goes through PyTorch's caching host allocator, which
+    rounds a request up to a power of two: a 96 GiB slab would take 128 GiB.) Registered portable
+    and mapped: the fetch kernel reads it at its host address (unified addressing). Unregistered by
+    `_unregister` (it is appended to `registered`) before the memory is freed.
+    KVSTORE_HOST_REGISTER=0 goes back to torch's allocator."""
+    if os.environ.get("KVSTORE_HOST_REGISTER", "1") == "0":
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if nbytes:
+        rc = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 3))  # portable | mapped
+        if rc != 0:
+            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed (cudaError {rc})")
+        registered.append(t)
+    return t
+
+
+def _unregister(slabs: list[torch.Tensor]) -> None:
+    """Finalizer of a pinned ColdTier: unpin the slabs it registered, then let them go."""
+    for t in slabs:
+        torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+    slabs.clear()
 
 
 def host_available_bytes() -> int | None:
@@ -86,6 +113,9 @@ class ColdTier:
         self.use_triton = use_triton(config, self.device)
         self.copy_stream = torch.cuda.Stream(self.device) if self.pinned else None
         self.slabs: list[torch.Tensor] = []
+        self._registered: list[torch.Tensor] = []  # slabs pinned by cudaHostRegister
+        # unpinned when this tier goes away, before their memory is freed
+        weakref.finalize(self, _unregister, self._registered)
         self.slab_rows: list[torch.Tensor] = []  # row views [L * n * 2 * H * C, d]
         self.slab_free: list[np.ndarray] = []
         self.slab_first: list[int] = []  # global id of each slab's chunk 0
@@ -137,7 +167,8 @@ class ColdTier:
                 "set KVStoreConfig.host_tier_bytes, or free host memory"
             )
         try:
-            slab = torch.empty((self.L, n, 2, self.H, self.C, self.d), dtype=self.dtype, pin_memory=self.pinned)
+            shape = (self.L, n, 2, self.H, self.C, self.d)
+            slab = _pinned_empty(shape, self.dtype, self._registered) if self.pinned else torch.empty(shape, dtype=self.dtype)
         except RuntimeError as e:
             raise ColdTierMemoryError(
                 f"allocating {need} bytes of {'pinned ' if self.pinned else ''}host memory for the cold tier failed "

@@ -12,26 +12,27 @@ from kvstore.hot_tier import ModelGeometry
 L, HQ, HKV, D = 2, 4, 2, 8
 
 
-def _geo(dtype=torch.float32):
-    return ModelGeometry(L, HQ, HKV, D, dtype, torch.device("cpu"))
+def _geo(dtype=torch.float32, device="cpu"):
+    return ModelGeometry(L, HQ, HKV, D, dtype, torch.device(device))
 
 
-def _filled(lengths, chunk_tokens=4, steps=0, dtype=torch.float32, seed=0):
+def _filled(lengths, chunk_tokens=4, steps=0, dtype=torch.float32, seed=0, device="cpu"):
     """A cold tier holding a left-padded prompt batch plus `steps` decode tokens; returns (cold, keys, values)."""
     g = torch.Generator().manual_seed(seed)
-    cold = ColdTier(KVStoreConfig(cold_tier=True), _geo(dtype), max_seqs=8, chunk_tokens=chunk_tokens)
+    cold = ColdTier(KVStoreConfig(cold_tier=True), _geo(dtype, device), max_seqs=8, chunk_tokens=chunk_tokens)
     B, T = len(lengths), max(lengths)
     valid = torch.zeros(B, T, dtype=torch.bool)
     for b, n in enumerate(lengths):
         valid[b, T - n:] = True
     positions = torch.cumsum(valid.long(), 1) - 1
-    seq_ids = torch.tensor([5, 1, 3][:B])
-    k = torch.randn(L, B, HKV, T + steps, D, generator=g).to(dtype)
-    v = torch.randn(L, B, HKV, T + steps, D, generator=g).to(dtype)
+    seq_ids = torch.tensor([5, 1, 3][:B], device=device)
+    k = torch.randn(L, B, HKV, T + steps, D, generator=g).to(device, dtype)
+    v = torch.randn(L, B, HKV, T + steps, D, generator=g).to(device, dtype)
+    valid, positions = valid.to(device), positions.to(device)
     cold.allocate_prefill(seq_ids, valid.sum(1))
     for layer in range(L):
         cold.write_prefill(layer, k[layer, :, :, :T], v[layer, :, :, :T], positions, valid)
-    lens = torch.tensor(lengths)
+    lens = torch.tensor(lengths, device=device)
     for s in range(steps):
         cold.plan_step(seq_ids, lens + s)
         for layer in range(L):
@@ -55,15 +56,16 @@ def test_prefill_and_decode_tokens_read_back_exactly(dtype):
         assert torch.equal(keys, exp_k[b]) and torch.equal(values, exp_v[b])
 
 
-def test_fetch_gathers_wanted_rows_and_leaves_the_rest():
-    cold, seq_ids, exp_k, exp_v = _filled([9, 5, 13], steps=7)
+@pytest.mark.parametrize("device", ["cpu"] + ["cuda"] * torch.cuda.is_available())
+def test_fetch_gathers_wanted_rows_and_leaves_the_rest(device):
+    cold, seq_ids, exp_k, exp_v = _filled([9, 5, 13], steps=7, device=device)
     g = torch.Generator().manual_seed(3)
     B, k = 3, 6
     lens = torch.tensor([e.shape[2] for e in exp_k])
-    pos = (torch.rand(B, HKV, k, generator=g) * lens.view(B, 1, 1)).long()
-    want = torch.rand(B, HKV, k, generator=g) < 0.6
+    pos = (torch.rand(B, HKV, k, generator=g) * lens.view(B, 1, 1)).long().to(device)
+    want = (torch.rand(B, HKV, k, generator=g) < 0.6).to(device)
     for layer in range(L):
-        out = torch.full((2, B, HKV, k, D), 7.0)
+        out = torch.full((2, B, HKV, k, D), 7.0, device=device)
         cold.fetch(layer, seq_ids, pos, want, out)
         for b in range(B):
             for h in range(HKV):
@@ -73,6 +75,22 @@ def test_fetch_gathers_wanted_rows_and_leaves_the_rest():
                         assert torch.equal(out[1, b, h, j], exp_v[b][layer, h, pos[b, h, j]])
                     else:
                         assert (out[:, b, h, j] == 7.0).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs CUDA")
+def test_pinned_slabs_take_exactly_their_bytes():
+    """On CUDA a slab is registered with the runtime (pinned, its exact size: no power-of-two rounding),
+    the fetch kernel reads it, and it is unpinned when the tier goes away."""
+    import gc
+
+    cold, seq_ids, exp_k, _ = _filled([9, 5, 13], steps=2, dtype=torch.bfloat16, device="cuda")
+    assert all(s.is_pinned() for s in cold.slabs) and len(cold._registered) == len(cold.slabs)
+    assert cold.reserved_bytes == sum(s.numel() * s.element_size() for s in cold.slabs)
+    assert torch.equal(cold.read_keys(5, 1, 0, 11), exp_k[0][1].cpu())
+    registered = cold._registered
+    del cold
+    gc.collect()
+    assert registered == []  # the finalizer unpinned them
 
 
 def test_byte_accounting_and_release():
