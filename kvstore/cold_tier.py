@@ -11,7 +11,7 @@ every layer, K and V, every KV head::
               |  |  '----------- 0 = K, 1 = V
               |  '-------------- chunk within the slab
               '----------------- layer: slab[s][l, a:b] is contiguous, so one layer's prefill of a
-                                 batch is ONE device-to-host copy (its chunks are one run)
+                                 sequence is ONE device-to-host copy (its chunks are one run)
 
 A sequence's chunk table (`table[seq, p // C]`) gives the global chunk id; `chunk_slab` and
 `chunk_local` place it. With C = 256 tokens a chunk's per-layer block is 2*Hkv*C*d*2 B = 1 MiB
@@ -29,7 +29,9 @@ Reads. `rows(...)` maps (layer, sequence, KV head, position) to slab rows on the
 `fetch(...)` gathers them (gpu_kernels/fetch.py, a UVA kernel, on CUDA; indexing elsewhere).
 
 Bytes. `used_bytes` counts the chunks the live sequences hold, `reserved_bytes` the slabs.
-A slab that does not fit `host_tier_bytes` or the host's available memory raises
+On CUDA a slab is pageable memory registered with the CUDA runtime: pinned at exactly its size
+(torch's pinned allocator rounds up to a power of two). A slab holds at least 1 GiB or one
+sequence's run. A slab that does not fit `host_tier_bytes` or the host's available memory raises
 `ColdTierMemoryError` saying how much was asked, how much is left, and what to change.
 """
 
@@ -221,26 +223,32 @@ class ColdTier:
 
     # ---- prefill ---------------------------------------------------------------------------------
     def allocate_prefill(self, seq_ids: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Chunks for the prompts of a batch (one run, sequence-major). Host work; at layer 0."""
+        """Chunks for the prompts of a batch: one run of consecutive chunks per sequence (a slab holds
+        at least one sequence, so no slab is bigger than the longest prompt or 1 GiB). Host work; at
+        layer 0. Host memory short for any of them: nothing stays allocated, ColdTierMemoryError."""
         ids = seq_ids.cpu().numpy()
         n = lengths.cpu().numpy().astype(np.int64)
         if (self.num_tokens[ids] > 0).any():
             raise NotImplementedError("the cold tier takes a whole prompt in one prefill chunk (no chunked prefill)")
         per = (n + self.C - 1) // self.C
-        total = int(per.sum())
         self._ensure_cols(int(per.max(initial=0)) + 1)
-        if total:
-            s, a = self._alloc_run(total)
-            first = self.slab_first[s] + a
-            starts = first + np.concatenate([[0], np.cumsum(per)[:-1]])
-            for b, sid in enumerate(ids):  # host bookkeeping of B table rows
-                self.table[sid, : per[b]] = np.arange(starts[b], starts[b] + per[b])
-            self._prefill_run = (s, a, total)
-        else:
-            self._prefill_run = (0, 0, 0)
-        self._prefill_starts = torch.from_numpy(
-            (np.concatenate([[0], np.cumsum(per)[:-1]]) if len(per) else np.zeros(0)).astype(np.int64)
-        ).to(self.device)
+        offsets = np.concatenate([[0], np.cumsum(per)[:-1]]).astype(np.int64) if len(per) else np.zeros(0, np.int64)
+        runs = []  # (slab, first local chunk, first staging chunk, chunks) per sequence
+        try:
+            for b, sid in enumerate(ids):
+                if per[b]:
+                    s, a = self._alloc_run(int(per[b]))
+                    runs.append((s, a, int(offsets[b]), int(per[b])))
+                    first = self.slab_first[s] + a
+                    self.table[sid, : per[b]] = np.arange(first, first + per[b])  # host bookkeeping
+        except ColdTierMemoryError:
+            for s, a, _, c in runs:
+                self.slab_free[s][a: a + c] = True
+            self.table[ids] = -1
+            raise
+        self._prefill_runs = runs
+        self._prefill_total = int(per.sum())
+        self._prefill_starts = torch.from_numpy(offsets).to(self.device)
         self.num_tokens[ids] = n
         self._dirty = True
 
@@ -250,7 +258,7 @@ class ColdTier:
 
         k, v: [B, Hkv, T, d]; positions int [B, T]; valid bool [B, T]. Asynchronous on CUDA.
         """
-        s, a, total = self._prefill_run
+        total = self._prefill_total
         if total == 0:
             return
         B, H, T, d = k.shape
@@ -261,17 +269,18 @@ class ColdTier:
         off = p % self.C
         stage[ci, 0, :, off] = k[b, :, t].to(self.dtype)
         stage[ci, 1, :, off] = v[b, :, t].to(self.dtype)
-        dst = self.slabs[s][layer, a: a + total]
         if self.copy_stream is not None:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.copy_stream):
-                dst.copy_(stage, non_blocking=True)
+                for s, a, o, c in self._prefill_runs:
+                    self.slabs[s][layer, a: a + c].copy_(stage[o: o + c], non_blocking=True)
             stage.record_stream(self.copy_stream)  # the allocator must not reuse it before the copy ran
             ev = torch.cuda.Event()
             ev.record(self.copy_stream)
             self.prefill_events[layer] = ev
         else:
-            dst.copy_(stage)
+            for s, a, o, c in self._prefill_runs:
+                self.slabs[s][layer, a: a + c].copy_(stage[o: o + c])
             self.prefill_events[layer] = None
 
     def wait_prefill(self, layer: int) -> None:

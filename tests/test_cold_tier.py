@@ -109,6 +109,12 @@ def test_host_memory_cap_is_a_clear_error():
     cold = ColdTier(cfg, _geo(), max_seqs=2, chunk_tokens=4)
     with pytest.raises(ColdTierMemoryError, match="host_tier_bytes=1000"):
         cold.allocate_prefill(torch.tensor([0]), torch.tensor([40]))
+    # the first sequence fits, the second does not: nothing of the batch stays allocated
+    one_seq = L * 2 * HKV * 4 * D * 4 * 10  # 40 tokens = 10 chunks of 4
+    cold = ColdTier(KVStoreConfig(cold_tier=True, host_tier_bytes=one_seq), _geo(), max_seqs=2, chunk_tokens=4)
+    with pytest.raises(ColdTierMemoryError, match="host_tier_bytes"):
+        cold.allocate_prefill(torch.tensor([0, 1]), torch.tensor([40, 40]))
+    assert cold.used_bytes == 0 and (cold.table == -1).all() and cold.reserved_bytes <= one_seq
 
 
 def test_quantized_cold_tier_is_refused_clearly():
