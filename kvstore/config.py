@@ -95,7 +95,7 @@ class KVStoreConfig:
     kmeans_min_iters: int = 3
     kmeans_max_iters: int = 300
     pq_trainer: str = "auto"
-    kmeans_tol: float = 1e-3
+    kmeans_tol: float = 1e-2
     gpu_cache_tokens: int = 4096
     # cold tier
     cold_tier: bool = False

@@ -13,7 +13,7 @@ centroids makes the candidates themselves the centroids (exact scores).
 Determinism: the initial centroids are candidates picked by a CPU generator seeded from `seed`;
 the update is a one-hot matmul (no atomics); the iteration count comes from the data: Lloyd stops
 once at most `tol` of the points change their centroid in an iteration (between `min_iters` and
-`max_iters`), never from a clock. Same keys, same codebook, on a loaded or an idle machine.
+`max_iters`; each problem on its own), never from a clock. Same keys, same codebook, on a loaded or an idle machine.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _update(x: torch.Tensor, assign: torch.Tensor, cen: torch.Tensor) -> torch.T
 
 
 def train_codebook(keys: torch.Tensor, num_candidates: int, m: int, bits: int, seed: int = 0,
-                   min_iters: int = 3, max_iters: int = 300, tol: float = 1e-3) -> DeviceCodebook:
+                   min_iters: int = 3, max_iters: int = 300, tol: float = 1e-2) -> DeviceCodebook:
     """Train one (sequence, layer) codebook on its device and encode its tokens.
 
     Args:
@@ -72,15 +72,27 @@ def train_codebook(keys: torch.Tensor, num_candidates: int, m: int, bits: int, s
         min_iters, max_iters, tol: Lloyd runs until at most `tol` of the candidates change
             centroid in one iteration, within [min_iters, max_iters].
     """
-    H, n, d = keys.shape
+    cb = train_codebooks(keys.unsqueeze(0), num_candidates, m, bits, seed, min_iters, max_iters, tol)
+    return DeviceCodebook(cb.centroids[0], cb.codes[0], cb.exact, cb.iters)
+
+
+def train_codebooks(keys: torch.Tensor, num_candidates: int, m: int, bits: int, seed: int = 0,
+                    min_iters: int = 3, max_iters: int = 300, tol: float = 1e-2) -> DeviceCodebook:
+    """`train_codebook` for G sequences of the same length and candidate count at once: keys
+    [G, H, n, d] -> centroids [G, H, m, K, d/m], codes [G, H, n, m]; `iters` is the most any
+    problem ran. Each (sequence, head, sub-space) problem starts from the same picks and stops
+    at the same iteration as it would alone (a converged problem is frozen while others run), so
+    a sequence's codebook does not depend on its batchmates.
+    """
+    G, H, n, d = keys.shape
     if d % m:
         raise ValueError(f"head dim {d} is not a multiple of pq_subspaces={m}")
     if not 0 <= num_candidates <= n:
         raise ValueError(f"num_candidates={num_candidates} outside [0, {n}]")
     if not 1 <= bits <= 8:
         raise ValueError(f"pq_bits={bits} outside [1, 8]")
-    K, ds, nc, P = 1 << bits, d // m, num_candidates, H * m
-    x = keys.float().reshape(H, n, m, ds).permute(0, 2, 1, 3).reshape(P, n, ds).contiguous()  # [P, n, ds]
+    K, ds, nc, P = 1 << bits, d // m, num_candidates, G * H * m
+    x = keys.float().reshape(G * H, n, m, ds).permute(0, 2, 1, 3).reshape(P, n, ds).contiguous()  # [P, n, ds]
     codes = torch.empty(P, n, dtype=torch.int64, device=keys.device)
     exact, iters = nc < K, 0
     if exact:  # the candidates are the centroids; duplicates of the first fill the rest
@@ -89,22 +101,26 @@ def train_codebook(keys: torch.Tensor, num_candidates: int, m: int, bits: int, s
     else:
         g = torch.Generator().manual_seed(seed)
         pick = torch.stack([torch.randperm(nc, generator=g)[:K] if nc <= 4 * K else
-                            torch.randint(nc, (K,), generator=g) for _ in range(P)]).to(keys.device)
+                            torch.randint(nc, (K,), generator=g) for _ in range(H * m)])  # one sequence's
+        pick = pick.repeat(G, 1).to(keys.device)
         cen = torch.gather(x, 1, pick.unsqueeze(-1).expand(P, K, ds))
         cand = x[:, :nc]
         prev = torch.full((P, nc), -1, dtype=torch.int64, device=keys.device)
         cur = torch.empty_like(prev)
-        limit = tol * P * nc
+        active = torch.ones(P, 1, 1, dtype=torch.bool, device=keys.device)
+        limit = tol * nc
         while iters < max_iters:
             _assign(cand, cen, cur)
             iters += 1
-            changed = (cur != prev).sum()
-            cen = _update(cand, cur, cen)
+            changed = (cur != prev).sum(-1)  # [P]
+            cen = torch.where(active, _update(cand, cur, cen), cen)
             prev, cur = cur, prev
-            if iters >= min_iters and changed.item() <= limit:  # one host sync per iteration
-                break
+            if iters >= min_iters:
+                active &= (changed > limit).view(P, 1, 1)
+                if not bool(active.any().item()):  # one host sync per iteration
+                    break
     _assign(x, cen, codes)
     if exact and nc:
         codes[:, :nc] = torch.arange(nc, device=keys.device)
-    centroids = cen.view(H, m, K, ds)
-    return DeviceCodebook(centroids, codes.view(H, m, n).transpose(1, 2).to(torch.uint8), exact, iters)
+    centroids = cen.view(G, H, m, K, ds)
+    return DeviceCodebook(centroids, codes.view(G, H, m, n).transpose(2, 3).to(torch.uint8), exact, iters)

@@ -10,8 +10,8 @@ Nothing of size N x N is ever built (N = the tokens attended). Two cases:
   padding rows come out as zeros. Attention needs no positions: q and k are post-RoPE.
 * Earlier tokens (a later chunk of a chunked prefill): the chunk attends to every valid past
   token (per sequence and KV head: a pruned or empty slot is not valid) and causally to itself.
-  A past with no holes (every slot valid: `full`, `quant`, LeanKV's kept-whole earlier chunks, no
-  padding) is plain causal attention aligned to the lower right: on CUDA in 16 bits, SDPA's flash
+  A past with no holes (every row n valid slots, then the last page's empty ones: `full`, `quant`,
+  LeanKV's kept-whole earlier chunks, no padding) is plain causal attention aligned to the lower right: on CUDA in 16 bits, SDPA's flash
   kernel with `causal_lower_right` (no mask at all, GQA native). A past with holes on CUDA is
   FlexAttention (compiled; the validity mask is a score_mod reading a [B, Hkv, P] tensor, no mask
   matrix). Elsewhere it is SDPA with a boolean mask over blocks of queries, so the mask is at most
@@ -64,8 +64,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: 
         q, k, v = (_take(x, order) for x in (q, k, v))
     if past is None or past[0].shape[2] == 0:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
-    elif q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and bool(past[2].all().item()):
-        out = _flash_dense_past(q, k, v, past[0], past[1], scale)
+    elif q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and (n := _dense_prefix(past[2])) is not None:
+        out = _flash_dense_past(q, k, v, past[0][:, :, :n], past[1][:, :, :n], scale)
     elif q.is_cuda:
         out = _flex_with_past(q, k, v, *past, scale)
     else:
@@ -113,6 +113,14 @@ def _sdpa_with_past(q, k, v, k_past, v_past, past_valid, scale):
         out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], keys, values, attn_mask=mask, scale=scale,
                                                         enable_gqa=G > 1)
     return out
+
+
+def _dense_prefix(past_valid: torch.Tensor) -> int | None:
+    """n when every row of past_valid [B, Hkv, P] is n valid slots then empty ones (the hot tier of
+    `full`/`quant` after equal-length chunks: the last page's unused slots trail), else None."""
+    n = past_valid.sum(-1)
+    top = int(n.max().item())
+    return top if bool((n == top).all().item()) and bool(past_valid[..., :top].all().item()) else None
 
 
 def _flash_dense_past(q, k, v, k_past, v_past, scale):

@@ -233,6 +233,11 @@ class ExactSelector(Selector):
         return self.keys[:, 0].numel() * self.keys.element_size()
 
 
+#: device codebook training: fp32 keys of one group of sequences trained together (bounds the
+#: trainer's temporaries at a few times this)
+_TRAIN_GROUP_BYTES = 1 << 30
+
+
 class PQSelector(Selector):
     """PQCache: codebooks trained during prefill, codes resident on the device.
 
@@ -302,23 +307,30 @@ class PQSelector(Selector):
 
     @torch.no_grad()
     def _train_on_device(self, layer, seq_ids, k, valid, prompt_lens, hi):
-        """Codebooks of one layer trained on the keys in device memory (`kvstore.kmeans`), one
-        sequence at a time (its H x m problems batched), codes and centroids written in place."""
-        from kvstore.kmeans import train_codebook
+        """Codebooks of one layer trained on the keys in device memory (`kvstore.kmeans`), codes and
+        centroids written in place. Sequences of one length (a dense batch) train together, in
+        groups of about `_TRAIN_GROUP_BYTES` of fp32 keys; others one at a time."""
+        from kvstore.kmeans import train_codebooks
 
         t0 = time.perf_counter()
         S, c = self.config.sink_tokens, self.config
-        dense = bool(valid.all().item())
-        lens, his = prompt_lens.tolist(), hi.tolist()
-        for b, (sid, n, h) in enumerate(zip(seq_ids.tolist(), lens, his)):
+        ids, lens, his = seq_ids.tolist(), prompt_lens.tolist(), hi.tolist()
+        B, H, T, d = k.shape
+        dense = bool(valid.all().item()) and len(set(lens)) == 1 and len(set(his)) == 1
+        group = max(1, _TRAIN_GROUP_BYTES // max(1, H * T * d * 4)) if dense else 1
+        for s in range(0, B, group):
+            e = min(B, s + group)
+            n, h = lens[s], his[s]
             if n <= S:
                 continue
-            keys = k[b, :, S:n] if dense else k[b][:, valid[b]][:, S:n]  # [Hkv, n - S, d], positions S..n-1
+            # [G, Hkv, n - S, d], positions S..n-1
+            keys = k[s:e, :, S:n] if dense else k[s][:, valid[s]][:, S:n].unsqueeze(0)
             # seeded by layer only: a sequence's codebook does not depend on its batchmates
-            cb = train_codebook(keys, max(h - S, 0), self.m, c.pq_bits, seed=layer, min_iters=c.kmeans_min_iters,
-                                max_iters=c.kmeans_max_iters, tol=c.kmeans_tol)
-            self.centroids[layer, sid] = cb.centroids.to(torch.float16)
-            self.codes[layer, sid, :, S:n] = cb.codes
+            cb = train_codebooks(keys, max(h - S, 0), self.m, c.pq_bits, seed=layer, min_iters=c.kmeans_min_iters,
+                                 max_iters=c.kmeans_max_iters, tol=c.kmeans_tol)
+            sids = seq_ids[s:e]
+            self.centroids[layer, sids] = cb.centroids.to(torch.float16)
+            self.codes[layer, sids, :, S:n] = cb.codes
         self.build_seconds += time.perf_counter() - t0
 
     def _build(self, layer: int, ids: list[int], lens: list[int], his: list[int], S: int):

@@ -105,17 +105,22 @@ def test_flex_with_past_on_cuda(dtype, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash kernel runs on CUDA")
 @pytest.mark.parametrize("padded", [False, True])
-def test_flash_dense_past_on_cuda(padded):
-    """CUDA, 16 bits, a later chunk over a past with no holes: SDPA's flash kernel with the
-    lower-right causal bias (GQA, no mask tensor) against the masked reference."""
+def test_flash_dense_past_on_cuda(padded, monkeypatch):
+    """CUDA, 16 bits, a later chunk over a past with no holes (empty slots only at the end): SDPA's
+    flash kernel with the lower-right causal bias (GQA, no mask tensor) against the masked reference."""
+    calls = []
+    real = pa._flash_dense_past
+    monkeypatch.setattr(pa, "_flash_dense_past", lambda *a: calls.append(1) or real(*a))
     B, Hq, Hkv, d = 2, 8, 2, 64
     for P, T in ((300, 200), (1000, 129)):
         q, k, v = (x.cuda().bfloat16() for x in _qkv(B=B, Hq=Hq, Hkv=Hkv, T=T, d=d, seed=P))
         _, kp, vp = (x.cuda().bfloat16() for x in _qkv(B=B, Hq=Hq, Hkv=Hkv, T=P, d=d, seed=P + 1))
         past_valid = torch.ones(B, Hkv, P, dtype=torch.bool, device="cuda")
+        past_valid[..., P - 7:] = False  # the last page's unused slots
         valid = (_left_padded(B, T) if padded else torch.ones(B, T, dtype=torch.bool)).cuda()
         got = pa.prefill_attention(q, k, v, valid, 0.125, past=(kp, vp, past_valid))
         key_valid = torch.cat([past_valid, valid.view(B, 1, T).expand(B, Hkv, T)], dim=2)
         ref = reference.prefill_attention(q.float(), torch.cat([kp, k], 2).float(), torch.cat([vp, v], 2).float(),
                                           key_valid, 0.125, past=P).masked_fill(~valid.view(B, 1, T, 1), 0.0)
         torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+    assert len(calls) == 2  # the flash path ran, not FlexAttention

@@ -244,11 +244,17 @@ def test_device_trainer_generates_the_same_tokens_every_run(preset, monkeypatch)
     ids, mask = left_padded_batch(2, 300, pads=(40, 0))
     cfg = KVStoreConfig.preset(preset, pq_trainer="device")
     calls = []
-    real = kmeans.train_codebook
-    monkeypatch.setattr(kmeans, "train_codebook", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k))
+    real = kmeans.train_codebooks
+    monkeypatch.setattr(kmeans, "train_codebooks", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k))
     first = _generate(model, cfg, ids, mask, steps=5)
-    assert sorted(set(calls)) == list(range(L)) and len(calls) == 2 * L  # per layer, per sequence
+    assert sorted(set(calls)) == list(range(L)) and len(calls) == 2 * L  # per layer, per sequence (padded batch)
     clock = iter(range(10 ** 6))
     monkeypatch.setattr(_time, "perf_counter", lambda: float(next(clock)) * 7.3)  # a stressed, jumpy clock
     again = _generate(model, cfg, ids, mask, steps=5)
     assert torch.equal(first[1], again[1]) and torch.equal(first[0], again[0])
+    calls.clear()  # a batch of one length trains as one group per layer, and each row as it would alone
+    dense_ids = ids[1:].repeat(2, 1)
+    both = _generate(model, cfg, dense_ids, torch.ones_like(dense_ids), steps=5)
+    assert len(calls) == L
+    alone = _generate(model, cfg, dense_ids[:1], torch.ones_like(dense_ids[:1]), steps=5)
+    assert torch.equal(both[1][0], alone[1][0])

@@ -3,6 +3,7 @@
 # throughput on the Llama-3-8B shape (32 layers, random bf16 weights).
 # Usage on the GPU machine (with .device-deps carried):
 #   LENGTHS=32k METHODS=hf,full,quant,leankv,pqcache,tiered TESTS=1 bash benchmarks/results/h200_throughput/run.sh
+#   MAXB=6 caps the batch --batch max runs (the fit it found stays in the row)
 #   FROM=benchmarks/results/h200_throughput/results.json LENGTHS=128k ... bash ...   (resumes FROM's rows)
 set -u
 bash .device-deps/install.sh > /dev/null 2>&1 && export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
@@ -20,5 +21,5 @@ RESUME=""
 if [ -n "${FROM:-}" ]; then cp "$FROM" "$OUT/tp/results.json"; RESUME=--resume; fi
 python -m benchmarks.cli throughput --model llama3-8b --lengths ${LENGTHS:-32k,128k} \
     --methods ${METHODS:-hf,full,quant,leankv,pqcache,tiered} --batch max --new-tokens ${NEW:-32} \
-    --out "$OUT/tp" --max-minutes ${MINUTES:-7} --quiet $RESUME > "$OUT/tp.log" 2>&1
+    --out "$OUT/tp" --max-minutes ${MINUTES:-7} --quiet $RESUME ${MAXB:+--max-batch $MAXB} > "$OUT/tp.log" 2>&1
 grep -v "^\s*$" "$OUT/tp.log" | tail -12; cat "$OUT/tp/summary.md" 2>/dev/null | head -30
