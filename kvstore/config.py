@@ -52,9 +52,10 @@ class KVStoreConfig:
       pq_trainer: who trains the codebooks. "auto": torch on the store's device when it is CUDA
         (`kvstore.kmeans`: batched, synchronous after each layer's prefill, stopped by the
         convergence rule), FAISS on host threads otherwise; "device" or "faiss" force one.
-      kmeans_min_iters / kmeans_max_iters: bounds of the k-means iteration count (FAISS: adapted
-        to the prefill time, PQCache's rule; device trainer: the convergence rule's bounds).
-      kmeans_tol: device trainer: Lloyd stops once at most this share of the points change centroid.
+      kmeans_iters: FAISS trainer: Lloyd iterations, a fixed count (FAISS's default 25). Never
+        chosen from a clock (PQCache sizes it to the prefill time: results then depend on load).
+      kmeans_min_iters / kmeans_max_iters / kmeans_tol: device trainer: Lloyd stops once at most
+        `kmeans_tol` of a problem's points change centroid, within [min, max] iterations.
       gpu_cache_tokens: GPU cache slots of retrieved tokens per (sequence, layer, KV head).
 
     Cold tier (host memory)
@@ -92,6 +93,7 @@ class KVStoreConfig:
     window_share: float = 0.5
     pq_subspaces: int = 2
     pq_bits: int = 6
+    kmeans_iters: int = 25
     kmeans_min_iters: int = 3
     kmeans_max_iters: int = 300
     pq_trainer: str = "auto"
@@ -158,6 +160,8 @@ class KVStoreConfig:
             raise bad("pq_subspaces", "must be >= 1")
         if not 1 <= self.pq_bits <= 8:
             raise bad("pq_bits", "must be in 1..8 (codes are uint8)")
+        if self.kmeans_iters < 1:
+            raise bad("kmeans_iters", "must be >= 1")
         if not 1 <= self.kmeans_min_iters <= self.kmeans_max_iters:
             raise bad("kmeans_min_iters", "need 1 <= kmeans_min_iters <= kmeans_max_iters")
         if self.pq_trainer not in ("auto", "device", "faiss"):

@@ -258,8 +258,6 @@ class PQSelector(Selector):
 
     def __init__(self, config, geometry, cold):
         super().__init__(config, geometry, cold)
-        from retrieval.codebook import KMeansBudget
-
         m, d = config.pq_subspaces, geometry.head_dim
         if d % m:
             raise ValueError(f"KVStoreConfig.pq_subspaces={m} must divide the head dim {d}")
@@ -267,10 +265,8 @@ class PQSelector(Selector):
         L, H = geometry.num_layers, geometry.num_kv_heads
         self.codes = torch.zeros(L, 0, H, 0, m, dtype=torch.uint8, device=self.device)
         self.centroids = torch.zeros(L, 0, H, m, self.K, self.dsub, dtype=torch.float16, device=self.device)
-        self.budget = KMeansBudget(config.kmeans_min_iters, config.kmeans_max_iters)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-pq-build")
         self.pending: dict[int, list[tuple[Future, torch.Tensor]]] = {}
-        self._last_prefill: float | None = None
         self.build_seconds = 0.0
         self.wait_seconds = 0.0
         self.hold = None  # tests: a threading.Event per layer the build job waits on, or None
@@ -294,10 +290,6 @@ class PQSelector(Selector):
     def prefill(self, layer, seq_ids, k, positions, valid, prompt_lens, hi):
         if self.trains_on_device:
             return self._train_on_device(layer, seq_ids, k, valid, prompt_lens, hi)
-        now = time.perf_counter()
-        if layer > 0 and self._last_prefill is not None:
-            self.budget.observe_prefill(now - self._last_prefill)
-        self._last_prefill = now
         S = self.config.sink_tokens
         ids = seq_ids.cpu().numpy().tolist()
         lens = prompt_lens.cpu().numpy().tolist()
@@ -345,9 +337,7 @@ class PQSelector(Selector):
         for sid, n, hi in zip(ids, lens, his):
             keys = self.cold.read_keys(sid, layer, S, max(n, S)).float().numpy()
             nc = max(hi - S, 0)
-            iters = self.budget.iters(nc * self.geometry.num_kv_heads * self.m)
-            cb = train_codebook(keys, nc, self.m, self.config.pq_bits, iters, seed=layer, start=S)
-            self.budget.observe_build(nc * self.geometry.num_kv_heads * self.m, cb.iters, cb.seconds)
+            cb = train_codebook(keys, nc, self.m, self.config.pq_bits, self.config.kmeans_iters, seed=layer, start=S)
             out.append(cb)
         self.build_seconds += time.perf_counter() - t0
         return out

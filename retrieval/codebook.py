@@ -11,10 +11,9 @@ sub-vectors and token i gets code i in every sub-space, so the asymmetric-distan
 candidate equals its exact q.k (the "exact scores for that layer" rule, with no second code
 path). Later tokens get nearest-centroid codes as usual.
 
-`KMeansBudget` sizes the iteration count to the prefill time the build hides behind
-(PQCache: clamp 3..300): it measures the host cost of one k-means iteration per point and the
-GPU's prefill time per layer and picks the count that makes one layer's build fit one
-layer's prefill.
+The iteration count is fixed (`KVStoreConfig.kmeans_iters`): PQCache sizes it to the prefill
+time the build hides behind, which made its codebooks, and so its answers, depend on the
+machine's load. A CUDA store trains on the device instead (`kvstore/kmeans.py`).
 """
 
 from __future__ import annotations
@@ -140,37 +139,3 @@ def train_codebook(keys: np.ndarray, num_candidates: int, m: int, bits: int, ite
 
     list(_pool().map(encode, range(H)))
     return PQCodebook(centroids, codes, start, exact, 0 if exact else iters, time.perf_counter() - t0)
-
-
-class KMeansBudget:
-    """Adaptive k-means iteration count: one layer's build should fit one layer's prefill.
-
-    `observe_build(points, iters, seconds)` feeds the measured host cost; `observe_prefill(s)`
-    the measured prefill time per layer. `iters(points)` = clamp(prefill / cost_per_iter).
-    Before any measurement it returns `min_iters` (the build of layer 0 is the probe).
-    """
-
-    def __init__(self, min_iters: int = 3, max_iters: int = 300):
-        self.min_iters, self.max_iters = min_iters, max_iters
-        self._lock = threading.Lock()
-        self.seconds_per_point_iter: float | None = None
-        self.prefill_seconds_per_layer: float | None = None
-
-    def observe_build(self, points: int, iters: int, seconds: float) -> None:
-        if points <= 0 or iters <= 0:
-            return
-        with self._lock:
-            s = seconds / (points * iters)
-            old = self.seconds_per_point_iter
-            self.seconds_per_point_iter = s if old is None else 0.5 * (old + s)
-
-    def observe_prefill(self, seconds_per_layer: float) -> None:
-        with self._lock:
-            self.prefill_seconds_per_layer = seconds_per_layer
-
-    def iters(self, points: int) -> int:
-        with self._lock:
-            cost, budget = self.seconds_per_point_iter, self.prefill_seconds_per_layer
-        if cost is None or budget is None or points <= 0:
-            return self.min_iters
-        return int(min(self.max_iters, max(self.min_iters, budget / (cost * points))))

@@ -1,11 +1,11 @@
-"""retrieval/codebook.py: FAISS k-means codebooks per (KV head, sub-space), exact fallback, iteration budget."""
+"""retrieval/codebook.py: FAISS k-means codebooks per (KV head, sub-space), exact fallback."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from retrieval.codebook import KMeansBudget, nearest_codes, train_codebook
+from retrieval.codebook import nearest_codes, train_codebook
 
 
 def _clustered(H, n, d, centers=32, seed=0):
@@ -54,25 +54,3 @@ def test_fewer_candidates_than_centroids_is_exact():
 def test_bad_subspaces_is_a_clear_error():
     with pytest.raises(ValueError, match="pq_subspaces"):
         train_codebook(_clustered(1, 100, 16), 100, m=3, bits=4, iters=3)
-
-
-def test_iteration_budget_clamps_and_scales():
-    b = KMeansBudget(3, 300)
-    assert b.iters(1000) == 3  # no measurement yet
-    b.observe_build(points=1000, iters=10, seconds=0.01)  # 1 us per point-iteration
-    b.observe_prefill(0.05)
-    assert b.iters(1000) == 50
-    assert b.iters(10) == 300 and b.iters(10 ** 7) == 3
-
-
-def test_parallel_build_is_deterministic_and_matches_per_job_kmeans():
-    """The (head, sub-space) k-means jobs run side by side on the build pool: same result every time,
-    and each equals the same FAISS k-means run alone."""
-    from retrieval.codebook import _kmeans
-
-    keys = _clustered(3, 900, 16, seed=3)
-    a = train_codebook(keys, 800, m=2, bits=4, iters=4, seed=7)
-    b = train_codebook(keys, 800, m=2, bits=4, iters=4, seed=7)
-    assert np.array_equal(a.centroids, b.centroids) and np.array_equal(a.codes, b.codes)
-    alone = _kmeans(np.ascontiguousarray(keys[2, :800, 8:16]), 16, 4, 7 + 1000 * 2 + 1)
-    np.testing.assert_allclose(a.centroids[2, 1], alone, rtol=1e-5, atol=1e-5)

@@ -25,7 +25,7 @@ from kvstore.store import KVStore
 
 L, HQ, HKV, D = 2, 4, 2, 16
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-SMALL = dict(page_size=4, use_triton="always", kmeans_min_iters=4, kmeans_max_iters=4)
+SMALL = dict(page_size=4, use_triton="always", kmeans_iters=4)
 PRESETS = {
     "full": {},
     "quant": {},

@@ -232,12 +232,29 @@ def test_gpu_cache_admits_misses_into_unprotected_slots(policy):
     assert (cache.pos[0, 0] == -1).all()  # other sequences untouched
 
 
+@pytest.mark.parametrize("trainer", ["faiss", "device"])
 @pytest.mark.parametrize("preset", ["pqcache", "tiered"])
-def test_device_trainer_generates_the_same_tokens_every_run(preset, monkeypatch):
-    """pq_trainer="device" (what a CUDA store runs) on CPU: codebooks trained after each layer's prefill,
-    no background build left pending, and the same tokens and logits on every run, whatever the clock says."""
+def test_same_tokens_every_run_whatever_the_clock(preset, trainer, monkeypatch):
+    """The same generation twice, the second under a stressed, jumpy clock: identical tokens and
+    logits. FAISS (a CPU store's trainer) runs a fixed iteration count; the device trainer (what a
+    CUDA store runs, here on CPU) trains after each layer's prefill and stops by its convergence rule."""
     import time as _time
 
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(2, 300, pads=(40, 0))
+    cfg = KVStoreConfig.preset(preset, pq_trainer=trainer)
+    first = _generate(model, cfg, ids, mask, steps=5)
+    clock = iter(range(10 ** 6))
+    monkeypatch.setattr(_time, "perf_counter", lambda: float(next(clock)) * 7.3)
+    monkeypatch.setattr(_time, "time", lambda: float(next(clock)) * 11.1)
+    again = _generate(model, cfg, ids, mask, steps=5)
+    assert torch.equal(first[1], again[1]) and torch.equal(first[0], again[0])
+
+
+@pytest.mark.parametrize("preset", ["pqcache", "tiered"])
+def test_device_trainer_trains_per_layer_and_batches_one_length(preset, monkeypatch):
+    """pq_trainer="device": one training per layer and sequence of a padded batch, one per layer
+    for a batch of one length, and a row's tokens are the same alone or in that batch."""
     from kvstore import kmeans
 
     model = tiny_model("llama")
@@ -246,13 +263,9 @@ def test_device_trainer_generates_the_same_tokens_every_run(preset, monkeypatch)
     calls = []
     real = kmeans.train_codebooks
     monkeypatch.setattr(kmeans, "train_codebooks", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k))
-    first = _generate(model, cfg, ids, mask, steps=5)
+    _generate(model, cfg, ids, mask, steps=5)
     assert sorted(set(calls)) == list(range(L)) and len(calls) == 2 * L  # per layer, per sequence (padded batch)
-    clock = iter(range(10 ** 6))
-    monkeypatch.setattr(_time, "perf_counter", lambda: float(next(clock)) * 7.3)  # a stressed, jumpy clock
-    again = _generate(model, cfg, ids, mask, steps=5)
-    assert torch.equal(first[1], again[1]) and torch.equal(first[0], again[0])
-    calls.clear()  # a batch of one length trains as one group per layer, and each row as it would alone
+    calls.clear()
     dense_ids = ids[1:].repeat(2, 1)
     both = _generate(model, cfg, dense_ids, torch.ones_like(dense_ids), steps=5)
     assert len(calls) == L
