@@ -23,7 +23,10 @@ Failures (each one is logged and counted):
 * a worker dies: it is restarted on its node (at most `max_restarts` times per worker slot,
   then its batches move to the other workers, those on the same node first). A batch whose
   segment survives in its node's cold tier is resumed from it, without prefill (its sequences
-  count in `resumed`); otherwise it is re-prefilled from prompt + generated tokens (`re_prefills`).
+  count in `resumed`); otherwise it is re-prefilled (`re_prefills`): the prompt is prefilled and
+  the generated tokens replayed as decode steps, which leaves the store as the uninterrupted run
+  had it; a replayed step whose own token differed from the recorded one (a nondeterministic
+  kernel) counts its batch's requests in `recovered_inexact`.
 * a cold tier dies: it is restarted on its node and every batch whose segment lived there is
   re-prefilled into a new segment, on its (live) worker.
 No request is dropped while some worker is alive; one that cannot be served counts in `failed`.
@@ -147,7 +150,8 @@ class Controller:
         self.slots: list[_Slot] = []
         self.cold: dict[str, object] = {}
         self.cold_epoch: dict[str, int] = {}
-        self.metrics = dict(worker_restarts=0, cold_tier_restarts=0, re_prefills=0, resumed=0, steps=0)
+        self.metrics = dict(worker_restarts=0, cold_tier_restarts=0, re_prefills=0, resumed=0, steps=0,
+                            recovered_inexact=0)
         self.failures: list[str] = []
         self._batch_count = 0
         self._chaos_fired = False
@@ -476,6 +480,8 @@ class Controller:
                                                  b.generated if had else None))
         if b.prefilled:
             self.metrics["re_prefills"] += len(b.requests)
+        if had and ray.get(slot.handle.take_replay_mismatches.remote()):
+            self.metrics["recovered_inexact"] += len(b.requests)
         b.prefilled = True
         if not had:
             for row, tok in zip(b.generated, first):

@@ -11,8 +11,9 @@ request gets exactly `max_new_tokens`), so that
 
 Per batch the worker keeps the padded timeline of kvstore.sequence_io (left padding, column t
 is the t-th token fed). A batch can start from prompts (prefill), resume from a segment (no
-prefill: its K/V are imported into the store), or be re-prefilled from prompt + generated tokens
-when its segment was lost.
+prefill: its K/V are imported into the store), or be re-prefilled when its segment was lost: the
+prompt is prefilled and the generated tokens are replayed as decode steps, so the store's state
+(and every later token) is the uninterrupted run's for every preset.
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ class WorkerEngine:
         self.store = self.client.store
         self.max_seqs = max_seqs
         self.batches: dict[str, _Batch] = {}
+        #: replayed steps (re-prefill after a lost segment) whose own token differed from the recorded one
+        self.replay_mismatches = 0
         geo = self.store.geometry
         # Presets whose store state depends on queries are rebuilt by replay, which needs them.
         self.record_queries = not exportable(self.store) if record_queries is None else bool(record_queries)
@@ -196,8 +199,12 @@ class WorkerEngine:
               generated: list[list[int]] | None = None) -> list[int]:
         """Prefill a batch and return each row's first generated token.
 
-        With `generated` (a re-prefill after its segment was lost): the model runs over
-        prompt + generated[:-1] and the batch goes on from generated[-1]; returns generated[-1].
+        With `generated` (a re-prefill after its segment was lost): the prompt is prefilled and
+        the generated tokens are fed back one decode step at a time (teacher forcing), so the
+        store ends in the state the uninterrupted run had (LeanKV's scores, PQ codebooks, the
+        quantized pages) and the batch goes on with the tokens it would have produced; returns
+        generated[-1]. A replayed step whose own token differs from the recorded one (a
+        nondeterministic kernel) counts in `replay_mismatches` and the recorded token is kept.
         """
         if batch_id in self.batches:
             self.finish(batch_id)
@@ -212,6 +219,8 @@ class WorkerEngine:
         if len(gen) != B or len({len(g) for g in gen}) != 1:
             raise ValueError("generated must hold one list per prompt, all of the same length")
         g = len(gen[0])
+        if g > max_new_tokens:
+            raise ValueError(f"{g} generated tokens exceed max_new_tokens={max_new_tokens}")
         P = max(len(p) for p in prompts)
         max_tokens = P + max_new_tokens
         if arena is not None and (arena.max_tokens < max_tokens or arena.batch != B):
@@ -220,10 +229,7 @@ class WorkerEngine:
         for row, p in enumerate(prompts):  # building the host-side id table (not the data path)
             b.ids[row, P - len(p):P] = torch.tensor(p, dtype=torch.int64)
             b.mask[row, P - len(p):P] = 1
-        if g:
-            b.ids[:, P:P + g] = torch.tensor(gen, dtype=torch.int64, device=self.device)
-            b.mask[:, P:P + g - 1] = 1
-        T = P + max(g - 1, 0)  # columns fed by this prefill
+        T = P
         mask = b.mask[:, :T]
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         b.prefill_stage = self._stage(T, B)
@@ -231,18 +237,31 @@ class WorkerEngine:
         with torch.no_grad():
             out = self.model(input_ids=b.ids[:, :T], attention_mask=mask, position_ids=positions,
                              **{CACHE_ARG: b.cache}, use_cache=True)
-        if g == 0:
-            b.ids[:, T] = out.logits[:, -1].argmax(-1)
-        b.t, b.generated, b.prefill_columns = T, max(g, 1), T
+        b.ids[:, T] = out.logits[:, -1].argmax(-1)
+        b.t, b.generated, b.prefill_columns = T, 1, T
         b.positions = mask.sum(1, keepdim=True)
         self._publish(b, 0, T, b.prefill_stage, b.prefill_q_stage)
         b.prefill_stage = b.prefill_q_stage = None
-        first = b.ids[:, T].tolist()
         if b.arena is not None:
             b.arena.set_layout(P, T, b.scale)
-            b.arena.commit(b.t, b.generated)
         self.batches[batch_id] = b
-        return first
+        if g:
+            recorded = torch.tensor(gen, dtype=torch.int64, device=self.device)  # [B, g]
+            self._force(b, recorded[:, 0])
+            for i in range(1, g):
+                self._decode(b, forced=recorded[:, i])
+        elif b.arena is not None:
+            b.arena.commit(b.t, b.generated)
+        return b.ids[:, b.t].tolist()
+
+    def _force(self, b: _Batch, recorded: torch.Tensor) -> None:
+        """Keep the recorded token at column b.t (a replay), counting rows whose own token differs."""
+        own = b.ids[:, b.t]
+        self.replay_mismatches += int((own != recorded).sum().item())
+        b.ids[:, b.t] = recorded
+        if b.arena is not None:
+            b.arena.ids[:, b.t].copy_(recorded)
+            b.arena.commit(b.t, b.generated)
 
     def resume(self, batch_id: str, arena: ArenaSpec, max_new_tokens: int) -> list[list[int]]:
         """Take over a batch from its cold-tier segment, without prefill.
@@ -292,6 +311,10 @@ class WorkerEngine:
         b = self.batches[batch_id]
         if b.generated >= b.max_new_tokens:
             raise ValueError(f"batch {batch_id!r} already generated its {b.max_new_tokens} tokens")
+        return self._decode(b)
+
+    def _decode(self, b: _Batch, forced: torch.Tensor | None = None) -> list[int] | None:
+        """Feed column b.t, write the next token at b.t + 1 (argmax, or `forced` during a replay)."""
         t = b.t
         b.mask[:, t] = 1
         with torch.no_grad():
@@ -299,12 +322,21 @@ class WorkerEngine:
                              **{CACHE_ARG: b.cache}, use_cache=True)
         b.ids[:, t + 1] = out.logits[:, -1].argmax(-1)
         b.positions += 1
+        b.t, b.generated = t + 1, b.generated + 1
+        if forced is not None:
+            self._publish(b, t, 1, b.stage.unsqueeze(0), None if b.q_stage is None else b.q_stage.unsqueeze(0))
+            self._force(b, forced)
+            return None
         self._publish(b, t, 1, b.stage.unsqueeze(0), None if b.q_stage is None else b.q_stage.unsqueeze(0))
         new = b.ids[:, t + 1].tolist()  # the step's one host sync; the publish copies precede it on the stream
-        b.t, b.generated = t + 1, b.generated + 1
         if b.arena is not None:
             b.arena.commit(b.t, b.generated)
         return new
+
+    def take_replay_mismatches(self) -> int:
+        """Rows of replayed steps whose own token differed from the recorded one since the last call."""
+        n, self.replay_mismatches = self.replay_mismatches, 0
+        return n
 
     def generated(self, batch_id: str) -> list[list[int]]:
         b = self.batches[batch_id]

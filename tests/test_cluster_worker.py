@@ -135,6 +135,32 @@ def test_worker_reprefill_from_tokens():
     assert engine.free == 4
 
 
+@pytest.mark.parametrize("preset", ["full", "quant", "leankv", "pqcache", "tiered"])
+def test_reprefill_gives_the_uninterrupted_tokens(preset):
+    """A re-prefill after a lost segment replays the generated tokens as decode steps: the store ends
+    in the uninterrupted run's state, so every later token is the uninterrupted run's (every preset)."""
+    overrides = dict(sink_tokens=4, window_tokens=8, token_budget=8, pq_bits=4, gpu_cache_tokens=8, kmeans_iters=8,
+                     immune_tokens=4, score_queries=8)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (70, 96, 83)]
+    max_new, lost_after = 12, 5
+
+    def engine():
+        return WorkerEngine(ModelSpec("random", seed=3), preset, "cpu", max_seqs=4, store_overrides=overrides)
+
+    ref_engine = engine()
+    ref = [ref_engine.start("r", prompts, max_new)] + [ref_engine.step("r") for _ in range(max_new - 1)]
+    heir = engine()
+    got = [heir.start("b", prompts, max_new)] + [heir.step("b") for _ in range(lost_after - 1)]
+    generated = [list(col) for col in zip(*got)]
+    assert heir.start("b", prompts, max_new, generated=generated) == got[-1]  # the segment is lost: re-prefill
+    got += [heir.step("b") for _ in range(max_new - lost_after)]
+    assert got == ref and heir.take_replay_mismatches() == 0
+    assert heir.generated("b") == [list(col) for col in zip(*ref)]
+    for e, b in ((heir, "b"), (ref_engine, "r")):
+        e.finish(b)
+
+
 def test_worker_resume_replays_retrieval_state():
     """Under pqcache (window hot tier, PQ retrieval, GPU cache of retrieved tokens) the heir replays
     the store's calls from the recorded queries and decodes the same tokens as an uninterrupted run."""
