@@ -19,6 +19,18 @@ from kvstore.store import KVStore
 logger = logging.getLogger(__name__)
 
 
+class AlreadyAttachedError(RuntimeError):
+    """An attach that would put a second client on a model, or a second model on a client.
+
+    `holder` is the client that holds the model (or this client, when it is the one attached);
+    `holder.detach()` frees it.
+    """
+
+    def __init__(self, message: str, holder: "KVStoreClient"):
+        super().__init__(message)
+        self.holder = holder
+
+
 class KVStoreClient:
     def __init__(self, config: KVStoreConfig | None = None):
         if config is None:
@@ -39,12 +51,29 @@ class KVStoreClient:
 
         `engine` is a Hugging Face causal LM of the Llama, Mistral, Qwen2 or Qwen3 families.
         Raises UnsupportedModelError (a ValueError) saying what is unsupported otherwise.
-        """
-        if self._adapter is not None:
-            raise RuntimeError("this client is already attached; call detach() first")
-        from kvstore.adapters.hf import HFAdapter, model_geometry
 
+        One client serves one model, and a model is served by one client, at a time: attaching
+        a model that another client holds, or attaching this client again (to the same model or
+        another), raises AlreadyAttachedError naming the holder; detach it first. Nothing is
+        changed by a refused attach.
+
+        The model gets its own copy of its config while attached (every module that held the
+        config holds the copy), so other models built from the same config object are left as
+        they were; `detach()` gives the modules the original object back, which means changes
+        made to `model.config` while attached do not outlive the attachment.
+        """
+        from kvstore.adapters.hf import HFAdapter, attached_owner, model_geometry
+
+        if self._adapter is not None:
+            which = "this model" if engine is self._engine else f"a {type(self._engine).__name__}"
+            raise AlreadyAttachedError(f"{self!r} is already attached to {which}; call detach() first", self)
         geometry = model_geometry(engine)
+        holder = attached_owner(engine)
+        if holder is not None:
+            raise AlreadyAttachedError(
+                f"this {type(engine).__name__} is already attached to {holder!r}; call that client's detach() "
+                "first (one client per model)", holder,
+            )
         cap = self.config.hot_tier_bytes
         if cap is not None and geometry.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(geometry.device)
@@ -53,13 +82,16 @@ class KVStoreClient:
                     f"KVStoreConfig.hot_tier_bytes={cap} does not fit: {geometry.device} has {free} bytes free"
                 )
         self.store = KVStore(self.config, geometry)
-        self._adapter = HFAdapter(engine, self.store)
+        self._adapter = HFAdapter(engine, self.store, owner=self)
         self._engine = engine
         logger.info("kvstore attached (%s) to %s: %s", self.config.name, type(engine).__name__, geometry)
         return self
 
     def detach(self) -> None:
-        """Restore the engine exactly as it was and free every page."""
+        """Restore the engine exactly as it was and free every page.
+
+        Does nothing on a client that is not attached (never attached, or detached already).
+        """
         if self._adapter is None:
             return
         self._adapter.detach()
@@ -74,6 +106,10 @@ class KVStoreClient:
 
     def __exit__(self, *exc) -> None:
         self.detach()
+
+    def __repr__(self) -> str:
+        held = f", attached to {type(self._engine).__name__}" if self._engine is not None else ""
+        return f"<KVStoreClient {self.config.name!r} at 0x{id(self):x}{held}>"
 
     @property
     def attached(self) -> bool:

@@ -1,14 +1,17 @@
 """The `full` preset is the correctness anchor: through `attach` it must equal the bare model."""
 
 import gc
+import re
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvstore import KVStoreClient, KVStoreConfig
+from kvstore import AlreadyAttachedError, KVStoreClient, KVStoreConfig
 from kvstore.adapters.hf import CACHE_ARG, KVStoreCache, UnsupportedModelError, model_cache
-from tests.conftest import left_padded_batch, tiny_model
+from tests.conftest import TINY, left_padded_batch, tiny_model
 
 
 def _generate(model, ids, mask, **kw):
@@ -176,7 +179,7 @@ def test_refuses_beam_search_and_stays_usable():
         assert client.store.hot.pool.all_free()
 
 
-def test_refuses_foreign_cache_and_double_attach():
+def test_refuses_foreign_cache():
     from transformers import DynamicCache
 
     model = tiny_model("llama")
@@ -187,8 +190,126 @@ def test_refuses_foreign_cache_and_double_attach():
     with client.attach(model):
         with pytest.raises(ValueError, match="not built by kvstore"):
             model(ids[:, :1], **{CACHE_ARG: dense})
-        with pytest.raises(RuntimeError, match="already attached"):
-            client.attach(model)
+
+
+# ---- one client per model; a model is never left broken (issue 19) ----------------------------
+
+def _greedy(model):
+    ids, mask = left_padded_batch()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits)
+
+
+def _snapshot(model):
+    """What attach changes on the model and detach must put back, and the model's greedy output."""
+    return dict(
+        configs=[(name, id(m.config)) for name, m in model.named_modules() if hasattr(m, "config")],
+        impl=model.config._attn_implementation,
+        hooks=(len(model._forward_pre_hooks), len(model._forward_hooks)),
+        own_generate="generate" in vars(model),
+        out=_greedy(model),
+    )
+
+
+def _registered():
+    return set(ALL_ATTENTION_FUNCTIONS._global_mapping), set(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)
+
+
+def _assert_restored(model, before):
+    """The same config objects, implementation, hooks and generate as before attach; bit-equal output."""
+    after = _snapshot(model)
+    (seq, logits), (ref_seq, ref_logits) = after.pop("out"), before["out"]
+    assert after == {k: v for k, v in before.items() if k != "out"}
+    assert torch.equal(seq, ref_seq) and torch.equal(logits, ref_logits)
+
+
+def _assert_served(model, before):
+    """Attached with `full`: the same greedy tokens as the bare model, logits to float rounding."""
+    assert "generate" in vars(model)  # the adapter's wrapper
+    (seq, logits), (ref_seq, ref_logits) = _greedy(model), before["out"]
+    assert torch.equal(seq, ref_seq)
+    assert (logits - ref_logits).abs().max().item() < 1e-4  # observed ~1e-7 in fp32
+
+
+@pytest.mark.parametrize("order", ["holder_first", "refused_first"])
+def test_second_client_is_refused_and_any_detach_order_restores(order):
+    model = tiny_model("llama")
+    registered, before = _registered(), _snapshot(model)
+    c1, c2 = _client(), _client()
+    c1.attach(model)
+    with pytest.raises(AlreadyAttachedError, match=re.escape(repr(c1)) + ".*detach") as err:
+        c2.attach(model)
+    assert err.value.holder is c1 and not c2.attached
+    _assert_served(model, before)  # c1 still serves it
+    for client in (c1, c2) if order == "holder_first" else (c2, c1):
+        client.detach()
+    c1.detach(), c2.detach()  # detaching twice does nothing
+    _assert_restored(model, before)
+    assert _registered() == registered
+    with c2.attach(model):  # once c1 let go, c2 may attach
+        _assert_served(model, before)
+    _assert_restored(model, before)
+
+
+def test_same_client_twice_is_refused():
+    model, other = tiny_model("llama"), tiny_model("llama", seed=1)
+    before, before_other = _snapshot(model), _snapshot(other)
+    client = _client().attach(model)
+    with pytest.raises(AlreadyAttachedError, match="already attached to this model; call detach"):
+        client.attach(model)
+    with pytest.raises(AlreadyAttachedError, match="already attached to a LlamaForCausalLM; call detach"):
+        client.attach(other)
+    _assert_restored(other, before_other)  # the refused attach changed nothing
+    _assert_served(model, before)
+    client.detach()
+    _assert_restored(model, before)
+
+
+def test_detach_of_a_client_never_attached_changes_nothing():
+    model = tiny_model("llama")
+    before = _snapshot(model)
+    client = _client()
+    client.detach()
+    assert client.stats()["sequences"] == 0
+    _assert_restored(model, before)
+
+
+def _shared_config_models():
+    """Two Llamas (different weights) built from one LlamaConfig object."""
+    config = LlamaConfig(**TINY)
+    torch.manual_seed(0)
+    m1 = LlamaForCausalLM(config).eval()
+    torch.manual_seed(1)
+    m2 = LlamaForCausalLM(config).eval()
+    assert m1.config is config and m2.config is config and m1.model.layers[0].self_attn.config is config
+    return config, m1, m2
+
+
+@pytest.mark.parametrize("order", ["m1_first", "m2_first"])
+def test_models_sharing_a_config_stay_independent(order):
+    config, m1, m2 = _shared_config_models()
+    fields, impl = config.to_dict(), config._attn_implementation
+    registered, before1, before2 = _registered(), _snapshot(m1), _snapshot(m2)
+    c1 = _client().attach(m1)
+    assert config._attn_implementation == impl and config.to_dict() == fields  # the shared object is untouched
+    _assert_restored(m2, before2)  # the other model is exactly as it was
+    _assert_served(m1, before1)
+    c2 = _client().attach(m2)
+    _assert_served(m2, before2)
+    _assert_served(m1, before1)
+    pairs = [(c1, m1, before1), (c2, m2, before2)]
+    if order == "m2_first":
+        pairs.reverse()
+    (first, first_model, first_before), (second, second_model, second_before) = pairs
+    first.detach()
+    _assert_restored(first_model, first_before)
+    _assert_served(second_model, second_before)
+    second.detach()
+    _assert_restored(m1, before1)
+    _assert_restored(m2, before2)
+    assert config._attn_implementation == impl and config.to_dict() == fields
+    assert _registered() == registered
 
 
 def test_hot_tier_cap_raises_out_of_pages_without_losing_the_model():

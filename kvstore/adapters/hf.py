@@ -11,11 +11,17 @@ It uses transformers' own extension points and copies no modeling code:
 * a forward pre-hook that swaps an empty cache (the one `generate()` makes, or none) for a
   `KVStoreCache`.
 
-`detach()` undoes all four.
+The attention implementation is named in the config, and models built from one config object
+share it; so the attached model gets its own copy of its config (every module that held the
+original holds the copy), and only the copy names kvstore's implementation. Other models that
+share the original keep working. One adapter serves a model at a time (`attached_owner`).
+
+`detach()` undoes all of it: the modules get their original config objects back.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import weakref
@@ -24,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import LlamaForCausalLM
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -213,20 +220,38 @@ def _release(store_ref: "weakref.ref[KVStore]", seq_ids: torch.Tensor) -> None:
         store.release(seq_ids)
 
 
-class HFAdapter:
-    """Attaches one KVStore to one Hugging Face model; `detach()` restores it exactly."""
+#: model -> the adapter attached to it (a weak reference: the model's hooks keep the adapter alive
+#: until detach)
+_ADAPTERS: "weakref.WeakKeyDictionary[Any, weakref.ref[HFAdapter]]" = weakref.WeakKeyDictionary()
 
-    def __init__(self, model: Any, store: "KVStore"):
+
+def attached_owner(model: Any) -> Any | None:
+    """The owner (the KVStoreClient) of the adapter attached to `model`, or None if none is."""
+    ref = _ADAPTERS.get(model)
+    adapter = ref() if ref is not None else None
+    return adapter.owner if adapter is not None else None
+
+
+class HFAdapter:
+    """Attaches one KVStore to one Hugging Face model; `detach()` restores it exactly.
+
+    `owner` is whoever attached it (the KVStoreClient): `attached_owner(model)` returns it, so a
+    second attach can be refused by name. The caller checks that the model is not attached.
+    """
+
+    def __init__(self, model: Any, store: "KVStore", owner: Any = None):
         self.model = model
         self.store = store
+        self.owner = owner
         self.name = f"kvstore_{id(self):x}"
         self.active_cache: KVStoreCache | None = None
         self._prompt_lengths: torch.Tensor | None = None  # of the generate() call in progress
         self.caches: "weakref.WeakSet[KVStoreCache]" = weakref.WeakSet()
-        self._orig_impl = model.config._attn_implementation
         ALL_ATTENTION_FUNCTIONS.register(self.name, self._attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(self.name, _padding_mask)
-        self._set_impl(self.name)
+        self._orig_configs = self._own_configs()
+        for module, _ in self._orig_configs:
+            module.config._attn_implementation = self.name
         self._cache_kw = cache_arg(model.forward)
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self._post_hook = model.register_forward_hook(self._post_forward)
@@ -235,21 +260,39 @@ class HFAdapter:
         self._own_generate = "generate" in vars(model)
         self._orig_generate = model.generate
         model.generate = self._generate
+        _ADAPTERS[model] = weakref.ref(self)
+        self.attached = True
 
-    def _set_impl(self, name: str) -> None:
+    def _own_configs(self) -> list[tuple[Any, PreTrainedConfig]]:
+        """Give every module that holds a config its own deep copy; return (module, original) pairs.
+
+        One memo for all copies: modules that shared a config (the model, its base model, each
+        attention layer, the rotary embedding) share its copy, and a module holding a sub-config
+        gets the sub-config of that copy. The originals are never written to.
+        """
+        memo: dict = {}
+        originals = []
         for module in self.model.modules():
             cfg = getattr(module, "config", None)
-            if cfg is not None and hasattr(cfg, "_attn_implementation"):
-                cfg._attn_implementation = name
+            if isinstance(cfg, PreTrainedConfig):
+                originals.append((module, cfg))
+                module.config = copy.deepcopy(cfg, memo)
+        return originals
 
     def detach(self) -> None:
+        """Undo everything __init__ did; a second call does nothing."""
+        if not self.attached:
+            return
+        self.attached = False
+        _ADAPTERS.pop(self.model, None)
         if self._own_generate:
             self.model.generate = self._orig_generate
         else:
             vars(self.model).pop("generate", None)
         self._hook.remove()
         self._post_hook.remove()
-        self._set_impl(self._orig_impl)
+        for module, cfg in self._orig_configs:
+            module.config = cfg
         ALL_ATTENTION_FUNCTIONS._global_mapping.pop(self.name, None)
         ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(self.name, None)
         for cache in list(self.caches):
