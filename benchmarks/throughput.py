@@ -944,6 +944,11 @@ def run(args, argv: list[str]) -> int:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
+    # Every row allocates and frees tens of GiB of differently sized tensors: with expandable
+    # segments the caching allocator maps memory instead of keeping fixed blocks, so a batch sized
+    # from the probes is not refused for fragmentation (call 1 at 32K: hf and quant OOM at the
+    # first batch they tried). Read when CUDA's allocator starts: set before any CUDA tensor.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     parser = args.throughput_parser
     try:
         methods, source, out, rows = validate(args)
