@@ -132,17 +132,19 @@ def _dequantize_pages_kernel(
     vs = tl.load(data16_ptr + meta + 2 * NG).to(tl.float32)
     vz = tl.load(data16_ptr + meta + 3 * NG).to(tl.float32)
     out = (i * TPP + t)[:, None] * D + dims[None, :]
-    tl.store(k_out + out, kc * ks + kz, mask=tmask[:, None])
-    tl.store(v_out + out, vc * vs + vz, mask=tmask[:, None])
+    tl.store(k_out + out, (kc * ks + kz).to(k_out.dtype.element_ty), mask=tmask[:, None])
+    tl.store(v_out + out, (vc * vs + vz).to(v_out.dtype.element_ty), mask=tmask[:, None])
 
 
 def dequantize_pages(data: torch.Tensor, page_ids: torch.Tensor, key_bits: int, value_bits: int, groups: int,
-                     tokens_per_page: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantized K and V, fp32 [M, tokens_per_page, head_dim] each, of pages page_ids int [M]."""
+                     tokens_per_page: int, head_dim: int, dtype: torch.dtype = torch.float32
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized K and V, `dtype` [M, tokens_per_page, head_dim] each, of pages page_ids int [M]
+    (computed in fp32, stored in `dtype`: a 16-bit reader gets no fp32 temporaries)."""
     _check_pow2("head_dim", head_dim)
     _check_pow2("groups", groups)
     M = page_ids.numel()
-    k = torch.empty(M, tokens_per_page, head_dim, dtype=torch.float32, device=data.device)
+    k = torch.empty(M, tokens_per_page, head_dim, dtype=dtype, device=data.device)
     v = torch.empty_like(k)
     if M:
         _dequantize_pages_kernel[(M,)](

@@ -175,9 +175,9 @@ class HotTier:
         Returns k, v [B, Hkv, P * tokens_per_page, d] (`dtype`; by default as the page format
         reads: fp32 dequantized, the model's dtype unquantized) and pos int32
         [B, Hkv, P * tokens_per_page] (-1 for empty slots). `num_pages` limits P to the first
-        pages of each table. Pages are read in blocks so that the dequantization's fp32
-        temporaries stay near `block_bytes` (a long context's past is read chunk after chunk
-        of a chunked prefill).
+        pages of each table. The Triton dequantization writes `dtype` straight into the result;
+        elsewhere pages are read in blocks so that the dequantization's fp32 temporaries stay
+        near `block_bytes` (a long context's past is read chunk after chunk of a chunked prefill).
         """
         pages = self.table.pages[seq_ids, layer]  # [B, H, P]
         if num_pages is not None:
@@ -186,6 +186,10 @@ class HotTier:
         tpp, d = self.tokens_per_page, self.geometry.head_dim
         if dtype is None:  # as the format reads: the model's dtype unquantized, fp32 dequantized
             dtype = self.geometry.dtype if self.high.key_bits == 16 else torch.float32
+        pos = self.pool.slot_pos[pages.long()][..., :tpp].reshape(B, H, -1)
+        if getattr(self.high, "use_triton", False):  # the kernel writes `dtype` directly: no temporaries
+            k, v = self.high.read(self.pool.data, pages, dtype)  # [B, H, P, tpp, d]
+            return k.reshape(B, H, -1, d), v.reshape(B, H, -1, d), pos
         k = torch.empty(B, H, P, tpp, d, dtype=dtype, device=pages.device)
         v = torch.empty_like(k)
         step = max(1, block_bytes // max(1, B * H * tpp * d * 16))
@@ -193,8 +197,7 @@ class HotTier:
             kb, vb = self.high.read(self.pool.data, pages[..., s:s + step])  # [B, H, p, tpp, d]
             k[:, :, s:s + step].copy_(kb)
             v[:, :, s:s + step].copy_(vb)
-        pos = self.pool.slot_pos[pages.long()][..., :tpp]
-        return k.reshape(B, H, -1, d), v.reshape(B, H, -1, d), pos.reshape(B, H, -1)
+        return k.reshape(B, H, -1, d), v.reshape(B, H, -1, d), pos
 
     def pages_in_use(self, seq_ids: torch.Tensor) -> int:
         """Widest page table among the given sequences (one host sync)."""

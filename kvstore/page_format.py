@@ -34,7 +34,9 @@ class PageFormat:
     def write(self, data: torch.Tensor, page_ids: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def read(self, data: torch.Tensor, page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, data: torch.Tensor, page_ids: torch.Tensor, dtype: torch.dtype | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [..., tokens_per_page, d] of the given pages, in `dtype` (None: as the format reads)."""
         raise NotImplementedError
 
 
@@ -60,8 +62,10 @@ class FullFormat(PageFormat):
         view[page_ids.long(), 0, slots.long()] = k.to(self.dtype)
         view[page_ids.long(), 1, slots.long()] = v.to(self.dtype)
 
-    def read(self, data, page_ids):
+    def read(self, data, page_ids, dtype=None):
         pages = self._view(data)[page_ids.long()]  # [..., 2, tpp, d]
+        if dtype is not None and dtype != self.dtype:
+            pages = pages.to(dtype)
         return pages[..., 0, :, :], pages[..., 1, :, :]
 
 

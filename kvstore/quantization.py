@@ -83,14 +83,14 @@ class QuantFormat(PageFormat):
         vc[p, s] = reference.pack_codes(cv, self.value_bits)
         meta[p, s] = torch.stack([sk, zk, sv, zv], dim=1)
 
-    def read(self, data, page_ids):
-        """Dequantized k, v fp32 [..., tokens_per_page, d] of the given pages."""
+    def read(self, data, page_ids, dtype=torch.float32):
+        """Dequantized k, v `dtype` [..., tokens_per_page, d] of the given pages (computed in fp32)."""
         if self.use_triton:
             from gpu_kernels import quant
 
             shape = page_ids.shape
             k, v = quant.dequantize_pages(data, page_ids.reshape(-1), self.key_bits, self.value_bits, self.groups,
-                                          self.tokens_per_page(data.shape[1]), self.head_dim)
+                                          self.tokens_per_page(data.shape[1]), self.head_dim, dtype)
             return k.view(*shape, *k.shape[1:]), v.view(*shape, *v.shape[1:])
         kc, vc, meta = self._views(data)
         p = page_ids.long()
@@ -98,4 +98,4 @@ class QuantFormat(PageFormat):
         d = self.head_dim
         k = reference.dequantize(reference.unpack_codes(kc[p], self.key_bits, d), m[..., 0, :], m[..., 1, :])
         v = reference.dequantize(reference.unpack_codes(vc[p], self.value_bits, d), m[..., 2, :], m[..., 3, :])
-        return k, v
+        return k.to(dtype), v.to(dtype)

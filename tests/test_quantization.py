@@ -99,6 +99,11 @@ def test_triton_quantize_and_dequantize_equal_reference_bit_for_bit(kb, vb, grou
     k_ref, v_ref = fmt.read(ref_data, ids)
     k_tri, v_tri = quant.dequantize_pages(data, ids, kb, vb, groups, tpp, d)
     assert torch.equal(k_tri, k_ref) and torch.equal(v_tri, v_ref)
+    k16, v16 = quant.dequantize_pages(data, ids, kb, vb, groups, tpp, d, dtype=torch.bfloat16)  # a 16-bit reader
+    assert k16.dtype == v16.dtype == torch.bfloat16
+    # the fp32 values, rounded once to bf16 (the interpreter truncates where the GPU rounds to nearest: one step)
+    torch.testing.assert_close(k16.float(), k_ref, rtol=2 ** -7, atol=0.0)
+    torch.testing.assert_close(v16.float(), v_ref, rtol=2 ** -7, atol=0.0)
     # what was written comes back within half a step
     row_of_page = torch.zeros(5, dtype=torch.long)
     row_of_page[ids] = torch.arange(4)
