@@ -16,6 +16,8 @@ already there. --methods available runs every method the store provides (others 
 with a warning). --max-minutes stops cleanly (exit 0, "stopped:" on stderr) and the same
 command resumes. A method that raises is logged with its traceback and left out for the rest
 of the run, the others go on, and the exit status is 1 (--fail-fast: stop at once instead).
+Bad arguments exit 2 with one line, `kvstore-bench COMMAND: error: ...`, before any model is
+loaded, any prompt built or any folder made (validate_run, validate_report; throughput.validate).
 
 `quick` runs QUICK_TASKS at QUICK_LENGTHS with full against the best presets the store
 provides (QUICK_METHODS: quant, leankv, snapkv, pqcache, oracle, tiered; budget 1/5) and prints
@@ -29,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 logger = logging.getLogger("kvstore-bench")
 
@@ -62,6 +66,31 @@ def _lengths(text: str) -> list[int]:
     return out
 
 
+def _depths(text: str) -> list[float]:
+    try:
+        return [float(x) for x in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--depths entries must be numbers in [0, 1], got {text!r}") from None
+
+
+def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """`path` as an output folder that exists or can be made: ValueError (one line) when it is a file,
+    lies under a file, or its nearest existing folder is not writable. Nothing is created."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out}: exists and is not a folder")
+    parent = out
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"{flag} {out}: {parent} is a file, not a folder")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out}: {parent} is not writable")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     from benchmarks.methods import METHODS
     from benchmarks.tasks import TASKS
@@ -78,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--samples", type=int, default=10, help="samples per (task, length)")
     run.add_argument("--out", required=True, help="output folder (resumable)")
     run.add_argument("--batch-size", type=int, default=None, help="sequences per generate() call (default ~16K tokens)")
-    run.add_argument("--depths", type=lambda s: [float(x) for x in _csv(s)], default=None,
+    run.add_argument("--depths", type=_depths, default=None,
                      help="needle depths cycled over samples (default: spread evenly over [0, 1])")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's answer length + 8")
@@ -122,6 +151,60 @@ def _run_guards(p: argparse.ArgumentParser) -> None:
                         "run the rest, exit 1)")
 
 
+def _error(command: str, exc: BaseException | str) -> int:
+    """Print one line, `kvstore-bench COMMAND: error: ...`, on stderr; returns exit status 2."""
+    text = str(exc).strip() or type(exc).__name__
+    print(f"kvstore-bench {command}: error: {text.splitlines()[0]}", file=sys.stderr)
+    return 2
+
+
+def validate_run(args: argparse.Namespace, skip_unavailable: bool = False):
+    """Every check of `run` and `quick` that needs no model, in the order a user fixes them:
+    tasks, the RunSpec fields, methods and budgets, --device and --dtype, --out, --model (its
+    config.json, weights and tokenizer files; nothing is loaded), and that --out holds no other
+    model's rows. Returns (tasks, RunSpec, methods@budgets). Raises ValueError,
+    FileNotFoundError or MethodUnavailable with a one-line message; nothing is created.
+    """
+    from benchmarks.methods import expand_methods
+    from benchmarks.runner import RunSpec, check_model, check_results_model, resolve_device, resolve_dtype
+    from benchmarks.tasks import TASKS
+
+    tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    spec = RunSpec(
+        tasks=tasks, lengths=args.lengths, methods=args.methods, out=args.out, budgets=args.budgets,
+        samples=args.samples, batch_size=args.batch_size, seed=args.seed, depths=args.depths,
+        max_new_tokens=args.max_new_tokens, progress=not args.quiet, max_minutes=args.max_minutes,
+        warmup={"auto": None, "on": True, "off": False}[args.warmup], skip_unavailable=skip_unavailable,
+        keep_going=not args.fail_fast,
+    )
+    methods = expand_methods(spec.methods, spec.budgets, skip_unavailable)
+    resolve_dtype(args.dtype, resolve_device(args.device))
+    out = check_out_dir(args.out) if args.out is not None else None
+    label = check_model(args.model)
+    if out is not None:
+        check_results_model(out / "results.jsonl", label)
+    return tasks, spec, methods
+
+
+def validate_report(args: argparse.Namespace) -> Path:
+    """`report --out DIR`: DIR must be a folder holding results.jsonl (ValueError, one line)."""
+    out = Path(args.out)
+    if not out.exists():
+        raise ValueError(f"--out {out}: no such folder (`kvstore-bench run --out {out}` writes one)")
+    if not out.is_dir():
+        raise ValueError(f"--out {out}: not a folder")
+    if not (out / "results.jsonl").is_file():
+        raise ValueError(f"--out {out}: holds no results.jsonl (`kvstore-bench run --out {out}` writes it)")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: not writable (the report writes summary.md there)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -142,10 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.report import write_report
 
     if args.command == "report":
-        print(write_report(args.out, plots=not args.no_plots))
+        try:
+            out = validate_report(args)
+        except ValueError as exc:
+            return _error(args.command, exc)
+        print(write_report(out, plots=not args.no_plots))
         return 0
 
-    from benchmarks.runner import RunSpec, load_model, run_suite
+    from benchmarks.runner import load_model, run_suite
 
     skip_unavailable = False
     if args.command == "quick":
@@ -164,36 +251,24 @@ def main(argv: list[str] | None = None) -> int:
                 args.model = "random"
         if args.methods is None:
             args.methods, skip_unavailable = list(QUICK_METHODS), True
-        if args.out is None:
-            args.out = tempfile.mkdtemp(prefix="kvstore-bench-quick-")
         args.batch_size = args.depths = args.max_new_tokens = None
         args.seed = 0
-    tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        print(f"kvstore-bench: unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}", file=sys.stderr)
-        return 2
+    try:  # before any model, dataset or output folder
+        tasks, spec, methods = validate_run(args, skip_unavailable)
+    except (ValueError, FileNotFoundError, MethodUnavailable) as exc:
+        return _error(args.command, exc)
+    if args.out is None:
+        args.out = spec.out = tempfile.mkdtemp(prefix="kvstore-bench-quick-")
+    logger.info(
+        "kvstore-bench %s: %d tasks x %d lengths x %d methods@budgets x %d samples -> %s",
+        args.command, len(tasks), len(spec.lengths), len(methods), spec.samples, args.out,
+    )
+    start = time.perf_counter()
     try:
-        spec = RunSpec(
-            tasks=tasks, lengths=args.lengths, methods=args.methods, out=args.out, budgets=args.budgets,
-            samples=args.samples, batch_size=args.batch_size, seed=args.seed, depths=args.depths,
-            max_new_tokens=args.max_new_tokens, progress=not args.quiet, max_minutes=args.max_minutes,
-            warmup={"auto": None, "on": True, "off": False}[args.warmup], skip_unavailable=skip_unavailable,
-            keep_going=not args.fail_fast,
-        )
-        from benchmarks.methods import expand_methods
-
-        methods = expand_methods(spec.methods, spec.budgets, skip_unavailable)  # fail before loading the model
-        logger.info(
-            "kvstore-bench %s: %d tasks x %d lengths x %d methods@budgets x %d samples -> %s",
-            args.command, len(tasks), len(spec.lengths), len(methods), spec.samples, args.out,
-        )
-        start = time.perf_counter()
         model, tokenizer, label = load_model(args.model, args.device, args.dtype)
         result = run_suite(model, tokenizer, spec, label)
     except (ValueError, FileNotFoundError, MethodUnavailable) as exc:
-        print(f"kvstore-bench: {exc}", file=sys.stderr)
-        return 2
+        return _error(args.command, exc)
     print(write_report(args.out, plots=not args.no_plots))
     elapsed = time.perf_counter() - start
     if result.stopped:

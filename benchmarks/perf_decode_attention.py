@@ -20,13 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+from pathlib import Path
 
 import torch
-import triton
-
-from benchmarks.kernel_resources import parse_variant
-from gpu_kernels import reference
-from gpu_kernels.paged_attention import DEFAULT_LAUNCH, choose_splits, paged_decode_attention
 
 HQ, HKV, D, TPP = 32, 8, 128, 32
 KB, VB = D, D // 2
@@ -53,6 +50,8 @@ def build_pool(B: int, N: int, device, seed: int = 0):
 
 def run_kernel_fn(q, data, pages, num_high, slot_pos, nsplit, out_dtype=None, **launch):
     """A closure running the kernel over the pool with `nsplit` splits and launch options (DEFAULT_LAUNCH's if none)."""
+    from gpu_kernels.paged_attention import paged_decode_attention
+
     B = q.shape[0]
     C = pages.shape[-1]
     pps = math.ceil(C / nsplit)
@@ -73,6 +72,8 @@ def run_kernel_fn(q, data, pages, num_high, slot_pos, nsplit, out_dtype=None, **
 
 def check_accuracy(device, **launch) -> float:
     """Relative RMS error of the kernel (fp32 output) vs the fp32 reference on the same dequantized values."""
+    from gpu_kernels import reference
+
     B, N = 2, 1000
     data, pages, num_high, slot_pos = build_pool(B, 1024, device, seed=1)
     num_high.fill_(N)
@@ -86,6 +87,8 @@ def check_accuracy(device, **launch) -> float:
 
 def kernel_bytes(B: int, N: int, C: int, q: torch.Tensor, launch: dict) -> int:
     """Bytes one launch reads: pages (+ the 4 B slot positions unless high_dense), page table, queries."""
+    from gpu_kernels.paged_attention import DEFAULT_LAUNCH
+
     dense = launch.get("high_dense", DEFAULT_LAUNCH["high_dense"])
     return B * HKV * N * (BYTES_PER_TOKEN + (0 if dense else 4)) + B * HKV * C * 4 + q.numel() * 2
 
@@ -110,8 +113,10 @@ SWEEP = [
 ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; exits 2 with one line for a bad argument or a machine without a CUDA GPU."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.perf_decode_attention", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON output path")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
@@ -120,8 +125,39 @@ def main() -> None:
                     "count, each printed: 'default' (DEFAULT_LAUNCH) or key=value:key=value overrides of it, e.g. "
                     "default,high_dense=false (as benchmarks.kernel_resources --variants; repeats allowed); "
                     "with --sweep, timed after it")
-    args = ap.parse_args()
-    variants = [parse_variant(v) for v in args.variants.split(",")] if args.variants else []
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if any(b < 1 for b in args.batches):
+        ap.error(f"--batches must be >= 1, got {args.batches}")
+    if any(n < TPP or n % TPP for n in args.lengths):
+        ap.error(f"--lengths must be positive multiples of the {TPP}-token page, got {args.lengths}")
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        ap.error(f"--out {out}: expected a file in an existing folder")
+    from benchmarks.kernel_resources import parse_variant
+
+    try:
+        args.variant_launches = [parse_variant(v) for v in args.variants.split(",")] if args.variants else []
+    except ValueError as exc:
+        ap.error(f"--variants {args.variants!r}: expected default or key=value:key=value ({exc})")
+    if not torch.cuda.is_available():
+        ap.error(f"needs a CUDA GPU: this torch ({torch.__version__}) sees none. It times the Triton kernel against "
+                 "SDPA on the device; without a GPU, `python -m benchmarks.kernel_resources` inspects the kernel")
+    try:
+        import triton  # noqa: F401 - ships with CUDA builds of torch
+    except ImportError:
+        ap.error("needs triton (pip install triton)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import triton
+    from tqdm.auto import tqdm
+
+    from gpu_kernels.paged_attention import DEFAULT_LAUNCH, choose_splits
+
+    variants = args.variant_launches
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     sms = props.multi_processor_count
@@ -142,61 +178,66 @@ def main() -> None:
               f"{'sdpa ms':>8} {'sdpa GB/s':>9} | {'speedup':>7} | config")
     print(header)
     print("-" * len(header))
-    for B in args.batches:
-        for N in args.lengths:
-            torch.cuda.empty_cache()
-            data, pages, num_high, slot_pos = build_pool(B, N, device)
-            q = torch.randn(B, HQ, D, device=device, dtype=torch.bfloat16)
-            C = pages.shape[-1]
-            auto = choose_splits(B, HKV, C, sms)  # what KVStore uses
-            configs = [] if variants else [(auto, dict(), False)]  # (splits, launch, print it)
-            if args.sweep:
-                splits = (auto, max(1, auto // 2), min(C, auto * 4 // 3), min(C, auto * 3 // 2), min(C, auto * 2))
-                configs = [(ns, launch, False) for launch in SWEEP for ns in dict.fromkeys(splits)]
-            configs += [(auto, launch, True) for launch in variants]
-            best, cfg_times, t_default = None, [], float("nan")
-            # warm-up: the GPU idles at low clocks while the pool is built; the first config timed would pay for it
-            triton.testing.do_bench(run_kernel_fn(q, data, pages, num_high, slot_pos, auto)[0], warmup=100, rep=200)
-            for nsplit, launch, show in configs:
-                try:
-                    fn, _, _ = run_kernel_fn(q, data, pages, num_high, slot_pos, nsplit, **launch)
-                    t = triton.testing.do_bench(fn, warmup=25, rep=100)
-                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: left out, the sweep goes on
-                    print(f"  config splits={nsplit} {launch} failed: {type(e).__name__}: {str(e)[:120]}")
-                    continue
-                cfg_times.append(dict(splits=nsplit, **launch, ms=t))
-                if show:
-                    b = kernel_bytes(B, N, C, q, launch)
-                    print(f"  B={B} N={N} splits={nsplit} {launch or 'DEFAULT_LAUNCH'}: {t:.4f} ms, "
-                          f"{b / 1e6:.1f} MB, {b / t / 1e6:.0f} GB/s")
-                if nsplit == auto and not launch:  # what KVStore runs
-                    t_default = t
-                if best is None or t < best[0]:
-                    best = (t, nsplit, launch)
-            t_k, best_splits, best_launch = best
-            kbytes = kernel_bytes(B, N, C, q, best_launch)
-            del data, slot_pos
-            torch.cuda.empty_cache()
-            k = torch.randn(B, HKV, N, D, device=device, dtype=torch.bfloat16)
-            v = torch.randn_like(k)
-            q4 = q.view(B, HQ, 1, D)
-            sdpa = torch.nn.functional.scaled_dot_product_attention
-            t_gqa = triton.testing.do_bench(lambda: sdpa(q4, k, v, enable_gqa=True), warmup=25, rep=100)
-            qf = q.view(B, HKV, HQ // HKV, D)
-            t_fold = triton.testing.do_bench(lambda: sdpa(qf, k, v), warmup=25, rep=100)
-            t_s = min(t_gqa, t_fold)
-            sbytes = 2 * k.numel() * 2
-            del k, v
-            row = dict(B=B, N=N, kernel_ms=t_k, kernel_bytes=kbytes, kernel_gbs=kbytes / t_k / 1e6,
-                       pct_copy=100 * kbytes / t_k / 1e6 / copy_gbs, sdpa_ms=t_s, sdpa_gqa_ms=t_gqa,
-                       sdpa_folded_ms=t_fold, sdpa_bytes=sbytes, sdpa_gbs=sbytes / t_s / 1e6,
-                       speedup=t_s / t_k, speedup_default=t_s / t_default, splits=best_splits, launch=best_launch,
-                       default_ms=t_default, configs=cfg_times)
-            rows.append(row)
-            print(f"{B:>2} {N:>7} | {t_k:>9.3f} {kbytes / 1e6:>8.1f} {row['kernel_gbs']:>6.0f} {row['pct_copy']:>5.1f}% | "
-                  f"{t_s:>8.3f} {row['sdpa_gbs']:>9.0f} | {row['speedup']:>6.2f}x | splits={best_splits} "
-                  f"{best_launch or 'DEFAULT_LAUNCH'} (default {t_default:.3f} ms, {t_s / t_default:.2f}x; "
-                  f"sdpa gqa {t_gqa:.3f} / folded {t_fold:.3f} ms)")
+    # one row per shape; a --sweep times ~70 launches per shape: the bar says where it is
+    shapes = [(B, N) for B in args.batches for N in args.lengths]
+    bar = tqdm(total=len(shapes), desc="shapes", unit="shape", disable=args.quiet, file=sys.stderr)
+    for B, N in shapes:
+        torch.cuda.empty_cache()
+        data, pages, num_high, slot_pos = build_pool(B, N, device)
+        q = torch.randn(B, HQ, D, device=device, dtype=torch.bfloat16)
+        C = pages.shape[-1]
+        auto = choose_splits(B, HKV, C, sms)  # what KVStore uses
+        configs = [] if variants else [(auto, dict(), False)]  # (splits, launch, print it)
+        if args.sweep:
+            splits = (auto, max(1, auto // 2), min(C, auto * 4 // 3), min(C, auto * 3 // 2), min(C, auto * 2))
+            configs = [(ns, launch, False) for launch in SWEEP for ns in dict.fromkeys(splits)]
+        configs += [(auto, launch, True) for launch in variants]
+        best, cfg_times, t_default = None, [], float("nan")
+        # warm-up: the GPU idles at low clocks while the pool is built; the first config timed would pay for it
+        triton.testing.do_bench(run_kernel_fn(q, data, pages, num_high, slot_pos, auto)[0], warmup=100, rep=200)
+        for c, (nsplit, launch, show) in enumerate(configs):
+            bar.set_postfix_str(f"B={B} N={N} config {c + 1}/{len(configs)}")
+            try:
+                fn, _, _ = run_kernel_fn(q, data, pages, num_high, slot_pos, nsplit, **launch)
+                t = triton.testing.do_bench(fn, warmup=25, rep=100)
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: left out, the sweep goes on
+                tqdm.write(f"  config splits={nsplit} {launch} failed: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            cfg_times.append(dict(splits=nsplit, **launch, ms=t))
+            if show:
+                b = kernel_bytes(B, N, C, q, launch)
+                tqdm.write(f"  B={B} N={N} splits={nsplit} {launch or 'DEFAULT_LAUNCH'}: {t:.4f} ms, "
+                           f"{b / 1e6:.1f} MB, {b / t / 1e6:.0f} GB/s")
+            if nsplit == auto and not launch:  # what KVStore runs
+                t_default = t
+            if best is None or t < best[0]:
+                best = (t, nsplit, launch)
+        t_k, best_splits, best_launch = best
+        kbytes = kernel_bytes(B, N, C, q, best_launch)
+        del data, slot_pos
+        torch.cuda.empty_cache()
+        k = torch.randn(B, HKV, N, D, device=device, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        q4 = q.view(B, HQ, 1, D)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        t_gqa = triton.testing.do_bench(lambda: sdpa(q4, k, v, enable_gqa=True), warmup=25, rep=100)
+        qf = q.view(B, HKV, HQ // HKV, D)
+        t_fold = triton.testing.do_bench(lambda: sdpa(qf, k, v), warmup=25, rep=100)
+        t_s = min(t_gqa, t_fold)
+        sbytes = 2 * k.numel() * 2
+        del k, v
+        row = dict(B=B, N=N, kernel_ms=t_k, kernel_bytes=kbytes, kernel_gbs=kbytes / t_k / 1e6,
+                   pct_copy=100 * kbytes / t_k / 1e6 / copy_gbs, sdpa_ms=t_s, sdpa_gqa_ms=t_gqa,
+                   sdpa_folded_ms=t_fold, sdpa_bytes=sbytes, sdpa_gbs=sbytes / t_s / 1e6,
+                   speedup=t_s / t_k, speedup_default=t_s / t_default, splits=best_splits, launch=best_launch,
+                   default_ms=t_default, configs=cfg_times)
+        rows.append(row)
+        tqdm.write(f"{B:>2} {N:>7} | {t_k:>9.3f} {kbytes / 1e6:>8.1f} {row['kernel_gbs']:>6.0f} {row['pct_copy']:>5.1f}% | "
+                   f"{t_s:>8.3f} {row['sdpa_gbs']:>9.0f} | {row['speedup']:>6.2f}x | splits={best_splits} "
+                   f"{best_launch or 'DEFAULT_LAUNCH'} (default {t_default:.3f} ms, {t_s / t_default:.2f}x; "
+                   f"sdpa gqa {t_gqa:.3f} / folded {t_fold:.3f} ms)")
+        bar.update(1)
+    bar.close()
     with open(args.out, "w") as f:
         json.dump(dict(device=props.name, copy_gbs=copy_gbs, accuracy_rel_rms=acc, accuracy_rel_rms_portable=acc_portable,
                        default_launch=DEFAULT_LAUNCH, rows=rows), f, indent=2)

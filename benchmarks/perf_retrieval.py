@@ -28,8 +28,10 @@ import json
 import logging
 import os
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -60,7 +62,6 @@ def _wall(fn, reps):
 def bench_scoring(B, N, device, threads, quick, m=2, bits=6):
     import faiss
 
-    from gpu_kernels.pq_score import pq_scores
     from retrieval.service import RetrievalService, SearchRequest, pq_index
 
     K, k = 1 << bits, max(1, N // 10)
@@ -74,6 +75,8 @@ def bench_scoring(B, N, device, threads, quick, m=2, bits=6):
     lo, hi = torch.zeros(B, dtype=torch.int64, device=device), torch.full((B,), N, dtype=torch.int64, device=device)
     out = torch.empty(B, HKV, N, dtype=torch.float32, device=device)
     use_kernel = device.type == "cuda"
+    if use_kernel:
+        from gpu_kernels.pq_score import pq_scores
 
     def score():
         table = reference.pq_tables(q_d, cen_d, scale).contiguous()
@@ -128,8 +131,6 @@ def bench_scoring(B, N, device, threads, quick, m=2, bits=6):
 
 
 def bench_fetch(device, quick):
-    from gpu_kernels.fetch import gather_rows
-
     R = (1 << 16) if quick else (1 << 22)  # 4M rows x 256 B = 1 GiB pinned slab
     M = (1 << 12) if quick else (1 << 20)  # 1M rows = 256 MiB fetched
     pinned = device.type == "cuda"
@@ -140,6 +141,8 @@ def bench_fetch(device, quick):
     nbytes = M * D * 2
     res = {"rows": M, "row_bytes": D * 2, "slab_bytes": R * D * 2}
     if pinned:
+        from gpu_kernels.fetch import gather_rows
+
         gather_rows(src, rows, dst)
         torch.cuda.synchronize()
         assert torch.equal(dst.cpu(), src[rows.cpu()]), "UVA gather returned wrong rows"
@@ -187,8 +190,6 @@ def bench_fetch_store_order(device, quick, B=8, N=131072, C=256, budget=0.1, hit
     address order (what topk's unsorted output gives within a head) keep the reads in flight on a
     few pages; the same rows in random order (`uva_gather_GBps` above) miss on nearly every row.
     """
-    from gpu_kernels.fetch import gather_rows
-
     if quick:
         B, N = 2, 4096
     H = HKV
@@ -209,6 +210,8 @@ def bench_fetch_store_order(device, quick, B=8, N=131072, C=256, budget=0.1, hit
     res = {"B": B, "N": N, "k": k, "region_bytes": src.numel() * 2, "fetched_bytes": nbytes,
            "topk_indices_ascending": float((pos.diff(dim=-1) > 0).float().mean())}
     if device.type == "cuda":
+        from gpu_kernels.fetch import gather_rows
+
         gather_rows(src, rows, dst)
         torch.cuda.synchronize()
         sel = rows >= 0
@@ -226,7 +229,7 @@ def bench_fetch_store_order(device, quick, B=8, N=131072, C=256, budget=0.1, hit
     return res
 
 
-def bench_ttft(device, layers, prompt, quick):
+def bench_ttft(device, layers, prompt, quick, progress=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kvstore import KVStoreClient, KVStoreConfig
@@ -269,6 +272,8 @@ def bench_ttft(device, layers, prompt, quick):
                 st = client.stats()
                 model_cache(out).release()
                 times.append((t1 - t0, t2 - t0, t3 - t2, st))
+        if progress is not None:
+            progress.update(1)
         use = times[1:] if len(times) > 1 else times
         ttft = statistics.median(t[0] for t in use)
         tt2t = statistics.median(t[1] for t in use)
@@ -282,26 +287,65 @@ def bench_ttft(device, layers, prompt, quick):
     return {"layers": layers, "prompt": prompt, "rows": rows}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+PARTS = ("scoring", "fetch", "ttft")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; exits 2 with one line for a bad argument, or for the full sizes on a
+    machine without a CUDA GPU (they need one: pass --quick there)."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.perf_retrieval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=32768)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: scoring,fetch,ttft")
-    args = ap.parse_args()
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    args.skip_parts = set(filter(None, (p.strip() for p in args.skip.split(","))))
+    unknown = sorted(args.skip_parts - set(PARTS))
+    if unknown:
+        ap.error(f"--skip {args.skip}: unknown part(s) {', '.join(unknown)}; parts: {', '.join(PARTS)}")
+    if args.skip_parts >= set(PARTS):
+        ap.error("--skip leaves nothing to run")
+    if args.layers < 1:
+        ap.error(f"--layers must be >= 1, got {args.layers}")
+    if args.prompt < 64:
+        ap.error(f"--prompt must be >= 64 tokens, got {args.prompt}")
+    if args.out is not None and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):
+        ap.error(f"--out {args.out}: expected a file in an existing folder")
+    if not args.quick and not torch.cuda.is_available():
+        ap.error(f"the full sizes need a CUDA GPU (this torch, {torch.__version__}, sees none: 128K-token scoring, "
+                 "a 1 GiB pinned slab, a 32K prefill at 8B width); pass --quick for the CPU smoke run")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tqdm.auto import tqdm
+
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = os.cpu_count() or 1
-    skip = set(filter(None, args.skip.split(",")))
+    skip = args.skip_parts
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "host_cores": threads}
+    sizes = [(1, 4096), (2, 8192)] if args.quick else [(1, 32768), (8, 32768), (1, 131072), (8, 131072)]
+    steps = (0 if "scoring" in skip else len(sizes)) + (0 if "fetch" in skip else 1) + (0 if "ttft" in skip else 3)
+    bar = tqdm(total=steps, desc="perf_retrieval", unit="step", disable=args.quiet, file=sys.stderr)
     if "scoring" not in skip:
-        sizes = [(1, 4096), (2, 8192)] if args.quick else [(1, 32768), (8, 32768), (1, 131072), (8, 131072)]
-        result["scoring"] = [bench_scoring(B, N, device, threads, args.quick) for B, N in sizes]
+        result["scoring"] = []
+        for B, N in sizes:
+            bar.set_postfix_str(f"scoring B={B} N={N}")
+            result["scoring"].append(bench_scoring(B, N, device, threads, args.quick))
+            bar.update(1)
     if "fetch" not in skip:
+        bar.set_postfix_str("fetch")
         result["fetch"] = bench_fetch(device, args.quick)
+        bar.update(1)
     if "ttft" not in skip:
-        result["ttft"] = bench_ttft(device, args.layers, 2048 if args.quick else args.prompt, args.quick)
+        bar.set_postfix_str("ttft: full, oracle, pqcache")
+        result["ttft"] = bench_ttft(device, args.layers, 2048 if args.quick else args.prompt, args.quick, progress=bar)
+    bar.close()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -120,9 +120,28 @@ TOKENS_PER_BATCH = {False: 16384, True: 131072}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device `device` names ("auto": cuda when this torch sees a GPU, else cpu).
+
+    Raises ValueError (one line) for a name torch does not parse, a device other than cpu or cuda,
+    or a CUDA device this torch does not see (a CPU-only build, or an index past the last GPU).
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: only cpu and cuda are supported")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no GPU is visible"
+            raise ValueError(f"--device {device}: this torch ({torch.__version__}, {build}) sees no CUDA device; "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -153,12 +172,20 @@ def random_model(seed: int = 0, **config):
     return model, tokenizer
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer, label) for "probe" (the shipped probe model), "random", or a local HF path."""
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+def model_label(name: str) -> str:
+    """The `model` field of the rows a run of --model `name` writes."""
+    return name if name in ("probe", "random") else str(Path(name))
+
+
+def check_model(name: str) -> str:
+    """Check --model before anything is loaded; returns the label its rows get.
+
+    "probe" needs the shipped files; a folder must hold a config.json of a supported family,
+    weights and tokenizer files this environment can read (kvstore.adapters.model_dir).
+    Raises FileNotFoundError or ValueError with a one-line message.
+    """
     if name == "probe":
-        from benchmarks.probe_model import PROBE_DIR, has_probe, load_probe
+        from benchmarks.probe_model import PROBE_DIR, has_probe
 
         if not has_probe(PROBE_DIR):
             raise FileNotFoundError(
@@ -166,17 +193,38 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto"):
                 "`python -m benchmarks.train_probe --out benchmarks/probe`, or pass --model random "
                 "(a tiny random Llama: plumbing only) or a local Hugging Face model folder"
             )
+    elif name != "random":
+        if not Path(name).is_dir():
+            raise FileNotFoundError(
+                f"--model {name!r}: not 'probe', 'random' or a local folder with a Hugging Face model "
+                "(config.json, weights, tokenizer); nothing is downloaded"
+            )
+        from kvstore.adapters.model_dir import ModelDirError, check_model_dir
+
+        try:
+            check_model_dir(name, tokenizer=True)
+        except ModelDirError as exc:
+            raise ValueError(f"--model {exc}") from None
+    return model_label(name)
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer, label) for "probe" (the shipped probe model), "random", or a local HF path.
+
+    Checks `name` first (check_model): a folder the store cannot serve fails before its weights load.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    check_model(name)
+    if name == "probe":
+        from benchmarks.probe_model import PROBE_DIR, load_probe
+
         model, tokenizer = load_probe(PROBE_DIR, dtype=dt, device=dev)
         return model, tokenizer, "probe"
     if name == "random":
         model, tokenizer = random_model()
         return model.to(device=dev, dtype=dt), tokenizer, "random"
     path = Path(name)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"--model {name!r}: not 'probe', 'random' or a local folder with a Hugging Face model "
-            "(config.json, weights, tokenizer); nothing is downloaded"
-        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -198,6 +246,14 @@ def read_rows(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 logger.warning("%s line %d is not JSON (an interrupted write?); ignored", path, i + 1)
     return rows
+
+
+def check_results_model(results: Path, label: str, rows: list[dict] | None = None) -> None:
+    """ValueError when `results` (a results.jsonl) holds rows of a model other than `label`."""
+    rows = read_rows(results) if rows is None else rows
+    other = {r.get("model") for r in rows} - {label}
+    if other:
+        raise ValueError(f"{results} holds results of model {sorted(map(str, other))}, not {label!r}: use another --out")
 
 
 def row_key(row: dict) -> tuple:
@@ -392,11 +448,7 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
     out.mkdir(parents=True, exist_ok=True)
     results, sample_file = out / "results.jsonl", out / "samples.jsonl"
     existing = read_rows(results)
-    other = {r.get("model") for r in existing} - {model_label}
-    if other:
-        raise ValueError(
-            f"{results} holds results of model {sorted(map(str, other))}, not {model_label!r}: use another --out"
-        )
+    check_results_model(results, model_label, existing)
     done = {row_key(r) for r in existing}
     methods = expand_methods(spec.methods, spec.budgets, spec.skip_unavailable)  # raises MethodUnavailable early
     param = next(model.parameters())

@@ -254,14 +254,7 @@ def resolve_model(args) -> ModelSource:
     """Validate --model, --layers, --device and --dtype against --lengths/--new-tokens (config only)."""
     from benchmarks.runner import resolve_device, resolve_dtype
 
-    try:
-        device = resolve_device(args.device)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {args.device!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this torch sees no CUDA device")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {args.device}: only cpu and cuda are supported")
+    device = resolve_device(args.device)  # ValueError for a name torch does not parse or a GPU it does not see
     longest = max(args.lengths) + args.new_tokens
     if args.model in BUILTIN_MODELS:
         from transformers import LlamaConfig
@@ -274,12 +267,15 @@ def resolve_model(args) -> ModelSource:
         dtype = torch.bfloat16 if args.model == "llama3-8b" and args.dtype == "auto" else resolve_dtype(args.dtype, device)
     else:
         path = Path(args.model)
-        if not (path / "config.json").is_file():
-            raise ValueError(f"--model {args.model!r}: not llama3-8b, tiny, or a local folder with a config.json "
+        if not path.is_dir():
+            raise ValueError(f"--model {args.model!r}: not llama3-8b, tiny, or a local Hugging Face model folder "
                              "(nothing is downloaded)")
-        from transformers import AutoConfig
+        from kvstore.adapters.model_dir import check_model_dir, check_weights
 
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        try:  # config.json of a family the store serves; prompts are ids: no tokenizer needed
+            config = check_model_dir(path, tokenizer=False, weights=None)
+        except ValueError as exc:
+            raise ValueError(f"--model {exc}") from None
         layers = getattr(config, "num_hidden_layers", None)
         if args.layers is not None:
             if layers is not None and args.layers > layers:
@@ -289,6 +285,10 @@ def resolve_model(args) -> ModelSource:
         if limit is not None and limit < longest:
             raise ValueError(f"--model {args.model}: max_position_embeddings={limit} < the longest length + "
                              f"--new-tokens = {longest}")
+        try:
+            check_weights(path)
+        except ValueError as exc:
+            raise ValueError(f"--model {exc}") from None
         dtype = resolve_dtype(args.dtype, device)
     return ModelSource(args.model, device, dtype, config.num_hidden_layers, config)
 
@@ -306,9 +306,9 @@ def validate(args) -> tuple[list[MethodSpec], ModelSource, Path, list[dict]]:
         raise ValueError("--max-batch applies to --batch max only")
     methods = parse_methods(args.methods)
     source = resolve_model(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
+    from benchmarks.cli import check_out_dir
+
+    out = check_out_dir(args.out)
     existing = read_results(out / "results.json")
     if existing and not args.resume:
         raise ValueError(f"{out / 'results.json'} already holds {len(existing)} rows: pass --resume to continue it, "

@@ -44,6 +44,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from cluster.chaos import CHAOS_KINDS, Chaos  # noqa: F401 - CHAOS_KINDS re-exported
 from cluster.cold_tier_actor import ArenaSpec, ColdTier
 from cluster.worker import ModelSpec, WorkerEngine
 from cluster.workload import Request
@@ -56,23 +57,6 @@ try:  # Ray >= 2.9
     _ACTOR_ERRORS: tuple = (RayActorError, ActorUnavailableError)
 except ImportError:  # pragma: no cover
     _ACTOR_ERRORS = (RayActorError,)
-
-CHAOS_KINDS = ("kill-worker", "kill-cold-tier")
-
-
-@dataclass(frozen=True)
-class Chaos:
-    """Kill one actor after a batch's decode step `step` (1 = the first step after prefill)."""
-
-    kind: str
-    step: int
-
-    @classmethod
-    def parse(cls, text: str) -> "Chaos":
-        kind, sep, step = text.partition("@")
-        if kind not in CHAOS_KINDS or not sep or not step.isdigit() or int(step) < 1:
-            raise ValueError(f"--chaos {text!r}: expected one of {', '.join(k + '@STEP' for k in CHAOS_KINDS)}, STEP >= 1")
-        return cls(kind, int(step))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ With no --address it starts a local Ray bound to 127.0.0.1 with token authentica
 (RAY_AUTH_MODE=token) and stops it at the end; with --address auto it joins the cluster it runs
 in (the way `ray job submit` runs it). The summary (stdout, and --summary-json) holds requests,
 completed, failed, worker_restarts, re_prefills, outputs_sha256 (over the generated token ids in
-request order) and timings. The exit code is 1 when any request failed.
+request order) and timings. The exit code is 1 when any request failed, 2 for a bad argument:
+every argument is checked (`validate`) before Ray starts, and a bad one gets one line.
 """
 
 from __future__ import annotations
@@ -54,23 +55,123 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     try:
+        validate(args)
+    except ValueError as exc:
+        p.error(str(exc).splitlines()[0])  # one line, exit status 2
+    return args
+
+
+def _at_least(args: argparse.Namespace, floor: int, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < floor:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {floor}, got {value}")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Every check that needs neither Ray nor a model; ValueError with a one-line message.
+
+    Sets args.prompt_range, args.store_overrides and args.chaos_spec. Checks counts and sizes,
+    --prompt-tokens, --store/--preset (the KVStoreConfig is built), --chaos (its step must be one
+    the run reaches: 1 .. --max-new-tokens - 1), --model (a folder's config.json, family and
+    safetensors; a probe that is not there), --dtype, --log-level, --summary-json, and for a
+    local Ray with --gpus yes, that this machine has a GPU per worker.
+    """
+    _at_least(args, 1, "workers", "requests", "max_new_tokens", "max_seqs", "num_cpus", "cold_tier_mb",
+              "worker_memory_mb")
+    _at_least(args, 0, "max_restarts")
+    try:
         lo, hi = (int(x) for x in args.prompt_tokens.split(","))
     except ValueError:
-        p.error(f"--prompt-tokens {args.prompt_tokens!r}: expected lo,hi")
+        raise ValueError(f"--prompt-tokens {args.prompt_tokens!r}: expected lo,hi") from None
+    if not 1 <= lo <= hi:
+        raise ValueError(f"--prompt-tokens {args.prompt_tokens}: expected 1 <= lo <= hi")
     args.prompt_range = (lo, hi)
     args.store_overrides = []
     for item in args.store:
         field, sep, value = item.partition("=")
         if not sep or not field:
-            p.error(f"--store {item!r}: expected FIELD=VALUE")
+            raise ValueError(f"--store {item!r}: expected FIELD=VALUE")
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
             parsed = value
         args.store_overrides.append((field, parsed))
-    if args.workers is not None and args.workers < 1:
-        p.error("--workers must be >= 1")
-    return args
+    from kvstore import KVStoreConfig
+
+    try:
+        KVStoreConfig.preset(args.preset, **dict(args.store_overrides))
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        store = "".join(f" --store {item}" for item in args.store)
+        raise ValueError(f"--preset {args.preset}{store}: {str(exc).splitlines()[0]}") from None
+    args.chaos_spec = None
+    if args.chaos is not None:
+        from cluster.chaos import Chaos
+
+        args.chaos_spec = Chaos.parse(args.chaos)
+        last = Chaos.last_step(args.max_new_tokens)
+        if args.chaos_spec.step > last:
+            steps = f"steps 1..{last}" if last >= 1 else "no decode step (raise --max-new-tokens)"
+            raise ValueError(f"--chaos {args.chaos}: step {args.chaos_spec.step} is never reached: with "
+                             f"--max-new-tokens {args.max_new_tokens} a batch runs {steps}")
+    if logging.getLevelName(args.log_level.upper()) not in (logging.DEBUG, logging.INFO, logging.WARNING,
+                                                           logging.ERROR, logging.CRITICAL):
+        raise ValueError(f"--log-level {args.log_level!r}: expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    if args.dtype != "auto":
+        import torch
+
+        if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+            raise ValueError(f"--dtype {args.dtype!r}: expected auto or a torch dtype name (float32, bfloat16, float16)")
+    _check_model(args.model)
+    if args.summary_json is not None:
+        target = args.summary_json
+        if target.is_dir():
+            raise ValueError(f"--summary-json {target}: is a folder")
+        parent = target.parent
+        while not parent.exists() and parent.parent != parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ValueError(f"--summary-json {target}: {parent} is a file, not a folder")
+    if args.address is None and args.gpus == "yes":
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus < (args.workers or 1):
+            raise ValueError(f"--gpus yes: this machine has {gpus} GPU(s) for {args.workers or 1} worker(s) of a "
+                             "local Ray; pass --gpus no or --workers N")
+
+
+def _check_model(name: str) -> None:
+    """--model: auto, random, a probe that is there, a local folder the workers can load
+    (config.json of a supported family, *.safetensors), or a Hugging Face repo id."""
+    if name in ("auto", "random"):
+        return
+    from cluster.worker import probe_model_dir
+
+    if name == "probe":
+        if probe_model_dir() is None:
+            raise ValueError("--model probe: benchmarks/probe/ holds no model (config.json + *.safetensors); "
+                             "pass --model random or a model folder")
+        return
+    if Path(name).exists():
+        from kvstore.adapters.model_dir import check_model_dir
+
+        try:  # prompts are token ids: no tokenizer needed
+            check_model_dir(name, tokenizer=False, weights="safetensors")
+        except ValueError as exc:
+            raise ValueError(f"--model {exc}") from None
+        return
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(name)
+        repo_id = not name.startswith((".", "~", os.sep))
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        repo_id = False
+    except ValueError:
+        repo_id = False
+    if not repo_id:
+        raise ValueError(f"--model {name}: no such folder, and not auto, random, probe or a Hugging Face repo id")
 
 
 def _start_ray(args: argparse.Namespace):
@@ -97,20 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    from kvstore import KVStoreConfig
-
-    try:  # a bad preset or field fails here, before Ray and the actors start
-        KVStoreConfig.preset(args.preset, **dict(args.store_overrides))
-    except (TypeError, ValueError, NotImplementedError) as e:
-        logger.error("--preset %s with --store %s: %s", args.preset, args.store, e)
-        return 2
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # every argument was checked in parse_args, before Ray starts
     ray = _start_ray(args)
     t_ray = time.perf_counter()
 
     from tqdm import tqdm
 
-    from cluster.controller import Chaos, ClusterSpec, Controller
+    from cluster.controller import ClusterSpec, Controller
     from cluster.worker import ModelSpec
     from cluster.workload import builtin_workload, outputs_sha256
 
@@ -126,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_memory=args.worker_memory_mb << 20,
         cold_tier_bytes=args.cold_tier_mb << 20,
         max_restarts=args.max_restarts,
-        chaos=Chaos.parse(args.chaos) if args.chaos else None,
+        chaos=args.chaos_spec,
         store_overrides=tuple(args.store_overrides),
     )
 

@@ -65,15 +65,10 @@ class UnsupportedModelError(ValueError):
     """The engine cannot be served by kvstore; the message says what is unsupported."""
 
 
-def model_geometry(model: Any) -> ModelGeometry:
-    """Check that `model` can be served and return its attention geometry.
-
-    Raises UnsupportedModelError naming what is unsupported (family, sliding-window layers,
-    MLA, encoder-decoder, mixed devices or dtypes).
-    """
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(model, "forward"):
-        raise UnsupportedModelError(f"{type(model).__name__} is not a Hugging Face model (no .config)")
+def check_config(config: Any) -> None:
+    """Check that a model of this config (a transformers PretrainedConfig) can be served, before
+    any weights are loaded. Raises UnsupportedModelError naming what is unsupported (family,
+    sliding-window layers, MLA, encoder-decoder)."""
     model_type = getattr(config, "model_type", None)
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"encoder-decoder models ({model_type}) are not supported: kvstore serves decoder-only causal LMs")
@@ -92,6 +87,18 @@ def model_geometry(model: Any) -> ModelGeometry:
             "are not supported: every layer must be full attention (for Mistral v0.2+ checkpoints set "
             "config.sliding_window = None)"
         )
+
+
+def model_geometry(model: Any) -> ModelGeometry:
+    """Check that `model` can be served and return its attention geometry.
+
+    Raises UnsupportedModelError naming what is unsupported (family, sliding-window layers,
+    MLA, encoder-decoder, mixed devices or dtypes).
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "forward"):
+        raise UnsupportedModelError(f"{type(model).__name__} is not a Hugging Face model (no .config)")
+    check_config(config)
     if not hasattr(model, "generate") or not hasattr(model, "lm_head"):
         raise UnsupportedModelError(f"{type(model).__name__} is not a causal LM (no lm_head/generate)")
     params = list(model.parameters())
