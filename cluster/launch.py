@@ -7,8 +7,11 @@
 With no --address it starts a local Ray bound to 127.0.0.1 with token authentication on
 (RAY_AUTH_MODE=token) and stops it at the end; with --address auto it joins the cluster it runs
 in (the way `ray job submit` runs it). The summary (stdout, and --summary-json) holds requests,
-completed, failed, worker_restarts, re_prefills, outputs_sha256 (over the generated token ids in
-request order) and timings. The exit code is 1 when any request failed, 2 for a bad argument:
+completed, failed, worker_restarts, re_prefills, recovered_inexact (re-prefilled requests whose
+replay did not reproduce a recorded token), outputs_sha256 (over the generated token ids in
+request order) and timings. A recovered request yields the tokens of an uninterrupted run (its
+generated tokens are replayed as decode steps after a re-prefill; a resumed batch replays the
+store's recorded calls). The exit code is 1 when any request failed, 2 for a bad argument:
 every argument is checked (`validate`) before Ray starts, and a bad one gets one line.
 """
 
@@ -264,8 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.address is None:
         ray.shutdown()
     brief = {k: summary[k] for k in ("requests", "completed", "failed", "worker_restarts", "re_prefills", "resumed",
-                                      "cold_tier_restarts", "outputs_sha256")}
+                                      "cold_tier_restarts", "recovered_inexact", "outputs_sha256")}
     print(json.dumps({**brief, "timings": summary["timings"]}, indent=2))
+    if summary["recovered_inexact"]:
+        logger.warning("%d recovered requests replayed a step whose token differed from the recorded one: their "
+                       "outputs continue from the recorded tokens but the cache state may differ from an "
+                       "uninterrupted run's", summary["recovered_inexact"])
     if args.summary_json is not None:
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
         args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
