@@ -5,7 +5,7 @@ It runs in the driver process (the `python -m cluster.launch` process, or the jo
 
     node A                                  node B
     +------------------------------+        +------------------------------+
-    | ColdTier actor (shared mem)  |        | ColdTier actor (shared mem)  |
+    | NodeMemory actor (shared mem)|        | NodeMemory actor (shared mem)|
     |   ^ segment per batch        |        |   ^                          |
     |   | mapped, written per step |        |   |                          |
     | WorkerEngine actor (GPU 0)   |        | WorkerEngine actor (GPU 0)   |
@@ -45,7 +45,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.chaos import CHAOS_KINDS, Chaos  # noqa: F401 - CHAOS_KINDS re-exported
-from cluster.cold_tier_actor import ArenaSpec, ColdTier
+from cluster.node_memory import ArenaSpec, NodeMemory
 from cluster.worker import ModelSpec, WorkerEngine
 from cluster.workload import Request
 
@@ -198,7 +198,7 @@ class Controller:
         )
 
     def _start_cold(self, node_id: str) -> None:
-        self.cold[node_id] = ray.remote(ColdTier).options(
+        self.cold[node_id] = ray.remote(NodeMemory).options(
             num_cpus=0, memory=self.spec.cold_tier_bytes, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         ).remote(self.spec.cold_tier_bytes)

@@ -6,7 +6,7 @@ per call, as a forward loop over `past_key_values` with greedy argmax (no EOS st
 request gets exactly `max_new_tokens`), so that
 
 * each step's state (next token ids, the new K/V of every layer) is published to the batch's
-  cold-tier segment (cluster/cold_tier_actor.py) straight from this process, and
+  cold-tier segment (cluster/node_memory.py) straight from this process, and
 * a chaos kill lands between two known steps.
 
 Per batch the worker keeps the padded timeline of kvstore.sequence_io (left padding, column t
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.cold_tier_actor import ArenaSpec, BatchArena
+from cluster.node_memory import ArenaSpec, BatchArena
 from kvstore import KVStoreClient, KVStoreConfig
 from kvstore.adapters.hf import CACHE_ARG
 from kvstore.sequence_io import BatchKV, BatchTrace, TapCache, exportable, import_batch, replay_batch

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cluster.cold_tier_actor import ArenaSpec, BatchArena, ColdTier
+from cluster.node_memory import ArenaSpec, BatchArena, NodeMemory
 from cluster.worker import ModelSpec, WorkerEngine
 from kvstore import KVStoreClient, KVStoreConfig
 from kvstore.adapters.hf import CACHE_ARG
@@ -101,7 +101,7 @@ def test_worker_resumes_from_cold_tier_without_prefill(preset, record_queries):
     ref = [first] + [ref_engine.step("ref") for _ in range(max_new - 1)]
     ref_engine.finish("ref")
 
-    cold = ColdTier(capacity_bytes=1 << 20)
+    cold = NodeMemory(capacity_bytes=1 << 20)
     spec = _arena(cold, ref_engine, "b0", len(PROMPTS), max_tokens)
     dying = _engine(record_queries, preset)
     got = [dying.start("b0", PROMPTS, max_new, spec)] + [dying.step("b0") for _ in range(5)]
@@ -184,7 +184,7 @@ def test_worker_resume_replays_retrieval_state():
     full = WorkerEngine(ModelSpec("random", seed=3), "full", "cpu", max_seqs=4)
     full_out = [full.start("f", prompts, max_new)] + [full.step("f") for _ in range(max_new - 1)]
     assert full_out != ref  # retrieval really changed what was attended
-    cold = ColdTier(capacity_bytes=8 << 20)
+    cold = NodeMemory(capacity_bytes=8 << 20)
     spec = _arena(cold, ref_engine, "b", 3, 96 + max_new)
     assert spec.num_q_heads == 4
     dying = engine()
@@ -200,7 +200,7 @@ def test_worker_resume_replays_retrieval_state():
 
 
 def test_cold_tier_and_arena_errors():
-    cold = ColdTier(capacity_bytes=4096)
+    cold = NodeMemory(capacity_bytes=4096)
     with pytest.raises(MemoryError, match="cold tier full"):
         cold.create_arena("x", 4, 2, 2, 16, 64, "float32")
     with pytest.raises(ValueError, match="ArenaSpec.batch"):
@@ -208,7 +208,7 @@ def test_cold_tier_and_arena_errors():
     with pytest.raises(ValueError, match="ArenaSpec.dtype"):
         ArenaSpec("n", 1, 2, 2, 16, 8, "floaty")
     engine = _engine()
-    cold2 = ColdTier()
+    cold2 = NodeMemory()
     spec = _arena(cold2, engine, "b", 1, 4)
     with pytest.raises(ValueError, match="exceeds this worker's free capacity"):
         engine.start("c", [[1]] * 5, 2)
@@ -257,7 +257,7 @@ def test_cold_tier_serves_cpu_retrieval():
     codes = rng.integers(0, K, size=(Hkv, n, m), dtype=np.uint8)
     q = rng.standard_normal((Hkv * G, m * dsub)).astype(np.float32)
     req = service.SearchRequest(centroids, codes, q, lo=4, hi=60, k=5, scale=0.25)
-    cold = ColdTier(capacity_bytes=1 << 20, retrieval_threads=2)
+    cold = NodeMemory(capacity_bytes=1 << 20, retrieval_threads=2)
     got = cold.search([req, req])
     cold.shutdown()
     assert got.shape == (2, Hkv, 5) and (got[0] == got[1]).all()

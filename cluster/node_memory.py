@@ -1,6 +1,7 @@
-"""The node cold tier: host memory, in shared memory, that outlives the workers of its node.
+"""Node memory: the cluster's cold tier of a node, host memory in shared memory that outlives the
+workers of its node. (Not `kvstore.cold_tier.ColdTier`, a store's own host tier inside a worker.)
 
-One `ColdTier` per node (run as a Ray actor by the controller) owns one shared-memory segment
+One `NodeMemory` per node (run as a Ray actor by the controller) owns one shared-memory segment
 per batch of sequences. The worker serving the batch maps the segment by name
 (`BatchArena.attach`) and writes each step's state into it straight from its own process: the
 K/V never travel through Ray RPC. When a worker dies, the segment survives in the cold tier,
@@ -218,7 +219,7 @@ class BatchArena:
         self.header[1] = committed  # last: a reader that sees t sees columns < t complete
 
 
-class ColdTier:
+class NodeMemory:
     """A node's cold tier: owns the batch segments of the workers on its node, and serves the
     CPU retrieval service (retrieval/service.py) for sequences whose codes are parked off the GPU.
 
