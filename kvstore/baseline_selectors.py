@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.selection import SELECTORS, ExactSelector, Selector, SelectionStep
+from kvstore.selection import ExactSelector, Selector, SelectionStep
 from retrieval import baselines
 
 #: SnapKV's "always keep" score (observation window, generated tokens); any vote is far below.
@@ -272,8 +272,3 @@ class QuestSelector(Selector):
 
     def device_bytes_per_seq(self):
         return 2 * self.kmin[:, 0].numel() * self.kmin.element_size()
-
-
-SELECTORS.update(
-    streaming=StreamingSelector, h2o=H2OSelector, snapkv=SnapKVSelector, quest=QuestSelector,
-)

@@ -18,10 +18,18 @@ import torch
 from gpu_kernels import reference
 
 from kvstore.config import KVStoreConfig
-from kvstore.page_format import FullFormat, PageFormat, make_format
+from kvstore.page_format import FullFormat, PageFormat
 from kvstore.page_pool import PagePool
 from kvstore.page_table import PageTable
+from kvstore.quantization import QuantFormat
 from kvstore.workspace import Workspace
+
+
+def make_format(key_bits: int, value_bits: int, head_dim: int, dtype: torch.dtype, groups: int = 1) -> PageFormat:
+    """The page format of a tier of the given precision: the model's dtype at 16/16, else quantized."""
+    if key_bits == 16 and value_bits == 16:
+        return FullFormat(head_dim, dtype)
+    return QuantFormat(key_bits, value_bits, head_dim, dtype, groups)
 
 
 @dataclass(frozen=True)

@@ -67,12 +67,3 @@ class FullFormat(PageFormat):
         if dtype is not None and dtype != self.dtype:
             pages = pages.to(dtype)
         return pages[..., 0, :, :], pages[..., 1, :, :]
-
-
-def make_format(key_bits: int, value_bits: int, head_dim: int, dtype: torch.dtype, groups: int = 1) -> PageFormat:
-    """The page format for a tier of the given precision."""
-    if key_bits == 16 and value_bits == 16:
-        return FullFormat(head_dim, dtype)
-    from kvstore import quantization  # the quantized formats (hot-tier issue)
-
-    return quantization.QuantFormat(key_bits, value_bits, head_dim, dtype, groups)

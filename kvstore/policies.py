@@ -28,15 +28,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 if TYPE_CHECKING:
     from kvstore.config import KVStoreConfig
-    from kvstore.store import KVStore
+    from kvstore.hot_tier import HotTier, ModelGeometry
 
 logger = logging.getLogger(__name__)
+
+
+class StoreView(Protocol):
+    """What a policy reads of the store it serves (a `KVStore` is one): a reference, not an import."""
+
+    config: "KVStoreConfig"
+    geometry: "ModelGeometry"
+    hot: "HotTier"
 
 
 @dataclass
@@ -81,7 +89,7 @@ class HotPolicy:
     def ensure_seqs(self, max_seqs: int) -> None:
         """Grow per-sequence state to `max_seqs` slots (between steps)."""
 
-    def prefill(self, store: "KVStore", layer: int, seq_ids: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+    def prefill(self, store: StoreView, layer: int, seq_ids: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 positions: torch.Tensor, valid: torch.Tensor, scale: float) -> PrefillKeep:
         """Decide which tokens of a prefill chunk one layer keeps.
 
@@ -94,7 +102,7 @@ class HotPolicy:
         B, Hkv, T, _ = k.shape
         return PrefillKeep(high=valid.view(B, 1, T).expand(B, Hkv, T))
 
-    def plan(self, store: "KVStore", seq_ids: torch.Tensor, positions: torch.Tensor) -> StepDecision:
+    def plan(self, store: StoreView, seq_ids: torch.Tensor, positions: torch.Tensor) -> StepDecision:
         """Where the new token of every (sequence, layer, KV head) goes this step.
 
         Args:
@@ -104,7 +112,7 @@ class HotPolicy:
         none = torch.full((B, L, H), -1, dtype=torch.int64, device=self.device)
         return StepDecision(reuse=none, evicted_pos=none.clone())
 
-    def observe(self, store: "KVStore", layer: int, seq_ids: torch.Tensor, probs: torch.Tensor) -> None:
+    def observe(self, store: StoreView, layer: int, seq_ids: torch.Tensor, probs: torch.Tensor) -> None:
         """Decode-time attention probabilities of one layer (LeanKV's score update). No-op here."""
 
     def release(self, seq_ids: torch.Tensor) -> None:
@@ -302,7 +310,7 @@ class LeanKVPolicy(HotPolicy):
         prompt = torch.minimum(Q, n - p) + (now - n)
         return torch.where(p < n, prompt, now - p).clamp(min=1).float()
 
-    def _observe_last_step(self, store: "KVStore") -> None:
+    def _observe_last_step(self, store: StoreView) -> None:
         """Add the last decode step's max-over-group probabilities to the hot tokens' scores."""
         last = store.hot.last_ws
         store.hot.last_ws = None

@@ -17,7 +17,7 @@ goes into the step's buffers, taken at plan time by `plan_workspace` (a selector
 with its own tensors extends it; `select` copies scores returned elsewhere into the buffer).
 Per-step metadata (`SelectionStep`) is built once per step in the store's plan.
 
-Selectors register in `SELECTORS` and in kvstore/capabilities.py.
+A selector is registered by name in kvstore/selectors.py (`SELECTORS`, `make_selector`).
 """
 
 from __future__ import annotations
@@ -425,16 +425,6 @@ class PQSelector(Selector):
         self.pool.shutdown(wait=True)
 
 
-SELECTORS: dict[str, type[Selector]] = {"pq": PQSelector, "exact": ExactSelector}
-
-
-def make_selector(config: "KVStoreConfig", geometry: "ModelGeometry", cold: "ColdTier") -> Selector:
-    cls = SELECTORS.get(config.selector)
-    if cls is None:
-        raise NotImplementedError(f"selector={config.selector!r} is not implemented; known: {sorted(SELECTORS)}")
-    return cls(config, geometry, cold)
-
-
 def window_sizes(config: "KVStoreConfig", prompt_lens: torch.Tensor) -> torch.Tensor:
     """`config.window_for` for int64 [B] prompt lengths (same arithmetic as the window policy)."""
     if config.window_tokens is not None:
@@ -449,7 +439,3 @@ def budgets(config: "KVStoreConfig", prompt_lens: torch.Tensor) -> torch.Tensor:
         return torch.full_like(prompt_lens, config.token_budget)
     k = ((prompt_lens - config.sink_tokens).double() * config.budget_fraction * (1 - config.window_share)).trunc().long()
     return k.clamp(min=1)
-
-
-# The benchmark baselines (StreamingLLM, H2O, SnapKV, Quest) add themselves to SELECTORS.
-from kvstore import baseline_selectors  # noqa: E402,F401

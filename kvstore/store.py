@@ -28,7 +28,8 @@ from kvstore.policies import PrefillKeep, make_policy
 from kvstore.prefill_attention import prefill_attention
 from kvstore.cold_tier import ColdTier
 from kvstore.gpu_cache import GPUCache
-from kvstore.selection import SelectionStep, budgets, make_selector, window_sizes
+from kvstore.selection import SelectionStep, budgets, window_sizes
+from kvstore.selectors import make_selector
 from kvstore.workspace import Workspace
 
 logger = logging.getLogger(__name__)
