@@ -4,8 +4,8 @@
     available_methods()                          # {name: None or why it cannot run yet}
 
 Every method runs through the same path: `KVStoreClient(method.config).attach(model)`. A method
-whose parts the store has not built yet (checked by `KVStoreConfig.preset` against
-`kvstore.capabilities`) raises `MethodUnavailable` with the store's reason.
+the store cannot build (a one-layer store on the CPU refuses it) raises `MethodUnavailable` with
+the store's reason.
 
 Budgets (`--budgets`), for the methods that select tokens at decode:
   * a fraction c in (0, 1] ("0.2"): PQCache's definition, per (sequence, layer, KV head):
@@ -24,9 +24,9 @@ separate columns (and resume separately).
 
 Method lists: "available" (or "all") stands for every method the store provides now; those it
 does not provide are skipped with a logged warning, while a method named explicitly that the
-store cannot run raises `MethodUnavailable`. Availability is checked twice: against
-`kvstore.capabilities` (the preset) and by building a one-layer store on the CPU (the store
-refuses some combinations at construction, e.g. a selector over a hot policy it is not wired for).
+store cannot run raises `MethodUnavailable`. Availability is checked by building a one-layer
+store on the CPU (the store refuses some combinations at construction, e.g. a selector that is
+not in its registry, `kvstore/selectors.py`).
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ def _preset(name: str, **overrides) -> KVStoreConfig:
 def check_store(config: KVStoreConfig) -> None:
     """Build a one-layer store on the CPU with `config`; MethodUnavailable if the store refuses it.
 
-    Catches what `kvstore.capabilities` cannot see: a combination the store raises
-    NotImplementedError for at construction. Costs milliseconds (the first retrieval store
+    Catches a combination the store raises NotImplementedError for at construction (a selector
+    or policy not in its registries). Costs milliseconds (the first retrieval store
     imports FAISS).
     """
     from kvstore.hot_tier import ModelGeometry
@@ -139,12 +139,6 @@ def _selection_config(name: str, budget: str, options: dict | None = None) -> tu
             except ValueError as exc:
                 raise MethodUnavailable(f"{name}: {exc}") from None
             config = config.replace(**(options or {}))
-            from kvstore.capabilities import check_implemented
-
-            try:
-                check_implemented(config)
-            except NotImplementedError as exc:
-                raise MethodUnavailable(str(exc)) from None
         else:
             config = _preset(name, **(options or {}))
     else:

@@ -37,9 +37,6 @@ class KVStoreClient:
             config = KVStoreConfig.preset("full")
         if not isinstance(config, KVStoreConfig):
             raise TypeError(f"config must be a KVStoreConfig, got {type(config).__name__}")
-        from kvstore.capabilities import check_implemented
-
-        check_implemented(config)
         self.config = config
         self.store: KVStore | None = None
         self._adapter = None

@@ -70,15 +70,6 @@ def test_pqcache_stats_on_a_600_token_prompt():
         model_cache(out).release()
 
 
-def test_tiered_waits_for_the_leankv_hot_policy():
-    from kvstore import capabilities
-
-    if "leankv" in capabilities.HOT_POLICIES:
-        pytest.skip("leankv exists: tiered is covered by its own tests")
-    with pytest.raises(NotImplementedError, match="leankv"):
-        KVStoreConfig.preset("tiered")
-
-
 def test_retrieval_needs_the_window_policy():
     with pytest.raises(NotImplementedError, match="window"):
         KVStore(KVStoreConfig(hot_policy="all", selector="pq", cold_tier=True), _geo())
