@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.args import check_out_dir, csv as _csv, lengths as _lengths
+
 logger = logging.getLogger("kvstore-bench")
 
 #: `kvstore-bench quick` with the first probe architecture (4 layers, hidden 256, 8q/2kv heads), 7
@@ -49,46 +51,11 @@ QUICK_LENGTHS = (3072,)
 QUICK_SAMPLES = 4
 
 
-def _csv(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
-def _lengths(text: str) -> list[int]:
-    out = []
-    for p in _csv(text):
-        mult = 1
-        if p[-1] in "kK":
-            p, mult = p[:-1], 1024
-        try:
-            out.append(int(p) * mult)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--lengths entries must be token counts like 4096 or 4k, got {p!r}") from None
-    return out
-
-
 def _depths(text: str) -> list[float]:
     try:
         return [float(x) for x in _csv(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--depths entries must be numbers in [0, 1], got {text!r}") from None
-
-
-def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
-    """`path` as an output folder that exists or can be made: ValueError (one line) when it is a file,
-    lies under a file, or its nearest existing folder is not writable. Nothing is created."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{flag} {out}: exists and is not a folder")
-    parent = out
-    while not parent.exists():
-        if parent.parent == parent:
-            break
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise ValueError(f"{flag} {out}: {parent} is a file, not a folder")
-    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {out}: {parent} is not writable")
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -161,7 +161,7 @@ def _positive_float(text: str) -> float:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """The `throughput` subcommand on `kvstore-bench`'s subparsers."""
-    from benchmarks.cli import _csv, _lengths
+    from benchmarks.args import csv as _csv, lengths as _lengths
 
     p = sub.add_parser(
         "throughput", help="decode tokens/s at each method's largest batch, against unattached HF and the roofline",
@@ -306,7 +306,7 @@ def validate(args) -> tuple[list[MethodSpec], ModelSource, Path, list[dict]]:
         raise ValueError("--max-batch applies to --batch max only")
     methods = parse_methods(args.methods)
     source = resolve_model(args)
-    from benchmarks.cli import check_out_dir
+    from benchmarks.args import check_out_dir
 
     out = check_out_dir(args.out)
     existing = read_results(out / "results.json")
