@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_kernels import reference
+from gpu_kernels import reference, torch_ops
 
 from kvstore.config import KVStoreConfig
 from kvstore.page_format import FullFormat, PageFormat
@@ -286,7 +286,7 @@ class HotTier:
             invalid=wsp.take("hot.ref.invalid", (B, Hkv, N), torch.bool),
             kf=wsp.take("hot.ref.kf", (B, Hkv, N, d), torch.float32),
             vf=wsp.take("hot.ref.vf", (B, Hkv, N, d), torch.float32),
-            attn=reference.decode_attention_buffers(lambda n, s, t: wsp.take("hot.ref." + n, s, t),
+            attn=torch_ops.decode_attention_buffers(lambda n, s, t: wsp.take("hot.ref." + n, s, t),
                                                     B, Hq, Hkv, N, d, kv_fp32=True),
         )
 
@@ -303,7 +303,7 @@ class HotTier:
         r["vf"].view(B, Hkv, P, tpp, d).copy_(raw[:, :, :, 1])
         pos = torch.index_select(self.pool.slot_pos, 0, pages, out=r["pos"]).view(B, Hkv, P, -1)[..., :tpp]
         torch.lt(pos, 0, out=r["invalid"].view(B, Hkv, P, tpp))
-        return reference.decode_attention_out(q, r["kf"], r["vf"], r["invalid"], scale, r["attn"])
+        return torch_ops.decode_attention_out(q, r["kf"], r["vf"], r["invalid"], scale, r["attn"])
 
     def attend(self, layer: int, seq_ids: torch.Tensor, q: torch.Tensor, scale: float, num_pages: int,
                ws: dict | None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ page with one contiguous load)::
     Keys are token-major (a token's kB bytes contiguous: the q.k dot reduces over the head dim) and
     values byte-major (one value byte of the T tokens contiguous: p @ v reduces over tokens, so the
     tensor-core operand wants consecutive tokens of one element in a register; H100, B=8, N=128K:
-    0.638 -> 0.607 ms for the decode kernel). `reference.page_views` gives both as [P, T, bytes].
+    0.638 -> 0.607 ms for the decode kernel). `torch_ops.page_views` gives both as [P, T, bytes].
 
 `bytes_per_token` = kB + vB + 8 * groups: at d = 128, groups = 1, K8V4 = 200 B (LeanKV: 208 with
 its fp32 score and int32 position, which kvstore keeps in the pool's slot arrays, 8 B more per
@@ -28,7 +28,7 @@ import logging
 
 import torch
 
-from gpu_kernels import reference
+from gpu_kernels import reference, torch_ops
 from kvstore.page_format import PageFormat
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class QuantFormat(PageFormat):
 
     def _views(self, data: torch.Tensor):
         """No-copy views of a pool [P, page_bytes]: K codes [P,T,kB], V codes [P,T,vB] (transposed view), meta [P,T,4,g]."""
-        return reference.page_views(data, self.tokens_per_page(data.shape[1]), self.key_bytes, self.value_bytes,
+        return torch_ops.page_views(data, self.tokens_per_page(data.shape[1]), self.key_bytes, self.value_bytes,
                                     self.groups)
 
     def write(self, data, page_ids, slots, k, v):

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from gpu_kernels import reference
+from gpu_kernels import reference, torch_ops
 from kvstore.hot_tier import use_triton
 from kvstore.workspace import Workspace
 
@@ -227,7 +227,7 @@ class ExactSelector(Selector):
         logits = ws["logits"]
         torch.bmm(qf.view(B * H, G, d), kf.view(B * H, N, d).transpose(1, 2), out=logits.view(B * H, G, N))
         logits.mul_(scale)
-        return reference.group_softmax_scores_out(logits, ws["cand_invalid"], H, ws["lse"], ws["scores"])
+        return torch_ops.group_softmax_scores_out(logits, ws["cand_invalid"], H, ws["lse"], ws["scores"])
 
     def device_bytes_per_seq(self):
         return self.keys[:, 0].numel() * self.keys.element_size()
@@ -405,7 +405,7 @@ class PQSelector(Selector):
     def scores(self, layer, step, q, scale):
         ws = self._ws(step)
         cen = self._centroids(layer, step.seq_ids, ws)
-        table = reference.pq_tables_out(q, cen, scale, ws["qperm"], ws["prod"], ws["table"])
+        table = torch_ops.pq_tables_out(q, cen, scale, ws["qperm"], ws["prod"], ws["table"])
         if self.use_triton:
             from gpu_kernels.pq_score import pq_scores
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpu_kernels import reference
+from gpu_kernels import torch_ops
 from kvstore.config import KVStoreConfig
 from kvstore.hot_tier import HotTier, ModelGeometry
 from kvstore.policies import PrefillKeep, make_policy
@@ -579,9 +579,9 @@ class KVStore:
         ws["fetch"] = self.cold.fetch_workspace(seq_ids, kmax, wsp)
         ws["miss"] = wsp.take("ret.miss", (B, H, kmax), torch.bool)
         ws["invalid"] = wsp.take("ret.invalid", (B, H, kmax), torch.bool)
-        ws["attn"] = reference.decode_attention_buffers(lambda n, sh, t: wsp.take("ret." + n, sh, t), B, Hq, H, kmax, d,
+        ws["attn"] = torch_ops.decode_attention_buffers(lambda n, sh, t: wsp.take("ret." + n, sh, t), B, Hq, H, kmax, d,
                                                         kv_fp32=geo.dtype == torch.float32)
-        ws["merge"] = reference.merge_attention_buffers(lambda n, sh, t: wsp.take("merge." + n, sh, t), B, Hq, d)
+        ws["merge"] = torch_ops.merge_attention_buffers(lambda n, sh, t: wsp.take("merge." + n, sh, t), B, Hq, d)
         step.ws = ws
         plan.selection = step
         plan.retrieved = wsp.take("ret.kv", (2, B, H, kmax, d), geo.dtype).zero_()
@@ -603,8 +603,8 @@ class KVStore:
         self._wait_fetch(pending)
         self.gpu_cache.read(layer, step.seq_ids, slot, buf, ws["cache"])
         invalid = torch.logical_not(valid, out=ws["invalid"])
-        out_r, lse_r = reference.decode_attention_out(q0, buf[0], buf[1], invalid, scale, ws["attn"])
-        out, lse = reference.merge_attention_out(out_h, lse_h, out_r, lse_r, ws["merge"])
+        out_r, lse_r = torch_ops.decode_attention_out(q0, buf[0], buf[1], invalid, scale, ws["attn"])
+        out, lse = torch_ops.merge_attention_out(out_h, lse_h, out_r, lse_r, ws["merge"])
         hws = plan.hot_ws
         if hws is not None and hws.get("lse_all") is not None:
             # LeanKV's score update reads exp(logit - lse_all): with the merged lse, a hot token's

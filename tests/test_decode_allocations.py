@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from alloc_probe import AllocProbe
-from gpu_kernels import reference
+from gpu_kernels import reference, torch_ops
 from kvstore import KVStoreConfig
 from kvstore.hot_tier import ModelGeometry
 from kvstore.store import KVStore
@@ -157,27 +157,27 @@ def test_out_variants_equal_the_references_bit_for_bit(B, Hkv, G, N, dtype):
     valid = torch.rand(B, Hkv, N, generator=g) > 0.3
     valid[0, 0] = False  # a head with no token: lse -inf, out 0
     o1, l1, _ = reference.decode_attention(q, k, v, valid, 0.3)
-    ws = reference.decode_attention_buffers(_take, B, Hq, Hkv, N, d, kv_fp32=dtype == torch.float32)
-    o2, l2 = reference.decode_attention_out(q, k, v, ~valid, 0.3, ws)
+    ws = torch_ops.decode_attention_buffers(_take, B, Hq, Hkv, N, d, kv_fp32=dtype == torch.float32)
+    o2, l2 = torch_ops.decode_attention_out(q, k, v, ~valid, 0.3, ws)
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
 
     ob, lb = torch.randn(B, Hq, d, generator=g), torch.randn(B, Hq, generator=g)
     lb[-1, -1] = float("-inf")
     m1, ml1 = reference.merge_attention(o1, l1, ob, lb)
-    m2, ml2 = reference.merge_attention_out(o2, l2, ob, lb, reference.merge_attention_buffers(_take, B, Hq, d))
+    m2, ml2 = torch_ops.merge_attention_out(o2, l2, ob, lb, torch_ops.merge_attention_buffers(_take, B, Hq, d))
     assert torch.equal(m1, m2) and torch.equal(ml1, ml2)
 
     if N:
         lg = torch.randn(B, Hq, N, generator=g) * 4
         cand = torch.rand(B, N, generator=g) > 0.4
         s1 = reference.group_softmax_scores(lg, cand, Hkv)
-        s2 = reference.group_softmax_scores_out(lg.clone(), ~cand.view(B, 1, N), Hkv, torch.empty(B, Hq, 1),
+        s2 = torch_ops.group_softmax_scores_out(lg.clone(), ~cand.view(B, 1, N), Hkv, torch.empty(B, Hq, 1),
                                                 torch.empty(B, Hkv, N))
         assert torch.equal(s1, s2)
 
     for m, K in ((1, 8), (2, 64), (4, 8)):
         cen = torch.randn(B, Hkv, m, K, d // m, generator=g).half()
         t1 = reference.pq_tables(q, cen, 0.3).contiguous()
-        t2 = reference.pq_tables_out(q, cen.float(), 0.3, torch.empty(B, Hkv, m, G, d // m),
+        t2 = torch_ops.pq_tables_out(q, cen.float(), 0.3, torch.empty(B, Hkv, m, G, d // m),
                                      torch.empty(B * Hkv * m, G, K), torch.empty(B, Hq, m, K))
         assert torch.equal(t1, t2)
