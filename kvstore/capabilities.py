@@ -17,6 +17,9 @@ SELECTORS: set[str] = {"none", "pq", "exact"}  # "pq", "exact": kvstore/selectio
 SELECTORS |= {"streaming", "h2o", "snapkv", "quest"}  # kvstore/baseline_selectors.py
 QUANTIZED_HOT_TIER: bool = True  # kvstore/quantization.py
 COLD_TIER: bool = True  # kvstore/cold_tier.py
+#: LeanKV reads every hot token's attention logits from the quantized paged decode (reference and
+#: kernel); neither has a 16-bit page layout, so LeanKV needs key_bits < 16
+LEANKV_UNQUANTIZED = "hot_policy='leankv' over an unquantized hot tier (key_bits=16; use key_bits=8, value_bits=4)"
 
 
 def check_implemented(config: "KVStoreConfig") -> None:
@@ -28,6 +31,8 @@ def check_implemented(config: "KVStoreConfig") -> None:
         missing.append(f"selector={config.selector!r}")
     if config.quantized and not QUANTIZED_HOT_TIER:
         missing.append(f"a quantized hot tier (key_bits={config.key_bits})")
+    if config.hot_policy == "leankv" and not config.quantized:
+        missing.append(LEANKV_UNQUANTIZED)
     if config.cold_tier and not COLD_TIER:
         missing.append("the cold tier")
     if missing:

@@ -74,3 +74,10 @@ def test_pqcache_budget_definition():
     assert c.window_for(1032) == 100
     assert c.topk_for(1032) == 100
     assert dataclasses.replace(c, token_budget=7).topk_for(1032) == 7
+
+
+def test_leankv_over_an_unquantized_hot_tier_is_refused_as_unbuilt():
+    # LeanKV reads per-token logits from the quantized paged decode, which has no 16-bit layout:
+    # this used to crash mid-prefill with a ZeroDivisionError (no low tier to size)
+    with pytest.raises(NotImplementedError, match="leankv.*unquantized"):
+        KVStoreConfig.preset("leankv", key_bits=16, value_bits=16)
