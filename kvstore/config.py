@@ -122,10 +122,11 @@ class KVStoreConfig:
                 raise bad(f, f"must be one of {KEY_BITS}")
         if self.value_bits > self.key_bits:
             raise bad("value_bits", "keys never get fewer bits than values (K2V4 collapses accuracy)")
-        if self.low_value_bits > self.low_key_bits:
+        if self.has_low_tier and self.low_value_bits > self.low_key_bits:
             raise bad("low_value_bits", "keys never get fewer bits than values")
-        if self.low_key_bits > self.key_bits or self.low_value_bits > self.value_bits:
-            raise bad("low_key_bits", "the low tier cannot have more bits than the high tier")
+        if self.has_low_tier and (self.low_key_bits > self.key_bits or self.low_value_bits > self.value_bits):
+            raise bad("low_key_bits", f"the low tier cannot have more bits than the high tier (K{self.key_bits}"
+                                      f"V{self.value_bits}): lower low_key_bits / low_value_bits")
         if (self.key_bits == 16) != (self.value_bits == 16):
             raise bad("value_bits", "16 bits (unquantized) applies to keys and values together")
         if not 1 <= self.quant_groups <= 4:

@@ -81,3 +81,10 @@ def test_leankv_over_an_unquantized_hot_tier_is_refused_as_unbuilt():
     # this used to crash mid-prefill with a ZeroDivisionError (no low tier to size)
     with pytest.raises(NotImplementedError, match="leankv.*unquantized"):
         KVStoreConfig.preset("leankv", key_bits=16, value_bits=16)
+
+
+def test_low_tier_bits_are_checked_only_where_there_is_a_low_tier():
+    # quant at K2V2 has no low tier: the default low_key_bits=4 used to refuse it
+    assert KVStoreConfig.preset("quant", key_bits=2, value_bits=2).key_bits == 2
+    with pytest.raises(ValueError, match="low_key_bits.*lower low_key_bits"):
+        KVStoreConfig.preset("leankv", key_bits=2, value_bits=2)
