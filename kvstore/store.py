@@ -79,6 +79,7 @@ class DecodePlan:
 
 class KVStore:
     def __init__(self, config: KVStoreConfig, geometry: ModelGeometry):
+        config.warn_ignored(torch.device(geometry.device).type)  # once per config: fields it ignores
         self.config = config
         self.geometry = geometry
         self.device = geometry.device

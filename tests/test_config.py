@@ -46,7 +46,8 @@ def test_replace_revalidates():
     c = KVStoreConfig.preset("full")
     with pytest.raises(ValueError, match="page_size"):
         dataclasses.replace(c, page_size=-3)
-    assert dataclasses.replace(c, token_budget=2048).token_budget == 2048
+    tiered = KVStoreConfig.preset("tiered")
+    assert dataclasses.replace(tiered, token_budget=2048).token_budget == 2048
 
 
 def test_unknown_preset_lists_known_ones():
@@ -88,3 +89,71 @@ def test_low_tier_bits_are_checked_only_where_there_is_a_low_tier():
     assert KVStoreConfig.preset("quant", key_bits=2, value_bits=2).key_bits == 2
     with pytest.raises(ValueError, match="low_key_bits.*lower low_key_bits"):
         KVStoreConfig.preset("leankv", key_bits=2, value_bits=2)
+
+
+@pytest.mark.parametrize("preset", ["full", "quant", "leankv"])
+@pytest.mark.parametrize("field,value", [("token_budget", 2048), ("window_tokens", 64), ("budget_fraction", 0.05),
+                                         ("window_share", 0.2)])
+def test_a_budget_the_preset_cannot_apply_is_refused(preset, field, value):
+    # presets without a selector attend every token they keep: a budget there can only be a mistake
+    with pytest.raises(ValueError, match=f"KVStoreConfig.{field}=.*has no effect here.*selector"):
+        dataclasses.replace(KVStoreConfig.preset(preset), **{field: value})
+    with pytest.raises(ValueError, match=field):
+        KVStoreConfig.preset(preset, **{field: value})
+
+
+@pytest.mark.parametrize("preset,field,value", [
+    ("leankv", "sink_tokens", 4),            # LeanKV without retrieval may prune the sinks
+    ("pqcache", "alpha_prune", 0.1),         # nothing prunes outside LeanKV
+    ("full", "alpha_prune", 0.1),
+    ("pqcache", "token_budget", None),       # the default: never refused
+])
+def test_which_tokens_fields_are_refused_where_unappliable(preset, field, value):
+    if value is None:
+        assert KVStoreConfig.preset(preset, **{field: value}).token_budget is None
+        return
+    with pytest.raises(ValueError, match=f"KVStoreConfig.{field}"):
+        KVStoreConfig.preset(preset, **{field: value})
+
+
+def test_every_preset_reads_every_field_it_sets():
+    for name in KVStoreConfig.preset_names():
+        for device in ("cpu", "cuda"):
+            assert KVStoreConfig.preset(name).ignored_fields(device) == []
+
+
+@pytest.mark.parametrize("preset,changes,ignored", [
+    ("full", dict(kmeans_iters=4), ["kmeans_iters"]),
+    ("full", dict(quant_groups=2, host_tier_bytes=1 << 20, immune_tokens=8, sink_tokens=4),
+     ["quant_groups", "immune_tokens", "sink_tokens", "host_tier_bytes"]),
+    ("quant", dict(low_key_bits=2, alpha_quant=2.0, gpu_cache_tokens=8), ["low_key_bits", "alpha_quant", "gpu_cache_tokens"]),
+    ("oracle", dict(pq_bits=3, pq_subspaces=4), ["pq_subspaces", "pq_bits"]),
+    ("pqcache", dict(prefill_chunk_tokens=16, window_tokens=8, token_budget=8, budget_fraction=0.5),
+     ["budget_fraction", "prefill_chunk_tokens"]),
+    ("pqcache", dict(pq_trainer="device", kmeans_iters=3, kmeans_tol=0.1), ["kmeans_iters"]),
+    ("pqcache", dict(pq_trainer="faiss", kmeans_iters=3, kmeans_tol=0.1), ["kmeans_tol"]),
+    ("tiered", dict(window_tokens=128), ["window_tokens"]),
+    ("tiered", dict(token_budget=16, prefill_chunk_tokens=None), []),
+])
+def test_harmless_ignored_fields_are_listed(preset, changes, ignored):
+    lines = KVStoreConfig.preset(preset, **changes).ignored_fields("cpu")
+    assert sorted(line.split("=")[0].removeprefix("KVStoreConfig.") for line in lines) == sorted(ignored)
+
+
+def test_ignored_fields_are_warned_once_per_config_when_a_store_is_built(caplog):
+    import logging
+
+    import torch
+
+    from kvstore.hot_tier import ModelGeometry
+    from kvstore.store import KVStore
+
+    geo = ModelGeometry(1, 2, 1, 16, torch.float32, torch.device("cpu"))
+    config = KVStoreConfig.preset("full", kmeans_iters=7, quant_groups=3)
+    with caplog.at_level(logging.WARNING, logger="kvstore.config"):
+        for _ in range(3):
+            KVStore(config, geo).release_all()
+        KVStore(KVStoreConfig.preset("full"), geo).release_all()  # nothing ignored: no warning
+    warnings = [r for r in caplog.records if r.name == "kvstore.config"]
+    assert len(warnings) == 1
+    assert "kmeans_iters=7" in warnings[0].getMessage() and "quant_groups=3" in warnings[0].getMessage()
