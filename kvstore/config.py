@@ -32,7 +32,9 @@ class KVStoreConfig:
       quant_groups: scale/zero groups along the head dim (1..4).
       page_size: tokens per page at the high tier; the page *byte* size derives from it and is
         the same for every tier (unified paging).
-      hot_tier_bytes: hard cap on the page pool; None grows the pool between steps as needed.
+      hot_tier_bytes: hard cap on the page pool; None grows the pool between steps as needed. A
+        cap below one token of one sequence (the null page plus one page per layer and KV head,
+        known once the model is: `KVStoreClient.attach`) is refused with that minimum.
       max_batch_size: sequence slots allocated up front (grows between steps when exceeded).
       prefill_chunk_tokens: `generate()` runs a longer prompt through the model in chunks of at
         most this many tokens (transformers' `prefill_chunk_size`), each attending what the store
@@ -64,7 +66,8 @@ class KVStoreConfig:
     Cold tier (host memory)
       cold_tier: keep every token's K/V in pinned host memory.
       cold_key_bits / cold_value_bits: 16 stores the model's dtype, 8/4 halves host memory.
-      host_tier_bytes: hard cap on host memory; None: no cap beyond what the host has.
+      host_tier_bytes: hard cap on host memory; None: no cap beyond what the host has. A cap below
+        one cold-tier chunk (256 tokens of every layer's K and V) is refused with that minimum.
 
     Execution
       use_triton: "auto" uses the Triton kernels on CUDA and the torch references elsewhere;

@@ -157,3 +157,50 @@ def test_ignored_fields_are_warned_once_per_config_when_a_store_is_built(caplog)
     warnings = [r for r in caplog.records if r.name == "kvstore.config"]
     assert len(warnings) == 1
     assert "kmeans_iters=7" in warnings[0].getMessage() and "quant_groups=3" in warnings[0].getMessage()
+
+
+def _geometry(layers=2, kv_heads=2, head_dim=16):
+    import torch
+
+    from kvstore.hot_tier import ModelGeometry
+
+    return ModelGeometry(layers, 2 * kv_heads, kv_heads, head_dim, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("cap", [1, 4096, 5 * 2048 - 1])
+def test_a_hot_tier_cap_below_one_token_is_refused_with_the_minimum(cap):
+    from kvstore.store import KVStore
+
+    # fp32, head_dim 16, page_size 16: pages of 16 * 2 * 16 * 4 = 2048 B; 2 layers x 2 KV heads -> 5 pages
+    config = KVStoreConfig.preset("full", page_size=16, hot_tier_bytes=cap)
+    with pytest.raises(ValueError, match=rf"hot_tier_bytes={cap} is below this model's minimum of {5 * 2048} bytes"):
+        KVStore(config, _geometry())
+    store = KVStore(dataclasses.replace(config, hot_tier_bytes=5 * 2048), _geometry())
+    assert store.hot.pool.max_pages == 5
+    store.release_all()
+
+
+def test_a_host_tier_cap_below_one_chunk_is_refused_with_the_minimum():
+    from kvstore.store import KVStore
+
+    chunk = 2 * 2 * 2 * 256 * 16 * 4  # layers x K,V x KV heads x 256 tokens x head_dim x fp32
+    config = KVStoreConfig.preset("pqcache", host_tier_bytes=chunk - 1)
+    with pytest.raises(ValueError, match=rf"host_tier_bytes={chunk - 1} is below this model's minimum of {chunk} bytes"):
+        KVStore(config, _geometry())
+    KVStore(dataclasses.replace(config, host_tier_bytes=chunk), _geometry()).release_all()
+
+
+def test_a_host_tier_cap_of_one_chunk_serves_a_prompt_of_one_chunk():
+    import torch
+
+    from kvstore.cold_tier import ColdTier, ColdTierMemoryError
+
+    chunk = 1 * 2 * 1 * 4 * 2 * 4
+    cold = ColdTier(KVStoreConfig(cold_tier=True, host_tier_bytes=chunk), _geometry(1, 1, 2), max_seqs=2,
+                    chunk_tokens=4)
+    cold.allocate_prefill(torch.tensor([0]), torch.tensor([3]))  # a slab used to be >= 4 chunks whatever the cap
+    assert cold.reserved_bytes == chunk and cold.used_bytes == chunk
+    with pytest.raises(ColdTierMemoryError, match="host_tier_bytes"):
+        cold.allocate_prefill(torch.tensor([1]), torch.tensor([3]))
+    cold.release(torch.tensor([0]))
+    assert cold.used_bytes == 0
