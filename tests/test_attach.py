@@ -360,6 +360,30 @@ def test_generate_chunked_prefill_equals_one_shot(padded):
     assert q_err < 0.05 * (q_one - ref.logits[0]).abs().max().item() + 0.05, q_err
 
 
+@pytest.mark.parametrize("name", ["full", "quant", "leankv"])
+@pytest.mark.parametrize("length,chunk", [(3, 1), (5, 2), (23, 4)], ids=["chunks-of-1", "last-chunk-of-1", "last-of-3"])
+def test_one_token_prefill_chunks_are_prefill_not_decode(name, length, chunk):
+    """A one-token chunk of a chunked prefill (prefill_chunk_tokens=1, or a last chunk of 1) was taken
+    for a decode step: a padding column was stored as a token (full's logits off by 0.1), and a last
+    chunk of one token skipped the prefill path (where LeanKV decides over the whole prompt). Now the
+    cache knows the prompt's width."""
+    model = tiny_model("llama", num_hidden_layers=1)
+    ids, mask = left_padded_batch(batch=2, length=length, pads=(length - 1, 0))
+    ref = None
+    for c in (None, chunk):
+        client = KVStoreClient(KVStoreConfig.preset(name, prefill_chunk_tokens=c))
+        with client.attach(model):
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
+            assert client.stats()["tokens"] == int(mask.sum()) + 2 * 2
+        if ref is None:
+            ref = out
+    assert torch.equal(ref.sequences, out.sequences) or name != "full"
+    if name == "full":
+        err = max((a - b).abs().max().item() for a, b in zip(ref.logits, out.logits))
+        assert err < 1e-4, err
+
+
 def test_generate_chunks_only_long_prompts_of_chunkable_presets():
     """The wrapper passes prefill_chunk_size only where it applies (even chunks of at most
     prefill_chunk_tokens; not with a cold tier), and detach restores generate."""

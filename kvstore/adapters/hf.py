@@ -165,12 +165,15 @@ class KVStoreCache(Cache):
     cache is garbage-collected (or `release()` is called) its sequences' pages are freed.
     """
 
-    def __init__(self, store: "KVStore", prompt_lengths: torch.Tensor | None = None):
+    def __init__(self, store: "KVStore", prompt_lengths: torch.Tensor | None = None, prompt_width: int | None = None):
         super().__init__(layers=[_StoreLayer() for _ in range(store.geometry.num_layers)])
         self.store = store
         #: valid tokens of each prompt, when known before the first forward (generate() knows them);
         #: lets a chunked prefill serve the policies that decide from the whole prompt
         self.prompt_lengths = prompt_lengths
+        #: columns of the (padded) prompt, when known (generate()): a one-token chunk of a chunked
+        #: prefill is prefill, not a decode step (unknown: every one-token forward after the first is)
+        self.prompt_width = prompt_width
         self.seq_ids: torch.Tensor | None = None
         self.plan: "DecodePlan | None" = None
         self.decoding = False
@@ -188,7 +191,9 @@ class KVStoreCache(Cache):
                     f"this KVStoreCache holds {self.seq_ids.numel()} sequences but got a batch of {batch}; "
                     "start a new generation for a new batch"
                 )
-            self.decoding = q_len == 1 and self.layers[0].seen > 0
+            seen = self.layers[0].seen
+            prefilling = self.prompt_width is not None and seen < self.prompt_width
+            self.decoding = q_len == 1 and seen > 0 and not prefilling
             self.plan = self.store.plan(self.seq_ids) if self.decoding else None
         return self.layers[layer_idx].update(key_states, value_states)
 
@@ -246,6 +251,7 @@ class HFAdapter:
         self.name = f"kvstore_{id(self):x}"
         self.active_cache: KVStoreCache | None = None
         self._prompt_lengths: torch.Tensor | None = None  # of the generate() call in progress
+        self._prompt_width: int | None = None  # its prompt's columns (padding included)
         self.caches: "weakref.WeakSet[KVStoreCache]" = weakref.WeakSet()
         ALL_ATTENTION_FUNCTIONS.register(self.name, self._attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(self.name, _padding_mask)
@@ -323,6 +329,7 @@ class HFAdapter:
             mask = kwargs.get("attention_mask")
             self._prompt_lengths = (mask.sum(1) if isinstance(mask, torch.Tensor) and mask.dim() == 2
                                     else torch.full((B,), T, dtype=torch.int64))
+            self._prompt_width = T
             chunk = config.prefill_chunk_tokens
             chunked = (config.chunked_prefill and T > chunk and "prefill_chunk_size" not in kwargs
                        and getattr(gen_config, "prefill_chunk_size", None) is None)
@@ -334,7 +341,7 @@ class HFAdapter:
         try:
             return self._orig_generate(*args, **kwargs)
         finally:
-            self._prompt_lengths = None
+            self._prompt_lengths = self._prompt_width = None
 
     # ---- hooks -----------------------------------------------------------------------------
     def _pre_forward(self, module, args, kwargs):
@@ -357,8 +364,8 @@ class HFAdapter:
             self.active_cache = None
             return args, kwargs
         elif past is None or (isinstance(past, DynamicCache) and past.get_seq_length() == 0):
-            past = KVStoreCache(self.store, self._prompt_lengths)
-            self._prompt_lengths = None
+            past = KVStoreCache(self.store, self._prompt_lengths, self._prompt_width)
+            self._prompt_lengths = self._prompt_width = None
             self.caches.add(past)
             kwargs["use_cache"] = True
         else:
