@@ -325,6 +325,30 @@ def test_hot_tier_cap_raises_out_of_pages_without_losing_the_model():
     assert torch.isfinite(ref).all()
 
 
+@pytest.mark.parametrize("preset,caps", [
+    ("full", dict(hot_tier_bytes=8 * 4096)),    # OutOfPagesError at a decode step
+    ("oracle", dict(host_tier_bytes=131072)),   # one cold-tier chunk (2 layers x K,V x 2 heads x 256 x 16 x 4 B) for 3 prompts
+])
+def test_a_generate_that_raises_holds_nothing(preset, caps):
+    """A generation that fails releases the sequences it started before the error reaches the caller
+    (the pre-hook's reference to the cache held them, pages and host chunks, until the next forward;
+    then releasing them crashed in stats() for a selector whose state had not grown yet)."""
+    from kvstore import OutOfPagesError
+    from kvstore.cold_tier import ColdTierMemoryError
+
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    client = KVStoreClient(KVStoreConfig.preset(preset, **caps))
+    with client.attach(model):
+        with pytest.raises((OutOfPagesError, ColdTierMemoryError), match="tier_bytes"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=200, do_sample=False, pad_token_id=0)
+        store = client.store
+        assert not store.active and store.hot.pool.num_used == 0
+        assert store.cold is None or store.cold.used_bytes == 0
+        assert client.stats()["live"] is False
+    assert not client.attached
+
+
 def test_dtype_change_after_attach_is_refused():
     model = tiny_model("llama")
     ids, mask = left_padded_batch()

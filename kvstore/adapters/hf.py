@@ -252,6 +252,7 @@ class HFAdapter:
         self.active_cache: KVStoreCache | None = None
         self._prompt_lengths: torch.Tensor | None = None  # of the generate() call in progress
         self._prompt_width: int | None = None  # its prompt's columns (padding included)
+        self._call_caches: list[KVStoreCache] | None = None  # caches the generate() call in progress made
         self.caches: "weakref.WeakSet[KVStoreCache]" = weakref.WeakSet()
         ALL_ATTENTION_FUNCTIONS.register(self.name, self._attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(self.name, _padding_mask)
@@ -317,6 +318,9 @@ class HFAdapter:
           chunk attends to what the store holds of the earlier ones (`KVStore.prefill`); the
           prompt lengths (from the attention mask) go to the store with the cache, for the
           policies that decide from the whole prompt.
+
+        A generation that raises (OutOfPagesError from a capped hot tier, ColdTierMemoryError, ...)
+        releases the sequences it started before the error propagates: nothing stays held.
         """
         config = self.store.config
         inputs = kwargs.get("input_ids", args[0] if args else None)
@@ -338,10 +342,19 @@ class HFAdapter:
                 kwargs["prefill_chunk_size"] = -(-T // pieces)
                 logger.debug("generate: prefill of %d tokens in %d chunks of %d", T, pieces, kwargs["prefill_chunk_size"])
             self.store.reserve(B, T, int(new), chunked=chunked)
+        self._call_caches = []
         try:
             return self._orig_generate(*args, **kwargs)
+        except BaseException:
+            # the caller has no handle on this call's cache: free its sequences now (the pre-hook's
+            # reference, `active_cache`, would otherwise hold them until the next forward)
+            self.active_cache = None
+            for cache in self._call_caches:
+                cache.release()
+            raise
         finally:
             self._prompt_lengths = self._prompt_width = None
+            self._call_caches = None
 
     # ---- hooks -----------------------------------------------------------------------------
     def _pre_forward(self, module, args, kwargs):
@@ -367,6 +380,8 @@ class HFAdapter:
             past = KVStoreCache(self.store, self._prompt_lengths, self._prompt_width)
             self._prompt_lengths = self._prompt_width = None
             self.caches.add(past)
+            if self._call_caches is not None:
+                self._call_caches.append(past)
             kwargs["use_cache"] = True
         else:
             raise ValueError(
