@@ -272,8 +272,8 @@ class KVStoreConfig:
         window = self.hot_policy == "window" or self.retrieves
         if window and self.window_tokens is not None and (self.token_budget is not None or not self.retrieves):
             rules.append((("budget_fraction", "window_share"),
-                          "window_tokens and " + ("token_budget" if self.retrieves else "no selector") +
-                          " fix both sizes"))
+                          "window_tokens and token_budget fix both sizes" if self.retrieves else
+                          "window_tokens fixes the window and there is no selector (no budget)"))
         out = []
         for fields, why in rules:
             for f in fields:
