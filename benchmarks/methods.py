@@ -122,8 +122,10 @@ def check_store(config: KVStoreConfig) -> None:
 
     geometry = ModelGeometry(num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=16, dtype=torch.float32,
                              device=torch.device("cpu"))
+    # the caps are judged against the real model when its store is built (the minimum depends on it)
+    probe = dataclasses.replace(config, max_batch_size=1, hot_tier_bytes=None, host_tier_bytes=None)
     try:
-        store = KVStore(dataclasses.replace(config, max_batch_size=1), geometry)
+        store = KVStore(probe, geometry)
     except NotImplementedError as exc:
         raise MethodUnavailable(f"preset {config.name!r}: {exc}") from None
     store.release_all()

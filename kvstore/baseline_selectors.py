@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.selection import ExactSelector, Selector, SelectionStep
+from kvstore.selection import ExactSelector, Selector, SelectionStep, per_seq_bytes
 from retrieval import baselines
 
 #: SnapKV's "always keep" score (observation window, generated tokens); any vote is far below.
@@ -121,7 +121,7 @@ class H2OSelector(ExactSelector):
         return s
 
     def device_bytes_per_seq(self):
-        return super().device_bytes_per_seq() + self.acc[:, 0].numel() * self.acc.element_size()
+        return super().device_bytes_per_seq() + per_seq_bytes(self.acc)
 
 
 class SnapKVSelector(Selector):
@@ -158,7 +158,7 @@ class SnapKVSelector(Selector):
         return v.masked_fill_(ws["cand_invalid"], -1.0)
 
     def device_bytes_per_seq(self):
-        return self.votes[:, 0].numel() * self.votes.element_size()
+        return per_seq_bytes(self.votes)
 
 
 class QuestSelector(Selector):
@@ -271,4 +271,4 @@ class QuestSelector(Selector):
         return s.masked_fill_(inv, -1.0)
 
     def device_bytes_per_seq(self):
-        return 2 * self.kmin[:, 0].numel() * self.kmin.element_size()
+        return 2 * per_seq_bytes(self.kmin)

@@ -31,8 +31,10 @@ Reads. `rows(...)` maps (layer, sequence, KV head, position) to slab rows on the
 Bytes. `used_bytes` counts the chunks the live sequences hold, `reserved_bytes` the slabs.
 On CUDA a slab is pageable memory registered with the CUDA runtime: pinned at exactly its size
 (torch's pinned allocator rounds up to a power of two). A slab holds at least 1 GiB or one
-sequence's run. A slab that does not fit `host_tier_bytes` or the host's available memory raises
-`ColdTierMemoryError` saying how much was asked, how much is left, and what to change.
+sequence's run, and no more than `host_tier_bytes` leaves (when the request fits in that). A
+slab that does not fit `host_tier_bytes` or the host's available memory raises
+`ColdTierMemoryError` saying how much was asked, how much is left, and what to change. A
+`host_tier_bytes` below one chunk is refused (ValueError) when the tier is built.
 """
 
 from __future__ import annotations
@@ -110,6 +112,13 @@ class ColdTier:
         self.C = chunk_tokens
         self.elem = torch.empty((), dtype=self.dtype).element_size()
         self.chunk_bytes = self.L * 2 * self.H * self.C * self.d * self.elem  # all layers
+        cap = config.host_tier_bytes
+        if cap is not None and cap < self.chunk_bytes:  # before anything is allocated
+            raise ValueError(
+                f"KVStoreConfig.host_tier_bytes={cap} is below this model's minimum of {self.chunk_bytes} bytes: one "
+                f"cold-tier chunk ({self.C} tokens x {self.L} layers x K and V x {self.H} KV heads x head_dim {self.d} "
+                f"x {self.elem} B); raise it or set None (no cap)"
+            )
         self.max_slab_chunks = max(1, slab_bytes // self.chunk_bytes)
         self.pinned = self.device.type == "cuda"
         self.use_triton = use_triton(config, self.device)
@@ -153,8 +162,10 @@ class ColdTier:
     def _new_slab(self, min_chunks: int) -> int:
         total = int(self.chunk_slab.shape[0])
         n = max(min_chunks, min(self.max_slab_chunks, max(4, total)))
-        need = n * self.chunk_bytes
         cap = self.config.host_tier_bytes
+        if cap is not None:  # never more chunks than the cap leaves, when fewer hold the request
+            n = max(min_chunks, min(n, (cap - self.reserved_bytes) // self.chunk_bytes))
+        need = n * self.chunk_bytes
         if cap is not None and self.reserved_bytes + need > cap:
             raise ColdTierMemoryError(
                 f"the cold tier needs {need} more bytes of host memory ({n} chunks of {self.C} tokens) but "

@@ -9,11 +9,17 @@ which re-runs the validation in `__post_init__`::
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
+logger = logging.getLogger(__name__)
+
 HOT_POLICIES = ("all", "window", "leankv")
 SELECTORS = ("none", "pq", "exact", "streaming", "h2o", "snapkv", "quest")
+#: LeanKV reads every hot token's attention logits from the quantized paged decode (reference and
+#: kernel); neither has a 16-bit page layout, so LeanKV needs key_bits < 16
+LEANKV_UNQUANTIZED = "hot_policy='leankv' over an unquantized hot tier (key_bits=16; use key_bits=8, value_bits=4)"
 KEY_BITS = (16, 8, 4, 2)
 
 
@@ -29,7 +35,9 @@ class KVStoreConfig:
       quant_groups: scale/zero groups along the head dim (1..4).
       page_size: tokens per page at the high tier; the page *byte* size derives from it and is
         the same for every tier (unified paging).
-      hot_tier_bytes: hard cap on the page pool; None grows the pool between steps as needed.
+      hot_tier_bytes: hard cap on the page pool; None grows the pool between steps as needed. A
+        cap below one token of one sequence (the null page plus one page per layer and KV head,
+        known once the model is: `KVStoreClient.attach`) is refused with that minimum.
       max_batch_size: sequence slots allocated up front (grows between steps when exceeded).
       prefill_chunk_tokens: `generate()` runs a longer prompt through the model in chunks of at
         most this many tokens (transformers' `prefill_chunk_size`), each attending what the store
@@ -61,11 +69,36 @@ class KVStoreConfig:
     Cold tier (host memory)
       cold_tier: keep every token's K/V in pinned host memory.
       cold_key_bits / cold_value_bits: 16 stores the model's dtype, 8/4 halves host memory.
-      host_tier_bytes: hard cap on host memory; None: no cap beyond what the host has.
+      host_tier_bytes: hard cap on host memory; None: no cap beyond what the host has. A cap below
+        one cold-tier chunk (256 tokens of every layer's K and V) is refused with that minimum.
 
     Execution
       use_triton: "auto" uses the Triton kernels on CUDA and the torch references elsewhere;
         "always" forces the kernels (the interpreter on CPU with TRITON_INTERPRET=1); "never".
+
+    Fields this configuration ignores. A field counts only when its value differs from the
+    field's default (presets set some fields to their defaults; those never count) and the rest
+    of the configuration does not read it:
+      ValueError (at construction, naming the field) when the field says WHICH tokens are kept
+        or attended and the configuration cannot apply it, so the setting can only be a mistake:
+        token_budget without a selector; window_tokens, budget_fraction, window_share without a
+        window (hot_policy "window") or a selector (e.g. `full`/`quant`/`leankv` with a budget:
+        they attend every token they keep); sink_tokens under hot_policy "leankv" without a
+        selector (LeanKV may prune the sinks; only retrieval protects them); alpha_prune without
+        hot_policy "leankv" (nothing prunes).
+      One logged warning (logger "kvstore.config", once per distinct config, when a store is
+        built) when the field only tunes HOW a part works and that part is absent, or when
+        other fields decide instead; the store then does what the rest of the configuration
+        says: quant_groups at key_bits=16; low_key_bits / low_value_bits / alpha_quant without
+        LeanKV's low tier; immune_tokens / score_queries without hot_policy "leankv"; sink_tokens
+        under hot_policy "all" without a selector (every token stays); gpu_cache_tokens without a
+        selector; pq_subspaces / pq_bits / pq_trainer / kmeans_* without selector "pq", and the
+        other trainer's knobs (kmeans_iters under the device trainer; kmeans_min_iters,
+        kmeans_max_iters, kmeans_tol under FAISS); cold_key_bits / cold_value_bits /
+        host_tier_bytes without cold_tier; prefill_chunk_tokens with cold_tier (one pass for
+        now); budget_fraction / window_share when window_tokens and token_budget (or no
+        selector) fix both sizes; window_tokens above immune_tokens under LeanKV with retrieval
+        (the store caps the window at immune_tokens). `ignored_fields()` lists these.
     """
 
     name: str = "custom"
@@ -117,15 +150,19 @@ class KVStoreConfig:
             raise bad("hot_policy", f"must be one of {HOT_POLICIES}")
         if self.selector not in SELECTORS:
             raise bad("selector", f"must be one of {SELECTORS}")
+        if self.hot_policy == "leankv" and self.key_bits == 16:
+            raise NotImplementedError(f"KVStoreConfig.key_bits=16 with hot_policy='leankv': {LEANKV_UNQUANTIZED} "
+                                      "is not built")
         for f in ("key_bits", "value_bits", "low_key_bits", "low_value_bits"):
             if getattr(self, f) not in KEY_BITS:
                 raise bad(f, f"must be one of {KEY_BITS}")
         if self.value_bits > self.key_bits:
             raise bad("value_bits", "keys never get fewer bits than values (K2V4 collapses accuracy)")
-        if self.low_value_bits > self.low_key_bits:
+        if self.has_low_tier and self.low_value_bits > self.low_key_bits:
             raise bad("low_value_bits", "keys never get fewer bits than values")
-        if self.low_key_bits > self.key_bits or self.low_value_bits > self.value_bits:
-            raise bad("low_key_bits", "the low tier cannot have more bits than the high tier")
+        if self.has_low_tier and (self.low_key_bits > self.key_bits or self.low_value_bits > self.value_bits):
+            raise bad("low_key_bits", f"the low tier cannot have more bits than the high tier (K{self.key_bits}"
+                                      f"V{self.value_bits}): lower low_key_bits / low_value_bits")
         if (self.key_bits == 16) != (self.value_bits == 16):
             raise bad("value_bits", "16 bits (unquantized) applies to keys and values together")
         if not 1 <= self.quant_groups <= 4:
@@ -180,6 +217,90 @@ class KVStoreConfig:
             raise bad("selector", "retrieval selectors need cold_tier=True: retrieved tokens come from host memory")
         if self.hot_policy == "window" and self.selector == "none" and not self.cold_tier:
             raise bad("hot_policy", "'window' without a selector or cold tier would drop tokens for good")
+        for f, why in self._unappliable():
+            default = _DEFAULTS[f]
+            if getattr(self, f) != default:
+                raise bad(f, f"has no effect here: {why}; leave it at its default ({default!r})")
+
+    # ---- fields a configuration ignores (see the class docstring) -------------------------------
+    def _unappliable(self) -> list[tuple[str, str]]:
+        """(field, why) for the fields that say which tokens are kept or attended and that this
+        configuration cannot apply (a value other than the default is refused)."""
+        out = []
+        window = self.hot_policy == "window" or self.retrieves
+        if not self.retrieves:
+            out.append(("token_budget", "only a selector retrieves a budget of tokens and selector='none' "
+                                        "(use a preset with one: pqcache, tiered, oracle)"))
+        if not window:
+            why = (f"hot_policy={self.hot_policy!r} with selector='none' has no window and no budget: decode "
+                   "attends every token the hot tier keeps (use a preset with a selector: pqcache, tiered, oracle)")
+            out += [(f, why) for f in ("window_tokens", "budget_fraction", "window_share")]
+        if self.hot_policy == "leankv" and not self.retrieves:
+            out.append(("sink_tokens", "LeanKV without a selector may prune the first tokens (only retrieval "
+                                       "protects sinks; immune_tokens protects the most recent ones)"))
+        if self.hot_policy != "leankv":
+            out.append(("alpha_prune", f"only hot_policy='leankv' prunes (hot_policy={self.hot_policy!r})"))
+        return out
+
+    def ignored_fields(self, device: str | None = None) -> list[str]:
+        """One line per field set away from its default that this configuration ignores harmlessly
+        (it only tunes a part that is absent, or other fields decide): the store warns about them
+        once (`warn_ignored`). `device` ("cuda", "cpu") resolves pq_trainer="auto"; without it the
+        trainers' knobs are not judged."""
+        rules: list[tuple[tuple[str, ...], str]] = []
+        if not self.quantized:
+            rules.append((("quant_groups",), "the hot tier is not quantized (key_bits=16)"))
+        if not self.has_low_tier:
+            rules.append((("low_key_bits", "low_value_bits", "alpha_quant"),
+                          "there is no low tier (only hot_policy='leankv' with key_bits < 16 has one)"))
+        if self.hot_policy != "leankv":
+            rules.append((("immune_tokens", "score_queries"), f"only hot_policy='leankv' scores and prunes tokens "
+                                                              f"(hot_policy={self.hot_policy!r})"))
+        if self.hot_policy == "all" and not self.retrieves:
+            rules.append((("sink_tokens",), "hot_policy='all' keeps every token, the first ones included"))
+        if not self.retrieves:
+            rules.append((("gpu_cache_tokens",), "the GPU cache holds retrieved tokens and selector='none'"))
+        if self.selector != "pq":
+            rules.append((("pq_subspaces", "pq_bits", "pq_trainer", "kmeans_iters", "kmeans_min_iters",
+                           "kmeans_max_iters", "kmeans_tol"), f"no PQ index is built (selector={self.selector!r})"))
+        elif self.pq_trainer != "auto" or device is not None:
+            on_device = self.pq_trainer == "device" or (self.pq_trainer == "auto" and device == "cuda")
+            if on_device:
+                rules.append((("kmeans_iters",), "the device trainer stops by kmeans_tol within "
+                                                 "[kmeans_min_iters, kmeans_max_iters]"))
+            else:
+                rules.append((("kmeans_min_iters", "kmeans_max_iters", "kmeans_tol"),
+                              "the FAISS trainer runs kmeans_iters iterations"))
+        if not self.cold_tier:
+            rules.append((("cold_key_bits", "cold_value_bits", "host_tier_bytes"), "cold_tier=False"))
+        elif self.prefill_chunk_tokens is not None:
+            rules.append((("prefill_chunk_tokens",), "a cold tier takes a prompt in one pass for now"))
+        window = self.hot_policy == "window" or self.retrieves
+        if window and self.window_tokens is not None and (self.token_budget is not None or not self.retrieves):
+            rules.append((("budget_fraction", "window_share"),
+                          "window_tokens and token_budget fix both sizes" if self.retrieves else
+                          "window_tokens fixes the window and there is no selector (no budget)"))
+        out = []
+        for fields, why in rules:
+            for f in fields:
+                if getattr(self, f) != _DEFAULTS[f]:
+                    out.append(f"KVStoreConfig.{f}={getattr(self, f)!r} has no effect: {why}")
+        if (self.hot_policy == "leankv" and self.retrieves and self.window_tokens is not None
+                and self.window_tokens > max(1, self.immune_tokens)):
+            out.append(f"KVStoreConfig.window_tokens={self.window_tokens!r} is capped at immune_tokens="
+                       f"{self.immune_tokens}: under LeanKV with retrieval the window is LeanKV's immune window")
+        return out
+
+    def warn_ignored(self, device: str | None = None) -> None:
+        """Log `ignored_fields` as one warning, once per distinct configuration (the store calls
+        this when it is built)."""
+        key = (self, device)
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+        lines = self.ignored_fields(device)
+        if lines:
+            logger.warning("config %r sets fields it ignores: %s", self.name, "; ".join(lines))
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -240,6 +361,11 @@ class KVStoreConfig:
     def replace(self, **changes) -> "KVStoreConfig":
         return dataclasses.replace(self, **changes)
 
+
+#: every field's default (an ignored field counts only when it differs from its default)
+_DEFAULTS: dict = {f.name: f.default for f in dataclasses.fields(KVStoreConfig)}
+#: (config, device) pairs already warned about (`KVStoreConfig.warn_ignored`)
+_WARNED: set = set()
 
 # DESIGN.md's preset table.
 KVStoreConfig.register_preset("full")

@@ -27,6 +27,8 @@ The slots hit this step are protected from eviction.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kvstore.hot_tier import ModelGeometry
@@ -78,7 +80,8 @@ class GPUCache:
     @property
     def bytes_per_seq(self) -> int:
         """Device bytes one sequence slot holds (all layers)."""
-        per = [t[:, 0].numel() * t.element_size() for t in (self.k, self.v, self.pos, self.score, self.slot_of)]
+        per = [math.prod(t.shape[:1] + t.shape[2:]) * t.element_size()  # also before any slot exists
+               for t in (self.k, self.v, self.pos, self.score, self.slot_of)]
         return sum(per)
 
     # ---- plan time: the step's buffers --------------------------------------------------------

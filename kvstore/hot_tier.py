@@ -59,6 +59,21 @@ def use_triton(config: KVStoreConfig, device: torch.device) -> bool:
     return config.use_triton == "always" or (config.use_triton == "auto" and torch.device(device).type == "cuda")
 
 
+def check_hot_tier_bytes(config: KVStoreConfig, geometry: ModelGeometry, page_bytes: int) -> None:
+    """Refuse (ValueError, before anything is allocated) a `hot_tier_bytes` cap that cannot hold one
+    token of one sequence: the pool's null page plus one page per (layer, KV head), since every
+    head of every layer stores a sequence's first token in a page of its own."""
+    cap = config.hot_tier_bytes
+    L, H = geometry.num_layers, geometry.num_kv_heads
+    need = (1 + L * H) * page_bytes
+    if cap is not None and cap < need:
+        raise ValueError(
+            f"KVStoreConfig.hot_tier_bytes={cap} is below this model's minimum of {need} bytes: the null page and one "
+            f"page per (layer, KV head) ({L} x {H}), pages of {page_bytes} B (page_size={config.page_size} tokens, "
+            f"K{config.key_bits}V{config.value_bits}, head_dim {geometry.head_dim}); raise it or set None (no cap)"
+        )
+
+
 def _pow2(n: int) -> bool:
     return n > 0 and not n & (n - 1)
 
@@ -82,6 +97,7 @@ class HotTier:
         self.tokens_per_page = config.page_size
         self.low_tokens_per_page = self.low.tokens_per_page(self.page_bytes) if self.low else 0
         max_slots = max(self.tokens_per_page, self.low_tokens_per_page)
+        check_hot_tier_bytes(config, geometry, self.page_bytes)
         self.pool = PagePool(self.page_bytes, max_slots, geometry.device, max_bytes=config.hot_tier_bytes,
                              slot_scores=config.hot_policy == "leankv")
         self.table = PageTable(config.max_batch_size, geometry.num_layers, geometry.num_kv_heads, geometry.device)

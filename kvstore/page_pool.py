@@ -44,9 +44,11 @@ class PagePool:
         self.max_slots = max_slots
         self.score_slots = max_slots if slot_scores else 0
         self.device = torch.device(device)
-        self.max_pages = None if max_bytes is None else max(2, max_bytes // page_bytes)
-        if self.max_pages is not None and self.max_pages < 2:
-            raise OutOfPagesError(f"hot_tier_bytes={max_bytes} holds no page of {page_bytes} bytes")
+        if max_bytes is not None and max_bytes < 2 * page_bytes:  # checked before anything is allocated
+            raise ValueError(f"max_bytes={max_bytes} holds no page beside the null page: the minimum is "
+                             f"{2 * page_bytes} bytes (2 pages of {page_bytes} B)")
+        #: the cap in pages, the null page included (max_bytes // page_bytes)
+        self.max_pages = None if max_bytes is None else max_bytes // page_bytes
         num_pages = max(2, initial_pages if self.max_pages is None else min(initial_pages, self.max_pages))
         self.data = torch.zeros(num_pages, page_bytes, dtype=torch.uint8, device=self.device)
         self.slot_pos = torch.full((num_pages, max_slots), -1, dtype=torch.int32, device=self.device)

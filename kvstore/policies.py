@@ -245,6 +245,10 @@ class LeanKVPolicy(HotPolicy):
     whole_prompt = True
 
     def __init__(self, config: "KVStoreConfig", max_seqs: int, device: torch.device):
+        if not config.quantized:
+            from kvstore.config import LEANKV_UNQUANTIZED
+
+            raise NotImplementedError(f"{LEANKV_UNQUANTIZED} is not built")
         super().__init__(config, max_seqs, device)
         self.prompt_len = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)
         #: under retrieval (`tiered`) the first `sink_tokens` positions are immune too: the PQ

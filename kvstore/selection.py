@@ -23,6 +23,7 @@ A selector is registered by name in kvstore/selectors.py (`SELECTORS`, `make_sel
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ if TYPE_CHECKING:
     from kvstore.hot_tier import ModelGeometry
 
 logger = logging.getLogger(__name__)
+
+
+def per_seq_bytes(t: torch.Tensor) -> int:
+    """Bytes of one sequence slot of a per-sequence state tensor [L, S, ...], also before it has
+    any slot (S = 0: a prefill that failed before the state grew still has its sequences released)."""
+    return math.prod(t.shape[:1] + t.shape[2:]) * t.element_size()
 
 
 @dataclass
@@ -230,7 +237,7 @@ class ExactSelector(Selector):
         return torch_ops.group_softmax_scores_out(logits, ws["cand_invalid"], H, ws["lse"], ws["scores"])
 
     def device_bytes_per_seq(self):
-        return self.keys[:, 0].numel() * self.keys.element_size()
+        return per_seq_bytes(self.keys)
 
 
 #: device codebook training: fp32 keys of one group of sequences trained together (bounds the
@@ -418,8 +425,7 @@ class PQSelector(Selector):
             self.before_decode(layer)  # let running builds finish before their chunks are reused
 
     def device_bytes_per_seq(self):
-        return (self.codes[:, 0].numel() * self.codes.element_size()
-                + self.centroids[:, 0].numel() * self.centroids.element_size())
+        return per_seq_bytes(self.codes) + per_seq_bytes(self.centroids)
 
     def close(self):
         self.pool.shutdown(wait=True)

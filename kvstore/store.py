@@ -80,19 +80,22 @@ class DecodePlan:
 
 class KVStore:
     def __init__(self, config: KVStoreConfig, geometry: ModelGeometry):
+        config.warn_ignored(torch.device(geometry.device).type)  # once per config: fields it ignores
         self.config = config
         self.geometry = geometry
         self.device = geometry.device
-        self.hot = HotTier(config, geometry)
         self.max_seqs = config.max_batch_size
+        # the cold tier first: it allocates nothing until a prefill, and refuses a host_tier_bytes
+        # below one chunk before the hot tier allocates its pool
+        self.cold = ColdTier(config, geometry, self.max_seqs) if config.cold_tier else None
+        self.hot = HotTier(config, geometry)
         self.seq_len = torch.zeros(self.max_seqs, dtype=torch.int64, device=self.device)
         #: each sequence's whole prompt length when its caller said it (add_sequences), else 0
         self.prompt_len = torch.zeros(self.max_seqs, dtype=torch.int64, device=self.device)
         self._free_seqs = list(range(self.max_seqs - 1, -1, -1))
         self.active: set[int] = set()
         self.policy = make_policy(config, self.max_seqs, self.device)
-        # cold tier and retrieval (kvstore/cold_tier.py, selection.py, gpu_cache.py)
-        self.cold = ColdTier(config, geometry, self.max_seqs) if config.cold_tier else None
+        # retrieval (kvstore/selection.py, gpu_cache.py)
         self.selector = None
         self.gpu_cache: GPUCache | None = None
         #: bool [L, S, Hkv, cap + 1] under hot_policy='leankv' with retrieval (`tiered`): which

@@ -325,6 +325,30 @@ def test_hot_tier_cap_raises_out_of_pages_without_losing_the_model():
     assert torch.isfinite(ref).all()
 
 
+@pytest.mark.parametrize("preset,caps", [
+    ("full", dict(hot_tier_bytes=8 * 4096)),    # OutOfPagesError at a decode step
+    ("oracle", dict(host_tier_bytes=131072)),   # one cold-tier chunk (2 layers x K,V x 2 heads x 256 x 16 x 4 B) for 3 prompts
+])
+def test_a_generate_that_raises_holds_nothing(preset, caps):
+    """A generation that fails releases the sequences it started before the error reaches the caller
+    (the pre-hook's reference to the cache held them, pages and host chunks, until the next forward;
+    then releasing them crashed in stats() for a selector whose state had not grown yet)."""
+    from kvstore import OutOfPagesError
+    from kvstore.cold_tier import ColdTierMemoryError
+
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    client = KVStoreClient(KVStoreConfig.preset(preset, **caps))
+    with client.attach(model):
+        with pytest.raises((OutOfPagesError, ColdTierMemoryError), match="tier_bytes"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=200, do_sample=False, pad_token_id=0)
+        store = client.store
+        assert not store.active and store.hot.pool.num_used == 0
+        assert store.cold is None or store.cold.used_bytes == 0
+        assert client.stats()["live"] is False
+    assert not client.attached
+
+
 def test_dtype_change_after_attach_is_refused():
     model = tiny_model("llama")
     ids, mask = left_padded_batch()
@@ -358,6 +382,30 @@ def test_generate_chunked_prefill_equals_one_shot(padded):
     q_one, q_chunk = outs["quant", None].logits[0], outs["quant", 16].logits[0]
     q_err = (q_one - q_chunk).abs().max().item()
     assert q_err < 0.05 * (q_one - ref.logits[0]).abs().max().item() + 0.05, q_err
+
+
+@pytest.mark.parametrize("name", ["full", "quant", "leankv"])
+@pytest.mark.parametrize("length,chunk", [(3, 1), (5, 2), (23, 4)], ids=["chunks-of-1", "last-chunk-of-1", "last-of-3"])
+def test_one_token_prefill_chunks_are_prefill_not_decode(name, length, chunk):
+    """A one-token chunk of a chunked prefill (prefill_chunk_tokens=1, or a last chunk of 1) was taken
+    for a decode step: a padding column was stored as a token (full's logits off by 0.1), and a last
+    chunk of one token skipped the prefill path (where LeanKV decides over the whole prompt). Now the
+    cache knows the prompt's width."""
+    model = tiny_model("llama", num_hidden_layers=1)
+    ids, mask = left_padded_batch(batch=2, length=length, pads=(length - 1, 0))
+    ref = None
+    for c in (None, chunk):
+        client = KVStoreClient(KVStoreConfig.preset(name, prefill_chunk_tokens=c))
+        with client.attach(model):
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
+            assert client.stats()["tokens"] == int(mask.sum()) + 2 * 2
+        if ref is None:
+            ref = out
+    assert torch.equal(ref.sequences, out.sequences) or name != "full"
+    if name == "full":
+        err = max((a - b).abs().max().item() for a, b in zip(ref.logits, out.logits))
+        assert err < 1e-4, err
 
 
 def test_generate_chunks_only_long_prompts_of_chunkable_presets():

@@ -139,8 +139,9 @@ def test_worker_reprefill_from_tokens():
 def test_reprefill_gives_the_uninterrupted_tokens(preset):
     """A re-prefill after a lost segment replays the generated tokens as decode steps: the store ends
     in the uninterrupted run's state, so every later token is the uninterrupted run's (every preset)."""
-    overrides = dict(sink_tokens=4, window_tokens=8, token_budget=8, pq_bits=4, gpu_cache_tokens=8, kmeans_iters=8,
-                     immune_tokens=4, score_queries=8)
+    overrides = dict(pq_bits=4, gpu_cache_tokens=8, kmeans_iters=8, immune_tokens=4, score_queries=8)
+    if KVStoreConfig.preset(preset).retrieves:  # a budget where a selector applies it (elsewhere it is refused)
+        overrides.update(sink_tokens=4, window_tokens=8, token_budget=8)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (70, 96, 83)]
     max_new, lost_after = 12, 5

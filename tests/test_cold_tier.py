@@ -105,9 +105,9 @@ def test_byte_accounting_and_release():
 
 
 def test_host_memory_cap_is_a_clear_error():
-    cfg = KVStoreConfig(cold_tier=True, host_tier_bytes=1000)
+    cfg = KVStoreConfig(cold_tier=True, host_tier_bytes=2000)  # one chunk of 4 tokens is 1024 B
     cold = ColdTier(cfg, _geo(), max_seqs=2, chunk_tokens=4)
-    with pytest.raises(ColdTierMemoryError, match="host_tier_bytes=1000"):
+    with pytest.raises(ColdTierMemoryError, match="host_tier_bytes=2000"):
         cold.allocate_prefill(torch.tensor([0]), torch.tensor([40]))
     # the first sequence fits, the second does not: nothing of the batch stays allocated
     one_seq = L * 2 * HKV * 4 * D * 4 * 10  # 40 tokens = 10 chunks of 4

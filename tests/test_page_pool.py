@@ -52,3 +52,10 @@ def test_page_table_grows_keeping_low_pages_at_the_right():
     t.ensure_pages(6)
     row = t.pages[0, 0, 0].tolist()
     assert row[:2] == [5, 6] and row[-1] == 9 and sum(1 for x in row if x) == 3
+
+
+def test_a_cap_without_room_beside_the_null_page_is_refused_with_the_minimum():
+    # it used to become a 2-page pool silently, whatever the cap said
+    with pytest.raises(ValueError, match="minimum is 200 bytes"):
+        PagePool(page_bytes=100, max_slots=2, device="cpu", max_bytes=199)
+    assert PagePool(page_bytes=100, max_slots=2, device="cpu", max_bytes=200).max_pages == 2

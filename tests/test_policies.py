@@ -297,8 +297,10 @@ def test_leankv_keeps_the_sinks_under_retrieval():
     codes them, so they must stay hot. Without one, LeanKV may prune them (as the paper does)."""
     kept = {}
     for retrieves in (False, True):
-        extra = dict(selector="pq", cold_tier=True, window_tokens=4, pq_bits=3) if retrieves else {}
-        store = KVStore(_leankv_config(alpha_prune=1.5, alpha_quant=3.0, sink_tokens=3, **extra), _geometry())
+        # without a selector sink_tokens cannot apply (the config refuses it): positions 0-2 are
+        # checked all the same
+        extra = dict(selector="pq", cold_tier=True, window_tokens=4, pq_bits=3, sink_tokens=3) if retrieves else {}
+        store = KVStore(_leankv_config(alpha_prune=1.5, alpha_quant=3.0, **extra), _geometry())
         drv = _PeakyDriver(store, [24, 13], seed=4)
         drv.prefill()
         for _ in range(8):

@@ -172,12 +172,15 @@ class KVStoreCache(Cache):
     cache is garbage-collected (or `release()` is called) its sequences' pages are freed.
     """
 
-    def __init__(self, store: "KVStore", prompt_lengths: torch.Tensor | None = None):
+    def __init__(self, store: "KVStore", prompt_lengths: torch.Tensor | None = None, prompt_width: int | None = None):
         super().__init__(layers=[_StoreLayer() for _ in range(store.geometry.num_layers)])
         self.store = store
         #: valid tokens of each prompt, when known before the first forward (generate() knows them);
         #: lets a chunked prefill serve the policies that decide from the whole prompt
         self.prompt_lengths = prompt_lengths
+        #: columns of the (padded) prompt, when known (generate()): a one-token chunk of a chunked
+        #: prefill is prefill, not a decode step (unknown: every one-token forward after the first is)
+        self.prompt_width = prompt_width
         self.seq_ids: torch.Tensor | None = None
         self.plan: "DecodePlan | None" = None
         self.decoding = False
@@ -195,7 +198,9 @@ class KVStoreCache(Cache):
                     f"this KVStoreCache holds {self.seq_ids.numel()} sequences but got a batch of {batch}; "
                     "start a new generation for a new batch"
                 )
-            self.decoding = q_len == 1 and self.layers[0].seen > 0
+            seen = self.layers[0].seen
+            prefilling = self.prompt_width is not None and seen < self.prompt_width
+            self.decoding = q_len == 1 and seen > 0 and not prefilling
             self.plan = self.store.plan(self.seq_ids) if self.decoding else None
         return self.layers[layer_idx].update(key_states, value_states)
 
@@ -253,6 +258,8 @@ class HFAdapter:
         self.name = f"kvstore_{id(self):x}"
         self.active_cache: KVStoreCache | None = None
         self._prompt_lengths: torch.Tensor | None = None  # of the generate() call in progress
+        self._prompt_width: int | None = None  # its prompt's columns (padding included)
+        self._call_caches: list[KVStoreCache] | None = None  # caches the generate() call in progress made
         self.caches: "weakref.WeakSet[KVStoreCache]" = weakref.WeakSet()
         ALL_ATTENTION_FUNCTIONS.register(self.name, self._attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(self.name, _padding_mask)
@@ -318,6 +325,9 @@ class HFAdapter:
           chunk attends to what the store holds of the earlier ones (`KVStore.prefill`); the
           prompt lengths (from the attention mask) go to the store with the cache, for the
           policies that decide from the whole prompt.
+
+        A generation that raises (OutOfPagesError from a capped hot tier, ColdTierMemoryError, ...)
+        releases the sequences it started before the error propagates: nothing stays held.
         """
         config = self.store.config
         inputs = kwargs.get("input_ids", args[0] if args else None)
@@ -330,6 +340,7 @@ class HFAdapter:
             mask = kwargs.get("attention_mask")
             self._prompt_lengths = (mask.sum(1) if isinstance(mask, torch.Tensor) and mask.dim() == 2
                                     else torch.full((B,), T, dtype=torch.int64))
+            self._prompt_width = T
             chunk = config.prefill_chunk_tokens
             chunked = (config.chunked_prefill and T > chunk and "prefill_chunk_size" not in kwargs
                        and getattr(gen_config, "prefill_chunk_size", None) is None)
@@ -338,10 +349,19 @@ class HFAdapter:
                 kwargs["prefill_chunk_size"] = -(-T // pieces)
                 logger.debug("generate: prefill of %d tokens in %d chunks of %d", T, pieces, kwargs["prefill_chunk_size"])
             self.store.reserve(B, T, int(new), chunked=chunked)
+        self._call_caches = []
         try:
             return self._orig_generate(*args, **kwargs)
+        except BaseException:
+            # the caller has no handle on this call's cache: free its sequences now (the pre-hook's
+            # reference, `active_cache`, would otherwise hold them until the next forward)
+            self.active_cache = None
+            for cache in self._call_caches:
+                cache.release()
+            raise
         finally:
-            self._prompt_lengths = None
+            self._prompt_lengths = self._prompt_width = None
+            self._call_caches = None
 
     # ---- hooks -----------------------------------------------------------------------------
     def _pre_forward(self, module, args, kwargs):
@@ -364,9 +384,11 @@ class HFAdapter:
             self.active_cache = None
             return args, kwargs
         elif past is None or (isinstance(past, DynamicCache) and past.get_seq_length() == 0):
-            past = KVStoreCache(self.store, self._prompt_lengths)
-            self._prompt_lengths = None
+            past = KVStoreCache(self.store, self._prompt_lengths, self._prompt_width)
+            self._prompt_lengths = self._prompt_width = None
             self.caches.add(past)
+            if self._call_caches is not None:
+                self._call_caches.append(past)
             kwargs["use_cache"] = True
         else:
             raise ValueError(
