@@ -32,8 +32,9 @@ def test_full_preset_equals_unattached_model(family):
         stats = client.stats()
         setattr(out, CACHE_ARG, None)  # drop the output's reference to the cache
     assert torch.equal(ref.sequences, out.sequences)
-    err = max((a - b).abs().max().item() for a, b in zip(ref.logits, out.logits))
-    assert err < 1e-4, err  # observed ~1e-7 on fp32
+    assert torch.equal(ref.logits[0], out.logits[0])  # prefill: bit-equal (README's preset table)
+    err = max((a - b).abs().max().item() for a, b in zip(ref.logits[1:], out.logits[1:]))
+    assert err < 1e-6, err  # decode: another summation order; observed 1.2e-7 to 3.7e-7 in fp32
     # 53 prompt tokens (20+18+15 valid) + 3 x 23 decoded tokens went through the store
     assert stats["tokens"] == 53 + 3 * 23
     assert stats["dense_kv_bytes"] == stats["tokens"] * 2 * 2 * 2 * 16 * 4
