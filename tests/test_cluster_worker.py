@@ -234,7 +234,7 @@ def test_chaos_spec_and_cli_validation():
     assert (args.workers, args.prompt_range, args.address) == (3, (4, 9), None)
     with pytest.raises(SystemExit):
         parse_args(["--prompt-tokens", "9"])
-    assert parse_args(["--store", "token_budget=64", "--store", "use_triton=never"]).store_overrides == [
+    assert parse_args(["--preset", "pqcache", "--store", "token_budget=64", "--store", "use_triton=never"]).store_overrides == [
         ("token_budget", 64), ("use_triton", "never")]
     with pytest.raises(SystemExit):
         parse_args(["--store", "token_budget"])

@@ -177,7 +177,8 @@ def test_pruned_top1_key_comes_back_and_scores_use_the_merged_softmax(device):
     k, v, q_pre, u = k.to(device), v.to(device), q_pre.to(device), u.to(device)
     results = {}
     for name, config in (("tiered", _tiered(alpha_prune=0.3, alpha_quant=0.0)),
-                         ("leankv", _tiered(alpha_prune=0.3, alpha_quant=0.0, selector="none", cold_tier=False))):
+                         ("leankv", KVStoreConfig.preset("leankv", page_size=4, immune_tokens=4, score_queries=8,
+                                                         alpha_prune=0.3, alpha_quant=0.0))):
         store = KVStore(config, _geometry(device))
         seq_ids = store.add_sequences(1)
         for layer in range(L):
