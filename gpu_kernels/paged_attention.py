@@ -40,7 +40,7 @@ registers and the loop's instructions without a GPU):
   0.424    accumulators rescaled only on pages where a running max moved (lazy_rescale): 4,051 GB/s,
            95% of copy bandwidth, 2.26x SDPA. What is left is mostly memory time.
 Tried and rejected: codes kept as fp16 1024 + c with the bias folded into the zero points (no
-subtracts): 0.65 ms and 4.8e-3 relative error (benchmarks/results/h200).
+subtracts): 0.65 ms and 4.8e-3 relative error (results/h200).
 
 Empty slots. A slot's int32 position (slot_pos, -1 = empty) is read only to mask empty slots. The
 low tier has them (LeanKV prunes a low token without refilling its slot); the high tier of KVStore
@@ -540,7 +540,7 @@ def query_block(group: int) -> int:
 
 # Launch defaults KVStore uses (HotTier.attend): the winners of benchmarks/perf_decode_attention --sweep
 # (H100, B=8, N=128K: one warp per program, one 32-token page per step, 3 stages: 0.607 ms against 0.735
-# for 2 warps x 64 tokens, and 1.18 ms for the first 4-warp kernel; see benchmarks/results/).
+# for 2 warps x 64 tokens, and 1.18 ms for the first 4-warp kernel; see results/).
 # H200, transposed with lazy rescale (168 registers, 12 one-warp programs an SM): 24 splits at B=8,
 # N=128K, 0.424 ms; 2 warps x 64 tokens 0.461, register caps (maxnreg 128/144) within noise.
 DEFAULT_LAUNCH = dict(fast_cvt=True, lazy=True, asm_cvt=True, transposed=True, lazy_rescale=True, high_dense=True,

@@ -2,7 +2,7 @@
 through `model.generate(max_new_tokens=1)`: hf one-shot, a preset one-shot and chunked, then a
 torch.profiler table of the chunked run (CUDA kernels and CPU ops). GPU machine.
 
-    python benchmarks/results/h200_throughput/profile_prefill.py --layers 4 --batch 8 --length 32768 --preset quant
+    python results/h200_throughput/profile_prefill.py --layers 4 --batch 8 --length 32768 --preset quant
 """
 
 from __future__ import annotations

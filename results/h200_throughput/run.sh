@@ -2,9 +2,9 @@
 # One device call: optionally the CUDA tests of what the run relies on, then kvstore-bench
 # throughput on the Llama-3-8B shape (32 layers, random bf16 weights).
 # Usage on the GPU machine (with .device-deps carried):
-#   LENGTHS=32k METHODS=hf,full,quant,leankv,pqcache,tiered TESTS=1 bash benchmarks/results/h200_throughput/run.sh
+#   LENGTHS=32k METHODS=hf,full,quant,leankv,pqcache,tiered TESTS=1 bash results/h200_throughput/run.sh
 #   MAXB=6 caps the batch --batch max runs (the fit it found stays in the row)
-#   FROM=benchmarks/results/h200_throughput/results.json LENGTHS=128k ... bash ...   (resumes FROM's rows)
+#   FROM=results/h200_throughput/results.json LENGTHS=128k ... bash ...   (resumes FROM's rows)
 set -u
 bash .device-deps/install.sh > /dev/null 2>&1 && export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
 export PYTHONPATH=$PWD:$PYTHONPATH
