@@ -192,6 +192,12 @@ class HotTier:
         return w
 
     # ---- reading ---------------------------------------------------------------------------
+    def take_last_step(self) -> tuple[torch.Tensor, dict] | None:
+        """(seq_ids, workspace) of the last decode step that kept every hot token's logits (the
+        LeanKV policy reads them at the next plan), once; None otherwise."""
+        last, self.last_ws = self.last_ws, None
+        return last
+
     def gather(self, layer: int, seq_ids: torch.Tensor, num_pages: int | None = None, dtype: torch.dtype | None = None,
                block_bytes: int = 1 << 30) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Dequantized K, V and positions of every high-tier slot of one layer.

@@ -1,7 +1,7 @@
 """Hot-tier policies: which tokens the GPU pages keep, and where each decode step's new token goes.
 
-A policy is a small strategy object with three decisions, all batched over sequences, layers
-and KV heads (no Python loop over any of them):
+A policy is a small strategy object with two decisions, all batched over sequences, layers and
+KV heads (no Python loop over any of them):
 
 * `prefill(...)`: per (sequence, KV head) of one layer, which prompt tokens the hot tier keeps
   (and, for LeanKV, at which precision tier).
@@ -9,9 +9,9 @@ and KV heads (no Python loop over any of them):
   new token takes a fresh slot (index -1) or *reuses* the high-tier slot of a token that leaves
   the hot tier this step. The store turns the index into (page, slot) through the page table.
   The position of the token that leaves is reported (`evicted_pos`) so the cold tier, which
-  identifies tokens by position, can keep it reachable.
-* `observe(...)`: per layer at decode, the attention probabilities of the step (LeanKV's score
-  update; the other policies ignore it).
+  identifies tokens by position, can keep it reachable. Its `last_step` argument carries the
+  previous step's logits of every hot token when the hot tier kept them (LeanKV's score update;
+  the other policies ignore it).
 
 High-tier index i of a head lives in page `table.pages[..., i // tokens_per_page]`, slot
 `i % tokens_per_page` (kvstore/page_table.py).
@@ -102,18 +102,18 @@ class HotPolicy:
         B, Hkv, T, _ = k.shape
         return PrefillKeep(high=valid.view(B, 1, T).expand(B, Hkv, T))
 
-    def plan(self, store: StoreView, seq_ids: torch.Tensor, positions: torch.Tensor) -> StepDecision:
+    def plan(self, store: StoreView, seq_ids: torch.Tensor, positions: torch.Tensor,
+             last_step: tuple[torch.Tensor, dict] | None = None) -> StepDecision:
         """Where the new token of every (sequence, layer, KV head) goes this step.
 
         Args:
             seq_ids: int64 [B]; positions: int64 [B], the position of the token being decoded.
+            last_step: (seq_ids, workspace) of the previous decode step when it kept every hot
+                token's logits (`HotTier.take_last_step`; LeanKV's score update), else None.
         """
         B, L, H = len(seq_ids), store.geometry.num_layers, store.geometry.num_kv_heads
         none = torch.full((B, L, H), -1, dtype=torch.int64, device=self.device)
         return StepDecision(reuse=none, evicted_pos=none.clone())
-
-    def observe(self, store: StoreView, layer: int, seq_ids: torch.Tensor, probs: torch.Tensor) -> None:
-        """Decode-time attention probabilities of one layer (LeanKV's score update). No-op here."""
 
     def release(self, seq_ids: torch.Tensor) -> None:
         """Forget ended sequences."""
@@ -176,7 +176,7 @@ class WindowPolicy(HotPolicy):
         keep = valid & ((positions < S) | (positions >= first.view(B, 1)))
         return PrefillKeep(high=keep.view(B, 1, T).expand(B, Hkv, T))
 
-    def plan(self, store, seq_ids, positions):
+    def plan(self, store, seq_ids, positions, last_step=None):
         B, L, H = len(seq_ids), store.geometry.num_layers, store.geometry.num_kv_heads
         S = self.config.sink_tokens
         W, first = self.window[seq_ids], self.first[seq_ids]
@@ -314,10 +314,8 @@ class LeanKVPolicy(HotPolicy):
         prompt = torch.minimum(Q, n - p) + (now - n)
         return torch.where(p < n, prompt, now - p).clamp(min=1).float()
 
-    def _observe_last_step(self, store: StoreView) -> None:
+    def _observe_last_step(self, store: StoreView, last: tuple[torch.Tensor, dict] | None) -> None:
         """Add the last decode step's max-over-group probabilities to the hot tokens' scores."""
-        last = store.hot.last_ws
-        store.hot.last_ws = None
         if last is None:
             return
         seq_ids, ws = last
@@ -333,9 +331,9 @@ class LeanKVPolicy(HotPolicy):
         ok = (pid > 0) & (sl < pool.max_slots) & (pmax > 0)
         pool.slot_score.index_put_((pid[ok], sl[ok]), pmax[ok], accumulate=True)
 
-    def plan(self, store, seq_ids, positions):
+    def plan(self, store, seq_ids, positions, last_step=None):
         hot, c = store.hot, self.config
-        self._observe_last_step(store)
+        self._observe_last_step(store, last_step)
         pool, table = hot.pool, hot.table
         B, L, H = len(seq_ids), store.geometry.num_layers, store.geometry.num_kv_heads
         dev = positions.device

@@ -330,7 +330,7 @@ class KVStore:
         n = hot.table.num_tokens[seq_ids].long()  # [B, L, H]
         B, L, H = n.shape
         positions = self.seq_len[seq_ids].clone()
-        decision = self.policy.plan(self, seq_ids, positions)
+        decision = self.policy.plan(self, seq_ids, positions, last_step=self.hot.take_last_step())
         fresh = decision.reuse < 0
         index = torch.where(fresh, n, decision.reuse)  # high-tier index the new token takes
         needs = (fresh & (n % tpp == 0)).long()
