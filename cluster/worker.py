@@ -323,11 +323,10 @@ class WorkerEngine:
         b.ids[:, t + 1] = out.logits[:, -1].argmax(-1)
         b.positions += 1
         b.t, b.generated = t + 1, b.generated + 1
+        self._publish(b, t, 1, b.stage.unsqueeze(0), None if b.q_stage is None else b.q_stage.unsqueeze(0))
         if forced is not None:
-            self._publish(b, t, 1, b.stage.unsqueeze(0), None if b.q_stage is None else b.q_stage.unsqueeze(0))
             self._force(b, forced)
             return None
-        self._publish(b, t, 1, b.stage.unsqueeze(0), None if b.q_stage is None else b.q_stage.unsqueeze(0))
         new = b.ids[:, t + 1].tolist()  # the step's one host sync; the publish copies precede it on the stream
         if b.arena is not None:
             b.arena.commit(b.t, b.generated)

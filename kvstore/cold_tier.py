@@ -39,6 +39,7 @@ slab that does not fit `host_tier_bytes` or the host's available memory raises
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import weakref
@@ -258,7 +259,6 @@ class ColdTier:
             self.table[ids] = -1
             raise
         self._prefill_runs = runs
-        self._prefill_total = int(per.sum())
         self._prefill_starts = torch.from_numpy(offsets).to(self.device)
         self.num_tokens[ids] = n
         self._dirty = True
@@ -269,7 +269,7 @@ class ColdTier:
 
         k, v: [B, Hkv, T, d]; positions int [B, T]; valid bool [B, T]. Asynchronous on CUDA.
         """
-        total = self._prefill_total
+        total = sum(c for *_, c in self._prefill_runs)
         if total == 0:
             return
         B, H, T, d = k.shape
@@ -282,17 +282,14 @@ class ColdTier:
         stage[ci, 1, :, off] = v[b, :, t].to(self.dtype)
         if self.copy_stream is not None:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.copy_stream):
-                for s, a, o, c in self._prefill_runs:
-                    self.slabs[s][layer, a: a + c].copy_(stage[o: o + c], non_blocking=True)
+        with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else contextlib.nullcontext():
+            for s, a, o, c in self._prefill_runs:  # one copy per sequence's run of chunks
+                self.slabs[s][layer, a: a + c].copy_(stage[o: o + c], non_blocking=self.pinned)
+        self.prefill_events[layer] = None
+        if self.copy_stream is not None:
             stage.record_stream(self.copy_stream)  # the allocator must not reuse it before the copy ran
-            ev = torch.cuda.Event()
-            ev.record(self.copy_stream)
-            self.prefill_events[layer] = ev
-        else:
-            for s, a, o, c in self._prefill_runs:
-                self.slabs[s][layer, a: a + c].copy_(stage[o: o + c])
-            self.prefill_events[layer] = None
+            self.prefill_events[layer] = torch.cuda.Event()
+            self.prefill_events[layer].record(self.copy_stream)
 
     def wait_prefill(self, layer: int) -> None:
         """Block the calling (host) thread until layer's last prefill copy is in host memory."""

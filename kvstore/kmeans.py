@@ -13,7 +13,8 @@ centroids makes the candidates themselves the centroids (exact scores).
 Determinism: the initial centroids are candidates picked by a CPU generator seeded from `seed`;
 the update is a one-hot matmul (no atomics); the iteration count comes from the data: Lloyd stops
 once at most `tol` of the points change their centroid in an iteration (between `min_iters` and
-`max_iters`; each problem on its own), never from a clock. Same keys, same codebook, on a loaded or an idle machine.
+`max_iters`; each problem on its own), never from a clock. Same keys, same codebook, on a loaded
+or an idle machine.
 """
 
 from __future__ import annotations

@@ -119,8 +119,8 @@ def _dense_prefix(past_valid: torch.Tensor) -> int | None:
     """n when every row of past_valid [B, Hkv, P] is n valid slots then empty ones (the hot tier of
     `full`/`quant` after equal-length chunks: the last page's unused slots trail), else None."""
     n = past_valid.sum(-1)
-    top = int(n.max().item())
-    return top if bool((n == top).all().item()) and bool(past_valid[..., :top].all().item()) else None
+    top = int(n.max().item())  # two host syncs per layer and chunk
+    return top if bool(((n == top).all() & past_valid[..., :top].all()).item()) else None
 
 
 def _flash_dense_past(q, k, v, k_past, v_past, scale):

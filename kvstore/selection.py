@@ -254,8 +254,8 @@ class PQSelector(Selector):
     A store on CUDA trains them on the device right after each layer's prefill, on the keys
     already there (`kvstore.kmeans`, `pq_trainer="auto"`): seeded, stopped by a convergence
     rule, no host copy and no wait at the first decode step. A CPU store (or
-    `pq_trainer="faiss"`) trains them with FAISS on host threads: prefill of layer l hands a build job to one background thread (FAISS k-means uses the
-    cores); the job waits for layer l's copy to host memory, trains on the candidates
+    `pq_trainer="faiss"`) trains them with FAISS on host threads: prefill of layer l hands a
+    build job to one background thread (FAISS k-means uses the cores); the job waits for layer l's copy to host memory, trains on the candidates
     [S, n - W) and encodes [S, n). Decode of layer l waits only for layer l's jobs
     (`before_decode`), on the first step after the prefill. New tokens are coded on the device
     by nearest centroid with the frozen codebook.
