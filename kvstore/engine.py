@@ -1,0 +1,373 @@
+"""Engine: a generation loop over a Hugging Face model and a KVStore, with continuous batching.
+
+    engine = Engine(model, KVStoreConfig.preset("quant"), tokenizer=tok)
+    outs = engine.generate(["The capital of France is", ids], max_new_tokens=32)
+    for out in engine.stream(prompts, SamplingParams(temperature=0.7, top_p=0.9, seed=1)):
+        print(out.request_id, out.token_id)          # tokens as they come
+    engine.close()                                  # or `with Engine(...) as engine:`
+
+Requests (token ids, or text with the tokenizer) wait in a queue. Each `step()`:
+
+1. admits waiting requests while fewer than `max_batch` run: a request's prompt goes through the
+   model alone (one sequence, no padding; in chunks of `prefill_chunk_tokens` for the presets
+   that chunk, `KVStoreConfig.chunked_prefill`), and its first token is sampled from the last
+   position's logits (`logits_to_keep=1`: no [T, vocab] logits);
+2. runs one decode step over every running request at once: one forward of [B, 1] tokens, each
+   at its own position, attending its own sequence in the store (`KVStore.plan` once, then each
+   layer's `KVStore.decode`);
+3. samples the next tokens on the device (`kvstore.sampling`: seeded per request and
+   batch-invariant), streams them out, and finishes requests at EOS, a stop token, a stop string
+   or `max_new_tokens`: a finished request's pages go back to the pool at once, and the others
+   keep decoding.
+
+A request gets the tokens it gets alone, whatever joins or leaves the batch around it (greedy:
+exactly, up to the model's own batch-size-dependent rounding; sampled: the noise is a function
+of its seed, step and token).
+
+The decode step runs eagerly (every op launched from Python); the engine logs which path runs.
+Capturing it in a CUDA graph per batch-size bucket is the next step (issue: the decode engine).
+`KVStoreClient.attach(model)` + `model.generate()` stays the compatible path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from kvstore.client import KVStoreClient
+from kvstore.config import KVStoreConfig
+from kvstore.page_pool import OutOfPagesError
+from kvstore.sampling import SamplingParams, sample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    """One new token of one request (what `step()` and `stream()` yield)."""
+
+    request_id: int
+    token_id: int
+    logprob: float | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "eos" | "stop" | "length" once finished
+
+
+@dataclass
+class Completion:
+    """A finished request (what `generate()` returns, in the order of its prompts)."""
+
+    request_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str
+    text: str | None = None
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class _Request:
+    rid: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    stop_ids: frozenset
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    seq_id: int | None = None
+    finish_reason: str | None = None
+    text: str | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens the store holds for this request once its last token is written."""
+        return len(self.prompt) + len(self.tokens)
+
+
+def _decode_cache_class():
+    """The KVStoreCache subclass of a decode step (built on first use: importing this module
+    imports no transformers)."""
+    from kvstore.adapters.hf import KVStoreCache
+
+    class DecodeCache(KVStoreCache):
+        """The cache of one decode step over the engine's running sequences (any set, any order):
+        layer 0 plans the step, every layer decodes. The engine owns the sequences: this cache
+        releases nothing."""
+
+        def __init__(self, store, seq_ids: torch.Tensor):
+            super().__init__(store)
+            self.seq_ids = seq_ids
+            self.decoding = True
+
+        def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+            if layer_idx == 0:
+                if key_states.shape[0] != self.seq_ids.numel() or key_states.shape[-2] != 1:
+                    raise ValueError(f"a decode step takes [{self.seq_ids.numel()}, 1] tokens, got "
+                                     f"{list(key_states.shape[::2])}")
+                self.plan = self.store.plan(self.seq_ids)
+            return key_states, value_states
+
+    return DecodeCache
+
+
+class Engine:
+    """Generation over `model` with a KVStore: continuous batching, device sampling, streaming.
+
+    Args:
+        model: a Hugging Face causal LM of a family kvstore serves (attached for the engine's
+            life; `close()` detaches it and frees every page).
+        config: a KVStoreConfig, or a preset name ("full", "quant", "tiered", ...). Default "full".
+        tokenizer: a Hugging Face tokenizer, for text prompts, text outputs and stop strings.
+        max_batch: most requests decoding at once; more wait in the queue.
+        seed: the engine's seed; requests without their own seed get one derived from it.
+    """
+
+    def __init__(self, model: Any, config: KVStoreConfig | str | None = None, *, tokenizer: Any = None,
+                 max_batch: int = 32, seed: int = 0):
+        if config is None:
+            config = KVStoreConfig.preset("full")
+        elif isinstance(config, str):
+            config = KVStoreConfig.preset(config)
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        self.client = KVStoreClient(config)
+        self.client.attach(model)  # checks the model; refuses one attached elsewhere
+        self.model = model
+        self.store = self.client.store
+        self.config = self.client.config
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.seed = int(seed)
+        self.device = self.store.geometry.device
+        from kvstore.adapters.hf import CACHE_ARG, KVStoreCache
+
+        self._cache_arg = CACHE_ARG
+        self._prefill_cache = KVStoreCache
+        self._decode_cache = _decode_cache_class()
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = getattr(model.config, "eos_token_id", None)
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []
+        self._next_id = 0
+        self.closed = False
+        logger.info("engine: %s preset, max batch %d, eager decode step (no CUDA graph)", self.config.name, max_batch)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, prompt: str | Sequence[int] | torch.Tensor, params: SamplingParams | None = None) -> int:
+        """Queue one request; returns its id. prompt: text (needs the tokenizer) or token ids."""
+        self._check_open()
+        params = params or SamplingParams()
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: Engine(..., tokenizer=...)")
+        ids = self._encode(prompt)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and len(ids) + params.max_new_tokens > limit:
+            raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens={params.max_new_tokens} exceeds the "
+                             f"model's max_position_embeddings={limit}")
+        rid = self._next_id
+        self._next_id += 1
+        seed = params.seed if params.seed is not None else (self.seed * 1_000_003 + rid) & 0x7FFFFFFF
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        self.waiting.append(_Request(rid, ids, params, seed, stop_ids))
+        return rid
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer: Engine(..., tokenizer=...), or pass token ids")
+            ids = self.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dim() == 2 and prompt.shape[0] == 1:
+                prompt = prompt[0]
+            if prompt.dim() != 1 or prompt.is_floating_point():
+                raise ValueError(f"a tensor prompt is int token ids of shape [T] or [1, T], got {prompt.dtype} "
+                                 f"{list(prompt.shape)}")
+            ids = prompt.tolist()
+        else:
+            ids = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise ValueError("a prompt needs at least one token")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the model's vocabulary [0, {vocab})")
+        return list(ids)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[StepOutput]:
+        """Admit what fits, then one decode step of every running request; the new tokens."""
+        self._check_open()
+        outputs: list[StepOutput] = []
+        while self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            try:
+                logits = self._prefill(req)
+            except OutOfPagesError:
+                if not self.running:
+                    self.waiting.popleft()
+                    raise
+                logger.info("engine: request %d waits (hot tier full with %d running)", req.rid, len(self.running))
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            outputs += self._take(logits, [req])
+        batch = [r for r in self.running if r.finish_reason is None]  # finished at their first token: gone
+        if batch:
+            logits = self._decode(batch)
+            outputs += self._take(logits, batch)
+        self.running = [r for r in self.running if r.finish_reason is None]
+        return outputs
+
+    def _prefill(self, req: _Request) -> torch.Tensor:
+        """The request's prompt into the store (its own sequence); logits [1, V] of its last token."""
+        T = len(req.prompt)
+        ids = torch.tensor([req.prompt], dtype=torch.int64, device=self.device)
+        chunk = self.config.prefill_chunk_tokens
+        chunked = self.config.chunked_prefill and T > chunk
+        size = -(-T // -(-T // chunk)) if chunked else T  # even chunks (LeanKV scores with the last one)
+        self.store.reserve(1, T, req.params.max_new_tokens, chunked=chunked)
+        cache = self._prefill_cache(self.store, torch.tensor([T]), T)
+        try:
+            for start in range(0, T, size):
+                end = min(T, start + size)
+                pos = torch.arange(start, end, device=self.device).view(1, -1)
+                out = self.model(input_ids=ids[:, start:end], position_ids=pos, use_cache=True, logits_to_keep=1,
+                                 **{self._cache_arg: cache})
+        except BaseException:
+            cache.release()
+            raise
+        cache._finalizer.detach()  # the engine owns the sequence from here: released when it finishes
+        req.seq_id = int(cache.seq_ids[0])
+        return out.logits[:, -1]
+
+    def _decode(self, batch: list[_Request]) -> torch.Tensor:
+        """One step of every request in `batch`: logits [B, V] of their next tokens."""
+        dev = self.device
+        seq_ids = torch.tensor([r.seq_id for r in batch], dtype=torch.int64, device=dev)
+        tokens = torch.tensor([[r.tokens[-1]] for r in batch], dtype=torch.int64, device=dev)
+        pos = torch.tensor([[r.length - 1] for r in batch], dtype=torch.int64, device=dev)
+        cache = self._decode_cache(self.store, seq_ids)
+        out = self.model(input_ids=tokens, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{self._cache_arg: cache})
+        return out.logits[:, -1]
+
+    def _take(self, logits: torch.Tensor, reqs: list[_Request]) -> list[StepOutput]:
+        """Sample the next token of each request (row i of logits is reqs[i]); record and finish."""
+        dev = logits.device
+        ps = [r.params for r in reqs]
+        temp = torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev)
+        top_k = torch.tensor([p.top_k for p in ps], dtype=torch.int64, device=dev)
+        top_p = torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev)
+        seeds = torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev)
+        steps = torch.tensor([len(r.tokens) for r in reqs], dtype=torch.int64, device=dev)
+        want = any(p.logprobs for p in ps)
+        tok, logp = sample(logits, temp, top_k, top_p, seeds, steps, want_logprobs=want)
+        tok = tok.tolist()
+        logp = logp.tolist() if logp is not None else None
+        outs = []
+        for i, r in enumerate(reqs):
+            r.tokens.append(tok[i])
+            lp = logp[i] if logp is not None and r.params.logprobs else None
+            if lp is not None:
+                r.logprobs.append(lp)
+            self._check_finished(r)
+            outs.append(StepOutput(r.rid, tok[i], lp, r.finish_reason is not None, r.finish_reason))
+            if r.finish_reason is not None:
+                self._release(r)
+        return outs
+
+    def _check_finished(self, r: _Request) -> None:
+        if r.tokens[-1] in r.stop_ids:
+            r.finish_reason = "eos" if r.tokens[-1] in self.eos_ids and r.tokens[-1] not in r.params.stop_token_ids else "stop"
+        elif r.params.stop:
+            text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+            hits = [text.find(s) for s in r.params.stop if s in text]
+            if hits:
+                r.finish_reason, r.text = "stop", text[:min(hits)]
+        if r.finish_reason is None and len(r.tokens) >= r.params.max_new_tokens:
+            r.finish_reason = "length"
+
+    def _release(self, r: _Request) -> None:
+        if r.seq_id is not None:
+            self.store.release(torch.tensor([r.seq_id], dtype=torch.int64, device=self.device))
+            r.seq_id = None
+
+    # ---- conveniences --------------------------------------------------------------------------
+    def stream(self, prompts: Iterable, params: SamplingParams | Sequence[SamplingParams] | None = None,
+               **kwargs) -> Iterator[StepOutput]:
+        """Queue `prompts` and yield their tokens as they come (interleaved across requests)."""
+        self._queue(prompts, params, kwargs)
+        while self.has_unfinished:
+            yield from self.step()
+
+    def generate(self, prompts: Iterable, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 **kwargs) -> list[Completion]:
+        """Generate for every prompt (text or token ids); Completions in the prompts' order.
+
+        `params` is one SamplingParams for all, or one per prompt; keyword arguments build one
+        (e.g. `generate(prompts, max_new_tokens=32, temperature=0.8, seed=1)`).
+        Requests queued earlier (add_request) run too, but only these prompts' results return.
+        """
+        reqs = self._queue(prompts, params, kwargs)
+        while any(r.finish_reason is None for r in reqs):
+            self.step()
+        return [self._completion(r) for r in reqs]
+
+    def _queue(self, prompts, params, kwargs) -> list[_Request]:
+        prompts = list(prompts) if not isinstance(prompts, (str, torch.Tensor)) else [prompts]
+        if params is not None and kwargs:
+            raise ValueError("pass either params or sampling keyword arguments, not both")
+        if params is None:
+            params = SamplingParams(**kwargs)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        first = self._next_id
+        for p, sp in zip(prompts, plist):  # validates every prompt before any runs
+            self.add_request(p, sp)
+        return [r for r in self.waiting if r.rid >= first]
+
+    def _completion(self, r: _Request) -> Completion:
+        text = r.text
+        if text is None and self.tokenizer is not None:
+            text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        return Completion(r.rid, r.prompt, list(r.tokens), r.finish_reason, text,
+                          list(r.logprobs) if r.params.logprobs else None)
+
+    # ---- lifetime ------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this Engine is closed")
+
+    def close(self) -> None:
+        """Drop every request, free every page and detach from the model (restored exactly)."""
+        if self.closed:
+            return
+        for r in self.running:
+            self._release(r)
+        self.running, self.waiting = [], deque()
+        self.client.detach()
+        self.closed = True
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stats(self) -> dict:
+        """The store's figures (`KVStoreClient.stats`) plus the queue: waiting and running requests."""
+        s = self.client.stats()
+        s.update(waiting=len(self.waiting), running=len(self.running))
+        return s
