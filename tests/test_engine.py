@@ -1,0 +1,209 @@
+"""The generation engine (kvstore/engine.py) and device sampling (kvstore/sampling.py), on CPU in fp32."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from kvstore import AlreadyAttachedError, KVStoreClient, KVStoreConfig
+from kvstore.engine import Engine
+from kvstore.sampling import SamplingParams, sample, uniform_noise
+
+PRESETS = ["full", "quant", "leankv", "pqcache", "tiered"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=g) for n in lengths]
+
+
+def _generate_alone(model, config, prompt, new):
+    """The compatible path: attach + model.generate, one prompt, greedy."""
+    with KVStoreClient(config).attach(model):
+        out = model.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_greedy_tokens_equal_generate_for_every_preset(model, preset):
+    # prefill_chunk_tokens=96: the 300-token prompt prefills in chunks where the preset chunks
+    config = KVStoreConfig.preset(preset, prefill_chunk_tokens=96)
+    prompts = _prompts([40, 300, 130])
+    want = [_generate_alone(model, config, p, 7) for p in prompts]
+    with Engine(model, config, max_batch=2) as engine:  # the third joins when a slot frees
+        got = engine.generate(prompts, max_new_tokens=7, ignore_eos=True)
+        assert engine.store.hot.pool.num_used == 0 and not engine.store.active
+    assert [c.token_ids for c in got] == want
+    assert all(c.finish_reason == "length" for c in got)
+
+
+def test_requests_arriving_mid_decode_get_the_tokens_they_get_alone(model):
+    prompts = _prompts([60, 25, 200, 90, 11], seed=3)
+    news = [9, 4, 6, 12, 5]
+    with Engine(model, "full", max_batch=3) as engine:
+        alone = [engine.generate([p], max_new_tokens=n, ignore_eos=True)[0].token_ids for p, n in zip(prompts, news)]
+        ids, got, arrivals = {}, {}, {0: [0, 1], 2: [2], 3: [3, 4]}  # step -> prompts arriving before it
+        step = 0
+        while step in arrivals or engine.has_unfinished:
+            for i in arrivals.get(step, []):
+                ids[engine.add_request(prompts[i], SamplingParams(max_new_tokens=news[i], ignore_eos=True))] = i
+            for out in engine.step():
+                got.setdefault(ids[out.request_id], []).append(out.token_id)
+            step += 1
+        assert engine.store.hot.pool.num_used == 0
+    assert [got[i] for i in range(len(prompts))] == alone
+
+
+def test_300_random_requests_leave_nothing_behind(model):
+    rng = random.Random(0)
+    config = KVStoreConfig.preset("tiered", prefill_chunk_tokens=64)
+    with Engine(model, config, max_batch=7) as engine:
+        store = engine.store
+        done = 0
+        for wave in range(6):
+            for _ in range(50):
+                n = rng.randint(1, 160)
+                prompt = [rng.randrange(3, 128) for _ in range(n)]
+                params = SamplingParams(max_new_tokens=rng.randint(1, 5), temperature=rng.choice([0.0, 0.8]),
+                                        top_k=rng.choice([0, 5]), top_p=rng.choice([1.0, 0.9]), seed=rng.randrange(99))
+                engine.add_request(prompt, params)
+            while engine.has_unfinished:
+                done += sum(o.finished for o in engine.step())
+                assert len(engine.running) <= 7
+            assert store.hot.pool.num_used == 0 and not store.active
+            assert store.cold.used_bytes == 0
+        assert done == 300
+        assert len(store._free_seqs) == store.max_seqs  # every sequence slot back
+
+
+def test_finish_at_eos_and_stop_token(model):
+    prompt = _prompts([50], seed=5)[0]
+    with Engine(model, "quant") as engine:
+        free = engine.generate([prompt], max_new_tokens=8, ignore_eos=True)[0].token_ids
+        stop_at = free[3]
+        first = free.index(stop_at)
+        out = engine.generate([prompt], max_new_tokens=8, stop_token_ids=(stop_at,), ignore_eos=True)[0]
+        assert out.token_ids == free[: first + 1] and out.finish_reason == "stop"
+        engine.eos_ids = frozenset([stop_at])  # as if the model's EOS were this token
+        out = engine.generate([prompt], max_new_tokens=8)[0]
+        assert out.token_ids == free[: first + 1] and out.finish_reason == "eos"
+
+
+def test_stop_strings_and_text_prompts_with_a_tokenizer(model):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(128)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
+    text = " ".join(f"w{i}" for i in _prompts([40], seed=7)[0].tolist())
+    with Engine(model, "full", tokenizer=tokenizer) as engine:
+        free = engine.generate([text], max_new_tokens=8, ignore_eos=True)[0]
+        words = free.text.split(" ")
+        assert words == [f"w{t}" for t in free.token_ids]
+        stop = " " + words[4]
+        cut = free.text.index(stop)
+        out = engine.generate([text], max_new_tokens=8, stop=stop, ignore_eos=True)[0]
+        assert out.finish_reason == "stop" and out.text == free.text[:cut]
+        assert out.token_ids == free.token_ids[: len(out.token_ids)] and len(out.token_ids) <= 5
+
+
+def test_sampling_is_seeded_and_batch_invariant(model):
+    prompts = _prompts([70, 35, 120], seed=9)
+    params = SamplingParams(max_new_tokens=6, temperature=1.5, top_p=0.95, seed=11, ignore_eos=True, logprobs=True)
+    with Engine(model, "quant", max_batch=3) as engine:
+        alone = engine.generate([prompts[0]], params)[0]
+        together = engine.generate(prompts, [params, SamplingParams(max_new_tokens=6, temperature=0.7, seed=2),
+                                             SamplingParams(max_new_tokens=3)])
+        again = engine.generate([prompts[0]], params)[0]
+        other = engine.generate([prompts[0]], SamplingParams(**{**vars(params), "seed": 12}))[0]
+        greedy = engine.generate([prompts[0]], max_new_tokens=6, ignore_eos=True)[0]
+    assert together[0].token_ids == alone.token_ids == again.token_ids
+    assert other.token_ids != alone.token_ids and alone.token_ids != greedy.token_ids
+    assert len(alone.logprobs) == 6 and all(lp <= 0 for lp in alone.logprobs)
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    ones = torch.ones(5)
+    seeds, steps = torch.arange(5), torch.zeros(5, dtype=torch.int64)
+    greedy = logits.argmax(-1)
+    tk, _ = sample(logits, ones * 2, torch.ones(5, dtype=torch.int64), ones, seeds, steps)
+    tp, _ = sample(logits, ones * 2, torch.zeros(5, dtype=torch.int64), ones * 1e-6, seeds, steps)
+    assert torch.equal(tk, greedy) and torch.equal(tp, greedy)
+
+
+def test_samples_follow_the_softmax_within_top_k_and_top_p():
+    V, N = 6, 40000
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0]).expand(N, V)
+    seeds = torch.arange(N)
+    steps = torch.full((N,), 3)
+    cases = [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.8)]
+    for temp, k, p in cases:
+        tok, _ = sample(logits, torch.full((N,), temp), torch.full((N,), k), torch.full((N,), p), seeds, steps)
+        probs = torch.softmax(logits[0] / temp, -1)
+        keep = torch.ones(V, dtype=torch.bool)
+        if k:
+            keep[k:] = False
+        before = probs.cumsum(0) - probs
+        keep &= before < p
+        want = torch.where(keep, probs, torch.zeros(V))
+        want /= want.sum()
+        freq = torch.bincount(tok, minlength=V).float() / N
+        assert torch.allclose(freq, want, atol=0.01), (temp, k, p, freq, want)
+
+
+def test_uniform_noise_is_a_pure_function_of_seed_step_and_token():
+    u = uniform_noise(torch.tensor([1, 2, 1]), torch.tensor([0, 0, 5]), 1000)
+    assert ((u > 0) & (u < 1)).all() and abs(float(u.mean()) - 0.5) < 0.03
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+    v = uniform_noise(torch.tensor([9, 1]), torch.tensor([0, 0]), 1000)
+    assert torch.equal(v[1], u[0])  # the same row in another batch
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"), (dict(stop=("",)), "stop strings"),
+])
+def test_bad_sampling_params_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_are_refused_before_any_work(model):
+    with Engine(model, "full") as engine:
+        for prompt, match in [("hello", "needs a tokenizer"), ([], "at least one token"), ([5, 999], "vocabulary"),
+                              (torch.zeros(2, 3, dtype=torch.long), "shape"), ([1] * 1020, "max_position")]:
+            with pytest.raises(ValueError, match=match):
+                engine.add_request(prompt, SamplingParams(max_new_tokens=8))
+        with pytest.raises(ValueError, match="tokenizer"):
+            engine.add_request([5, 6], SamplingParams(stop=("x",)))
+        with pytest.raises(ValueError, match="max_batch"):
+            Engine(tiny_model("llama"), "full", max_batch=0)
+        assert not engine.waiting
+        with pytest.raises(AlreadyAttachedError):
+            Engine(model, "quant")
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.step()
+
+
+def test_close_restores_the_model(model):
+    prompt = _prompts([30], seed=2)[0][None]
+    before = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    engine = Engine(model, "tiered")
+    engine.add_request(prompt[0], SamplingParams(max_new_tokens=50))
+    engine.step()  # a request mid-flight: close drops it and frees its pages
+    store = engine.store
+    engine.close()
+    assert store.hot.pool.num_used == 0 and not store.active and store.cold.used_bytes == 0
+    assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), before)
