@@ -204,13 +204,31 @@ class Engine:
         return bool(self.waiting or self.running)
 
     # ---- the loop ------------------------------------------------------------------------------
-    @torch.no_grad()
     def step(self) -> list[StepOutput]:
-        """Admit what fits, then one decode step of every running request; the new tokens."""
+        """Admit what fits (`admit`), then one decode step of every running request (`decode_step`);
+        the new tokens."""
+        return self.admit() + self.decode_step()
+
+    @torch.no_grad()
+    def admit(self) -> list[StepOutput]:
+        """Prefill waiting requests while fewer than `max_batch` run; their first tokens.
+
+        The hot tier's pool is grown once for all of them (`KVStore.reserve` with each one's
+        prompt and new tokens), not once per request. A request that finds the hot tier full
+        (a capped `hot_tier_bytes`) waits for running ones to finish; with none running, the
+        OutOfPagesError propagates (it can never fit) and the request is dropped.
+        """
         self._check_open()
         outputs: list[StepOutput] = []
-        while self.waiting and len(self.running) < self.max_batch:
-            req = self.waiting[0]
+        take = list(self.waiting)[: max(0, self.max_batch - len(self.running))]
+        if take:
+            chunk = self.config.prefill_chunk_tokens
+            held = [r for r in take if self.config.hot_policy == "all"
+                    or (self.config.chunked_prefill and len(r.prompt) > chunk)]
+            if held:
+                self.store.reserve(len(held), [len(r.prompt) for r in held], [r.params.max_new_tokens for r in held],
+                                   chunked=True)
+        for req in take:
             try:
                 logits = self._prefill(req)
             except OutOfPagesError:
@@ -222,10 +240,17 @@ class Engine:
             self.waiting.popleft()
             self.running.append(req)
             outputs += self._take(logits, [req])
-        batch = [r for r in self.running if r.finish_reason is None]  # finished at their first token: gone
-        if batch:
-            logits = self._decode(batch)
-            outputs += self._take(logits, batch)
+        self.running = [r for r in self.running if r.finish_reason is None]  # done at their first token
+        return outputs
+
+    @torch.no_grad()
+    def decode_step(self) -> list[StepOutput]:
+        """One decode step of every running request (one forward of [B, 1]); their next tokens."""
+        self._check_open()
+        if not self.running:
+            return []
+        batch = self.running
+        outputs = self._take(self._decode(batch), batch)
         self.running = [r for r in self.running if r.finish_reason is None]
         return outputs
 

@@ -18,6 +18,7 @@ import logging
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -168,18 +169,25 @@ class KVStore:
         self._free_seqs = list(range(max_seqs - 1, old - 1, -1)) + self._free_seqs
         self.max_seqs = max_seqs
 
-    def reserve(self, batch: int, prompt_tokens: int, new_tokens: int = 0, chunked: bool = False) -> None:
+    def reserve(self, batch: int, prompt_tokens: int | Sequence[int], new_tokens: int | Sequence[int] = 0,
+                chunked: bool = False) -> None:
         """Before a generation of `batch` prompts of up to `prompt_tokens` tokens and `new_tokens`
         decode steps: size the hot tier's pool once, so it does not grow (and copy) step by step.
         hot_policy="all" knows its need now (every token takes a slot), and so does a chunked
         prefill of any policy (it holds the whole prompt until its last chunk). Otherwise the
         policy keeps what its prefill decides: the pool is sized at the first layer's prefill,
-        from that layer's need times the layers (`_reserve_from_first_layer`)."""
-        self._expected_new = max(0, new_tokens)
+        from that layer's need times the layers (`_reserve_from_first_layer`). `prompt_tokens`
+        and `new_tokens` may also give each sequence's own figure (lists of `batch` ints)."""
+        prompts = [prompt_tokens] * batch if isinstance(prompt_tokens, int) else list(prompt_tokens)
+        news = [new_tokens] * batch if isinstance(new_tokens, int) else list(new_tokens)
+        if len(prompts) != batch or len(news) != batch:
+            raise ValueError(f"reserve: {len(prompts)} prompt lengths and {len(news)} new-token counts for {batch} sequences")
+        self._expected_new = max([0, *news])
         if (self.config.hot_policy != "all" and not chunked) or batch <= 0:
             return
         geo, tpp = self.geometry, self.hot.tokens_per_page
-        self.hot.pool.reserve(batch * geo.num_layers * geo.num_kv_heads * -(-(prompt_tokens + new_tokens) // tpp))
+        pages = sum(-(-(t + max(0, n)) // tpp) for t, n in zip(prompts, news))
+        self.hot.pool.reserve(geo.num_layers * geo.num_kv_heads * pages)
 
     def _reserve_from_first_layer(self, keep) -> None:
         """Layer 0 of a prefill (policies that keep a subset): reserve the pages layer 0 takes times

@@ -207,3 +207,14 @@ def test_close_restores_the_model(model):
     engine.close()
     assert store.hot.pool.num_used == 0 and not store.active and store.cold.used_bytes == 0
     assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), before)
+
+
+def test_admission_sizes_the_pool_once_for_the_batch(model):
+    prompts = _prompts([200, 50, 310, 90], seed=4)
+    with Engine(model, "quant", max_batch=4) as engine:
+        pool = engine.store.hot.pool
+        grows = []
+        real = pool._grow
+        pool._grow = lambda *a, **k: (grows.append(a), real(*a, **k))[1]
+        outs = engine.generate(prompts, max_new_tokens=20, ignore_eos=True)
+        assert len(grows) == 1 and all(len(o.token_ids) == 20 for o in outs)
