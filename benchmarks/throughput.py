@@ -4,12 +4,14 @@
         --methods hf,full,quant,leankv,pqcache,tiered --batch max --new-tokens 64 --out DIR
 
 What a user gets: for every (method, context length) row, a batch of B random prompts of L
-tokens goes through `model.generate()` (greedy; min_new_tokens = max_new_tokens masks EOS, so
-exactly --new-tokens new tokens). `hf` is the
-unattached model with transformers' own cache and SDPA; every other method is
-`KVStoreClient(config).attach(model)` with a kvstore preset (`name@field=value[:...]` overrides
-as in `kvstore-bench run`), detached again after each call, so every call starts from a fresh
-model state.
+tokens is generated greedily, exactly --new-tokens new tokens each. `hf` is the unattached model
+through `model.generate()` with transformers' own cache and SDPA (min_new_tokens = max_new_tokens
+masks EOS). Every other method is a kvstore preset (`name@field=value[:...]` overrides as in
+`kvstore-bench run`) on one of two paths (`--path`, the row's `path`):
+  * engine (default): `kvstore.Engine(model, config, max_batch=B)`: the B prompts are admitted
+    (each prefilled alone), then decode steps run over the whole batch (`ignore_eos`);
+  * generate: `KVStoreClient(config).attach(model)` and `model.generate()` on the padded batch.
+Either way the model is detached again after each call, so every call starts from a fresh state.
 
 Models (random weights, nothing downloaded): `llama3-8b` (the Llama-3-8B shape, bf16, built on
 the device in seconds; `--layers N` keeps N of its 32 layers), `tiny` (2 layers, hidden 64,
@@ -34,7 +36,8 @@ Batch (`--batch max`, the default): per row, probe runs first measure what one s
   for `--batch max`.
 
 Timing: a streamer passed to generate() synchronizes the device and stamps `perf_counter()` at
-each put (the prompt, then each new token). ttft_s = first token - start, tt2t_s = second token -
+each put (the prompt, then each new token); on the engine path the same stamps are taken after
+the admission (every first token) and after each decode step. ttft_s = first token - start, tt2t_s = second token -
 start, tpot_s = median gap between consecutive tokens after the second, decode_tokens_per_s =
 B / tpot_s.
 
@@ -178,6 +181,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_batch, default="max", help="'max' (largest that fits; default) or sequences per call")
     p.add_argument("--max-batch", type=_positive_int, default=None, help="cap on the batch --batch max picks")
     p.add_argument("--new-tokens", type=_positive_int, default=64, help="tokens generated per sequence (forced)")
+    p.add_argument("--path", choices=("engine", "generate"), default="engine",
+                   help="how kvstore presets generate: engine (kvstore.Engine: each prompt prefilled alone, one batched "
+                        "decode step; default) or generate (attach + model.generate(), the compatible path); hf always "
+                        "runs model.generate()")
     p.add_argument("--out", required=True, help="output folder: results.json, summary.md, throughput.png")
     p.add_argument("--resume", action="store_true", help="continue DIR/results.json, skipping (method, length) rows in it")
     p.add_argument("--max-minutes", type=_positive_float, default=None,
@@ -511,8 +518,10 @@ class Call:
     stats: dict | None
 
 
-def generate_once(model, method: MethodSpec, prompts: torch.Tensor, new_tokens: int, geometry: Geometry) -> Call:
-    """Run one batch (prompts: int64 [B, L] on the model's device) through generate() under `method`."""
+def generate_once(model, method: MethodSpec, prompts: torch.Tensor, new_tokens: int, geometry: Geometry,
+                  path: str = "generate") -> Call:
+    """Run one batch (prompts: int64 [B, L] on the model's device) under `method`: through
+    generate() (hf, and presets with path="generate") or through kvstore.Engine (path="engine")."""
     from kvstore import KVStoreClient
 
     device = prompts.device
@@ -535,6 +544,8 @@ def generate_once(model, method: MethodSpec, prompts: torch.Tensor, new_tokens: 
         pad = (eos[0] if isinstance(eos, (list, tuple)) and eos else eos) if eos is not None else 0
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, temperature=None,
                    top_p=None, top_k=None, pad_token_id=pad, return_dict_in_generate=True)
+    if path == "engine" and not method.is_hf:
+        return _engine_once(model, method, prompts, new_tokens, geometry, base, rss_ok)
     client = None
     if not method.is_hf:
         config = dataclasses.replace(method.config, max_batch_size=batch)
@@ -550,18 +561,64 @@ def generate_once(model, method: MethodSpec, prompts: torch.Tensor, new_tokens: 
             out = model.generate(prompts, attention_mask=mask, streamer=timer, **options)
         if cuda:
             torch.cuda.synchronize(device)
-        if cuda:
-            peak = torch.cuda.max_memory_allocated(device) - base
-        else:
-            hwm = _proc_status_kb("VmHWM")
-            peak = hwm - base if rss_ok and hwm is not None and base is not None else None
+        peak = _peak_since(device, base, rss_ok)
         generated = out.sequences.shape[1] - length
         stats = client.stats() if client is not None else None
     finally:
         del out
         if client is not None:
             client.detach()
-    t = timer.times  # t[0]: the prompt handed over; t[i]: token i
+    return _call(timer.times, start, batch, length, generated, peak, stats, geometry)
+
+
+def _peak_since(device: torch.device, base, rss_ok: bool) -> int | None:
+    """Peak memory growth since `base`: CUDA max_memory_allocated, or the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - base
+    hwm = _proc_status_kb("VmHWM")
+    return hwm - base if rss_ok and hwm is not None and base is not None else None
+
+
+def _engine_once(model, method: MethodSpec, prompts: torch.Tensor, new_tokens: int, geometry: Geometry,
+                 base, rss_ok: bool) -> Call:
+    """One batch through kvstore.Engine: every prompt admitted (prefilled alone), then decode
+    steps over the whole batch. Stamps: the prompts handed over, the first tokens (all admitted),
+    then each decode step (synchronized on CUDA), as TokenTimer stamps generate()'s tokens."""
+    from kvstore.engine import Engine
+    from kvstore.sampling import SamplingParams
+
+    device = prompts.device
+    batch, length = prompts.shape
+    timer = TokenTimer(device)
+    config = dataclasses.replace(method.config, max_batch_size=batch)
+    with Engine(model, config, max_batch=batch) as engine:
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        for row in prompts:
+            engine.add_request(row, params)
+        timer.put(None)
+        start = timer.times[0]
+        engine.admit()
+        timer.put(None)
+        if engine.waiting:  # the engine queues what does not fit; a row measures B sequences at once
+            from kvstore import OutOfPagesError
+
+            raise OutOfPagesError(f"the hot tier admitted {batch - len(engine.waiting)} of {batch} sequences")
+        stats = None
+        while engine.running:
+            if len(engine.running[0].tokens) == new_tokens - 1:
+                stats = engine.stats()  # before the last step releases the sequences
+            engine.decode_step()
+            timer.put(None)
+        generated = new_tokens
+        if stats is None:
+            stats = engine.stats()
+        peak = _peak_since(device, base, rss_ok)
+    return _call(timer.times, start, batch, length, generated, peak, stats, geometry)
+
+
+def _call(t: list[float], start: float, batch: int, length: int, generated: int, peak, stats: dict | None,
+          geometry: Geometry) -> Call:
+    """A Call from token stamps (t[0]: the prompt handed over; t[i]: token i)."""
     gaps = [b - a for a, b in zip(t[2:], t[3:])]
     if stats is not None:
         seqs = stats.get("sequences") or batch
@@ -595,11 +652,11 @@ class Fit:
 
 
 def fit_batch(model, method: MethodSpec, prompts_for, new_tokens: int, geometry: Geometry,
-              max_batch: int | None) -> Fit:
+              max_batch: int | None, path: str = "generate") -> Fit:
     """Probe B=1 (and B=2 when transients dominate) and size the largest batch that fits."""
     device = next(model.parameters()).device
     probe_tokens = min(new_tokens, PROBE_NEW_TOKENS)
-    one = generate_once(model, method, prompts_for(1), probe_tokens, geometry)
+    one = generate_once(model, method, prompts_for(1), probe_tokens, geometry, path)
     host_avail, host_total = host_memory()
     host_budget = (host_avail - HOST_MARGIN * host_total) if host_avail is not None and host_total else None
     if device.type == "cuda":
@@ -607,7 +664,7 @@ def fit_batch(model, method: MethodSpec, prompts_for, new_tokens: int, geometry:
         per_seq, fixed = float(one.peak_bytes), 0.0
         if one.peak_bytes > TWO_POINT_SLACK * kv:
             try:
-                two = generate_once(model, method, prompts_for(2), probe_tokens, geometry)
+                two = generate_once(model, method, prompts_for(2), probe_tokens, geometry, path)
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is expected here
                 if not _is_oom(exc):
                     raise
@@ -679,9 +736,10 @@ def run_row(model, method: MethodSpec, length: int, args, geometry: Geometry, ct
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + length)
         return torch.randint(0, vocab, (b, length), generator=g).to(device)
 
+    path = "generate" if method.is_hf else getattr(args, "path", "engine")
     row = {k: None for k in ROW_FIELDS + EXTRA_FIELDS}
     row.update(
-        method=method.label, length=length, layers=geometry.layers, device_name=ctx["device_name"], path="generate",
+        method=method.label, length=length, layers=geometry.layers, device_name=ctx["device_name"], path=path,
         new_tokens=args.new_tokens, hbm_bytes_per_s=ctx["bandwidth"], bandwidth_source=ctx["bandwidth_source"],
         model=ctx["model"], dtype=ctx["dtype"], device=str(device), weight_bytes=ctx["weight_bytes"],
         step_weight_bytes=ctx["step_weight_bytes"], seed=args.seed, command=ctx["command"],
@@ -695,7 +753,7 @@ def run_row(model, method: MethodSpec, length: int, args, geometry: Geometry, ct
     phase = "in the B=1 probe" if args.batch == "max" else "in the B=1 warm-up"
     try:
         if args.batch == "max":
-            fit = fit_batch(model, method, prompts_for, args.new_tokens, geometry, args.max_batch)
+            fit = fit_batch(model, method, prompts_for, args.new_tokens, geometry, args.max_batch, path)
             batch, row["limit"], row["fit_batch"] = fit.batch, fit.limit, fit.fit_batch
             row["probe_gpu_bytes_per_seq"], row["probe_host_bytes_per_seq"] = fit.gpu_bytes_per_seq, fit.host_bytes_per_seq
             if fit.note:
@@ -707,13 +765,13 @@ def run_row(model, method: MethodSpec, length: int, args, geometry: Geometry, ct
             batch = args.batch
             # untimed warm-up (as the probes are for --batch max): first-call costs, Triton compilation
             # and allocator growth stay out of the timings
-            generate_once(model, method, prompts_for(1), min(args.new_tokens, PROBE_NEW_TOKENS), geometry)
+            generate_once(model, method, prompts_for(1), min(args.new_tokens, PROBE_NEW_TOKENS), geometry, path)
         ooms: list[int] = []
         while True:
             row["batch"], phase = batch, f"at B={batch}"
             oom = False
             try:
-                call = generate_once(model, method, prompts_for(batch), args.new_tokens, geometry)
+                call = generate_once(model, method, prompts_for(batch), args.new_tokens, geometry, path)
             except Exception as exc:  # noqa: BLE001 - the row records it
                 if not _is_oom(exc) or args.batch != "max" or batch == 1:
                     raise
@@ -836,6 +894,14 @@ def _order(rows: list[dict]) -> list[str]:
     return seen
 
 
+def _paths(rows: list[dict]) -> str:
+    """How the rows decoded, in words: hf through generate(), the presets by their `path`."""
+    names = {"engine": "`kvstore.Engine`", "generate": "`model.generate()` with `attach`"}
+    preset = sorted({r.get("path") or "generate" for r in rows if r.get("method") != "hf"})
+    said = " and ".join(names.get(p, p) for p in preset)
+    return "hf through `model.generate()`" + (f", kvstore presets through {said}" if said else "")
+
+
 def summary_markdown(rows: list[dict]) -> str:
     if not rows:
         return "# kvstore-bench throughput\n\nNo rows yet.\n"
@@ -845,7 +911,7 @@ def summary_markdown(rows: list[dict]) -> str:
         "# kvstore-bench throughput",
         "",
         f"Model: {first.get('model')} ({first.get('layers')} layers, {first.get('dtype')}, random prompts), "
-        f"{first.get('new_tokens')} new tokens per sequence, decode through `model.generate()`. "
+        f"{first.get('new_tokens')} new tokens per sequence; {_paths(rows)}. "
         f"Device: {first.get('device')} ({first.get('device_name')}). Measured bandwidth: "
         f"{_fmt(bw and bw / 1e9, '.0f')} GB/s ({first.get('bandwidth_source')}). Weights: "
         f"{_fmt_bytes(first.get('weight_bytes'))} ({_fmt_bytes(first.get('step_weight_bytes'))} read per step).",

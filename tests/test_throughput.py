@@ -44,7 +44,8 @@ def test_rows_have_every_field_with_sane_figures(batch2):
         assert set(ROW_FIELDS) <= set(r), set(ROW_FIELDS) - set(r)
         assert r["error"] is None and r["note"] is None
         assert r["batch"] == 2 and r["limit"] is None  # an explicit --batch: no memory limit applied
-        assert r["layers"] == 2 and r["device_name"] == "cpu" and r["path"] == "generate"
+        assert r["layers"] == 2 and r["device_name"] == "cpu"
+        assert r["path"] == ("generate" if r["method"] == "hf" else "engine")  # the default path
         assert r["new_tokens"] == r["generated_tokens"] == NEW  # EOS masked: exactly --new-tokens
         for key in ("ttft_s", "tt2t_s", "tpot_s", "decode_tokens_per_s", "step_bytes", "hbm_bytes_per_s",
                     "roofline_tokens_per_s", "roofline_share", "speedup_vs_hf", "gpu_kv_bytes_per_seq"):
@@ -150,3 +151,15 @@ def test_bad_flags_exit_2_with_one_line_before_loading_a_model(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("kvstore-bench throughput: error: ") and message in err[-1]
     assert not out.exists()  # nothing ran
+
+
+def test_path_generate_keeps_the_compatible_path_with_the_same_kv_figures(batch2, tmp_path):
+    out = tmp_path / "generate"
+    assert _run(out, "--path", "generate", methods="quant") == 0
+    (row,) = _rows(out)
+    engine_row = {r["method"]: r for r in batch2[1]}["quant"]
+    assert row["path"] == "generate" and row["error"] is None and row["generated_tokens"] == NEW
+    assert _positive(row["tpot_s"]) and row["tt2t_s"] > row["ttft_s"]
+    # the same sequences in the same store: per-sequence KV bytes within one decode step's tokens
+    assert row["gpu_kv_bytes_per_seq"] == pytest.approx(engine_row["gpu_kv_bytes_per_seq"], rel=0.05)
+    assert "kvstore presets through `model.generate()` with `attach`" in (out / "summary.md").read_text()
