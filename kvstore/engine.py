@@ -98,17 +98,18 @@ def _decode_cache_class():
         layer 0 plans the step, every layer decodes. The engine owns the sequences: this cache
         releases nothing."""
 
-        def __init__(self, store, seq_ids: torch.Tensor):
+        def __init__(self, store, seq_ids: torch.Tensor, plan=None):
             super().__init__(store)
             self.seq_ids = seq_ids
             self.decoding = True
+            self.given_plan = plan  # a plan made before the forward (the CUDA-graph path)
 
         def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
             if layer_idx == 0:
                 if key_states.shape[0] != self.seq_ids.numel() or key_states.shape[-2] != 1:
                     raise ValueError(f"a decode step takes [{self.seq_ids.numel()}, 1] tokens, got "
                                      f"{list(key_states.shape[::2])}")
-                self.plan = self.store.plan(self.seq_ids)
+                self.plan = self.given_plan if self.given_plan is not None else self.store.plan(self.seq_ids)
             return key_states, value_states
 
     return DecodeCache
@@ -124,10 +125,13 @@ class Engine:
         tokenizer: a Hugging Face tokenizer, for text prompts, text outputs and stop strings.
         max_batch: most requests decoding at once; more wait in the queue.
         seed: the engine's seed; requests without their own seed get one derived from it.
+        cuda_graphs: capture the decode step in a CUDA graph per batch size and replay it
+            (kvstore/cuda_graph.py). None (default): where the store supports it; True: required
+            (ValueError saying why not, if not); False: every step eager.
     """
 
     def __init__(self, model: Any, config: KVStoreConfig | str | None = None, *, tokenizer: Any = None,
-                 max_batch: int = 32, seed: int = 0):
+                 max_batch: int = 32, seed: int = 0, cuda_graphs: bool | None = None):
         if config is None:
             config = KVStoreConfig.preset("full")
         elif isinstance(config, str):
@@ -156,7 +160,17 @@ class Engine:
         self.running: list[_Request] = []
         self._next_id = 0
         self.closed = False
-        logger.info("engine: %s preset, max batch %d, eager decode step (no CUDA graph)", self.config.name, max_batch)
+        from kvstore.cuda_graph import DecodeGraphs, graph_support
+
+        why_not = graph_support(self.store) if cuda_graphs is not False else "cuda_graphs=False"
+        if cuda_graphs and why_not:
+            self.client.detach()
+            raise ValueError(f"cuda_graphs=True: {why_not}")
+        self.graphs = DecodeGraphs(self.store) if why_not is None else None
+        self._static: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.decode_path = "cuda-graph" if self.graphs is not None else "eager"
+        logger.info("engine: %s preset, max batch %d, decode step: %s", self.config.name, max_batch,
+                    "CUDA graph" if self.graphs is not None else f"eager ({why_not})")
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int] | torch.Tensor, params: SamplingParams | None = None) -> int:
@@ -262,6 +276,9 @@ class Engine:
         chunked = self.config.chunked_prefill and T > chunk
         size = -(-T // -(-T // chunk)) if chunked else T  # even chunks (LeanKV scores with the last one)
         self.store.reserve(1, T, req.params.max_new_tokens, chunked=chunked)
+        # the page tables as wide as this request will need (+1: a step's plan looks one page ahead),
+        # once: not doubled mid-generation (a CUDA graph reads them at a fixed address)
+        self.store.hot.table.ensure_pages(self._pages_needed(req) + 1)
         cache = self._prefill_cache(self.store, torch.tensor([T]), T)
         try:
             for start in range(0, T, size):
@@ -276,16 +293,48 @@ class Engine:
         req.seq_id = int(cache.seq_ids[0])
         return out.logits[:, -1]
 
+    def _pages_needed(self, req: _Request) -> int:
+        """Page-table entries a head of this request reaches by its last token."""
+        return -(-(len(req.prompt) + req.params.max_new_tokens) // self.store.hot.tokens_per_page)
+
     def _decode(self, batch: list[_Request]) -> torch.Tensor:
         """One step of every request in `batch`: logits [B, V] of their next tokens."""
-        dev = self.device
-        seq_ids = torch.tensor([r.seq_id for r in batch], dtype=torch.int64, device=dev)
-        tokens = torch.tensor([[r.tokens[-1]] for r in batch], dtype=torch.int64, device=dev)
-        pos = torch.tensor([[r.length - 1] for r in batch], dtype=torch.int64, device=dev)
-        cache = self._decode_cache(self.store, seq_ids)
-        out = self.model(input_ids=tokens, position_ids=pos, use_cache=True, logits_to_keep=1,
-                         **{self._cache_arg: cache})
+        rows = torch.tensor([[r.seq_id, r.tokens[-1], r.length - 1] for r in batch], dtype=torch.int64)
+        if self.graphs is not None:
+            return self._decode_graph(batch, rows)
+        seq_ids, tokens, pos = rows.to(self.device).unbind(1)
+        cache = self._decode_cache(self.store, seq_ids.contiguous())
+        out = self.model(input_ids=tokens.view(-1, 1), position_ids=pos.view(-1, 1), use_cache=True,
+                         logits_to_keep=1, **{self._cache_arg: cache})
         return out.logits[:, -1]
+
+    def _decode_graph(self, batch: list[_Request], rows: torch.Tensor) -> torch.Tensor:
+        """The step through the batch size's CUDA graph: static inputs filled, the plan made on
+        the host (sized for the widest table the running requests reach), then one replay."""
+        B = len(batch)
+        if B not in self._static:
+            self._static[B] = tuple(torch.zeros(B, dtype=torch.int64, device=self.device) for _ in range(3))
+        seq_ids, tokens, pos = self._static[B]
+        staged = rows.to(self.device)
+        seq_ids.copy_(staged[:, 0])
+        tokens.copy_(staged[:, 1])
+        pos.copy_(staged[:, 2])
+        plan = self.store.plan(seq_ids, pages_hint=max(self._pages_needed(r) for r in batch))
+        cache = self._decode_cache(self.store, seq_ids, plan)
+
+        def forward(p):
+            out = self.model(input_ids=tokens.view(-1, 1), position_ids=pos.view(-1, 1), use_cache=True,
+                             logits_to_keep=1, **{self._cache_arg: cache})
+            return out.logits[:, -1]
+
+        try:
+            return self.graphs.run(plan, (seq_ids, tokens, pos), forward)
+        except Exception as exc:  # noqa: BLE001 - capture is an optimization: fall back, say so once
+            logger.warning("engine: CUDA graph capture failed (%s: %s); decoding eagerly from here",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self.graphs, self.decode_path = None, "eager"
+            torch.cuda.synchronize(self.device)
+            return forward(plan)  # the same plan again: a layer rewrites its token, then attends
 
     def _take(self, logits: torch.Tensor, reqs: list[_Request]) -> list[StepOutput]:
         """Sample the next token of each request (row i of logits is reqs[i]); record and finish."""

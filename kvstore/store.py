@@ -321,7 +321,7 @@ class KVStore:
         return self.policy.prefill(self, layer, seq_ids, q, k, positions, valid, scale), k, v, positions, valid
 
     # ---- decode -----------------------------------------------------------------------------
-    def plan(self, seq_ids: torch.Tensor) -> DecodePlan:
+    def plan(self, seq_ids: torch.Tensor, pages_hint: int | None = None) -> DecodePlan:
         """Prepare one decode step for every layer: where each head's new token goes.
 
         Allocates the pages that fill up this step for all (sequence, layer, KV head) at once,
@@ -332,6 +332,10 @@ class KVStore:
         the hot tier. One step is in flight per store: a new plan makes the last one stale (and
         undoes the fresh slots of layers that step did not decode: the high tier stays dense,
         `_undo_unwritten_slots`).
+
+        pages_hint: size the step's attention buffers (the kernel's splits) for page tables this
+        wide even if the batch's are narrower now, so that steps after steps get the same buffers
+        and the same launch (a CUDA graph captured once replays them; kvstore/cuda_graph.py).
         """
         self._undo_unwritten_slots()
         hot, tpp = self.hot, self.hot.tokens_per_page
@@ -354,8 +358,8 @@ class KVStore:
         hot.table.num_tokens[seq_ids] += fresh.to(torch.int32)
         self.seq_len[seq_ids] += 1
         plan = DecodePlan(seq_ids, positions, page, slot, self.hot.pages_in_use(seq_ids), decision.evicted_pos)
-        plan.hot_ws = self.hot.plan_workspace(seq_ids, plan.num_pages, workspace=self.workspace, page=page, slot=slot,
-                                              positions=positions)
+        plan.hot_ws = self.hot.plan_workspace(seq_ids, max(plan.num_pages, pages_hint or 0), workspace=self.workspace,
+                                              page=page, slot=slot, positions=positions)
         geo = self.geometry
         plan.out = self.workspace.take("store.out", (L, B, geo.num_q_heads, 1, geo.head_dim), geo.dtype)
         if self.cold is not None:
