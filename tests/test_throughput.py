@@ -46,6 +46,7 @@ def test_rows_have_every_field_with_sane_figures(batch2):
         assert r["batch"] == 2 and r["limit"] is None  # an explicit --batch: no memory limit applied
         assert r["layers"] == 2 and r["device_name"] == "cpu"
         assert r["path"] == ("generate" if r["method"] == "hf" else "engine")  # the default path
+        assert r["decode_path"] == "eager"  # CUDA graphs need a GPU
         assert r["new_tokens"] == r["generated_tokens"] == NEW  # EOS masked: exactly --new-tokens
         for key in ("ttft_s", "tt2t_s", "tpot_s", "decode_tokens_per_s", "step_bytes", "hbm_bytes_per_s",
                     "roofline_tokens_per_s", "roofline_share", "speedup_vs_hf", "gpu_kv_bytes_per_seq"):
