@@ -303,7 +303,10 @@ class Engine:
         if self.graphs is not None:
             return self._decode_graph(batch, rows)
         seq_ids, tokens, pos = rows.to(self.device).unbind(1)
-        cache = self._decode_cache(self.store, seq_ids.contiguous())
+        # the same plan as the graph path (buffers sized for the widest table the batch reaches):
+        # the same kernel launch, so eager and graph steps give the same bits
+        plan = self.store.plan(seq_ids.contiguous(), pages_hint=max(self._pages_needed(r) for r in batch))
+        cache = self._decode_cache(self.store, seq_ids.contiguous(), plan)
         out = self.model(input_ids=tokens.view(-1, 1), position_ids=pos.view(-1, 1), use_cache=True,
                          logits_to_keep=1, **{self._cache_arg: cache})
         return out.logits[:, -1]

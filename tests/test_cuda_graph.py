@@ -21,11 +21,11 @@ def _prompts(lengths, seed=0):
 
 def test_cuda_graphs_true_is_refused_with_the_reason_and_leaves_the_model_free():
     model = tiny_model("llama")
-    reason = "not on CUDA" if not torch.cuda.is_available() else "retrieval path"
+    reason = "not on CUDA" if not torch.cuda.is_available() else "not the Triton kernel"
     if torch.cuda.is_available():
         model = model.cuda()
-    with pytest.raises(ValueError, match=f"cuda_graphs=True: .*{reason}"):
-        Engine(model, "pqcache" if torch.cuda.is_available() else "quant", cuda_graphs=True)
+    with pytest.raises(ValueError, match=f"cuda_graphs=True: .*{reason}"):  # full: 16-bit pages
+        Engine(model, "full" if torch.cuda.is_available() else "quant", cuda_graphs=True)
     with Engine(model, "full", cuda_graphs=False) as engine:  # the refused engine detached itself
         assert engine.decode_path == "eager" and engine.graphs is None
 
