@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_guards(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--path", choices=("engine", "generate"), default="engine",
+                   help="engine (kvstore.Engine: each prompt prefilled alone, batched decode steps; default) or "
+                        "generate (attach + model.generate() on the batch, the compatible path)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop cleanly before this much wall time is spent (rows written so far stay; rerun to resume)")
     p.add_argument("--warmup", choices=("auto", "on", "off"), default="auto",
@@ -147,7 +150,7 @@ def validate_run(args: argparse.Namespace, skip_unavailable: bool = False):
         samples=args.samples, batch_size=args.batch_size, seed=args.seed, depths=args.depths,
         max_new_tokens=args.max_new_tokens, progress=not args.quiet, max_minutes=args.max_minutes,
         warmup={"auto": None, "on": True, "off": False}[args.warmup], skip_unavailable=skip_unavailable,
-        keep_going=not args.fail_fast,
+        keep_going=not args.fail_fast, path=args.path,
     )
     methods = expand_methods(spec.methods, spec.budgets, skip_unavailable)
     resolve_dtype(args.dtype, resolve_device(args.device))

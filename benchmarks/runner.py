@@ -4,9 +4,12 @@
     rows = run_suite(model, tokenizer, RunSpec(tasks=[...], lengths=[...], methods=[...], out="DIR"))
 
 For each (task, length) the prompts are generated once (same ids for every method); for each
-method (a `benchmarks.methods.Method`) the store is attached, the samples run in batches of
-equal-length prompts through `model.generate` (greedy), and one row per (task, length, method,
-budget) is appended to `DIR/results.jsonl`, with every sample's prediction and score in
+method (a `benchmarks.methods.Method`) the samples run greedily in batches of equal-length
+prompts, by default through `kvstore.Engine` (RunSpec.path "engine": the batch's prompts
+admitted one by one, then decode steps over the batch, each sample ending at the tokenizer's
+EOS or its token budget; greedy tokens are those of the generate path, tests/test_bench_runner.py)
+or with the store attached through `model.generate` (path "generate"), and one row per (task,
+length, method, budget) is appended to `DIR/results.jsonl`, with every sample's prediction and score in
 `DIR/samples.jsonl`. Rows already in results.jsonl are skipped, so an interrupted run resumes.
 Rows run length by length (shortest first), so a run stopped by `max_minutes` (or killed)
 leaves the short lengths complete; a row is written only once all its samples ran.
@@ -25,7 +28,9 @@ Row fields (per sequence unless said otherwise):
   (request start to the second token: includes the first decode step, which waits for any
   PQ build), tpot_s (mean time per output token after the second), tokens_per_s (generated
   tokens of the whole batch per second of generate()), new_tokens (mean generated per sample),
-wall_s (the row's wall time, warm-up included), warmup_s (the untimed warm-up's share).
+wall_s (the row's wall time, warm-up included), warmup_s (the untimed warm-up's share), path
+  ("engine" or "generate"), decode_path ("cuda-graph" or "eager": how the engine decoded).
+  On the engine path the byte counts are read at the last step every sequence was live.
 """
 
 from __future__ import annotations
@@ -77,8 +82,13 @@ class RunSpec:
     #: a method@budget that raises is logged (traceback), recorded in SuiteResult.failed and
     #: left out for the rest of the run, instead of ending it (a long GPU run keeps the rest)
     keep_going: bool = False
+    #: "engine" (kvstore.Engine: each prompt prefilled alone, batched decode, the CUDA-graph step
+    #: where the preset allows) or "generate" (attach + model.generate() on the batch)
+    path: str = "engine"
 
     def __post_init__(self):
+        if self.path not in ("engine", "generate"):
+            raise ValueError(f"path must be 'engine' or 'generate', got {self.path!r}")
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if not self.tasks or not self.lengths or not self.methods:
@@ -335,6 +345,57 @@ def generate_batch(model, tokenizer, samples: list[Sample], method: Method, clie
     }
 
 
+def generate_batch_engine(tokenizer, samples: list[Sample], engine, max_new_tokens: int) -> dict:
+    """`generate_batch` through a kvstore.Engine: the batch's prompts admitted, then decode steps
+    until every one ends (EOS or max_new_tokens). Stamps after the admission (first tokens) and
+    after each step; the store's byte counts are those of the last step all sequences were live."""
+    from kvstore.sampling import SamplingParams
+
+    device = engine.device
+    # the tokenizer's EOS ends a sample, as generate_batch's eos_token_id (not the model's own list)
+    eos = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=eos, ignore_eos=True)
+    rids = [engine.add_request(s.input_ids, params) for s in samples]
+    tokens: dict[int, list[int]] = {r: [] for r in rids}
+    t = []
+
+    def stamp():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t.append(time.perf_counter())
+
+    stamp()
+    start = t[0]
+    outs = engine.admit()
+    stamp()
+    stats = engine.stats()
+    while True:
+        for o in outs:
+            tokens[o.request_id].append(o.token_id)
+        if not engine.running:
+            break
+        if len(engine.running) == len(samples):
+            stats = engine.stats()  # every sequence still live
+        outs = engine.decode_step()
+        stamp()
+    end = t[-1]
+    preds = [tokenizer.decode(tokens[r], skip_special_tokens=True) for r in rids]
+    steps = len(t) - 1
+    n = len(samples)
+    return {
+        "predictions": preds,
+        "ttft_s": t[1] - start if steps >= 1 else float("nan"),
+        "tt2t_s": t[2] - start if steps >= 2 else float("nan"),
+        "tpot_s": (t[-1] - t[2]) / (steps - 2) if steps >= 3 else float("nan"),
+        "tokens_per_s": sum(len(v) for v in tokens.values()) / (end - start) if end > start else float("nan"),
+        "new_tokens": steps,
+        "gpu_kv_bytes": stats.get("gpu_kv_bytes", 0) / n,
+        "host_kv_bytes": stats.get("host_kv_bytes", 0) / n,
+        "dense_kv_bytes": stats.get("dense_kv_bytes", 0) / n,
+        "stats": stats,
+    }
+
+
 def _nanmean(xs: list[float]) -> float:
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return sum(xs) / len(xs) if xs else float("nan")
@@ -346,37 +407,48 @@ class DeadlineReached(Exception):
 
 def run_method(model, tokenizer, samples: list[Sample], method: Method, batch_size: int,
                max_new_tokens: int | None = None, progress=None, warmup: bool = False,
-               deadline: float | None = None) -> tuple[dict, list[dict]]:
+               deadline: float | None = None, path: str = "generate") -> tuple[dict, list[dict]]:
     """Run `samples` (one task and length) under `method`; returns (row, per-sample records).
 
     warmup: first run the first batch untimed for a few tokens (Triton compilation on CUDA).
     deadline: a time.perf_counter() value; past it, DeadlineReached is raised between batches.
     A store that refuses the method at attach raises MethodUnavailable.
+    path: "generate" (attach + model.generate()) or "engine" (kvstore.Engine with max_batch = batch_size).
     """
-    from kvstore import KVStoreClient
+    from kvstore import Engine, KVStoreClient
 
     wall_start = time.perf_counter()
     config = method.config
     if config.max_batch_size < batch_size:
         config = dataclasses.replace(config, max_batch_size=batch_size)
-    client = KVStoreClient(config)
+    client = engine = None
     batches = []
     records = []
     try:
-        client.attach(model)
+        if path == "engine":
+            engine = Engine(model, config, max_batch=batch_size)
+        else:
+            client = KVStoreClient(config)
+            client.attach(model)
     except NotImplementedError as exc:
         raise MethodUnavailable(f"{method.name}: {exc}") from None
+
+    def generate(chunk, budget):
+        if engine is not None:
+            return generate_batch_engine(tokenizer, chunk, engine, budget)
+        return generate_batch(model, tokenizer, chunk, method, client, budget)
+
     try:
         warm_start = time.perf_counter()
         if warmup:
-            generate_batch(model, tokenizer, samples[:batch_size], method, client, min(4, max_new_tokens or 4))
+            generate(samples[:batch_size], min(4, max_new_tokens or 4))
         warmup_s = time.perf_counter() - warm_start
         for start in range(0, len(samples), batch_size):
             if deadline is not None and time.perf_counter() > deadline:
                 raise DeadlineReached(f"{method.name} {method.budget} stopped after {len(records)} samples")
             chunk = samples[start:start + batch_size]
             budget = max_new_tokens or max(s.max_new_tokens for s in chunk)
-            res = generate_batch(model, tokenizer, chunk, method, client, budget)
+            res = generate(chunk, budget)
             batches.append(res)
             for s, pred in zip(chunk, res["predictions"]):
                 records.append({
@@ -387,7 +459,10 @@ def run_method(model, tokenizer, samples: list[Sample], method: Method, batch_si
             if progress is not None:
                 progress.update(len(chunk))
     finally:
-        client.detach()
+        if engine is not None:
+            engine.close()
+        else:
+            client.detach()
     first = samples[0]
     gpu = _nanmean([b["gpu_kv_bytes"] for b in batches])
     dense = _nanmean([b["dense_kv_bytes"] for b in batches])
@@ -412,6 +487,8 @@ def run_method(model, tokenizer, samples: list[Sample], method: Method, batch_si
         "budget_definition": method.budget_definition,
         "batch_size": batch_size,
         "preset": config.name,
+        "path": path,
+        "decode_path": engine.decode_path if engine is not None else "eager",
         "wall_s": time.perf_counter() - wall_start,
         "warmup_s": warmup_s,
     }
@@ -496,7 +573,7 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
             try:
                 row, records = run_method(
                     model, tokenizer, cache[(task, length)], method, batch, spec.max_new_tokens, bar,
-                    warmup=warmup and wkey not in warmed, deadline=deadline,
+                    warmup=warmup and wkey not in warmed, deadline=deadline, path=spec.path,
                 )
             except torch.OutOfMemoryError:
                 if batch == 1 or spec.batch_size:

@@ -73,6 +73,20 @@ def test_full_preset_predictions_equal_the_unattached_model(tiny, tmp_path):
     assert row["samples"] == 2 and row["batch_size"] == 2
 
 
+@pytest.mark.parametrize("name", ["full", "quant", "pqcache", "tiered", "snapkv"])
+def test_the_engine_path_predicts_what_the_generate_path_does(tiny, name):
+    _, model, tok = tiny
+    samples = [make_sample("niah_single_1", LENGTH, s, tok, depth=d) for s, d in ((0, 0.2), (1, 0.7), (2, 0.5))]
+    method = make_method(name, "0.25")
+    row_g, rec_g = run_method(model, tok, samples, method, batch_size=2, path="generate")
+    row_e, rec_e = run_method(model, tok, samples, method, batch_size=2, path="engine")
+    assert [r["prediction"] for r in rec_e] == [r["prediction"] for r in rec_g]
+    assert row_e["path"] == "engine" and row_g["path"] == "generate" and row_e["decode_path"] == "eager"
+    # the store's bytes of the same sequences (the engine reads them one step before the first ends)
+    assert row_e["gpu_kv_bytes"] == pytest.approx(row_g["gpu_kv_bytes"], rel=0.1)
+    assert row_e["dense_kv_bytes"] == pytest.approx(row_g["dense_kv_bytes"], rel=0.1)
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_every_available_method_runs_through_the_runner(tiny, name):
     why = available_methods()[name]
