@@ -59,8 +59,8 @@ def _depths(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from benchmarks.methods import METHODS
-    from benchmarks.tasks import TASKS
+    from benchmarks.suite.methods import METHODS
+    from benchmarks.suite.tasks import TASKS
 
     parser = argparse.ArgumentParser(prog="kvstore-bench", description="kvstore's long-context benchmark suite")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,9 +132,9 @@ def validate_run(args: argparse.Namespace, skip_unavailable: bool = False):
     model's rows. Returns (tasks, RunSpec, methods@budgets). Raises ValueError,
     FileNotFoundError or MethodUnavailable with a one-line message; nothing is created.
     """
-    from benchmarks.methods import expand_methods
-    from benchmarks.runner import RunSpec, check_model, check_results_model, resolve_device, resolve_dtype
-    from benchmarks.tasks import TASKS
+    from benchmarks.suite.methods import expand_methods
+    from benchmarks.suite.runner import RunSpec, check_model, check_results_model, resolve_device, resolve_dtype
+    from benchmarks.suite.tasks import TASKS
 
     tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
     unknown = [t for t in tasks if t not in TASKS]
@@ -181,15 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.throughput import run as run_throughput
 
         return run_throughput(args, sys.argv[1:] if argv is None else list(argv))
-    from benchmarks.methods import MethodUnavailable, available_methods
-    from benchmarks.tasks import TASKS
+    from benchmarks.suite.methods import MethodUnavailable, available_methods
+    from benchmarks.suite.tasks import TASKS
 
     if args.command == "list":
         print("tasks:", ", ".join(TASKS))
         for name, why in available_methods().items():
             print(f"  {name:10s} {'available' if why is None else 'unavailable: ' + why}")
         return 0
-    from benchmarks.report import write_report
+    from benchmarks.suite.report import write_report
 
     if args.command == "report":
         try:
@@ -199,11 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         print(write_report(out, plots=not args.no_plots))
         return 0
 
-    from benchmarks.runner import load_model, run_suite
+    from benchmarks.suite.runner import load_model, run_suite
 
     skip_unavailable = False
     if args.command == "quick":
-        from benchmarks.methods import QUICK_METHODS
+        from benchmarks.suite.methods import QUICK_METHODS
         from benchmarks.probe_model import PROBE_DIR, has_probe
 
         if args.model is None:

@@ -206,7 +206,7 @@ class MethodSpec:
 
 def parse_methods(specs: list[str]) -> list[MethodSpec]:
     """MethodSpecs for --methods entries; ValueError naming the bad entry (nothing is loaded)."""
-    from benchmarks.methods import METHODS, MethodUnavailable, check_store, make_method, parse_method
+    from benchmarks.suite.methods import METHODS, MethodUnavailable, check_store, make_method, parse_method
     from kvstore.config import KVStoreConfig
 
     if not specs:
@@ -252,7 +252,7 @@ class ModelSource:
 
 def resolve_model(args) -> ModelSource:
     """Validate --model, --layers, --device and --dtype against --lengths/--new-tokens (config only)."""
-    from benchmarks.runner import resolve_device, resolve_dtype
+    from benchmarks.suite.runner import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)  # ValueError for a name torch does not parse or a GPU it does not see
     longest = max(args.lengths) + args.new_tokens

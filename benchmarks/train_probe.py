@@ -5,9 +5,9 @@
     python -m benchmarks.train_probe eval --model DIR --lengths 4096,8192,16384 --samples 50
 
 What it does:
-* builds the word-level tokenizer over `benchmarks.vocab` (benchmarks/probe_tokenizer.py) and
+* builds the word-level tokenizer over `benchmarks.suite.vocab` (benchmarks/probe_tokenizer.py) and
   the small Llama of `benchmarks.probe_model.probe_config`;
-* draws samples from `benchmarks.tasks.make_sample` (needles, multi-key needles, passkey,
+* draws samples from `benchmarks.suite.tasks.make_sample` (needles, multi-key needles, passkey,
   kv_retrieval, variable tracking ...), each sample = prompt + answer + </s>, in worker
   processes (a `DataLoader` over a map-style dataset: sample i of a stage always has the same
   task and seed, so the data order is fixed by --seed);
@@ -187,11 +187,11 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Data: a thin adapter over benchmarks.tasks
+# Data: a thin adapter over benchmarks.suite.tasks
 
 
 def encode_sample(sample, tokenizer) -> tuple[list[int], int]:
-    """(token ids of prompt + answer + </s>, number of prompt ids) for a `benchmarks.tasks` Sample.
+    """(token ids of prompt + answer + </s>, number of prompt ids) for a `benchmarks.suite.tasks` Sample.
 
     The answer is what the suite's scorer expects the model to generate after the prompt:
     the sample's answers joined by spaces.
@@ -249,7 +249,7 @@ class StageDataset(torch.utils.data.Dataset):
         return 1 << 30
 
     def __getitem__(self, index: int) -> dict:
-        from benchmarks.tasks import make_sample
+        from benchmarks.suite.tasks import make_sample
 
         length = self.lengths[index % len(self.lengths)]
         rng = _rng_for("batch", self.seed, self.lengths, index)
@@ -323,7 +323,7 @@ def copy_sequence(rng: random.Random, length: int, tokenizer, recall_fraction: f
     magic numbers for bold-tiger is:", '"key":'): a stepping stone that multi-token induction
     answers, which grows the key-matching features the suite's questions then reuse.
     """
-    from benchmarks import vocab
+    from benchmarks.suite import vocab
 
     bos = tokenizer.bos_token_id
     if rng.random() < 1 - recall_fraction:
@@ -544,7 +544,7 @@ def batch_losses(model, batch: dict, device: str, precision: str = "bf16") -> tu
 @torch.no_grad()
 def heldout_accuracy(model, tokenizer, length: int, tasks, samples: int, seed: int, device: str) -> dict[str, float]:
     """Teacher-forced exact match per task on held-out seeds (disjoint from training's)."""
-    from benchmarks.tasks import make_sample
+    from benchmarks.suite.tasks import make_sample
 
     was_training = model.training
     model.eval()
@@ -596,7 +596,8 @@ def build(cfg: TrainConfig):
 
         model = LlamaForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, attn_implementation="sdpa")
         if load_tokenizer(cfg.init_from).get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"init_from={cfg.init_from!r} was trained with another tokenizer than benchmarks.vocab builds")
+            raise ValueError(f"init_from={cfg.init_from!r} was trained with another tokenizer than "
+                             "benchmarks.suite.vocab builds")
         if model.config.vocab_size != config.vocab_size or model.config.num_hidden_layers != config.num_hidden_layers:
             raise ValueError(f"init_from={cfg.init_from!r} has another architecture than this configuration")
         return model, tokenizer
@@ -756,7 +757,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def score_answer(prediction: str, sample) -> float:
     """The suite's scorer (RULER string_match_all) of `prediction` against the sample's answers."""
-    from benchmarks.scoring import score_sample
+    from benchmarks.suite.scoring import score_sample
 
     return float(score_sample(prediction, list(sample.answers)))
 
@@ -764,7 +765,7 @@ def score_answer(prediction: str, sample) -> float:
 @torch.no_grad()
 def evaluate(model, tokenizer, tasks, lengths, samples: int, seed: int = 12345, device: str = "cpu", batch_tokens: int = 65536) -> list[dict]:
     """Greedy generation scored by the suite's scorer; one row per (task, length)."""
-    from benchmarks.tasks import make_sample
+    from benchmarks.suite.tasks import make_sample
 
     rows = []
     for length in lengths:

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from benchmarks import vocab
-from benchmarks.tasks import AGGREGATION_TASKS, TASKS, make_sample, make_samples
+from benchmarks.suite import vocab
+from benchmarks.suite.tasks import AGGREGATION_TASKS, TASKS, make_sample, make_samples
 
 
 @pytest.fixture(scope="module")

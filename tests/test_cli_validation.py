@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import benchmarks.runner as runner
+import benchmarks.suite.runner as runner
 import benchmarks.throughput as throughput
 import kvstore.adapters.model_dir as model_dir
 from benchmarks import cli

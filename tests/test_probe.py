@@ -61,11 +61,12 @@ def test_tokenizer_same_vocabulary_every_build():
 
 
 def test_shipped_tokenizer_covers_the_generators(probe):
-    from benchmarks.tasks import make_sample
+    from benchmarks.suite.tasks import make_sample
 
     _, tok = probe
     shipped = tok.get_vocab()
-    assert build_tokenizer(default_strings()).get_vocab() == shipped, "benchmarks/vocab.py changed: retrain the probe"
+    assert build_tokenizer(default_strings()).get_vocab() == shipped, \
+        "benchmarks/suite/vocab.py changed: retrain the probe"
     for task in ("niah_single_1", "niah_multikey_2", "passkey", "kv_retrieval"):
         sample = make_sample(task, 512, 3, tok)
         ids = tok(sample.prompt)["input_ids"]
@@ -90,7 +91,7 @@ AT_LEAST_2K = {"passkey": 9, "niah_single_1": 9, "niah_multikey_2": 9, "kv_retri
 @pytest.mark.parametrize("task", list(AT_LEAST_2K))
 def test_full_attention_answers_at_2k(probe, task):
     """Greedy decoding over the whole context, through kvstore's exact `full` preset."""
-    from benchmarks.tasks import make_sample
+    from benchmarks.suite.tasks import make_sample
     from benchmarks.train_probe import answer_text, sample_prompt_ids, score_answer
     from kvstore import KVStoreClient, KVStoreConfig
 

@@ -1,6 +1,6 @@
 """Every string the benchmark generators can emit: words, sentences and prompt templates.
 
-The generators in `benchmarks/tasks.py` build all their text from these constants plus digits,
+The generators in `benchmarks/suite/tasks.py` build all their text from these constants plus digits,
 hex digits (UUIDs), upper-case letters (variable names) and punctuation, so a word-level
 tokenizer built over this module (`benchmarks/probe_tokenizer.py`) covers every prompt.
 

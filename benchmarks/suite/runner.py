@@ -4,7 +4,7 @@
     rows = run_suite(model, tokenizer, RunSpec(tasks=[...], lengths=[...], methods=[...], out="DIR"))
 
 For each (task, length) the prompts are generated once (same ids for every method); for each
-method (a `benchmarks.methods.Method`) the store is attached, the samples run in batches of
+method (a `benchmarks.suite.methods.Method`) the store is attached, the samples run in batches of
 equal-length prompts through `model.generate` (greedy), and one row per (task, length, method,
 budget) is appended to `DIR/results.jsonl`, with every sample's prediction and score in
 `DIR/samples.jsonl`. Rows already in results.jsonl are skipped, so an interrupted run resumes.
@@ -40,9 +40,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.methods import Method, MethodUnavailable, expand_methods
-from benchmarks.scoring import exact_match, mean, score_sample
-from benchmarks.tasks import Sample, make_sample
+from benchmarks.suite.methods import Method, MethodUnavailable, expand_methods
+from benchmarks.suite.scoring import exact_match, mean, score_sample
+from benchmarks.suite.tasks import Sample, make_sample
 from kvstore.adapters.hf import CACHE_ARG
 
 logger = logging.getLogger(__name__)
@@ -550,6 +550,6 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
 
 
 def _from_available(names: list[str]) -> bool:
-    from benchmarks.methods import ALL_AVAILABLE
+    from benchmarks.suite.methods import ALL_AVAILABLE
 
     return any(n in ALL_AVAILABLE for n in names)
