@@ -6,7 +6,7 @@
     kvstore-bench report --out DIR          # rewrite DIR/summary.md and the plots
     kvstore-bench list                      # tasks, and which methods the store provides now
     kvstore-bench throughput --model llama3-8b --lengths 32k,128k --methods hf,full,tiered --out DIR
-                                            # decode tokens/s at each method's largest batch (benchmarks/throughput.py)
+                                # decode tokens/s at each method's largest batch (benchmarks/perf/throughput.py)
 
 --model: "probe" (the shipped probe model, benchmarks/probe/), "random" (a tiny random Llama
 with the probe tokenizer: checks the plumbing, scores ~0), or a local Hugging Face model folder.
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True)
     rep.add_argument("--no-plots", action="store_true")
     sub.add_parser("list", help="tasks and methods (with what each method still lacks in the store)")
-    from benchmarks.throughput import add_parser as add_throughput_parser
+    from benchmarks.perf.throughput import add_parser as add_throughput_parser
 
     add_throughput_parser(sub)
     return parser
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("kvstore.client", "benchmarks.probe_tokenizer", "faiss", "faiss.loader", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "throughput":
-        from benchmarks.throughput import run as run_throughput
+        from benchmarks.perf.throughput import run as run_throughput
 
         return run_throughput(args, sys.argv[1:] if argv is None else list(argv))
     from benchmarks.suite.methods import MethodUnavailable, available_methods

@@ -166,7 +166,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "throughput", help="decode tokens/s at each method's largest batch, against unattached HF and the roofline",
         description="Decode throughput through model.generate(): hf (unattached, SDPA) and kvstore presets, each at "
-                    "its largest batch that fits, against the measured-bandwidth roofline. See benchmarks/throughput.py.",
+                    "its largest batch that fits, against the measured-bandwidth roofline. "
+                    "See benchmarks/perf/throughput.py.",
     )
     p.add_argument("--model", default="llama3-8b",
                    help="llama3-8b (random weights, the Llama-3-8B shape), tiny (CPU/CI), or a local Hugging Face folder")

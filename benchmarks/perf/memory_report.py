@@ -1,8 +1,8 @@
 """GPU KV memory and logit drift of the hot-tier presets against dense KV (CPU is fine).
 
-    python -m benchmarks.memory_report                       # random bf16 Llama, 1024-token prompt
-    python -m benchmarks.memory_report --model probe --length 2048 --json $OUT/memory.json
-    python -m benchmarks.memory_report --presets quant,leankv,tiered --set tiered:alpha_prune=1.0
+    python -m benchmarks.perf.memory_report                       # random bf16 Llama, 1024-token prompt
+    python -m benchmarks.perf.memory_report --model probe --length 2048 --json $OUT/memory.json
+    python -m benchmarks.perf.memory_report --presets quant,leankv,tiered --set tiered:alpha_prune=1.0
 
 For each preset the model (one bf16 Llama, batch 1) prefills one benchmark prompt
 (benchmarks/suite/tasks.py, niah_single_1 by default) and decodes `--steps` tokens *teacher-forced*
