@@ -8,7 +8,7 @@
     kvstore-bench throughput --model llama3-8b --lengths 32k,128k --methods hf,full,tiered --out DIR
                                 # decode tokens/s at each method's largest batch (benchmarks/perf/throughput.py)
 
---model: "probe" (the shipped probe model, benchmarks/probe/), "random" (a tiny random Llama
+--model: "probe" (the shipped probe model, benchmarks/probe/weights/), "random" (a tiny random Llama
 with the probe tokenizer: checks the plumbing, scores ~0), or a local Hugging Face model folder.
 Nothing is downloaded. Results: DIR/results.jsonl (one line per task, length, method, budget),
 DIR/samples.jsonl, DIR/summary.md, DIR/*.png. Rerunning with the same DIR skips the rows
@@ -175,7 +175,7 @@ def validate_report(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("kvstore.client", "benchmarks.probe_tokenizer", "faiss", "faiss.loader", "httpx"):
+    for noisy in ("kvstore.client", "benchmarks.probe.tokenizer", "faiss", "faiss.loader", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "throughput":
         from benchmarks.perf.throughput import run as run_throughput
@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
 
     skip_unavailable = False
     if args.command == "quick":
+        from benchmarks.probe.model import PROBE_DIR, has_probe
         from benchmarks.suite.methods import QUICK_METHODS
-        from benchmarks.probe_model import PROBE_DIR, has_probe
 
         if args.model is None:
             args.model = "probe"
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 logger.warning(
                     "WARNING: the probe model is not in %s yet, so this runs --model random, a tiny random "
                     "Llama: its accuracy is meaningless (it only shows every method runs). Train the probe "
-                    "with `python -m benchmarks.train_probe --out benchmarks/probe` or pass --model PATH.",
+                    "with `python -m benchmarks.probe.train --out benchmarks/probe/weights` or pass --model PATH.",
                     PROBE_DIR,
                 )
                 args.model = "random"

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-import benchmarks.probe_model as probe_model
+import benchmarks.probe.model as probe_model
 import benchmarks.suite.runner as runner
 from benchmarks import cli
 from benchmarks.suite.methods import (BUDGETED, METHODS, QUICK_METHODS, MethodUnavailable, available_methods,
@@ -49,7 +49,7 @@ def test_quick_falls_back_to_random_with_a_warning_and_prints_the_table(monkeypa
     assert f"{len(rows)} rows" in printed.err
     # an explicit --model probe without the files is an error that says how to get them
     assert cli.main(["quick", "--model", "probe", "--out", str(tmp_path / "q2"), "--quiet"]) == 2
-    assert "train_probe" in capsys.readouterr().err
+    assert "benchmarks.probe.train" in capsys.readouterr().err
 
 
 def test_methods_available_expands_and_skips_what_the_store_lacks(monkeypatch, caplog):

@@ -149,7 +149,7 @@ def test_a_valid_model_folder_passes_the_checks(tmp_path):
     path = tmp_path / "llama"
     tiny_model("llama").save_pretrained(path)
     assert model_dir.tokenizer_problem(path) is not None
-    (path / "tokenizer.json").write_bytes((REPO / "benchmarks" / "probe" / "tokenizer.json").read_bytes())
+    (path / "tokenizer.json").write_bytes((REPO / "benchmarks" / "probe" / "weights" / "tokenizer.json").read_bytes())
     assert runner.check_model(str(path)) == str(path)
     assert model_dir.check_model_dir(path).model_type == "llama"
     assert model_dir.check_model_dir(path, tokenizer=False, weights="safetensors").num_hidden_layers == 2

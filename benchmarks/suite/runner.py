@@ -158,7 +158,7 @@ def random_model(seed: int = 0, **config):
     """A tiny random Llama (2 layers, hidden 64, GQA 4/2) with the probe tokenizer: plumbing only."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from benchmarks.probe_tokenizer import build_tokenizer, default_strings
+    from benchmarks.probe.tokenizer import build_tokenizer, default_strings
 
     tokenizer = build_tokenizer(default_strings())
     kwargs = dict(
@@ -185,12 +185,12 @@ def check_model(name: str) -> str:
     Raises FileNotFoundError or ValueError with a one-line message.
     """
     if name == "probe":
-        from benchmarks.probe_model import PROBE_DIR, has_probe
+        from benchmarks.probe.model import PROBE_DIR, has_probe
 
         if not has_probe(PROBE_DIR):
             raise FileNotFoundError(
                 f"--model probe: the probe model is not in {PROBE_DIR} yet. Train it with "
-                "`python -m benchmarks.train_probe --out benchmarks/probe`, or pass --model random "
+                "`python -m benchmarks.probe.train --out benchmarks/probe/weights`, or pass --model random "
                 "(a tiny random Llama: plumbing only) or a local Hugging Face model folder"
             )
     elif name != "random":
@@ -217,7 +217,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto"):
     dt = resolve_dtype(dtype, dev)
     check_model(name)
     if name == "probe":
-        from benchmarks.probe_model import PROBE_DIR, load_probe
+        from benchmarks.probe.model import PROBE_DIR, load_probe
 
         model, tokenizer = load_probe(PROBE_DIR, dtype=dt, device=dev)
         return model, tokenizer, "probe"

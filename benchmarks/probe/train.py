@@ -1,12 +1,12 @@
 """Train the probe model on the benchmark suite's synthetic tasks (reproducible, one GPU, <= 10 min).
 
-    python -m benchmarks.train_probe --out DIR [--steps N] [--max-minutes M] [--device cuda]
-    python -m benchmarks.train_probe --out DIR2 --init-from DIR ...   # a second stage (probe/README.md)
-    python -m benchmarks.train_probe eval --model DIR --lengths 4096,8192,16384 --samples 50
+    python -m benchmarks.probe.train --out DIR [--steps N] [--max-minutes M] [--device cuda]
+    python -m benchmarks.probe.train --out DIR2 --init-from DIR ...   # a second stage (benchmarks/probe/README.md)
+    python -m benchmarks.probe.train eval --model DIR --lengths 4096,8192,16384 --samples 50
 
 What it does:
-* builds the word-level tokenizer over `benchmarks.suite.vocab` (benchmarks/probe_tokenizer.py) and
-  the small Llama of `benchmarks.probe_model.probe_config`;
+* builds the word-level tokenizer over `benchmarks.suite.vocab` (benchmarks/probe/tokenizer.py) and
+  the small Llama of `benchmarks.probe.model.probe_config`;
 * draws samples from `benchmarks.suite.tasks.make_sample` (needles, multi-key needles, passkey,
   kv_retrieval, variable tracking ...), each sample = prompt + answer + </s>, in worker
   processes (a `DataLoader` over a map-style dataset: sample i of a stage always has the same
@@ -89,7 +89,7 @@ class TrainConfig:
     copy_until: float = 0.6
     # Until this fraction of the run, every sequence is random tokens followed by their repeat
     # (loss on the repeat): induction heads form within ~100 steps on this signal, and without
-    # them the sparse answer loss of the tasks never starts to fall (see probe/README.md).
+    # them the sparse answer loss of the tasks never starts to fall (see benchmarks/probe/README.md).
     induction_until: float = 0.04
     # Share of the auxiliary sequences that are associative recall in the suite's formats (the
     # rest: random spans that repeat earlier spans); see `copy_sequence`.
@@ -98,7 +98,7 @@ class TrainConfig:
     recall_echo: float = 0.3
     # Share of the random-span sequences drawn from digits / hex digits only (see `copy_sequence`).
     copy_ngram: float = 0.6
-    # Architecture (benchmarks.probe_model.probe_config's arguments).
+    # Architecture (benchmarks.probe.model.probe_config's arguments).
     layers: int = 6
     intermediate_size: int = 256
     heads: int = 8
@@ -116,7 +116,7 @@ class TrainConfig:
     log_every: int = 100
     precision: str = "bf16"  # "bf16" (autocast on CUDA) or "fp32"
     # Start from the weights in this folder (a saved probe with the same tokenizer) instead of a
-    # fresh initialization: a second, short stage of training (see probe/README.md).
+    # fresh initialization: a second, short stage of training (see benchmarks/probe/README.md).
     init_from: str = ""
 
     def __post_init__(self):
@@ -297,7 +297,7 @@ def _digit_alphabet(tokenizer) -> list[int]:
 def _uuid_alphabet(tokenizer) -> list[int]:
     """The tokens a UUID's hex digits are copied as: the digit-pair tokens of the probe tokenizer
     (`uuid_pairs`), else the single hex characters."""
-    from benchmarks.probe_tokenizer import PREFIX, uuid_pair_tokens
+    from benchmarks.probe.tokenizer import PREFIX, uuid_pair_tokens
 
     pairs = [t for t in uuid_pair_tokens() if t.startswith(PREFIX) and len(t) == len(PREFIX) + 2]
     ids = tokenizer.convert_tokens_to_ids(pairs)
@@ -583,8 +583,8 @@ def build(cfg: TrainConfig):
     """(model, tokenizer) freshly initialized from cfg.seed."""
     from transformers import LlamaForCausalLM
 
-    from benchmarks.probe_model import probe_config
-    from benchmarks.probe_tokenizer import build_tokenizer, default_strings
+    from benchmarks.probe.model import probe_config
+    from benchmarks.probe.tokenizer import build_tokenizer, default_strings
 
     tokenizer = build_tokenizer(default_strings())
     torch.manual_seed(cfg.seed)
@@ -592,7 +592,7 @@ def build(cfg: TrainConfig):
                           num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads)
     config._attn_implementation = "sdpa"
     if cfg.init_from:
-        from benchmarks.probe_tokenizer import load_tokenizer
+        from benchmarks.probe.tokenizer import load_tokenizer
 
         model = LlamaForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, attn_implementation="sdpa")
         if load_tokenizer(cfg.init_from).get_vocab() != tokenizer.get_vocab():
@@ -816,7 +816,8 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "eval":
-        parser = argparse.ArgumentParser(prog="train_probe eval", description="Score a probe model with generation.")
+        parser = argparse.ArgumentParser(prog="python -m benchmarks.probe.train eval",
+                                         description="Score a probe model with generation.")
         parser.add_argument("--model", default=None, help="model folder (default: the shipped probe)")
         parser.add_argument("--tasks", default=",".join(EVAL_TASKS))
         parser.add_argument("--lengths", default="4096,8192,16384")
@@ -825,7 +826,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--device", default="auto")
         parser.add_argument("--json", default=None, help="write the rows to this file")
         args = parser.parse_args(argv[1:])
-        from benchmarks.probe_model import PROBE_DIR, load_probe
+        from benchmarks.probe.model import PROBE_DIR, load_probe
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -836,7 +837,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
         return
-    parser = argparse.ArgumentParser(prog="train_probe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.probe.train", description=__doc__.split("\n\n")[0])
     _parser_from_dataclass(parser)
     args = parser.parse_args(argv)
     cfg = TrainConfig(**vars(args))
