@@ -1,5 +1,5 @@
 """Argument types and checks the benchmark CLIs share (`kvstore-bench run/quick/report` in cli.py,
-`kvstore-bench throughput` in throughput.py): one place, so neither CLI imports the other."""
+`kvstore-bench throughput` in perf/throughput.py): one place, so neither CLI imports the other."""
 
 from __future__ import annotations
 

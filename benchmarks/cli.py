@@ -6,9 +6,9 @@
     kvstore-bench report --out DIR          # rewrite DIR/summary.md and the plots
     kvstore-bench list                      # tasks, and which methods the store provides now
     kvstore-bench throughput --model llama3-8b --lengths 32k,128k --methods hf,full,tiered --out DIR
-                                            # decode tokens/s at each method's largest batch (benchmarks/throughput.py)
+                                # decode tokens/s at each method's largest batch (benchmarks/perf/throughput.py)
 
---model: "probe" (the shipped probe model, benchmarks/probe/), "random" (a tiny random Llama
+--model: "probe" (the shipped probe model, benchmarks/probe/weights/), "random" (a tiny random Llama
 with the probe tokenizer: checks the plumbing, scores ~0), or a local Hugging Face model folder.
 Nothing is downloaded. Results: DIR/results.jsonl (one line per task, length, method, budget),
 DIR/samples.jsonl, DIR/summary.md, DIR/*.png. Rerunning with the same DIR skips the rows
@@ -59,8 +59,8 @@ def _depths(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from benchmarks.methods import METHODS
-    from benchmarks.tasks import TASKS
+    from benchmarks.suite.methods import METHODS
+    from benchmarks.suite.tasks import TASKS
 
     parser = argparse.ArgumentParser(prog="kvstore-bench", description="kvstore's long-context benchmark suite")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True)
     rep.add_argument("--no-plots", action="store_true")
     sub.add_parser("list", help="tasks and methods (with what each method still lacks in the store)")
-    from benchmarks.throughput import add_parser as add_throughput_parser
+    from benchmarks.perf.throughput import add_parser as add_throughput_parser
 
     add_throughput_parser(sub)
     return parser
@@ -135,9 +135,9 @@ def validate_run(args: argparse.Namespace, skip_unavailable: bool = False):
     model's rows. Returns (tasks, RunSpec, methods@budgets). Raises ValueError,
     FileNotFoundError or MethodUnavailable with a one-line message; nothing is created.
     """
-    from benchmarks.methods import expand_methods
-    from benchmarks.runner import RunSpec, check_model, check_results_model, resolve_device, resolve_dtype
-    from benchmarks.tasks import TASKS
+    from benchmarks.suite.methods import expand_methods
+    from benchmarks.suite.runner import RunSpec, check_model, check_results_model, resolve_device, resolve_dtype
+    from benchmarks.suite.tasks import TASKS
 
     tasks = list(TASKS) if args.tasks == ["all"] else args.tasks
     unknown = [t for t in tasks if t not in TASKS]
@@ -178,21 +178,21 @@ def validate_report(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("kvstore.client", "benchmarks.probe_tokenizer", "faiss", "faiss.loader", "httpx"):
+    for noisy in ("kvstore.client", "benchmarks.probe.tokenizer", "faiss", "faiss.loader", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "throughput":
-        from benchmarks.throughput import run as run_throughput
+        from benchmarks.perf.throughput import run as run_throughput
 
         return run_throughput(args, sys.argv[1:] if argv is None else list(argv))
-    from benchmarks.methods import MethodUnavailable, available_methods
-    from benchmarks.tasks import TASKS
+    from benchmarks.suite.methods import MethodUnavailable, available_methods
+    from benchmarks.suite.tasks import TASKS
 
     if args.command == "list":
         print("tasks:", ", ".join(TASKS))
         for name, why in available_methods().items():
             print(f"  {name:10s} {'available' if why is None else 'unavailable: ' + why}")
         return 0
-    from benchmarks.report import write_report
+    from benchmarks.suite.report import write_report
 
     if args.command == "report":
         try:
@@ -202,12 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         print(write_report(out, plots=not args.no_plots))
         return 0
 
-    from benchmarks.runner import load_model, run_suite
+    from benchmarks.suite.runner import load_model, run_suite
 
     skip_unavailable = False
     if args.command == "quick":
-        from benchmarks.methods import QUICK_METHODS
-        from benchmarks.probe_model import PROBE_DIR, has_probe
+        from benchmarks.probe.model import PROBE_DIR, has_probe
+        from benchmarks.suite.methods import QUICK_METHODS
 
         if args.model is None:
             args.model = "probe"
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 logger.warning(
                     "WARNING: the probe model is not in %s yet, so this runs --model random, a tiny random "
                     "Llama: its accuracy is meaningless (it only shows every method runs). Train the probe "
-                    "with `python -m benchmarks.train_probe --out benchmarks/probe` or pass --model PATH.",
+                    "with `python -m benchmarks.probe.train --out benchmarks/probe/weights` or pass --model PATH.",
                     PROBE_DIR,
                 )
                 args.model = "random"

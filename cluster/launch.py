@@ -33,8 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cluster.launch", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="auto",
-                   help="'random' (seeded random Llama), 'probe' (benchmarks/probe/), 'auto' (probe if present, else "
-                        "random), or a local directory / HF name (safetensors only)")
+                   help="'random' (seeded random Llama), 'probe' (benchmarks/probe/weights/), "
+                        "'auto' (probe if present, else random), or a local directory / HF name (safetensors only)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker actors, one GPU each when the cluster has GPUs (default: one per GPU, else 2 CPU workers)")
     p.add_argument("--preset", default="full", help="KVStoreConfig preset the workers' stores run")
@@ -153,7 +153,7 @@ def _check_model(name: str) -> None:
 
     if name == "probe":
         if probe_model_dir() is None:
-            raise ValueError("--model probe: benchmarks/probe/ holds no model (config.json + *.safetensors); "
+            raise ValueError("--model probe: benchmarks/probe/weights/ holds no model (config.json + *.safetensors); "
                              "pass --model random or a model folder")
         return
     if Path(name).exists():

@@ -45,12 +45,12 @@ RANDOM_MODEL = dict(
 
 
 def probe_model_dir() -> Path | None:
-    """benchmarks/probe/ when it holds a model (config.json + safetensors), else None."""
+    """benchmarks/probe/weights/ when it holds a model (config.json + safetensors), else None."""
     try:
         import benchmarks
     except ImportError:
         return None
-    path = Path(benchmarks.__file__).parent / "probe"
+    path = Path(benchmarks.__file__).parent / "probe" / "weights"
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return path
     return None
@@ -60,7 +60,7 @@ def probe_model_dir() -> Path | None:
 class ModelSpec:
     """Which engine a worker loads.
 
-    name: "random" (a small Llama with seeded random weights), "probe" (benchmarks/probe/),
+    name: "random" (a small Llama with seeded random weights), "probe" (benchmarks/probe/weights/),
       "auto" (probe if present, else random), or a local directory / Hugging Face model name
       (loaded from safetensors only: no pickle loading of user-supplied files).
     seed: weight seed of the random model.
@@ -94,7 +94,7 @@ def build_model(spec: ModelSpec, device: torch.device):
     else:
         source = probe_model_dir() if spec.name == "probe" else spec.name
         if source is None:
-            raise ValueError("ModelSpec.name='probe' but benchmarks/probe/ holds no model yet")
+            raise ValueError("ModelSpec.name='probe' but benchmarks/probe/weights/ holds no model yet")
         model = AutoModelForCausalLM.from_pretrained(str(source), use_safetensors=True, dtype=dtype)
     return model.to(device=device, dtype=dtype).eval()
 

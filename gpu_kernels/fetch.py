@@ -11,7 +11,7 @@ address order move 51-52 GB/s while the same rows in random order move 26 GB/s o
 and 10 GB/s over 4 GiB (512-byte rows: 49 and 19); every rows-per-program / warps setting gave the
 same figure. The store's fetch comes in address order within each (sequence, KV head): the top-k
 positions (torch.topk(sorted=False) on CUDA returns them ascending) map to rows that grow with
-the position in the cold tier's chunk layout (benchmarks/perf_retrieval.py, "store order").
+the position in the cold tier's chunk layout (benchmarks/perf/retrieval.py, "store order").
 Reference: `gpu_kernels/reference.py::gather_rows`.
 """
 
@@ -42,7 +42,7 @@ def gather_rows(src: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor, block_
         src: [R, D] contiguous, pinned host memory (or any memory the kernel's device can read).
         rows: int32/int64 [M] on dst's device, -1 = skip.
         dst: [M, D] contiguous, same dtype as src.
-        block_r, num_warps: rows per program and warps (benchmarks/perf_retrieval.py sweeps them: on
+        block_r, num_warps: rows per program and warps (benchmarks/perf/retrieval.py sweeps them: on
             the H100 all settings gave the same GB/s; the row order sets it, see above).
     """
     if src.dim() != 2 or dst.dim() != 2 or src.shape[1] != dst.shape[1] or rows.shape != (dst.shape[0],):

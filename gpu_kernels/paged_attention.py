@@ -29,7 +29,7 @@ pages through the same page table: 0.585 ms, 97% of copy bandwidth):
            page per step, 3 stages;
   0.607    values stored byte-major in the page (kvstore/quantization.py), so the tensor-core operand
            (consecutive tokens of one element) loads as words rather than single bytes.
-Then on the H200 (4.27 TB/s copy, SDPA over bf16 0.96 ms; `benchmarks.kernel_resources` reads the
+Then on the H200 (4.27 TB/s copy, SDPA over bf16 0.96 ms; `benchmarks.perf.kernel_resources` reads the
 registers and the loop's instructions without a GPU):
   0.537 ms the kernel above: 248 registers a thread (the group of 4 padded to 16 query rows), so only
            8 one-warp programs fit an SM, each stalled most of the time: 75% of copy bandwidth;
@@ -538,7 +538,7 @@ def query_block(group: int) -> int:
     return max(min_dot_rows(), triton.next_power_of_2(group))
 
 
-# Launch defaults KVStore uses (HotTier.attend): the winners of benchmarks/perf_decode_attention --sweep
+# Launch defaults KVStore uses (HotTier.attend): the winners of benchmarks/perf/decode_attention.py --sweep
 # (H100, B=8, N=128K: one warp per program, one 32-token page per step, 3 stages: 0.607 ms against 0.735
 # for 2 warps x 64 tokens, and 1.18 ms for the first 4-warp kernel; see results/).
 # H200, transposed with lazy rescale (168 registers, 12 one-warp programs an SM): 24 splits at B=8,
@@ -570,7 +570,7 @@ def kernel_constexprs(
     high_dense: bool = False,
 ) -> types.MappingProxyType:
     """The compile-time parameters of `_paged_decode_kernel` for one launch (also what
-    benchmarks/kernel_resources.py compiles, so its report is of the kernel KVStore runs).
+    benchmarks/perf/kernel_resources.py compiles, so its report is of the kernel KVStore runs).
 
     Cached: every layer of every step launches with the same few argument sets, so the decode path
     looks them up rather than recomputing them; the mapping is read-only.

@@ -77,7 +77,7 @@ def score_blocks(num_tokens: int, block_n: int | None = None) -> tuple[int, int]
     `part` buffers are sized by (a plan sizes them before any layer runs).
 
     Default block: 512 from 64K tokens on, else 2048 (the fastest on an H100 in
-    benchmarks/perf_retrieval.py: 0.205 vs 0.326 ms at B=8, N=128K; 0.051 vs 0.086 ms at B=1, N=32K).
+    benchmarks/perf/retrieval.py: 0.205 vs 0.326 ms at B=8, N=128K; 0.051 vs 0.086 ms at B=1, N=32K).
     """
     if block_n is None:
         block_n = 512 if num_tokens >= 65536 else 2048

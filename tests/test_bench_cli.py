@@ -8,13 +8,14 @@ import logging
 import pytest
 import torch
 
-import benchmarks.probe_model as probe_model
-import benchmarks.runner as runner
+import benchmarks.probe.model as probe_model
+import benchmarks.suite.runner as runner
 from benchmarks import cli
-from benchmarks.methods import BUDGETED, METHODS, QUICK_METHODS, MethodUnavailable, available_methods, expand_methods
-from benchmarks.report import summary_markdown, write_report
-from benchmarks.runner import RunSpec, random_model, read_rows, run_method, run_suite
-from benchmarks.tasks import make_sample
+from benchmarks.suite.methods import (BUDGETED, METHODS, QUICK_METHODS, MethodUnavailable, available_methods,
+                                      expand_methods)
+from benchmarks.suite.report import summary_markdown, write_report
+from benchmarks.suite.runner import RunSpec, random_model, read_rows, run_method, run_suite
+from benchmarks.suite.tasks import make_sample
 
 LENGTH = 300
 
@@ -48,7 +49,7 @@ def test_quick_falls_back_to_random_with_a_warning_and_prints_the_table(monkeypa
     assert f"{len(rows)} rows" in printed.err
     # an explicit --model probe without the files is an error that says how to get them
     assert cli.main(["quick", "--model", "probe", "--out", str(tmp_path / "q2"), "--quiet"]) == 2
-    assert "train_probe" in capsys.readouterr().err
+    assert "benchmarks.probe.train" in capsys.readouterr().err
 
 
 def test_methods_available_expands_and_skips_what_the_store_lacks(monkeypatch, caplog):
@@ -132,7 +133,7 @@ def test_report_speed_by_length_and_duplicate_samples(tmp_path):
     sample = dict(task="passkey", length=4096, method="pqcache", budget="c=0.2", seed=0, depth=0.5, score=0.0)
     lines = [sample, dict(sample, score=1.0), dict(sample, length=8192, score=1.0)]  # the first one written twice
     (tmp_path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in lines))
-    from benchmarks.report import _read_samples
+    from benchmarks.suite.report import _read_samples
 
     got = _read_samples(tmp_path / "samples.jsonl")
     assert len(got) == 2 and all(s["score"] == 1.0 for s in got)
@@ -165,7 +166,7 @@ def test_a_failing_method_is_left_out_and_the_run_goes_on(tiny, tmp_path, monkey
 
 
 def test_method_options_override_config_fields_and_label_the_column():
-    from benchmarks.methods import parse_method
+    from benchmarks.suite.methods import parse_method
 
     assert parse_method("leankv@alpha_p=0.002:alpha_q=0.5") == ("leankv", {"alpha_prune": 0.002, "alpha_quant": 0.5})
     assert parse_method("pqcache") == ("pqcache", {})

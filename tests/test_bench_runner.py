@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from benchmarks import cli
-from benchmarks.methods import METHODS, MethodUnavailable, available_methods, make_method, parse_budget
-from benchmarks.runner import RESULT_FIELDS, RunSpec, random_model, read_rows, run_method
-from benchmarks.tasks import make_sample
+from benchmarks.suite.methods import METHODS, MethodUnavailable, available_methods, make_method, parse_budget
+from benchmarks.suite.runner import RESULT_FIELDS, RunSpec, random_model, read_rows, run_method
+from benchmarks.suite.tasks import make_sample
 
 LENGTH = 400
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.scoring import exact_match, score_sample
+from benchmarks.suite.scoring import exact_match, score_sample
 
 
 def test_single_answer_substring_case_insensitive():

@@ -7,13 +7,13 @@ import re
 
 import pytest
 
-from benchmarks import vocab
-from benchmarks.tasks import AGGREGATION_TASKS, TASKS, make_sample, make_samples
+from benchmarks.suite import vocab
+from benchmarks.suite.tasks import AGGREGATION_TASKS, TASKS, make_sample, make_samples
 
 
 @pytest.fixture(scope="module")
 def word_tok():
-    from benchmarks.probe_tokenizer import build_tokenizer, default_strings
+    from benchmarks.probe.tokenizer import build_tokenizer, default_strings
 
     return build_tokenizer(default_strings())
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import benchmarks.runner as runner
-import benchmarks.throughput as throughput
+import benchmarks.suite.runner as runner
+import benchmarks.perf.throughput as throughput
 import kvstore.adapters.model_dir as model_dir
 from benchmarks import cli
 
@@ -149,7 +149,7 @@ def test_a_valid_model_folder_passes_the_checks(tmp_path):
     path = tmp_path / "llama"
     tiny_model("llama").save_pretrained(path)
     assert model_dir.tokenizer_problem(path) is not None
-    (path / "tokenizer.json").write_bytes((REPO / "benchmarks" / "probe" / "tokenizer.json").read_bytes())
+    (path / "tokenizer.json").write_bytes((REPO / "benchmarks" / "probe" / "weights" / "tokenizer.json").read_bytes())
     assert runner.check_model(str(path)) == str(path)
     assert model_dir.check_model_dir(path).model_type == "llama"
     assert model_dir.check_model_dir(path, tokenizer=False, weights="safetensors").num_hidden_layers == 2
@@ -256,12 +256,12 @@ def test_launch_accepts_the_last_reachable_chaos_step():
 
 @NO_CUDA
 @pytest.mark.parametrize("module, argv, message", [
-    ("perf_decode_attention", ["--out", "OUT.json"], "needs a CUDA GPU"),
-    ("perf_retrieval", ["--out", "OUT.json"], "the full sizes need a CUDA GPU"),
-    ("perf_retrieval", ["--skip", "scoring,fetch,ttft", "--quick"], "--skip leaves nothing to run"),
-    ("perf_retrieval", ["--skip", "nope", "--quick"], "unknown part(s) nope"),
-    ("perf_decode_attention", ["--out", "OUT.json", "--variants", "warps4"], "--variants 'warps4'"),
-    ("perf_decode_attention", ["--out", "OUT.json", "--lengths", "100"], "multiples of the 32-token page"),
+    ("perf.decode_attention", ["--out", "OUT.json"], "needs a CUDA GPU"),
+    ("perf.retrieval", ["--out", "OUT.json"], "the full sizes need a CUDA GPU"),
+    ("perf.retrieval", ["--skip", "scoring,fetch,ttft", "--quick"], "--skip leaves nothing to run"),
+    ("perf.retrieval", ["--skip", "nope", "--quick"], "unknown part(s) nope"),
+    ("perf.decode_attention", ["--out", "OUT.json", "--variants", "warps4"], "--variants 'warps4'"),
+    ("perf.decode_attention", ["--out", "OUT.json", "--lengths", "100"], "multiples of the 32-token page"),
 ])
 def test_perf_scripts_refuse_in_one_line(tmp_path, capsys, module, argv, message):
     import importlib
@@ -275,7 +275,7 @@ def test_perf_scripts_refuse_in_one_line(tmp_path, capsys, module, argv, message
 
 
 def test_perf_retrieval_shows_progress(monkeypatch, capsys):
-    import benchmarks.perf_retrieval as perf
+    import benchmarks.perf.retrieval as perf
 
     def fake_ttft(device, layers, prompt, quick, progress=None):
         for _ in range(3):

@@ -1,4 +1,4 @@
-"""benchmarks/kernel_resources: the decode kernel compiled for sm_90 on a machine without a GPU."""
+"""benchmarks/perf/kernel_resources: the decode kernel compiled for sm_90 on a machine without a GPU."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
-from benchmarks.kernel_resources import parse_variant  # noqa: E402
+from benchmarks.perf.kernel_resources import parse_variant  # noqa: E402
 
 
 def test_parse_variant():
@@ -22,7 +22,7 @@ def test_default_launch_compiles_to_tensor_cores_and_async_copies(tmp_path):
     # the conftest runs kernels in the interpreter; compiling needs the real JIT, so a fresh process
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     out = tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--variants", "default",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.perf.kernel_resources", "--variants", "default",
                            "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode and "FileNotFoundError" in proc.stderr:  # a Triton wheel without the bundled CUDA tools
         pytest.skip(proc.stderr[-300:])
@@ -42,7 +42,7 @@ def test_kernel_variants_compile_for_sm90():
     queries, one or two scale groups, with and without the low tier, emitted logits (the interpreter
     once passed a constexpr assigned twice in an unrolled loop that sm_90 compilation refused)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--check-variants", "ci"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.perf.kernel_resources", "--check-variants", "ci"], env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode and "FileNotFoundError" in proc.stderr:  # a Triton wheel without the bundled CUDA tools
         pytest.skip(proc.stderr[-300:])

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from benchmarks.probe_model import PROBE_DIR, load_probe, probe_config
-from benchmarks.probe_tokenizer import build_tokenizer, default_strings, load_tokenizer
+from benchmarks.probe.model import PROBE_DIR, load_probe, probe_config
+from benchmarks.probe.tokenizer import build_tokenizer, default_strings, load_tokenizer
 
 TEXT = (
     "The grass is green. The sky is blue. One of the special magic numbers for tiger is: 7041932. "
@@ -61,11 +61,12 @@ def test_tokenizer_same_vocabulary_every_build():
 
 
 def test_shipped_tokenizer_covers_the_generators(probe):
-    from benchmarks.tasks import make_sample
+    from benchmarks.suite.tasks import make_sample
 
     _, tok = probe
     shipped = tok.get_vocab()
-    assert build_tokenizer(default_strings()).get_vocab() == shipped, "benchmarks/vocab.py changed: retrain the probe"
+    assert build_tokenizer(default_strings()).get_vocab() == shipped, \
+        "benchmarks/suite/vocab.py changed: retrain the probe"
     for task in ("niah_single_1", "niah_multikey_2", "passkey", "kv_retrieval"):
         sample = make_sample(task, 512, 3, tok)
         ids = tok(sample.prompt)["input_ids"]
@@ -79,7 +80,7 @@ def test_shipped_model_loads(probe):
     assert model.config.vocab_size >= len(tok)
     assert sum(p.numel() for p in model.parameters()) < 4_000_000
     assert (PROBE_DIR / "model.safetensors").stat().st_size <= 8 * 2**20
-    assert (PROBE_DIR / "README.md").is_file()
+    assert (PROBE_DIR.parent / "README.md").is_file()  # the model card, beside weights/
 
 
 # Answers out of 10 at 2K (seeds 1000-1009, fp32 on CPU) the shipped probe gave when it was committed:
@@ -90,8 +91,8 @@ AT_LEAST_2K = {"passkey": 9, "niah_single_1": 9, "niah_multikey_2": 9, "kv_retri
 @pytest.mark.parametrize("task", list(AT_LEAST_2K))
 def test_full_attention_answers_at_2k(probe, task):
     """Greedy decoding over the whole context, through kvstore's exact `full` preset."""
-    from benchmarks.tasks import make_sample
-    from benchmarks.train_probe import answer_text, sample_prompt_ids, score_answer
+    from benchmarks.suite.tasks import make_sample
+    from benchmarks.probe.train import answer_text, sample_prompt_ids, score_answer
     from kvstore import KVStoreClient, KVStoreConfig
 
     model, tok = probe
@@ -110,7 +111,7 @@ def test_full_attention_answers_at_2k(probe, task):
 
 
 def test_a_few_training_steps_reduce_the_loss(tmp_path):
-    from benchmarks.train_probe import TrainConfig, train
+    from benchmarks.probe.train import TrainConfig, train
 
     cfg = TrainConfig(
         out=str(tmp_path / "probe"), steps=16, curriculum="256:0", tokens_per_batch=2048, warmup_steps=4,
@@ -135,7 +136,7 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path):
 
 def test_data_echo_reuses_each_batch(tmp_path):
     """data_echo=2, deterministic: 7 steps train on 4 fresh batches (b0, b1 b0, b2 b1, b3 b2)."""
-    from benchmarks.train_probe import TrainConfig, train
+    from benchmarks.probe.train import TrainConfig, train
 
     cfg = TrainConfig(
         out=str(tmp_path / "echo"), steps=7, curriculum="256:0", tokens_per_batch=1024, warmup_steps=1, data_echo=2,
@@ -156,7 +157,7 @@ def test_batch_feed_echoes_only_while_waiting():
     """when_idle: a ready batch is always taken; while none is, recent ones are reused up to `echo` uses."""
     import threading
 
-    from benchmarks.train_probe import BatchFeed
+    from benchmarks.probe.train import BatchFeed
 
     gate = threading.Semaphore(0)
 
@@ -193,10 +194,10 @@ def test_aux_sequences_ngram_and_echo():
     """Digit/hex-only span copies hold nothing else; echo questions repeat the needle's words."""
     import random
 
-    from benchmarks.train_probe import copy_sequence
+    from benchmarks.probe.train import copy_sequence
 
     tok = build_tokenizer(default_strings())
-    from benchmarks.probe_tokenizer import UUID_CHAR
+    from benchmarks.probe.tokenizer import UUID_CHAR
 
     digits = set(tok.convert_tokens_to_ids(["##" + c for c in "0123456789"]))
     pairs = set(tok.convert_tokens_to_ids(["##" + a + b for a in UUID_CHAR.values() for b in UUID_CHAR.values()]))
@@ -216,7 +217,7 @@ def test_aux_sequences_ngram_and_echo():
 
 
 def test_train_config_errors():
-    from benchmarks.train_probe import TrainConfig
+    from benchmarks.probe.train import TrainConfig
 
     with pytest.raises(ValueError, match="curriculum"):
         TrainConfig(curriculum="512:0.2,1024:0.1")

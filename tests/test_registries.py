@@ -6,7 +6,7 @@ from __future__ import annotations
 import kvstore.config as config
 import kvstore.policies as policies
 import kvstore.selectors as selectors
-from benchmarks import methods
+from benchmarks.suite import methods
 
 
 def test_selector_names_match_the_registry():

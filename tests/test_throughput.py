@@ -8,7 +8,7 @@ import math
 import pytest
 
 from benchmarks import cli
-from benchmarks.throughput import ROW_FIELDS
+from benchmarks.perf.throughput import ROW_FIELDS
 
 LENGTH = 256
 NEW = 4

@@ -213,10 +213,10 @@ def test_tiered_config_and_preset():
 
 
 def test_memory_report_quant_figures(tmp_path):
-    """benchmarks/memory_report.py end to end on a random bf16 Llama with Llama-3's head dim."""
+    """benchmarks/perf/memory_report.py end to end on a random bf16 Llama with Llama-3's head dim."""
     import json
 
-    from benchmarks.memory_report import main
+    from benchmarks.perf.memory_report import main
 
     out = tmp_path / "memory.json"
     assert main(["--length", "512", "--steps", "3", "--head-dim", "128", "--presets", "full,quant,tiered",

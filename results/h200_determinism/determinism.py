@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     from types import SimpleNamespace
 
-    from benchmarks.throughput import build_model, resolve_model
+    from benchmarks.perf.throughput import build_model, resolve_model
     from kvstore import KVStoreClient, KVStoreConfig
 
     src = resolve_model(SimpleNamespace(model=args.model, layers=args.layers, device=args.device, dtype="auto",

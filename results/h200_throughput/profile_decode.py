@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.throughput import build_model, resolve_model
+from benchmarks.perf.throughput import build_model, resolve_model
 from kvstore import KVStoreClient, KVStoreConfig
 
 ACTIVE = 5

@@ -1,8 +1,8 @@
 """Every string the benchmark generators can emit: words, sentences and prompt templates.
 
-The generators in `benchmarks/tasks.py` build all their text from these constants plus digits,
+The generators in `benchmarks/suite/tasks.py` build all their text from these constants plus digits,
 hex digits (UUIDs), upper-case letters (variable names) and punctuation, so a word-level
-tokenizer built over this module (`benchmarks/probe_tokenizer.py`) covers every prompt.
+tokenizer built over this module (`benchmarks/probe/tokenizer.py`) covers every prompt.
 
 Changing anything here changes the probe tokenizer's vocabulary: the shipped probe model must
 then be retrained (tests/test_probe.py checks it).

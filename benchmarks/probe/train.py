@@ -1,13 +1,13 @@
 """Train the probe model on the benchmark suite's synthetic tasks (reproducible, one GPU, <= 10 min).
 
-    python -m benchmarks.train_probe --out DIR [--steps N] [--max-minutes M] [--device cuda]
-    python -m benchmarks.train_probe --out DIR2 --init-from DIR ...   # a second stage (probe/README.md)
-    python -m benchmarks.train_probe eval --model DIR --lengths 4096,8192,16384 --samples 50
+    python -m benchmarks.probe.train --out DIR [--steps N] [--max-minutes M] [--device cuda]
+    python -m benchmarks.probe.train --out DIR2 --init-from DIR ...   # a second stage (benchmarks/probe/README.md)
+    python -m benchmarks.probe.train eval --model DIR --lengths 4096,8192,16384 --samples 50
 
 What it does:
-* builds the word-level tokenizer over `benchmarks.vocab` (benchmarks/probe_tokenizer.py) and
-  the small Llama of `benchmarks.probe_model.probe_config`;
-* draws samples from `benchmarks.tasks.make_sample` (needles, multi-key needles, passkey,
+* builds the word-level tokenizer over `benchmarks.suite.vocab` (benchmarks/probe/tokenizer.py) and
+  the small Llama of `benchmarks.probe.model.probe_config`;
+* draws samples from `benchmarks.suite.tasks.make_sample` (needles, multi-key needles, passkey,
   kv_retrieval, variable tracking ...), each sample = prompt + answer + </s>, in worker
   processes (a `DataLoader` over a map-style dataset: sample i of a stage always has the same
   task and seed, so the data order is fixed by --seed);
@@ -89,7 +89,7 @@ class TrainConfig:
     copy_until: float = 0.6
     # Until this fraction of the run, every sequence is random tokens followed by their repeat
     # (loss on the repeat): induction heads form within ~100 steps on this signal, and without
-    # them the sparse answer loss of the tasks never starts to fall (see probe/README.md).
+    # them the sparse answer loss of the tasks never starts to fall (see benchmarks/probe/README.md).
     induction_until: float = 0.04
     # Share of the auxiliary sequences that are associative recall in the suite's formats (the
     # rest: random spans that repeat earlier spans); see `copy_sequence`.
@@ -98,7 +98,7 @@ class TrainConfig:
     recall_echo: float = 0.3
     # Share of the random-span sequences drawn from digits / hex digits only (see `copy_sequence`).
     copy_ngram: float = 0.6
-    # Architecture (benchmarks.probe_model.probe_config's arguments).
+    # Architecture (benchmarks.probe.model.probe_config's arguments).
     layers: int = 6
     intermediate_size: int = 256
     heads: int = 8
@@ -116,7 +116,7 @@ class TrainConfig:
     log_every: int = 100
     precision: str = "bf16"  # "bf16" (autocast on CUDA) or "fp32"
     # Start from the weights in this folder (a saved probe with the same tokenizer) instead of a
-    # fresh initialization: a second, short stage of training (see probe/README.md).
+    # fresh initialization: a second, short stage of training (see benchmarks/probe/README.md).
     init_from: str = ""
 
     def __post_init__(self):
@@ -187,11 +187,11 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Data: a thin adapter over benchmarks.tasks
+# Data: a thin adapter over benchmarks.suite.tasks
 
 
 def encode_sample(sample, tokenizer) -> tuple[list[int], int]:
-    """(token ids of prompt + answer + </s>, number of prompt ids) for a `benchmarks.tasks` Sample.
+    """(token ids of prompt + answer + </s>, number of prompt ids) for a `benchmarks.suite.tasks` Sample.
 
     The answer is what the suite's scorer expects the model to generate after the prompt:
     the sample's answers joined by spaces.
@@ -249,7 +249,7 @@ class StageDataset(torch.utils.data.Dataset):
         return 1 << 30
 
     def __getitem__(self, index: int) -> dict:
-        from benchmarks.tasks import make_sample
+        from benchmarks.suite.tasks import make_sample
 
         length = self.lengths[index % len(self.lengths)]
         rng = _rng_for("batch", self.seed, self.lengths, index)
@@ -297,7 +297,7 @@ def _digit_alphabet(tokenizer) -> list[int]:
 def _uuid_alphabet(tokenizer) -> list[int]:
     """The tokens a UUID's hex digits are copied as: the digit-pair tokens of the probe tokenizer
     (`uuid_pairs`), else the single hex characters."""
-    from benchmarks.probe_tokenizer import PREFIX, uuid_pair_tokens
+    from benchmarks.probe.tokenizer import PREFIX, uuid_pair_tokens
 
     pairs = [t for t in uuid_pair_tokens() if t.startswith(PREFIX) and len(t) == len(PREFIX) + 2]
     ids = tokenizer.convert_tokens_to_ids(pairs)
@@ -323,7 +323,7 @@ def copy_sequence(rng: random.Random, length: int, tokenizer, recall_fraction: f
     magic numbers for bold-tiger is:", '"key":'): a stepping stone that multi-token induction
     answers, which grows the key-matching features the suite's questions then reuse.
     """
-    from benchmarks import vocab
+    from benchmarks.suite import vocab
 
     bos = tokenizer.bos_token_id
     if rng.random() < 1 - recall_fraction:
@@ -544,7 +544,7 @@ def batch_losses(model, batch: dict, device: str, precision: str = "bf16") -> tu
 @torch.no_grad()
 def heldout_accuracy(model, tokenizer, length: int, tasks, samples: int, seed: int, device: str) -> dict[str, float]:
     """Teacher-forced exact match per task on held-out seeds (disjoint from training's)."""
-    from benchmarks.tasks import make_sample
+    from benchmarks.suite.tasks import make_sample
 
     was_training = model.training
     model.eval()
@@ -583,8 +583,8 @@ def build(cfg: TrainConfig):
     """(model, tokenizer) freshly initialized from cfg.seed."""
     from transformers import LlamaForCausalLM
 
-    from benchmarks.probe_model import probe_config
-    from benchmarks.probe_tokenizer import build_tokenizer, default_strings
+    from benchmarks.probe.model import probe_config
+    from benchmarks.probe.tokenizer import build_tokenizer, default_strings
 
     tokenizer = build_tokenizer(default_strings())
     torch.manual_seed(cfg.seed)
@@ -592,11 +592,12 @@ def build(cfg: TrainConfig):
                           num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads)
     config._attn_implementation = "sdpa"
     if cfg.init_from:
-        from benchmarks.probe_tokenizer import load_tokenizer
+        from benchmarks.probe.tokenizer import load_tokenizer
 
         model = LlamaForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, attn_implementation="sdpa")
         if load_tokenizer(cfg.init_from).get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"init_from={cfg.init_from!r} was trained with another tokenizer than benchmarks.vocab builds")
+            raise ValueError(f"init_from={cfg.init_from!r} was trained with another tokenizer than "
+                             "benchmarks.suite.vocab builds")
         if model.config.vocab_size != config.vocab_size or model.config.num_hidden_layers != config.num_hidden_layers:
             raise ValueError(f"init_from={cfg.init_from!r} has another architecture than this configuration")
         return model, tokenizer
@@ -756,7 +757,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def score_answer(prediction: str, sample) -> float:
     """The suite's scorer (RULER string_match_all) of `prediction` against the sample's answers."""
-    from benchmarks.scoring import score_sample
+    from benchmarks.suite.scoring import score_sample
 
     return float(score_sample(prediction, list(sample.answers)))
 
@@ -764,7 +765,7 @@ def score_answer(prediction: str, sample) -> float:
 @torch.no_grad()
 def evaluate(model, tokenizer, tasks, lengths, samples: int, seed: int = 12345, device: str = "cpu", batch_tokens: int = 65536) -> list[dict]:
     """Greedy generation scored by the suite's scorer; one row per (task, length)."""
-    from benchmarks.tasks import make_sample
+    from benchmarks.suite.tasks import make_sample
 
     rows = []
     for length in lengths:
@@ -815,7 +816,8 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "eval":
-        parser = argparse.ArgumentParser(prog="train_probe eval", description="Score a probe model with generation.")
+        parser = argparse.ArgumentParser(prog="python -m benchmarks.probe.train eval",
+                                         description="Score a probe model with generation.")
         parser.add_argument("--model", default=None, help="model folder (default: the shipped probe)")
         parser.add_argument("--tasks", default=",".join(EVAL_TASKS))
         parser.add_argument("--lengths", default="4096,8192,16384")
@@ -824,7 +826,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--device", default="auto")
         parser.add_argument("--json", default=None, help="write the rows to this file")
         args = parser.parse_args(argv[1:])
-        from benchmarks.probe_model import PROBE_DIR, load_probe
+        from benchmarks.probe.model import PROBE_DIR, load_probe
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -835,7 +837,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
         return
-    parser = argparse.ArgumentParser(prog="train_probe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.probe.train", description=__doc__.split("\n\n")[0])
     _parser_from_dataclass(parser)
     args = parser.parse_args(argv)
     cfg = TrainConfig(**vars(args))

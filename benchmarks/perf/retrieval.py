@@ -1,7 +1,7 @@
 """PQ retrieval on the GPU vs FAISS on the host; fetch bandwidth; TTFT / time to 2nd token with the PQ build.
 
-    python -m benchmarks.perf_retrieval --out $OUT/perf_retrieval.json          # GPU machine
-    python -m benchmarks.perf_retrieval --quick                                  # CPU smoke run
+    python -m benchmarks.perf.retrieval --out $OUT/perf_retrieval.json          # GPU machine
+    python -m benchmarks.perf.retrieval --quick                                  # CPU smoke run
 
 1. Scoring + top-k (issue 4 target: B=8, N=128K, 8 KV heads <= 0.5 ms per layer, >= 20x FAISS):
    Hq=32, Hkv=8, d=128, PQCache's m=2, b=6, top-k = N/10 per (sequence, KV head). GPU: the
@@ -293,7 +293,7 @@ PARTS = ("scoring", "fetch", "ttft")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; exits 2 with one line for a bad argument, or for the full sizes on a
     machine without a CUDA GPU (they need one: pass --quick there)."""
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.perf_retrieval", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.perf.retrieval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")

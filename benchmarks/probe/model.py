@@ -1,8 +1,8 @@
-"""The probe model: a small Llama trained on the benchmark's synthetic tasks (see probe/README.md).
+"""The probe model: a small Llama trained on the benchmark's synthetic tasks (see benchmarks/probe/README.md).
 
 Its attention must really retrieve (a needle, a pass key, a UUID's value from thousands of
 tokens back), so accuracy under KV compression measures what the compression loses.
-`--model probe` in `kvstore-bench` means the files shipped in `benchmarks/probe/`.
+`--model probe` in `kvstore-bench` means the files shipped in `benchmarks/probe/weights/`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
-PROBE_DIR = Path(__file__).resolve().parent / "probe"
+PROBE_DIR = Path(__file__).resolve().parent / "weights"
 PROBE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -64,14 +64,14 @@ def load_probe(path: str | Path = PROBE_DIR, dtype: torch.dtype = torch.float32,
 
     Raises FileNotFoundError naming the missing files when the folder is incomplete.
     """
-    from benchmarks.probe_tokenizer import load_tokenizer
+    from benchmarks.probe.tokenizer import load_tokenizer
 
     path = Path(path)
     missing = [name for name in PROBE_FILES if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(
             f"probe model folder {path} lacks {', '.join(missing)}; train it with "
-            "`python -m benchmarks.train_probe --out DIR` (see benchmarks/probe/README.md)"
+            "`python -m benchmarks.probe.train --out DIR` (see benchmarks/probe/README.md)"
         )
     model = LlamaForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
     tokenizer = load_tokenizer(path)

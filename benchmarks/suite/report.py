@@ -18,8 +18,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.methods import METHODS
-from benchmarks.runner import read_rows
+from benchmarks.suite.methods import METHODS
+from benchmarks.suite.runner import read_rows
 
 logger = logging.getLogger(__name__)
 

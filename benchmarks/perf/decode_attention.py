@@ -1,8 +1,8 @@
 """K8V4 paged decode-attention kernel vs torch SDPA over bf16 KV (Llama-3-8B head shape).
 
-    python -m benchmarks.perf_decode_attention --out $OUT/decode_attention.json
+    python -m benchmarks.perf.decode_attention --out $OUT/decode_attention.json
     # DEFAULT_LAUNCH against launch overrides in one run, in this order (repeats allowed, to see the noise):
-    python -m benchmarks.perf_decode_attention --out $OUT/dense.json --batches 8 --lengths 131072 --variants default,high_dense=false
+    python -m benchmarks.perf.decode_attention --out $OUT/dense.json --batches 8 --lengths 131072 --variants default,high_dense=false
 
 For each batch B and context N: Hq=32, Hkv=8, d=128, 32-token pages of 200 B per token (K8V4,
 fp16 scale+zero) + a 4 B position per slot, pages scattered at random in the pool (every slot holds
@@ -115,7 +115,7 @@ SWEEP = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; exits 2 with one line for a bad argument or a machine without a CUDA GPU."""
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.perf_decode_attention", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.perf.decode_attention", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON output path")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -123,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sweep", action="store_true", help="also try other split counts / warps and keep the best")
     ap.add_argument("--variants", help="comma-separated launch variants timed in this order at KVStore's split "
                     "count, each printed: 'default' (DEFAULT_LAUNCH) or key=value:key=value overrides of it, e.g. "
-                    "default,high_dense=false (as benchmarks.kernel_resources --variants; repeats allowed); "
+                    "default,high_dense=false (as benchmarks.perf.kernel_resources --variants; repeats allowed); "
                     "with --sweep, timed after it")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
@@ -134,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out = Path(args.out)
     if out.is_dir() or not out.parent.is_dir():
         ap.error(f"--out {out}: expected a file in an existing folder")
-    from benchmarks.kernel_resources import parse_variant
+    from benchmarks.perf.kernel_resources import parse_variant
 
     try:
         args.variant_launches = [parse_variant(v) for v in args.variants.split(",")] if args.variants else []
@@ -142,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--variants {args.variants!r}: expected default or key=value:key=value ({exc})")
     if not torch.cuda.is_available():
         ap.error(f"needs a CUDA GPU: this torch ({torch.__version__}) sees none. It times the Triton kernel against "
-                 "SDPA on the device; without a GPU, `python -m benchmarks.kernel_resources` inspects the kernel")
+                 "SDPA on the device; without a GPU, `python -m benchmarks.perf.kernel_resources` inspects the kernel")
     try:
         import triton  # noqa: F401 - ships with CUDA builds of torch
     except ImportError:

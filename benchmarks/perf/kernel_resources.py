@@ -1,8 +1,8 @@
 """What the decode-attention kernel costs the GPU, read without a GPU: registers, spills, shared
 memory, how many programs an SM holds, and the instruction mix of the main loop.
 
-    python -m benchmarks.kernel_resources                       # DEFAULT_LAUNCH, Llama-3-8B head shape
-    python -m benchmarks.kernel_resources --variants default,num_warps=2:block_tokens=64 --json out.json
+    python -m benchmarks.perf.kernel_resources                  # DEFAULT_LAUNCH, Llama-3-8B head shape
+    python -m benchmarks.perf.kernel_resources --variants default,num_warps=2:block_tokens=64 --json out.json
 
 Triton compiles `_paged_decode_kernel` for sm_90 on this machine (its bundled ptxas) with the
 constexprs `paged_decode_attention` would pass (`kernel_constexprs`) and the divisibility a real

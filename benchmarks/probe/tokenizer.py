@@ -155,12 +155,12 @@ def build_tokenizer(strings: Iterable[str], max_word_chars: int = 200, uuid_pair
 
 
 def default_strings() -> list[str]:
-    """Every string the benchmark generators can emit, from `benchmarks.vocab`.
+    """Every string the benchmark generators can emit, from `benchmarks.suite.vocab`.
 
     A thin adapter over whatever that module exposes: every str, and every str inside a
     list/tuple/set/dict (keys and values), found among its public attributes.
     """
-    from benchmarks import vocab as vocab_module
+    from benchmarks.suite import vocab as vocab_module
 
     out: list[str] = []
 
@@ -179,7 +179,7 @@ def default_strings() -> list[str]:
         if not name.startswith("_"):
             collect(getattr(vocab_module, name))
     if not out:
-        raise ValueError("benchmarks.vocab exposes no strings to build the probe tokenizer from")
+        raise ValueError("benchmarks.suite.vocab exposes no strings to build the probe tokenizer from")
     return out
 
 
@@ -191,7 +191,7 @@ def load_tokenizer(path) -> PreTrainedTokenizerFast:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Build the probe tokenizer from benchmarks.vocab and save it.")
+    parser = argparse.ArgumentParser(description="Build the probe tokenizer from benchmarks.suite.vocab and save it.")
     parser.add_argument("--out", required=True, help="folder to save tokenizer.json and tokenizer_config.json in")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

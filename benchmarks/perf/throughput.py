@@ -169,7 +169,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "throughput", help="decode tokens/s at each method's largest batch, against unattached HF and the roofline",
         description="Decode throughput through model.generate(): hf (unattached, SDPA) and kvstore presets, each at "
-                    "its largest batch that fits, against the measured-bandwidth roofline. See benchmarks/throughput.py.",
+                    "its largest batch that fits, against the measured-bandwidth roofline. "
+                    "See benchmarks/perf/throughput.py.",
     )
     p.add_argument("--model", default="llama3-8b",
                    help="llama3-8b (random weights, the Llama-3-8B shape), tiny (CPU/CI), or a local Hugging Face folder")
@@ -213,7 +214,7 @@ class MethodSpec:
 
 def parse_methods(specs: list[str]) -> list[MethodSpec]:
     """MethodSpecs for --methods entries; ValueError naming the bad entry (nothing is loaded)."""
-    from benchmarks.methods import METHODS, MethodUnavailable, check_store, make_method, parse_method
+    from benchmarks.suite.methods import METHODS, MethodUnavailable, check_store, make_method, parse_method
     from kvstore.config import KVStoreConfig
 
     if not specs:
@@ -259,7 +260,7 @@ class ModelSource:
 
 def resolve_model(args) -> ModelSource:
     """Validate --model, --layers, --device and --dtype against --lengths/--new-tokens (config only)."""
-    from benchmarks.runner import resolve_device, resolve_dtype
+    from benchmarks.suite.runner import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)  # ValueError for a name torch does not parse or a GPU it does not see
     longest = max(args.lengths) + args.new_tokens

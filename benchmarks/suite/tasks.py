@@ -6,7 +6,7 @@
 
 Every generator is seeded and deterministic (same task, length, seed, depth and tokenizer: same
 ids), tokenizer-agnostic (lengths are measured with the tokenizer it is given) and builds its text
-from `benchmarks.vocab` plus digits, hex digits, upper-case letters and punctuation.
+from `benchmarks.suite.vocab` plus digits, hex digits, upper-case letters and punctuation.
 
 A prompt has three parts::
 
@@ -32,7 +32,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Callable
 
-from benchmarks import vocab
+from benchmarks.suite import vocab
 
 # Retrieval tasks find needles; aggregation tasks (cwe, fwe) count over the whole context,
 # which is where top-k attention is known to break (report them separately).

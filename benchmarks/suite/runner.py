@@ -4,7 +4,7 @@
     rows = run_suite(model, tokenizer, RunSpec(tasks=[...], lengths=[...], methods=[...], out="DIR"))
 
 For each (task, length) the prompts are generated once (same ids for every method); for each
-method (a `benchmarks.methods.Method`) the samples run greedily in batches of equal-length
+method (a `benchmarks.suite.methods.Method`) the samples run greedily in batches of equal-length
 prompts, by default through `kvstore.Engine` (RunSpec.path "engine": the batch's prompts
 admitted one by one, then decode steps over the batch, each sample ending at the tokenizer's
 EOS or its token budget; greedy tokens are those of the generate path, tests/test_bench_runner.py)
@@ -45,9 +45,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.methods import Method, MethodUnavailable, expand_methods
-from benchmarks.scoring import exact_match, mean, score_sample
-from benchmarks.tasks import Sample, make_sample
+from benchmarks.suite.methods import Method, MethodUnavailable, expand_methods
+from benchmarks.suite.scoring import exact_match, mean, score_sample
+from benchmarks.suite.tasks import Sample, make_sample
 from kvstore.adapters.hf import CACHE_ARG
 
 logger = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def random_model(seed: int = 0, **config):
     """A tiny random Llama (2 layers, hidden 64, GQA 4/2) with the probe tokenizer: plumbing only."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from benchmarks.probe_tokenizer import build_tokenizer, default_strings
+    from benchmarks.probe.tokenizer import build_tokenizer, default_strings
 
     tokenizer = build_tokenizer(default_strings())
     kwargs = dict(
@@ -195,12 +195,12 @@ def check_model(name: str) -> str:
     Raises FileNotFoundError or ValueError with a one-line message.
     """
     if name == "probe":
-        from benchmarks.probe_model import PROBE_DIR, has_probe
+        from benchmarks.probe.model import PROBE_DIR, has_probe
 
         if not has_probe(PROBE_DIR):
             raise FileNotFoundError(
                 f"--model probe: the probe model is not in {PROBE_DIR} yet. Train it with "
-                "`python -m benchmarks.train_probe --out benchmarks/probe`, or pass --model random "
+                "`python -m benchmarks.probe.train --out benchmarks/probe/weights`, or pass --model random "
                 "(a tiny random Llama: plumbing only) or a local Hugging Face model folder"
             )
     elif name != "random":
@@ -227,7 +227,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto"):
     dt = resolve_dtype(dtype, dev)
     check_model(name)
     if name == "probe":
-        from benchmarks.probe_model import PROBE_DIR, load_probe
+        from benchmarks.probe.model import PROBE_DIR, load_probe
 
         model, tokenizer = load_probe(PROBE_DIR, dtype=dt, device=dev)
         return model, tokenizer, "probe"
@@ -627,6 +627,6 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
 
 
 def _from_available(names: list[str]) -> bool:
-    from benchmarks.methods import ALL_AVAILABLE
+    from benchmarks.suite.methods import ALL_AVAILABLE
 
     return any(n in ALL_AVAILABLE for n in names)

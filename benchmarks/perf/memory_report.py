@@ -1,11 +1,11 @@
 """GPU KV memory and logit drift of the hot-tier presets against dense KV (CPU is fine).
 
-    python -m benchmarks.memory_report                       # random bf16 Llama, 1024-token prompt
-    python -m benchmarks.memory_report --model probe --length 2048 --json $OUT/memory.json
-    python -m benchmarks.memory_report --presets quant,leankv,tiered --set tiered:alpha_prune=1.0
+    python -m benchmarks.perf.memory_report                       # random bf16 Llama, 1024-token prompt
+    python -m benchmarks.perf.memory_report --model probe --length 2048 --json $OUT/memory.json
+    python -m benchmarks.perf.memory_report --presets quant,leankv,tiered --set tiered:alpha_prune=1.0
 
 For each preset the model (one bf16 Llama, batch 1) prefills one benchmark prompt
-(benchmarks/tasks.py, niah_single_1 by default) and decodes `--steps` tokens *teacher-forced*
+(benchmarks/suite/tasks.py, niah_single_1 by default) and decodes `--steps` tokens *teacher-forced*
 on the unattached model's greedy continuation, so every step's logits are comparable:
 
   max_rel_logit   max over decode steps of max|logits - ref| / max|ref|   (ref: the unattached model)
@@ -71,7 +71,7 @@ def _parse_sets(items: list[str], presets: list[str]) -> dict[str, dict]:
 
 
 def _model(name: str, dtype: torch.dtype, head_dim: int):
-    from benchmarks.runner import load_model, random_model
+    from benchmarks.suite.runner import load_model, random_model
 
     if name == "random":  # the probe model's shape (GQA 8/2, 4 layers), random weights
         model, tok = random_model(seed=0, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
 
-    from benchmarks.tasks import make_sample
+    from benchmarks.suite.tasks import make_sample
     from kvstore.config import KVStoreConfig
 
     presets = [s.strip() for s in args.presets.split(",") if s.strip()]
