@@ -117,7 +117,7 @@ def check_store(config: KVStoreConfig) -> None:
     or policy not in its registries). Costs milliseconds (the first retrieval store
     imports FAISS).
     """
-    from kvstore.hot_tier import ModelGeometry
+    from kvstore.geometry import ModelGeometry
     from kvstore.store import KVStore
 
     geometry = ModelGeometry(num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=16, dtype=torch.float32,

@@ -2,7 +2,7 @@
 
 from kvstore.config import KVStoreConfig
 from kvstore.client import AlreadyAttachedError, KVStoreClient
-from kvstore.page_pool import OutOfPagesError
+from kvstore.hot.page_pool import OutOfPagesError
 
 __all__ = ["AlreadyAttachedError", "KVStoreClient", "KVStoreConfig", "OutOfPagesError"]
 __version__ = "0.1.0"

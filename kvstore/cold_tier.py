@@ -49,7 +49,7 @@ import torch
 
 from gpu_kernels import reference
 from kvstore.config import KVStoreConfig
-from kvstore.hot_tier import ModelGeometry, use_triton
+from kvstore.geometry import ModelGeometry, use_triton
 from kvstore.workspace import Workspace
 
 logger = logging.getLogger(__name__)

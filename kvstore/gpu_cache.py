@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from kvstore.hot_tier import ModelGeometry
+from kvstore.geometry import ModelGeometry
 from kvstore.workspace import Workspace
 
 POLICIES = ("lfu", "lru")

@@ -33,13 +33,13 @@ import numpy as np
 import torch
 
 from gpu_kernels import reference, torch_ops
-from kvstore.hot_tier import use_triton
+from kvstore.geometry import use_triton
 from kvstore.workspace import Workspace
 
 if TYPE_CHECKING:
     from kvstore.cold_tier import ColdTier
     from kvstore.config import KVStoreConfig
-    from kvstore.hot_tier import ModelGeometry
+    from kvstore.geometry import ModelGeometry
 
 logger = logging.getLogger(__name__)
 

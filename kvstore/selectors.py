@@ -15,7 +15,7 @@ from kvstore.selection import ExactSelector, PQSelector, Selector
 if TYPE_CHECKING:
     from kvstore.cold_tier import ColdTier
     from kvstore.config import KVStoreConfig
-    from kvstore.hot_tier import ModelGeometry
+    from kvstore.geometry import ModelGeometry
 
 SELECTORS: dict[str, type[Selector]] = {
     "pq": PQSelector,

@@ -23,8 +23,9 @@ import torch
 
 from gpu_kernels import torch_ops
 from kvstore.config import KVStoreConfig
-from kvstore.hot_tier import HotTier, ModelGeometry
-from kvstore.policies import PrefillKeep, make_policy
+from kvstore.geometry import ModelGeometry
+from kvstore.hot.tier import HotTier
+from kvstore.hot.policies import PrefillKeep, make_policy
 from kvstore.prefill_attention import prefill_attention
 from kvstore.cold_tier import ColdTier
 from kvstore.gpu_cache import GPUCache
@@ -611,7 +612,7 @@ class KVStore:
         hws = plan.hot_ws
         if hws is not None and hws.get("lse_all") is not None:
             # LeanKV's score update reads exp(logit - lse_all): with the merged lse, a hot token's
-            # probability is its share of the softmax over hot + retrieved tokens (policies.py)
+            # probability is its share of the softmax over hot + retrieved tokens (kvstore/hot/policies.py)
             hws["lse_all"][layer].copy_(lse)
         self.gpu_cache.admit(layer, step.seq_ids, pos, valid, slot, buf, ws["cache"])
         if layer == self.geometry.num_layers - 1:

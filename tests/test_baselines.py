@@ -148,7 +148,7 @@ def test_h2o_prefill_chunks_and_padding():
 
 from kvstore.baseline_selectors import KEEP, H2OSelector, QuestSelector, SnapKVSelector, StreamingSelector  # noqa: E402
 from kvstore.config import KVStoreConfig  # noqa: E402
-from kvstore.hot_tier import ModelGeometry  # noqa: E402
+from kvstore.geometry import ModelGeometry  # noqa: E402
 from kvstore.selection import SelectionStep  # noqa: E402
 
 

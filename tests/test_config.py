@@ -145,7 +145,7 @@ def test_ignored_fields_are_warned_once_per_config_when_a_store_is_built(caplog)
 
     import torch
 
-    from kvstore.hot_tier import ModelGeometry
+    from kvstore.geometry import ModelGeometry
     from kvstore.store import KVStore
 
     geo = ModelGeometry(1, 2, 1, 16, torch.float32, torch.device("cpu"))
@@ -162,7 +162,7 @@ def test_ignored_fields_are_warned_once_per_config_when_a_store_is_built(caplog)
 def _geometry(layers=2, kv_heads=2, head_dim=16):
     import torch
 
-    from kvstore.hot_tier import ModelGeometry
+    from kvstore.geometry import ModelGeometry
 
     return ModelGeometry(layers, 2 * kv_heads, kv_heads, head_dim, torch.float32, torch.device("cpu"))
 

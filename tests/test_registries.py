@@ -4,7 +4,7 @@ names, the registries that build them, and the benchmark's methods."""
 from __future__ import annotations
 
 import kvstore.config as config
-import kvstore.policies as policies
+import kvstore.hot.policies as policies
 import kvstore.selectors as selectors
 from benchmarks import methods
 

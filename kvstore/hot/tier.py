@@ -5,23 +5,23 @@ many per head, decode: one per head at the slot the step's plan chose), gathers 
 attention, and gives every page back when a sequence ends.
 
 Which tokens it keeps and at which precision is the hot-tier policy's business
-(kvstore/policies.py); the hot tier only stores what it is told, where it is told.
+(kvstore/hot/policies.py); the hot tier only stores what it is told, where it is told.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from gpu_kernels import reference, torch_ops
 
 from kvstore.config import KVStoreConfig
-from kvstore.page_format import FullFormat, PageFormat
-from kvstore.page_pool import PagePool
-from kvstore.page_table import PageTable
-from kvstore.quantization import QuantFormat
+from kvstore.geometry import ModelGeometry, use_triton
+from kvstore.hot.page_format import FullFormat, PageFormat
+from kvstore.hot.page_pool import PagePool
+from kvstore.hot.page_table import PageTable
+from kvstore.hot.quantization import QuantFormat
 from kvstore.workspace import Workspace
 
 
@@ -30,33 +30,6 @@ def make_format(key_bits: int, value_bits: int, head_dim: int, dtype: torch.dtyp
     if key_bits == 16 and value_bits == 16:
         return FullFormat(head_dim, dtype)
     return QuantFormat(key_bits, value_bits, head_dim, dtype, groups)
-
-
-@dataclass(frozen=True)
-class ModelGeometry:
-    """The attention shape of the model a store serves."""
-
-    num_layers: int
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-    device: torch.device
-
-    @property
-    def group_size(self) -> int:
-        return self.num_q_heads // self.num_kv_heads
-
-    @property
-    def dense_bytes_per_token(self) -> int:
-        """Bytes the model's own dense cache spends on one token, all layers and KV heads."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
-
-
-def use_triton(config: KVStoreConfig, device: torch.device) -> bool:
-    """Whether the Triton kernels run: "always", or "auto" on CUDA; otherwise the torch references."""
-    return config.use_triton == "always" or (config.use_triton == "auto" and torch.device(device).type == "cuda")
 
 
 def check_hot_tier_bytes(config: KVStoreConfig, geometry: ModelGeometry, page_bytes: int) -> None:

@@ -14,7 +14,7 @@ KV heads (no Python loop over any of them):
   the other policies ignore it).
 
 High-tier index i of a head lives in page `table.pages[..., i // tokens_per_page]`, slot
-`i % tokens_per_page` (kvstore/page_table.py).
+`i % tokens_per_page` (kvstore/hot/page_table.py).
 
 Policies:
   all     every token stays (the foundation's behaviour).
@@ -34,7 +34,8 @@ import torch
 
 if TYPE_CHECKING:
     from kvstore.config import KVStoreConfig
-    from kvstore.hot_tier import HotTier, ModelGeometry
+    from kvstore.geometry import ModelGeometry
+    from kvstore.hot.tier import HotTier
 
 logger = logging.getLogger(__name__)
 
