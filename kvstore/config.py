@@ -58,7 +58,7 @@ class KVStoreConfig:
       budget_fraction / window_share: PQCache's c and r.
       pq_subspaces / pq_bits: PQ's m and b (codes are uint8 when b <= 8).
       pq_trainer: who trains the codebooks. "auto": torch on the store's device when it is CUDA
-        (`kvstore.kmeans`: batched, synchronous after each layer's prefill, stopped by the
+        (`kvstore.cold.kmeans`: batched, synchronous after each layer's prefill, stopped by the
         convergence rule), FAISS on host threads otherwise; "device" or "faiss" force one.
       kmeans_iters: FAISS trainer: Lloyd iterations, a fixed count (FAISS's default 25). Never
         chosen from a clock (PQCache sizes it to the prefill time: results then depend on load).

@@ -27,10 +27,10 @@ from kvstore.geometry import ModelGeometry
 from kvstore.hot.tier import HotTier
 from kvstore.hot.policies import PrefillKeep, make_policy
 from kvstore.prefill_attention import prefill_attention
-from kvstore.cold_tier import ColdTier
-from kvstore.gpu_cache import GPUCache
-from kvstore.selection import SelectionStep, budgets, window_sizes
-from kvstore.selectors import make_selector
+from kvstore.cold.host_tier import ColdTier
+from kvstore.cold.gpu_cache import GPUCache
+from kvstore.cold.selection import SelectionStep, budgets, window_sizes
+from kvstore.cold.selectors import make_selector
 from kvstore.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class DecodePlan:
     evicted_pos: int64 [B, L, Hkv] position of the token that leaves the hot tier this step
                (its slot is the one the new token reuses), -1 where none leaves
     hot_ws:    buffers of the hot tier's decode writes and attention (HotTier.plan_workspace)
-    selection: retrieval metadata of the step (kvstore/selection.py), None without a selector;
+    selection: retrieval metadata of the step (kvstore/cold/selection.py), None without a selector;
                its `ws` holds the buffers of the selection, GPU cache, fetch and merge
     retrieved: [2, B, Hkv, kmax, d] buffer of the selected tokens' K/V (hits + fetched misses)
     out:       [L, B, Hq, 1, d] model dtype: layer l's decode output is out[l]
@@ -96,7 +96,7 @@ class KVStore:
         self._free_seqs = list(range(self.max_seqs - 1, -1, -1))
         self.active: set[int] = set()
         self.policy = make_policy(config, self.max_seqs, self.device)
-        # retrieval (kvstore/selection.py, gpu_cache.py)
+        # retrieval (kvstore/cold/: selection.py, gpu_cache.py)
         self.selector = None
         self.gpu_cache: GPUCache | None = None
         #: bool [L, S, Hkv, cap + 1] under hot_policy='leankv' with retrieval (`tiered`): which
@@ -463,7 +463,7 @@ class KVStore:
             **counts,
         }
 
-    # ---- cold tier and retrieval (kvstore/cold_tier.py, selection.py, gpu_cache.py) ---------------
+    # ---- cold tier and retrieval (kvstore/cold/: host_tier.py, selection.py, gpu_cache.py) --------------
     def _ensure_retrieval(self, max_seqs: int, needed: int) -> None:
         """Grow the position-indexed retrieval buffers (between steps; doubling)."""
         cap = self._cap if needed <= self._cap else max(needed, 2 * self._cap, 64)

@@ -146,10 +146,10 @@ def test_h2o_prefill_chunks_and_padding():
 
 # ---- the baselines as store selectors (kvstore/baseline_selectors.py) -------------------------
 
-from kvstore.baseline_selectors import KEEP, H2OSelector, QuestSelector, SnapKVSelector, StreamingSelector  # noqa: E402
+from kvstore.cold.baselines import KEEP, H2OSelector, QuestSelector, SnapKVSelector, StreamingSelector  # noqa: E402
 from kvstore.config import KVStoreConfig  # noqa: E402
 from kvstore.geometry import ModelGeometry  # noqa: E402
-from kvstore.selection import SelectionStep  # noqa: E402
+from kvstore.cold.selection import SelectionStep  # noqa: E402
 
 
 def _selector(cls, attrs=None, **config):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore.cold_tier import ColdTier, ColdTierMemoryError
+from kvstore.cold.host_tier import ColdTier, ColdTierMemoryError
 from kvstore.config import KVStoreConfig
 from kvstore.geometry import ModelGeometry
 

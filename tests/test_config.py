@@ -193,7 +193,7 @@ def test_a_host_tier_cap_below_one_chunk_is_refused_with_the_minimum():
 def test_a_host_tier_cap_of_one_chunk_serves_a_prompt_of_one_chunk():
     import torch
 
-    from kvstore.cold_tier import ColdTier, ColdTierMemoryError
+    from kvstore.cold.host_tier import ColdTier, ColdTierMemoryError
 
     chunk = 1 * 2 * 1 * 4 * 2 * 4
     cold = ColdTier(KVStoreConfig(cold_tier=True, host_tier_bytes=chunk), _geometry(1, 1, 2), max_seqs=2,

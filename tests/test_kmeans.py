@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvstore import kmeans
+from kvstore.cold import kmeans
 from retrieval import codebook
 
 

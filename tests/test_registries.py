@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import kvstore.config as config
 import kvstore.hot.policies as policies
-import kvstore.selectors as selectors
+import kvstore.cold.selectors as selectors
 from benchmarks import methods
 
 

@@ -17,7 +17,7 @@ goes into the step's buffers, taken at plan time by `plan_workspace` (a selector
 with its own tensors extends it; `select` copies scores returned elsewhere into the buffer).
 Per-step metadata (`SelectionStep`) is built once per step in the store's plan.
 
-A selector is registered by name in kvstore/selectors.py (`SELECTORS`, `make_selector`).
+A selector is registered by name in kvstore/cold/selectors.py (`SELECTORS`, `make_selector`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from kvstore.geometry import use_triton
 from kvstore.workspace import Workspace
 
 if TYPE_CHECKING:
-    from kvstore.cold_tier import ColdTier
+    from kvstore.cold.host_tier import ColdTier
     from kvstore.config import KVStoreConfig
     from kvstore.geometry import ModelGeometry
 
@@ -252,7 +252,7 @@ class PQSelector(Selector):
     centroids: fp16  [L, S, Hkv, m, K, d/m]   (fp16 halves what a short prompt spends on them;
                                               tables and distances are computed in fp32)
     A store on CUDA trains them on the device right after each layer's prefill, on the keys
-    already there (`kvstore.kmeans`, `pq_trainer="auto"`): seeded, stopped by a convergence
+    already there (`kvstore.cold.kmeans`, `pq_trainer="auto"`): seeded, stopped by a convergence
     rule, no host copy and no wait at the first decode step. A CPU store (or
     `pq_trainer="faiss"`) trains them with FAISS on host threads: prefill of layer l hands a
     build job to one background thread (FAISS k-means uses the cores); the job waits for layer l's copy to host memory, trains on the candidates
@@ -306,10 +306,10 @@ class PQSelector(Selector):
 
     @torch.no_grad()
     def _train_on_device(self, layer, seq_ids, k, valid, prompt_lens, hi):
-        """Codebooks of one layer trained on the keys in device memory (`kvstore.kmeans`), codes and
+        """Codebooks of one layer trained on the keys in device memory (`kvstore.cold.kmeans`), codes and
         centroids written in place. Sequences of one length (a dense batch) train together, in
         groups of about `_TRAIN_GROUP_BYTES` of fp32 keys; others one at a time."""
-        from kvstore.kmeans import train_codebooks
+        from kvstore.cold.kmeans import train_codebooks
 
         t0 = time.perf_counter()
         S, c = self.config.sink_tokens, self.config

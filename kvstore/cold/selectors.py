@@ -1,7 +1,7 @@
 """The selector registry: selector names (`KVStoreConfig.selector`) to the classes that implement them.
 
 `selection.py` holds the interface and PQCache's and the oracle's selectors,
-`baseline_selectors.py` the benchmark baselines; this module only names them, so neither imports
+`baselines.py` the benchmark baselines; this module only names them, so neither imports
 the other and the store builds any of them with `make_selector`.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvstore.baseline_selectors import H2OSelector, QuestSelector, SnapKVSelector, StreamingSelector
-from kvstore.selection import ExactSelector, PQSelector, Selector
+from kvstore.cold.baselines import H2OSelector, QuestSelector, SnapKVSelector, StreamingSelector
+from kvstore.cold.selection import ExactSelector, PQSelector, Selector
 
 if TYPE_CHECKING:
-    from kvstore.cold_tier import ColdTier
+    from kvstore.cold.host_tier import ColdTier
     from kvstore.config import KVStoreConfig
     from kvstore.geometry import ModelGeometry
 
