@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
@@ -29,54 +28,14 @@ from kvstore.hot.policies import PrefillKeep, make_policy
 from kvstore.prefill_attention import prefill_attention
 from kvstore.cold.host_tier import ColdTier
 from kvstore.cold.gpu_cache import GPUCache
-from kvstore.cold.selection import SelectionStep, budgets, window_sizes
+from kvstore.cold.selection import budgets, window_sizes
 from kvstore.cold.selectors import make_selector
-from kvstore.workspace import Workspace
+from kvstore.plan import DecodePlan, SelectionStep, Workspace
 
 logger = logging.getLogger(__name__)
 
 #: Every store alive in this process (tests check that each one's pages are all free again).
 LIVE_STORES: "weakref.WeakSet[KVStore]" = weakref.WeakSet()
-
-
-@dataclass
-class DecodePlan:
-    """Metadata of one decode step, built once by `KVStore.plan` and read by every layer.
-
-    seq_ids:   int64 [B] sequence slots
-    positions: int64 [B] position of the token being decoded
-    page:      int32 [B, L, Hkv] page that receives each head's new token
-    slot:      int32 [B, L, Hkv] slot within that page
-    num_pages: widest page table among the batch (the gather limit for the reference path)
-    evicted_pos: int64 [B, L, Hkv] position of the token that leaves the hot tier this step
-               (its slot is the one the new token reuses), -1 where none leaves
-    hot_ws:    buffers of the hot tier's decode writes and attention (HotTier.plan_workspace)
-    selection: retrieval metadata of the step (kvstore/cold/selection.py), None without a selector;
-               its `ws` holds the buffers of the selection, GPU cache, fetch and merge
-    retrieved: [2, B, Hkv, kmax, d] buffer of the selected tokens' K/V (hits + fetched misses)
-    out:       [L, B, Hq, 1, d] model dtype: layer l's decode output is out[l]
-    step_id:   the store's plan counter when this plan was built (a later plan makes it stale)
-    fresh:     bool [B, L, Hkv] heads whose new token takes a fresh high-tier slot (index n, the next one)
-    new_page:  int64 [B, L, Hkv] 1 for heads whose fresh slot opened a new page (the plan's allocation counts)
-    written:   per layer, whether `decode` wrote the layer's new tokens (an abandoned step is undone, see
-               `KVStore._undo_unwritten_slots`)
-    Every tensor of a plan that a layer writes is a view of the store's `Workspace`.
-    """
-
-    seq_ids: torch.Tensor
-    positions: torch.Tensor
-    page: torch.Tensor
-    slot: torch.Tensor
-    num_pages: int
-    evicted_pos: torch.Tensor | None = None
-    hot_ws: dict | None = None
-    selection: SelectionStep | None = None
-    retrieved: torch.Tensor | None = None
-    out: torch.Tensor | None = None
-    step_id: int = 0
-    fresh: torch.Tensor | None = None
-    new_page: torch.Tensor | None = None
-    written: list[bool] = field(default_factory=list)
 
 
 class KVStore:
@@ -123,7 +82,7 @@ class KVStore:
         # one completion event per layer, re-recorded every step (nothing created on the decode path)
         self._fetch_events = [torch.cuda.Event() for _ in range(geometry.num_layers)] if self._fetch_stream is not None else []
         self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-fetch") if config.retrieves else None
-        #: buffers of the decode step, carved by `plan`, written by every layer's `decode` (kvstore/workspace.py)
+        #: buffers of the decode step, carved by `plan`, written by every layer's `decode` (kvstore/plan.py)
         self.workspace = Workspace(self.device)
         self._plan_id = 0
         #: the latest plan, until the next plan / prefill / release checks that every layer decoded it
@@ -454,7 +413,7 @@ class KVStore:
             "host_kv_bytes": self.cold.used_bytes if self.cold is not None else 0,
             **extra,
             "dense_kv_bytes": tokens * self.geometry.dense_bytes_per_token,
-            "decode_workspace_bytes": self.workspace.nbytes,  # the step's buffers (kvstore/workspace.py), not KV
+            "decode_workspace_bytes": self.workspace.nbytes,  # the step's buffers (kvstore/plan.py), not KV
             "hot_pages_used": self.hot.pool.num_used,
             "hot_pages_reserved": self.hot.pool.num_pages,
             "hot_pages_peak": self.hot.pool.peak_used,

@@ -149,7 +149,7 @@ def test_h2o_prefill_chunks_and_padding():
 from kvstore.cold.baselines import KEEP, H2OSelector, QuestSelector, SnapKVSelector, StreamingSelector  # noqa: E402
 from kvstore.config import KVStoreConfig  # noqa: E402
 from kvstore.geometry import ModelGeometry  # noqa: E402
-from kvstore.cold.selection import SelectionStep  # noqa: E402
+from kvstore.plan import SelectionStep  # noqa: E402
 
 
 def _selector(cls, attrs=None, **config):

@@ -38,7 +38,8 @@ from kvstore.geometry import ModelGeometry
 from kvstore.prefill_attention import prefill_attention
 
 if TYPE_CHECKING:
-    from kvstore.store import DecodePlan, KVStore
+    from kvstore.plan import DecodePlan
+    from kvstore.store import KVStore
 
 logger = logging.getLogger(__name__)
 

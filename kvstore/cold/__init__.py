@@ -3,8 +3,8 @@ query needs back to the GPU.
 
   host_tier.py     ColdTier: pinned host slabs of every token's K/V (prefill copy stream, decode
                    staging), and the fetch of selected rows (UVA gather on CUDA)
-  selection.py     the Selector interface, SelectionStep, PQCache's selector (PQ codes on the
-                   device) and the exact oracle
+  selection.py     the Selector interface, PQCache's selector (PQ codes on the device) and the
+                   exact oracle
   baselines.py     StreamingLLM, H2O, SnapKV, Quest as selectors (the benchmark baselines)
   selectors.py     the registry of `KVStoreConfig.selector` names (`make_selector`)
   gpu_cache.py     GPUCache: slots of retrieved tokens per (sequence, layer, KV head), LFU/LRU

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.cold.selection import ExactSelector, Selector, SelectionStep, per_seq_bytes
+from kvstore.cold.selection import ExactSelector, Selector, per_seq_bytes
+from kvstore.plan import SelectionStep
 from retrieval import baselines
 
 #: SnapKV's "always keep" score (observation window, generated tokens); any vote is far below.

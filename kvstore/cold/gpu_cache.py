@@ -32,7 +32,7 @@ import math
 import torch
 
 from kvstore.geometry import ModelGeometry
-from kvstore.workspace import Workspace
+from kvstore.plan import Workspace
 
 POLICIES = ("lfu", "lru")
 

@@ -50,7 +50,7 @@ import torch
 from gpu_kernels import reference
 from kvstore.config import KVStoreConfig
 from kvstore.geometry import ModelGeometry, use_triton
-from kvstore.workspace import Workspace
+from kvstore.plan import Workspace
 
 logger = logging.getLogger(__name__)
 

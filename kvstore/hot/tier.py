@@ -22,7 +22,7 @@ from kvstore.hot.page_format import FullFormat, PageFormat
 from kvstore.hot.page_pool import PagePool
 from kvstore.hot.page_table import PageTable
 from kvstore.hot.quantization import QuantFormat
-from kvstore.workspace import Workspace
+from kvstore.plan import Workspace
 
 
 def make_format(key_bits: int, value_bits: int, head_dim: int, dtype: torch.dtype, groups: int = 1) -> PageFormat:
