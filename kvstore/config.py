@@ -384,7 +384,7 @@ KVStoreConfig.register_preset(
 )
 # tiered: the hot tier's never-pruned recent tokens are LeanKV's immune ones, so the window
 # (never a retrieval candidate) is the immune window; the store caps it at immune_tokens
-# (kvstore/store.py, _candidate_window); candidates are the tokens LeanKV pruned.
+# (kvstore/cold/path.py, ColdPath._candidate_window); candidates are the tokens LeanKV pruned.
 KVStoreConfig.register_preset(
     "tiered", hot_policy="leankv", key_bits=8, value_bits=4, low_key_bits=4, low_value_bits=2,
     selector="pq", cold_tier=True, budget_fraction=0.2, window_share=0.5, window_tokens=64, immune_tokens=64,

@@ -2,7 +2,7 @@
 
 `selection.py` holds the interface and PQCache's and the oracle's selectors,
 `baselines.py` the benchmark baselines; this module only names them, so neither imports
-the other and the store builds any of them with `make_selector`.
+the other and the cold path (path.py) builds any of them with `make_selector`.
 """
 
 from __future__ import annotations

@@ -230,9 +230,9 @@ class LeanKVPolicy(HotPolicy):
     A low token pruned without a demotion leaves an empty slot (position -1, never attended).
 
     Under retrieval (the `tiered` preset) only hot tokens get probabilities. The rule: a hot
-    token's probability is its share of the *merged* softmax (hot + retrieved: the store
+    token's probability is its share of the *merged* softmax (hot + retrieved: the cold path
     overwrites the step's `lse_all[layer]` with the merged log-sum-exp after the LSE merge,
-    `KVStore._decode_retrieval`), so the scores of hot tokens keep meaning "attention mass"
+    `ColdPath.finish`), so the scores of hot tokens keep meaning "attention mass"
     and a retrieved token that takes mass lowers the hot tokens' shares exactly as it would
     with every token hot. Retrieved tokens (not in the hot tier) get no score and are never
     re-admitted: retrieval is their way back. The sinks (positions < `sink_tokens`) are immune
