@@ -28,7 +28,7 @@ import torch
 from cluster.node_memory import ArenaSpec, BatchArena
 from kvstore import KVStoreClient, KVStoreConfig
 from kvstore.adapters.hf import CACHE_ARG
-from kvstore.sequence_io import BatchKV, BatchTrace, TapCache, exportable, import_batch, replay_batch
+from kvstore.adapters.transfer import BatchKV, BatchTrace, TapCache, exportable, import_batch, replay_batch
 
 logger = logging.getLogger(__name__)
 

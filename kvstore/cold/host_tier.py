@@ -309,7 +309,7 @@ class ColdTier:
 
     def read_sequence(self, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored token of one sequence, keys and values [L, Hkv, n, d] (host copies, position
-        order, the model's dtype): what an export of the sequence needs (kvstore/sequence_io.py).
+        order, the model's dtype): what an export of the sequence needs (kvstore/adapters/transfer.py).
         Flushes the last decode step first (a host sync: not a decode-path call)."""
         self.flush()
         n = int(self.num_tokens[seq_id])
