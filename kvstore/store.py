@@ -250,29 +250,15 @@ class KVStore:
         `_undo_unwritten_slots`).
         """
         self._undo_unwritten_slots()
-        hot, tpp = self.hot, self.hot.tokens_per_page
-        n = hot.table.num_tokens[seq_ids].long()  # [B, L, H]
-        B, L, H = n.shape
         positions = self.seq_len[seq_ids].clone()
-        decision = self.policy.plan(self, seq_ids, positions, last_step=self.hot.take_last_step())
-        fresh = decision.reuse < 0
-        index = torch.where(fresh, n, decision.reuse)  # high-tier index the new token takes
-        needs = (fresh & (n % tpp == 0)).long()
-        hot.table.ensure_pages(self.hot.pages_in_use(seq_ids) + 1 + int(hot.table.num_low_pages.max().item()))
-        ids, offsets = hot.pool.allocate(needs.reshape(-1))
-        if ids.numel():
-            flat = needs.reshape(-1).nonzero(as_tuple=True)[0]
-            b, rest = flat // (L * H), flat % (L * H)
-            l, h = rest // H, rest % H
-            hot.table.pages[seq_ids[b], l, h, (n.reshape(-1)[flat] // tpp)] = ids[offsets[flat]]
-        page = torch.gather(hot.table.pages[seq_ids], 3, (index // tpp).unsqueeze(-1)).squeeze(-1)
-        slot = (index % tpp).to(torch.int32)
-        hot.table.num_tokens[seq_ids] += fresh.to(torch.int32)
+        decision = self.policy.plan(self, seq_ids, positions, last_step=self.hot.take_last_step())  # decides
+        page, slot, fresh, needs = self.hot.apply(seq_ids, decision)  # moves pages, places the new tokens
         self.seq_len[seq_ids] += 1
         plan = DecodePlan(seq_ids, positions, page, slot, self.hot.pages_in_use(seq_ids), decision.evicted_pos)
         plan.hot_ws = self.hot.plan_workspace(seq_ids, plan.num_pages, workspace=self.workspace, page=page, slot=slot,
                                               positions=positions)
         geo = self.geometry
+        B, L = seq_ids.numel(), geo.num_layers
         plan.out = self.workspace.take("store.out", (L, B, geo.num_q_heads, 1, geo.head_dim), geo.dtype)
         if self.cold_path is not None:  # the last step's host writes flushed; the step's selection
             self.cold_path.plan(plan, low_evicted=getattr(self.policy, "last_low_evicted", None))
