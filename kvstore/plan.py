@@ -71,9 +71,9 @@ class SelectionStep:
     uniform_k:  every sequence selects the same k (then top-k need not be sorted).
     exclude:    bool [L, S, Hkv, cap + 1] or None: True where a (layer, sequence slot, KV head,
                 position) is resident in the hot tier and so never selected (the LeanKV hot
-                policy of `tiered`: the candidates are the tokens it pruned). The store's own
-                tensor, updated in plan; column cap is a trash column.
-    ws:         the step's buffers (`Selector.plan_workspace`, plus the store's for the GPU cache,
+                policy of `tiered`: the candidates are the tokens it pruned). The cold path's own
+                tensor (`ColdPath.resident`), updated in plan; column cap is a trash column.
+    ws:         the step's buffers (`Selector.plan_workspace`, plus the cold path's for the GPU cache,
                 the fetch and the attention over the selection), or None outside a store's plan:
                 then each call builds its buffers itself (the same ops, allocating).
     """
