@@ -1,5 +1,5 @@
 """Node memory: the cluster's cold tier of a node, host memory in shared memory that outlives the
-workers of its node. (Not `kvstore.cold_tier.ColdTier`, a store's own host tier inside a worker.)
+workers of its node. (Not `kvstore.cold.host_tier.ColdTier`, a store's own host tier inside a worker.)
 
 One `NodeMemory` per node (run as a Ray actor by the controller) owns one shared-memory segment
 per batch of sequences. The worker serving the batch maps the segment by name
@@ -10,7 +10,7 @@ When the cold tier dies, its segments go with it (the OS frees memory whose owne
 the controller re-prefills the affected batches.
 
 Segment layout (one batch of B sequences, padded timeline of up to `max_tokens` columns, the
-layout of kvstore.sequence_io.BatchKV)::
+layout of kvstore.adapters.transfer.BatchKV)::
 
     header   int64 [8]             MAGIC, committed columns t, generated tokens, B, prompt columns,
                                    prefill columns, softmax scale (float64 bits); t and generated last
@@ -19,7 +19,7 @@ layout of kvstore.sequence_io.BatchKV)::
     kv       [max_tokens, 2, L, B, Hkv, d]  post-RoPE keys (0) and values (1) at the model's dtype
     q        [max_tokens, L, B, Hq, d]      post-RoPE queries, only when num_q_heads > 0: presets whose
                                             store state depends on queries are rebuilt by replay
-                                            (kvstore.sequence_io.replay_batch), which needs them
+                                            (kvstore.adapters.transfer.replay_batch), which needs them
 
 Column-major K/V: one decode step's K/V of the whole batch, every layer, is one contiguous
 block `kv[t]`, so a GPU worker publishes a step with a single device-to-host copy into the

@@ -9,7 +9,7 @@ request gets exactly `max_new_tokens`), so that
   cold-tier segment (cluster/node_memory.py) straight from this process, and
 * a chaos kill lands between two known steps.
 
-Per batch the worker keeps the padded timeline of kvstore.sequence_io (left padding, column t
+Per batch the worker keeps the padded timeline of kvstore.adapters.transfer (left padding, column t
 is the t-th token fed). A batch can start from prompts (prefill), resume from a segment (no
 prefill: its K/V are imported into the store), or be re-prefilled when its segment was lost: the
 prompt is prefilled and the generated tokens are replayed as decode steps, so the store's state
@@ -28,7 +28,7 @@ import torch
 from cluster.node_memory import ArenaSpec, BatchArena
 from kvstore import KVStoreClient, KVStoreConfig
 from kvstore.adapters.hf import CACHE_ARG
-from kvstore.sequence_io import BatchKV, BatchTrace, TapCache, exportable, import_batch, replay_batch
+from kvstore.adapters.transfer import BatchKV, BatchTrace, TapCache, exportable, import_batch, replay_batch
 
 logger = logging.getLogger(__name__)
 

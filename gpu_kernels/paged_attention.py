@@ -27,7 +27,7 @@ pages through the same page table: 0.585 ms, 97% of copy bandwidth):
   0.735    the softmax denominator and the value zero-point term summed once after the loop (LAZY);
   0.638    K8 and V4 codes converted by PTX prmt (2 instructions per 2 codes), one warp per program, one
            page per step, 3 stages;
-  0.607    values stored byte-major in the page (kvstore/quantization.py), so the tensor-core operand
+  0.607    values stored byte-major in the page (kvstore/hot/quantization.py), so the tensor-core operand
            (consecutive tokens of one element) loads as words rather than single bytes.
 Then on the H200 (4.27 TB/s copy, SDPA over bf16 0.96 ms; `benchmarks.perf.kernel_resources` reads the
 registers and the loop's instructions without a GPU):

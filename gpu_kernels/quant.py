@@ -1,6 +1,6 @@
 """Triton kernels: quantize-and-append K/V rows into quantized pages, and dequantize pages.
 
-Page layout and quantization formulas: kvstore/quantization.py and gpu_kernels/reference.py
+Page layout and quantization formulas: kvstore/hot/quantization.py and gpu_kernels/reference.py
 (`quantize`, `pack_codes`); these kernels reproduce them bit for bit on the same inputs (the
 same fp32 operations: fp16 rounding of scale and zero, floor(x / scale + 0.5)).
 The head dim and the group count must be powers of two (the kernels reshape rows into

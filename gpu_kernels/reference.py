@@ -111,7 +111,7 @@ def prefill_attention(
     return out.masked_fill(~has_key, 0.0)
 
 
-# ---- quantization (kvstore/quantization.py, gpu_kernels/quant.py) -----------------------------
+# ---- quantization (kvstore/hot/quantization.py, gpu_kernels/quant.py) -----------------------------
 #
 # Per token, per KV head, asymmetric min-max over `groups` equal slices of the head dim:
 #     zero = fp16(min),  scale = fp16((max - zero) / (2^bits - 1))  (1 where max == min),
@@ -168,7 +168,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
 
 def dequantize_pages(data: torch.Tensor, page_ids: torch.Tensor, key_bits: int, value_bits: int, groups: int,
                      tokens_per_page: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantized K, V fp32 [..., tokens_per_page, head_dim] of quantized pages (kvstore/quantization.py layout).
+    """Dequantized K, V fp32 [..., tokens_per_page, head_dim] of quantized pages (kvstore/hot/quantization.py layout).
 
     data: uint8 [P, page_bytes]; page_ids: int [...]. 16 bits is not a quantized layout.
     """

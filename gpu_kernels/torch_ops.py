@@ -82,7 +82,7 @@ def merge_attention_out(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.T
 
 
 def page_views(data: torch.Tensor, tokens_per_page: int, key_bytes: int, value_bytes: int, groups: int):
-    """No-copy views of a quantized page pool uint8 [P, page_bytes] (kvstore/quantization.py layout).
+    """No-copy views of a quantized page pool uint8 [P, page_bytes] (kvstore/hot/quantization.py layout).
 
     Returns K codes uint8 [P, T, kB] (token-major), V codes uint8 [P, T, vB] (a transposed view: in
     the page, V bytes are stored byte-major, [vB, T], so the T tokens of one value byte are

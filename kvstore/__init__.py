@@ -3,7 +3,7 @@
 from kvstore.config import KVStoreConfig
 from kvstore.client import AlreadyAttachedError, KVStoreClient
 from kvstore.engine import Completion, Engine, StepOutput
-from kvstore.page_pool import OutOfPagesError
+from kvstore.hot.page_pool import OutOfPagesError
 from kvstore.sampling import SamplingParams
 
 __all__ = ["AlreadyAttachedError", "Completion", "Engine", "KVStoreClient", "KVStoreConfig", "OutOfPagesError",

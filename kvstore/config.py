@@ -58,7 +58,7 @@ class KVStoreConfig:
       budget_fraction / window_share: PQCache's c and r.
       pq_subspaces / pq_bits: PQ's m and b (codes are uint8 when b <= 8).
       pq_trainer: who trains the codebooks. "auto": torch on the store's device when it is CUDA
-        (`kvstore.kmeans`: batched, synchronous after each layer's prefill, stopped by the
+        (`kvstore.cold.kmeans`: batched, synchronous after each layer's prefill, stopped by the
         convergence rule), FAISS on host threads otherwise; "device" or "faiss" force one.
       kmeans_iters: FAISS trainer: Lloyd iterations, a fixed count (FAISS's default 25). Never
         chosen from a clock (PQCache sizes it to the prefill time: results then depend on load).
@@ -384,7 +384,7 @@ KVStoreConfig.register_preset(
 )
 # tiered: the hot tier's never-pruned recent tokens are LeanKV's immune ones, so the window
 # (never a retrieval candidate) is the immune window; the store caps it at immune_tokens
-# (kvstore/store.py, _candidate_window); candidates are the tokens LeanKV pruned.
+# (kvstore/cold/path.py, ColdPath._candidate_window); candidates are the tokens LeanKV pruned.
 KVStoreConfig.register_preset(
     "tiered", hot_policy="leankv", key_bits=8, value_bits=4, low_key_bits=4, low_value_bits=2,
     selector="pq", cold_tier=True, budget_fraction=0.2, window_share=0.5, window_tokens=64, immune_tokens=64,

@@ -40,7 +40,7 @@ import torch
 
 from kvstore.client import KVStoreClient
 from kvstore.config import KVStoreConfig
-from kvstore.page_pool import OutOfPagesError
+from kvstore.hot.page_pool import OutOfPagesError
 from kvstore.sampling import SamplingParams, sample
 
 logger = logging.getLogger(__name__)

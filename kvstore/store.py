@@ -8,6 +8,14 @@
         for layer: out = store.decode(layer, plan, q, k, v, scale)   # no allocation, no host sync
     store.release(seq_ids)                                    # every page back to the pool
 
+A layer's decode is four moves: write the new token into the hot tier (at the slot the plan
+chose); begin the cold path (the token to the host tier; select, look up the GPU cache, start
+the fetch of the misses); attend the hot tier (overlapping the fetch); finish the cold path
+(attend what was retrieved, merge by log-sum-exp, admit the misses). The store owns the two
+tiers (`hot`: kvstore/hot/, `cold`: the host tier) and the hot policy; everything retrieval
+needs is the cold path's (`cold_path`, kvstore/cold/path.py), None for a store with neither
+a cold tier nor a selector.
+
 Everything is batched over sequences, layers and heads; there is no Python loop over any of
 them on the data path.
 """
@@ -16,67 +24,23 @@ from __future__ import annotations
 
 import logging
 import weakref
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from gpu_kernels import torch_ops
+from kvstore.cold.host_tier import ColdTier
+from kvstore.cold.path import ColdPath
 from kvstore.config import KVStoreConfig
-from kvstore.hot_tier import HotTier, ModelGeometry
-from kvstore.policies import PrefillKeep, make_policy
+from kvstore.geometry import ModelGeometry
+from kvstore.hot.policies import PrefillKeep, make_policy
+from kvstore.hot.tier import HotTier
+from kvstore.plan import DecodePlan, Workspace
 from kvstore.prefill_attention import prefill_attention
-from kvstore.cold_tier import ColdTier
-from kvstore.gpu_cache import GPUCache
-from kvstore.selection import SelectionStep, budgets, window_sizes
-from kvstore.selectors import make_selector
-from kvstore.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
 #: Every store alive in this process (tests check that each one's pages are all free again).
 LIVE_STORES: "weakref.WeakSet[KVStore]" = weakref.WeakSet()
-
-
-@dataclass
-class DecodePlan:
-    """Metadata of one decode step, built once by `KVStore.plan` and read by every layer.
-
-    seq_ids:   int64 [B] sequence slots
-    positions: int64 [B] position of the token being decoded
-    page:      int32 [B, L, Hkv] page that receives each head's new token
-    slot:      int32 [B, L, Hkv] slot within that page
-    num_pages: widest page table among the batch (the gather limit for the reference path)
-    evicted_pos: int64 [B, L, Hkv] position of the token that leaves the hot tier this step
-               (its slot is the one the new token reuses), -1 where none leaves
-    hot_ws:    buffers of the hot tier's decode writes and attention (HotTier.plan_workspace)
-    selection: retrieval metadata of the step (kvstore/selection.py), None without a selector;
-               its `ws` holds the buffers of the selection, GPU cache, fetch and merge
-    retrieved: [2, B, Hkv, kmax, d] buffer of the selected tokens' K/V (hits + fetched misses)
-    out:       [L, B, Hq, 1, d] model dtype: layer l's decode output is out[l]
-    step_id:   the store's plan counter when this plan was built (a later plan makes it stale)
-    fresh:     bool [B, L, Hkv] heads whose new token takes a fresh high-tier slot (index n, the next one)
-    new_page:  int64 [B, L, Hkv] 1 for heads whose fresh slot opened a new page (the plan's allocation counts)
-    written:   per layer, whether `decode` wrote the layer's new tokens (an abandoned step is undone, see
-               `KVStore._undo_unwritten_slots`)
-    Every tensor of a plan that a layer writes is a view of the store's `Workspace`.
-    """
-
-    seq_ids: torch.Tensor
-    positions: torch.Tensor
-    page: torch.Tensor
-    slot: torch.Tensor
-    num_pages: int
-    evicted_pos: torch.Tensor | None = None
-    hot_ws: dict | None = None
-    selection: SelectionStep | None = None
-    retrieved: torch.Tensor | None = None
-    out: torch.Tensor | None = None
-    step_id: int = 0
-    fresh: torch.Tensor | None = None
-    new_page: torch.Tensor | None = None
-    written: list[bool] = field(default_factory=list)
 
 
 class KVStore:
@@ -96,35 +60,11 @@ class KVStore:
         self._free_seqs = list(range(self.max_seqs - 1, -1, -1))
         self.active: set[int] = set()
         self.policy = make_policy(config, self.max_seqs, self.device)
-        # retrieval (kvstore/selection.py, gpu_cache.py)
-        self.selector = None
-        self.gpu_cache: GPUCache | None = None
-        #: bool [L, S, Hkv, cap + 1] under hot_policy='leankv' with retrieval (`tiered`): which
-        #: positions each (layer, sequence, KV head) holds in the hot tier; the others (pruned)
-        #: are the selector's candidates. Column cap is a trash column for "no position".
-        self.resident: torch.Tensor | None = None
-        if config.retrieves:
-            if config.hot_policy not in ("window", "leankv"):
-                raise NotImplementedError(
-                    f"selector={config.selector!r} with hot_policy={config.hot_policy!r}: retrieval is wired for the "
-                    "'window' hot policy (candidates: outside sinks + window) and 'leankv' (candidates: the tokens "
-                    "it pruned)"
-                )
-            self.selector = make_selector(config, geometry, self.cold)
-            self.window = torch.ones(self.max_seqs, dtype=torch.int64, device=self.device)
-            self.topk = torch.ones(self.max_seqs, dtype=torch.int64, device=self.device)
-            self._cap = 0
-            if config.hot_policy == "leankv":
-                L, H = geometry.num_layers, geometry.num_kv_heads
-                self.resident = torch.zeros(L, self.max_seqs, H, 1, dtype=torch.bool, device=self.device)
-        #: overlap the fetch of misses with attention over resident tokens (False: fully synchronous)
-        self.async_fetch = True
-        self._fetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and config.retrieves else None
-        # one completion event per layer, re-recorded every step (nothing created on the decode path)
-        self._fetch_events = [torch.cuda.Event() for _ in range(geometry.num_layers)] if self._fetch_stream is not None else []
-        self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-fetch") if config.retrieves else None
-        #: buffers of the decode step, carved by `plan`, written by every layer's `decode` (kvstore/workspace.py)
+        #: buffers of the decode step, carved by `plan`, written by every layer's `decode` (kvstore/plan.py)
         self.workspace = Workspace(self.device)
+        #: the host tier's writes and retrieval (kvstore/cold/path.py); None without a cold tier or selector
+        self.cold_path = (ColdPath(config, geometry, self.cold, self.max_seqs, self.workspace)
+                          if self.cold is not None or config.retrieves else None)
         self._plan_id = 0
         #: the latest plan, until the next plan / prefill / release checks that every layer decoded it
         self._last_plan: DecodePlan | None = None
@@ -154,14 +94,8 @@ class KVStore:
         old = self.max_seqs
         self.hot.table.ensure_seqs(max_seqs)
         self.policy.ensure_seqs(max_seqs)
-        if self.cold is not None:
-            self.cold.ensure_seqs(max_seqs)
-        if self.selector is not None:
-            for name in ("window", "topk"):
-                t = torch.ones(max_seqs, dtype=torch.int64, device=self.device)
-                t[:old] = getattr(self, name)
-                setattr(self, name, t)
-            self._ensure_retrieval(max_seqs, self._cap)
+        if self.cold_path is not None:
+            self.cold_path.ensure_seqs(max_seqs)
         for name in ("seq_len", "prompt_len"):
             grown = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)
             grown[:old] = getattr(self, name)
@@ -219,14 +153,8 @@ class KVStore:
         self.hot.pool.data[pages[pages > 0].long()] = 0
         self.hot.release(t)
         self.policy.release(t)
-        if self.selector is not None:
-            self.selector.release(t)
-            if self.gpu_cache is not None:
-                self.gpu_cache.release(t)
-            if self.resident is not None:
-                self.resident[:, t] = False
-        if self.cold is not None:
-            self.cold.release(t)
+        if self.cold_path is not None:
+            self.cold_path.release(t)
         self.seq_len[t] = 0
         self.prompt_len[t] = 0
         for i in ids:
@@ -276,12 +204,8 @@ class KVStore:
         self.hot.append(layer, seq_ids, k, v, keep.high, positions, keep.scores)
         if keep.low is not None:
             self.hot.append(layer, seq_ids, k, v, keep.low, positions, keep.scores, low=True)
-        if self.cold is not None:
-            self._cold_prefill(layer, seq_ids, k, v, positions, valid)
-            if self.resident is not None:  # tiered: the prompt tokens LeanKV kept are not candidates
-                self._mark_resident_prefill(layer, seq_ids, keep, positions, valid)
-            if self.selector is not None:  # selectors that score with the prompt's queries (H2O, SnapKV)
-                self.selector.prefill_queries(layer, seq_ids, q, k, positions, valid, scale)
+        if self.cold_path is not None:  # the prompt to the host tier, the selector's index
+            self.cold_path.prefill(layer, seq_ids, q, k, v, keep, positions, valid, scale)
         if layer == self.geometry.num_layers - 1:
             self.seq_len[seq_ids] += new_tokens
         return out
@@ -338,34 +262,18 @@ class KVStore:
         and the same launch (a CUDA graph captured once replays them; kvstore/cuda_graph.py).
         """
         self._undo_unwritten_slots()
-        hot, tpp = self.hot, self.hot.tokens_per_page
-        n = hot.table.num_tokens[seq_ids].long()  # [B, L, H]
-        B, L, H = n.shape
         positions = self.seq_len[seq_ids].clone()
-        decision = self.policy.plan(self, seq_ids, positions, last_step=self.hot.take_last_step())
-        fresh = decision.reuse < 0
-        index = torch.where(fresh, n, decision.reuse)  # high-tier index the new token takes
-        needs = (fresh & (n % tpp == 0)).long()
-        hot.table.ensure_pages(self.hot.pages_in_use(seq_ids) + 1 + int(hot.table.num_low_pages.max().item()))
-        ids, offsets = hot.pool.allocate(needs.reshape(-1))
-        if ids.numel():
-            flat = needs.reshape(-1).nonzero(as_tuple=True)[0]
-            b, rest = flat // (L * H), flat % (L * H)
-            l, h = rest // H, rest % H
-            hot.table.pages[seq_ids[b], l, h, (n.reshape(-1)[flat] // tpp)] = ids[offsets[flat]]
-        page = torch.gather(hot.table.pages[seq_ids], 3, (index // tpp).unsqueeze(-1)).squeeze(-1)
-        slot = (index % tpp).to(torch.int32)
-        hot.table.num_tokens[seq_ids] += fresh.to(torch.int32)
+        decision = self.policy.plan(self, seq_ids, positions, last_step=self.hot.take_last_step())  # decides
+        page, slot, fresh, needs = self.hot.apply(seq_ids, decision)  # moves pages, places the new tokens
         self.seq_len[seq_ids] += 1
         plan = DecodePlan(seq_ids, positions, page, slot, self.hot.pages_in_use(seq_ids), decision.evicted_pos)
         plan.hot_ws = self.hot.plan_workspace(seq_ids, max(plan.num_pages, pages_hint or 0), workspace=self.workspace,
                                               page=page, slot=slot, positions=positions)
         geo = self.geometry
+        B, L = seq_ids.numel(), geo.num_layers
         plan.out = self.workspace.take("store.out", (L, B, geo.num_q_heads, 1, geo.head_dim), geo.dtype)
-        if self.cold is not None:
-            self.cold.plan_step(seq_ids, positions)
-        if self.selector is not None:
-            self._plan_retrieval(plan)
+        if self.cold_path is not None:  # the last step's host writes flushed; the step's selection
+            self.cold_path.plan(plan, low_evicted=getattr(self.policy, "last_low_evicted", None))
         self._plan_id += 1
         plan.step_id = self._plan_id
         plan.fresh, plan.new_page, plan.written = fresh, needs, [False] * L
@@ -394,17 +302,18 @@ class KVStore:
                 f"decode got a stale plan (step {plan.step_id}, the store's latest is {self._plan_id}): plan() "
                 "reuses the step's buffers, so plan once per step and decode every layer before the next plan"
             )
-        ws = plan.hot_ws
+        ws, cold = plan.hot_ws, self.cold_path
         self.hot.write_slots(layer, plan.page[:, layer], plan.slot[:, layer], k[:, :, 0], v[:, :, 0], plan.positions,
                              ws)
         plan.written[layer] = True
-        if self.cold is not None:
-            self.cold.write_decode(layer, k[:, :, 0].detach(), v[:, :, 0].detach())
-        if self.selector is not None:
-            out = self._decode_retrieval(layer, plan, q, k, scale)
-        else:
-            out, _ = self.hot.attend(layer, plan.seq_ids, q[:, :, 0], scale, plan.num_pages, ws,
-                                     out=plan.out[layer, :, :, 0] if q.dtype == plan.out.dtype else None)
+        # the new token to the host tier; select, look up the GPU cache, start the fetch of the misses
+        started = cold.begin(layer, plan, q, k, v, scale) if cold is not None else None
+        # the hot tier's attention (overlapping the fetch) writes the layer's output unless a selection merges with it
+        direct = plan.selection is None and q.dtype == plan.out.dtype
+        out, lse = self.hot.attend(layer, plan.seq_ids, q[:, :, 0], scale, plan.num_pages, ws,
+                                   out=plan.out[layer, :, :, 0] if direct else None)
+        if cold is not None:  # wait for the fetch, attend the retrieved tokens, merge by LSE, admit the misses
+            out = cold.finish(layer, plan, q, scale, out, lse, started)
         if q.dtype != plan.out.dtype:
             return out.to(q.dtype, copy=True).unsqueeze(2)
         if out.data_ptr() != plan.out[layer].data_ptr():  # fp32 merge result (retrieval)
@@ -454,10 +363,9 @@ class KVStore:
         ids = torch.tensor(sorted(self.active), dtype=torch.int64, device=self.device)
         tokens = int(self.seq_len[ids].sum().item()) if ids.numel() else 0
         counts = self.hot.token_counts(ids) if ids.numel() else {"hot_high_tokens": 0, "hot_low_tokens": 0}
-        retrieval_bytes = 0
-        if self.selector is not None:
-            retrieval_bytes = len(self.active) * self._retrieval_bytes_per_seq()
-        extra = self._retrieval_stats() if self.cold is not None else {}
+        cold = self.cold_path
+        retrieval_bytes = cold.gpu_bytes(len(self.active)) if cold is not None else 0
+        extra = cold.stats(len(self.active)) if cold is not None else {}
         return {
             "sequences": len(self.active),
             "tokens": tokens,
@@ -465,7 +373,7 @@ class KVStore:
             "host_kv_bytes": self.cold.used_bytes if self.cold is not None else 0,
             **extra,
             "dense_kv_bytes": tokens * self.geometry.dense_bytes_per_token,
-            "decode_workspace_bytes": self.workspace.nbytes,  # the step's buffers (kvstore/workspace.py), not KV
+            "decode_workspace_bytes": self.workspace.nbytes,  # the step's buffers (kvstore/plan.py), not KV
             "hot_pages_used": self.hot.pool.num_used,
             "hot_pages_reserved": self.hot.pool.num_pages,
             "hot_pages_peak": self.hot.pool.peak_used,
@@ -474,189 +382,23 @@ class KVStore:
             **counts,
         }
 
-    # ---- cold tier and retrieval (kvstore/cold_tier.py, selection.py, gpu_cache.py) ---------------
-    def _ensure_retrieval(self, max_seqs: int, needed: int) -> None:
-        """Grow the position-indexed retrieval buffers (between steps; doubling)."""
-        cap = self._cap if needed <= self._cap else max(needed, 2 * self._cap, 64)
-        self._cap = cap
-        self.selector.ensure(max_seqs, cap)
-        if self.gpu_cache is not None:
-            self.gpu_cache.ensure(max_seqs, 0, cap)
-        if self.resident is not None:
-            L, S, H, C = self.resident.shape
-            if max_seqs > S or cap + 1 > C:
-                grown = torch.zeros(L, max(S, max_seqs), H, max(C, cap + 1), dtype=torch.bool, device=self.device)
-                grown[:, :S, :, : C - 1] = self.resident[..., : C - 1]
-                self.resident = grown
+    # ---- the cold path's parts, read through the store (tests, tools) -------------------------
+    @property
+    def selector(self):
+        """The cold path's selector (kvstore/cold/selectors.py), None without one."""
+        return self.cold_path.selector if self.cold_path is not None else None
 
-    def _retrieval_bytes_per_seq(self) -> int:
-        """Device bytes of retrieval state per sequence slot: index, GPU cache, residency map."""
-        per_seq = self.selector.device_bytes_per_seq() + (self.gpu_cache.bytes_per_seq if self.gpu_cache else 0)
-        if self.resident is not None:
-            per_seq += self.resident[:, 0].numel() * self.resident.element_size()
-        return per_seq
+    @property
+    def gpu_cache(self):
+        """The cold path's GPU cache of retrieved tokens, None before a retrieving prefill."""
+        return self.cold_path.gpu_cache if self.cold_path is not None else None
 
-    def _candidate_window(self, n: torch.Tensor) -> torch.Tensor:
-        """Recent tokens per sequence that are never candidates (int64 [B] for prompt lengths n).
+    @property
+    def async_fetch(self) -> bool:
+        """Whether the fetch of misses overlaps the hot tier's attention (False: fully synchronous)."""
+        return self.cold_path.async_fetch if self.cold_path is not None else True
 
-        'window': PQCache's window. 'leankv' (tiered): the recent tokens LeanKV never prunes, so
-        min(window, immune_tokens) >= 1: a larger window would leave tokens pruned between the
-        immune region and the window's start out of both the hot tier and the candidates.
-        """
-        w = window_sizes(self.config, n)
-        if self.resident is not None:
-            w = w.clamp(max=max(1, self.config.immune_tokens))
-        return w
-
-    @torch.no_grad()
-    def _mark_resident_prefill(self, layer: int, seq_ids: torch.Tensor, keep, positions: torch.Tensor,
-                               valid: torch.Tensor) -> None:
-        """Record which prompt tokens of one layer the hot tier holds (either precision tier)."""
-        B, H, T = keep.high.shape
-        held = keep.high if keep.low is None else keep.high | keep.low
-        cap = self.resident.shape[-1] - 1
-        self.resident[layer, seq_ids] = False
-        col = torch.where(valid, positions.long(), torch.full_like(positions, cap, dtype=torch.int64))
-        h = torch.arange(H, device=self.device).view(1, H, 1)
-        self.resident[layer, seq_ids.view(B, 1, 1), h, col.view(B, 1, T)] = held & valid.view(B, 1, T)
-        self.resident[layer, :, :, cap] = False
-
-    @torch.no_grad()
-    def _mark_pruned_step(self, plan: "DecodePlan", hi: torch.Tensor) -> torch.Tensor:
-        """Plan time: what the policy pruned this step leaves the residency map. Returns the number
-        of candidates (pruned tokens in [S, hi)) per (layer, sequence, KV head), int64 [L, B, Hkv]."""
-        B, L, H = plan.page.shape
-        cap = self.resident.shape[-1] - 1
-        sb = plan.seq_ids.view(B, 1, 1)
-        l_ = torch.arange(L, device=self.device).view(1, L, 1)
-        h = torch.arange(H, device=self.device).view(1, 1, H)
-        for gone in (plan.evicted_pos, getattr(self.policy, "last_low_evicted", None)):  # two tensors
-            if gone is not None:
-                col = torch.where(gone >= 0, gone, torch.full_like(gone, cap))
-                self.resident[l_, sb, h, col] = False
-        self.resident[:, :, :, cap] = False
-        S = self.config.sink_tokens
-        t = torch.arange(cap, device=self.device).view(1, 1, 1, cap)
-        in_range = (t >= S) & (t < hi.view(1, B, 1, 1))
-        held = (self.resident[:, plan.seq_ids, :, :cap] & in_range).sum(-1)  # [L, B, H]
-        return (hi - S).clamp(min=0).view(1, B, 1) - held
-
-    @torch.no_grad()
-    def _cold_prefill(self, layer: int, seq_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """Prompt K/V to the cold tier (copy stream) and the selector's index (background build)."""
-        n = valid.sum(dim=1)
-        if layer == 0:
-            self.cold.allocate_prefill(seq_ids, n)
-            if self.selector is not None:
-                self.window[seq_ids] = self._candidate_window(n)
-                self.topk[seq_ids] = budgets(self.config, n)
-                kmax, nmax = (int(x) for x in torch.stack([self.topk[seq_ids].max(), n.max()]).tolist())
-                self._ensure_retrieval(self.max_seqs, nmax + 1)
-                # tiered: no candidate before LeanKV prunes; the cache grows at plan time with them
-                slots = 0 if self.resident is not None else min(self.config.gpu_cache_tokens, kmax)
-                if self.gpu_cache is None:
-                    self.gpu_cache = GPUCache(self.geometry, self.max_seqs, slots, self._cap)
-                else:
-                    self.gpu_cache.ensure(self.max_seqs, slots, self._cap)
-        self.cold.write_prefill(layer, k, v, positions, valid)
-        if self.selector is not None:
-            S = self.config.sink_tokens
-            hi = torch.clamp(n - self.window[seq_ids], min=S)
-            self.selector.prefill(layer, seq_ids, k, positions, valid, n, hi)
-
-    def _plan_retrieval(self, plan: DecodePlan) -> None:
-        """Selection metadata and buffers of one step (host work, one host sync)."""
-        seq_ids, positions = plan.seq_ids, plan.positions
-        S = self.config.sink_tokens
-        hi = torch.clamp(positions + 1 - self.window[seq_ids], min=S)
-        k = self.topk[seq_ids]
-        # tiered: the selection is never wider than the most candidates any (layer, sequence, head)
-        # has (nothing pruned yet: nothing to select, no fetch, no GPU cache slots)
-        cand = self._mark_pruned_step(plan, hi).max() if self.resident is not None else hi.max()
-        num_tokens, kmax, kmin, pmax, cmax = (
-            int(x) for x in torch.stack([hi.max(), k.max(), k.min(), positions.max(), cand]).tolist())
-        self._ensure_retrieval(self.max_seqs, pmax + 1)
-        self.cold.device_maps()  # refresh the device chunk maps now, not inside a layer
-        ktop, kmax = kmax, max(0, min(kmax, num_tokens - S, cmax))
-        if self.resident is not None:
-            self.resident[:, seq_ids, :, positions] = True  # the new token is hot in every (layer, head)
-            want = min(self.config.gpu_cache_tokens, kmax)
-            if self.gpu_cache is not None and want > self.gpu_cache.slots:  # grows with the candidates
-                cap_slots = min(self.config.gpu_cache_tokens, ktop)
-                self.gpu_cache.ensure(self.max_seqs, min(cap_slots, max(want, 2 * self.gpu_cache.slots)), self._cap)
-        geo, wsp = self.geometry, self.workspace
-        B, H, Hq, d = seq_ids.numel(), geo.num_kv_heads, geo.num_q_heads, geo.head_dim
-        step = SelectionStep(seq_ids, positions, torch.full_like(hi, S), hi, k, num_tokens, kmax, kmin == kmax,
-                             exclude=self.resident)
-        ws = self.selector.plan_workspace(step, wsp)
-        ws["cache"] = self.gpu_cache.plan_workspace(seq_ids, kmax, wsp)
-        ws["fetch"] = self.cold.fetch_workspace(seq_ids, kmax, wsp)
-        ws["miss"] = wsp.take("ret.miss", (B, H, kmax), torch.bool)
-        ws["invalid"] = wsp.take("ret.invalid", (B, H, kmax), torch.bool)
-        ws["attn"] = torch_ops.decode_attention_buffers(lambda n, sh, t: wsp.take("ret." + n, sh, t), B, Hq, H, kmax, d,
-                                                        kv_fp32=geo.dtype == torch.float32)
-        ws["merge"] = torch_ops.merge_attention_buffers(lambda n, sh, t: wsp.take("merge." + n, sh, t), B, Hq, d)
-        step.ws = ws
-        plan.selection = step
-        plan.retrieved = wsp.take("ret.kv", (2, B, H, kmax, d), geo.dtype).zero_()
-
-    @torch.no_grad()
-    def _decode_retrieval(self, layer: int, plan: DecodePlan, q: torch.Tensor, k: torch.Tensor,
-                          scale: float) -> torch.Tensor:
-        """Select, resolve hits, fetch misses (overlapped with attention over the hot tier), merge by
-        LSE. Returns fp32 [B, Hq, d], a view of the step's buffers."""
-        step, buf, q0 = plan.selection, plan.retrieved, q[:, :, 0]
-        ws = step.ws
-        self.selector.before_decode(layer)  # first step after prefill: this layer's build only
-        self.selector.append(layer, step, k[:, :, 0])
-        pos, valid = self.selector.select(layer, step, q0, scale)
-        slot = self.gpu_cache.lookup(layer, step.seq_ids, pos, valid, ws["cache"])
-        miss = torch.lt(slot, 0, out=ws["miss"]).bitwise_and_(valid)
-        pending = self._start_fetch(layer, step.seq_ids, pos, miss, buf, ws["fetch"])
-        out_h, lse_h = self.hot.attend(layer, plan.seq_ids, q0, scale, plan.num_pages, plan.hot_ws)
-        self._wait_fetch(pending)
-        self.gpu_cache.read(layer, step.seq_ids, slot, buf, ws["cache"])
-        invalid = torch.logical_not(valid, out=ws["invalid"])
-        out_r, lse_r = torch_ops.decode_attention_out(q0, buf[0], buf[1], invalid, scale, ws["attn"])
-        out, lse = torch_ops.merge_attention_out(out_h, lse_h, out_r, lse_r, ws["merge"])
-        hws = plan.hot_ws
-        if hws is not None and hws.get("lse_all") is not None:
-            # LeanKV's score update reads exp(logit - lse_all): with the merged lse, a hot token's
-            # probability is its share of the softmax over hot + retrieved tokens (policies.py)
-            hws["lse_all"][layer].copy_(lse)
-        self.gpu_cache.admit(layer, step.seq_ids, pos, valid, slot, buf, ws["cache"])
-        if layer == self.geometry.num_layers - 1:
-            self.gpu_cache.end_step()
-        return out
-
-    def _start_fetch(self, layer, seq_ids, pos, miss, buf, ws=None):
-        if not self.async_fetch:
-            self.cold.fetch(layer, seq_ids, pos, miss, buf, ws)
-            return None
-        if self._fetch_stream is not None:  # CUDA: side stream, ordered after what produced pos/miss
-            self._fetch_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._fetch_stream):
-                self.cold.fetch(layer, seq_ids, pos, miss, buf, ws)
-                ev = self._fetch_events[layer]
-                ev.record(self._fetch_stream)
-            return ev
-        return self._fetch_pool.submit(self.cold.fetch, layer, seq_ids, pos, miss, buf, ws)  # CPU: a host thread
-
-    def _wait_fetch(self, pending) -> None:
-        if pending is None:
-            return
-        if isinstance(pending, torch.cuda.Event):
-            torch.cuda.current_stream(self.device).wait_event(pending)
-        else:
-            pending.result()
-
-    def _retrieval_stats(self) -> dict:
-        out = {"host_reserved_bytes": self.cold.reserved_bytes}
-        if self.selector is not None:
-            out["retrieval_gpu_bytes"] = len(self.active) * self._retrieval_bytes_per_seq()
-            out["gpu_cache_hit_rate"] = self.gpu_cache.hit_rate() if self.gpu_cache else float("nan")
-            out["gpu_cache_slots"] = self.gpu_cache.slots if self.gpu_cache else 0
-            out["pq_build_seconds"] = getattr(self.selector, "build_seconds", 0.0)
-            out["pq_wait_seconds"] = getattr(self.selector, "wait_seconds", 0.0)
-        return out
+    @async_fetch.setter
+    def async_fetch(self, on: bool) -> None:
+        if self.cold_path is not None:
+            self.cold_path.async_fetch = on

@@ -13,7 +13,7 @@ path). Later tokens get nearest-centroid codes as usual.
 
 The iteration count is fixed (`KVStoreConfig.kmeans_iters`): PQCache sizes it to the prefill
 time the build hides behind, which made its codebooks, and so its answers, depend on the
-machine's load. A CUDA store trains on the device instead (`kvstore/kmeans.py`).
+machine's load. A CUDA store trains on the device instead (`kvstore/cold/kmeans.py`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CPU retrieval service: PQ top-k over codes with FAISS on host threads, batched, returning futures.
 
-It answers the same question as the GPU path (kvstore/selection.py + gpu_kernels/pq_score.py)
+It answers the same question as the GPU path (kvstore/cold/selection.py + gpu_kernels/pq_score.py)
 for the same codebooks and codes, so it serves sequences whose codes are parked off the GPU,
 hosts with no GPU, and is the oracle the GPU path is tested against.
 

@@ -335,7 +335,7 @@ def test_a_generate_that_raises_holds_nothing(preset, caps):
     (the pre-hook's reference to the cache held them, pages and host chunks, until the next forward;
     then releasing them crashed in stats() for a selector whose state had not grown yet)."""
     from kvstore import OutOfPagesError
-    from kvstore.cold_tier import ColdTierMemoryError
+    from kvstore.cold.host_tier import ColdTierMemoryError
 
     model = tiny_model("llama")
     ids, mask = left_padded_batch()

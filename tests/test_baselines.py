@@ -144,12 +144,12 @@ def test_h2o_prefill_chunks_and_padding():
     torch.testing.assert_close(s[1, :, 3:], h2o_prefill_scores(q[1:, :, 3:], k[1:, :, 3:], 0.3)[0])
 
 
-# ---- the baselines as store selectors (kvstore/baseline_selectors.py) -------------------------
+# ---- the baselines as store selectors (kvstore/cold/baselines.py) -------------------------
 
-from kvstore.baseline_selectors import KEEP, H2OSelector, QuestSelector, SnapKVSelector, StreamingSelector  # noqa: E402
+from kvstore.cold.baselines import KEEP, H2OSelector, QuestSelector, SnapKVSelector, StreamingSelector  # noqa: E402
 from kvstore.config import KVStoreConfig  # noqa: E402
-from kvstore.hot_tier import ModelGeometry  # noqa: E402
-from kvstore.selection import SelectionStep  # noqa: E402
+from kvstore.geometry import ModelGeometry  # noqa: E402
+from kvstore.plan import SelectionStep  # noqa: E402
 
 
 def _selector(cls, attrs=None, **config):

@@ -61,9 +61,9 @@ def test_methods_available_expands_and_skips_what_the_store_lacks(monkeypatch, c
         expand_methods(["full", "nope"])
     with pytest.raises(ValueError, match="budget"):
         expand_methods(["full"], ["0.2", "x"])
-    import kvstore.selectors
+    import kvstore.cold.selectors
 
-    monkeypatch.setattr(kvstore.selectors, "SELECTORS", {})  # a store without any selector
+    monkeypatch.setattr(kvstore.cold.selectors, "SELECTORS", {})  # a store without any selector
     with caplog.at_level(logging.WARNING):
         kept = expand_methods(["available"])
     assert [m.name for m in kept] == ["full", "quant", "leankv"] and "pqcache skipped" in caplog.text

@@ -114,9 +114,9 @@ def test_budgets_parse_and_unavailable_methods_fail_clearly(monkeypatch, tiny, t
     assert make_method("full").budget == "all"
     with pytest.raises(ValueError, match="unknown method"):
         make_method("nope")
-    import kvstore.selectors
+    import kvstore.cold.selectors
 
-    monkeypatch.setattr(kvstore.selectors, "SELECTORS", {})  # a store without any selector
+    monkeypatch.setattr(kvstore.cold.selectors, "SELECTORS", {})  # a store without any selector
     with pytest.raises(MethodUnavailable, match="selector='pq'"):
         make_method("pqcache", "0.2")
     code = _run(["--model", str(tiny[0]), "--tasks", "passkey", "--lengths", "300", "--methods", "pqcache",

@@ -7,7 +7,7 @@ from cluster.node_memory import ArenaSpec, BatchArena, NodeMemory
 from cluster.worker import ModelSpec, WorkerEngine
 from kvstore import KVStoreClient, KVStoreConfig
 from kvstore.adapters.hf import CACHE_ARG
-from kvstore.sequence_io import BatchKV, BatchTrace, TapCache, export_batch, import_batch
+from kvstore.adapters.transfer import BatchKV, BatchTrace, TapCache, export_batch, import_batch
 from tests.conftest import left_padded_batch, tiny_model
 
 PROMPTS = [[5, 9, 13, 2, 77, 31, 4], [8, 1, 200, 3], [17, 19, 23, 29, 31, 37, 41, 43, 47, 53]]

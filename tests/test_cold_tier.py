@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore.cold_tier import ColdTier, ColdTierMemoryError
+from kvstore.cold.host_tier import ColdTier, ColdTierMemoryError
 from kvstore.config import KVStoreConfig
-from kvstore.hot_tier import ModelGeometry
+from kvstore.geometry import ModelGeometry
 
 L, HQ, HKV, D = 2, 4, 2, 8
 

@@ -145,7 +145,7 @@ def test_ignored_fields_are_warned_once_per_config_when_a_store_is_built(caplog)
 
     import torch
 
-    from kvstore.hot_tier import ModelGeometry
+    from kvstore.geometry import ModelGeometry
     from kvstore.store import KVStore
 
     geo = ModelGeometry(1, 2, 1, 16, torch.float32, torch.device("cpu"))
@@ -162,7 +162,7 @@ def test_ignored_fields_are_warned_once_per_config_when_a_store_is_built(caplog)
 def _geometry(layers=2, kv_heads=2, head_dim=16):
     import torch
 
-    from kvstore.hot_tier import ModelGeometry
+    from kvstore.geometry import ModelGeometry
 
     return ModelGeometry(layers, 2 * kv_heads, kv_heads, head_dim, torch.float32, torch.device("cpu"))
 
@@ -193,7 +193,7 @@ def test_a_host_tier_cap_below_one_chunk_is_refused_with_the_minimum():
 def test_a_host_tier_cap_of_one_chunk_serves_a_prompt_of_one_chunk():
     import torch
 
-    from kvstore.cold_tier import ColdTier, ColdTierMemoryError
+    from kvstore.cold.host_tier import ColdTier, ColdTierMemoryError
 
     chunk = 1 * 2 * 1 * 4 * 2 * 4
     cold = ColdTier(KVStoreConfig(cold_tier=True, host_tier_bytes=chunk), _geometry(1, 1, 2), max_seqs=2,

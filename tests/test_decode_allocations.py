@@ -20,7 +20,7 @@ import torch
 from alloc_probe import AllocProbe
 from gpu_kernels import reference, torch_ops
 from kvstore import KVStoreConfig
-from kvstore.hot_tier import ModelGeometry
+from kvstore.geometry import ModelGeometry
 from kvstore.store import KVStore
 
 L, HQ, HKV, D = 2, 4, 2, 16

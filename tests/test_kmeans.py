@@ -1,4 +1,4 @@
-"""kvstore/kmeans.py: the device codebook trainer against FAISS's (retrieval/codebook.py): same
+"""kvstore/cold/kmeans.py: the device codebook trainer against FAISS's (retrieval/codebook.py): same
 contract, PQ recall within 0.02, deterministic, convergence-bounded; and the PQ selector using it."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvstore import kmeans
+from kvstore.cold import kmeans
 from retrieval import codebook
 
 

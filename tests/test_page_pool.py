@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kvstore.page_pool import OutOfPagesError, PagePool
-from kvstore.page_table import PageTable
+from kvstore.hot.page_pool import OutOfPagesError, PagePool
+from kvstore.hot.page_table import PageTable
 
 
 def test_batched_allocation_is_disjoint_and_csr():

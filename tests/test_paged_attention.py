@@ -9,7 +9,7 @@ import torch
 
 from gpu_kernels import reference
 from gpu_kernels.paged_attention import DEFAULT_LAUNCH, merge_splits, paged_decode_attention
-from kvstore.quantization import QuantFormat
+from kvstore.hot.quantization import QuantFormat
 
 
 def _layout(B, Hkv, d, n_high, n_low, tpp, groups, seed, holes=True, high_holes=False):

@@ -14,7 +14,7 @@ import torch
 
 from gpu_kernels import reference
 from kvstore.config import KVStoreConfig
-from kvstore.hot_tier import ModelGeometry
+from kvstore.geometry import ModelGeometry
 from kvstore.store import KVStore
 
 L, HQ, HKV, D = 2, 4, 2, 16

@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from kvstore import KVStoreClient, KVStoreConfig
-from kvstore.cold_tier import ColdTierMemoryError
-from kvstore.hot_tier import ModelGeometry
-from kvstore.page_pool import OutOfPagesError
+from kvstore.cold.host_tier import ColdTierMemoryError
+from kvstore.geometry import ModelGeometry
+from kvstore.hot.page_pool import OutOfPagesError
 from kvstore.store import KVStore
 from tests.conftest import tiny_model
 

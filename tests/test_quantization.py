@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpu_kernels import quant, reference
-from kvstore.quantization import QuantFormat
+from kvstore.hot.quantization import QuantFormat
 
 
 def _rows(n=64, d=128, seed=0):

@@ -4,8 +4,8 @@ names, the registries that build them, and the benchmark's methods."""
 from __future__ import annotations
 
 import kvstore.config as config
-import kvstore.policies as policies
-import kvstore.selectors as selectors
+import kvstore.cold.selectors as selectors
+import kvstore.hot.policies as policies
 from benchmarks.suite import methods
 
 

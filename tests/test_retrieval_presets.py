@@ -11,7 +11,7 @@ from conftest import left_padded_batch, tiny_model
 from gpu_kernels import reference
 from kvstore import KVStoreClient, KVStoreConfig
 from kvstore.adapters.hf import CACHE_ARG, model_cache
-from kvstore.hot_tier import ModelGeometry
+from kvstore.geometry import ModelGeometry
 from kvstore.store import KVStore
 
 L, HQ, HKV, D = 2, 4, 2, 16
@@ -196,7 +196,7 @@ def test_decode_waits_only_for_its_own_layers_codebook():
 
 @pytest.mark.parametrize("policy", ["lfu", "lru"])
 def test_gpu_cache_admits_misses_into_unprotected_slots(policy):
-    from kvstore.gpu_cache import GPUCache
+    from kvstore.cold.gpu_cache import GPUCache
 
     geo = ModelGeometry(1, 2, 1, 4, torch.float32, torch.device("cpu"))
     cache = GPUCache(geo, max_seqs=2, slots=2, cap=16, policy=policy)
@@ -246,7 +246,7 @@ def test_same_tokens_every_run_whatever_the_clock(preset, trainer, monkeypatch):
 def test_device_trainer_trains_per_layer_and_batches_one_length(preset, monkeypatch):
     """pq_trainer="device": one training per layer and sequence of a padded batch, one per layer
     for a batch of one length, and a row's tokens are the same alone or in that batch."""
-    from kvstore import kmeans
+    from kvstore.cold import kmeans
 
     model = tiny_model("llama")
     ids, mask = left_padded_batch(2, 300, pads=(40, 0))

@@ -19,7 +19,7 @@ from conftest import left_padded_batch, tiny_model
 from gpu_kernels import reference
 from kvstore import KVStoreClient, KVStoreConfig
 from kvstore.adapters.hf import CACHE_ARG
-from kvstore.hot_tier import ModelGeometry
+from kvstore.geometry import ModelGeometry
 from kvstore.store import KVStore
 
 L, HQ, HKV, D = 2, 4, 2, 16

@@ -182,7 +182,7 @@ def bench_fetch(device, quick):
 def bench_fetch_store_order(device, quick, B=8, N=131072, C=256, budget=0.1, hit_rate=0.5):
     """The fetch as the store issues it, over one layer's region of the cold tier at B=8, N=128K (4 GiB).
 
-    Cold-tier layout (kvstore/cold_tier.py): per chunk of C positions, [2 (K, V), Hkv, C, d]; a
+    Cold-tier layout (kvstore/cold/host_tier.py): per chunk of C positions, [2 (K, V), Hkv, C, d]; a
     sequence's chunks consecutive. Per (sequence, KV head): top-k positions of random scores by
     torch.topk(sorted=False) (the selector's call), half of them misses; the gather rows are
     [K rows of (b, h, slot)..., V rows...] with -1 for hits, as ColdTier.fetch builds them. The GPU

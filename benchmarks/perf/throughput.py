@@ -498,7 +498,7 @@ def free_memory(device: torch.device) -> None:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    from kvstore.page_pool import OutOfPagesError
+    from kvstore.hot.page_pool import OutOfPagesError
 
     return isinstance(exc, (torch.OutOfMemoryError, OutOfPagesError))
 

@@ -26,7 +26,7 @@ Method lists: "available" (or "all") stands for every method the store provides 
 does not provide are skipped with a logged warning, while a method named explicitly that the
 store cannot run raises `MethodUnavailable`. Availability is checked by building a one-layer
 store on the CPU (the store refuses some combinations at construction, e.g. a selector that is
-not in its registry, `kvstore/selectors.py`).
+not in its registry, `kvstore/cold/selectors.py`).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def check_store(config: KVStoreConfig) -> None:
     or policy not in its registries). Costs milliseconds (the first retrieval store
     imports FAISS).
     """
-    from kvstore.hot_tier import ModelGeometry
+    from kvstore.geometry import ModelGeometry
     from kvstore.store import KVStore
 
     geometry = ModelGeometry(num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=16, dtype=torch.float32,

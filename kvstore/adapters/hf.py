@@ -34,11 +34,12 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvstore.hot_tier import ModelGeometry
+from kvstore.geometry import ModelGeometry
 from kvstore.prefill_attention import prefill_attention
 
 if TYPE_CHECKING:
-    from kvstore.store import DecodePlan, KVStore
+    from kvstore.plan import DecodePlan
+    from kvstore.store import KVStore
 
 logger = logging.getLogger(__name__)
 

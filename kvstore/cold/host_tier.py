@@ -21,9 +21,9 @@ Writes. Prefill: the layer's K/V of the batch is scattered on the GPU into a sta
 chunk layout and copied to the slab on a copy stream; the staging tensor (the only tensor the
 copy reads) is kept alive with `record_stream`, and the copy's event is kept per layer for the
 codebook builder, which reads the keys from the slab. Decode: each layer's new K/V goes into a
-step staging buffer on the GPU (no host sync, no allocation); `KVStore.plan` of the next step
-flushes it to the slabs with one copy (tokens become search candidates only once they leave
-the window, at least one step later, so nothing reads them before the flush).
+step staging buffer on the GPU (no host sync, no allocation); the next step's plan
+(`ColdPath.plan`) flushes it to the slabs with one copy (tokens become search candidates only
+once they leave the window, at least one step later, so nothing reads them before the flush).
 
 Reads. `rows(...)` maps (layer, sequence, KV head, position) to slab rows on the GPU;
 `fetch(...)` gathers them (gpu_kernels/fetch.py, a UVA kernel, on CUDA; indexing elsewhere).
@@ -49,8 +49,8 @@ import torch
 
 from gpu_kernels import reference
 from kvstore.config import KVStoreConfig
-from kvstore.hot_tier import ModelGeometry, use_triton
-from kvstore.workspace import Workspace
+from kvstore.geometry import ModelGeometry, use_triton
+from kvstore.plan import Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ class ColdTier:
 
     def read_sequence(self, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored token of one sequence, keys and values [L, Hkv, n, d] (host copies, position
-        order, the model's dtype): what an export of the sequence needs (kvstore/sequence_io.py).
+        order, the model's dtype): what an export of the sequence needs (kvstore/adapters/transfer.py).
         Flushes the last decode step first (a host sync: not a decode-path call)."""
         self.flush()
         n = int(self.num_tokens[seq_id])

@@ -15,9 +15,9 @@ candidates); `scores` must return -1 outside it. `prefill` runs per layer during
 other calls per layer during decode and must not sync the host or allocate: what they write
 goes into the step's buffers, taken at plan time by `plan_workspace` (a selector that scores
 with its own tensors extends it; `select` copies scores returned elsewhere into the buffer).
-Per-step metadata (`SelectionStep`) is built once per step in the store's plan.
+Per-step metadata (`SelectionStep`, kvstore/plan.py) is built once per step in the store's plan.
 
-A selector is registered by name in kvstore/selectors.py (`SELECTORS`, `make_selector`).
+A selector is registered by name in kvstore/cold/selectors.py (`SELECTORS`, `make_selector`).
 """
 
 from __future__ import annotations
@@ -26,20 +26,19 @@ import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from gpu_kernels import reference, torch_ops
-from kvstore.hot_tier import use_triton
-from kvstore.workspace import Workspace
+from kvstore.geometry import use_triton
+from kvstore.plan import SelectionStep, Workspace
 
 if TYPE_CHECKING:
-    from kvstore.cold_tier import ColdTier
+    from kvstore.cold.host_tier import ColdTier
     from kvstore.config import KVStoreConfig
-    from kvstore.hot_tier import ModelGeometry
+    from kvstore.geometry import ModelGeometry
 
 logger = logging.getLogger(__name__)
 
@@ -48,39 +47,6 @@ def per_seq_bytes(t: torch.Tensor) -> int:
     """Bytes of one sequence slot of a per-sequence state tensor [L, S, ...], also before it has
     any slot (S = 0: a prefill that failed before the state grew still has its sequences released)."""
     return math.prod(t.shape[:1] + t.shape[2:]) * t.element_size()
-
-
-@dataclass
-class SelectionStep:
-    """One decode step's selection metadata (built once in plan, read by every layer).
-
-    seq_ids:    int64 [B] sequence slots.
-    positions:  int64 [B] position of the token being decoded.
-    lo, hi:     int64 [B] candidate range [lo, hi) per sequence.
-    k:          int64 [B] tokens to select per (sequence, KV head) (fixed at prefill).
-    num_tokens: host int, max(hi): the width scored this step.
-    kmax:       host int, min(max(k), num_tokens - lo), and under `exclude` at most the most
-                candidates any (layer, sequence, KV head) has: the fixed width of the selection.
-    uniform_k:  every sequence selects the same k (then top-k need not be sorted).
-    exclude:    bool [L, S, Hkv, cap + 1] or None: True where a (layer, sequence slot, KV head,
-                position) is resident in the hot tier and so never selected (the LeanKV hot
-                policy of `tiered`: the candidates are the tokens it pruned). The store's own
-                tensor, updated in plan; column cap is a trash column.
-    ws:         the step's buffers (`Selector.plan_workspace`, plus the store's for the GPU cache,
-                the fetch and the attention over the selection), or None outside a store's plan:
-                then each call builds its buffers itself (the same ops, allocating).
-    """
-
-    seq_ids: torch.Tensor
-    positions: torch.Tensor
-    lo: torch.Tensor
-    hi: torch.Tensor
-    k: torch.Tensor
-    num_tokens: int
-    kmax: int
-    uniform_k: bool
-    exclude: torch.Tensor | None = None
-    ws: dict | None = None
 
 
 class Selector:
@@ -252,7 +218,7 @@ class PQSelector(Selector):
     centroids: fp16  [L, S, Hkv, m, K, d/m]   (fp16 halves what a short prompt spends on them;
                                               tables and distances are computed in fp32)
     A store on CUDA trains them on the device right after each layer's prefill, on the keys
-    already there (`kvstore.kmeans`, `pq_trainer="auto"`): seeded, stopped by a convergence
+    already there (`kvstore.cold.kmeans`, `pq_trainer="auto"`): seeded, stopped by a convergence
     rule, no host copy and no wait at the first decode step. A CPU store (or
     `pq_trainer="faiss"`) trains them with FAISS on host threads: prefill of layer l hands a
     build job to one background thread (FAISS k-means uses the cores); the job waits for layer l's copy to host memory, trains on the candidates
@@ -306,10 +272,10 @@ class PQSelector(Selector):
 
     @torch.no_grad()
     def _train_on_device(self, layer, seq_ids, k, valid, prompt_lens, hi):
-        """Codebooks of one layer trained on the keys in device memory (`kvstore.kmeans`), codes and
+        """Codebooks of one layer trained on the keys in device memory (`kvstore.cold.kmeans`), codes and
         centroids written in place. Sequences of one length (a dense batch) train together, in
         groups of about `_TRAIN_GROUP_BYTES` of fp32 keys; others one at a time."""
-        from kvstore.kmeans import train_codebooks
+        from kvstore.cold.kmeans import train_codebooks
 
         t0 = time.perf_counter()
         S, c = self.config.sink_tokens, self.config

@@ -1,6 +1,6 @@
 """The benchmark baselines as selectors: StreamingLLM, H2O, SnapKV, Quest.
 
-They plug into the store exactly like PQ and the exact oracle (kvstore/selection.py): sinks and
+They plug into the store exactly like PQ and the exact oracle (kvstore/cold/selection.py): sinks and
 the window live in the hot tier, every token in the cold tier, and at each decode step the
 selector scores the candidates [lo, hi) of each (sequence, KV head); the top `budget` of them are
 fetched and attended. Their scoring logic is in retrieval/baselines.py (tested on hand-computed
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.selection import ExactSelector, Selector, SelectionStep, per_seq_bytes
+from kvstore.cold.selection import ExactSelector, Selector, per_seq_bytes
+from kvstore.plan import SelectionStep
 from retrieval import baselines
 
 #: SnapKV's "always keep" score (observation window, generated tokens); any vote is far below.

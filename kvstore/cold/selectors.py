@@ -1,21 +1,21 @@
 """The selector registry: selector names (`KVStoreConfig.selector`) to the classes that implement them.
 
 `selection.py` holds the interface and PQCache's and the oracle's selectors,
-`baseline_selectors.py` the benchmark baselines; this module only names them, so neither imports
-the other and the store builds any of them with `make_selector`.
+`baselines.py` the benchmark baselines; this module only names them, so neither imports
+the other and the cold path (path.py) builds any of them with `make_selector`.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvstore.baseline_selectors import H2OSelector, QuestSelector, SnapKVSelector, StreamingSelector
-from kvstore.selection import ExactSelector, PQSelector, Selector
+from kvstore.cold.baselines import H2OSelector, QuestSelector, SnapKVSelector, StreamingSelector
+from kvstore.cold.selection import ExactSelector, PQSelector, Selector
 
 if TYPE_CHECKING:
-    from kvstore.cold_tier import ColdTier
+    from kvstore.cold.host_tier import ColdTier
     from kvstore.config import KVStoreConfig
-    from kvstore.hot_tier import ModelGeometry
+    from kvstore.geometry import ModelGeometry
 
 SELECTORS: dict[str, type[Selector]] = {
     "pq": PQSelector,

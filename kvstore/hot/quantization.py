@@ -29,7 +29,7 @@ import logging
 import torch
 
 from gpu_kernels import reference, torch_ops
-from kvstore.page_format import PageFormat
+from kvstore.hot.page_format import PageFormat
 
 logger = logging.getLogger(__name__)
 

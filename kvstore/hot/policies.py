@@ -7,14 +7,19 @@ KV heads (no Python loop over any of them):
   (and, for LeanKV, at which precision tier).
 * `plan(...)`: once per decode step, for every (sequence, layer, KV head) at once, whether the
   new token takes a fresh slot (index -1) or *reuses* the high-tier slot of a token that leaves
-  the hot tier this step. The store turns the index into (page, slot) through the page table.
+  the hot tier this step, and (LeanKV) which low token is pruned and which high token demoted.
   The position of the token that leaves is reported (`evicted_pos`) so the cold tier, which
   identifies tokens by position, can keep it reachable. Its `last_step` argument carries the
   previous step's logits of every hot token when the hot tier kept them (LeanKV's score update;
   the other policies ignore it).
 
+A policy decides and the hot tier moves: `plan` returns a `StepDecision` (kvstore/hot/tier.py)
+that `HotTier.apply` carries out (the low tier's moves, then each new token's index turned into
+(page, slot) through the page table, the pages that fill up allocated). The one thing a policy
+writes is its own bookkeeping: LeanKV's per-slot scores, kept in the pool's `slot_score` array.
+
 High-tier index i of a head lives in page `table.pages[..., i // tokens_per_page]`, slot
-`i % tokens_per_page` (kvstore/page_table.py).
+`i % tokens_per_page` (kvstore/hot/page_table.py).
 
 Policies:
   all     every token stays (the foundation's behaviour).
@@ -32,9 +37,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from kvstore.hot.tier import LowTierMoves, StepDecision
+
 if TYPE_CHECKING:
     from kvstore.config import KVStoreConfig
-    from kvstore.hot_tier import HotTier, ModelGeometry
+    from kvstore.geometry import ModelGeometry
+    from kvstore.hot.tier import HotTier
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +67,6 @@ class PrefillKeep:
     high: torch.Tensor
     low: torch.Tensor | None = None
     scores: torch.Tensor | None = None  # fp32 [B, Hkv, T] initial slot scores (LeanKV)
-
-
-@dataclass
-class StepDecision:
-    """A policy's decision for one decode step, for every (sequence, layer, KV head).
-
-    reuse:       int64 [B, L, Hkv] high-tier index whose slot the new token takes; -1 = fresh slot.
-    evicted_pos: int64 [B, L, Hkv] position of the token that leaves the hot tier; -1 = none.
-    """
-
-    reuse: torch.Tensor
-    evicted_pos: torch.Tensor
 
 
 class HotPolicy:
@@ -229,16 +225,17 @@ class LeanKVPolicy(HotPolicy):
     A low token pruned without a demotion leaves an empty slot (position -1, never attended).
 
     Under retrieval (the `tiered` preset) only hot tokens get probabilities. The rule: a hot
-    token's probability is its share of the *merged* softmax (hot + retrieved: the store
+    token's probability is its share of the *merged* softmax (hot + retrieved: the cold path
     overwrites the step's `lse_all[layer]` with the merged log-sum-exp after the LSE merge,
-    `KVStore._decode_retrieval`), so the scores of hot tokens keep meaning "attention mass"
+    `ColdPath.finish`), so the scores of hot tokens keep meaning "attention mass"
     and a retrieved token that takes mass lowers the hot tokens' shares exactly as it would
     with every token hot. Retrieved tokens (not in the hot tier) get no score and are never
     re-admitted: retrieval is their way back. The sinks (positions < `sink_tokens`) are immune
     under retrieval: the PQ index never codes them.
 
     All decisions are batched tensor operations over (sequence, layer, KV head) at plan time; the
-    demotion moves (dequantize high, requantize low) happen there too, before any layer runs.
+    moves they call for (`LowTierMoves`: empty the pruned low slots, dequantize high and requantize
+    low, new low pages) are the hot tier's (`HotTier.apply`), right after, before any layer runs.
     """
 
     name = "leankv"
@@ -380,49 +377,13 @@ class LeanKVPolicy(HotPolicy):
         l_slot = torch.gather(lslot, 3, larg.unsqueeze(-1)).squeeze(-1)
         l_pos = torch.gather(lpos, 3, larg.unsqueeze(-1)).squeeze(-1).long()
 
-        # prune low tokens first (a demotion of the same head may take the slot right after)
-        pm = l_prune.reshape(-1)
-        pool.slot_pos[l_page.reshape(-1)[pm], l_slot.reshape(-1)[pm]] = -1
-        pool.slot_score[l_page.reshape(-1)[pm], l_slot.reshape(-1)[pm]] = 0.0
-
-        # demotions: destination = the pruned low slot, else the next low slot (maybe a new page)
-        append = h_demote & ~l_prune
-        n_low = table.num_low[seq_ids].long()
-        needs = append & (n_low % tl_ == 0)
-        if bool(needs.any().item()):
-            high_pages = (table.num_tokens.long() + th - 1) // th
-            table.ensure_pages(int(high_pages.max().item()) + int(table.num_low_pages.max().item()) + 2)
-            pages_full = table.pages
-            C = pages_full.shape[-1]
-            ids, offsets = pool.allocate(needs.reshape(-1).long())
-            flat = needs.reshape(-1).nonzero(as_tuple=True)[0]
-            b, rest = flat // (L * H), flat % (L * H)
-            l, h = rest // H, rest % H
-            pages_full[seq_ids[b], l, h, C - 1 - nlp.reshape(-1)[flat]] = ids[offsets[flat]]
-            table.num_low_pages[seq_ids] += needs.to(torch.int32)
-        pages = table.pages[seq_ids]
-        C = pages.shape[-1]
-        app_col = (C - 1 - n_low // tl_).clamp(min=0)
-        app_page = torch.gather(pages, 3, app_col.unsqueeze(-1)).squeeze(-1).long()
-        dst_page = torch.where(l_prune, l_page, app_page)
-        dst_slot = torch.where(l_prune, l_slot, n_low % tl_)
-        table.num_low[seq_ids] += append.to(torch.int32)
-        dm = h_demote.reshape(-1)
-        if bool(dm.any().item()):
-            src_page, src_slot = h_page.reshape(-1)[dm], h_slot.reshape(-1)[dm]
-            k_pages, v_pages = hot.high.read(pool.data, src_page)  # [M, th, d]
-            rows = torch.arange(src_page.numel(), device=dev)
-            kk, vv = k_pages[rows, src_slot], v_pages[rows, src_slot]
-            dp, ds = dst_page.reshape(-1)[dm], dst_slot.reshape(-1)[dm]
-            hot.low.write(pool.data, dp, ds, kk.to(store.geometry.dtype), vv.to(store.geometry.dtype))
-            pool.slot_pos[dp, ds] = pool.slot_pos[src_page, src_slot]
-            pool.slot_score[dp, ds] = pool.slot_score[src_page, src_slot]
-
         act = h_prune | h_demote
         reuse = torch.where(act, harg, torch.full_like(harg, -1))
         evicted = torch.where(h_prune, h_pos, torch.full_like(h_pos, -1))
         self.last_low_evicted = torch.where(l_prune, l_pos, torch.full_like(l_pos, -1))
-        return StepDecision(reuse=reuse, evicted_pos=evicted)
+        moves = LowTierMoves(prune=l_prune, low_page=l_page, low_slot=l_slot, demote=h_demote, high_page=h_page,
+                             high_slot=h_slot)
+        return StepDecision(reuse=reuse, evicted_pos=evicted, low_moves=moves)
 
 
 POLICIES["leankv"] = LeanKVPolicy

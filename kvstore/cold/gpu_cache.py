@@ -31,8 +31,8 @@ import math
 
 import torch
 
-from kvstore.hot_tier import ModelGeometry
-from kvstore.workspace import Workspace
+from kvstore.geometry import ModelGeometry
+from kvstore.plan import Workspace
 
 POLICIES = ("lfu", "lru")
 

@@ -5,7 +5,7 @@ many per head, decode: one per head at the slot the step's plan chose), gathers 
 attention, and gives every page back when a sequence ends.
 
 Which tokens it keeps and at which precision is the hot-tier policy's business
-(kvstore/policies.py); the hot tier only stores what it is told, where it is told.
+(kvstore/hot/policies.py); the hot tier only stores what it is told, where it is told.
 """
 
 from __future__ import annotations
@@ -18,11 +18,47 @@ import torch
 from gpu_kernels import reference, torch_ops
 
 from kvstore.config import KVStoreConfig
-from kvstore.page_format import FullFormat, PageFormat
-from kvstore.page_pool import PagePool
-from kvstore.page_table import PageTable
-from kvstore.quantization import QuantFormat
-from kvstore.workspace import Workspace
+from kvstore.geometry import ModelGeometry, use_triton
+from kvstore.hot.page_format import FullFormat, PageFormat
+from kvstore.hot.page_pool import PagePool
+from kvstore.hot.page_table import PageTable
+from kvstore.hot.quantization import QuantFormat
+from kvstore.plan import Workspace
+
+
+@dataclass
+class LowTierMoves:
+    """LeanKV's page moves of one decode step, per (sequence, layer, KV head): at most one low token
+    pruned and one high token demoted (`HotTier.apply` makes them).
+
+    prune:               bool [B, L, Hkv] the low token at (low_page, low_slot) leaves the hot tier.
+    low_page, low_slot:  int64 [B, L, Hkv] the low tier's lowest-mean token.
+    demote:              bool [B, L, Hkv] the high token at (high_page, high_slot) is requantized
+                         into the low tier: into the pruned low slot where `prune`, else the next
+                         low slot (a new low page, from the right of the table, when the last is full).
+    high_page, high_slot: int64 [B, L, Hkv] the high tier's lowest-mean non-immune token.
+    """
+
+    prune: torch.Tensor
+    low_page: torch.Tensor
+    low_slot: torch.Tensor
+    demote: torch.Tensor
+    high_page: torch.Tensor
+    high_slot: torch.Tensor
+
+
+@dataclass
+class StepDecision:
+    """A policy's decision for one decode step, for every (sequence, layer, KV head).
+
+    reuse:       int64 [B, L, Hkv] high-tier index whose slot the new token takes; -1 = fresh slot.
+    evicted_pos: int64 [B, L, Hkv] position of the token that leaves the hot tier; -1 = none.
+    low_moves:   the low tier's moves before the new token is placed (LeanKV), else None.
+    """
+
+    reuse: torch.Tensor
+    evicted_pos: torch.Tensor
+    low_moves: LowTierMoves | None = None
 
 
 def make_format(key_bits: int, value_bits: int, head_dim: int, dtype: torch.dtype, groups: int = 1) -> PageFormat:
@@ -30,33 +66,6 @@ def make_format(key_bits: int, value_bits: int, head_dim: int, dtype: torch.dtyp
     if key_bits == 16 and value_bits == 16:
         return FullFormat(head_dim, dtype)
     return QuantFormat(key_bits, value_bits, head_dim, dtype, groups)
-
-
-@dataclass(frozen=True)
-class ModelGeometry:
-    """The attention shape of the model a store serves."""
-
-    num_layers: int
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-    device: torch.device
-
-    @property
-    def group_size(self) -> int:
-        return self.num_q_heads // self.num_kv_heads
-
-    @property
-    def dense_bytes_per_token(self) -> int:
-        """Bytes the model's own dense cache spends on one token, all layers and KV heads."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
-
-
-def use_triton(config: KVStoreConfig, device: torch.device) -> bool:
-    """Whether the Triton kernels run: "always", or "auto" on CUDA; otherwise the torch references."""
-    return config.use_triton == "always" or (config.use_triton == "auto" and torch.device(device).type == "cuda")
 
 
 def check_hot_tier_bytes(config: KVStoreConfig, geometry: ModelGeometry, page_bytes: int) -> None:
@@ -178,6 +187,86 @@ class HotTier:
         self.pool.slot_pos[p64, s64] = w["pos"]
         if self.pool.score_slots:  # the new token starts with no attention mass
             self.pool.slot_score[p64, s64] = 0.0
+
+    def apply(self, seq_ids: torch.Tensor, decision: StepDecision) -> tuple[torch.Tensor, ...]:
+        """Plan time: carry out a policy's decision for one decode step (the policy decides, the
+        hot tier moves pages). First the low tier's moves (LeanKV: empty the pruned low slots,
+        requantize the demoted high tokens into the low tier), then each head's new token gets
+        its high-tier index: the slot of the token that leaves (`decision.reuse`) or the next
+        index n, the pages that fill up allocated for every (sequence, layer, KV head) at once
+        (host syncs here, none later in the step).
+
+        Returns page, slot [B, L, Hkv] (int32 page id and slot of each head's new token), fresh
+        bool [B, L, Hkv] (the new token took index n: n_high grew) and new_page int64 [B, L, Hkv]
+        (1 where that index opened a page).
+        """
+        if decision.low_moves is not None:
+            self._move_low(seq_ids, decision.low_moves)
+        tpp = self.tokens_per_page
+        n = self.table.num_tokens[seq_ids].long()  # [B, L, H]
+        B, L, H = n.shape
+        fresh = decision.reuse < 0
+        index = torch.where(fresh, n, decision.reuse)  # high-tier index the new token takes
+        needs = (fresh & (n % tpp == 0)).long()
+        self.table.ensure_pages(self.pages_in_use(seq_ids) + 1 + int(self.table.num_low_pages.max().item()))
+        ids, offsets = self.pool.allocate(needs.reshape(-1))
+        if ids.numel():
+            flat = needs.reshape(-1).nonzero(as_tuple=True)[0]
+            b, rest = flat // (L * H), flat % (L * H)
+            l, h = rest // H, rest % H
+            self.table.pages[seq_ids[b], l, h, (n.reshape(-1)[flat] // tpp)] = ids[offsets[flat]]
+        page = torch.gather(self.table.pages[seq_ids], 3, (index // tpp).unsqueeze(-1)).squeeze(-1)
+        slot = (index % tpp).to(torch.int32)
+        self.table.num_tokens[seq_ids] += fresh.to(torch.int32)
+        return page, slot, fresh, needs
+
+    def _move_low(self, seq_ids: torch.Tensor, m: LowTierMoves) -> None:
+        """LeanKV's moves of one step (`LowTierMoves`), batched over (sequence, layer, KV head)."""
+        pool, table = self.pool, self.table
+        th, tl_ = self.tokens_per_page, self.low_tokens_per_page
+        B, L, H = m.demote.shape
+        dev = m.demote.device
+        l_prune, l_page, l_slot = m.prune, m.low_page, m.low_slot
+        h_demote, h_page, h_slot = m.demote, m.high_page, m.high_slot
+
+        # prune low tokens first (a demotion of the same head may take the slot right after)
+        pm = l_prune.reshape(-1)
+        pool.slot_pos[l_page.reshape(-1)[pm], l_slot.reshape(-1)[pm]] = -1
+        pool.slot_score[l_page.reshape(-1)[pm], l_slot.reshape(-1)[pm]] = 0.0
+
+        # demotions: destination = the pruned low slot, else the next low slot (maybe a new page)
+        append = h_demote & ~l_prune
+        nlp = table.num_low_pages[seq_ids].long()
+        n_low = table.num_low[seq_ids].long()
+        needs = append & (n_low % tl_ == 0)
+        if bool(needs.any().item()):
+            high_pages = (table.num_tokens.long() + th - 1) // th
+            table.ensure_pages(int(high_pages.max().item()) + int(table.num_low_pages.max().item()) + 2)
+            pages_full = table.pages
+            C = pages_full.shape[-1]
+            ids, offsets = pool.allocate(needs.reshape(-1).long())
+            flat = needs.reshape(-1).nonzero(as_tuple=True)[0]
+            b, rest = flat // (L * H), flat % (L * H)
+            l, h = rest // H, rest % H
+            pages_full[seq_ids[b], l, h, C - 1 - nlp.reshape(-1)[flat]] = ids[offsets[flat]]
+            table.num_low_pages[seq_ids] += needs.to(torch.int32)
+        pages = table.pages[seq_ids]
+        C = pages.shape[-1]
+        app_col = (C - 1 - n_low // tl_).clamp(min=0)
+        app_page = torch.gather(pages, 3, app_col.unsqueeze(-1)).squeeze(-1).long()
+        dst_page = torch.where(l_prune, l_page, app_page)
+        dst_slot = torch.where(l_prune, l_slot, n_low % tl_)
+        table.num_low[seq_ids] += append.to(torch.int32)
+        dm = h_demote.reshape(-1)
+        if bool(dm.any().item()):
+            src_page, src_slot = h_page.reshape(-1)[dm], h_slot.reshape(-1)[dm]
+            k_pages, v_pages = self.high.read(pool.data, src_page)  # [M, th, d]
+            rows = torch.arange(src_page.numel(), device=dev)
+            kk, vv = k_pages[rows, src_slot], v_pages[rows, src_slot]
+            dp, ds = dst_page.reshape(-1)[dm], dst_slot.reshape(-1)[dm]
+            self.low.write(pool.data, dp, ds, kk.to(self.geometry.dtype), vv.to(self.geometry.dtype))
+            pool.slot_pos[dp, ds] = pool.slot_pos[src_page, src_slot]
+            pool.slot_score[dp, ds] = pool.slot_score[src_page, src_slot]
 
     @staticmethod
     def _write_indices(page: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor, wsp: Workspace) -> dict:

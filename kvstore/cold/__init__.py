@@ -1,0 +1,17 @@
+"""The cold wing: every token's K/V in host memory, and the retrieval that brings the ones a
+query needs back to the GPU.
+
+  path.py          ColdPath: what the store does with all of it, per prefill layer (host copy,
+                   index) and per decode layer: begin (select, look up the GPU cache, start the
+                   fetch) before the hot tier's attention, finish (wait, attend, merge, admit) after
+  host_tier.py     ColdTier: pinned host slabs of every token's K/V (prefill copy stream, decode
+                   staging), and the fetch of selected rows (UVA gather on CUDA)
+  selection.py     the Selector interface, PQCache's selector (PQ codes on the device) and the
+                   exact oracle
+  baselines.py     StreamingLLM, H2O, SnapKV, Quest as selectors (the benchmark baselines)
+  selectors.py     the registry of `KVStoreConfig.selector` names (`make_selector`)
+  gpu_cache.py     GPUCache: slots of retrieved tokens per (sequence, layer, KV head), LFU/LRU
+  kmeans.py        PQ codebooks trained on the device (a CUDA store's trainer)
+
+Nothing here imports the hot wing (kvstore/hot/).
+"""

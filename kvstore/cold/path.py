@@ -1,0 +1,354 @@
+"""The cold path: what a store does with the cold tier and retrieval, per prefill layer and per
+decode layer. `KVStore` owns one (`store.cold_path`) when its config has a cold tier or a
+selector, and calls it at fixed points of its data path::
+
+    prefill (per layer):  cold_path.prefill(...)    prompt K/V to the host tier (copy stream), the
+                                                    selector's index (PQ codebooks, exact keys ...),
+                                                    which prompt tokens the hot tier kept (tiered)
+    plan (once a step):   cold_path.plan(plan, ...) flush the last step's host writes; the step's
+                                                    selection metadata and buffers (host syncs here)
+    decode (per layer):   started = cold_path.begin(layer, plan, q, k, v, scale)
+                              new K/V to the host tier's staging buffer; select, look up the GPU
+                              cache, start the fetch of the misses
+                          out, lse = hot tier's attention (the fetch overlaps it)
+                          out = cold_path.finish(layer, plan, q, scale, out, lse, started)
+                              wait for the fetch, attend the retrieved tokens, merge by LSE, admit
+                              the misses into the GPU cache
+    release:              cold_path.release(seq_ids)
+
+`begin` and `finish` allocate nothing and never sync the host (tests/test_decode_allocations.py):
+every buffer they write was taken from the store's `Workspace` by `plan`.
+
+It holds the parts of retrieval (kvstore/cold/): the selector built from the registry
+(`selectors.make_selector`), the `GPUCache` of retrieved tokens, the residency map of the `tiered`
+preset (which positions the LeanKV hot tier still holds: the others are the candidates) and the
+fetch's side stream (CUDA) or thread (CPU). The host tier itself (`ColdTier`) is the store's
+(`store.cold`), built before the hot tier; the cold path reads and writes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from gpu_kernels import torch_ops
+from kvstore.cold.gpu_cache import GPUCache
+from kvstore.cold.host_tier import ColdTier
+from kvstore.cold.selection import budgets, window_sizes
+from kvstore.cold.selectors import make_selector
+from kvstore.config import KVStoreConfig
+from kvstore.geometry import ModelGeometry
+from kvstore.plan import DecodePlan, SelectionStep, Workspace
+
+logger = logging.getLogger(__name__)
+
+
+class ColdPath:
+    def __init__(self, config: KVStoreConfig, geometry: ModelGeometry, cold: ColdTier | None, max_seqs: int,
+                 workspace: Workspace):
+        self.config = config
+        self.geometry = geometry
+        self.device = geometry.device
+        #: the host tier (the store's; None for a selector without a cold tier)
+        self.cold = cold
+        #: sequence slots of the store (grown with it, `ensure_seqs`)
+        self.max_seqs = max_seqs
+        #: the store's step buffers: `plan` takes the selection's, the GPU cache's, the fetch's and the merge's
+        self.workspace = workspace
+        # retrieval (kvstore/cold/: selection.py, gpu_cache.py)
+        self.selector = None
+        self.gpu_cache: GPUCache | None = None
+        #: bool [L, S, Hkv, cap + 1] under hot_policy='leankv' with retrieval (`tiered`): which
+        #: positions each (layer, sequence, KV head) holds in the hot tier; the others (pruned)
+        #: are the selector's candidates. Column cap is a trash column for "no position".
+        self.resident: torch.Tensor | None = None
+        if config.retrieves:
+            if config.hot_policy not in ("window", "leankv"):
+                raise NotImplementedError(
+                    f"selector={config.selector!r} with hot_policy={config.hot_policy!r}: retrieval is wired for the "
+                    "'window' hot policy (candidates: outside sinks + window) and 'leankv' (candidates: the tokens "
+                    "it pruned)"
+                )
+            self.selector = make_selector(config, geometry, self.cold)
+            self.window = torch.ones(self.max_seqs, dtype=torch.int64, device=self.device)
+            self.topk = torch.ones(self.max_seqs, dtype=torch.int64, device=self.device)
+            self._cap = 0
+            if config.hot_policy == "leankv":
+                L, H = geometry.num_layers, geometry.num_kv_heads
+                self.resident = torch.zeros(L, self.max_seqs, H, 1, dtype=torch.bool, device=self.device)
+        #: overlap the fetch of misses with attention over resident tokens (False: fully synchronous)
+        self.async_fetch = True
+        self._fetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and config.retrieves else None
+        # one completion event per layer, re-recorded every step (nothing created on the decode path)
+        self._fetch_events = [torch.cuda.Event() for _ in range(geometry.num_layers)] if self._fetch_stream is not None else []
+        self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-fetch") if config.retrieves else None
+
+    # ---- sequences --------------------------------------------------------------------------
+    def ensure_seqs(self, max_seqs: int) -> None:
+        """Grow per-sequence state to `max_seqs` slots (the store's `_grow_seqs`, between steps)."""
+        old = self.max_seqs
+        if self.cold is not None:
+            self.cold.ensure_seqs(max_seqs)
+        if self.selector is not None:
+            for name in ("window", "topk"):
+                t = torch.ones(max_seqs, dtype=torch.int64, device=self.device)
+                t[:old] = getattr(self, name)
+                setattr(self, name, t)
+            self._ensure_retrieval(max_seqs, self._cap)
+        self.max_seqs = max_seqs
+
+    def release(self, seq_ids: torch.Tensor) -> None:
+        """Forget ended sequences: selector, GPU cache and residency rows, then their host chunks."""
+        t = seq_ids
+        if self.selector is not None:
+            self.selector.release(t)
+            if self.gpu_cache is not None:
+                self.gpu_cache.release(t)
+            if self.resident is not None:
+                self.resident[:, t] = False
+        if self.cold is not None:
+            self.cold.release(t)
+
+    def _ensure_retrieval(self, max_seqs: int, needed: int) -> None:
+        """Grow the position-indexed retrieval buffers (between steps; doubling)."""
+        cap = self._cap if needed <= self._cap else max(needed, 2 * self._cap, 64)
+        self._cap = cap
+        self.selector.ensure(max_seqs, cap)
+        if self.gpu_cache is not None:
+            self.gpu_cache.ensure(max_seqs, 0, cap)
+        if self.resident is not None:
+            L, S, H, C = self.resident.shape
+            if max_seqs > S or cap + 1 > C:
+                grown = torch.zeros(L, max(S, max_seqs), H, max(C, cap + 1), dtype=torch.bool, device=self.device)
+                grown[:, :S, :, : C - 1] = self.resident[..., : C - 1]
+                self.resident = grown
+
+    def _candidate_window(self, n: torch.Tensor) -> torch.Tensor:
+        """Recent tokens per sequence that are never candidates (int64 [B] for prompt lengths n).
+
+        'window': PQCache's window. 'leankv' (tiered): the recent tokens LeanKV never prunes, so
+        min(window, immune_tokens) >= 1: a larger window would leave tokens pruned between the
+        immune region and the window's start out of both the hot tier and the candidates.
+        """
+        w = window_sizes(self.config, n)
+        if self.resident is not None:
+            w = w.clamp(max=max(1, self.config.immune_tokens))
+        return w
+
+    # ---- prefill ----------------------------------------------------------------------------
+    def prefill(self, layer: int, seq_ids: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep,
+                positions: torch.Tensor, valid: torch.Tensor, scale: float) -> None:
+        """One layer of a prefill, after the hot tier stored what `keep` (the policy's `PrefillKeep`)
+        says: the prompt to the host tier and the selector's index, the kept tokens out of the
+        candidates (tiered), the prompt's queries to the selectors that score with them. Nothing
+        without a host tier (a selector needs one to have candidates)."""
+        if self.cold is None:
+            return
+        self._cold_prefill(layer, seq_ids, k, v, positions, valid)
+        if self.resident is not None:  # tiered: the prompt tokens LeanKV kept are not candidates
+            self._mark_resident_prefill(layer, seq_ids, keep, positions, valid)
+        if self.selector is not None:  # selectors that score with the prompt's queries (H2O, SnapKV)
+            self.selector.prefill_queries(layer, seq_ids, q, k, positions, valid, scale)
+
+    @torch.no_grad()
+    def _cold_prefill(self, layer: int, seq_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Prompt K/V to the cold tier (copy stream) and the selector's index (background build)."""
+        n = valid.sum(dim=1)
+        if layer == 0:
+            self.cold.allocate_prefill(seq_ids, n)
+            if self.selector is not None:
+                self.window[seq_ids] = self._candidate_window(n)
+                self.topk[seq_ids] = budgets(self.config, n)
+                kmax, nmax = (int(x) for x in torch.stack([self.topk[seq_ids].max(), n.max()]).tolist())
+                self._ensure_retrieval(self.max_seqs, nmax + 1)
+                # tiered: no candidate before LeanKV prunes; the cache grows at plan time with them
+                slots = 0 if self.resident is not None else min(self.config.gpu_cache_tokens, kmax)
+                if self.gpu_cache is None:
+                    self.gpu_cache = GPUCache(self.geometry, self.max_seqs, slots, self._cap)
+                else:
+                    self.gpu_cache.ensure(self.max_seqs, slots, self._cap)
+        self.cold.write_prefill(layer, k, v, positions, valid)
+        if self.selector is not None:
+            S = self.config.sink_tokens
+            hi = torch.clamp(n - self.window[seq_ids], min=S)
+            self.selector.prefill(layer, seq_ids, k, positions, valid, n, hi)
+
+    @torch.no_grad()
+    def _mark_resident_prefill(self, layer: int, seq_ids: torch.Tensor, keep, positions: torch.Tensor,
+                               valid: torch.Tensor) -> None:
+        """Record which prompt tokens of one layer the hot tier holds (either precision tier)."""
+        B, H, T = keep.high.shape
+        held = keep.high if keep.low is None else keep.high | keep.low
+        cap = self.resident.shape[-1] - 1
+        self.resident[layer, seq_ids] = False
+        col = torch.where(valid, positions.long(), torch.full_like(positions, cap, dtype=torch.int64))
+        h = torch.arange(H, device=self.device).view(1, H, 1)
+        self.resident[layer, seq_ids.view(B, 1, 1), h, col.view(B, 1, T)] = held & valid.view(B, 1, T)
+        self.resident[layer, :, :, cap] = False
+
+    # ---- decode: plan -----------------------------------------------------------------------
+    def plan(self, plan: DecodePlan, low_evicted: torch.Tensor | None = None) -> None:
+        """Plan time (`KVStore.plan`, after the hot tier's plan): flush the last step's host writes,
+        and with a selector fill `plan.selection` and `plan.retrieved` (host work, one host sync).
+        low_evicted: int64 [B, L, Hkv] positions the hot policy pruned from its low tier this step
+        (-1: none; LeanKV), which leave the residency map with `plan.evicted_pos`."""
+        if self.cold is not None:
+            self.cold.plan_step(plan.seq_ids, plan.positions)
+        if self.selector is not None:
+            self._plan_retrieval(plan, low_evicted)
+
+    @torch.no_grad()
+    def _mark_pruned_step(self, plan: DecodePlan, hi: torch.Tensor, low_evicted: torch.Tensor | None) -> torch.Tensor:
+        """Plan time: what the policy pruned this step leaves the residency map. Returns the number
+        of candidates (pruned tokens in [S, hi)) per (layer, sequence, KV head), int64 [L, B, Hkv]."""
+        B, L, H = plan.page.shape
+        cap = self.resident.shape[-1] - 1
+        sb = plan.seq_ids.view(B, 1, 1)
+        l_ = torch.arange(L, device=self.device).view(1, L, 1)
+        h = torch.arange(H, device=self.device).view(1, 1, H)
+        for gone in (plan.evicted_pos, low_evicted):  # two tensors
+            if gone is not None:
+                col = torch.where(gone >= 0, gone, torch.full_like(gone, cap))
+                self.resident[l_, sb, h, col] = False
+        self.resident[:, :, :, cap] = False
+        S = self.config.sink_tokens
+        t = torch.arange(cap, device=self.device).view(1, 1, 1, cap)
+        in_range = (t >= S) & (t < hi.view(1, B, 1, 1))
+        held = (self.resident[:, plan.seq_ids, :, :cap] & in_range).sum(-1)  # [L, B, H]
+        return (hi - S).clamp(min=0).view(1, B, 1) - held
+
+    def _plan_retrieval(self, plan: DecodePlan, low_evicted: torch.Tensor | None) -> None:
+        """Selection metadata and buffers of one step (host work, one host sync)."""
+        seq_ids, positions = plan.seq_ids, plan.positions
+        S = self.config.sink_tokens
+        hi = torch.clamp(positions + 1 - self.window[seq_ids], min=S)
+        k = self.topk[seq_ids]
+        # tiered: the selection is never wider than the most candidates any (layer, sequence, head)
+        # has (nothing pruned yet: nothing to select, no fetch, no GPU cache slots)
+        cand = self._mark_pruned_step(plan, hi, low_evicted).max() if self.resident is not None else hi.max()
+        num_tokens, kmax, kmin, pmax, cmax = (
+            int(x) for x in torch.stack([hi.max(), k.max(), k.min(), positions.max(), cand]).tolist())
+        self._ensure_retrieval(self.max_seqs, pmax + 1)
+        self.cold.device_maps()  # refresh the device chunk maps now, not inside a layer
+        ktop, kmax = kmax, max(0, min(kmax, num_tokens - S, cmax))
+        if self.resident is not None:
+            self.resident[:, seq_ids, :, positions] = True  # the new token is hot in every (layer, head)
+            want = min(self.config.gpu_cache_tokens, kmax)
+            if self.gpu_cache is not None and want > self.gpu_cache.slots:  # grows with the candidates
+                cap_slots = min(self.config.gpu_cache_tokens, ktop)
+                self.gpu_cache.ensure(self.max_seqs, min(cap_slots, max(want, 2 * self.gpu_cache.slots)), self._cap)
+        geo, wsp = self.geometry, self.workspace
+        B, H, Hq, d = seq_ids.numel(), geo.num_kv_heads, geo.num_q_heads, geo.head_dim
+        step = SelectionStep(seq_ids, positions, torch.full_like(hi, S), hi, k, num_tokens, kmax, kmin == kmax,
+                             exclude=self.resident)
+        ws = self.selector.plan_workspace(step, wsp)
+        ws["cache"] = self.gpu_cache.plan_workspace(seq_ids, kmax, wsp)
+        ws["fetch"] = self.cold.fetch_workspace(seq_ids, kmax, wsp)
+        ws["miss"] = wsp.take("ret.miss", (B, H, kmax), torch.bool)
+        ws["invalid"] = wsp.take("ret.invalid", (B, H, kmax), torch.bool)
+        ws["attn"] = torch_ops.decode_attention_buffers(lambda n, sh, t: wsp.take("ret." + n, sh, t), B, Hq, H, kmax, d,
+                                                        kv_fp32=geo.dtype == torch.float32)
+        ws["merge"] = torch_ops.merge_attention_buffers(lambda n, sh, t: wsp.take("merge." + n, sh, t), B, Hq, d)
+        step.ws = ws
+        plan.selection = step
+        plan.retrieved = wsp.take("ret.kv", (2, B, H, kmax, d), geo.dtype).zero_()
+
+    # ---- decode: per layer ------------------------------------------------------------------
+    @torch.no_grad()
+    def begin(self, layer: int, plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+        """Before the hot tier's attention of one layer: the new token's K/V to the host tier's step
+        buffer; with a selector, select, look up the GPU cache and start the fetch of the misses
+        (it overlaps the hot tier's attention). q [B, Hq, 1, d]; k, v [B, Hkv, 1, d].
+
+        Returns what `finish` takes (None without a selector): positions and validity of the
+        selection, their GPU cache slots, and the pending fetch; views of the step's buffers."""
+        if self.cold is not None:
+            self.cold.write_decode(layer, k[:, :, 0].detach(), v[:, :, 0].detach())
+        if self.selector is None:
+            return None
+        step, buf, q0 = plan.selection, plan.retrieved, q[:, :, 0]
+        ws = step.ws
+        self.selector.before_decode(layer)  # first step after prefill: this layer's build only
+        self.selector.append(layer, step, k[:, :, 0])
+        pos, valid = self.selector.select(layer, step, q0, scale)
+        slot = self.gpu_cache.lookup(layer, step.seq_ids, pos, valid, ws["cache"])
+        miss = torch.lt(slot, 0, out=ws["miss"]).bitwise_and_(valid)
+        pending = self._start_fetch(layer, step.seq_ids, pos, miss, buf, ws["fetch"])
+        return pos, valid, slot, pending
+
+    @torch.no_grad()
+    def finish(self, layer: int, plan: DecodePlan, q: torch.Tensor, scale: float, out_h: torch.Tensor,
+               lse_h: torch.Tensor, started) -> torch.Tensor:
+        """After the hot tier's attention of one layer (out_h [B, Hq, d], lse_h fp32 [B, Hq]): wait for
+        the fetch, read the hits from the GPU cache, attend the retrieved tokens, merge with the hot
+        tier's result by LSE, admit the misses. Returns fp32 [B, Hq, d], a view of the step's
+        buffers (out_h as it came without a selector: `started` is None)."""
+        if started is None:
+            return out_h
+        pos, valid, slot, pending = started
+        step, buf, q0 = plan.selection, plan.retrieved, q[:, :, 0]
+        ws = step.ws
+        self._wait_fetch(pending)
+        self.gpu_cache.read(layer, step.seq_ids, slot, buf, ws["cache"])
+        invalid = torch.logical_not(valid, out=ws["invalid"])
+        out_r, lse_r = torch_ops.decode_attention_out(q0, buf[0], buf[1], invalid, scale, ws["attn"])
+        out, lse = torch_ops.merge_attention_out(out_h, lse_h, out_r, lse_r, ws["merge"])
+        hws = plan.hot_ws
+        if hws is not None and hws.get("lse_all") is not None:
+            # LeanKV's score update reads exp(logit - lse_all): with the merged lse, a hot token's
+            # probability is its share of the softmax over hot + retrieved tokens (kvstore/hot/policies.py)
+            hws["lse_all"][layer].copy_(lse)
+        self.gpu_cache.admit(layer, step.seq_ids, pos, valid, slot, buf, ws["cache"])
+        if layer == self.geometry.num_layers - 1:
+            self.gpu_cache.end_step()
+        return out
+
+    def _start_fetch(self, layer, seq_ids, pos, miss, buf, ws=None):
+        if not self.async_fetch:
+            self.cold.fetch(layer, seq_ids, pos, miss, buf, ws)
+            return None
+        if self._fetch_stream is not None:  # CUDA: side stream, ordered after what produced pos/miss
+            self._fetch_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._fetch_stream):
+                self.cold.fetch(layer, seq_ids, pos, miss, buf, ws)
+                ev = self._fetch_events[layer]
+                ev.record(self._fetch_stream)
+            return ev
+        return self._fetch_pool.submit(self.cold.fetch, layer, seq_ids, pos, miss, buf, ws)  # CPU: a host thread
+
+    def _wait_fetch(self, pending) -> None:
+        if pending is None:
+            return
+        if isinstance(pending, torch.cuda.Event):
+            torch.cuda.current_stream(self.device).wait_event(pending)
+        else:
+            pending.result()
+
+    # ---- accounting -------------------------------------------------------------------------
+    def gpu_bytes(self, num_seqs: int) -> int:
+        """Device bytes of retrieval state of `num_seqs` sequences (0 without a selector)."""
+        return num_seqs * self._retrieval_bytes_per_seq() if self.selector is not None else 0
+
+    def stats(self, num_seqs: int) -> dict:
+        """The cold path's entries of `KVStore.stats` (none without a host tier)."""
+        return self._retrieval_stats(num_seqs) if self.cold is not None else {}
+
+    def _retrieval_bytes_per_seq(self) -> int:
+        """Device bytes of retrieval state per sequence slot: index, GPU cache, residency map."""
+        per_seq = self.selector.device_bytes_per_seq() + (self.gpu_cache.bytes_per_seq if self.gpu_cache else 0)
+        if self.resident is not None:
+            per_seq += self.resident[:, 0].numel() * self.resident.element_size()
+        return per_seq
+
+    def _retrieval_stats(self, num_seqs: int) -> dict:
+        out = {"host_reserved_bytes": self.cold.reserved_bytes}
+        if self.selector is not None:
+            out["retrieval_gpu_bytes"] = num_seqs * self._retrieval_bytes_per_seq()
+            out["gpu_cache_hit_rate"] = self.gpu_cache.hit_rate() if self.gpu_cache else float("nan")
+            out["gpu_cache_slots"] = self.gpu_cache.slots if self.gpu_cache else 0
+            out["pq_build_seconds"] = getattr(self.selector, "build_seconds", 0.0)
+            out["pq_wait_seconds"] = getattr(self.selector, "wait_seconds", 0.0)
+        return out
