@@ -169,8 +169,9 @@ class Engine:
         self.graphs = DecodeGraphs(self.store) if why_not is None else None
         self._static: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.decode_path = "cuda-graph" if self.graphs is not None else "eager"
-        logger.info("engine: %s preset, max batch %d, decode step: %s", self.config.name, max_batch,
-                    "CUDA graph" if self.graphs is not None else f"eager ({why_not})")
+        say = logger.info if self.device.type == "cuda" else logger.debug  # on a CPU there is no choice to report
+        say("engine: %s preset, max batch %d, decode step: %s", self.config.name, max_batch,
+            "CUDA graph" if self.graphs is not None else f"eager ({why_not})")
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int] | torch.Tensor, params: SamplingParams | None = None) -> int:
