@@ -213,8 +213,9 @@ class KVStoreConfig:
             raise bad("cold_value_bits", "keys never get fewer bits than values")
         if self.use_triton not in ("auto", "always", "never"):
             raise bad("use_triton", "must be 'auto', 'always' or 'never'")
-        if self.selector != "none" and not self.cold_tier and self.selector in ("pq", "exact"):
-            raise bad("selector", "retrieval selectors need cold_tier=True: retrieved tokens come from host memory")
+        if self.selector != "none" and not self.cold_tier:
+            raise bad("selector", "every selector needs cold_tier=True: the tokens it selects are read from host "
+                                  "memory (the baselines' too)")
         if self.hot_policy == "window" and self.selector == "none" and not self.cold_tier:
             raise bad("hot_policy", "'window' without a selector or cold tier would drop tokens for good")
         for f, why in self._unappliable():

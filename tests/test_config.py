@@ -37,6 +37,14 @@ def test_bad_field_raises_value_error_naming_it(field, value):
         KVStoreConfig(**{field: value})
 
 
+@pytest.mark.parametrize("selector", ["pq", "exact", "streaming", "h2o", "snapkv", "quest"])
+def test_every_selector_without_a_cold_tier_is_refused_at_construction(selector):
+    # the baselines read their selected tokens from the host tier too: refused here, not at the first decode step
+    with pytest.raises(ValueError, match="KVStoreConfig.selector=.*needs cold_tier=True"):
+        KVStoreConfig(hot_policy="window", selector=selector)
+    assert KVStoreConfig(hot_policy="window", selector=selector, cold_tier=True).cold_tier
+
+
 def test_keys_never_fewer_bits_than_values():
     with pytest.raises(ValueError, match="value_bits"):
         KVStoreConfig(key_bits=4, value_bits=8)
