@@ -384,6 +384,21 @@ def _dense_cases():
     ]
 
 
+def test_tiered_on_the_kernel_path_on_a_cpu_fetches_in_step():
+    """Triton kernels on a CPU run in Triton's interpreter, which two threads cannot share (its grid
+    state is global: a fetch kernel interpreted in the fetch thread while the decode kernel runs
+    failed with "x >= grid_dim[0]"). There the cold path fetches in step."""
+    tiered = dict(page_size=4, sink_tokens=2, immune_tokens=4, window_tokens=4, score_queries=8, alpha_prune=0.5,
+                  alpha_quant=2.0, pq_bits=3, token_budget=512)
+    store = KVStore(KVStoreConfig.preset("tiered", use_triton="always", **tiered), _geometry())
+    assert store.async_fetch is False
+    a = _PeakyDriver(store, [24, 13, 5], seed=1)
+    a.prefill(1)
+    for _ in range(8):  # the race hit at step 0 before
+        a.step()
+    a.release([0, 1, 2])
+
+
 @pytest.mark.parametrize("make_config,chunks", _dense_cases())
 def test_high_tier_has_no_empty_slot_below_n_high(make_config, chunks):
     """The invariant the decode kernel's HIGH_DENSE relies on: whenever a layer's decode attention

@@ -39,7 +39,7 @@ from kvstore.cold.host_tier import ColdTier
 from kvstore.cold.selection import budgets, window_sizes
 from kvstore.cold.selectors import make_selector
 from kvstore.config import KVStoreConfig
-from kvstore.geometry import ModelGeometry
+from kvstore.geometry import ModelGeometry, use_triton
 from kvstore.plan import DecodePlan, SelectionStep, Workspace
 
 logger = logging.getLogger(__name__)
@@ -78,8 +78,10 @@ class ColdPath:
             if config.hot_policy == "leankv":
                 L, H = geometry.num_layers, geometry.num_kv_heads
                 self.resident = torch.zeros(L, self.max_seqs, H, 1, dtype=torch.bool, device=self.device)
-        #: overlap the fetch of misses with attention over resident tokens (False: fully synchronous)
-        self.async_fetch = True
+        #: overlap the fetch of misses with attention over resident tokens (False: fully synchronous).
+        #: Not with Triton kernels on a CPU: they run in Triton's interpreter, which is not thread-safe
+        #: (two kernels interpreted at once in two threads clobber its grid state: "x >= grid_dim[0]")
+        self.async_fetch = not (self.device.type != "cuda" and use_triton(config, self.device))
         self._fetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and config.retrieves else None
         # one completion event per layer, re-recorded every step (nothing created on the decode path)
         self._fetch_events = [torch.cuda.Event() for _ in range(geometry.num_layers)] if self._fetch_stream is not None else []
