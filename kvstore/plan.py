@@ -101,6 +101,8 @@ class DecodePlan:
     num_pages: widest page table among the batch (the gather limit for the reference path)
     evicted_pos: int64 [B, L, Hkv] position of the token that leaves the hot tier this step
                (its slot is the one the new token reuses), -1 where none leaves
+    low_evicted: int64 [B, L, Hkv] position pruned from the low tier this step (-1: none); None
+               without a low tier
     hot_ws:    buffers of the hot tier's decode writes and attention (HotTier.plan_workspace)
     selection: retrieval metadata of the step (`SelectionStep`), None without a selector;
                its `ws` holds the buffers of the selection, GPU cache, fetch and merge
@@ -120,6 +122,7 @@ class DecodePlan:
     slot: torch.Tensor
     num_pages: int
     evicted_pos: torch.Tensor | None = None
+    low_evicted: torch.Tensor | None = None
     hot_ws: dict | None = None
     selection: SelectionStep | None = None
     retrieved: torch.Tensor | None = None

@@ -266,14 +266,15 @@ class KVStore:
         decision = self.policy.plan(self, seq_ids, positions, last_step=self.hot.take_last_step())  # decides
         page, slot, fresh, needs = self.hot.apply(seq_ids, decision)  # moves pages, places the new tokens
         self.seq_len[seq_ids] += 1
-        plan = DecodePlan(seq_ids, positions, page, slot, self.hot.pages_in_use(seq_ids), decision.evicted_pos)
+        plan = DecodePlan(seq_ids, positions, page, slot, self.hot.pages_in_use(seq_ids), decision.evicted_pos,
+                          decision.low_evicted)
         plan.hot_ws = self.hot.plan_workspace(seq_ids, max(plan.num_pages, pages_hint or 0), workspace=self.workspace,
                                               page=page, slot=slot, positions=positions)
         geo = self.geometry
         B, L = seq_ids.numel(), geo.num_layers
         plan.out = self.workspace.take("store.out", (L, B, geo.num_q_heads, 1, geo.head_dim), geo.dtype)
         if self.cold_path is not None:  # the last step's host writes flushed; the step's selection
-            self.cold_path.plan(plan, low_evicted=getattr(self.policy, "last_low_evicted", None))
+            self.cold_path.plan(plan)
         self._plan_id += 1
         plan.step_id = self._plan_id
         plan.fresh, plan.new_page, plan.written = fresh, needs, [False] * L

@@ -423,7 +423,7 @@ def test_high_tier_has_no_empty_slot_below_n_high(make_config, chunks):
         assert not _high_holes(store, batch.seq_ids)
         prunes += int((plan.evicted_pos >= 0).sum())
         if leankv:
-            low_prunes += int((store.policy.last_low_evicted >= 0).sum())
+            low_prunes += int((plan.low_evicted >= 0).sum())
             most_low = max(most_low, int(store.hot.table.num_low[batch.seq_ids].sum()))
 
     for _ in range(25):

@@ -151,7 +151,7 @@ def test_budget_covering_the_context_attends_every_token_once(device):
                 want, _ = reference.merge_attention(out_h[b:b + 1], lse_h[b:b + 1], out_c, lse_c)
                 torch.testing.assert_close(out[b:b + 1].float(), want, rtol=TOL[device], atol=TOL[device])
     assert pruned > 0  # the thresholds did prune: the test compared recalled tokens
-    evicted_at_decode = int((plan.evicted_pos >= 0).sum()) + int((store.policy.last_low_evicted >= 0).sum())
+    evicted_at_decode = int((plan.evicted_pos >= 0).sum()) + int((plan.low_evicted >= 0).sum())
     hit_rate = store.stats()["gpu_cache_hit_rate"]
     store.release(seq_ids)
     assert evicted_at_decode > 0  # decode-time prunes too (observed 4 at the last step)

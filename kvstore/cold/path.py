@@ -192,18 +192,18 @@ class ColdPath:
         self.resident[layer, :, :, cap] = False
 
     # ---- decode: plan -----------------------------------------------------------------------
-    def plan(self, plan: DecodePlan, low_evicted: torch.Tensor | None = None) -> None:
+    def plan(self, plan: DecodePlan) -> None:
         """Plan time (`KVStore.plan`, after the hot tier's plan): flush the last step's host writes,
         and with a selector fill `plan.selection` and `plan.retrieved` (host work, one host sync).
-        low_evicted: int64 [B, L, Hkv] positions the hot policy pruned from its low tier this step
-        (-1: none; LeanKV), which leave the residency map with `plan.evicted_pos`."""
+        The tokens that left the hot tier this step (`plan.evicted_pos`, and `plan.low_evicted`
+        under LeanKV) leave the residency map."""
         if self.cold is not None:
             self.cold.plan_step(plan.seq_ids, plan.positions)
         if self.selector is not None:
-            self._plan_retrieval(plan, low_evicted)
+            self._plan_retrieval(plan)
 
     @torch.no_grad()
-    def _mark_pruned_step(self, plan: DecodePlan, hi: torch.Tensor, low_evicted: torch.Tensor | None) -> torch.Tensor:
+    def _mark_pruned_step(self, plan: DecodePlan, hi: torch.Tensor) -> torch.Tensor:
         """Plan time: what the policy pruned this step leaves the residency map. Returns the number
         of candidates (pruned tokens in [S, hi)) per (layer, sequence, KV head), int64 [L, B, Hkv]."""
         B, L, H = plan.page.shape
@@ -211,7 +211,7 @@ class ColdPath:
         sb = plan.seq_ids.view(B, 1, 1)
         l_ = torch.arange(L, device=self.device).view(1, L, 1)
         h = torch.arange(H, device=self.device).view(1, 1, H)
-        for gone in (plan.evicted_pos, low_evicted):  # two tensors
+        for gone in (plan.evicted_pos, plan.low_evicted):  # two tensors
             if gone is not None:
                 col = torch.where(gone >= 0, gone, torch.full_like(gone, cap))
                 self.resident[l_, sb, h, col] = False
@@ -222,7 +222,7 @@ class ColdPath:
         held = (self.resident[:, plan.seq_ids, :, :cap] & in_range).sum(-1)  # [L, B, H]
         return (hi - S).clamp(min=0).view(1, B, 1) - held
 
-    def _plan_retrieval(self, plan: DecodePlan, low_evicted: torch.Tensor | None) -> None:
+    def _plan_retrieval(self, plan: DecodePlan) -> None:
         """Selection metadata and buffers of one step (host work, one host sync)."""
         seq_ids, positions = plan.seq_ids, plan.positions
         S = self.config.sink_tokens
@@ -230,7 +230,7 @@ class ColdPath:
         k = self.topk[seq_ids]
         # tiered: the selection is never wider than the most candidates any (layer, sequence, head)
         # has (nothing pruned yet: nothing to select, no fetch, no GPU cache slots)
-        cand = self._mark_pruned_step(plan, hi, low_evicted).max() if self.resident is not None else hi.max()
+        cand = self._mark_pruned_step(plan, hi).max() if self.resident is not None else hi.max()
         num_tokens, kmax, kmin, pmax, cmax = (
             int(x) for x in torch.stack([hi.max(), k.max(), k.min(), positions.max(), cand]).tolist())
         self._ensure_retrieval(self.max_seqs, pmax + 1)

@@ -251,8 +251,6 @@ class LeanKVPolicy(HotPolicy):
         #: under retrieval (`tiered`) the first `sink_tokens` positions are immune too: the PQ
         #: index never codes them, so a pruned sink could not come back
         self.protect_sinks = config.retrieves
-        #: positions pruned from the low tier by the last plan, int64 [B, L, Hkv] (-1: none)
-        self.last_low_evicted: torch.Tensor | None = None
 
     def ensure_seqs(self, max_seqs: int) -> None:
         old = self.prompt_len.shape[0]
@@ -380,10 +378,10 @@ class LeanKVPolicy(HotPolicy):
         act = h_prune | h_demote
         reuse = torch.where(act, harg, torch.full_like(harg, -1))
         evicted = torch.where(h_prune, h_pos, torch.full_like(h_pos, -1))
-        self.last_low_evicted = torch.where(l_prune, l_pos, torch.full_like(l_pos, -1))
+        low_evicted = torch.where(l_prune, l_pos, torch.full_like(l_pos, -1))
         moves = LowTierMoves(prune=l_prune, low_page=l_page, low_slot=l_slot, demote=h_demote, high_page=h_page,
                              high_slot=h_slot)
-        return StepDecision(reuse=reuse, evicted_pos=evicted, low_moves=moves)
+        return StepDecision(reuse=reuse, evicted_pos=evicted, low_moves=moves, low_evicted=low_evicted)
 
 
 POLICIES["leankv"] = LeanKVPolicy

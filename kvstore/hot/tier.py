@@ -54,11 +54,13 @@ class StepDecision:
     reuse:       int64 [B, L, Hkv] high-tier index whose slot the new token takes; -1 = fresh slot.
     evicted_pos: int64 [B, L, Hkv] position of the token that leaves the hot tier; -1 = none.
     low_moves:   the low tier's moves before the new token is placed (LeanKV), else None.
+    low_evicted: int64 [B, L, Hkv] position pruned from the low tier (-1 = none), else None.
     """
 
     reuse: torch.Tensor
     evicted_pos: torch.Tensor
     low_moves: LowTierMoves | None = None
+    low_evicted: torch.Tensor | None = None
 
 
 def make_format(key_bits: int, value_bits: int, head_dim: int, dtype: torch.dtype, groups: int = 1) -> PageFormat:
