@@ -304,10 +304,11 @@ class Engine:
         if self.graphs is not None:
             return self._decode_graph(batch, rows)
         seq_ids, tokens, pos = rows.to(self.device).unbind(1)
+        seq_ids = seq_ids.contiguous()
         # the same plan as the graph path (buffers sized for the widest table the batch reaches):
         # the same kernel launch, so eager and graph steps give the same bits
-        plan = self.store.plan(seq_ids.contiguous(), pages_hint=max(self._pages_needed(r) for r in batch))
-        cache = self._decode_cache(self.store, seq_ids.contiguous(), plan)
+        plan = self.store.plan(seq_ids, pages_hint=max(self._pages_needed(r) for r in batch))
+        cache = self._decode_cache(self.store, seq_ids, plan)
         out = self.model(input_ids=tokens.view(-1, 1), position_ids=pos.view(-1, 1), use_cache=True,
                          logits_to_keep=1, **{self._cache_arg: cache})
         return out.logits[:, -1]
@@ -342,13 +343,12 @@ class Engine:
 
     def _take(self, logits: torch.Tensor, reqs: list[_Request]) -> list[StepOutput]:
         """Sample the next token of each request (row i of logits is reqs[i]); record and finish."""
-        dev = logits.device
         ps = [r.params for r in reqs]
-        temp = torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev)
-        top_k = torch.tensor([p.top_k for p in ps], dtype=torch.int64, device=dev)
-        top_p = torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev)
-        seeds = torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev)
-        steps = torch.tensor([len(r.tokens) for r in reqs], dtype=torch.int64, device=dev)
+        # one host-to-device copy per dtype, not one per field
+        floats = torch.tensor([[p.temperature, p.top_p] for p in ps], dtype=torch.float32).to(logits.device)
+        ints = torch.tensor([[p.top_k, r.seed, len(r.tokens)] for p, r in zip(ps, reqs)], dtype=torch.int64)
+        top_k, seeds, steps = ints.to(logits.device).unbind(1)
+        temp, top_p = floats.unbind(1)
         want = any(p.logprobs for p in ps)
         tok, logp = sample(logits, temp, top_k, top_p, seeds, steps, want_logprobs=want)
         tok = tok.tolist()

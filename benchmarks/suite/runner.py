@@ -325,18 +325,20 @@ def generate_batch(model, tokenizer, samples: list[Sample], method: Method, clie
         cache.release()
     new = out[:, ids.shape[1]:]
     preds = [tokenizer.decode(row, skip_special_tokens=True) for row in new.tolist()]
-    t = timer.times  # t[0] prompt handed over, t[i] token i generated
+    # t[0] prompt handed over, t[i] token i generated
+    return _batch_result(preds, timer.times, start, end, (len(timer.times) - 1) * len(samples), stats)
+
+
+def _batch_result(preds: list[str], t: list[float], start: float, end: float, generated: int, stats: dict) -> dict:
+    """A batch's row material from its token stamps (t[0]: the prompts handed over; t[i]: step i)."""
     steps = len(t) - 1
-    ttft = t[1] - start if steps >= 1 else float("nan")
-    tt2t = t[2] - start if steps >= 2 else float("nan")
-    tpot = (t[-1] - t[2]) / (steps - 2) if steps >= 3 else float("nan")
-    n = len(samples)
+    n = len(preds)
     return {
         "predictions": preds,
-        "ttft_s": ttft,
-        "tt2t_s": tt2t,
-        "tpot_s": tpot,
-        "tokens_per_s": steps * n / (end - start) if end > start else float("nan"),
+        "ttft_s": t[1] - start if steps >= 1 else float("nan"),
+        "tt2t_s": t[2] - start if steps >= 2 else float("nan"),
+        "tpot_s": (t[-1] - t[2]) / (steps - 2) if steps >= 3 else float("nan"),
+        "tokens_per_s": generated / (end - start) if end > start else float("nan"),
         "new_tokens": steps,
         "gpu_kv_bytes": stats.get("gpu_kv_bytes", 0) / n,
         "host_kv_bytes": stats.get("host_kv_bytes", 0) / n,
@@ -378,22 +380,8 @@ def generate_batch_engine(tokenizer, samples: list[Sample], engine, max_new_toke
             stats = engine.stats()  # every sequence still live
         outs = engine.decode_step()
         stamp()
-    end = t[-1]
     preds = [tokenizer.decode(tokens[r], skip_special_tokens=True) for r in rids]
-    steps = len(t) - 1
-    n = len(samples)
-    return {
-        "predictions": preds,
-        "ttft_s": t[1] - start if steps >= 1 else float("nan"),
-        "tt2t_s": t[2] - start if steps >= 2 else float("nan"),
-        "tpot_s": (t[-1] - t[2]) / (steps - 2) if steps >= 3 else float("nan"),
-        "tokens_per_s": sum(len(v) for v in tokens.values()) / (end - start) if end > start else float("nan"),
-        "new_tokens": steps,
-        "gpu_kv_bytes": stats.get("gpu_kv_bytes", 0) / n,
-        "host_kv_bytes": stats.get("host_kv_bytes", 0) / n,
-        "dense_kv_bytes": stats.get("dense_kv_bytes", 0) / n,
-        "stats": stats,
-    }
+    return _batch_result(preds, t, start, t[-1], sum(len(v) for v in tokens.values()), stats)
 
 
 def _nanmean(xs: list[float]) -> float:
