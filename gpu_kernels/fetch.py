@@ -12,7 +12,11 @@ and 10 GB/s over 4 GiB (512-byte rows: 49 and 19); every rows-per-program / warp
 same figure. The store's fetch comes in address order within each (sequence, KV head): the top-k
 positions (torch.topk(sorted=False) on CUDA returns them ascending) map to rows that grow with
 the position in the cold tier's chunk layout (benchmarks/perf/retrieval.py, "store order").
-Reference: `gpu_kernels/reference.py::gather_rows`.
+A quantized cold tier (K8V4: 200-byte rows at d = 128, against 512 at bf16) is fetched by
+`gather_dequantize_rows`: the same gather of host rows, dequantized on the way into the model's
+dtype (one pass over PCIe, no staging buffer). A row is a one-token page of the hot tier's
+quantized format (kvstore/hot/quantization.py): K codes, V codes, fp16 scale and zero per group.
+References: `gpu_kernels/reference.py::gather_rows`, `::gather_dequantize_rows`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from gpu_kernels.quant import _check_pow2, _unpack
 
 
 @triton.jit(do_not_specialize=["M"])  # the row count varies per call: one compile for all
@@ -61,3 +67,60 @@ def gather_rows(src: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor, block_
     _gather_rows[grid](src, rows, dst, M, D=D, BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(D),
                        num_warps=num_warps)
     return dst
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gather_dequantize_rows(src_ptr, src16_ptr, rows_ptr, k_out, v_out, M, RB: tl.constexpr, D: tl.constexpr,
+                            NG: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_R: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < M
+    row = tl.load(rows_ptr + r, mask=rmask, other=-1).to(tl.int64)
+    ok = rmask & (row >= 0)
+    row = tl.where(ok, row, 0)  # a skipped row reads row 0 (any valid row) and stores nothing
+    KB: tl.constexpr = D * KBITS // 8
+    VB: tl.constexpr = D * VBITS // 8
+    dims = tl.arange(0, D)
+    kc = _unpack(src_ptr, row, D, KBITS, RB, 1)
+    vc = _unpack(src_ptr + KB, row, D, VBITS, RB, 1)  # one token per row: byte-major = token-major
+    meta = (row * RB + KB + VB)[:, None] // 2 + (dims // (D // NG))[None, :]
+    ks = tl.load(src16_ptr + meta).to(tl.float32)
+    kz = tl.load(src16_ptr + meta + NG).to(tl.float32)
+    vs = tl.load(src16_ptr + meta + 2 * NG).to(tl.float32)
+    vz = tl.load(src16_ptr + meta + 3 * NG).to(tl.float32)
+    out = r.to(tl.int64)[:, None] * D + dims[None, :]
+    tl.store(k_out + out, (kc * ks + kz).to(k_out.dtype.element_ty), mask=ok[:, None])
+    tl.store(v_out + out, (vc * vs + vz).to(v_out.dtype.element_ty), mask=ok[:, None])
+
+
+def gather_dequantize_rows(src: torch.Tensor, rows: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
+                           key_bits: int, value_bits: int, groups: int = 1, block_r: int = 16,
+                           num_warps: int = 4) -> None:
+    """k_out[i], v_out[i] = dequantized K, V of quantized row src[rows[i]] where rows[i] >= 0; other rows
+    of k_out / v_out untouched.
+
+    Args:
+        src: uint8 [R, row_bytes] contiguous, row_bytes = d * (key_bits + value_bits) / 8 + 8 * groups;
+            pinned host memory (read over PCIe) or device memory.
+        rows: int32/int64 [M] on the outputs' device, -1 = skip.
+        k_out, v_out: [M, d] contiguous, any float dtype (computed in fp32, stored in theirs).
+        key_bits, value_bits: 8, 4 or 2; groups: scale/zero groups along d (powers of two).
+    """
+    M, d = k_out.shape
+    row_bytes = d * (key_bits + value_bits) // 8 + 8 * groups
+    if src.dim() != 2 or src.dtype != torch.uint8 or src.shape[1] != row_bytes or not src.is_contiguous():
+        raise ValueError(f"gather_dequantize_rows: src must be contiguous uint8 [R, {row_bytes}] (K{key_bits}V{value_bits}, "
+                         f"d={d}, groups={groups}); got {src.dtype} {tuple(src.shape)}")
+    if v_out.shape != (M, d) or rows.shape != (M,) or not (k_out.is_contiguous() and v_out.is_contiguous()):
+        raise ValueError(f"gather_dequantize_rows: rows [M], k_out and v_out contiguous [M, d] expected; got "
+                         f"{tuple(rows.shape)}, {tuple(k_out.shape)}, {tuple(v_out.shape)}")
+    if src.device.type == "cpu" and k_out.device.type == "cuda" and not src.is_pinned():
+        raise ValueError("gather_dequantize_rows: a host source must be pinned for the GPU to read it")
+    if rows.device != k_out.device:
+        raise ValueError(f"gather_dequantize_rows: rows on {rows.device}, outputs on {k_out.device}")
+    _check_pow2("head_dim", d)
+    _check_pow2("groups", groups)
+    if M == 0 or src.shape[0] == 0:
+        return
+    _gather_dequantize_rows[(triton.cdiv(M, block_r),)](
+        src, src.view(torch.float16), rows, k_out, v_out, M, RB=row_bytes, D=d, NG=groups, KBITS=key_bits,
+        VBITS=value_bits, BLOCK_R=block_r, num_warps=num_warps)

@@ -296,3 +296,18 @@ def gather_rows(src: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor) -> tor
     picked = src[rows.clamp(min=0).long().to(src.device)].to(dst.device)
     dst.copy_(torch.where(ok.to(dst.device).view(-1, 1), picked, dst))
     return dst
+
+
+def gather_dequantize_rows(src: torch.Tensor, rows: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
+                           key_bits: int, value_bits: int, groups: int) -> None:
+    """k_out[i], v_out[i] = the dequantized K and V of quantized row src[rows[i]] where rows[i] >= 0
+    (others untouched). A quantized row is a one-token page of kvstore/hot/quantization.py's layout:
+    [K codes d*kb/8 | V codes d*vb/8 | fp16 k_scale, k_zero, v_scale, v_zero per group].
+    src uint8 [R, row_bytes]; rows int [M]; k_out, v_out [M, d] (written in their dtype)."""
+    d = k_out.shape[-1]
+    ok = (rows >= 0).to(k_out.device).view(-1, 1)
+    picked = src[rows.clamp(min=0).long().to(src.device)].to(k_out.device)  # [M, row_bytes]
+    k, v = dequantize_pages(picked, torch.arange(picked.shape[0], device=picked.device), key_bits, value_bits,
+                            groups, 1, d)
+    k_out.copy_(torch.where(ok, k[:, 0].to(k_out.dtype), k_out))
+    v_out.copy_(torch.where(ok, v[:, 0].to(v_out.dtype), v_out))
