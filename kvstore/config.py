@@ -68,7 +68,9 @@ class KVStoreConfig:
 
     Cold tier (host memory)
       cold_tier: keep every token's K/V in pinned host memory.
-      cold_key_bits / cold_value_bits: 16 stores the model's dtype, 8/4 halves host memory.
+      cold_key_bits / cold_value_bits: 16/16 stores the model's dtype; 8/4 (the PQ presets' default)
+        or 8/8 quantize per token and KV head as the hot tier does (K8V4: 200 B a token and KV head
+        at d = 128 against 512 B at bf16, for host memory and for the PCIe bytes of a fetch).
       host_tier_bytes: hard cap on host memory; None: no cap beyond what the host has. A cap below
         one cold-tier chunk (256 tokens of every layer's K and V) is refused with that minimum.
 
@@ -207,10 +209,8 @@ class KVStoreConfig:
             raise bad("kmeans_tol", "must be in [0, 1)")
         if self.gpu_cache_tokens < 0:
             raise bad("gpu_cache_tokens", "must be >= 0")
-        if self.cold_key_bits not in (16, 8) or self.cold_value_bits not in (16, 8, 4):
-            raise bad("cold_key_bits", "the cold tier stores K at 16 or 8 bits and V at 16, 8 or 4")
-        if self.cold_value_bits > self.cold_key_bits:
-            raise bad("cold_value_bits", "keys never get fewer bits than values")
+        if (self.cold_key_bits, self.cold_value_bits) not in ((16, 16), (8, 8), (8, 4)):
+            raise bad("cold_key_bits", "the cold tier stores K16V16, K8V8 or K8V4 (cold_key_bits/cold_value_bits)")
         if self.use_triton not in ("auto", "always", "never"):
             raise bad("use_triton", "must be 'auto', 'always' or 'never'")
         if self.selector != "none" and not self.cold_tier:
@@ -377,11 +377,11 @@ KVStoreConfig.register_preset(
 )
 KVStoreConfig.register_preset(
     "pqcache", hot_policy="window", selector="pq", cold_tier=True, sink_tokens=32,
-    budget_fraction=0.2, window_share=0.5, pq_subspaces=2, pq_bits=6,
+    budget_fraction=0.2, window_share=0.5, pq_subspaces=2, pq_bits=6, cold_key_bits=8, cold_value_bits=4,
 )
 KVStoreConfig.register_preset(
     "pqcache-retrieval", hot_policy="window", selector="pq", cold_tier=True, sink_tokens=32,
-    budget_fraction=0.2, window_share=0.5, pq_subspaces=4, pq_bits=8,
+    budget_fraction=0.2, window_share=0.5, pq_subspaces=4, pq_bits=8, cold_key_bits=8, cold_value_bits=4,
 )
 # tiered: the hot tier's never-pruned recent tokens are LeanKV's immune ones, so the window
 # (never a retrieval candidate) is the immune window; the store caps it at immune_tokens
@@ -389,6 +389,7 @@ KVStoreConfig.register_preset(
 KVStoreConfig.register_preset(
     "tiered", hot_policy="leankv", key_bits=8, value_bits=4, low_key_bits=4, low_value_bits=2,
     selector="pq", cold_tier=True, budget_fraction=0.2, window_share=0.5, window_tokens=64, immune_tokens=64,
+    cold_key_bits=8, cold_value_bits=4,
 )
 KVStoreConfig.register_preset(
     "oracle", hot_policy="window", selector="exact", cold_tier=True, sink_tokens=32,

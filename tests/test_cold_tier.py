@@ -16,10 +16,11 @@ def _geo(dtype=torch.float32, device="cpu"):
     return ModelGeometry(L, HQ, HKV, D, dtype, torch.device(device))
 
 
-def _filled(lengths, chunk_tokens=4, steps=0, dtype=torch.float32, seed=0, device="cpu"):
+def _filled(lengths, chunk_tokens=4, steps=0, dtype=torch.float32, seed=0, device="cpu", bits=(16, 16), **config):
     """A cold tier holding a left-padded prompt batch plus `steps` decode tokens; returns (cold, keys, values)."""
     g = torch.Generator().manual_seed(seed)
-    cold = ColdTier(KVStoreConfig(cold_tier=True), _geo(dtype, device), max_seqs=8, chunk_tokens=chunk_tokens)
+    cfg = KVStoreConfig(cold_tier=True, cold_key_bits=bits[0], cold_value_bits=bits[1], **config)
+    cold = ColdTier(cfg, _geo(dtype, device), max_seqs=8, chunk_tokens=chunk_tokens)
     B, T = len(lengths), max(lengths)
     valid = torch.zeros(B, T, dtype=torch.bool)
     for b, n in enumerate(lengths):
@@ -78,15 +79,19 @@ def test_fetch_gathers_wanted_rows_and_leaves_the_rest(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs CUDA")
-def test_pinned_slabs_take_exactly_their_bytes():
+@pytest.mark.parametrize("bits", [(16, 16), (8, 4)])
+def test_pinned_slabs_take_exactly_their_bytes(bits):
     """On CUDA a slab is registered with the runtime (pinned, its exact size: no power-of-two rounding),
     the fetch kernel reads it, and it is unpinned when the tier goes away."""
     import gc
 
-    cold, seq_ids, exp_k, _ = _filled([9, 5, 13], steps=2, dtype=torch.bfloat16, device="cuda")
+    cold, seq_ids, exp_k, _ = _filled([9, 5, 13], steps=2, dtype=torch.bfloat16, device="cuda", bits=bits)
     assert all(s.is_pinned() for s in cold.slabs) and len(cold._registered) == len(cold.slabs)
     assert cold.reserved_bytes == sum(s.numel() * s.element_size() for s in cold.slabs)
-    assert torch.equal(cold.read_keys(5, 1, 0, 11), exp_k[0][1].cpu())
+    if bits == (16, 16):
+        assert torch.equal(cold.read_keys(5, 1, 0, 11), exp_k[0][1].cpu())
+    else:  # within half a step
+        torch.testing.assert_close(cold.read_keys(5, 1, 0, 11).float(), exp_k[0][1].cpu().float(), rtol=0, atol=0.02)
     registered = cold._registered
     del cold
     gc.collect()
@@ -117,6 +122,59 @@ def test_host_memory_cap_is_a_clear_error():
     assert cold.used_bytes == 0 and (cold.table == -1).all() and cold.reserved_bytes <= one_seq
 
 
-def test_quantized_cold_tier_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="cold_key_bits"):
-        ColdTier(KVStoreConfig(cold_tier=True, cold_key_bits=8, cold_value_bits=4), _geo(), max_seqs=2)
+@pytest.mark.parametrize("bits", [(8, 4), (8, 8)])
+@pytest.mark.parametrize("use_triton", ["never", "always"])
+def test_quantized_cold_tier_round_trip_within_half_a_step(bits, use_triton):
+    """K8V4 / K8V8 rows (prefill and decode tokens) read back within half a quantization step of what
+    was written, per token and KV head; the fetch returns the same values as the reads."""
+    cold, seq_ids, exp_k, exp_v = _filled([9, 5, 13], steps=6, bits=bits, use_triton=use_triton)
+    assert cold.fmt is not None and cold.row_bytes == D * (bits[0] + bits[1]) // 8 + 8
+    for b, sid in enumerate(seq_ids.tolist()):
+        n = exp_k[b].shape[2]
+        for layer in range(L):
+            for values, exp, nbits in ((False, exp_k, bits[0]), (True, exp_v, bits[1])):
+                want = exp[b][layer]  # [H, n, d]
+                got = cold.read_keys(sid, layer, 0, n, values=values)
+                half_step = (want.amax(-1) - want.amin(-1)) / ((1 << nbits) - 1) / 2  # [H, n]
+                err = (got - want).abs().amax(-1)
+                assert (err <= half_step * (1 + 2 ** -6) + 1e-6).all(), (layer, values, (err / half_step).max())
+    # the fetch of a quantized tier equals its reads
+    pos = torch.tensor([[[0, 4, 8], [1, 2, 3]]] * 3)
+    want = torch.tensor([[[True, False, True], [True, True, True]]] * 3)
+    out = torch.full((2, 3, HKV, 3, D), 7.0)
+    cold.fetch(1, seq_ids, pos, want, out)
+    for b, sid in enumerate(seq_ids.tolist()):
+        keys, values = cold.read_keys(sid, 1, 0, 9), cold.read_keys(sid, 1, 0, 9, values=True)
+        for h in range(HKV):
+            for j in range(3):
+                p = int(pos[b, h, j])
+                if want[b, h, j]:
+                    assert torch.equal(out[0, b, h, j], keys[h, p]) and torch.equal(out[1, b, h, j], values[h, p])
+                else:
+                    assert (out[:, b, h, j] == 7.0).all()
+
+
+def test_quantized_cold_tier_holds_its_rows_bytes():
+    """K8V4 at d = 8: 8 + 4 + 8 B a token and KV head against 2 * 8 * 4 B at fp32; bytes counted exactly."""
+    cold, seq_ids, exp_k, _ = _filled([9, 5, 13], chunk_tokens=4, steps=3, bits=(8, 4))
+    assert cold.chunk_bytes == L * HKV * 4 * 20
+    assert cold.used_bytes == 9 * cold.chunk_bytes
+    assert cold.reserved_bytes == sum(s.numel() for s in cold.slabs) >= cold.used_bytes
+    cold.release(seq_ids)
+    assert cold.used_bytes == 0
+
+
+def test_quantized_cold_tier_head_dims():
+    """A head dim the Triton kernels cannot take (not a power of two) runs the torch ops; one that is not
+    a multiple of 8 (codes packed by bytes) is refused when the tier is built."""
+    cfg = KVStoreConfig(cold_tier=True, cold_key_bits=8, cold_value_bits=4, use_triton="always")
+    cold = ColdTier(cfg, ModelGeometry(L, HQ, HKV, 24, torch.float32, torch.device("cpu")), max_seqs=2)
+    assert cold.fmt.use_triton is False and cold.use_triton is True
+    cold.allocate_prefill(torch.tensor([0]), torch.tensor([3]))
+    k = torch.randn(1, HKV, 3, 24)
+    cold.write_prefill(0, k, k, torch.arange(3).view(1, 3), torch.ones(1, 3, dtype=torch.bool))
+    out = torch.zeros(2, 1, HKV, 1, 24)
+    cold.fetch(0, torch.tensor([0]), torch.full((1, HKV, 1), 2), torch.ones(1, HKV, 1, dtype=torch.bool), out)
+    torch.testing.assert_close(out[0, 0, :, 0], k[0, :, 2], rtol=0, atol=0.02)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ColdTier(cfg, ModelGeometry(L, HQ, HKV, 12, torch.float32, torch.device("cpu")), max_seqs=2)

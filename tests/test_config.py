@@ -191,11 +191,14 @@ def test_a_hot_tier_cap_below_one_token_is_refused_with_the_minimum(cap):
 def test_a_host_tier_cap_below_one_chunk_is_refused_with_the_minimum():
     from kvstore.store import KVStore
 
-    chunk = 2 * 2 * 2 * 256 * 16 * 4  # layers x K,V x KV heads x 256 tokens x head_dim x fp32
-    config = KVStoreConfig.preset("pqcache", host_tier_bytes=chunk - 1)
-    with pytest.raises(ValueError, match=rf"host_tier_bytes={chunk - 1} is below this model's minimum of {chunk} bytes"):
-        KVStore(config, _geometry())
-    KVStore(dataclasses.replace(config, host_tier_bytes=chunk), _geometry()).release_all()
+    for bits, per_token in (((16, 16), 2 * 16 * 4), ((8, 4), 16 + 8 + 8)):  # K and V x head_dim x fp32; K8V4 row
+        chunk = 2 * 2 * 256 * per_token  # layers x KV heads x 256 tokens x bytes a token and KV head
+        config = KVStoreConfig.preset("pqcache", host_tier_bytes=chunk - 1, cold_key_bits=bits[0],
+                                      cold_value_bits=bits[1])
+        with pytest.raises(ValueError, match=rf"host_tier_bytes={chunk - 1} is below this model's minimum of {chunk} "
+                                             rf"bytes.*{per_token} B of K and V at K{bits[0]}V{bits[1]}"):
+            KVStore(config, _geometry())
+        KVStore(dataclasses.replace(config, host_tier_bytes=chunk), _geometry()).release_all()
 
 
 def test_a_host_tier_cap_of_one_chunk_serves_a_prompt_of_one_chunk():

@@ -13,6 +13,17 @@ every layer, K and V, every KV head::
               '----------------- layer: slab[s][l, a:b] is contiguous, so one layer's prefill of a
                                  sequence is ONE device-to-host copy (its chunks are one run)
 
+Quantized (`cold_key_bits=8`, `cold_value_bits` 8 or 4: the default of the PQ presets) a chunk
+holds one *row* per (layer, KV head, position): the token's K and V quantized per token and KV
+head as in the hot tier, a one-token page of its format (kvstore/hot/quantization.py)::
+
+    slab[s]: [L, n, Hkv, C, row_bytes]  uint8           row view: [L * n * Hkv * C, row_bytes]
+             row = [ K codes d*kb/8 | V codes d*vb/8 | fp16 k_scale, k_zero, v_scale, v_zero ]
+
+    K8V4 at d = 128: 200 B a token and KV head against 512 B at bf16 (0.39x the host memory and
+    the PCIe bytes of a fetch). The fetch dequantizes the rows on their way to the GPU
+    (gpu_kernels/fetch.py, `gather_dequantize_rows`); `read_keys` / `read_sequence` dequantize.
+
 A sequence's chunk table (`table[seq, p // C]`) gives the global chunk id; `chunk_slab` and
 `chunk_local` place it. With C = 256 tokens a chunk's per-layer block is 2*Hkv*C*d*2 B = 1 MiB
 at Llama-3-8B's shape (vLLM measured 0.5-2 MB blocks 4-5x faster than 8-72 KB ones).
@@ -50,6 +61,7 @@ import torch
 from gpu_kernels import reference
 from kvstore.config import KVStoreConfig
 from kvstore.geometry import ModelGeometry, use_triton
+from kvstore.hot.quantization import QuantFormat
 from kvstore.plan import Workspace
 
 logger = logging.getLogger(__name__)
@@ -100,11 +112,6 @@ def host_available_bytes() -> int | None:
 class ColdTier:
     def __init__(self, config: KVStoreConfig, geometry: ModelGeometry, max_seqs: int,
                  chunk_tokens: int = 256, slab_bytes: int = 1 << 30):
-        if config.cold_key_bits != 16 or config.cold_value_bits != 16:
-            raise NotImplementedError(
-                f"KVStoreConfig.cold_key_bits={config.cold_key_bits}/cold_value_bits={config.cold_value_bits}: "
-                "a quantized cold tier is not built yet; use 16"
-            )
         self.config = config
         self.geometry = geometry
         self.device = geometry.device
@@ -112,23 +119,35 @@ class ColdTier:
         self.dtype = geometry.dtype
         self.C = chunk_tokens
         self.elem = torch.empty((), dtype=self.dtype).element_size()
-        self.chunk_bytes = self.L * 2 * self.H * self.C * self.d * self.elem  # all layers
+        self.use_triton = use_triton(config, self.device)
+        #: the row format of a quantized tier (a one-token page of the hot tier's format), None at 16 bits
+        self.fmt: QuantFormat | None = None
+        if config.cold_key_bits != 16:
+            if self.d % 8:
+                raise ValueError(f"cold_key_bits={config.cold_key_bits}: a quantized cold tier needs a head_dim that "
+                                 f"is a multiple of 8, this model's is {self.d}; set cold_key_bits=cold_value_bits=16")
+            self.fmt = QuantFormat(config.cold_key_bits, config.cold_value_bits, self.d, self.dtype)
+            # the Triton quantize / fetch kernels take a power-of-two head dim; others run the torch ops
+            self.fmt.use_triton = self.use_triton and self.d & (self.d - 1) == 0
+        #: bytes of one row of the slabs' row view: a K or V vector (16 bits), a quantized token (K and V)
+        self.row_bytes = self.d * self.elem if self.fmt is None else self.fmt.bytes_per_token
+        per_token = 2 * self.d * self.elem if self.fmt is None else self.fmt.bytes_per_token
+        self.chunk_bytes = self.L * self.H * self.C * per_token  # all layers
         cap = config.host_tier_bytes
         if cap is not None and cap < self.chunk_bytes:  # before anything is allocated
             raise ValueError(
                 f"KVStoreConfig.host_tier_bytes={cap} is below this model's minimum of {self.chunk_bytes} bytes: one "
-                f"cold-tier chunk ({self.C} tokens x {self.L} layers x K and V x {self.H} KV heads x head_dim {self.d} "
-                f"x {self.elem} B); raise it or set None (no cap)"
+                f"cold-tier chunk ({self.C} tokens x {self.L} layers x {self.H} KV heads x {per_token} B of K and V "
+                f"at K{config.cold_key_bits}V{config.cold_value_bits}); raise it or set None (no cap)"
             )
         self.max_slab_chunks = max(1, slab_bytes // self.chunk_bytes)
         self.pinned = self.device.type == "cuda"
-        self.use_triton = use_triton(config, self.device)
         self.copy_stream = torch.cuda.Stream(self.device) if self.pinned else None
         self.slabs: list[torch.Tensor] = []
         self._registered: list[torch.Tensor] = []  # slabs pinned by cudaHostRegister
         # unpinned when this tier goes away, before their memory is freed
         weakref.finalize(self, _unregister, self._registered)
-        self.slab_rows: list[torch.Tensor] = []  # row views [L * n * 2 * H * C, d]
+        self.slab_rows: list[torch.Tensor] = []  # row views [L * n * 2 * H * C, d] / [L * n * H * C, row_bytes]
         self.slab_free: list[np.ndarray] = []
         self.slab_first: list[int] = []  # global id of each slab's chunk 0
         self.chunk_slab = np.zeros(0, dtype=np.int64)
@@ -154,7 +173,7 @@ class ColdTier:
 
     @property
     def reserved_bytes(self) -> int:
-        return sum(s.numel() for s in self.slabs) * self.elem
+        return sum(s.numel() * s.element_size() for s in self.slabs)
 
     @property
     def used_bytes(self) -> int:
@@ -181,15 +200,15 @@ class ColdTier:
                 "set KVStoreConfig.host_tier_bytes, or free host memory"
             )
         try:
-            shape = (self.L, n, 2, self.H, self.C, self.d)
-            slab = _pinned_empty(shape, self.dtype, self._registered) if self.pinned else torch.empty(shape, dtype=self.dtype)
+            shape, dtype = self._slab_shape(n)
+            slab = _pinned_empty(shape, dtype, self._registered) if self.pinned else torch.empty(shape, dtype=dtype)
         except RuntimeError as e:
             raise ColdTierMemoryError(
                 f"allocating {need} bytes of {'pinned ' if self.pinned else ''}host memory for the cold tier failed "
                 f"({e}); lower the batch or context, or set KVStoreConfig.host_tier_bytes"
             ) from e
         self.slabs.append(slab)
-        self.slab_rows.append(slab.view(-1, self.d))
+        self.slab_rows.append(slab.view(-1, slab.shape[-1]))
         self.slab_free.append(np.ones(n, dtype=bool))
         self.slab_first.append(total)
         s = len(self.slabs) - 1
@@ -198,6 +217,12 @@ class ColdTier:
         self._dirty = True
         logger.debug("cold tier slab %d: %d chunks, %d bytes%s", s, n, need, " pinned" if self.pinned else "")
         return s
+
+    def _slab_shape(self, n: int) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of a slab of n chunks (the layouts of the module docstring)."""
+        if self.fmt is None:
+            return (self.L, n, 2, self.H, self.C, self.d), self.dtype
+        return (self.L, n, self.H, self.C, self.row_bytes), torch.uint8
 
     def _alloc_run(self, n: int) -> tuple[int, int]:
         """n consecutive free chunks of one slab -> (slab, first local index)."""
@@ -273,13 +298,20 @@ class ColdTier:
         if total == 0:
             return
         B, H, T, d = k.shape
-        stage = torch.zeros(total, 2, H, self.C, d, dtype=self.dtype, device=k.device)
         b, t = valid.nonzero(as_tuple=True)
         p = positions[b, t].long()
         ci = self._prefill_starts[b] + p // self.C
         off = p % self.C
-        stage[ci, 0, :, off] = k[b, :, t].to(self.dtype)
-        stage[ci, 1, :, off] = v[b, :, t].to(self.dtype)
+        if self.fmt is None:
+            stage = torch.zeros(total, 2, H, self.C, d, dtype=self.dtype, device=k.device)
+            stage[ci, 0, :, off] = k[b, :, t].to(self.dtype)
+            stage[ci, 1, :, off] = v[b, :, t].to(self.dtype)
+        else:  # one quantized row per (token, head): row (ci, h, off) of the staging chunks
+            stage = torch.zeros(total, H, self.C, self.row_bytes, dtype=torch.uint8, device=k.device)
+            h = torch.arange(H, device=k.device)
+            row = ((ci.view(-1, 1) * H + h) * self.C + off.view(-1, 1)).view(-1)
+            self._quantize_rows(stage.view(-1, self.row_bytes), row, k[b, :, t].reshape(-1, d),
+                                v[b, :, t].reshape(-1, d))
         if self.copy_stream is not None:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else contextlib.nullcontext():
@@ -291,6 +323,18 @@ class ColdTier:
             self.prefill_events[layer] = torch.cuda.Event()
             self.prefill_events[layer].record(self.copy_stream)
 
+    def _quantize_rows(self, rows: torch.Tensor, ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize k, v [N, d] into rows[ids] (uint8 [R, row_bytes]: one-token pages)."""
+        self.fmt.write(rows, ids, torch.zeros_like(ids), k.contiguous(), v.contiguous())
+
+    def _dequantize_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [..., d] (model dtype) of quantized rows uint8 [..., row_bytes] on the host (torch ops)."""
+        shape = rows.shape[:-1]
+        flat = rows.reshape(-1, self.row_bytes)
+        k, v = reference.dequantize_pages(flat, torch.arange(flat.shape[0]), self.fmt.key_bits, self.fmt.value_bits,
+                                          self.fmt.groups, 1, self.d)
+        return k.view(*shape, self.d).to(self.dtype), v.view(*shape, self.d).to(self.dtype)
+
     def wait_prefill(self, layer: int) -> None:
         """Block the calling (host) thread until layer's last prefill copy is in host memory."""
         ev = self.prefill_events.get(layer)
@@ -298,14 +342,19 @@ class ColdTier:
             ev.synchronize()
 
     def read_keys(self, seq_id: int, layer: int, lo: int, hi: int, values: bool = False) -> torch.Tensor:
-        """Host copy of keys (or values) [Hkv, hi - lo, d] of positions [lo, hi) of one sequence (host threads)."""
+        """Host copy of keys (or values) [Hkv, hi - lo, d] of positions [lo, hi) of one sequence (host threads;
+        the model's dtype, dequantized from a quantized tier)."""
         if hi <= lo:
             return torch.zeros(self.H, 0, self.d, dtype=self.dtype)
         c0, c1 = lo // self.C, (hi - 1) // self.C + 1
         chunks = self.table[seq_id, c0:c1]
-        parts = [self.slabs[self.chunk_slab[c]][layer, self.chunk_local[c], int(values)] for c in chunks]
-        x = torch.stack(parts, 1).reshape(self.H, -1, self.d)  # [H, (c1 - c0) * C, d]
-        return x[:, lo - c0 * self.C: hi - c0 * self.C]
+        if self.fmt is None:
+            parts = [self.slabs[self.chunk_slab[c]][layer, self.chunk_local[c], int(values)] for c in chunks]
+            x = torch.stack(parts, 1).reshape(self.H, -1, self.d)  # [H, (c1 - c0) * C, d]
+            return x[:, lo - c0 * self.C: hi - c0 * self.C]
+        parts = [self.slabs[self.chunk_slab[c]][layer, self.chunk_local[c]] for c in chunks]  # [H, C, row_bytes]
+        rows = torch.stack(parts, 1).reshape(self.H, -1, self.row_bytes)[:, lo - c0 * self.C: hi - c0 * self.C]
+        return self._dequantize_rows(rows)[int(values)]
 
     def read_sequence(self, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored token of one sequence, keys and values [L, Hkv, n, d] (host copies, position
@@ -347,7 +396,7 @@ class ColdTier:
             return
         ids, pos = self._step_meta
         self._step_meta = None
-        host = self._step.cpu()  # [L, B, 2, H, d]
+        host = self._step_rows().cpu()  # [L, B, 2, H, d] / [L, B, H, row_bytes]
         chunk = self.table[ids, pos // self.C]
         off = torch.from_numpy(pos % self.C)
         slab, local = self.chunk_slab[chunk], self.chunk_local[chunk]
@@ -355,8 +404,21 @@ class ColdTier:
             sel = np.flatnonzero(slab == s)
             lc = torch.from_numpy(local[sel])
             sl = torch.from_numpy(sel)
-            # slab [L, n, 2, H, C, d] at (chunk, offset) per sequence: indexed view [b, L, 2, H, d]
-            self.slabs[s][:, lc, :, :, off[sl]] = host[:, sl].permute(1, 0, 2, 3, 4)
+            if self.fmt is None:  # slab [L, n, 2, H, C, d] at (chunk, offset) per sequence: view [b, L, 2, H, d]
+                self.slabs[s][:, lc, :, :, off[sl]] = host[:, sl].permute(1, 0, 2, 3, 4)
+            else:  # slab [L, n, H, C, row_bytes] at (chunk, offset): view [b, L, H, row_bytes]
+                self.slabs[s][:, lc, :, off[sl]] = host[:, sl].permute(1, 0, 2, 3)
+
+    def _step_rows(self) -> torch.Tensor:
+        """The staged decode tokens as the slabs store them: [L, B, 2, H, d], or quantized rows
+        [L, B, H, row_bytes] (quantized on the store's device, at plan time)."""
+        if self.fmt is None:
+            return self._step
+        L, B, _, H, d = self._step.shape
+        rows = torch.zeros(L * B * H, self.row_bytes, dtype=torch.uint8, device=self._step.device)
+        self._quantize_rows(rows, torch.arange(L * B * H, device=rows.device), self._step[:, :, 0].reshape(-1, d),
+                            self._step[:, :, 1].reshape(-1, d))
+        return rows.view(L, B, H, self.row_bytes)
 
     def fetch_workspace(self, seq_ids: torch.Tensor, k: int, wsp: Workspace) -> dict:
         """Plan time, after `device_maps`: the buffers `rows` and `fetch` write for a step of width k."""
@@ -375,7 +437,7 @@ class ColdTier:
     def rows(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor, ws: dict | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Slab and K row of (layer, sequence, KV head, position). pos int64 [B, H, k] (>= 0) ->
-        (slab int64, row int64) [B, H, k]; the V row is row + H * C. Device ops only; with ws
+        (slab int64, row int64) [B, H, k]; the V row is row + H * C (a quantized row holds both). Device ops only; with ws
         (`fetch_workspace`) no allocation (the results are views of ws)."""
         m = self.device_maps()
         B, H, k = pos.shape
@@ -388,7 +450,7 @@ class ColdTier:
         local = torch.index_select(m["local"], 0, chunk, out=ws["local"].view(-1))
         n = torch.index_select(m["slab_n"], 0, slab, out=ws["n"].view(-1))
         row = torch.mul(n, layer, out=ws["row"].view(-1)).view(B, H, k)
-        row.add_(local.view(B, H, k)).mul_(2 * H).add_(ws["h"]).mul_(self.C)
+        row.add_(local.view(B, H, k)).mul_(H if self.fmt is not None else 2 * H).add_(ws["h"]).mul_(self.C)
         row.add_(torch.remainder(pos, self.C, out=ws["rem"]))
         return ws["slab"], row
 
@@ -405,6 +467,8 @@ class ColdTier:
         ws = ws if ws is not None else self.fetch_workspace(seq_ids, k, Workspace(pos.device))
         slab, row = self.rows(layer, seq_ids, torch.clamp(pos, min=0, out=ws["p"]), ws)
         rows_k = torch.where(want, row, ws["neg1"], out=ws["rows_k"])
+        if self.fmt is not None:
+            return self._fetch_quantized(slab, rows_k, out, ws)
         dst = out.view(-1, self.d)
         r = ws["r"]  # [2, M]: K rows, then V rows (-1: skip)
         for s, src in enumerate(self.slab_rows):
@@ -417,6 +481,21 @@ class ColdTier:
                 gather_rows(src, r.view(-1), dst)
             else:
                 reference.gather_rows(src, r.view(-1), dst)
+        return out
+
+    def _fetch_quantized(self, slab: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, ws: dict) -> torch.Tensor:
+        """`fetch` from a quantized tier: each slab's wanted rows dequantized into out[0] (K), out[1] (V)."""
+        B, H, k = rows.shape
+        r, f = ws["r"][0], self.fmt
+        k_out, v_out = out[0].view(-1, self.d), out[1].view(-1, self.d)
+        for s, src in enumerate(self.slab_rows):
+            torch.where(torch.eq(slab, s, out=ws["sel"]), rows, ws["neg1"], out=r.view(B, H, k))
+            if f.use_triton:
+                from gpu_kernels.fetch import gather_dequantize_rows
+
+                gather_dequantize_rows(src, r, k_out, v_out, f.key_bits, f.value_bits, f.groups)
+            else:
+                reference.gather_dequantize_rows(src, r, k_out, v_out, f.key_bits, f.value_bits, f.groups)
         return out
 
     # ---- release ---------------------------------------------------------------------------------
