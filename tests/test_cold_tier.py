@@ -178,3 +178,18 @@ def test_quantized_cold_tier_head_dims():
     torch.testing.assert_close(out[0, 0, :, 0], k[0, :, 2], rtol=0, atol=0.02)
     with pytest.raises(ValueError, match="multiple of 8"):
         ColdTier(cfg, ModelGeometry(L, HQ, HKV, 12, torch.float32, torch.device("cpu")), max_seqs=2)
+
+
+def test_reserved_host_bytes_stay_within_5_percent_of_used_through_decode():
+    """Prompts take runs sized to them; the chunks decode adds come in small slabs (1/32 of what the
+    tier holds), so a decode step that crosses a chunk boundary does not reserve a 1 GiB slab."""
+    cold = ColdTier(KVStoreConfig(cold_tier=True, cold_key_bits=8, cold_value_bits=4), _geo(), max_seqs=4,
+                    chunk_tokens=4)
+    seq_ids, n = torch.arange(4), 512  # 128 chunks a sequence
+    cold.allocate_prefill(seq_ids, torch.full((4,), n))
+    assert cold.reserved_bytes == cold.used_bytes
+    for step in range(10):  # crosses chunk boundaries at positions 512 and 516
+        cold.plan_step(seq_ids, torch.full((4,), n + step))
+        ratio = cold.reserved_bytes / cold.used_bytes
+        assert 1.0 <= ratio <= 1.05, (step, ratio)
+    cold.release(seq_ids)

@@ -46,6 +46,8 @@ before it (the weights); null on a CPU run. gpu_kv_bytes_per_seq / host_bytes_pe
 store's stats() right after generate() (generate returns the cache, so its sequences are still
 live; when stats() reports 0 sequences the batch size divides); on a CPU run the "GPU" tier is
 host memory too. For hf: 2 * layers * kv_heads * head_dim * dtype bytes * (L + new tokens).
+host_reserved_bytes: the cold tier's slabs (pinned host memory it holds), against the used
+batch x host_bytes_per_seq.
 
 Roofline: the bandwidth is measured in the same run (CUDA: best of 10 device-to-device copies of
 4 GiB, bytes read + written; CPU: a 256 MiB host copy). step_bytes = what one decode step must
@@ -126,7 +128,7 @@ ROW_FIELDS = (
 EXTRA_FIELDS = (
     "model", "dtype", "device", "seed", "preset", "command", "bandwidth_source", "weight_bytes", "step_weight_bytes",
     "step_kv_bytes", "pq_code_bytes", "dense_kv_bytes_per_seq", "fit_batch", "probe_gpu_bytes_per_seq",
-    "probe_host_bytes_per_seq", "generated_tokens", "wall_s", "decode_path",
+    "probe_host_bytes_per_seq", "generated_tokens", "wall_s", "decode_path", "host_reserved_bytes",
 )
 
 
@@ -814,6 +816,7 @@ def _fill_measurements(row: dict, call: Call, method: MethodSpec, length: int, g
     row["peak_gpu_bytes"] = call.peak_bytes if cuda else None
     row["gpu_kv_bytes_per_seq"] = call.gpu_kv_bytes_per_seq
     row["host_bytes_per_seq"] = call.host_kv_bytes_per_seq
+    row["host_reserved_bytes"] = (call.stats or {}).get("host_reserved_bytes")  # the slabs, vs used: B x host/seq
     row["dense_kv_bytes_per_seq"] = geometry.dense_bytes_per_token * (length + call.new_tokens)
     config = method.config
     pq_codes = None

@@ -41,8 +41,11 @@ Reads. `rows(...)` maps (layer, sequence, KV head, position) to slab rows on the
 
 Bytes. `used_bytes` counts the chunks the live sequences hold, `reserved_bytes` the slabs.
 On CUDA a slab is pageable memory registered with the CUDA runtime: pinned at exactly its size
-(torch's pinned allocator rounds up to a power of two). A slab holds at least 1 GiB or one
-sequence's run, and no more than `host_tier_bytes` leaves (when the request fits in that). A
+(torch's pinned allocator rounds up to a power of two). A slab holds what the request needs (a
+prompt's run of chunks) or, when that is less, 1/32 of the chunks the tier already has (at least
+4, at most 1 GiB): the chunks decode adds come in slabs that keep the reserved bytes within ~3%
+of the used ones (H200, 32K x 4 at K8V4: a 1 GiB decode slab made them 1.15x), and no more than
+`host_tier_bytes` leaves (when the request fits in that). A
 slab that does not fit `host_tier_bytes` or the host's available memory raises
 `ColdTierMemoryError` saying how much was asked, how much is left, and what to change. A
 `host_tier_bytes` below one chunk is refused (ValueError) when the tier is built.
@@ -181,7 +184,7 @@ class ColdTier:
 
     def _new_slab(self, min_chunks: int) -> int:
         total = int(self.chunk_slab.shape[0])
-        n = max(min_chunks, min(self.max_slab_chunks, max(4, total)))
+        n = max(min_chunks, min(self.max_slab_chunks, max(4, total // 32)))
         cap = self.config.host_tier_bytes
         if cap is not None:  # never more chunks than the cap leaves, when fewer hold the request
             n = max(min_chunks, min(n, (cap - self.reserved_bytes) // self.chunk_bytes))
