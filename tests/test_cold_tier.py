@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvstore.cold.gpu_cache import GPUCache
 from kvstore.cold.host_tier import ColdTier, ColdTierMemoryError
 from kvstore.config import KVStoreConfig
 from kvstore.geometry import ModelGeometry
+from kvstore.hot.quantization import QuantFormat
+from kvstore.plan import Workspace
 
 L, HQ, HKV, D = 2, 4, 2, 8
 
@@ -193,3 +196,54 @@ def test_reserved_host_bytes_stay_within_5_percent_of_used_through_decode():
         ratio = cold.reserved_bytes / cold.used_bytes
         assert 1.0 <= ratio <= 1.05, (step, ratio)
     cold.release(seq_ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_triton", ["never", "always"])
+def test_quantized_gpu_cache_hit_is_the_fetch_bit_for_bit(use_triton, dtype):
+    """A quantized cold tier's GPU cache holds its rows: a token admitted from a fetch (the fetch's raw
+    staging, no requantization) and read back as a hit a step later is bit for bit a fetch of it;
+    a miss's row of the read's output is left alone."""
+    cold, seq_ids, _, _ = _filled([9, 5, 13], steps=3, bits=(8, 4), dtype=dtype, use_triton=use_triton)
+    cache = GPUCache(_geo(dtype), max_seqs=8, slots=4, cap=16, row_format=cold.fmt)
+    assert cache.k is None and cache.v is None and cache.rows.shape[-1] == cold.row_bytes == 20
+    B, k = 3, 3
+    wsp = Workspace(torch.device("cpu"))
+    fws, cws = cold.fetch_workspace(seq_ids, k, wsp), cache.plan_workspace(seq_ids, k, wsp)
+    valid = torch.ones(B, HKV, k, dtype=torch.bool)
+    pos = torch.tensor([[[0, 4, 8], [1, 2, 3]]] * B)
+    for layer in range(L):  # step 0: all misses, fetched and admitted
+        slot = cache.lookup(layer, seq_ids, pos, valid, cws)
+        assert (slot < 0).all()
+        buf = torch.full((2, B, HKV, k, D), 7.0, dtype=dtype)
+        cold.fetch(layer, seq_ids, pos, slot < 0, buf, fws)
+        cache.admit(layer, seq_ids, pos, valid, slot, buf, cws, raw=fws["raw"])
+    cache.end_step()
+    again = torch.tensor([[[8, 4, 7], [3, 5, 1]]] * B)  # 7 and 5: misses
+    for layer in range(L):  # step 1: hits read from the cache's rows
+        slot = cache.lookup(layer, seq_ids, again, valid, cws)
+        hit = slot >= 0
+        assert hit.sum() == 4 * B
+        out = torch.full((2, B, HKV, k, D), 7.0, dtype=dtype)
+        cache.read(layer, seq_ids, slot, out, cws)
+        fetched = torch.full_like(out, 5.0)
+        cold.fetch(layer, seq_ids, again, valid, fetched)
+        assert torch.equal(out[:, hit], fetched[:, hit])
+        assert (out[:, ~hit] == 7.0).all()
+
+
+def test_quantized_gpu_cache_holds_row_bytes():
+    """At K8V4, d = 128, bf16 the cache's token storage is 200 B a slot and KV head against 512 B
+    (k and v at 16 bits); positions, scores and the position map are the same."""
+    geo = ModelGeometry(L, HQ, HKV, 128, torch.bfloat16, torch.device("cpu"))
+    fmt = QuantFormat(8, 4, 128, torch.bfloat16)
+    wide, narrow = (GPUCache(geo, max_seqs=2, slots=6, cap=40, row_format=f) for f in (None, fmt))
+    index = L * HKV * (7 * (4 + 4) + 41 * 2)  # pos int32, score fp32 per slot; slot_of int16 per position
+    assert wide.bytes_per_seq - index == L * HKV * 7 * 2 * 128 * 2
+    assert (narrow.bytes_per_seq - index) * 2 * 128 * 2 == (wide.bytes_per_seq - index) * fmt.bytes_per_token == \
+        (wide.bytes_per_seq - index) * 200
+    held = torch.randint(0, 256, (L, 2, HKV, 6, 200), dtype=torch.uint8)
+    narrow.rows[:, :, :, :6] = held
+    narrow.ensure(3, 9, 40)  # growing keeps the rows and counts the new ones
+    assert narrow.rows.shape == (L, 3, HKV, 10, 200) and torch.equal(narrow.rows[:, :2, :, :6], held)
+    assert narrow.bytes_per_seq == L * HKV * (10 * (200 + 8) + 41 * 2)

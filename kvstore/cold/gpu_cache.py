@@ -10,11 +10,19 @@ sequences or heads.
 Layout (per layer; slot `slots` is a trash slot that absorbs the writes of non-admitted rows,
 so every scatter has a fixed size)::
 
-    k, v:    [L, S, Hkv, slots + 1, d]  model dtype
+    k, v:    [L, S, Hkv, slots + 1, d]  model dtype                        (16-bit cold tier)
+    rows:    [L, S, Hkv, slots + 1, row_bytes]  uint8, replaces k and v    (quantized cold tier)
+             row = the cold tier's row of the token, byte for byte (kvstore/cold/host_tier.py):
+             [ K codes d*kb/8 | V codes d*vb/8 | fp16 k_scale, k_zero, v_scale, v_zero ]
     pos:     [L, S, Hkv, slots + 1]     int32 position held by each slot, -1 empty
     score:   [L, S, Hkv, slots + 1]     fp32 eviction score
     slot_of: [L, S, Hkv, cap + 1]       int16 (int32 beyond 32767 slots) slot holding each position,
                                         -1 none (column cap: trash); 2 bytes per token of context
+
+Quantized (`row_format`, the cold tier's `QuantFormat`): `admit` copies the misses' rows from
+the fetch's staging buffer (the bytes the fetch dequantized: no requantization) and `read`
+dequantizes the hits from the cache's rows with the fetch's kernel, so a hit is bit for bit what a
+fetch of the token gives. K8V4 at d = 128: 200 B a token and KV head against 512 B at bf16.
 
 Eviction policies:
   lfu  (default) score decays by `decay` every step the layer runs and gains 1 per hit; a miss
@@ -32,6 +40,7 @@ import math
 import torch
 
 from kvstore.geometry import ModelGeometry
+from kvstore.hot.quantization import QuantFormat
 from kvstore.plan import Workspace
 
 POLICIES = ("lfu", "lru")
@@ -39,18 +48,20 @@ POLICIES = ("lfu", "lru")
 
 class GPUCache:
     def __init__(self, geometry: ModelGeometry, max_seqs: int, slots: int, cap: int, policy: str = "lfu",
-                 decay: float = 0.9):
+                 decay: float = 0.9, row_format: QuantFormat | None = None):
         if policy not in POLICIES:
             raise ValueError(f"GPUCache policy={policy!r}: must be one of {POLICIES}")
         if slots < 0:
             raise ValueError(f"GPUCache slots={slots}: must be >= 0")
         self.geometry = geometry
         self.policy, self.decay = policy, decay
+        #: the cold tier's row format when it is quantized (slots hold its rows), None: model dtype
+        self.fmt = row_format
         self.device = geometry.device
         self.slots = 0
         self.max_seqs = 0
         self.cap = 0
-        self.k = self.v = self.pos = self.score = self.slot_of = None
+        self.k = self.v = self.rows = self.pos = self.score = self.slot_of = None
         self.hits = torch.zeros((), dtype=torch.int64, device=self.device)
         self.lookups = torch.zeros((), dtype=torch.int64, device=self.device)
         self.step = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -62,26 +73,42 @@ class GPUCache:
         if (max_seqs, slots, cap) == (self.max_seqs, self.slots, self.cap):
             return
         g, dev = self.geometry, self.device
-        L, H, d = g.num_layers, g.num_kv_heads, g.head_dim
-        k = torch.zeros(L, max_seqs, H, slots + 1, d, dtype=g.dtype, device=dev)
-        v = torch.zeros_like(k)
+        L, H = g.num_layers, g.num_kv_heads
+        kv = self._kv(max_seqs, slots)
         pos = torch.full((L, max_seqs, H, slots + 1), -1, dtype=torch.int32, device=dev)
         score = torch.zeros(L, max_seqs, H, slots + 1, dtype=torch.float32, device=dev)
         index_dtype = torch.int16 if slots < 32767 else torch.int32
         slot_of = torch.full((L, max_seqs, H, cap + 1), -1, dtype=index_dtype, device=dev)
-        if self.k is not None:
+        if self.pos is not None:
             S, n, c = self.max_seqs, self.slots, self.cap
-            k[:, :S, :, :n], v[:, :S, :, :n] = self.k[..., :n, :], self.v[..., :n, :]
+            for new, old in zip(kv, self._data()):
+                new[:, :S, :, :n] = old[..., :n, :]
             pos[:, :S, :, :n], score[:, :S, :, :n] = self.pos[..., :n], self.score[..., :n]
             slot_of[:, :S, :, :c] = self.slot_of[..., :c]
-        self.k, self.v, self.pos, self.score, self.slot_of = k, v, pos, score, slot_of
+        if self.fmt is None:
+            self.k, self.v = kv
+        else:
+            (self.rows,) = kv
+        self.pos, self.score, self.slot_of = pos, score, slot_of
         self.max_seqs, self.slots, self.cap = max_seqs, slots, cap
+
+    def _kv(self, max_seqs: int, slots: int) -> tuple[torch.Tensor, ...]:
+        """Zeroed token storage: (k, v) at the model's dtype, or (rows,) of the quantized format."""
+        g = self.geometry
+        shape = (g.num_layers, max_seqs, g.num_kv_heads, slots + 1)
+        if self.fmt is not None:
+            return (torch.zeros(*shape, self.fmt.bytes_per_token, dtype=torch.uint8, device=self.device),)
+        return tuple(torch.zeros(*shape, g.head_dim, dtype=g.dtype, device=self.device) for _ in range(2))
+
+    def _data(self) -> tuple[torch.Tensor, ...]:
+        """The token storage `_kv` made: (k, v) or (rows,)."""
+        return (self.k, self.v) if self.fmt is None else (self.rows,)
 
     @property
     def bytes_per_seq(self) -> int:
         """Device bytes one sequence slot holds (all layers)."""
         per = [math.prod(t.shape[:1] + t.shape[2:]) * t.element_size()  # also before any slot exists
-               for t in (self.k, self.v, self.pos, self.score, self.slot_of)]
+               for t in (*self._data(), self.pos, self.score, self.slot_of)]
         return sum(per)
 
     # ---- plan time: the step's buffers --------------------------------------------------------
@@ -107,7 +134,8 @@ class GPUCache:
         ws["tslot16"] = wsp.take("cache.tslot16", (B, H, k), self.slot_of.dtype)
         ws["old32"] = wsp.take("cache.old32", (B, H, k), torch.int32)
         ws["p32"] = wsp.take("cache.p32", (B, H, k), torch.int32)
-        ws["kv"] = wsp.take("cache.kv", (B, H, k, g.head_dim), g.dtype)
+        if self.fmt is None:  # the hits' K or V before the merge into out (quantized: dequantized in place)
+            ws["kv"] = wsp.take("cache.kv", (B, H, k, g.head_dim), g.dtype)
         ws["score"] = wsp.take("cache.score", (B, H, n), f32)
         ws["prot"] = wsp.take("cache.prot", (B, H, n), f32)
         ws["posg"] = wsp.take("cache.posg", (B, H, n), torch.int32)
@@ -138,10 +166,14 @@ class GPUCache:
 
     def read(self, layer: int, seq_ids: torch.Tensor, slot: torch.Tensor, out: torch.Tensor,
              ws: dict | None = None) -> None:
-        """Copy the hits' K/V into out [2, B, H, k, d] (misses' rows untouched)."""
+        """Copy the hits' K/V into out [2, B, H, k, d] (misses' rows untouched; quantized: dequantized)."""
         B, H, k = slot.shape
         ws = self._ws(seq_ids, k, ws)
         rows = torch.clamp(slot, min=0, out=ws["i1"]).add_(ws["base_kv"]).view(-1)
+        if self.fmt is not None:  # -1: not a hit, the kernel leaves that row of out alone
+            rows.masked_fill_(torch.lt(slot, 0, out=ws["nohit"]).view(-1), -1)
+            self.fmt.gather_rows(self.rows[layer].view(-1, self.fmt.bytes_per_token), rows, out)
+            return
         hit = torch.ge(slot, 0, out=ws["hit"]).unsqueeze(-1)
         d = self.geometry.head_dim
         for i, src in enumerate((self.k, self.v)):
@@ -149,12 +181,15 @@ class GPUCache:
             torch.where(hit, ws["kv"], out[i], out=out[i])
 
     def admit(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor,
-              kv: torch.Tensor, ws: dict | None = None) -> None:
+              kv: torch.Tensor, ws: dict | None = None, raw: torch.Tensor | None = None) -> None:
         """Update scores and admit this step's misses into the least valuable unprotected slots.
 
         pos int64, valid bool, slot int64 (from `lookup`) [B, H, k]; kv [2, B, H, k, d] the
-        step's selected K/V (hits and fetched misses).
+        step's selected K/V (hits and fetched misses). Quantized: raw uint8 [B * H * k, row_bytes],
+        the fetch's staging of the misses' rows (`ColdTier.fetch`), is what is admitted (kv is not).
         """
+        if self.fmt is not None and raw is None:
+            raise ValueError("GPUCache.admit: a quantized cache admits the fetch's raw rows; pass raw=")
         if self.slots == 0:
             return
         B, H, k = pos.shape
@@ -191,8 +226,11 @@ class GPUCache:
         self.slot_of[layer][sb, h, old_col] = -1
         new_col = torch.clamp(pos, 0, cap, out=ws["new_col"]).masked_fill_(notok, cap)
         self.slot_of[layer][sb, h, new_col] = ws["tslot16"].copy_(tslot)
-        self.k[layer][sb, h, tslot] = kv[0]
-        self.v[layer][sb, h, tslot] = kv[1]
+        if self.fmt is None:
+            self.k[layer][sb, h, tslot] = kv[0]
+            self.v[layer][sb, h, tslot] = kv[1]
+        else:  # the rows as fetched; a non-miss's row holds stale bytes and goes to the trash slot
+            self.rows[layer][sb, h, tslot] = raw.view(B, H, k, -1)
         self.pos[layer][sb, h, tslot] = ws["p32"].copy_(pos).masked_fill_(notok, -1)
         self.score[layer][sb, h, tslot] = 1.0 if self.policy == "lfu" else self.step
         self.pos[layer][:, :, trash] = -1

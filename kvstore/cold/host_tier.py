@@ -21,8 +21,10 @@ head as in the hot tier, a one-token page of its format (kvstore/hot/quantizatio
              row = [ K codes d*kb/8 | V codes d*vb/8 | fp16 k_scale, k_zero, v_scale, v_zero ]
 
     K8V4 at d = 128: 200 B a token and KV head against 512 B at bf16 (0.39x the host memory and
-    the PCIe bytes of a fetch). The fetch dequantizes the rows on their way to the GPU
-    (gpu_kernels/fetch.py, `gather_dequantize_rows`); `read_keys` / `read_sequence` dequantize.
+    the PCIe bytes of a fetch). The fetch copies the wanted rows as they are into a device staging
+    buffer (gpu_kernels/fetch.py, `gather_rows`) and dequantizes them from there
+    (`gather_dequantize_rows`); the GPU cache admits the staged rows byte for byte (it stores the
+    same rows, kvstore/cold/gpu_cache.py). `read_keys` / `read_sequence` dequantize.
 
 A sequence's chunk table (`table[seq, p // C]`) gives the global chunk id; `chunk_slab` and
 `chunk_local` place it. With C = 256 tokens a chunk's per-layer block is 2*Hkv*C*d*2 B = 1 MiB
@@ -435,6 +437,9 @@ class ColdTier:
         ws["h"] = wsp.arange("fetch.h", H).view(1, H, 1)
         ws["neg1"] = wsp.full("fetch.neg1", (), i64, -1)
         ws["tbase"] = torch.mul(seq_ids.view(B, 1, 1), cols, out=wsp.take("fetch.tbase", (B, 1, 1), i64))
+        if self.fmt is not None:  # the fetched misses' rows as stored: the GPU cache admits these bytes
+            ws["raw"] = wsp.take("fetch.raw", (B * H * k, self.row_bytes), torch.uint8)
+            ws["own"] = wsp.arange("fetch.own", B * H * k).view(B, H, k)
         return ws
 
     def rows(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor, ws: dict | None = None
@@ -465,6 +470,11 @@ class ColdTier:
         allocation on the kernel path (the reference gather allocates). On CUDA a UVA kernel
         reads the pinned slabs directly (one launch per slab, a handful); with
         use_triton="always" on a CPU store the same kernel runs in the interpreter.
+
+        Quantized: the wanted rows cross the link once, as stored, into ws["raw"] (uint8
+        [B * H * k, row_bytes], row i the i-th (b, h, j); rows not wanted hold stale bytes), and are
+        dequantized from there into out. The GPU cache admits the misses' rows from ws["raw"] as
+        they are (`GPUCache.admit`), so a later hit dequantizes the same bytes to the same values.
         """
         B, H, k = pos.shape
         ws = ws if ws is not None else self.fetch_workspace(seq_ids, k, Workspace(pos.device))
@@ -487,19 +497,26 @@ class ColdTier:
         return out
 
     def _fetch_quantized(self, slab: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, ws: dict) -> torch.Tensor:
-        """`fetch` from a quantized tier: each slab's wanted rows dequantized into out[0] (K), out[1] (V)."""
+        """`fetch` from a quantized tier: each slab's wanted rows copied into ws["raw"] (one pass over
+        the link), then dequantized from there into out[0] (K), out[1] (V) in one pass."""
         B, H, k = rows.shape
-        r, f = ws["r"][0], self.fmt
-        k_out, v_out = out[0].view(-1, self.d), out[1].view(-1, self.d)
+        r, raw = ws["r"][0], ws["raw"]
         for s, src in enumerate(self.slab_rows):
             torch.where(torch.eq(slab, s, out=ws["sel"]), rows, ws["neg1"], out=r.view(B, H, k))
-            if f.use_triton:
-                from gpu_kernels.fetch import gather_dequantize_rows
-
-                gather_dequantize_rows(src, r, k_out, v_out, f.key_bits, f.value_bits, f.groups)
-            else:
-                reference.gather_dequantize_rows(src, r, k_out, v_out, f.key_bits, f.value_bits, f.groups)
+            self._gather_raw(src, r, raw)
+        own = torch.where(torch.ge(rows, 0, out=ws["sel"]), ws["own"], ws["neg1"], out=r.view(B, H, k))
+        self.fmt.gather_rows(raw, own.view(-1), out)
         return out
+
+    def _gather_raw(self, src: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor) -> None:
+        """dst[i] = src[rows[i]] (uint8 rows, -1 skip): the Triton kernel whenever the format runs its
+        kernels, so a quantized fetch is all kernels or all torch ops."""
+        if self.fmt.use_triton:
+            from gpu_kernels.fetch import gather_rows
+
+            gather_rows(src, rows, dst)
+        else:
+            reference.gather_rows(src, rows, dst)
 
     # ---- release ---------------------------------------------------------------------------------
     def release(self, seq_ids: torch.Tensor) -> None:

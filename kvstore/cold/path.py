@@ -169,7 +169,8 @@ class ColdPath:
                 # tiered: no candidate before LeanKV prunes; the cache grows at plan time with them
                 slots = 0 if self.resident is not None else min(self.config.gpu_cache_tokens, kmax)
                 if self.gpu_cache is None:
-                    self.gpu_cache = GPUCache(self.geometry, self.max_seqs, slots, self._cap)
+                    # slots of the cold tier's rows when it is quantized: admitted as fetched, byte for byte
+                    self.gpu_cache = GPUCache(self.geometry, self.max_seqs, slots, self._cap, row_format=self.cold.fmt)
                 else:
                     self.gpu_cache.ensure(self.max_seqs, slots, self._cap)
         self.cold.write_prefill(layer, k, v, positions, valid)
@@ -303,7 +304,7 @@ class ColdPath:
             # LeanKV's score update reads exp(logit - lse_all): with the merged lse, a hot token's
             # probability is its share of the softmax over hot + retrieved tokens (kvstore/hot/policies.py)
             hws["lse_all"][layer].copy_(lse)
-        self.gpu_cache.admit(layer, step.seq_ids, pos, valid, slot, buf, ws["cache"])
+        self.gpu_cache.admit(layer, step.seq_ids, pos, valid, slot, buf, ws["cache"], raw=ws["fetch"].get("raw"))
         if layer == self.geometry.num_layers - 1:
             self.gpu_cache.end_step()
         return out

@@ -83,6 +83,19 @@ class QuantFormat(PageFormat):
         vc[p, s] = reference.pack_codes(cv, self.value_bits)
         meta[p, s] = torch.stack([sk, zk, sv, zv], dim=1)
 
+    def gather_rows(self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """Dequantize one-token pages (the cold tier's and the GPU cache's rows): out[0] (K), out[1] (V)
+        [2, ..., d], flattened to M rows, get src[rows[i]] (uint8 [R, bytes_per_token], host or device;
+        rows int [M], -1 = leave that row untouched), in out's dtype."""
+        d = self.head_dim
+        k_out, v_out = out[0].view(-1, d), out[1].view(-1, d)
+        if self.use_triton:
+            from gpu_kernels.fetch import gather_dequantize_rows
+
+            gather_dequantize_rows(src, rows, k_out, v_out, self.key_bits, self.value_bits, self.groups)
+        else:
+            reference.gather_dequantize_rows(src, rows, k_out, v_out, self.key_bits, self.value_bits, self.groups)
+
     def read(self, data, page_ids, dtype=torch.float32):
         """Dequantized k, v `dtype` [..., tokens_per_page, d] of the given pages (computed in fp32)."""
         if self.use_triton:
