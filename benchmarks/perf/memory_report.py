@@ -15,7 +15,7 @@ on the unattached model's greedy continuation, so every step's logits are compar
                   metadata (position, LeanKV score) + retrieval state on the device (PQ codes and
                   codebooks, GPU cache of retrieved tokens, residency map) where the preset has it
   dense/gpu       dense_kv_bytes (every token at the model's dtype, all layers) / gpu_kv_bytes
-  host_kv_bytes   cold-tier chunks in use (every token, model dtype) where the preset has one
+  host_kv_bytes   cold-tier chunks in use (every token, at the cold tier's format: K8V4 rows in tiered) where the preset has one
 
 A random-weight model attends diffusely (every token's mean attention is near 1/n), so LeanKV's
 thresholds relative to 1/n prune little there; `--set preset:field=value` overrides preset fields
