@@ -145,6 +145,35 @@ def test_overlapped_fetch_equals_synchronous_bit_for_bit(selector, device):
         store.release(run.seq_ids)
 
 
+@pytest.mark.parametrize("use_triton", ["never", "always"])
+def test_quantized_gpu_cache_slots_hold_the_cold_tiers_rows(use_triton):
+    """With a K8V4 cold tier the GPU cache's slots are its rows: each cached token is, byte for byte,
+    the cold tier's row of the position it claims (admitted from the fetch, not requantized)."""
+    cfg = KVStoreConfig(hot_policy="window", selector="exact", cold_tier=True, cold_key_bits=8, cold_value_bits=4,
+                        sink_tokens=3, window_tokens=4, token_budget=6, gpu_cache_tokens=5, page_size=4,
+                        use_triton=use_triton)
+    store = KVStore(cfg, _geo())
+    store.async_fetch = False  # Triton's interpreter is not thread-safe
+    run = _Run(store, [40, 27], seed=5)
+    run.prefill()
+    for _ in range(8):
+        run.step()
+    c, cold = store.gpu_cache, store.cold
+    assert c.k is None and c.rows.shape[-1] == cold.row_bytes
+    assert 0 < store.stats()["gpu_cache_hit_rate"] < 1
+    held = 0
+    for layer in range(L):
+        pos = c.pos[layer, run.seq_ids, :, : c.slots].long()  # [B, H, slots]
+        slab, row = cold.rows(layer, run.seq_ids, pos.clamp(min=0))
+        for i in zip(*torch.nonzero(pos >= 0, as_tuple=True)):
+            b, h, j = (int(x) for x in i)
+            want = cold.slab_rows[int(slab[b, h, j])][int(row[b, h, j])]
+            assert torch.equal(c.rows[layer, int(run.seq_ids[b]), h, j], want)
+            held += 1
+    assert held > 0
+    store.release(run.seq_ids)
+
+
 def test_decode_output_is_attention_over_sinks_window_and_selection():
     """The merged output equals exact attention over sinks + window + the selected tokens."""
     cfg = KVStoreConfig(hot_policy="window", selector="exact", cold_tier=True, sink_tokens=3, window_tokens=4,
