@@ -114,8 +114,11 @@ class ColdPath:
             self.cold.release(t)
 
     def _ensure_retrieval(self, max_seqs: int, needed: int) -> None:
-        """Grow the position-indexed retrieval buffers (between steps; doubling)."""
-        cap = self._cap if needed <= self._cap else max(needed, 2 * self._cap, 64)
+        """Grow the position-indexed retrieval buffers (between steps) to `needed` positions and 1/8 more,
+        in multiples of 64: they cost bytes per position of every sequence slot (PQ codes, the GPU
+        cache's position map, the residency map), so doubling left up to half of them unused (a 4K
+        prompt held 8K positions from its first decode step: 2% of dense KV on the probe)."""
+        cap = self._cap if needed <= self._cap else -(-max(needed + needed // 8, 64) // 64) * 64
         self._cap = cap
         self.selector.ensure(max_seqs, cap)
         if self.gpu_cache is not None:
