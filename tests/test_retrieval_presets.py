@@ -292,3 +292,22 @@ def test_device_trainer_trains_per_layer_and_batches_one_length(preset, monkeypa
     assert len(calls) == L
     alone = _generate(model, cfg, dense_ids[:1], torch.ones_like(dense_ids[:1]), steps=5)
     assert torch.equal(both[1][0], alone[1][0])
+
+
+@pytest.mark.parametrize("use_triton", ["never", "always"])
+def test_a_prompt_with_no_candidates_decodes_with_the_quantized_gpu_cache(use_triton):
+    """A one-token prompt leaves nothing to select (top-k width 0) while the quantized GPU cache has
+    slots from an earlier, longer prompt: admission takes an empty staging of rows (hypothesis found
+    `raw.view(B, H, 0, -1)` failing there)."""
+    model = tiny_model("llama")
+    cfg = KVStoreConfig.preset("pqcache", page_size=4, kmeans_iters=2, sink_tokens=4, window_tokens=4,
+                               token_budget=4, use_triton=use_triton, pq_trainer="device")
+    assert cfg.cold_key_bits == 8
+    client = KVStoreClient(cfg)
+    with client.attach(model):
+        long_ids, long_mask = left_padded_batch(1, 40, pads=(0,))
+        model.generate(long_ids, attention_mask=long_mask, max_new_tokens=3, do_sample=False)
+        assert client.store.gpu_cache.slots > 0
+        out = model.generate(torch.tensor([[33]]), attention_mask=torch.ones(1, 1, dtype=torch.long),
+                             max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 4)

@@ -230,7 +230,7 @@ class GPUCache:
             self.k[layer][sb, h, tslot] = kv[0]
             self.v[layer][sb, h, tslot] = kv[1]
         else:  # the rows as fetched; a non-miss's row holds stale bytes and goes to the trash slot
-            self.rows[layer][sb, h, tslot] = raw.view(B, H, k, -1)
+            self.rows[layer][sb, h, tslot] = raw.view(B, H, k, raw.shape[-1])  # k may be 0 (nothing to select)
         self.pos[layer][sb, h, tslot] = ws["p32"].copy_(pos).masked_fill_(notok, -1)
         self.score[layer][sb, h, tslot] = 1.0 if self.policy == "lfu" else self.step
         self.pos[layer][:, :, trash] = -1
