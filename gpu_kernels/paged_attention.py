@@ -15,9 +15,9 @@ Codes (< 256) are exact in fp16, and so is a bf16 query of magnitude in [6e-5, 6
 mantissa bits fit fp16's 10), so with a 16-bit query the tensor-core fp16 dot q . codes_k is exact
 up to fp32 accumulation (fp16 rather than bf16 operands: the same exactness, and the Triton
 interpreter's bf16 dot is wrong). The value side rounds p * scale_v to fp16 (2^-11 relative).
-fp32 queries use fp32 dots ("ieee"). With fast_cvt (DEFAULT_LAUNCH), 16-bit codes are made as
-fp16(0x6400 | c) - 1024 (exact) rather than by int-to-float conversions, which run at 16 per clock
-per SM on sm_90: 256 per token and head, about 0.5 ms of the 1.3 ms at B=8, N=128K before.
+fp32 queries use fp32 dots ("ieee"). 16-bit codes are made as fp16(0x6400 | c) - 1024 (exact)
+rather than by int-to-float conversions, which run at 16 per clock per SM on sm_90: 256 per token
+and head, about 0.5 ms of the 1.3 ms at B=8, N=128K when the kernel used them.
 
 Where the time went (H100, B=8, N=128K, 1.7 GB of K8V4 pages; a kernel that only reads the same
 pages through the same page table: 0.585 ms, 97% of copy bandwidth):
@@ -34,10 +34,10 @@ registers and the loop's instructions without a GPU):
   0.537 ms the kernel above: 248 registers a thread (the group of 4 padded to 16 query rows), so only
            8 one-warp programs fit an SM, each stalled most of the time: 75% of copy bandwidth;
   0.509    the query block unpadded (Triton >= 3.2 pads the dot itself): 168 registers, 12 programs;
-  0.433    transposed (TRANS): S^T = K Q^T and O^T += V^T P^T, tokens and head dims as the tiles'
+  0.433    transposed: S^T = K Q^T and O^T += V^T P^T, tokens and head dims as the tiles'
            rows and the group as their columns; no replicated query rows moved into place every
            page (loop 902 -> 774 instructions, half the HMMAs);
-  0.424    accumulators rescaled only on pages where a running max moved (lazy_rescale): 4,051 GB/s,
+  0.424    accumulators rescaled only on pages where a running max moved: 4,051 GB/s,
            95% of copy bandwidth, 2.26x SDPA. What is left is mostly memory time.
 Tried and rejected: codes kept as fp16 1024 + c with the bias folded into the zero points (no
 subtracts): 0.65 ms and 4.8e-3 relative error (results/h200).
@@ -75,16 +75,14 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _codes_f16(b, FAST_CVT: tl.constexpr):
+def _codes_f16(b):
     """fp16 (exact) of int16 codes b < 1024.
 
-    FAST_CVT: fp16 bits 0x6400 | c are exactly 1024 + c, so (bits as fp16) - 1024 is exactly c: an
-    OR and an fp16 subtract per element instead of an int-to-float conversion (16 per clock per SM
-    on sm_90, the slow pipe).
+    fp16 bits 0x6400 | c are exactly 1024 + c, so (bits as fp16) - 1024 is exactly c: an OR and an
+    fp16 subtract per element instead of an int-to-float conversion (16 per clock per SM on sm_90,
+    the slow pipe).
     """
-    if FAST_CVT:
-        return ((b | 0x6400).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
-    return b.to(tl.float16)
+    return ((b | 0x6400).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
 
 
 @triton.jit
@@ -164,12 +162,12 @@ def _load_halves(rowptr, BITS: tl.constexpr, D: tl.constexpr, BSTRIDE: tl.conste
 
 
 @triton.jit
-def _operand(codes, FP32: tl.constexpr, FAST_CVT: tl.constexpr):
+def _operand(codes, FP32: tl.constexpr):
     """Dot operand of int16 codes: fp32 for fp32 queries, else exact fp16."""
     if FP32:
         x = codes.to(tl.float32)
     else:
-        x = _codes_f16(codes, FAST_CVT)
+        x = _codes_f16(codes)
     return x
 
 
@@ -179,32 +177,33 @@ def _attend_block(
     max_slots, page_bytes, scale_log2, emit_ptr, emit_row_stride, DO_EMIT: tl.constexpr, IS_LOW: tl.constexpr,
     TPP: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr,
     NG: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_G: tl.constexpr, G: tl.constexpr,
-    FP32: tl.constexpr, FAST_CVT: tl.constexpr, META64: tl.constexpr, LAZY: tl.constexpr, ASM_CVT: tl.constexpr,
-    VHINT: tl.constexpr, TRANS: tl.constexpr, RESCALE_ALWAYS: tl.constexpr, DENSE: tl.constexpr,
+    FP32: tl.constexpr, META64: tl.constexpr, LAZY: tl.constexpr, ASM_CVT: tl.constexpr, VHINT: tl.constexpr,
+    DENSE: tl.constexpr,
 ):
     """NP virtual pages [vp0, vp0 + NP) (clipped at vp_end) of one head: BLOCK = NP * BT token rows.
+
+    Transposed: tokens and head dims are the rows of the dots and the query group their columns,
+    S^T = K @ Q^T [tokens, BLOCK_G] and O^T += V^T @ P^T [D/2, BLOCK_G] per half; q arrives as Q^T
+    [D, BLOCK_G] and token vectors broadcast along columns. The tensor-core tile's 16 rows are then
+    tokens or head dims, all real, and a small GQA group only pads the tile's 8 columns: no query
+    rows replicated into registers and moved into place on every page.
 
     DENSE (the high tier under HIGH_DENSE): every slot below n_high holds a token, so the slots'
     positions are not loaded (4 of ~204 bytes a token at K8V4, d=128); otherwise a slot whose
     position is -1 is empty and masked (the low tier, whose prunes leave such slots).
 
-    The output accumulates in two halves of the head dim, acc0 = dims [0, D/2) and acc1 = [D/2, D):
-    with 4-bit values (planar: low nibbles hold the first half, high nibbles the second) each value
-    byte is loaded once and feeds both halves' dots, with no shuffle to restore the element order.
+    The output accumulates in two halves of the head dim, acc0 = dims [0, D/2) and acc1 = [D/2, D),
+    each [D/2, BLOCK_G]: with 4-bit values (planar: low nibbles hold the first half, high nibbles the
+    second) each value byte is loaded once and feeds both halves' dots, with no shuffle to restore
+    the element order.
 
     LAZY (one scale group): the softmax denominator l_i and the value zero-point term z_i are kept
-    per token slot, [BLOCK_G, NP * BT], rescaled with the accumulators and summed over tokens once
-    after the loop, instead of two cross-warp reductions per block. Otherwise l_i is [BLOCK_G] and z_i
-    unused (the zero-point term goes straight into the accumulators).
+    per token slot, [NP * BT, BLOCK_G], and summed over tokens once after the loop, instead of two
+    cross-warp reductions per block. Otherwise l_i is [BLOCK_G] and z_i unused (the zero-point term
+    goes straight into the accumulators).
 
-    TRANS: the same arithmetic with tokens and head dims as the rows of the dots and the query group
-    as their columns, S^T = K @ Q^T [tokens, G] and O^T += V^T @ P^T [D/2, G] per half: q arrives as
-    Q^T [D, BLOCK_G], the accumulators are [D/2, BLOCK_G], l_i/z_i [NP * BT, BLOCK_G] (LAZY) and the
-    token vectors broadcast along columns. The tensor-core tile's 16 rows are then tokens or head dims,
-    all real, and a small GQA group only pads the tile's 8 columns: no query rows replicated into
-    registers (with a group of 4 in 16 rows they were, and moved into place on every page). Unless
-    RESCALE_ALWAYS, the accumulators are rescaled only on pages where some row's running max moved
-    (alpha is exactly 1 otherwise, so the result is the same bit for bit).
+    The accumulators (and LAZY's l_i, z_i) are rescaled only on pages where some query's running max
+    moved (alpha is exactly 1 otherwise, so the result is the same bit for bit).
     """
     KB: tl.constexpr = D * KBITS // 8
     VB: tl.constexpr = D * VBITS // 8
@@ -234,7 +233,7 @@ def _attend_block(
     if ASM_CVT and KBITS == 8 and not FP32:
         kc = _u8_f16_asm(tl.load((data_ptr + base + slot * KB)[:, None] + tl.arange(0, D)[None, :]))
     else:
-        kc = _operand(_load_plane(data_ptr + base + slot * KB, 0, KBITS, D, D, 1), FP32, FAST_CVT)
+        kc = _operand(_load_plane(data_ptr + base + slot * KB, 0, KBITS, D, D, 1), FP32)
     vrow = data_ptr + base + TPP * KB + slot  # byte j of a token's values at vrow + j * TPP
     if ASM_CVT and VBITS == 4 and not FP32:
         voff = (base + TPP * KB + slot)[:, None] + (tl.arange(0, H) * TPP)[None, :]
@@ -243,8 +242,8 @@ def _attend_block(
         vc0, vc1 = _u4x2_f16_asm(tl.load(data_ptr + voff))
     else:
         vh0, vh1 = _load_halves(vrow, VBITS, D, TPP)
-        vc0 = _operand(vh0, FP32, FAST_CVT)
-        vc1 = _operand(vh1, FP32, FAST_CVT)
+        vc0 = _operand(vh0, FP32)
+        vc1 = _operand(vh1, FP32)
     meta_b = base + TPP * (KB + VB) + slot * (8 * NG)  # byte offset of the slot's [ks, kz, vs, vz] (NG each)
     if META64:  # NG == 1: the four fp16 of a slot as one 8-byte load
         w = tl.load(data64_ptr + meta_b // 8)
@@ -254,134 +253,80 @@ def _attend_block(
         vz0 = ((w >> 48) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     dims = tl.arange(0, D)
     grp = dims // (D // NG)
-    if TRANS:
-        s = tl.zeros((NP * BT, BLOCK_G), dtype=tl.float32)
-    else:
-        s = tl.zeros((BLOCK_G, NP * BT), dtype=tl.float32)
+    s = tl.zeros((NP * BT, BLOCK_G), dtype=tl.float32)
     for j in tl.static_range(NG):
         if not META64:
             ks = tl.load(data16_ptr + meta_b // 2 + j).to(tl.float32)
             kz = tl.load(data16_ptr + meta_b // 2 + NG + j).to(tl.float32)
-        if TRANS:  # q is Q^T [D, BLOCK_G]
-            if NG == 1:
-                qj = q
-            else:
-                qj = tl.where((grp == j)[:, None], q, 0.0)
-            if FP32:
-                dot = tl.dot(kc, qj, input_precision="ieee")
-            else:
-                dot = tl.dot(kc, qj.to(tl.float16))
-            qsum = tl.sum(qj.to(tl.float32), axis=0)
-            s += dot * ks[:, None] + kz[:, None] * qsum[None, :]
+        if NG == 1:
+            qj = q
         else:
-            if NG == 1:
-                qj = q
-            else:
-                qj = tl.where((grp == j)[None, :], q, 0.0)
-            if FP32:
-                dot = tl.dot(qj, tl.trans(kc), input_precision="ieee")
-            else:
-                dot = tl.dot(qj.to(tl.float16), tl.trans(kc))
-            qsum = tl.sum(qj.to(tl.float32), axis=1)
-            s += dot * ks[None, :] + qsum[:, None] * kz[None, :]
+            qj = tl.where((grp == j)[:, None], q, 0.0)
+        if FP32:
+            dot = tl.dot(kc, qj, input_precision="ieee")
+        else:
+            dot = tl.dot(kc, qj.to(tl.float16))
+        qsum = tl.sum(qj.to(tl.float32), axis=0)
+        s += dot * ks[:, None] + kz[:, None] * qsum[None, :]
     g = tl.arange(0, BLOCK_G)
-    if TRANS:
-        s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
-        if DO_EMIT:
-            tl.store(emit_ptr + g[None, :] * emit_row_stride + (col * SLOTS + slot)[:, None], s * 0.6931471805599453,
-                     mask=(g[None, :] < G) & in_page[:, None])
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[None, :])
-        if RESCALE_ALWAYS:
-            moved = True
-        else:  # past the first pages the running max rarely moves: alpha is then exactly 1 for every row
-            moved = tl.max((m_new > m_i).to(tl.int32), axis=0) > 0
-        if moved:
-            acc0 = acc0 * alpha[None, :]
-            acc1 = acc1 * alpha[None, :]
-            if LAZY:
-                l_i = l_i * alpha[None, :]
-                z_i = z_i * alpha[None, :]
+    s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
+    if DO_EMIT:
+        tl.store(emit_ptr + g[None, :] * emit_row_stride + (col * SLOTS + slot)[:, None], s * 0.6931471805599453,
+                 mask=(g[None, :] < G) & in_page[:, None])
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[None, :])
+    # past the first pages the running max rarely moves: alpha is then exactly 1 for every query
+    moved = tl.max((m_new > m_i).to(tl.int32), axis=0) > 0
+    if moved:
+        acc0 = acc0 * alpha[None, :]
+        acc1 = acc1 * alpha[None, :]
         if LAZY:
-            l_i = l_i + p
-        else:
-            l_i = l_i * alpha + tl.sum(p, axis=0)
+            l_i = l_i * alpha[None, :]
+            z_i = z_i * alpha[None, :]
+    if LAZY:
+        l_i = l_i + p
     else:
-        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-        if DO_EMIT:
-            tl.store(emit_ptr + g[:, None] * emit_row_stride + (col * SLOTS + slot)[None, :], s * 0.6931471805599453,
-                     mask=(g[:, None] < G) & in_page[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        if LAZY:
-            l_i = l_i * alpha[:, None] + p
-        else:
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc0 = acc0 * alpha[:, None]
-        acc1 = acc1 * alpha[:, None]
+        l_i = l_i * alpha + tl.sum(p, axis=0)
     for j in tl.static_range(NG):
         if not META64:
             vs0 = tl.load(data16_ptr + meta_b // 2 + 2 * NG + j).to(tl.float32)
             vz0 = tl.load(data16_ptr + meta_b // 2 + 3 * NG + j).to(tl.float32)
-        if TRANS:  # p, pw: P^T [tokens, BLOCK_G]
-            vs = vs0[:, None]
-            vz = vz0[:, None]
-        else:
-            vs = vs0[None, :]
-            vz = vz0[None, :]
+        vs = vs0[:, None]  # p, pw: P^T [tokens, BLOCK_G]
+        vz = vz0[:, None]
         if FP32:
             pw = p * vs
         else:
             pw = (p * vs).to(tl.float16)
         if LAZY:
-            if TRANS:  # rescaled above
-                z_i = z_i + p * vz
-            else:
-                z_i = z_i * alpha[:, None] + p * vz
+            z_i = z_i + p * vz
             pz = m_new  # unused: the zero-point term is summed after the loop
-        elif TRANS:
-            pz = tl.sum(p * vz, axis=0)
         else:
-            pz = tl.sum(p * vz, axis=1)
+            pz = tl.sum(p * vz, axis=0)
         # group j covers dims [j * D / NG, (j + 1) * D / NG): which halves it touches is known at compile time
         if j * (D // NG) < H:
-            acc0 = _add_half(acc0, pw, vc0, pz, j, 0, D, NG, FP32, LAZY, TRANS)
+            acc0 = _add_half(acc0, pw, vc0, pz, j, 0, D, NG, FP32, LAZY)
         if (j + 1) * (D // NG) > H:
-            acc1 = _add_half(acc1, pw, vc1, pz, j, H, D, NG, FP32, LAZY, TRANS)
+            acc1 = _add_half(acc1, pw, vc1, pz, j, H, D, NG, FP32, LAZY)
     return acc0, acc1, m_new, l_i, z_i
 
 
 @triton.jit
 def _add_half(acc, pw, vc, pz, j: tl.constexpr, E0: tl.constexpr, D: tl.constexpr, NG: tl.constexpr,
-              FP32: tl.constexpr, LAZY: tl.constexpr, TRANS: tl.constexpr):
-    """acc += pw @ vc on the head-dim half [E0, E0 + D/2), plus group j's zero-point term pz where j covers it
-    (TRANS: acc^T += vc^T @ pw^T, acc [D/2, BLOCK_G], pw [tokens, BLOCK_G])."""
-    if TRANS:
-        if FP32:
-            pv = tl.dot(tl.trans(vc), pw, input_precision="ieee")
-        else:
-            pv = tl.dot(tl.trans(vc), pw)
-        if LAZY:
-            acc += pv
-        elif NG <= 2:
-            acc += pv + pz[None, :]
-        else:
-            acc += tl.where(((E0 + tl.arange(0, D // 2)) // (D // NG) == j)[:, None], pv + pz[None, :], 0.0)
+              FP32: tl.constexpr, LAZY: tl.constexpr):
+    """acc^T += vc^T @ pw^T on the head-dim half [E0, E0 + D/2) (acc [D/2, BLOCK_G], pw P^T [tokens, BLOCK_G]),
+    plus group j's zero-point term pz where j covers it."""
+    if FP32:
+        pv = tl.dot(tl.trans(vc), pw, input_precision="ieee")
     else:
-        if FP32:
-            pv = tl.dot(pw, vc, input_precision="ieee")
-        else:
-            pv = tl.dot(pw, vc)
-        if LAZY:
-            acc += pv
-        elif NG <= 2:
-            acc += pv + pz[:, None]
-        else:
-            acc += tl.where(((E0 + tl.arange(0, D // 2)) // (D // NG) == j)[None, :], pv + pz[:, None], 0.0)
+        pv = tl.dot(tl.trans(vc), pw)
+    if LAZY:
+        acc += pv
+    elif NG <= 2:
+        acc += pv + pz[None, :]
+    else:
+        acc += tl.where(((E0 + tl.arange(0, D // 2)) // (D // NG) == j)[:, None], pv + pz[None, :], 0.0)
     return acc
 
 
@@ -401,9 +346,8 @@ def _paged_decode_kernel(
     TPP_H: tl.constexpr, BLOCK_TH: tl.constexpr, NP_H: tl.constexpr, KB_H: tl.constexpr, VB_H: tl.constexpr,
     HAS_LOW: tl.constexpr, TPP_L: tl.constexpr, BLOCK_TL: tl.constexpr, NP_L: tl.constexpr,
     KB_L: tl.constexpr, VB_L: tl.constexpr,
-    SLOTS: tl.constexpr, DO_EMIT: tl.constexpr, FP32: tl.constexpr, FAST_CVT: tl.constexpr, META64: tl.constexpr,
-    LAZY: tl.constexpr, ASM_CVT: tl.constexpr, VHINT: tl.constexpr, TRANS: tl.constexpr,
-    RESCALE_ALWAYS: tl.constexpr, HIGH_DENSE: tl.constexpr,
+    SLOTS: tl.constexpr, DO_EMIT: tl.constexpr, FP32: tl.constexpr, META64: tl.constexpr, LAZY: tl.constexpr,
+    ASM_CVT: tl.constexpr, VHINT: tl.constexpr, HIGH_DENSE: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -416,8 +360,7 @@ def _paged_decode_kernel(
     q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + dims[None, :], mask=gmask[:, None], other=0.0)
     if FP32:
         q = q.to(tl.float32)
-    if TRANS:
-        q = tl.trans(q)  # Q^T [D, BLOCK_G]
+    q = tl.trans(q)  # Q^T [D, BLOCK_G]
     n_high = tl.load(num_high_ptr + seq * stride_ns + layer * stride_nl + h)
     n_hp = (n_high + TPP_H - 1) // TPP_H
     if HAS_LOW:
@@ -427,23 +370,16 @@ def _paged_decode_kernel(
     table = pages_ptr + seq * stride_ps + layer * stride_pl + h * stride_ph
     v0 = split * pages_per_split
     v1 = tl.minimum(v0 + pages_per_split, n_hp + n_lp)
-    if TRANS:
-        acc0 = tl.zeros((D // 2, BLOCK_G), dtype=tl.float32)
-        acc1 = tl.zeros((D // 2, BLOCK_G), dtype=tl.float32)
-    else:
-        acc0 = tl.zeros((BLOCK_G, D // 2), dtype=tl.float32)
-        acc1 = tl.zeros((BLOCK_G, D // 2), dtype=tl.float32)
+    acc0 = tl.zeros((D // 2, BLOCK_G), dtype=tl.float32)  # O^T, dims [0, D/2)
+    acc1 = tl.zeros((D // 2, BLOCK_G), dtype=tl.float32)  # O^T, dims [D/2, D)
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     emit_row_stride = C * SLOTS
     emit_base = emit_ptr + (b * HKV * G + h * G).to(tl.int64) * emit_row_stride
     h_end = tl.minimum(v1, n_hp)
-    if LAZY and TRANS:
+    if LAZY:
         l_h = tl.zeros((NP_H * BLOCK_TH, BLOCK_G), dtype=tl.float32)
         z_h = tl.zeros((NP_H * BLOCK_TH, BLOCK_G), dtype=tl.float32)
-    elif LAZY:
-        l_h = tl.zeros((BLOCK_G, NP_H * BLOCK_TH), dtype=tl.float32)
-        z_h = tl.zeros((BLOCK_G, NP_H * BLOCK_TH), dtype=tl.float32)
     else:
         l_h = l_i
         z_h = l_i
@@ -451,19 +387,13 @@ def _paged_decode_kernel(
         acc0, acc1, m_i, l_h, z_h = _attend_block(
             acc0, acc1, m_i, l_h, z_h, q, data_ptr, data16_ptr, data64_ptr, table, vp, h_end, n_high, n_hp, C,
             pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, False,
-            TPP_H, BLOCK_TH, NP_H, SLOTS, D, NG, KB_H, VB_H, BLOCK_G, G, FP32, FAST_CVT, META64, LAZY, ASM_CVT, VHINT,
-            TRANS, RESCALE_ALWAYS, HIGH_DENSE,
+            TPP_H, BLOCK_TH, NP_H, SLOTS, D, NG, KB_H, VB_H, BLOCK_G, G, FP32, META64, LAZY, ASM_CVT, VHINT, HIGH_DENSE,
         )
-    if LAZY and TRANS:
+    if LAZY:
         l_i = tl.sum(l_h, axis=0)
         zsum = tl.sum(z_h, axis=0)
         acc0 += zsum[None, :]
         acc1 += zsum[None, :]
-    elif LAZY:
-        l_i = tl.sum(l_h, axis=1)
-        zsum = tl.sum(z_h, axis=1)
-        acc0 += zsum[:, None]
-        acc1 += zsum[:, None]
     else:
         l_i = l_h
     if HAS_LOW:  # eager sums (l_i [BLOCK_G]); z_l is unused
@@ -472,19 +402,14 @@ def _paged_decode_kernel(
             acc0, acc1, m_i, l_i, z_l = _attend_block(
                 acc0, acc1, m_i, l_i, z_l, q, data_ptr, data16_ptr, data64_ptr, table, vp, v1, n_high, n_hp, C,
                 pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, True,
-                TPP_L, BLOCK_TL, NP_L, SLOTS, D, NG, KB_L, VB_L, BLOCK_G, G, FP32, FAST_CVT, META64, False, ASM_CVT, False,
-                TRANS, RESCALE_ALWAYS, False,
+                TPP_L, BLOCK_TL, NP_L, SLOTS, D, NG, KB_L, VB_L, BLOCK_G, G, FP32, META64, False, ASM_CVT, False, False,
             )
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     hd = tl.arange(0, D // 2)
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     row = (b * HKV * G + h * G + g) * tl.num_programs(1) + split  # not a constexpr: one compile for all split counts
-    if TRANS:
-        tl.store(part_out_ptr + row[None, :] * D + hd[:, None], acc0 / l_safe[None, :], mask=gmask[None, :])
-        tl.store(part_out_ptr + row[None, :] * D + D // 2 + hd[:, None], acc1 / l_safe[None, :], mask=gmask[None, :])
-    else:
-        tl.store(part_out_ptr + row[:, None] * D + hd[None, :], acc0 / l_safe[:, None], mask=gmask[:, None])
-        tl.store(part_out_ptr + row[:, None] * D + D // 2 + hd[None, :], acc1 / l_safe[:, None], mask=gmask[:, None])
+    tl.store(part_out_ptr + row[None, :] * D + hd[:, None], acc0 / l_safe[None, :], mask=gmask[None, :])
+    tl.store(part_out_ptr + row[None, :] * D + D // 2 + hd[:, None], acc1 / l_safe[None, :], mask=gmask[None, :])
     tl.store(part_lse_ptr + row, lse, mask=gmask)
 
 
@@ -541,10 +466,9 @@ def query_block(group: int) -> int:
 # Launch defaults KVStore uses (HotTier.attend): the winners of benchmarks/perf/decode_attention.py --sweep
 # (H100, B=8, N=128K: one warp per program, one 32-token page per step, 3 stages: 0.607 ms against 0.735
 # for 2 warps x 64 tokens, and 1.18 ms for the first 4-warp kernel; see results/).
-# H200, transposed with lazy rescale (168 registers, 12 one-warp programs an SM): 24 splits at B=8,
-# N=128K, 0.424 ms; 2 warps x 64 tokens 0.461, register caps (maxnreg 128/144) within noise.
-DEFAULT_LAUNCH = dict(fast_cvt=True, lazy=True, asm_cvt=True, transposed=True, lazy_rescale=True, high_dense=True,
-                      num_warps=1, num_stages=3, block_tokens=32,
+# H200 (168 registers, 12 one-warp programs an SM): 24 splits at B=8, N=128K, 0.424 ms; 2 warps x 64
+# tokens 0.461, register caps (maxnreg 128/144) within noise.
+DEFAULT_LAUNCH = dict(asm_cvt=True, high_dense=True, num_warps=1, num_stages=3, block_tokens=32,
                       programs_per_sm_small=12, programs_per_sm_large=12)
 
 
@@ -566,8 +490,7 @@ def choose_splits(batch: int, num_kv_heads: int, max_pages: int, num_sms: int = 
 def kernel_constexprs(
     num_kv_heads: int, group: int, head_dim: int, groups: int, high: tuple[int, int, int],
     low: tuple[int, int, int] | None, page_bytes: int, block_tokens: int, emit: bool, fp32: bool,
-    fast_cvt: bool, lazy: bool, asm_cvt: bool, transposed: bool = False, lazy_rescale: bool = False,
-    high_dense: bool = False,
+    asm_cvt: bool, high_dense: bool,
 ) -> types.MappingProxyType:
     """The compile-time parameters of `_paged_decode_kernel` for one launch (also what
     benchmarks/perf/kernel_resources.py compiles, so its report is of the kernel KVStore runs).
@@ -588,10 +511,8 @@ def kernel_constexprs(
         HKV=num_kv_heads, G=group, BLOCK_G=query_block(group), D=head_dim, NG=groups,
         TPP_H=th, BLOCK_TH=bth, NP_H=max(1, block_tokens // bth), KB_H=kb, VB_H=vb,
         HAS_LOW=low is not None, TPP_L=tlow, BLOCK_TL=btl, NP_L=max(1, block_tokens // btl), KB_L=lkb, VB_L=lvb,
-        SLOTS=max(th, tlow if low is not None else 0), DO_EMIT=emit, FP32=fp32, FAST_CVT=bool(fast_cvt),
-        META64=meta64, LAZY=bool(lazy) and groups == 1, ASM_CVT=bool(asm_cvt),
-        VHINT=th % 16 == 0 and bth == th and page_bytes % 16 == 0, TRANS=bool(transposed),
-        RESCALE_ALWAYS=not lazy_rescale, HIGH_DENSE=bool(high_dense),
+        SLOTS=max(th, tlow if low is not None else 0), DO_EMIT=emit, FP32=fp32, META64=meta64, LAZY=groups == 1,
+        ASM_CVT=bool(asm_cvt), VHINT=th % 16 == 0 and bth == th and page_bytes % 16 == 0, HIGH_DENSE=bool(high_dense),
     ))
 
 
@@ -601,9 +522,8 @@ def paged_decode_attention(
     high: tuple[int, int, int], low: tuple[int, int, int] | None, groups: int, scale: float,
     out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
     pages_per_split: int, logits: torch.Tensor | None = None, num_warps: int | None = None,
-    num_stages: int | None = None, block_tokens: int | None = None, fast_cvt: bool | None = None,
-    lazy: bool | None = None, asm_cvt: bool | None = None, maxnreg: int | None = None,
-    transposed: bool | None = None, lazy_rescale: bool | None = None, high_dense: bool | None = None,
+    num_stages: int | None = None, block_tokens: int | None = None, asm_cvt: bool | None = None,
+    maxnreg: int | None = None, high_dense: bool | None = None,
 ) -> None:
     """Decode attention of one layer over the quantized hot tier, written into `out` and `lse`.
 
@@ -625,20 +545,12 @@ def paged_decode_attention(
         part_out fp32 [B, Hq, NSPLIT, d], part_lse fp32 [B, Hq, NSPLIT]: split workspace.
         pages_per_split: pages each split walks; NSPLIT * pages_per_split must cover the widest head.
         logits: optional fp32 [B, Hq, C, max(T_high, T_low)]: per-token scaled logits (-inf = no token).
-        num_warps / num_stages / block_tokens / fast_cvt / lazy / asm_cvt: launch variant (None:
-            DEFAULT_LAUNCH's); fast_cvt makes fp16 codes by the 0x6400 bit trick instead of int-to-float
-            conversions; lazy sums the softmax denominator and the value zero-point term once after the
-            loop (one scale group); asm_cvt converts K8 and V4 codes with PTX (prmt), CUDA only: ignored
-            in the interpreter and on CPU tensors; maxnreg caps the registers a thread (more
-            programs an SM, at the price of spills; CUDA only); transposed computes S^T = K Q^T and
-            O^T = V^T P^T (tokens and head dims as tile rows, the GQA group as columns); lazy_rescale
-            (transposed only) skips the accumulator rescale on pages where no running max moved;
-            high_dense skips the high tier's position loads (see slot_pos).
+        num_warps / num_stages / block_tokens / asm_cvt / maxnreg / high_dense: launch variant (None:
+            DEFAULT_LAUNCH's); asm_cvt converts K8 and V4 codes with PTX (prmt), CUDA only: ignored in
+            the interpreter and on CPU tensors, which use the portable 0x6400 bit trick; maxnreg caps the
+            registers a thread (more programs an SM, at the price of spills; CUDA only); high_dense skips
+            the high tier's position loads (see slot_pos).
     """
-    fast_cvt = DEFAULT_LAUNCH["fast_cvt"] if fast_cvt is None else fast_cvt
-    lazy = DEFAULT_LAUNCH["lazy"] if lazy is None else lazy
-    transposed = DEFAULT_LAUNCH["transposed"] if transposed is None else transposed
-    lazy_rescale = DEFAULT_LAUNCH["lazy_rescale"] if lazy_rescale is None else lazy_rescale
     high_dense = DEFAULT_LAUNCH["high_dense"] if high_dense is None else high_dense
     asm_ok = q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")  # PTX: not in the interpreter
     asm_cvt = bool(DEFAULT_LAUNCH["asm_cvt"] if asm_cvt is None else asm_cvt) and asm_ok
@@ -669,8 +581,7 @@ def paged_decode_attention(
     maxnreg = DEFAULT_LAUNCH.get("maxnreg") if maxnreg is None else maxnreg
     extra = dict(maxnreg=maxnreg) if maxnreg and q.is_cuda else {}  # a register cap (CUDA compiles only)
     consts = kernel_constexprs(Hkv, G, d, groups, tuple(high), tuple(low) if low is not None else None, data.shape[1],
-                               block_tokens, logits is not None, q.dtype == torch.float32, bool(fast_cvt), bool(lazy),
-                               asm_cvt, bool(transposed), bool(lazy_rescale), bool(high_dense))
+                               block_tokens, logits is not None, q.dtype == torch.float32, asm_cvt, bool(high_dense))
     _paged_decode_kernel[grid](
         q, data, data.view(torch.float16), data.view(torch.int64) if consts["META64"] else data, pages, num_high, nlp, seq_ids, slot_pos,
         part_out, part_lse, logits if logits is not None else part_lse,

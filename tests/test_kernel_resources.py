@@ -38,8 +38,8 @@ def test_default_launch_compiles_to_tensor_cores_and_async_copies(tmp_path):
 
 
 def test_kernel_variants_compile_for_sm90():
-    """What the interpreter runs, the GPU compiler must take too: both orientations, fp32 and 16-bit
-    queries, one or two scale groups, with and without the low tier, emitted logits (the interpreter
+    """What the interpreter runs, the GPU compiler must take too: fp32 and 16-bit queries, one or two
+    scale groups, with and without the low tier, emitted logits, the masking high tier (the interpreter
     once passed a constexpr assigned twice in an unrolled loop that sm_90 compilation refused)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.perf.kernel_resources", "--check-variants", "ci"], env=env,

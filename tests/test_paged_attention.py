@@ -104,11 +104,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("transposed", [True, False], ids=["kqT", "qkT"])
 @pytest.mark.parametrize("n_high,n_low,tpp,G,d,groups,dtype", CASES,
                          ids=[f"n{c[0]}+{c[1]}-t{c[2]}-G{c[3]}-d{c[4]}-g{c[5]}-{str(c[6])[6:]}" for c in CASES])
-def test_kernel_matches_reference(n_high, n_low, tpp, G, d, groups, dtype, transposed):
-    """Both orientations: S^T = K Q^T (tokens as tile rows, DEFAULT_LAUNCH) and S = Q K^T."""
+def test_kernel_matches_reference(n_high, n_low, tpp, G, d, groups, dtype):
     B, Hkv = 2, 2
     # the second sequence is shorter: heads of different lengths in one launch
     nh, nl = [n_high, max(1, n_high // 3)], [n_low, n_low // 2]
@@ -116,7 +114,7 @@ def test_kernel_matches_reference(n_high, n_low, tpp, G, d, groups, dtype, trans
     q = torch.randn(B, Hkv * G, d, generator=torch.Generator().manual_seed(7)).to(dtype)
     with_low = n_low > 0
     (out, lse, logits), (r_out, r_lse, r_logits) = _run(q, data, pages, num_high, nlp, slot_pos, tpp, t_low, groups,
-                                                        nsplit=3, with_low=with_low, transposed=transposed)
+                                                        nsplit=3, with_low=with_low)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     _assert_matches((out, lse, logits), (r_out, r_lse, r_logits))
     # probabilities from the emitted logits sum to one per query head
@@ -124,23 +122,18 @@ def test_kernel_matches_reference(n_high, n_low, tpp, G, d, groups, dtype, trans
     torch.testing.assert_close(probs.sum((-1, -2)), torch.ones(B, Hkv * G), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("transposed,lazy_rescale", [(True, True), (True, False), (False, False)],
-                         ids=["kqT", "kqT-rescale-always", "qkT"])
-@pytest.mark.parametrize("fast_cvt,lazy,groups,tpp", [(False, False, 2, 9), (True, False, 2, 9), (True, False, 1, 8),
-                                                      (True, True, 1, 8), (False, True, 1, 9)])
-def test_launch_variants_match_reference(fast_cvt, lazy, groups, tpp, transposed, lazy_rescale):
-    """Both code conversions (int-to-float and the 0x6400 bit trick), eager and lazy softmax sums, both tiers,
-    G=4, d=128, 1 or 2 scale groups, metadata as one 8-byte word (tpp 8) or four fp16 loads (tpp 9)."""
+@pytest.mark.parametrize("groups,tpp", [(2, 9), (2, 8), (1, 8), (1, 9)])
+def test_launch_variants_match_reference(groups, tpp):
+    """64-token steps over 8 warps, both tiers, G=4, d=128: one scale group (lazy softmax sums, a slot's
+    metadata as one 8-byte word) or two (eager sums, per-group fp16 loads), 8- or 9-token pages."""
     data, pages, num_high, nlp, slot_pos, t_low = _layout(2, 2, 128, [45, 13], [19, 7], tpp, groups, seed=11)
     q = torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     (out, lse, logits), (r_out, r_lse, r_logits) = _run(q, data, pages, num_high, nlp, slot_pos, tpp, t_low, groups,
-                                                        nsplit=2, fast_cvt=fast_cvt, lazy=lazy, block_tokens=64,
-                                                        num_warps=8, transposed=transposed, lazy_rescale=lazy_rescale)
+                                                        nsplit=2, block_tokens=64, num_warps=8)
     _assert_matches((out, lse, logits), (r_out, r_lse, r_logits))
 
 
-@pytest.mark.parametrize("transposed", [True, False], ids=["kqT", "qkT"])
-def test_high_dense_equals_the_masking_kernel_without_holes(transposed):
+def test_high_dense_equals_the_masking_kernel_without_holes():
     """HIGH_DENSE (no position load in the high tier) gives the masking kernel's results on a high tier
     without holes (what KVStore keeps): the same outputs, lse and emitted logits, bit for bit (the low
     tier's holes are masked in both)."""
@@ -148,16 +141,14 @@ def test_high_dense_equals_the_masking_kernel_without_holes(transposed):
     q = torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     res = {}
     for dense in (True, False):
-        (out, lse, logits), ref = _run(q, data, pages, num_high, nlp, slot_pos, 8, t_low, 1, nsplit=2,
-                                       transposed=transposed, high_dense=dense)
+        (out, lse, logits), ref = _run(q, data, pages, num_high, nlp, slot_pos, 8, t_low, 1, nsplit=2, high_dense=dense)
         assert _rel_rms(out, ref[0]) < 1e-3
         res[dense] = (out, lse, logits)
     for a, b in zip(res[True], res[False]):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("transposed", [True, False], ids=["kqT", "qkT"])
-def test_high_tier_holes_are_masked_with_high_dense_off(transposed):
+def test_high_tier_holes_are_masked_with_high_dense_off():
     """high_dense=False, the old path: empty high slots (position -1) are never attended, as the
     reference masks them; with HIGH_DENSE the kernel does not read positions there and attends them
     (the reference's high_dense=True), so it is only for high tiers without holes."""
@@ -168,7 +159,7 @@ def test_high_tier_holes_are_masked_with_high_dense_off(transposed):
     outs = {}
     for dense in (False, True):
         (out, lse, logits), (r_out, r_lse, r_logits) = _run(q, data, pages, num_high, nlp, slot_pos, 8, t_low, 1,
-                                                            nsplit=2, transposed=transposed, high_dense=dense)
+                                                            nsplit=2, high_dense=dense)
         _assert_matches((out, lse, logits), (r_out, r_lse, r_logits))
         outs[dense] = (out, torch.isfinite(r_logits))
     assert not outs[False][1][:, :, 0, 2].any()  # the holes: masked (-inf logits)
@@ -225,10 +216,9 @@ def test_bad_shapes_are_refused():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
                     reason="compiled CUDA paths (PTX code conversion, value-load hints): a GPU without the interpreter")
-@pytest.mark.parametrize("transposed", [True, False])
 @pytest.mark.parametrize("asm_cvt", [False, True])
 @pytest.mark.parametrize("tpp,d,n_high,n_low", [(32, 128, [200, 37], [40, 3]), (16, 64, [1, 95], [0, 70]), (9, 128, [45, 13], [19, 7])])
-def test_cuda_kernel_matches_reference(asm_cvt, tpp, d, n_high, n_low, transposed):
+def test_cuda_kernel_matches_reference(asm_cvt, tpp, d, n_high, n_low):
     """On the GPU: the PTX conversions and the contiguous value loads (32- and 16-token pages) equal the reference."""
     data, pages, num_high, nlp, slot_pos, t_low = _layout(2, 2, d, n_high, n_low, tpp, 1, seed=tpp + d)
     dev = torch.device("cuda")
@@ -242,7 +232,7 @@ def test_cuda_kernel_matches_reference(asm_cvt, tpp, d, n_high, n_low, transpose
         logits = torch.full((2, 8, C, max(tpp, t_low)), float("-inf"), device=dev)
         paged_decode_attention(q, data, pages, num_high, nlp, torch.arange(2, device=dev), 0, slot_pos, (8, 4, tpp),
                                (4, 2, t_low), 1, d ** -0.5, out, lse, po, pl, math.ceil(C / 3), logits,
-                               asm_cvt=asm_cvt, transposed=transposed, **launch)
+                               asm_cvt=asm_cvt, **launch)
         r_out, r_lse, r_logits = reference.paged_decode_attention(q, data, pages[:, 0], num_high[:, 0], nlp[:, 0],
                                                                   slot_pos, (8, 4, tpp), (4, 2, t_low), 1, d ** -0.5)
         _assert_matches((out, lse, logits), (r_out, r_lse, r_logits), launch)

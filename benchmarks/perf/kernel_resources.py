@@ -8,7 +8,7 @@ Triton compiles `_paged_decode_kernel` for sm_90 on this machine (its bundled pt
 constexprs `paged_decode_attention` would pass (`kernel_constexprs`) and the divisibility a real
 launch specializes on (pointers, page bytes and strides divisible by 16), then disassembles the
 cubin with the bundled nvdisasm. The loop is the largest span from a label to a branch back to it
-(the walk over pages; a branch inside it, as lazy_rescale makes, counts both sides); its instruction
+(the walk over pages; a branch inside it, as the skipped rescale makes, counts both sides); its instruction
 mix (PRMT/HADD2: code conversion, HMMA: tensor-core dots, LDGSTS: asynchronous page copies, MOV:
 register shuffles) is what a kernel change moves. Registers set occupancy: 65,536 per SM, so a
 one-warp program at R registers lets 65536 // (32 * R) programs share an SM.
@@ -86,8 +86,7 @@ def compile_report(launch: dict | None = None, num_kv_heads: int = 8, group: int
     high = (8, 4, tokens_per_page)
     page_bytes = tokens_per_page * (head_dim + head_dim // 2 + 8)
     consts = kernel_constexprs(num_kv_heads, group, head_dim, 1, high, low, page_bytes, cfg["block_tokens"], emit,
-                               False, cfg["fast_cvt"], cfg["lazy"], cfg["asm_cvt"], cfg["transposed"],
-                               cfg["lazy_rescale"], cfg["high_dense"])
+                               False, cfg["asm_cvt"], cfg["high_dense"])
     kernel = _compile(consts, False, cfg["num_warps"], cfg["num_stages"], cfg.get("maxnreg"), arch)
     import tempfile
 
@@ -115,8 +114,7 @@ def compile_report(launch: dict | None = None, num_kv_heads: int = 8, group: int
             ops[m.group(1)] += 1
     warps = cfg["num_warps"]
     return dict(
-        launch={k: cfg[k] for k in ("num_warps", "num_stages", "block_tokens", "fast_cvt", "lazy", "asm_cvt",
-                                    "transposed", "lazy_rescale", "high_dense")}
+        launch={k: cfg[k] for k in ("num_warps", "num_stages", "block_tokens", "asm_cvt", "high_dense")}
         | ({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         block_g=consts["BLOCK_G"], registers=regs, stack_bytes=int(fields.get("STACK", 0)),
         shared_bytes=kernel.metadata.shared, programs_per_sm_by_registers=65536 // (32 * warps * max(regs, 1)),
@@ -129,33 +127,32 @@ def compile_variants(full: bool = False, arch: int = 90) -> list[str]:
 
     The interpreter accepts code the compiler refuses (a constexpr assigned twice in an unrolled
     loop, a value whose type changes across a loop), so CI compiles what the GPU would run. `full`:
-    every combination (384, minutes); else both orientations x query dtype x scale groups x low
-    tier, with emitted logits and HIGH_DENSE (16), plus the masking high tier (high_dense=False) in
-    both orientations with the low tier (2).
+    every combination (192, minutes); else query dtype x scale groups x low tier, with emitted
+    logits and HIGH_DENSE (8), plus the masking high tier (high_dense=False) with the low tier (1).
     """
     import itertools
 
     from gpu_kernels.paged_attention import kernel_constexprs
 
     grid = dict(fp32=[False, True], emit=[True] if not full else [False, True], low=[False, True], groups=[1, 2],
-                group=[4] if not full else [1, 4, 8], trans=[True, False], warps=[1] if not full else [1, 4],
+                group=[4] if not full else [1, 4, 8], warps=[1] if not full else [1, 4],
                 dense=[True] if not full else [True, False])
     combos = list(itertools.product(*grid.values()))
     if not full:
-        combos += [(False, True, True, 1, 4, trans, 1, False) for trans in (True, False)]
+        combos.append((False, True, True, 1, 4, 1, False))
     failures = []
-    for fp32, emit, low, groups, group, trans, warps, dense in combos:
+    for fp32, emit, low, groups, group, warps, dense in combos:
         page_bytes = 32 * (128 + 64 + 8 * groups)
         low_fmt = (4, 2, page_bytes // (64 + 32 + 8 * groups)) if low else None
         consts = kernel_constexprs(8, group, 128, groups, (8, 4, 32), low_fmt, page_bytes, 32 * warps, emit, fp32,
-                                   True, True, True, trans, True, dense)
+                                   True, dense)
         try:
             _compile(consts, fp32, warps, 3, arch=arch)
         except Exception as e:  # noqa: BLE001 - collected and reported, the rest still compile
             root = e
             while root.__cause__ is not None:
                 root = root.__cause__
-            failures.append(f"fp32={fp32} emit={emit} low={low} groups={groups} G={group} transposed={trans} "
+            failures.append(f"fp32={fp32} emit={emit} low={low} groups={groups} G={group} "
                             f"warps={warps} high_dense={dense}: {type(root).__name__}: {str(root)[-200:]}")
     return failures
 
