@@ -44,7 +44,7 @@ def graph_support(store: Any) -> str | None:
         return "decode attention is not the Triton kernel (16-bit pages or Triton disabled)"
     if store.hot.low is not None or store.config.hot_policy == "leankv":
         return "the LeanKV policy moves pages between steps"
-    if store.selector is not None or store.cold is not None:
+    if store.cold_path is not None:
         return "the retrieval path fetches from the host"
     return None
 

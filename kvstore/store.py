@@ -382,24 +382,3 @@ class KVStore:
             "page_bytes": self.hot.page_bytes,
             **counts,
         }
-
-    # ---- the cold path's parts, read through the store (tests, tools) -------------------------
-    @property
-    def selector(self):
-        """The cold path's selector (kvstore/cold/selectors.py), None without one."""
-        return self.cold_path.selector if self.cold_path is not None else None
-
-    @property
-    def gpu_cache(self):
-        """The cold path's GPU cache of retrieved tokens, None before a retrieving prefill."""
-        return self.cold_path.gpu_cache if self.cold_path is not None else None
-
-    @property
-    def async_fetch(self) -> bool:
-        """Whether the fetch of misses overlaps the hot tier's attention (False: fully synchronous)."""
-        return self.cold_path.async_fetch if self.cold_path is not None else True
-
-    @async_fetch.setter
-    def async_fetch(self, on: bool) -> None:
-        if self.cold_path is not None:
-            self.cold_path.async_fetch = on

@@ -391,7 +391,7 @@ def test_tiered_on_the_kernel_path_on_a_cpu_fetches_in_step():
     tiered = dict(page_size=4, sink_tokens=2, immune_tokens=4, window_tokens=4, score_queries=8, alpha_prune=0.5,
                   alpha_quant=2.0, pq_bits=3, token_budget=512)
     store = KVStore(KVStoreConfig.preset("tiered", use_triton="always", **tiered), _geometry())
-    assert store.async_fetch is False
+    assert store.cold_path.async_fetch is False
     a = _PeakyDriver(store, [24, 13, 5], seed=1)
     a.prefill(1)
     for _ in range(8):  # the race hit at step 0 before

@@ -117,7 +117,7 @@ def test_overlapped_fetch_equals_synchronous_bit_for_bit(selector, device):
     runs = []
     for async_fetch in (True, False):
         store = KVStore(cfg, _geo(device))
-        store.async_fetch = async_fetch
+        store.cold_path.async_fetch = async_fetch
         run = _Run(store, [40, 27, 33], seed=7)
         run.prefill()
         outs = [run.step() for _ in range(25)]
@@ -128,7 +128,7 @@ def test_overlapped_fetch_equals_synchronous_bit_for_bit(selector, device):
     s = sa.stats()
     assert 0 < s["gpu_cache_hit_rate"] < 1  # both hits and admissions with evictions happened
     # every cached token is the cold tier's K/V of the position it claims
-    c = sa.gpu_cache
+    c = sa.cold_path.gpu_cache
     for layer in range(L):
         for b, sid in enumerate(ra.seq_ids.tolist()):
             n = int(sa.seq_len[sid])
@@ -153,12 +153,12 @@ def test_quantized_gpu_cache_slots_hold_the_cold_tiers_rows(use_triton):
                         sink_tokens=3, window_tokens=4, token_budget=6, gpu_cache_tokens=5, page_size=4,
                         use_triton=use_triton)
     store = KVStore(cfg, _geo())
-    store.async_fetch = False  # Triton's interpreter is not thread-safe
+    store.cold_path.async_fetch = False  # Triton's interpreter is not thread-safe
     run = _Run(store, [40, 27], seed=5)
     run.prefill()
     for _ in range(8):
         run.step()
-    c, cold = store.gpu_cache, store.cold
+    c, cold = store.cold_path.gpu_cache, store.cold
     assert c.k is None and c.rows.shape[-1] == cold.row_bytes
     assert 0 < store.stats()["gpu_cache_hit_rate"] < 1
     held = 0
@@ -207,16 +207,16 @@ def test_decode_waits_only_for_its_own_layers_codebook():
     cfg = KVStoreConfig(hot_policy="window", selector="pq", cold_tier=True, sink_tokens=2, window_tokens=3,
                         token_budget=4, pq_subspaces=2, pq_bits=3, page_size=4)
     store = KVStore(cfg, _geo())
-    store.selector.hold = [threading.Event() for _ in range(L)]
-    store.selector.hold[0].set()  # layer 1's build is held back
+    store.cold_path.selector.hold = [threading.Event() for _ in range(L)]
+    store.cold_path.selector.hold[0].set()  # layer 1's build is held back
     run = _Run(store, [20], seed=1)
     run.prefill()
     seen = []
 
     def after(layer):
-        seen.append((layer, [f.done() for f, _ in store.selector.pending.get(1, [])]))
+        seen.append((layer, [f.done() for f, _ in store.cold_path.selector.pending.get(1, [])]))
         if layer == 0:
-            store.selector.hold[1].set()
+            store.cold_path.selector.hold[1].set()
 
     out = run.step(layer_hook=after)
     assert seen[0] == (0, [False])  # layer 0 decoded while layer 1's codebook was still being built
@@ -307,7 +307,7 @@ def test_a_prompt_with_no_candidates_decodes_with_the_quantized_gpu_cache(use_tr
     with client.attach(model):
         long_ids, long_mask = left_padded_batch(1, 40, pads=(0,))
         model.generate(long_ids, attention_mask=long_mask, max_new_tokens=3, do_sample=False)
-        assert client.store.gpu_cache.slots > 0
+        assert client.store.cold_path.gpu_cache.slots > 0
         out = model.generate(torch.tensor([[33]]), attention_mask=torch.ones(1, 1, dtype=torch.long),
                              max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 4)
