@@ -155,7 +155,8 @@ def _selection_config(name: str, budget: str, options: dict | None = None) -> tu
         topk = f"top-k {value}"
     S, c, r = config.sink_tokens, config.budget_fraction, config.window_share
     window = f"window {config.window_tokens}" if config.window_tokens is not None else f"window int((n-S)*{c:g}*{r:g})"
-    hot = "LeanKV hot tier (K8V4/K4V2, pruning) + " if config.hot_policy == "leankv" else ""
+    hot = (f"LeanKV hot tier (prune below {config.alpha_prune:g}/n, K{config.low_key_bits}V{config.low_value_bits} below "
+           f"{config.alpha_quant:g}/n, else K{config.key_bits}V{config.value_bits}) + " if config.hot_policy == "leankv" else "")
     definition = (
         f"per (sequence, layer, KV head) at decode: {hot}S={S} sinks + {window} + {topk} "
         f"[{_SELECTION[name]}]; n = prompt tokens, r = window share"
