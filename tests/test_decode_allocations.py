@@ -50,7 +50,8 @@ def _store(preset: str, device: str, dtype=torch.float16) -> KVStore:
     else:
         config = KVStoreConfig.preset(preset, **{**SMALL, **PRESETS[preset]})
     store = KVStore(config, ModelGeometry(L, HQ, HKV, D, dtype, torch.device(device)))
-    store.cold_path.async_fetch = device == "cuda"  # CPU: the fetch thread is invisible to the probe
+    if store.cold_path is not None:  # CPU: the fetch thread is invisible to the probe
+        store.cold_path.async_fetch = device == "cuda"
     return store
 
 
