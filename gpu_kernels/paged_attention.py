@@ -54,6 +54,14 @@ token costs per head at K8V4, d=128. The emitted logits (below) are unchanged: t
 every slot below n_high, -inf only where the position was -1, which no longer occurs there.
 high_dense=False keeps the old masking for callers whose high tier may have holes.
 
+Retrieved pages (optional, HAS_RET). A launch may also attend per-step retrieved pages: pool pages
+in the high tier's format, one row of ids per (batch row, KV head), walked as virtual pages after the
+low tier in the same split partition and the same online softmax, so out and lse cover the hot and
+the retrieved tokens: the store's retrieved tokens are attended in the hot tier's launch instead of
+by a separate attention and an LSE merge. A retrieved slot is attended iff its position is >= 0
+(-1 masks a selection narrower than the pages, or an invalid pick); its logits are not emitted.
+Without them (HAS_RET off) the kernel compiles to the same code as before they existed.
+
 With `logits` given, the kernel also writes each token's scaled logit in the page table's layout
 [B, Hq, C, S]; probabilities are exp(logit - lse) once the splits are merged (LeanKV's scores).
 
@@ -330,11 +338,38 @@ def _add_half(acc, pw, vc, pz, j: tl.constexpr, E0: tl.constexpr, D: tl.constexp
     return acc
 
 
+@triton.jit
+def _attend_retrieved(
+    acc0, acc1, m_i, l_i, q, data_ptr, data16_ptr, data64_ptr, row, nrp, v0, v1, r0, C, pos_ptr, max_slots,
+    page_bytes, scale_log2, emit_ptr, emit_row_stride, TPP: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr,
+    SLOTS: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+    BLOCK_G: tl.constexpr, G: tl.constexpr, FP32: tl.constexpr, META64: tl.constexpr, ASM_CVT: tl.constexpr,
+    VHINT: tl.constexpr,
+):
+    """The retrieved pages `row` [nrp] (high format) as virtual pages [r0, r0 + nrp), this split's share [v0, v1).
+
+    `_attend_block` reads a high page's id at table + vp: the table is `row` moved back by r0 (masked
+    rows read table + 0, which the mask keeps from being loaded), and an n_high of (r0 + nrp) * TPP puts
+    every slot of the segment below it, so that only slot_pos >= 0 selects the attended slots. Eager
+    sums, no emitted logits (the emitted logits are the page table's tokens only).
+    """
+    table = row - r0
+    n_end = (r0 + nrp) * TPP
+    z_r = l_i  # unused: eager sums
+    for vp in range(tl.maximum(v0, r0), v1, NP):
+        acc0, acc1, m_i, l_i, z_r = _attend_block(
+            acc0, acc1, m_i, l_i, z_r, q, data_ptr, data16_ptr, data64_ptr, table, vp, v1, n_end, r0, C,
+            pos_ptr, max_slots, page_bytes, scale_log2, emit_ptr, emit_row_stride, False, False,
+            TPP, BT, NP, SLOTS, D, NG, KBITS, VBITS, BLOCK_G, G, FP32, META64, False, ASM_CVT, VHINT, False,
+        )
+    return acc0, acc1, m_i, l_i
+
+
 # The sizes that vary from call to call are not specialized on (Triton compiles a variant for an int
 # argument equal to 1 and for one divisible by 16): the layer index, the page-table width and the
 # split sizes would otherwise each trigger a compile (seconds) inside a serving step, when a batch
 # of another length or a longer sequence first arrives. The page-table strides follow its width.
-@triton.jit(do_not_specialize=["layer", "C", "max_slots", "pages_per_split", "stride_ps", "stride_pl", "stride_ph"])
+@triton.jit(do_not_specialize=["layer", "C", "max_slots", "pages_per_split", "stride_ps", "stride_pl", "stride_ph", "nrp"])
 def _paged_decode_kernel(
     q_ptr, data_ptr, data16_ptr, data64_ptr, pages_ptr, num_high_ptr, num_low_pages_ptr, seq_ptr, pos_ptr,
     part_out_ptr, part_lse_ptr, emit_ptr,
@@ -342,12 +377,13 @@ def _paged_decode_kernel(
     stride_qb, stride_qh,
     stride_ps, stride_pl, stride_ph,  # page table [S, L, H, C] (last stride 1)
     stride_ns, stride_nl,  # num_high / num_low_pages [S, L, H] (last stride 1)
+    ret_ptr, nrp,  # retrieved pages int32 [B, H, nrp] (read only with HAS_RET); last, so the other arguments keep their offsets
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, NG: tl.constexpr,
     TPP_H: tl.constexpr, BLOCK_TH: tl.constexpr, NP_H: tl.constexpr, KB_H: tl.constexpr, VB_H: tl.constexpr,
     HAS_LOW: tl.constexpr, TPP_L: tl.constexpr, BLOCK_TL: tl.constexpr, NP_L: tl.constexpr,
     KB_L: tl.constexpr, VB_L: tl.constexpr,
     SLOTS: tl.constexpr, DO_EMIT: tl.constexpr, FP32: tl.constexpr, META64: tl.constexpr, LAZY: tl.constexpr,
-    ASM_CVT: tl.constexpr, VHINT: tl.constexpr, HIGH_DENSE: tl.constexpr,
+    ASM_CVT: tl.constexpr, VHINT: tl.constexpr, HIGH_DENSE: tl.constexpr, HAS_RET: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -369,7 +405,12 @@ def _paged_decode_kernel(
         n_lp = 0
     table = pages_ptr + seq * stride_ps + layer * stride_pl + h * stride_ph
     v0 = split * pages_per_split
-    v1 = tl.minimum(v0 + pages_per_split, n_hp + n_lp)
+    if HAS_RET:  # virtual pages [n_hp + n_lp, n_hp + n_lp + nrp): the retrieved pages
+        v1 = tl.minimum(v0 + pages_per_split, n_hp + n_lp + nrp)
+        l_end = tl.minimum(v1, n_hp + n_lp)
+    else:
+        v1 = tl.minimum(v0 + pages_per_split, n_hp + n_lp)
+        l_end = v1
     acc0 = tl.zeros((D // 2, BLOCK_G), dtype=tl.float32)  # O^T, dims [0, D/2)
     acc1 = tl.zeros((D // 2, BLOCK_G), dtype=tl.float32)  # O^T, dims [D/2, D)
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
@@ -398,12 +439,18 @@ def _paged_decode_kernel(
         l_i = l_h
     if HAS_LOW:  # eager sums (l_i [BLOCK_G]); z_l is unused
         z_l = l_i
-        for vp in range(tl.maximum(v0, n_hp), v1, NP_L):
+        for vp in range(tl.maximum(v0, n_hp), l_end, NP_L):
             acc0, acc1, m_i, l_i, z_l = _attend_block(
-                acc0, acc1, m_i, l_i, z_l, q, data_ptr, data16_ptr, data64_ptr, table, vp, v1, n_high, n_hp, C,
+                acc0, acc1, m_i, l_i, z_l, q, data_ptr, data16_ptr, data64_ptr, table, vp, l_end, n_high, n_hp, C,
                 pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, True,
                 TPP_L, BLOCK_TL, NP_L, SLOTS, D, NG, KB_L, VB_L, BLOCK_G, G, FP32, META64, False, ASM_CVT, False, False,
             )
+    if HAS_RET:
+        acc0, acc1, m_i, l_i = _attend_retrieved(
+            acc0, acc1, m_i, l_i, q, data_ptr, data16_ptr, data64_ptr, ret_ptr + (b * HKV + h) * nrp, nrp, v0, v1,
+            n_hp + n_lp, C, pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride,
+            TPP_H, BLOCK_TH, NP_H, SLOTS, D, NG, KB_H, VB_H, BLOCK_G, G, FP32, META64, ASM_CVT, VHINT,
+        )
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     hd = tl.arange(0, D // 2)
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -490,13 +537,14 @@ def choose_splits(batch: int, num_kv_heads: int, max_pages: int, num_sms: int = 
 def kernel_constexprs(
     num_kv_heads: int, group: int, head_dim: int, groups: int, high: tuple[int, int, int],
     low: tuple[int, int, int] | None, page_bytes: int, block_tokens: int, emit: bool, fp32: bool,
-    asm_cvt: bool, high_dense: bool,
+    asm_cvt: bool, high_dense: bool, has_ret: bool = False,
 ) -> types.MappingProxyType:
     """The compile-time parameters of `_paged_decode_kernel` for one launch (also what
     benchmarks/perf/kernel_resources.py compiles, so its report is of the kernel KVStore runs).
 
     Cached: every layer of every step launches with the same few argument sets, so the decode path
-    looks them up rather than recomputing them; the mapping is read-only.
+    looks them up rather than recomputing them; the mapping is read-only. has_ret: the launch attends
+    retrieved pages (HAS_RET, a separate compile; off, the kernel is the one without them).
     """
     kb, vb, th = high
     lkb, lvb, tlow = low if low is not None else (kb, vb, th)
@@ -513,6 +561,7 @@ def kernel_constexprs(
         HAS_LOW=low is not None, TPP_L=tlow, BLOCK_TL=btl, NP_L=max(1, block_tokens // btl), KB_L=lkb, VB_L=lvb,
         SLOTS=max(th, tlow if low is not None else 0), DO_EMIT=emit, FP32=fp32, META64=meta64, LAZY=groups == 1,
         ASM_CVT=bool(asm_cvt), VHINT=th % 16 == 0 and bth == th and page_bytes % 16 == 0, HIGH_DENSE=bool(high_dense),
+        HAS_RET=bool(has_ret),
     ))
 
 
@@ -523,9 +572,9 @@ def paged_decode_attention(
     out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
     pages_per_split: int, logits: torch.Tensor | None = None, num_warps: int | None = None,
     num_stages: int | None = None, block_tokens: int | None = None, asm_cvt: bool | None = None,
-    maxnreg: int | None = None, high_dense: bool | None = None,
+    maxnreg: int | None = None, high_dense: bool | None = None, ret_pages: torch.Tensor | None = None,
 ) -> None:
-    """Decode attention of one layer over the quantized hot tier, written into `out` and `lse`.
+    """Decode attention of one layer over the quantized hot tier (and retrieved pages), written into `out` and `lse`.
 
     Args:
         q: [B, Hq, d] bf16/fp16/fp32, last stride 1.
@@ -543,13 +592,20 @@ def paged_decode_attention(
         high / low: (key_bits, value_bits, tokens_per_page) per tier (low None: no low tier).
         out: [B, Hq, d] (any float dtype), lse fp32 [B, Hq]: results (natural-log lse, -inf if empty).
         part_out fp32 [B, Hq, NSPLIT, d], part_lse fp32 [B, Hq, NSPLIT]: split workspace.
-        pages_per_split: pages each split walks; NSPLIT * pages_per_split must cover the widest head.
-        logits: optional fp32 [B, Hq, C, max(T_high, T_low)]: per-token scaled logits (-inf = no token).
+        pages_per_split: pages each split walks; NSPLIT * pages_per_split must cover the widest head's
+            high + low pages, plus NRP with ret_pages.
+        logits: optional fp32 [B, Hq, C, max(T_high, T_low)]: per-token scaled logits (-inf = no token) of
+            the page table's tokens (never the retrieved ones).
         num_warps / num_stages / block_tokens / asm_cvt / maxnreg / high_dense: launch variant (None:
             DEFAULT_LAUNCH's); asm_cvt converts K8 and V4 codes with PTX (prmt), CUDA only: ignored in
             the interpreter and on CPU tensors, which use the portable 0x6400 bit trick; maxnreg caps the
             registers a thread (more programs an SM, at the price of spills; CUDA only); high_dense skips
             the high tier's position loads (see slot_pos).
+        ret_pages: optional int32 [B, Hkv, NRP] contiguous, per batch row (not sequence slot): pool pages in
+            the high tier's format attended after the low tier, in the same softmax (out and lse cover them);
+            a slot of them is attended iff its slot_pos is >= 0 (-1 masks unused or invalid picks), whatever
+            high_dense says; every id must be a pool page (its bytes are read unmasked). None: the kernel
+            without them (HAS_RET off).
     """
     high_dense = DEFAULT_LAUNCH["high_dense"] if high_dense is None else high_dense
     asm_ok = q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")  # PTX: not in the interpreter
@@ -577,11 +633,15 @@ def paged_decode_attention(
     if logits is not None and logits.shape != (B, Hq, C, slots):
         raise ValueError(f"logits {tuple(logits.shape)}: want [B, Hq, C={C}, {slots}]")
     nlp = num_low_pages if num_low_pages is not None else num_high
+    if ret_pages is not None and (ret_pages.dtype != torch.int32 or ret_pages.dim() != 3
+                                  or ret_pages.shape[:2] != (B, Hkv) or not ret_pages.is_contiguous()):
+        raise ValueError(f"ret_pages {tuple(ret_pages.shape)} {ret_pages.dtype}: want contiguous int32 [B, Hkv, NRP]")
     grid = (B * Hkv, nsplit)
     maxnreg = DEFAULT_LAUNCH.get("maxnreg") if maxnreg is None else maxnreg
     extra = dict(maxnreg=maxnreg) if maxnreg and q.is_cuda else {}  # a register cap (CUDA compiles only)
     consts = kernel_constexprs(Hkv, G, d, groups, tuple(high), tuple(low) if low is not None else None, data.shape[1],
-                               block_tokens, logits is not None, q.dtype == torch.float32, asm_cvt, bool(high_dense))
+                               block_tokens, logits is not None, q.dtype == torch.float32, asm_cvt, bool(high_dense),
+                               ret_pages is not None)
     _paged_decode_kernel[grid](
         q, data, data.view(torch.float16), data.view(torch.int64) if consts["META64"] else data, pages, num_high, nlp, seq_ids, slot_pos,
         part_out, part_lse, logits if logits is not None else part_lse,
@@ -589,6 +649,7 @@ def paged_decode_attention(
         q.stride(0), q.stride(1),
         pages.stride(0), pages.stride(1), pages.stride(2),
         num_high.stride(0), num_high.stride(1),
+        ret_pages if ret_pages is not None else pages, ret_pages.shape[2] if ret_pages is not None else 0,
         **consts,
         num_warps=num_warps, num_stages=num_stages, **extra,
     )

@@ -184,9 +184,10 @@ def dequantize_pages(data: torch.Tensor, page_ids: torch.Tensor, key_bits: int, 
 def paged_decode_attention(
     q: torch.Tensor, data: torch.Tensor, pages: torch.Tensor, num_high: torch.Tensor, num_low_pages: torch.Tensor,
     slot_pos: torch.Tensor, high: tuple[int, int, int], low: tuple[int, int, int] | None, groups: int,
-    scale: float, high_dense: bool = False,
+    scale: float, high_dense: bool = False, ret_pages: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode attention over quantized paged KV, both tiers (reference of gpu_kernels/paged_attention.py).
+    """Decode attention over quantized paged KV, both tiers and retrieved pages (reference of
+    gpu_kernels/paged_attention.py).
 
     Args:
         q: [B, Hq, d] queries.
@@ -199,9 +200,12 @@ def paged_decode_attention(
         groups: quantization groups; scale: softmax scale.
         high_dense: the kernel's HIGH_DENSE: high-tier slots below num_high are attended whatever
             their position (the store never leaves one empty); only the low tier's -1 slots are masked.
+        ret_pages: optional int [B, Hkv, NRP] retrieved pages in the high format, attended in the same
+            softmax where their slot_pos is >= 0.
     Returns:
-        out fp32 [B, Hq, d], lse fp32 [B, Hq] (natural log), logits fp32 [B, Hq, C, S] in the table's
-        layout (S = max(T_high, T_low); -inf where no token), so probs = exp(logits - lse).
+        out fp32 [B, Hq, d], lse fp32 [B, Hq] (natural log, over the retrieved tokens too), logits fp32
+        [B, Hq, C, S] of the table's tokens in its layout (S = max(T_high, T_low); -inf where no token),
+        so their probs = exp(logits - lse).
     """
     B, Hq, d = q.shape
     Hkv, C = pages.shape[1], pages.shape[2]
@@ -231,9 +235,14 @@ def paged_decode_attention(
     if pos.shape[-1] < S:
         pos = torch.nn.functional.pad(pos, (0, S - pos.shape[-1]), value=-1)
     valid = valid & ((pos >= 0) | (high_dense & ~is_low))
-    out, lse, probs = decode_attention(q, ks.view(B, Hkv, C * S, d), vs.view(B, Hkv, C * S, d),
-                                       valid.view(B, Hkv, C * S), scale, return_probs=True)
-    logits = torch.log(probs).view(B, Hq, C, S) + lse.view(B, Hq, 1, 1)
+    ks, vs, valid = ks.view(B, Hkv, C * S, d), vs.view(B, Hkv, C * S, d), valid.view(B, Hkv, C * S)
+    if ret_pages is not None:
+        kr, vr = dequantize_pages(data, ret_pages, kb, vb, groups, th, d)  # [B, H, NRP, th, d]
+        ret_valid = slot_pos[ret_pages.long()][..., :th] >= 0
+        ks, vs = torch.cat([ks, kr.flatten(2, 3)], 2), torch.cat([vs, vr.flatten(2, 3)], 2)
+        valid = torch.cat([valid, ret_valid.flatten(2)], 2)
+    out, lse, probs = decode_attention(q, ks, vs, valid, scale, return_probs=True)
+    logits = torch.log(probs[..., :C * S]).view(B, Hq, C, S) + lse.view(B, Hq, 1, 1)
     return out, lse, logits
 
 

@@ -55,11 +55,36 @@ def _layout(B, Hkv, d, n_high, n_low, tpp, groups, seed, holes=True, high_holes=
     return data, pages, num_high, num_low_pages, slot_pos, t_low
 
 
+def _with_retrieved(data, slot_pos, B, Hkv, d, tpp, groups, nrp, seed):
+    """The pool grown by nrp retrieved high-format pages per (batch row, KV head), and ret_pages int32 [B, Hkv, nrp].
+
+    Some slots are masked (slot_pos -1): a random third of them, the unused tail of each head's last
+    page (a selection narrower than nrp * tpp), and every slot of batch row 1's last head, whose picks
+    are all page 0 (no token: an invalid pick)."""
+    g = torch.Generator().manual_seed(seed)
+    hi = QuantFormat(8, 4, d, torch.bfloat16, groups)
+    P = data.shape[0]
+    n = B * Hkv * nrp
+    data = torch.cat([data, torch.zeros(n, data.shape[1], dtype=torch.uint8)])
+    ids = torch.arange(P, P + n)
+    hi.write(data, ids.repeat_interleave(tpp), torch.arange(tpp).repeat(n), torch.randn(n * tpp, d, generator=g) * 2,
+             torch.randn(n * tpp, d, generator=g))
+    pos = torch.arange(n * tpp, dtype=torch.int32).view(n, tpp) + 20_000
+    pos[torch.rand(n, tpp, generator=g) < 1 / 3] = -1
+    pos.view(B, Hkv, nrp, tpp)[:, :, -1, tpp // 2:] = -1
+    slot_pos = torch.cat([slot_pos, torch.full((n, slot_pos.shape[1]), -1, dtype=torch.int32)])
+    slot_pos[P:, :tpp] = pos
+    ret_pages = ids.to(torch.int32).view(B, Hkv, nrp).clone()
+    ret_pages[1, -1] = 0
+    return data, slot_pos, ret_pages
+
+
 def _run(q, data, pages, num_high, num_low_pages, slot_pos, tpp, t_low, groups, nsplit, with_low=True, emit=True,
-         **launch):
+         ret_pages=None, **launch):
     B, Hq, d = q.shape
     C = pages.shape[-1]
     vmax = int((num_high.long() + tpp - 1).div(tpp, rounding_mode="floor").add(num_low_pages).max())
+    vmax += ret_pages.shape[2] if ret_pages is not None else 0  # the splits cover the retrieved pages too
     pps = max(1, math.ceil(vmax / nsplit))
     nsplit = max(1, math.ceil(vmax / pps))
     out = torch.full((B, Hq, d), float("nan"))  # poisoned: every element must be written
@@ -69,11 +94,12 @@ def _run(q, data, pages, num_high, num_low_pages, slot_pos, tpp, t_low, groups, 
     logits = torch.full((B, Hq, C, slots), float("-inf")) if emit else None
     low = (4, 2, t_low) if with_low else None
     paged_decode_attention(q, data, pages, num_high, num_low_pages if with_low else None, torch.arange(B), 0,
-                           slot_pos, (8, 4, tpp), low, groups, q.shape[-1] ** -0.5, out, lse, po, pl, pps, logits, **launch)
+                           slot_pos, (8, 4, tpp), low, groups, q.shape[-1] ** -0.5, out, lse, po, pl, pps, logits,
+                           ret_pages=ret_pages, **launch)
     dense = DEFAULT_LAUNCH["high_dense"] if launch.get("high_dense") is None else launch["high_dense"]
     ref = reference.paged_decode_attention(q, data, pages[:, 0], num_high[:, 0], num_low_pages[:, 0] if with_low
                                            else torch.zeros_like(num_high[:, 0]), slot_pos, (8, 4, tpp), low, groups,
-                                           q.shape[-1] ** -0.5, high_dense=dense)
+                                           q.shape[-1] ** -0.5, high_dense=dense, ret_pages=ret_pages)
     return (out, lse, logits), ref
 
 
@@ -167,6 +193,59 @@ def test_high_tier_holes_are_masked_with_high_dense_off():
     assert _rel_rms(outs[True][0], outs[False][0]) > 1e-3
 
 
+RET_CASES = [
+    # tokens, low tokens, tpp, G, d, groups, dtype, retrieved pages per head
+    (17, 0, 8, 4, 64, 1, torch.bfloat16, 3),
+    (17, 23, 9, 4, 128, 1, torch.bfloat16, 2),
+    (33, 5, 7, 2, 64, 2, torch.float32, 4),
+    (1, 61, 8, 8, 64, 4, torch.float16, 1),
+]
+
+
+def _ret_case(n_high, n_low, tpp, G, d, groups, dtype, nrp):
+    nh, nl = [n_high, max(1, n_high // 3)], [n_low, n_low // 2]
+    data, pages, num_high, nlp, slot_pos, t_low = _layout(2, 2, d, nh, nl, tpp, groups, seed=n_high + d + nrp)
+    data, slot_pos, ret_pages = _with_retrieved(data, slot_pos, 2, 2, d, tpp, groups, nrp, seed=nrp)
+    q = torch.randn(2, 2 * G, d, generator=torch.Generator().manual_seed(8)).to(dtype)
+    return q, data, pages, num_high, nlp, slot_pos, t_low, ret_pages
+
+
+@pytest.mark.parametrize("n_high,n_low,tpp,G,d,groups,dtype,nrp", RET_CASES,
+                         ids=[f"n{c[0]}+{c[1]}-t{c[2]}-G{c[3]}-g{c[5]}-{str(c[6])[6:]}-r{c[7]}" for c in RET_CASES])
+def test_retrieved_pages_match_reference(n_high, n_low, tpp, G, d, groups, dtype, nrp):
+    """Retrieved pages after the hot tiers, in the same softmax: the kernel equals the reference (masked
+    retrieved slots, a head with every retrieved slot masked), and the emitted logits stay the hot tokens'."""
+    q, data, pages, num_high, nlp, slot_pos, t_low, ret_pages = _ret_case(n_high, n_low, tpp, G, d, groups, dtype, nrp)
+    kernel, ref = _run(q, data, pages, num_high, nlp, slot_pos, tpp, t_low, groups, nsplit=3, with_low=n_low > 0,
+                       ret_pages=ret_pages)
+    _assert_matches(kernel, ref)
+    (_, lse, logits), (_, hot_lse, hot_logits) = kernel, _run(q, data, pages, num_high, nlp, slot_pos, tpp, t_low,
+                                                              groups, nsplit=3, with_low=n_low > 0)[1]
+    assert torch.equal(torch.isfinite(logits), torch.isfinite(hot_logits))
+    # the retrieved tokens raise every lse but that of batch row 1's last head (all masked)
+    G_ = q.shape[1] // 2
+    assert (lse[1, G_:] - hot_lse[1, G_:]).abs().max() < 1e-4
+    assert (lse[0] > hot_lse[0] + 1e-4).all() and (lse[1, :G_] > hot_lse[1, :G_] + 1e-4).all()
+
+
+@pytest.mark.parametrize("case", RET_CASES[:2], ids=["hot", "hot+low"])
+def test_retrieved_pages_equal_hot_and_retrieved_attention_merged(case):
+    """One pass over hot + retrieved pages = hot attention and retrieved attention merged by their lse
+    (what the store did before: a separate attention over the dequantized retrieved tokens, then a merge)."""
+    n_high, n_low, tpp, G, d, groups, dtype, nrp = case
+    q, data, pages, num_high, nlp, slot_pos, t_low, ret_pages = _ret_case(*case)
+    (out, lse, _), _ = _run(q, data, pages, num_high, nlp, slot_pos, tpp, t_low, groups, nsplit=3,
+                            with_low=n_low > 0, ret_pages=ret_pages)
+    _, (h_out, h_lse, _) = _run(q, data, pages, num_high, nlp, slot_pos, tpp, t_low, groups, nsplit=3,
+                                with_low=n_low > 0)
+    kr, vr = reference.dequantize_pages(data, ret_pages, 8, 4, groups, tpp, d)
+    valid = slot_pos[ret_pages.long()][..., :tpp] >= 0
+    r_out, r_lse, _ = reference.decode_attention(q, kr.flatten(2, 3), vr.flatten(2, 3), valid.flatten(2), d ** -0.5)
+    m_out, m_lse = reference.merge_attention(h_out, h_lse, r_out, r_lse)
+    assert _rel_rms(out, m_out) < 1e-3
+    torch.testing.assert_close(lse, m_lse, rtol=1e-5, atol=1e-4)
+
+
 def test_split_count_does_not_change_the_result():
     data, pages, num_high, nlp, slot_pos, t_low = _layout(1, 2, 64, [150], [40], 8, 1, seed=3)
     q = torch.randn(1, 8, 64).to(torch.bfloat16)
@@ -212,6 +291,10 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="part_out"):
         paged_decode_attention(q, data, pages, num_high, None, torch.arange(1), 0, slot_pos, (8, 4, 8), None, 1, 0.1,
                                torch.empty(1, 6, 64), torch.empty(1, 6), torch.empty(1, 6, 2, 32), torch.empty(1, 6, 2), 1)
+    with pytest.raises(ValueError, match="ret_pages"):  # per batch row and KV head, int32
+        paged_decode_attention(q, data, pages, num_high, None, torch.arange(1), 0, slot_pos, (8, 4, 8), None, 1, 0.1,
+                               torch.empty(1, 6, 64), torch.empty(1, 6), torch.empty(1, 6, 2, 64), torch.empty(1, 6, 2), 1,
+                               ret_pages=torch.zeros(1, 2, 3, dtype=torch.int64))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
