@@ -153,3 +153,71 @@ def dequantize_pages(data: torch.Tensor, page_ids: torch.Tensor, key_bits: int, 
             KBITS=key_bits, VBITS=value_bits,
         )
     return k, v
+
+
+@triton.jit(do_not_specialize=["M"])
+def _scatter_rows_to_pages_kernel(rows_ptr, page_ptr, slot_ptr, pos_ptr, data_ptr, slot_pos_ptr, M, page_bytes,
+                                  max_slots, TPP: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+                                  RB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    page = tl.load(page_ptr + r, mask=r < M, other=-1).to(tl.int64)
+    ok = page >= 0
+    slot = tl.load(slot_ptr + r, mask=ok, other=0).to(tl.int64)
+    pos = tl.load(pos_ptr + r, mask=ok, other=-1).to(tl.int32)
+    # byte b of a row lands at base[b] + slot * step[b] in its page: K token-major, V byte-major, meta token-major
+    b = tl.arange(0, BLOCK_B)
+    is_k = b < KB
+    is_v = (b >= KB) & (b < KB + VB)
+    base = tl.where(is_k, b, tl.where(is_v, TPP * KB + (b - KB) * TPP, TPP * (KB + VB) + b - KB - VB))
+    step = tl.where(is_k, KB, tl.where(is_v, 1, RB - KB - VB))
+    mask = ok[:, None] & (b < RB)[None, :]
+    x = tl.load(rows_ptr + r.to(tl.int64)[:, None] * RB + b[None, :], mask=mask)
+    tl.store(data_ptr + page[:, None] * page_bytes + slot[:, None] * step[None, :] + base[None, :], x, mask=mask)
+    tl.store(slot_pos_ptr + page * max_slots + slot, pos, mask=ok)
+
+
+_SCATTER_BLOCK_R = 16
+
+
+def scatter_rows_to_pages(rows: torch.Tensor, page_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                          data: torch.Tensor, slot_pos: torch.Tensor, key_bits: int, value_bits: int, groups: int,
+                          tokens_per_page: int) -> None:
+    """Copy quantized rows into page slots, in place (bytes moved, no requantization; no allocation, no host
+    sync: graph-safe).
+
+    Args:
+        rows: uint8 [M, row_bytes] contiguous quantized rows (one-token pages of kvstore/hot/quantization.py's
+            layout), row_bytes = d * (key_bits + value_bits) / 8 + 8 * groups.
+        page_ids, slots, positions: int32/int64 [M] contiguous. Row i goes to slot slots[i] of page page_ids[i]
+            (K codes token-major, V code bytes byte-major, meta token-major) and slot_pos[page_ids[i], slots[i]]
+            = positions[i] (-1: the slot is masked, its bytes are still written); page_ids[i] < 0: row i is
+            skipped (nothing written). The (page, slot) pairs of the rows written must be distinct.
+        data: uint8 [P, page_bytes] contiguous page pool, page_bytes >= tokens_per_page * row_bytes.
+        slot_pos: int32 [P, max_slots] contiguous, max_slots >= tokens_per_page.
+        key_bits, value_bits: 8, 4 or 2; groups: scale/zero groups along d; tokens_per_page: T of the format.
+    """
+    M, row_bytes = rows.shape
+    bits = key_bits + value_bits
+    d = (row_bytes - 8 * groups) * 8 // bits
+    if rows.dtype != torch.uint8 or not rows.is_contiguous() or d <= 0 or d % 8 or d * bits // 8 + 8 * groups != row_bytes:
+        raise ValueError(f"scatter_rows_to_pages: rows must be contiguous uint8 [M, d * {bits} / 8 + {8 * groups}], d a "
+                         f"multiple of 8 (K{key_bits}V{value_bits}, groups={groups}); got {rows.dtype} {tuple(rows.shape)}")
+    idx = (page_ids, slots, positions)
+    if any(t.dtype not in (torch.int32, torch.int64) or t.shape != (M,) or not t.is_contiguous() for t in idx):
+        raise ValueError(f"scatter_rows_to_pages: page_ids, slots, positions must be contiguous int32/int64 [{M}]; "
+                         f"got {[(t.dtype, tuple(t.shape)) for t in idx]}")
+    if data.dim() != 2 or data.dtype != torch.uint8 or not data.is_contiguous() or data.shape[1] < tokens_per_page * row_bytes:
+        raise ValueError(f"scatter_rows_to_pages: data must be a contiguous uint8 [P, >= {tokens_per_page * row_bytes}] "
+                         f"pool; got {data.dtype} {tuple(data.shape)}")
+    if (slot_pos.dtype != torch.int32 or not slot_pos.is_contiguous() or slot_pos.dim() != 2
+            or slot_pos.shape[0] != data.shape[0] or slot_pos.shape[1] < tokens_per_page):
+        raise ValueError(f"scatter_rows_to_pages: slot_pos must be contiguous int32 [{data.shape[0]}, >= "
+                         f"{tokens_per_page}]; got {slot_pos.dtype} {tuple(slot_pos.shape)}")
+    if any(t.device != data.device for t in (rows, *idx, slot_pos)):
+        raise ValueError(f"scatter_rows_to_pages: every tensor must be on data's device {data.device}")
+    if M == 0:
+        return
+    _scatter_rows_to_pages_kernel[(triton.cdiv(M, _SCATTER_BLOCK_R),)](
+        rows, page_ids, slots, positions, data, slot_pos, M, data.shape[1], slot_pos.shape[1], TPP=tokens_per_page,
+        KB=d * key_bits // 8, VB=d * value_bits // 8, RB=row_bytes, BLOCK_R=_SCATTER_BLOCK_R,
+        BLOCK_B=triton.next_power_of_2(row_bytes))

@@ -320,3 +320,20 @@ def gather_dequantize_rows(src: torch.Tensor, rows: torch.Tensor, k_out: torch.T
                             groups, 1, d)
     k_out.copy_(torch.where(ok, k[:, 0].to(k_out.dtype), k_out))
     v_out.copy_(torch.where(ok, v[:, 0].to(v_out.dtype), v_out))
+
+
+def scatter_rows_to_pages(rows: torch.Tensor, page_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                          data: torch.Tensor, slot_pos: torch.Tensor, key_bits: int, value_bits: int, groups: int,
+                          tokens_per_page: int) -> None:
+    """Quantized rows uint8 [M, row_bytes] (one-token pages) into slot slots[i] of page page_ids[i] of the pool
+    data uint8 [P, page_bytes], and slot_pos[page_ids[i], slots[i]] = positions[i], in place; page_ids[i] < 0:
+    row i skipped (reference of gpu_kernels/quant.py::scatter_rows_to_pages, bytes moved)."""
+    d = (rows.shape[1] - 8 * groups) * 8 // (key_bits + value_bits)
+    kB, vB = d * key_bits // 8, d * value_bits // 8
+    kc, vc, meta = page_views(data, tokens_per_page, kB, vB, groups)
+    ok = page_ids >= 0
+    p, s, r = page_ids[ok].long(), slots[ok].long(), rows[ok]
+    kc[p, s] = r[:, :kB]
+    vc[p, s] = r[:, kB: kB + vB]
+    meta[p, s] = r[:, kB + vB:].contiguous().view(torch.float16).view(-1, 4, groups)
+    slot_pos[p, s] = positions[ok].to(slot_pos.dtype)

@@ -124,3 +124,68 @@ def test_bad_inputs_name_the_field():
     with pytest.raises(ValueError, match="shapes"):
         quant.quantize_into_pages(torch.zeros(2, 800, dtype=torch.uint8), torch.ones(2, dtype=torch.int32),
                                   torch.zeros(1, dtype=torch.int32), torch.zeros(1, 64), torch.zeros(1, 64), 8, 4, 1, 4)
+
+
+def _scatter_targets(m, pages, tpp, g):
+    """page_ids, slots int64 [m] (distinct (page, slot) among rows written; page 0 gets none), positions int32 [m];
+    rows 1 and 4 are skipped (page -1, the slots of rows 0 and 3), rows 2 and 5 not tokens (position -1)."""
+    where = torch.randperm((pages - 1) * tpp, generator=g)[:m]
+    page_ids, slots = where // tpp + 1, where % tpp
+    positions = torch.randint(0, 1000, (m,), generator=g, dtype=torch.int32)
+    page_ids[[1, 4]] = -1
+    slots[[1, 4]] = slots[[0, 3]]
+    positions[[2, 5]] = -1
+    return page_ids, slots, positions
+
+
+@pytest.mark.parametrize("kb,vb", [(8, 4), (4, 2), (8, 8)])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("tpp", [8, 9])
+def test_triton_scatter_rows_to_pages_equals_reference_byte_for_byte(kb, vb, groups, tpp):
+    d, pages, m = 16, 5, 23  # two programs of 16 rows, the second partly masked
+    row_bytes = QuantFormat(kb, vb, d, torch.float32, groups).bytes_per_token
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randint(0, 256, (m, row_bytes), generator=g, dtype=torch.uint8)
+    page_ids, slots, positions = _scatter_targets(m, pages, tpp, g)
+    data = torch.randint(0, 256, (pages, tpp * row_bytes + 6), generator=g, dtype=torch.uint8)  # 6 B of page padding
+    slot_pos = torch.randint(-1, 1000, (pages, tpp + 3), generator=g, dtype=torch.int32)
+    data_ref, slot_pos_ref, data0, slot_pos0 = data.clone(), slot_pos.clone(), data.clone(), slot_pos.clone()
+    quant.scatter_rows_to_pages(rows, page_ids.to(torch.int32), slots, positions, data, slot_pos, kb, vb, groups, tpp)
+    reference.scatter_rows_to_pages(rows, page_ids, slots, positions, data_ref, slot_pos_ref, kb, vb, groups, tpp)
+    assert torch.equal(data, data_ref) and torch.equal(slot_pos, slot_pos_ref)
+    assert torch.equal(data[0], data0[0]) and torch.equal(slot_pos[0], slot_pos0[0])  # no row for page 0
+    assert torch.equal(data[:, -6:], data0[:, -6:]) and torch.equal(slot_pos[:, tpp:], slot_pos0[:, tpp:])
+    p, s, kB = page_ids[0], slots[0], d * kb // 8
+    assert torch.equal(data[p, s * kB: (s + 1) * kB], rows[0, :kB])  # K codes token-major
+    assert slot_pos[p, s] == positions[0] and slot_pos[page_ids[2], slots[2]] == -1
+
+
+def test_scatter_rows_to_pages_rejects_a_row_size_that_is_not_the_format():
+    with pytest.raises(ValueError, match=r"rows must be contiguous uint8 \[M, d \* 12 / 8 \+ 8\]"):
+        quant.scatter_rows_to_pages(torch.zeros(2, 33, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64),
+                                    torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
+                                    torch.zeros(2, 400, dtype=torch.uint8), torch.zeros(2, 8, dtype=torch.int32),
+                                    8, 4, 1, 8)
+
+
+@pytest.mark.parametrize("kb,vb,groups,tpp", [(8, 4, 1, 8), (4, 2, 2, 9), (8, 8, 2, 9)])
+def test_scattered_rows_read_back_as_the_rows_dequantized(kb, vb, groups, tpp):
+    d, pages, m = 16, 5, 23
+    fmt = QuantFormat(kb, vb, d, torch.float32, groups)
+    g = torch.Generator().manual_seed(5)
+    rows = torch.zeros(m, fmt.bytes_per_token, dtype=torch.uint8)  # quantized one-token pages
+    fmt.write(rows, torch.arange(m), torch.zeros(m, dtype=torch.int64), torch.randn(m, d, generator=g) * 3,
+              torch.randn(m, d, generator=g))
+    page_ids, slots, positions = _scatter_targets(m, pages, tpp, g)
+    data = torch.zeros(pages, tpp * fmt.bytes_per_token, dtype=torch.uint8)
+    slot_pos = torch.full((pages, tpp), -1, dtype=torch.int32)
+    quant.scatter_rows_to_pages(rows, page_ids, slots, positions, data, slot_pos, kb, vb, groups, tpp)
+    k_rows, v_rows = reference.dequantize_pages(rows, torch.arange(m), kb, vb, groups, 1, d)  # [m, 1, d]
+    ids = torch.arange(pages)
+    k_pages, v_pages = fmt.read(data, ids)
+    k_ref, v_ref = reference.dequantize_pages(data, ids, kb, vb, groups, tpp, d)
+    assert torch.equal(k_pages, k_ref) and torch.equal(v_pages, v_ref)
+    ok = page_ids >= 0
+    p, s = page_ids[ok], slots[ok]
+    assert torch.equal(k_pages[p, s], k_rows[ok, 0]) and torch.equal(v_pages[p, s], v_rows[ok, 0])
+    assert torch.equal(slot_pos[p, s], positions[ok])
