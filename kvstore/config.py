@@ -65,6 +65,12 @@ class KVStoreConfig:
       kmeans_min_iters / kmeans_max_iters / kmeans_tol: device trainer: Lloyd stops once at most
         `kmeans_tol` of a problem's points change centroid, within [min, max] iterations.
       gpu_cache_tokens: GPU cache slots of retrieved tokens per (sequence, layer, KV head).
+      retrieval_attention: how the retrieved tokens are attended. "merge" (default): a separate
+        attention over them, merged with the hot tier's by log-sum-exp. "kernel": in the hot
+        tier's decode-kernel launch, as pool pages of its format (one launch, no merge); it needs
+        the Triton kernel, a quantized cold tier in the hot tier's high format (K8V4 in tiered)
+        and one scale group; otherwise the store logs why and merges. Not yet the default: its
+        speed on a GPU is unmeasured.
 
     Cold tier (host memory)
       cold_tier: keep every token's K/V in pinned host memory.
@@ -134,6 +140,7 @@ class KVStoreConfig:
     pq_trainer: str = "auto"
     kmeans_tol: float = 1e-2
     gpu_cache_tokens: int = 4096
+    retrieval_attention: str = "merge"
     # cold tier
     cold_tier: bool = False
     cold_key_bits: int = 16
@@ -209,6 +216,8 @@ class KVStoreConfig:
             raise bad("kmeans_tol", "must be in [0, 1)")
         if self.gpu_cache_tokens < 0:
             raise bad("gpu_cache_tokens", "must be >= 0")
+        if self.retrieval_attention not in ("merge", "kernel"):
+            raise bad("retrieval_attention", "must be 'merge' or 'kernel'")
         if (self.cold_key_bits, self.cold_value_bits) not in ((16, 16), (8, 8), (8, 4)):
             raise bad("cold_key_bits", "the cold tier stores K16V16, K8V8 or K8V4 (cold_key_bits/cold_value_bits)")
         if self.use_triton not in ("auto", "always", "never"):
@@ -261,6 +270,7 @@ class KVStoreConfig:
             rules.append((("sink_tokens",), "hot_policy='all' keeps every token, the first ones included"))
         if not self.retrieves:
             rules.append((("gpu_cache_tokens",), "the GPU cache holds retrieved tokens and selector='none'"))
+            rules.append((("retrieval_attention",), "nothing is retrieved (selector='none')"))
         if self.selector != "pq":
             rules.append((("pq_subspaces", "pq_bits", "pq_trainer", "kmeans_iters", "kmeans_min_iters",
                            "kmeans_max_iters", "kmeans_tol"), f"no PQ index is built (selector={self.selector!r})"))

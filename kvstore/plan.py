@@ -107,6 +107,8 @@ class DecodePlan:
     selection: retrieval metadata of the step (`SelectionStep`), None without a selector;
                its `ws` holds the buffers of the selection, GPU cache, fetch and merge
     retrieved: [2, B, Hkv, kmax, d] buffer of the selected tokens' K/V (hits + fetched misses)
+    ret_pages: int32 [B, Hkv, NRP] pool pages the selected tokens are written into, attended in the
+               hot tier's kernel launch (retrieval_attention="kernel"); None otherwise
     out:       [L, B, Hq, 1, d] model dtype: layer l's decode output is out[l]
     step_id:   the store's plan counter when this plan was built (a later plan makes it stale)
     fresh:     bool [B, L, Hkv] heads whose new token takes a fresh high-tier slot (index n, the next one)
@@ -126,6 +128,7 @@ class DecodePlan:
     hot_ws: dict | None = None
     selection: SelectionStep | None = None
     retrieved: torch.Tensor | None = None
+    ret_pages: torch.Tensor | None = None
     out: torch.Tensor | None = None
     step_id: int = 0
     fresh: torch.Tensor | None = None

@@ -65,6 +65,9 @@ class KVStore:
         #: the host tier's writes and retrieval (kvstore/cold/path.py); None without a cold tier or selector
         self.cold_path = (ColdPath(config, geometry, self.cold, self.max_seqs, self.workspace)
                           if self.cold is not None or config.retrieves else None)
+        #: the pool pages of the last plan's retrieved tokens (retrieval_attention="kernel"), freed by the next
+        self._ret_pages: torch.Tensor | None = None
+        self._check_kernel_retrieval()
         self._plan_id = 0
         #: the latest plan, until the next plan / prefill / release checks that every layer decoded it
         self._last_plan: DecodePlan | None = None
@@ -152,6 +155,7 @@ class KVStore:
         pages = self.hot.table.pages[t]
         self.hot.pool.data[pages[pages > 0].long()] = 0
         self.hot.release(t)
+        self._free_ret_pages()
         self.policy.release(t)
         if self.cold_path is not None:
             self.cold_path.release(t)
@@ -160,6 +164,46 @@ class KVStore:
         for i in ids:
             self.active.discard(i)
             self._free_seqs.append(i)
+
+    def _check_kernel_retrieval(self) -> None:
+        """retrieval_attention="kernel": the retrieved tokens become pages of the hot tier's high format,
+        attended in its kernel launch. Where that cannot run, say why once and merge instead."""
+        if self.config.retrieval_attention != "kernel" or self.cold_path is None:
+            return
+        high, fmt = self.hot.high, self.cold.fmt if self.cold is not None else None
+        why = None
+        if not self.hot.kernel_decode:
+            why = "the hot tier's decode attention is not the Triton kernel (16-bit pages or Triton off)"
+        elif fmt is None or (fmt.key_bits, fmt.value_bits) != (high.key_bits, high.value_bits):
+            why = (f"the cold tier's rows (cold_key_bits/cold_value_bits {self.config.cold_key_bits}/"
+                   f"{self.config.cold_value_bits}) are not the hot tier's high format K{high.key_bits}V{high.value_bits}")
+        elif self.config.quant_groups != 1:
+            why = "quant_groups > 1 (the cold tier's rows have one scale group)"
+        if why is not None:
+            logger.warning("retrieval_attention='kernel' runs as 'merge': %s", why)
+            return
+        self.cold_path.ret_tokens_per_page = self.hot.tokens_per_page
+
+    def _take_ret_pages(self, plan: DecodePlan) -> int:
+        """Plan time: pool pages for the step's selected tokens, NRP = ceil(kmax / T) per (sequence,
+        KV head), one layer's worth (each layer rewrites them before its attention). Returns NRP."""
+        T, sel = self.cold_path.ret_tokens_per_page, plan.selection
+        if not T or sel is None or sel.kmax == 0:
+            return 0
+        B, H = plan.seq_ids.numel(), self.geometry.num_kv_heads
+        nrp = -(-sel.kmax // T)
+        taken, _ = self.hot.pool.allocate(torch.full((B * H,), nrp, dtype=torch.int64, device=self.device))
+        self._ret_pages = taken
+        plan.ret_pages = taken.view(B, H, nrp)
+        self.cold_path.plan_ret_pages(plan)
+        return nrp
+
+    def _free_ret_pages(self) -> None:
+        """Give the last plan's retrieved-token pages back, zeroed (see `release`)."""
+        if self._ret_pages is not None:
+            self.hot.pool.data[self._ret_pages.long()] = 0
+            self.hot.pool.free(self._ret_pages)
+            self._ret_pages = None
 
     def release_all(self) -> None:
         if self.active:
@@ -262,19 +306,23 @@ class KVStore:
         and the same launch (a CUDA graph captured once replays them; kvstore/cuda_graph.py).
         """
         self._undo_unwritten_slots()
+        self._free_ret_pages()
         positions = self.seq_len[seq_ids].clone()
         decision = self.policy.plan(self, seq_ids, positions, last_step=self.hot.take_last_step())  # decides
         page, slot, fresh, needs = self.hot.apply(seq_ids, decision)  # moves pages, places the new tokens
         self.seq_len[seq_ids] += 1
         plan = DecodePlan(seq_ids, positions, page, slot, self.hot.pages_in_use(seq_ids), decision.evicted_pos,
                           decision.low_evicted)
-        plan.hot_ws = self.hot.plan_workspace(seq_ids, max(plan.num_pages, pages_hint or 0), workspace=self.workspace,
-                                              page=page, slot=slot, positions=positions)
+        nrp = 0
+        if self.cold_path is not None:  # the last step's host writes flushed; the step's selection
+            self.cold_path.plan(plan)
+            nrp = self._take_ret_pages(plan)
+        # the kernel's splits cover the retrieved pages too where it attends them
+        plan.hot_ws = self.hot.plan_workspace(seq_ids, max(plan.num_pages + nrp, pages_hint or 0),
+                                              workspace=self.workspace, page=page, slot=slot, positions=positions)
         geo = self.geometry
         B, L = seq_ids.numel(), geo.num_layers
         plan.out = self.workspace.take("store.out", (L, B, geo.num_q_heads, 1, geo.head_dim), geo.dtype)
-        if self.cold_path is not None:  # the last step's host writes flushed; the step's selection
-            self.cold_path.plan(plan)
         self._plan_id += 1
         plan.step_id = self._plan_id
         plan.fresh, plan.new_page, plan.written = fresh, needs, [False] * L
@@ -309,10 +357,12 @@ class KVStore:
         plan.written[layer] = True
         # the new token to the host tier; select, look up the GPU cache, start the fetch of the misses
         started = cold.begin(layer, plan, q, k, v, scale) if cold is not None else None
+        if plan.ret_pages is not None:  # wait for the fetch, write the selected tokens into their pages
+            cold.stage(layer, plan, started, self.hot.pool)
         # the hot tier's attention (overlapping the fetch) writes the layer's output unless a selection merges with it
-        direct = plan.selection is None and q.dtype == plan.out.dtype
+        direct = (plan.selection is None or plan.ret_pages is not None) and q.dtype == plan.out.dtype
         out, lse = self.hot.attend(layer, plan.seq_ids, q[:, :, 0], scale, plan.num_pages, ws,
-                                   out=plan.out[layer, :, :, 0] if direct else None)
+                                   out=plan.out[layer, :, :, 0] if direct else None, ret_pages=plan.ret_pages)
         if cold is not None:  # wait for the fetch, attend the retrieved tokens, merge by LSE, admit the misses
             out = cold.finish(layer, plan, q, scale, out, lse, started)
         if q.dtype != plan.out.dtype:

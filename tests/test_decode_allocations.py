@@ -36,6 +36,8 @@ PRESETS = {
     "tiered": dict(sink_tokens=2, immune_tokens=4, window_tokens=4, score_queries=8, alpha_prune=0.5,
                    alpha_quant=2.0, pq_bits=3, budget_fraction=0.5),
 }
+#: tiered with the selected tokens attended in the hot tier's kernel launch (pool pages written per layer)
+PRESETS["tiered-kernel"] = dict(PRESETS["tiered"], retrieval_attention="kernel")
 #: the benchmark baselines, as the store runs them (window hot tier, every token in the cold tier)
 BASELINES = {sel: dict(hot_policy="window", selector=sel, cold_tier=True, sink_tokens=2, budget_fraction=0.5,
                        gpu_cache_tokens=5) for sel in ("streaming", "h2o", "snapkv", "quest")}
@@ -48,7 +50,7 @@ def _store(preset: str, device: str, dtype=torch.float16) -> KVStore:
     if preset in BASELINES:
         config = KVStoreConfig(**{**SMALL, **BASELINES[preset]})
     else:
-        config = KVStoreConfig.preset(preset, **{**SMALL, **PRESETS[preset]})
+        config = KVStoreConfig.preset(preset.removesuffix("-kernel"), **{**SMALL, **PRESETS[preset]})
     store = KVStore(config, ModelGeometry(L, HQ, HKV, D, dtype, torch.device(device)))
     if store.cold_path is not None:  # CPU: the fetch thread is invisible to the probe
         store.cold_path.async_fetch = device == "cuda"
@@ -98,6 +100,7 @@ def _drive(store: KVStore, steps: int, probe_from: int = 1, lens=(40, 27)):
 @pytest.mark.parametrize("preset", [*PRESETS, *BASELINES])
 def test_a_layers_decode_run_allocates_nothing_and_never_syncs(preset, device):
     store = _store(preset, device)
+    assert (store.cold_path is not None and store.cold_path.ret_tokens_per_page > 0) == preset.endswith("-kernel")
     probes, kmax = _drive(store, steps=3 if preset in PRESETS else 2)
     allowed = UNAVOIDABLE[preset]
     for i, probe in enumerate(probes):

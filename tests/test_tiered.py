@@ -278,3 +278,37 @@ def test_store_reused_across_batches_gives_a_fresh_stores_logits():
         got = gen(reused, ids_b, mask_b)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# ---- retrieval_attention="kernel": the selected tokens attended in the hot tier's launch ----------
+
+def test_retrieved_tokens_in_the_kernel_launch_equal_the_merge(monkeypatch):
+    """The selected tokens written into pool pages and attended in the decode kernel's launch give the
+    merge path's logits (a separate attention + LSE merge) within float rounding and the same greedy
+    tokens, through hits and misses of a small GPU cache; every page is free after (conftest)."""
+    from gpu_kernels import quant
+
+    model = tiny_model("llama", num_hidden_layers=3)  # head_dim 16: the Triton decode kernel runs (interpreter)
+    ids, mask = left_padded_batch(2, 160, pads=(30, 0))
+    # a random model attends diffusely: thresholds above 1 make LeanKV prune (as in the attach test above)
+    base = dict(use_triton="always", sink_tokens=4, immune_tokens=16, alpha_prune=1.2, alpha_quant=2.0,
+                token_budget=16, gpu_cache_tokens=8, pq_trainer="device")
+    tiered = lambda **kw: KVStoreConfig.preset("tiered", **base, **kw)  # noqa: E731
+    merge_logits, merge_seq, merge_stats = _generate(model, tiered(), ids, mask, steps=4)
+    scattered = []
+    real = quant.scatter_rows_to_pages
+    monkeypatch.setattr(quant, "scatter_rows_to_pages", lambda *a, **k: scattered.append(1) or real(*a, **k))
+    logits, seq, stats = _generate(model, tiered(retrieval_attention="kernel"), ids, mask, steps=4)
+    assert scattered, "the kernel path did not run"
+    assert 0 < merge_stats["gpu_cache_hit_rate"] < 1 and stats["gpu_cache_hit_rate"] == merge_stats["gpu_cache_hit_rate"]
+    assert torch.equal(seq, merge_seq)
+    torch.testing.assert_close(logits, merge_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_retrieval_falls_back_to_the_merge_where_it_cannot_run(caplog):
+    """pqcache's hot tier is 16-bit (no decode kernel): retrieval_attention="kernel" logs why and merges."""
+    cfg = KVStoreConfig.preset("pqcache", retrieval_attention="kernel", page_size=4, use_triton="always")
+    with caplog.at_level("WARNING", logger="kvstore.store"):
+        store = KVStore(cfg, ModelGeometry(L, HQ, HKV, D, torch.float32, torch.device("cpu")))
+    assert store.cold_path.ret_tokens_per_page == 0
+    assert "retrieval_attention='kernel' runs as 'merge': the hot tier's decode attention is not the Triton kernel" in caplog.text

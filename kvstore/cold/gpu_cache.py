@@ -39,6 +39,7 @@ import math
 
 import torch
 
+from gpu_kernels import reference
 from kvstore.geometry import ModelGeometry
 from kvstore.hot.quantization import QuantFormat
 from kvstore.plan import Workspace
@@ -179,6 +180,22 @@ class GPUCache:
         for i, src in enumerate((self.k, self.v)):
             torch.index_select(src[layer].view(-1, d), 0, rows, out=ws["kv"].view(-1, d))
             torch.where(hit, ws["kv"], out[i], out=out[i])
+
+    def read_rows(self, layer: int, seq_ids: torch.Tensor, slot: torch.Tensor, raw: torch.Tensor,
+                  ws: dict | None = None) -> None:
+        """Quantized cache: copy the hits' rows as stored into raw uint8 [B * H * k, row_bytes] (the fetch's
+        staging, which holds the misses' rows), so the step's selected tokens are all rows in one buffer."""
+        B, H, k = slot.shape
+        ws = self._ws(seq_ids, k, ws)
+        rows = torch.clamp(slot, min=0, out=ws["i1"]).add_(ws["base_kv"]).view(-1)
+        rows.masked_fill_(torch.lt(slot, 0, out=ws["nohit"]).view(-1), -1)
+        src = self.rows[layer].view(-1, self.fmt.bytes_per_token)
+        if self.fmt.use_triton:
+            from gpu_kernels.fetch import gather_rows
+
+            gather_rows(src, rows, raw)
+        else:
+            reference.gather_rows(src, rows, raw)
 
     def admit(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor,
               kv: torch.Tensor, ws: dict | None = None, raw: torch.Tensor | None = None) -> None:

@@ -463,7 +463,7 @@ class ColdTier:
         return ws["slab"], row
 
     def fetch(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor, want: torch.Tensor,
-              out: torch.Tensor, ws: dict | None = None) -> torch.Tensor:
+              out: torch.Tensor, ws: dict | None = None, dequantize: bool = True) -> torch.Tensor:
         """Gather K and V of the wanted positions into out [2, B, H, k, d] (rows not wanted untouched).
 
         pos int64 [B, H, k]; want bool [B, H, k]. No host sync; with ws (`fetch_workspace`) no
@@ -475,13 +475,15 @@ class ColdTier:
         [B * H * k, row_bytes], row i the i-th (b, h, j); rows not wanted hold stale bytes), and are
         dequantized from there into out. The GPU cache admits the misses' rows from ws["raw"] as
         they are (`GPUCache.admit`), so a later hit dequantizes the same bytes to the same values.
+        dequantize=False stops at ws["raw"] (out untouched): the rows become pages of the hot tier's
+        kernel launch (`ColdPath.stage`).
         """
         B, H, k = pos.shape
         ws = ws if ws is not None else self.fetch_workspace(seq_ids, k, Workspace(pos.device))
         slab, row = self.rows(layer, seq_ids, torch.clamp(pos, min=0, out=ws["p"]), ws)
         rows_k = torch.where(want, row, ws["neg1"], out=ws["rows_k"])
         if self.fmt is not None:
-            return self._fetch_quantized(slab, rows_k, out, ws)
+            return self._fetch_quantized(slab, rows_k, out, ws, dequantize)
         dst = out.view(-1, self.d)
         r = ws["r"]  # [2, M]: K rows, then V rows (-1: skip)
         for s, src in enumerate(self.slab_rows):
@@ -496,7 +498,8 @@ class ColdTier:
                 reference.gather_rows(src, r.view(-1), dst)
         return out
 
-    def _fetch_quantized(self, slab: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, ws: dict) -> torch.Tensor:
+    def _fetch_quantized(self, slab: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, ws: dict,
+                         dequantize: bool = True) -> torch.Tensor:
         """`fetch` from a quantized tier: each slab's wanted rows copied into ws["raw"] (one pass over
         the link), then dequantized from there into out[0] (K), out[1] (V) in one pass."""
         B, H, k = rows.shape
@@ -504,6 +507,8 @@ class ColdTier:
         for s, src in enumerate(self.slab_rows):
             torch.where(torch.eq(slab, s, out=ws["sel"]), rows, ws["neg1"], out=r.view(B, H, k))
             self._gather_raw(src, r, raw)
+        if not dequantize:
+            return out
         own = torch.where(torch.ge(rows, 0, out=ws["sel"]), ws["own"], ws["neg1"], out=r.view(B, H, k))
         self.fmt.gather_rows(raw, own.view(-1), out)
         return out

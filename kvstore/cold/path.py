@@ -86,6 +86,9 @@ class ColdPath:
         # one completion event per layer, re-recorded every step (nothing created on the decode path)
         self._fetch_events = [torch.cuda.Event() for _ in range(geometry.num_layers)] if self._fetch_stream is not None else []
         self._fetch_pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-fetch") if config.retrieves else None
+        #: tokens a page of the hot tier's high format holds when the retrieved tokens are attended in its
+        #: kernel launch (retrieval_attention="kernel", set by the store once it checked it can); 0: merge
+        self.ret_tokens_per_page = 0
 
     # ---- sequences --------------------------------------------------------------------------
     def ensure_seqs(self, max_seqs: int) -> None:
@@ -262,6 +265,18 @@ class ColdPath:
         plan.selection = step
         plan.retrieved = wsp.take("ret.kv", (2, B, H, kmax, d), geo.dtype).zero_()
 
+    def plan_ret_pages(self, plan: DecodePlan) -> None:
+        """Plan time, after the store took `plan.ret_pages` [B, Hkv, NRP]: where each selected token goes
+        (selection column j -> page j // T, slot j % T) and the step's position buffer."""
+        step, T = plan.selection, self.ret_tokens_per_page
+        B, H, _ = plan.ret_pages.shape
+        j = torch.arange(step.kmax, device=self.device)
+        step.ws["ret"] = {
+            "page": plan.ret_pages[:, :, j // T].reshape(-1).contiguous(),
+            "slot": (j % T).to(torch.int32).repeat(B * H),
+            "pos": self.workspace.take("ret.pos", (B, H, step.kmax), torch.int32),
+        }
+
     # ---- decode: per layer ------------------------------------------------------------------
     @torch.no_grad()
     def begin(self, layer: int, plan: DecodePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
@@ -282,8 +297,26 @@ class ColdPath:
         pos, valid = self.selector.select(layer, step, q0, scale)
         slot = self.gpu_cache.lookup(layer, step.seq_ids, pos, valid, ws["cache"])
         miss = torch.lt(slot, 0, out=ws["miss"]).bitwise_and_(valid)
-        pending = self._start_fetch(layer, step.seq_ids, pos, miss, buf, ws["fetch"])
+        # rows only (no dequantization) when they become pages of the hot tier's launch
+        pending = self._start_fetch(layer, step.seq_ids, pos, miss, buf, ws["fetch"], plan.ret_pages is None)
         return pos, valid, slot, pending
+
+    @torch.no_grad()
+    def stage(self, layer: int, plan: DecodePlan, started, pool) -> None:
+        """retrieval_attention="kernel", before the hot tier's attention of one layer: wait for the fetch,
+        gather the hits' rows from the GPU cache beside the fetched ones, and write every selected token
+        into the step's pages of `pool` (the hot tier's PagePool) with its position (-1: not a token)."""
+        from gpu_kernels import quant
+
+        pos, valid, slot, pending = started
+        step = plan.selection
+        ws, ret, fmt = step.ws, step.ws["ret"], self.cold.fmt
+        self._wait_fetch(pending)
+        raw = ws["fetch"]["raw"]
+        self.gpu_cache.read_rows(layer, step.seq_ids, slot, raw, ws["cache"])
+        ret["pos"].copy_(torch.where(valid, pos, ws["fetch"]["neg1"], out=ws["fetch"]["p"]))  # the fetch is done
+        quant.scatter_rows_to_pages(raw, ret["page"], ret["slot"], ret["pos"].view(-1), pool.data, pool.slot_pos,
+                                    fmt.key_bits, fmt.value_bits, fmt.groups, self.ret_tokens_per_page)
 
     @torch.no_grad()
     def finish(self, layer: int, plan: DecodePlan, q: torch.Tensor, scale: float, out_h: torch.Tensor,
@@ -297,6 +330,9 @@ class ColdPath:
         pos, valid, slot, pending = started
         step, buf, q0 = plan.selection, plan.retrieved, q[:, :, 0]
         ws = step.ws
+        if plan.ret_pages is not None:  # attended in the hot tier's launch (`stage`): out_h and its lse are final
+            self._admit(layer, plan, pos, valid, slot, buf, ws)
+            return out_h
         self._wait_fetch(pending)
         self.gpu_cache.read(layer, step.seq_ids, slot, buf, ws["cache"])
         invalid = torch.logical_not(valid, out=ws["invalid"])
@@ -307,23 +343,28 @@ class ColdPath:
             # LeanKV's score update reads exp(logit - lse_all): with the merged lse, a hot token's
             # probability is its share of the softmax over hot + retrieved tokens (kvstore/hot/policies.py)
             hws["lse_all"][layer].copy_(lse)
-        self.gpu_cache.admit(layer, step.seq_ids, pos, valid, slot, buf, ws["cache"], raw=ws["fetch"].get("raw"))
-        if layer == self.geometry.num_layers - 1:
-            self.gpu_cache.end_step()
+        self._admit(layer, plan, pos, valid, slot, buf, ws)
         return out
 
-    def _start_fetch(self, layer, seq_ids, pos, miss, buf, ws=None):
+    def _admit(self, layer, plan, pos, valid, slot, buf, ws) -> None:
+        """The misses into the GPU cache; the cache's step count after the last layer."""
+        self.gpu_cache.admit(layer, plan.selection.seq_ids, pos, valid, slot, buf, ws["cache"], raw=ws["fetch"].get("raw"))
+        if layer == self.geometry.num_layers - 1:
+            self.gpu_cache.end_step()
+
+    def _start_fetch(self, layer, seq_ids, pos, miss, buf, ws=None, dequantize=True):
         if not self.async_fetch:
-            self.cold.fetch(layer, seq_ids, pos, miss, buf, ws)
+            self.cold.fetch(layer, seq_ids, pos, miss, buf, ws, dequantize)
             return None
         if self._fetch_stream is not None:  # CUDA: side stream, ordered after what produced pos/miss
             self._fetch_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._fetch_stream):
-                self.cold.fetch(layer, seq_ids, pos, miss, buf, ws)
+                self.cold.fetch(layer, seq_ids, pos, miss, buf, ws, dequantize)
                 ev = self._fetch_events[layer]
                 ev.record(self._fetch_stream)
             return ev
-        return self._fetch_pool.submit(self.cold.fetch, layer, seq_ids, pos, miss, buf, ws)  # CPU: a host thread
+        # CPU: a host thread
+        return self._fetch_pool.submit(self.cold.fetch, layer, seq_ids, pos, miss, buf, ws, dequantize)
 
     def _wait_fetch(self, pending) -> None:
         if pending is None:

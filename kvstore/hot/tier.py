@@ -419,12 +419,16 @@ class HotTier:
         return torch_ops.decode_attention_out(q, r["kf"], r["vf"], r["invalid"], scale, r["attn"])
 
     def attend(self, layer: int, seq_ids: torch.Tensor, q: torch.Tensor, scale: float, num_pages: int,
-               ws: dict | None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               ws: dict | None, out: torch.Tensor | None = None, ret_pages: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode attention of one layer over the hot tier.
 
         Args:
             q: [B, Hq, d]; num_pages: widest high-tier table (the plan's); ws: `plan_workspace`'s buffers.
             out: optional [B, Hq, d] contiguous buffer (any float dtype) that receives the output.
+            ret_pages: int32 [B, Hkv, NRP] pool pages of the step's retrieved tokens (high format; empty
+                slots' positions -1), attended in the same kernel launch: out and lse then cover them
+                too (the kernel path only; `KVStore._check_kernel_retrieval`).
         Returns:
             out [B, Hq, d] (`out`, else fp32), lse fp32 [B, Hq] (-inf where a head holds no token).
             Without `out` they are views of ws, overwritten by the next layer's `attend`. The kernel
@@ -434,6 +438,8 @@ class HotTier:
         high = (getattr(self.high, "key_bits", 16), getattr(self.high, "value_bits", 16), self.tokens_per_page)
         low = (self.low.key_bits, self.low.value_bits, self.low_tokens_per_page) if self.low is not None else None
         emit = ws is not None and ws.get("logits_all") is not None
+        if ret_pages is not None and (ws is None or not ws["kernel"]):
+            raise RuntimeError("retrieved pages are attended by the decode kernel only")
         if ws is None or not ws["kernel"]:
             if ws is not None and ws.get("ref") is not None:
                 res, lse = self._attend_16bit(layer, q, scale, ws["ref"])
@@ -459,7 +465,7 @@ class HotTier:
             q, self.pool.data, self.table.pages, self.table.num_tokens,
             self.table.num_low_pages if low is not None else None, seq_ids, layer, self.pool.slot_pos,
             high, low, self.config.quant_groups, scale, out, lse_buf, ws["part_out"], ws["part_lse"],
-            ws["pages_per_split"], logits,
+            ws["pages_per_split"], logits, ret_pages=ret_pages,
         )
         return out, lse_buf
 
