@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 _PTRS = {"q_ptr": "*bf16", "data_ptr": "*u8", "data16_ptr": "*fp16", "data64_ptr": "*i64", "pages_ptr": "*i32",
          "num_high_ptr": "*i32", "num_low_pages_ptr": "*i32", "seq_ptr": "*i64", "pos_ptr": "*i32",
-         "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "emit_ptr": "*fp32"}
+         "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "emit_ptr": "*fp32", "ret_ptr": "*i32"}
 # runtime integers a launch sees as multiples of 16 (Triton specializes on that)
 _DIV16 = {"C", "page_bytes", "max_slots", "stride_qb", "stride_qh", "stride_ps", "stride_pl", "stride_ph",
           "stride_ns", "stride_nl"}
