@@ -312,3 +312,31 @@ def test_kernel_retrieval_falls_back_to_the_merge_where_it_cannot_run(caplog):
         store = KVStore(cfg, ModelGeometry(L, HQ, HKV, D, torch.float32, torch.device("cpu")))
     assert store.cold_path.ret_tokens_per_page == 0
     assert "retrieval_attention='kernel' runs as 'merge': the hot tier's decode attention is not the Triton kernel" in caplog.text
+
+
+def test_kernel_retrieval_is_finite_whatever_the_staging_held():
+    """An invalid pick (a selection wider than a head's candidates) is neither fetched nor a hit; its
+    row of the fetch's staging is zeroed before it becomes a (masked) slot: stale bytes read as NaN
+    scales made 0 x NaN in P @ V (found through a pool that grew at the step's plan)."""
+    store = KVStore(_tiered(use_triton="always", retrieval_attention="kernel", token_budget=40, alpha_prune=1.5),
+                    _geometry())
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 2.5  # noqa: E731  peaky: some score low
+    lens = (40, 27)
+    valid = torch.zeros(2, 40, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        valid[b, 40 - n:] = True
+    ids = store.add_sequences(2)
+    for layer in range(L):
+        store.prefill(layer, ids, rand(2, HQ, 40, D), rand(2, HKV, 40, D), rand(2, HKV, 40, D), valid, SCALE)
+    kernel_steps = 0
+    for _ in range(6):
+        plan = store.plan(ids)
+        if plan.ret_pages is not None:
+            kernel_steps += 1
+            plan.selection.ws["fetch"]["raw"].fill_(0xFF)  # fp16 0xFFFF is NaN
+        for layer in range(L):
+            out = store.decode(layer, plan, rand(2, HQ, 1, D), rand(2, HKV, 1, D), rand(2, HKV, 1, D), SCALE)
+            assert torch.isfinite(out).all()
+    store.release(ids)
+    assert kernel_steps > 0

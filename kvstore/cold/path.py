@@ -314,6 +314,9 @@ class ColdPath:
         self._wait_fetch(pending)
         raw = ws["fetch"]["raw"]
         self.gpu_cache.read_rows(layer, step.seq_ids, slot, raw, ws["cache"])
+        # an invalid pick is neither fetched nor a hit: its row holds whatever the buffer held. It is masked,
+        # but 0 x (NaN or inf from stale scale bytes) in P @ V is NaN, so its row is zeroed (finite)
+        raw.masked_fill_(torch.logical_not(valid, out=ws["invalid"]).view(-1, 1), 0)
         ret["pos"].copy_(torch.where(valid, pos, ws["fetch"]["neg1"], out=ws["fetch"]["p"]))  # the fetch is done
         quant.scatter_rows_to_pages(raw, ret["page"], ret["slot"], ret["pos"].view(-1), pool.data, pool.slot_pos,
                                     fmt.key_bits, fmt.value_bits, fmt.groups, self.ret_tokens_per_page)
