@@ -39,7 +39,6 @@ import math
 
 import torch
 
-from gpu_kernels import reference
 from kvstore.geometry import ModelGeometry
 from kvstore.hot.quantization import QuantFormat
 from kvstore.plan import Workspace
@@ -170,11 +169,10 @@ class GPUCache:
         """Copy the hits' K/V into out [2, B, H, k, d] (misses' rows untouched; quantized: dequantized)."""
         B, H, k = slot.shape
         ws = self._ws(seq_ids, k, ws)
-        rows = torch.clamp(slot, min=0, out=ws["i1"]).add_(ws["base_kv"]).view(-1)
         if self.fmt is not None:  # -1: not a hit, the kernel leaves that row of out alone
-            rows.masked_fill_(torch.lt(slot, 0, out=ws["nohit"]).view(-1), -1)
-            self.fmt.gather_rows(self.rows[layer].view(-1, self.fmt.bytes_per_token), rows, out)
+            self.fmt.gather_rows(self._rows_of(layer), self._hit_rows(slot, ws), out)
             return
+        rows = torch.clamp(slot, min=0, out=ws["i1"]).add_(ws["base_kv"]).view(-1)
         hit = torch.ge(slot, 0, out=ws["hit"]).unsqueeze(-1)
         d = self.geometry.head_dim
         for i, src in enumerate((self.k, self.v)):
@@ -185,17 +183,17 @@ class GPUCache:
                   ws: dict | None = None) -> None:
         """Quantized cache: copy the hits' rows as stored into raw uint8 [B * H * k, row_bytes] (the fetch's
         staging, which holds the misses' rows), so the step's selected tokens are all rows in one buffer."""
-        B, H, k = slot.shape
-        ws = self._ws(seq_ids, k, ws)
-        rows = torch.clamp(slot, min=0, out=ws["i1"]).add_(ws["base_kv"]).view(-1)
-        rows.masked_fill_(torch.lt(slot, 0, out=ws["nohit"]).view(-1), -1)
-        src = self.rows[layer].view(-1, self.fmt.bytes_per_token)
-        if self.fmt.use_triton:
-            from gpu_kernels.fetch import gather_rows
+        ws = self._ws(seq_ids, slot.shape[2], ws)
+        self.fmt.copy_rows(self._rows_of(layer), self._hit_rows(slot, ws), raw)
 
-            gather_rows(src, rows, raw)
-        else:
-            reference.gather_rows(src, rows, raw)
+    def _rows_of(self, layer: int) -> torch.Tensor:
+        """One layer's slots as rows, uint8 [S * Hkv * (slots + 1), row_bytes] (quantized cache)."""
+        return self.rows[layer].view(-1, self.fmt.bytes_per_token)
+
+    def _hit_rows(self, slot: torch.Tensor, ws: dict) -> torch.Tensor:
+        """Row of `_rows_of` holding each hit, -1 for the rest; int64 [B * H * k], a view of ws."""
+        rows = torch.clamp(slot, min=0, out=ws["i1"]).add_(ws["base_kv"]).view(-1)
+        return rows.masked_fill_(torch.lt(slot, 0, out=ws["nohit"]).view(-1), -1)
 
     def admit(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor,
               kv: torch.Tensor, ws: dict | None = None, raw: torch.Tensor | None = None) -> None:

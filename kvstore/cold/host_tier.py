@@ -506,22 +506,12 @@ class ColdTier:
         r, raw = ws["r"][0], ws["raw"]
         for s, src in enumerate(self.slab_rows):
             torch.where(torch.eq(slab, s, out=ws["sel"]), rows, ws["neg1"], out=r.view(B, H, k))
-            self._gather_raw(src, r, raw)
+            self.fmt.copy_rows(src, r, raw)
         if not dequantize:
             return out
         own = torch.where(torch.ge(rows, 0, out=ws["sel"]), ws["own"], ws["neg1"], out=r.view(B, H, k))
         self.fmt.gather_rows(raw, own.view(-1), out)
         return out
-
-    def _gather_raw(self, src: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor) -> None:
-        """dst[i] = src[rows[i]] (uint8 rows, -1 skip): the Triton kernel whenever the format runs its
-        kernels, so a quantized fetch is all kernels or all torch ops."""
-        if self.fmt.use_triton:
-            from gpu_kernels.fetch import gather_rows
-
-            gather_rows(src, rows, dst)
-        else:
-            reference.gather_rows(src, rows, dst)
 
     # ---- release ---------------------------------------------------------------------------------
     def release(self, seq_ids: torch.Tensor) -> None:

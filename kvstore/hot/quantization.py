@@ -96,6 +96,17 @@ class QuantFormat(PageFormat):
         else:
             reference.gather_dequantize_rows(src, rows, k_out, v_out, self.key_bits, self.value_bits, self.groups)
 
+    def copy_rows(self, src: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor) -> None:
+        """dst[i] = src[rows[i]] for one-token pages as stored (uint8 [R, bytes_per_token] -> [M, ...];
+        rows int [M], -1 = leave dst[i] alone): the Triton gather whenever the format runs its kernels,
+        so a quantized fetch or cache read is all kernels or all torch ops."""
+        if self.use_triton:
+            from gpu_kernels.fetch import gather_rows
+
+            gather_rows(src, rows, dst)
+        else:
+            reference.gather_rows(src, rows, dst)
+
     def read(self, data, page_ids, dtype=torch.float32):
         """Dequantized k, v `dtype` [..., tokens_per_page, d] of the given pages (computed in fp32)."""
         if self.use_triton:
