@@ -152,6 +152,16 @@ def _read_samples(path: Path) -> list[dict]:
     return list(out.values())
 
 
+
+def _save(fig, path: Path) -> Path:
+    """Lay out, write (120 dpi) and close one figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
 def plot(rows: list[dict], samples: list[dict], out: Path) -> list[Path]:
     """Write the three PNG plots into `out`; returns their paths."""
     import matplotlib
@@ -184,10 +194,7 @@ def plot(rows: list[dict], samples: list[dict], out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Accuracy vs GPU-KV compression")
-    fig.tight_layout()
-    paths.append(out / "accuracy_vs_compression.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "accuracy_vs_compression.png"))
 
     # 2. accuracy by needle depth (5 bins), one subplot per length
     with_depth = [s for s in samples if s.get("depth") is not None]
@@ -210,10 +217,7 @@ def plot(rows: list[dict], samples: list[dict], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (needle tasks)")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "accuracy_by_depth.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "accuracy_by_depth.png"))
 
     # 3. accuracy by length, one series per method@budget
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -231,10 +235,7 @@ def plot(rows: list[dict], samples: list[dict], out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Accuracy by length")
-    fig.tight_layout()
-    paths.append(out / "accuracy_by_length.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "accuracy_by_length.png"))
     return paths
 
 
