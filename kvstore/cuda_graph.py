@@ -15,19 +15,35 @@ shapes repeat; every layer's `KVStore.decode` then allocates nothing and never s
 * the addresses of everything the graph reads: the static inputs (token ids, positions, sequence
   slots of the rows), the page pool, the page tables, the slot positions, the plan's buffers.
 
-`signature()` lists those; when one differs from the captured graph's (the pool grew, a longer
-request joined, the rows changed count), the step is captured again. Replaying the same plan
+`signature()` lists those: the static inputs, the plan's buffers with the launch's ints (split
+sizes, the selection's width), and every tensor the store's parts hold (the hot tier's pool and
+tables, the policy, the host tier's staging and chunk maps, the selector's codes, the GPU cache);
+when one differs from the captured graph's (the pool grew, a longer request joined, the rows
+changed count, the host tier added a slab), the step is captured again. Replaying the same plan
 twice is harmless (a layer writes its new token, then attends: the same inputs write the same
-bytes), which is what lets the warm-up and the capture run on the step's real plan.
+bytes), which is what lets the warm-up and the capture run on the step's real plan. (With
+retrieval, the warm-up runs also count as GPU-cache lookups: a second run of a step finds the
+first run's misses cached. A hit reads the bytes the fetch would have brought, so the outputs
+are the same; the cache's scores and hit counts are not those of an eager run.)
 
-Eligible: a CUDA store whose decode attention is the Triton kernel over one tier (quant and
-K8V4-like presets). Not yet: 16-bit pages (full: the torch reference path), LeanKV (its plan
-reads the last step's logits and moves pages), the retrieval presets (host fetches). The engine
-logs which path runs.
+What a step of each part reads between replays, refreshed at plan time in place:
+
+* the hot tier: the page tables and the pool (LeanKV's page moves are plan-time work, done
+  before the replay; its per-token logits are written by the graph and read by the next plan);
+* retrieval (`kvstore/cold/path.py`): the selection's per-sequence tensors (positions, candidate
+  range, k) and the retrieved-token pages are copies in workspace buffers; the scored width is the
+  retrieval buffers' position capacity, which grows by 1/8 at a time, not max(hi), which grows
+  every step; the host tier's chunk maps are refreshed in place; the fetch's side stream and its
+  event join the capture as a fork and a join of the capture stream.
+
+Eligible: a CUDA store whose decode attention is the Triton kernel, with any hot policy and any
+selector whose index is built on the device (PQ codebooks trained on the host with
+pq_trainer='faiss' are loaded at a decode step: refused). The engine logs which path runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable
 
@@ -41,35 +57,62 @@ def graph_support(store: Any) -> str | None:
     if store.geometry.device.type != "cuda":
         return "the store is not on CUDA"
     if not store.hot.kernel_decode:
-        return "decode attention is not the Triton kernel (16-bit pages or Triton disabled)"
-    if store.hot.low is not None or store.config.hot_policy == "leankv":
-        return "the LeanKV policy moves pages between steps"
-    if store.cold_path is not None:
-        return "the retrieval path fetches from the host"
+        return "decode attention is not the Triton kernel (Triton disabled or an unsupported head dim)"
+    cold = store.cold_path
+    selector = cold.selector if cold is not None else None
+    if selector is not None and getattr(selector, "trains_on_device", True) is False:
+        return "the PQ codebooks are trained on host threads (pq_trainer='faiss') and loaded at a decode step"
     return None
 
 
-def _tensors(obj: Any, prefix: str = ""):
-    """(name, tensor) of every tensor in nested dicts/lists/tuples; (name, value) of ints."""
+def _tensors(obj: Any, prefix: str = "", depth: int = 6):
+    """(name, (address, shape, dtype)) of every tensor in nested dicts/lists/tuples/dataclasses;
+    (name, value) of ints and bools."""
     if isinstance(obj, torch.Tensor):
         yield prefix, (obj.data_ptr(), tuple(obj.shape), obj.dtype)
+    elif isinstance(obj, bool | int):
+        yield prefix, obj
+    elif depth <= 0:
+        return
     elif isinstance(obj, dict):
         for k in sorted(obj, key=str):
-            yield from _tensors(obj[k], f"{prefix}.{k}")
+            yield from _tensors(obj[k], f"{prefix}.{k}", depth - 1)
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            yield from _tensors(v, f"{prefix}[{i}]")
-    elif isinstance(obj, (int, bool)):
-        yield prefix, obj
+            yield from _tensors(v, f"{prefix}[{i}]", depth - 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _tensors(getattr(obj, f.name), f"{prefix}.{f.name}", depth - 1)
+
+
+def _state(obj: Any, prefix: str):
+    """The tensors an object holds (attributes, and lists/dicts of tensors), by address and shape.
+    A component that grows a buffer replaces the tensor, which changes this; ints (counters that
+    move every step) are left out."""
+    if obj is None:
+        return
+    for name, value in sorted(vars(obj).items()):
+        for key, val in _tensors(value, f"{prefix}.{name}", depth=3):
+            if isinstance(val, tuple):
+                yield key, val
+
+
+#: the plan's fields a layer's decode reads (the others are plan-time only: page, slot, positions ...)
+_PLAN_READS = ("seq_ids", "out", "hot_ws", "selection", "retrieved", "ret_pages")
 
 
 def signature(store: Any, plan: Any, inputs: tuple[torch.Tensor, ...]) -> tuple:
-    """What a captured step reads, by address and shape (and the launch's ints)."""
-    hot = store.hot
+    """What a captured step reads: the static inputs, the plan's buffers (and the launch's ints:
+    split sizes, the selection's width), and every tensor the store's parts hold, by address and
+    shape. A step whose signature equals the captured one's replays; any difference captures again."""
     parts = [("inputs", tuple(_tensors(list(inputs))))]
-    parts.append(("store", tuple(_tensors([hot.pool.data, hot.pool.slot_pos, hot.table.pages, hot.table.num_tokens]))))
-    parts.append(("plan", tuple(_tensors([plan.seq_ids, plan.out]))))
-    parts.append(("ws", tuple(_tensors({k: v for k, v in plan.hot_ws.items() if k != "kernel"}))))
+    parts.append(("plan", tuple(_tensors({f: getattr(plan, f) for f in _PLAN_READS}))))
+    hot, cold = store.hot, store.cold_path
+    objects = {"hot": hot, "pool": hot.pool, "table": hot.table, "policy": store.policy, "cold": store.cold}
+    if cold is not None:
+        objects.update(cold_path=cold, selector=cold.selector, gpu_cache=cold.gpu_cache)
+    for name, obj in objects.items():
+        parts.append((name, tuple(_state(obj, name))))
     return tuple(parts)
 
 

@@ -65,9 +65,11 @@ class SelectionStep:
     positions:  int64 [B] position of the token being decoded.
     lo, hi:     int64 [B] candidate range [lo, hi) per sequence.
     k:          int64 [B] tokens to select per (sequence, KV head) (fixed at prefill).
-    num_tokens: host int, max(hi): the width scored this step.
-    kmax:       host int, min(max(k), num_tokens - lo), and under `exclude` at most the most
-                candidates any (layer, sequence, KV head) has: the fixed width of the selection.
+    num_tokens: host int, the width scored this step: the retrieval buffers' position capacity
+                (>= max(hi); it grows by 1/8 at a time, so the step's shapes repeat step after step).
+    kmax:       host int, the fixed width of the selection: max(k), or fewer while the candidates
+                (max(hi) - lo, and under `exclude` the most any (layer, sequence, KV head) has) are
+                fewer: then their count rounded up to a power of two.
     uniform_k:  every sequence selects the same k (then top-k need not be sorted).
     exclude:    bool [L, S, Hkv, cap + 1] or None: True where a (layer, sequence slot, KV head,
                 position) is resident in the hot tier and so never selected (the LeanKV hot

@@ -194,7 +194,8 @@ class KVStore:
         nrp = -(-sel.kmax // T)
         taken, _ = self.hot.pool.allocate(torch.full((B * H,), nrp, dtype=torch.int64, device=self.device))
         self._ret_pages = taken
-        plan.ret_pages = taken.view(B, H, nrp)
+        # the kernel reads them from a workspace buffer (a fixed address step after step: kvstore/cuda_graph.py)
+        plan.ret_pages = self.workspace.take("ret.pages", (B, H, nrp), taken.dtype).copy_(taken.view(B, H, nrp))
         self.cold_path.plan_ret_pages(plan)
         return nrp
 

@@ -60,6 +60,27 @@ def test_prefill_and_decode_tokens_read_back_exactly(dtype):
         assert torch.equal(keys, exp_k[b]) and torch.equal(values, exp_v[b])
 
 
+def test_device_chunk_maps_are_refreshed_in_place_while_their_shapes_hold():
+    """A decode step captured in a CUDA graph reads the chunk maps at the addresses it captured: a new
+    chunk of a sequence (every C steps) updates them in place; a wider table or a new slab replaces them."""
+    cold, seq_ids, _, _ = _filled([9, 5, 13], steps=0)
+    lens = torch.tensor([9, 5, 13])
+    before = {name: (t.data_ptr(), t.shape, t.clone()) for name, t in cold.device_maps().items()}
+    in_place = 0
+    for s in range(12):  # chunks of 4 tokens: each sequence opens new chunks
+        cold.plan_step(seq_ids, lens + s)
+        now = cold.device_maps()
+        assert torch.equal(now["table"], torch.from_numpy(cold.table))  # the values are this step's
+        for name, t in now.items():
+            ptr, shape, old = before[name]
+            if t.shape == shape:
+                assert t.data_ptr() == ptr, f"{name} moved at step {s} with the same shape"
+                in_place += not torch.equal(t, old)
+            before[name] = (t.data_ptr(), t.shape, t.clone())
+    assert in_place >= 2  # some new chunks were written into the same tensors
+    cold.flush()
+
+
 @pytest.mark.parametrize("device", ["cpu"] + ["cuda"] * torch.cuda.is_available())
 def test_fetch_gathers_wanted_rows_and_leaves_the_rest(device):
     cold, seq_ids, exp_k, exp_v = _filled([9, 5, 13], steps=7, device=device)

@@ -58,3 +58,68 @@ def test_a_repeated_batch_shape_captures_nothing_new():
         first = engine.graphs.captures
         engine.generate(prompts, max_new_tokens=10, ignore_eos=True)
         assert engine.graphs.captures == first and engine.decode_path == "cuda-graph"
+
+
+# ---- on any machine: a captured step replayed over later plans, emulated ------------------------
+#
+# A CUDA graph replays the kernels of the step it captured: the Python of that step does not run
+# again, so every per-step value must reach the kernels through buffers the next plan refreshes in
+# place, and every Python int the step used (widths, split sizes) must be the same or be part of the
+# signature that triggers a new capture. The emulation: the step captured at the last signature
+# change is run again (its plan object, its ints) over the store's current state, against a second
+# store that decodes every step eagerly with the same inputs. A per-step tensor that a plan made
+# fresh, or an int that moved without changing the signature, gives other outputs.
+
+#: the retrieval paths (PQ selection, GPU cache, fetch): into the hot tier's kernel launch under LeanKV's
+#: policy (its page moves, its low tier, its logits read by the next plan), and merged after 16-bit pages
+@pytest.mark.parametrize("preset", ["tiered-kernel", "pqcache"])
+def test_a_captured_step_replayed_over_later_plans_equals_the_eager_steps(preset):
+    from kvstore.cuda_graph import signature
+    from test_decode_allocations import HKV, HQ, L, _store
+
+    D = 16
+    # tiered: prunes enough at prefill that the selection has its width from the first step
+    over = dict(alpha_prune=2.0) if preset.startswith("tiered") else {}
+    eager, graphed = (_store(preset, "cpu", torch.float32, **over) for _ in range(2))
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    lens, steps = (24, 13, 19), 6
+    B, T = len(lens), max(lens)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        valid[b, T - n:] = True
+    ids = [s.add_sequences(B) for s in (eager, graphed)]
+    for layer in range(L):
+        q, k, v = r(B, HQ, T, D), r(B, HKV, T, D), r(B, HKV, T, D)
+        for s, i in zip((eager, graphed), ids):
+            s.prefill(layer, i, q, k, v, valid, D ** -0.5)
+    static = [torch.zeros(B, h, 1, D) for _ in range(L) for h in (HQ, HKV, HKV)]  # q, k, v of each layer
+    hint = -(-(T + steps) // eager.hot.tokens_per_page)  # the engine's pages_hint: the widest table reached
+    for s in (eager, graphed):
+        s.hot.table.ensure_pages(hint + 1)
+    captured, captures = None, 0
+    try:
+        for step in range(steps):
+            plan_e = eager.plan(ids[0], pages_hint=hint)
+            plan_g = graphed.plan(ids[1], pages_hint=hint)
+            sig = signature(graphed, plan_g, (ids[1], *static))
+            if captured is None or sig != captured[0]:
+                captured, captures = (sig, plan_g), captures + 1
+            replay = captured[1]
+            replay.step_id = plan_g.step_id  # a graph checks no step id: the captured step's own plan runs
+            for layer in range(L):
+                qkv = r(B, HQ, 1, D) * 3, r(B, HKV, 1, D), r(B, HKV, 1, D)
+                want = eager.decode(layer, plan_e, *qkv, D ** -0.5)
+                for buf, x in zip(static[3 * layer: 3 * layer + 3], qkv):
+                    buf.copy_(x)
+                got = graphed.decode(layer, replay, *static[3 * layer: 3 * layer + 3], D ** -0.5)
+                assert torch.equal(got, want), f"{preset} step {step} layer {layer}: replay != eager"
+            plan_g.written = [True] * L  # what DecodeGraphs.run records after a replay
+        # captured at the first step and again at the second (the first decode step loads the PQ index)
+        assert captures <= 2, f"{preset}: {captures} captures in {steps} steps"
+    finally:
+        for s, i in zip((eager, graphed), ids):
+            s.release(i)

@@ -46,11 +46,11 @@ BASELINES = {sel: dict(hot_policy="window", selector=sel, cold_tier=True, sink_t
 UNAVOIDABLE: dict[str, set[str]] = {name: set() for name in [*PRESETS, *BASELINES]}
 
 
-def _store(preset: str, device: str, dtype=torch.float16) -> KVStore:
+def _store(preset: str, device: str, dtype=torch.float16, **overrides) -> KVStore:
     if preset in BASELINES:
-        config = KVStoreConfig(**{**SMALL, **BASELINES[preset]})
+        config = KVStoreConfig(**{**SMALL, **BASELINES[preset], **overrides})
     else:
-        config = KVStoreConfig.preset(preset.removesuffix("-kernel"), **{**SMALL, **PRESETS[preset]})
+        config = KVStoreConfig.preset(preset.removesuffix("-kernel"), **{**SMALL, **PRESETS[preset], **overrides})
     store = KVStore(config, ModelGeometry(L, HQ, HKV, D, dtype, torch.device(device)))
     if store.cold_path is not None:  # CPU: the fetch thread is invisible to the probe
         store.cold_path.async_fetch = device == "cuda"

@@ -251,15 +251,25 @@ class ColdTier:
             self.table = t
 
     def device_maps(self) -> dict[str, torch.Tensor]:
-        """Device mirrors of the chunk table and chunk placement (refreshed between steps)."""
+        """Device mirrors of the chunk table and chunk placement (refreshed between steps).
+
+        Refreshed in place while their shapes hold (a new chunk every C steps of a sequence changes
+        values only), so a decode step captured in a CUDA graph reads them at the same addresses;
+        they are new tensors only when the table widens or a slab is added (kvstore/cuda_graph.py
+        then captures the step again)."""
         if self._dirty:
-            dev = self.device
-            self._dev = {
-                "table": torch.from_numpy(self.table.copy()).to(dev),
-                "slab": torch.from_numpy(self.chunk_slab.copy()).to(dev),
-                "local": torch.from_numpy(self.chunk_local.copy()).to(dev),
-                "slab_n": torch.tensor([f.shape[0] for f in self.slab_free] or [0], dtype=torch.int64, device=dev),
+            host = {
+                "table": torch.from_numpy(self.table),
+                "slab": torch.from_numpy(self.chunk_slab),
+                "local": torch.from_numpy(self.chunk_local),
+                "slab_n": torch.tensor([f.shape[0] for f in self.slab_free] or [0], dtype=torch.int64),
             }
+            for name, src in host.items():
+                dst = self._dev.get(name)
+                if dst is None or dst.shape != src.shape:
+                    self._dev[name] = src.to(self.device, copy=True)
+                else:
+                    dst.copy_(src)
             self._dirty = False
         return self._dev
 

@@ -235,14 +235,17 @@ class ColdPath:
         S = self.config.sink_tokens
         hi = torch.clamp(positions + 1 - self.window[seq_ids], min=S)
         k = self.topk[seq_ids]
-        # tiered: the selection is never wider than the most candidates any (layer, sequence, head)
+        # tiered: the selection is never much wider than the most candidates any (layer, sequence, head)
         # has (nothing pruned yet: nothing to select, no fetch, no GPU cache slots)
         cand = self._mark_pruned_step(plan, hi).max() if self.resident is not None else hi.max()
         num_tokens, kmax, kmin, pmax, cmax = (
             int(x) for x in torch.stack([hi.max(), k.max(), k.min(), positions.max(), cand]).tolist())
         self._ensure_retrieval(self.max_seqs, pmax + 1)
         self.cold.device_maps()  # refresh the device chunk maps now, not inside a layer
-        ktop, kmax = kmax, max(0, min(kmax, num_tokens - S, cmax))
+        # the selection's width changes only at powers of two while the candidates grow (a captured
+        # step replays while it holds: kvstore/cuda_graph.py); picks past a head's candidates are invalid
+        wide = min(num_tokens - S, cmax)
+        ktop, kmax = kmax, min(kmax, 1 << (wide - 1).bit_length()) if wide > 0 else 0
         if self.resident is not None:
             self.resident[:, seq_ids, :, positions] = True  # the new token is hot in every (layer, head)
             want = min(self.config.gpu_cache_tokens, kmax)
@@ -251,8 +254,14 @@ class ColdPath:
                 self.gpu_cache.ensure(self.max_seqs, min(cap_slots, max(want, 2 * self.gpu_cache.slots)), self._cap)
         geo, wsp = self.geometry, self.workspace
         B, H, Hq, d = seq_ids.numel(), geo.num_kv_heads, geo.num_q_heads, geo.head_dim
-        step = SelectionStep(seq_ids, positions, torch.full_like(hi, S), hi, k, num_tokens, kmax, kmin == kmax,
-                             exclude=self.resident)
+        # What a layer reads is a workspace buffer refreshed here (a CUDA graph captured on an earlier
+        # step reads the same addresses), and the scored width is the position capacity, not max(hi):
+        # it changes only when the retrieval buffers grow, so the step's shapes repeat (positions past
+        # a sequence's hi are outside its candidates and score -1 either way)
+        pinned = {name: wsp.take("sel.step." + name, (B,), torch.int64).copy_(t)
+                  for name, t in (("positions", positions), ("lo", torch.full_like(hi, S)), ("hi", hi), ("k", k))}
+        step = SelectionStep(seq_ids, pinned["positions"], pinned["lo"], pinned["hi"], pinned["k"], self._cap, kmax,
+                             kmin == kmax, exclude=self.resident)
         ws = self.selector.plan_workspace(step, wsp)
         ws["cache"] = self.gpu_cache.plan_workspace(seq_ids, kmax, wsp)
         ws["fetch"] = self.cold.fetch_workspace(seq_ids, kmax, wsp)
@@ -268,13 +277,14 @@ class ColdPath:
     def plan_ret_pages(self, plan: DecodePlan) -> None:
         """Plan time, after the store took `plan.ret_pages` [B, Hkv, NRP]: where each selected token goes
         (selection column j -> page j // T, slot j % T) and the step's position buffer."""
-        step, T = plan.selection, self.ret_tokens_per_page
+        step, T, wsp = plan.selection, self.ret_tokens_per_page, self.workspace
         B, H, _ = plan.ret_pages.shape
         j = torch.arange(step.kmax, device=self.device)
+        n = B * H * step.kmax
         step.ws["ret"] = {
-            "page": plan.ret_pages[:, :, j // T].reshape(-1).contiguous(),
-            "slot": (j % T).to(torch.int32).repeat(B * H),
-            "pos": self.workspace.take("ret.pos", (B, H, step.kmax), torch.int32),
+            "page": wsp.take("ret.page", (n,), torch.int32).copy_(plan.ret_pages[:, :, j // T].reshape(-1)),
+            "slot": wsp.take("ret.slot", (n,), torch.int32).copy_((j % T).to(torch.int32).repeat(B * H)),
+            "pos": wsp.take("ret.pos", (B, H, step.kmax), torch.int32),
         }
 
     # ---- decode: per layer ------------------------------------------------------------------

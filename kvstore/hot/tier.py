@@ -367,7 +367,10 @@ class HotTier:
         from gpu_kernels.paged_attention import choose_splits
 
         low_pages = int(self.table.num_low_pages[seq_ids].max().item()) if self.low is not None and B else 0
+        # pages a head may walk, rounded up to 1/8 steps: LeanKV's low pages grow during decode, and the
+        # launch (splits, pages per split) should change only now and then (a CUDA graph replays it)
         vmax = max(1, num_pages + low_pages)
+        vmax = -(-vmax // (q := 1 << max(0, vmax.bit_length() - 4))) * q
         if not hasattr(self, "_num_sms"):
             dev = torch.device(geo.device)
             self._num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
