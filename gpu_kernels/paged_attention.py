@@ -654,3 +654,177 @@ def paged_decode_attention(
         num_warps=num_warps, num_stages=num_stages, **extra,
     )
     merge_splits(part_out.view(B * Hq, nsplit, d), part_lse.view(B * Hq, nsplit), out.view(B * Hq, d), lse.view(B * Hq))
+
+
+# ---- pages in the model's dtype (kvstore/hot/page_format.py, FullFormat) -------------------------
+
+
+@triton.jit(do_not_specialize=["layer", "C", "max_slots", "pages_per_split", "stride_ps", "stride_pl", "stride_ph"])
+def _full_decode_kernel(
+    q_ptr, kv_ptr, pages_ptr, num_tokens_ptr, seq_ptr, pos_ptr, part_out_ptr, part_lse_ptr,
+    layer, C, page_elems, max_slots, pages_per_split, scale_log2,
+    stride_qb, stride_qh,
+    stride_ps, stride_pl, stride_ph,  # page table [S, L, H, C] (last stride 1)
+    stride_ns, stride_nl,  # num_tokens [S, L, H] (last stride 1)
+    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, TPP: tl.constexpr,
+    BLOCK_T: tl.constexpr, NP: tl.constexpr, DOT_F32: tl.constexpr, DENSE: tl.constexpr,
+):
+    """One (batch row, KV head, split) over pages of the model's dtype: [K: TPP x D | V: TPP x D] each.
+
+    Transposed as the quantized kernel: S^T = K @ Q^T [tokens, BLOCK_G], O^T += V^T @ P^T [D, BLOCK_G],
+    NP pages (NP * BLOCK_T token rows, rows >= TPP of a page masked) a step. DOT_F32: fp32 operands and
+    "ieee" dots (fp32 pages or queries, or bf16 pages in the interpreter); else tensor-core dots in the
+    pages' dtype with fp32 accumulation, the probabilities rounded to it for P @ V. The softmax
+    denominator is kept per token row and summed once after the loop (the quantized kernel's LAZY).
+    """
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    seq = tl.load(seq_ptr + b)
+    g = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, D)
+    gmask = g < G
+    q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + dims[None, :], mask=gmask[:, None], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    else:
+        q = q.to(kv_ptr.dtype.element_ty)
+    q = tl.trans(q)  # Q^T [D, BLOCK_G]
+    n = tl.load(num_tokens_ptr + seq * stride_ns + layer * stride_nl + h)
+    table = pages_ptr + seq * stride_ps + layer * stride_pl + h * stride_ph
+    v0 = split * pages_per_split
+    v1 = tl.minimum(v0 + pages_per_split, (n + TPP - 1) // TPP)
+    acc = tl.zeros((D, BLOCK_G), dtype=tl.float32)  # O^T
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_t = tl.zeros((NP * BLOCK_T, BLOCK_G), dtype=tl.float32)  # denominator per token row
+    r = tl.arange(0, NP * BLOCK_T)
+    for vp0 in range(v0, v1, NP):
+        vp = vp0 + r // BLOCK_T
+        slot = r % BLOCK_T
+        page_ok = (slot < TPP) & (vp < v1)
+        valid = page_ok & (vp * TPP + slot < n)
+        col = tl.where(page_ok, vp, 0)
+        if BLOCK_T != TPP:
+            slot = tl.where(slot < TPP, slot, 0)
+        page = tl.load(table + col, mask=page_ok, other=0).to(tl.int64)
+        if not DENSE:
+            pos = tl.load(pos_ptr + page * max_slots + slot, mask=valid, other=-1)
+            valid = valid & (pos >= 0)
+        krow = kv_ptr + page * page_elems + slot * D
+        # masked rows load zeros: no stale bytes (NaN, inf) of an unused slot reach P @ V
+        k = tl.load(krow[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load((krow + TPP * D)[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        if DOT_F32:
+            s = tl.dot(k.to(tl.float32), q, input_precision="ieee")
+        else:
+            s = tl.dot(k, q)
+        s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[None, :])
+        # past the first pages the running max rarely moves: alpha is then exactly 1 for every query
+        moved = tl.max((m_new > m_i).to(tl.int32), axis=0) > 0
+        if moved:
+            alpha = tl.exp2(m_i - m_safe)
+            acc = acc * alpha[None, :]
+            l_t = l_t * alpha[None, :]
+        l_t = l_t + p
+        if DOT_F32:
+            acc += tl.dot(tl.trans(v.to(tl.float32)), p, input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(v), p.to(v.dtype))
+        m_i = m_new
+    l_i = tl.sum(l_t, axis=0)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    row = (b * HKV * G + h * G + g) * tl.num_programs(1) + split
+    tl.store(part_out_ptr + row[None, :] * D + dims[:, None], acc / l_safe[None, :], mask=gmask[None, :])
+    tl.store(part_lse_ptr + row, lse, mask=gmask)
+
+
+# Launch defaults of the 16-bit kernel: not yet timed on a GPU (a guess from the page size: a 32-token
+# page of d=128 bf16 is 16 KB of K and V, so 4 warps share a page's tiles and 3 stages keep two pages
+# in flight in 48 KB of shared memory).
+FULL_LAUNCH = dict(num_warps=4, num_stages=3, block_tokens=32, high_dense=True)
+FULL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def full_kernel_constexprs(num_kv_heads: int, group: int, head_dim: int, tokens_per_page: int, block_tokens: int,
+                           dot_f32: bool, high_dense: bool) -> types.MappingProxyType:
+    """The compile-time parameters of `_full_decode_kernel` for one launch (cached, read-only, as
+    `kernel_constexprs`). A page's rows are padded to a power of two >= 16 (the tensor-core dot's
+    reduction over tokens); `block_tokens` rows a loop step, whole pages."""
+    bt = max(16, triton.next_power_of_2(tokens_per_page))
+    return types.MappingProxyType(dict(
+        HKV=num_kv_heads, G=group, BLOCK_G=query_block(group), D=head_dim, TPP=tokens_per_page, BLOCK_T=bt,
+        NP=max(1, block_tokens // bt), DOT_F32=bool(dot_f32), DENSE=bool(high_dense),
+    ))
+
+
+def paged_decode_attention_full(
+    q: torch.Tensor, data: torch.Tensor, dtype: torch.dtype, pages: torch.Tensor, num_tokens: torch.Tensor,
+    seq_ids: torch.Tensor, layer: int, slot_pos: torch.Tensor, tokens_per_page: int, scale: float,
+    out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor, pages_per_split: int,
+    num_warps: int | None = None, num_stages: int | None = None, block_tokens: int | None = None,
+    high_dense: bool | None = None,
+) -> None:
+    """Decode attention of one layer over pages in the model's dtype (FullFormat), into `out` and `lse`.
+
+    Args:
+        q: [B, Hq, d] bf16/fp16/fp32, last stride 1; d a power of two >= 16.
+        data: uint8 [P, page_bytes] page pool; a page is [K: T x d | V: T x d] in `dtype` (fp16, bf16 or
+            fp32), T = tokens_per_page, from byte 0 of its row.
+        pages: int32 [S, L, Hkv, C] page tables of all sequence slots and layers (0 = the null page);
+            num_tokens int32 [S, L, Hkv]: tokens of each head, at indices [0, n) (index i in page
+            pages[..., i // T], slot i % T).
+        seq_ids: int64 [B] sequence slots of the batch rows; layer: the layer.
+        slot_pos: int32 [P, max_slots], -1 = empty slot; read only with high_dense=False (FULL_LAUNCH's
+            high_dense=True: every index below n holds a token, as KVStore keeps its high tier).
+        out: [B, Hq, d] contiguous (any float dtype), lse fp32 [B, Hq]: results (natural-log lse; a head
+            with no token gives lse -inf and out 0).
+        part_out fp32 [B, Hq, NSPLIT, d], part_lse fp32 [B, Hq, NSPLIT]: split workspace, merged by
+            `merge_splits`; NSPLIT * pages_per_split must cover the widest head's pages.
+        num_warps / num_stages / block_tokens / high_dense: launch variant (None: FULL_LAUNCH's).
+    Graph-safe: allocates nothing (views of data only), syncs nothing.
+    """
+    if dtype not in FULL_DTYPES:
+        raise ValueError(f"pages of {dtype}: the decode kernel reads fp16, bf16 or fp32 pages")
+    launch = dict(FULL_LAUNCH)
+    launch.update({k: v for k, v in dict(num_warps=num_warps, num_stages=num_stages, block_tokens=block_tokens,
+                                         high_dense=high_dense).items() if v is not None})
+    B, Hq, d = q.shape
+    S_, L, Hkv, C = pages.shape
+    T = tokens_per_page
+    elem = dtype.itemsize
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} not a multiple of KV heads {Hkv}")
+    if q.stride(-1) != 1 or pages.stride(-1) != 1 or num_tokens.stride(-1) != 1:
+        raise ValueError("q, pages and num_tokens need a last stride of 1")
+    if data.dtype != torch.uint8 or not data.is_contiguous():
+        raise ValueError("data must be the contiguous uint8 page pool")
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"head dim {d} must be a power of two >= 16 for the Triton decode kernel")
+    if data.shape[1] % elem or 2 * T * d * elem > data.shape[1]:
+        raise ValueError(f"pages of {data.shape[1]} B cannot hold {T} tokens of K and V at d={d} in {dtype}")
+    nsplit = part_out.shape[2]
+    if part_out.shape != (B, Hq, nsplit, d) or part_lse.shape != (B, Hq, nsplit):
+        raise ValueError(f"part_out {tuple(part_out.shape)} / part_lse {tuple(part_lse.shape)}: want [B, Hq, NSPLIT, d] / [B, Hq, NSPLIT]")
+    if out.shape != (B, Hq, d) or lse.shape != (B, Hq) or not out.is_contiguous():
+        raise ValueError(f"out {tuple(out.shape)} / lse {tuple(lse.shape)}: want contiguous [B, Hq, d] / [B, Hq]")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    # fp32 dots where an operand is fp32, and for bf16 pages in the interpreter, whose bf16 dot is wrong
+    # (the products of bf16 operands are exact in fp32 either way; only P's rounding to bf16 differs)
+    dot_f32 = dtype == torch.float32 or q.dtype != dtype or (interpret and dtype == torch.bfloat16)
+    consts = full_kernel_constexprs(Hkv, Hq // Hkv, d, T, launch["block_tokens"], dot_f32, launch["high_dense"])
+    kv = data.view(dtype)
+    _full_decode_kernel[(B * Hkv, nsplit)](
+        q, kv, pages, num_tokens, seq_ids, slot_pos, part_out, part_lse,
+        layer, C, kv.shape[1], slot_pos.shape[1], pages_per_split, scale * LOG2E,
+        q.stride(0), q.stride(1),
+        pages.stride(0), pages.stride(1), pages.stride(2),
+        num_tokens.stride(0), num_tokens.stride(1),
+        **consts, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+    )
+    merge_splits(part_out.view(B * Hq, nsplit, d), part_lse.view(B * Hq, nsplit), out.view(B * Hq, d), lse.view(B * Hq))

@@ -246,6 +246,35 @@ def paged_decode_attention(
     return out, lse, logits
 
 
+def paged_decode_attention_full(
+    q: torch.Tensor, data: torch.Tensor, dtype: torch.dtype, pages: torch.Tensor, num_tokens: torch.Tensor,
+    slot_pos: torch.Tensor, tokens_per_page: int, scale: float, high_dense: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over pages in the model's dtype (reference of
+    gpu_kernels/paged_attention.py's `paged_decode_attention_full`).
+
+    Args:
+        q: [B, Hq, d] queries.
+        data: uint8 [P, page_bytes] page pool; a page is [K: T x d | V: T x d] in `dtype` from byte 0.
+        pages: int [B, Hkv, C] page table of the layer; num_tokens: int [B, Hkv] tokens of each head
+            (index i in page pages[..., i // T], slot i % T; T = tokens_per_page).
+        slot_pos: int32 [P, max_slots], -1 = empty; read only with high_dense=False (then masked).
+        scale: softmax scale.
+    Returns:
+        out fp32 [B, Hq, d], lse fp32 [B, Hq] (natural log; -inf and out 0 for a head with no token).
+    """
+    B, Hq, d = q.shape
+    Hkv, C = pages.shape[1], pages.shape[2]
+    T = tokens_per_page
+    kv = data[:, :2 * T * d * dtype.itemsize].view(dtype).view(-1, 2, T, d)[pages.long()]  # [B, H, C, 2, T, d]
+    k, v = kv[..., 0, :, :].reshape(B, Hkv, C * T, d), kv[..., 1, :, :].reshape(B, Hkv, C * T, d)
+    valid = torch.arange(C * T, device=q.device).view(1, 1, -1) < num_tokens.view(B, Hkv, 1).to(q.device)
+    if not high_dense:
+        valid = valid & (slot_pos[pages.long()][..., :T].reshape(B, Hkv, C * T) >= 0)
+    out, lse, _ = decode_attention(q, k, v, valid, scale)
+    return out, lse
+
+
 # ---- PQ retrieval (gpu_kernels/pq_score.py, gpu_kernels/fetch.py) -----------------------------
 #
 # PQCache's selection rule, per (sequence, KV head h) with query heads g of its group:

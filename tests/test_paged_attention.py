@@ -1,14 +1,18 @@
-"""Triton decode attention over quantized paged KV vs its pure-torch reference (interpreter on CPU)."""
+"""Triton decode attention over paged KV (quantized pages, and pages in the model's dtype) vs its pure-torch
+references (interpreter on CPU)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 
 from gpu_kernels import reference
-from gpu_kernels.paged_attention import DEFAULT_LAUNCH, merge_splits, paged_decode_attention
+from gpu_kernels.paged_attention import (DEFAULT_LAUNCH, FULL_LAUNCH, merge_splits, paged_decode_attention,
+                                         paged_decode_attention_full)
+from kvstore.hot.page_format import FullFormat
 from kvstore.hot.quantization import QuantFormat
 
 
@@ -295,6 +299,155 @@ def test_bad_shapes_are_refused():
         paged_decode_attention(q, data, pages, num_high, None, torch.arange(1), 0, slot_pos, (8, 4, 8), None, 1, 0.1,
                                torch.empty(1, 6, 64), torch.empty(1, 6), torch.empty(1, 6, 2, 64), torch.empty(1, 6, 2), 1,
                                ret_pages=torch.zeros(1, 2, 3, dtype=torch.int64))
+
+
+# ---- pages in the model's dtype (FullFormat): paged_decode_attention_full --------------------------
+
+
+def _full_layout(d, n_tokens, tpp, dtype, seed, layers=3, layer=1, holes=False):
+    """A pool of FullFormat pages and a page table [S, layers, Hkv, C] (S = len(n_tokens) sequence slots):
+    slot s's head h holds n_tokens[s][h] tokens at `layer` and other counts at the other layers (other
+    pages the kernel must not read). `holes` empties slot 2 of every page of 4+ tokens (position -1)."""
+    g = torch.Generator().manual_seed(seed)
+    fmt = FullFormat(d, dtype)
+    S, Hkv = len(n_tokens), len(n_tokens[0])
+    counts = torch.tensor([[[n_tokens[s][h] if l == layer else (3 * n_tokens[s][h] + l + h) % 23 for h in range(Hkv)]
+                            for l in range(layers)] for s in range(S)], dtype=torch.int32)
+    C = max(1, math.ceil(int(counts.max()) / tpp))
+    P = int(((counts + tpp - 1) // tpp).sum()) + 1
+    data = torch.zeros(P, fmt.bytes_per_token * tpp, dtype=torch.uint8)
+    slot_pos = torch.full((P, tpp), -1, dtype=torch.int32)
+    pages = torch.zeros(S, layers, Hkv, C, dtype=torch.int32)
+    nxt = 1
+    for s, l, h in itertools.product(range(S), range(layers), range(Hkv)):
+        n = int(counts[s, l, h])
+        for col in range(math.ceil(n / tpp)):
+            cnt = min(tpp, n - col * tpp)
+            pages[s, l, h, col] = nxt
+            fmt.write(data, torch.full((cnt,), nxt), torch.arange(cnt), torch.randn(cnt, d, generator=g) * 2,
+                      torch.randn(cnt, d, generator=g))
+            slot_pos[nxt, :cnt] = torch.arange(cnt) + col * tpp
+            if holes and cnt > 3:
+                slot_pos[nxt, 2] = -1
+            nxt += 1
+    return data, pages, counts, slot_pos
+
+
+def _run_full(q, data, dtype, pages, counts, slot_pos, tpp, nsplit, layer=1, out_dtype=torch.float32, **launch):
+    """The kernel at `layer` for batch rows over sequence slots in reverse order, and the reference."""
+    B, Hq, d = q.shape
+    seq_ids = torch.arange(B - 1, -1, -1)
+    n = counts[seq_ids, layer]
+    vmax = max(1, int(((n + tpp - 1) // tpp).max()))
+    pps = math.ceil(vmax / nsplit)
+    nsplit = math.ceil(vmax / pps)
+    out = torch.full((B, Hq, d), float("nan"), dtype=out_dtype)  # poisoned: every element must be written
+    lse = torch.full((B, Hq), float("nan"))
+    po, pl = torch.empty(B, Hq, nsplit, d), torch.empty(B, Hq, nsplit)
+    paged_decode_attention_full(q, data, dtype, pages, counts, seq_ids, layer, slot_pos, tpp, d ** -0.5, out, lse,
+                                po, pl, pps, **launch)
+    dense = FULL_LAUNCH["high_dense"] if launch.get("high_dense") is None else launch["high_dense"]
+    ref = reference.paged_decode_attention_full(q, data, dtype, pages[seq_ids, layer], n, slot_pos, tpp, d ** -0.5,
+                                                high_dense=dense)
+    return (out, lse), ref
+
+
+def _full_tol(page_dtype, q_dtype):
+    """rel. RMS bound of the output: fp32 dots (fp32 pages or queries; bf16 pages in the interpreter) sum
+    exact products, observed 2e-7; fp16 dots round P to fp16 (2^-11), observed 1e-4 (2e-4 with the output
+    stored in fp16); bf16 dots on a GPU round P to bf16 (2^-9)."""
+    if page_dtype == torch.float32 or q_dtype != page_dtype:
+        return 1e-5
+    return 1e-3 if page_dtype == torch.float16 else 4e-3
+
+
+FULL_CASES = [
+    # page dtype, q dtype, G, d, tpp, tokens per (sequence slot, KV head): empty heads, full and partial pages
+    (torch.float16, torch.float16, 1, 16, 8, [[0, 13], [8, 29]]),
+    (torch.float16, torch.float16, 4, 64, 16, [[40, 1], [0, 17]]),
+    (torch.bfloat16, torch.bfloat16, 4, 64, 7, [[20, 1], [0, 44]]),
+    (torch.bfloat16, torch.bfloat16, 1, 16, 32, [[70, 0], [5, 33]]),
+    (torch.float32, torch.float32, 4, 16, 9, [[33, 0], [16, 5]]),
+    (torch.bfloat16, torch.float32, 4, 16, 8, [[19, 3], [0, 26]]),
+]
+
+
+@pytest.mark.parametrize("page_dtype,q_dtype,G,d,tpp,n_tokens", FULL_CASES,
+                         ids=[f"{str(c[0])[6:]}-q{str(c[1])[6:]}-G{c[2]}-d{c[3]}-t{c[4]}" for c in FULL_CASES])
+def test_full_kernel_matches_reference(page_dtype, q_dtype, G, d, tpp, n_tokens):
+    """Ragged heads (empty, one token, full and partial last pages) over 3 splits, layer 1 of a 3-layer
+    table, batch rows over sequence slots in reverse; the output in q's dtype where q is 16-bit."""
+    data, pages, counts, slot_pos = _full_layout(d, n_tokens, tpp, page_dtype, seed=d + tpp)
+    q = torch.randn(2, 2 * G, d, generator=torch.Generator().manual_seed(tpp)).to(q_dtype)
+    out_dtype = q_dtype if q_dtype == torch.float16 else torch.float32
+    (out, lse), (r_out, r_lse) = _run_full(q, data, page_dtype, pages, counts, slot_pos, tpp, nsplit=3,
+                                           out_dtype=out_dtype)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert _rel_rms(out, r_out) < _full_tol(page_dtype, q_dtype)
+    torch.testing.assert_close(lse, r_lse, rtol=1e-5, atol=1e-4)  # -inf where the reference's is
+    empty = torch.isinf(r_lse)
+    assert empty.any() and (out[empty] == 0).all()
+
+
+def test_full_kernel_masks_empty_slots_with_high_dense_off():
+    """high_dense=False masks slots whose position is -1, as the reference does; the default
+    (high_dense) reads no position and attends every index below the head's count."""
+    data, pages, counts, slot_pos = _full_layout(16, [[13, 29], [8, 3]], 8, torch.float16, seed=5, holes=True)
+    q = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    outs = {}
+    for dense in (False, True):
+        (out, lse), (r_out, r_lse) = _run_full(q, data, torch.float16, pages, counts, slot_pos, 8, nsplit=2,
+                                               high_dense=dense)
+        assert _rel_rms(out, r_out) < 1e-3
+        torch.testing.assert_close(lse, r_lse, rtol=1e-5, atol=1e-4)
+        outs[dense] = out
+    assert _rel_rms(outs[True], outs[False]) > 1e-2  # the holes were attended in one and not the other
+
+
+def test_full_kernel_split_count_and_launch_do_not_change_the_result():
+    """1, 2 or 8 splits, one or four 8-token pages a loop step, 1 or 4 warps: the same output up to the
+    rounding of P to fp16 against each split's running max (observed 1e-4)."""
+    data, pages, counts, slot_pos = _full_layout(16, [[61, 30]], 8, torch.float16, seed=6, layers=1, layer=0)
+    q = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(2)).to(torch.float16)
+    runs = [dict(nsplit=1), dict(nsplit=2), dict(nsplit=8), dict(nsplit=2, block_tokens=64, num_warps=1)]
+    outs = [_run_full(q, data, torch.float16, pages, counts, slot_pos, 8, layer=0, **r)[0] for r in runs]
+    for out, lse in outs[1:]:
+        assert _rel_rms(out, outs[0][0]) < 1e-3
+        torch.testing.assert_close(lse, outs[0][1], rtol=1e-5, atol=1e-5)
+
+
+def test_full_kernel_refuses_what_it_cannot_read():
+    data, pages, counts, slot_pos = _full_layout(16, [[5, 3]], 8, torch.float16, seed=7, layers=1, layer=0)
+    q = torch.randn(1, 2, 16, dtype=torch.float16)
+    bufs = (torch.empty(1, 2, 16), torch.empty(1, 2), torch.empty(1, 2, 1, 16), torch.empty(1, 2, 1), 1)
+    seq = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
+        paged_decode_attention_full(q, data, torch.int8, pages, counts, seq, 0, slot_pos, 8, 0.25, *bufs)
+    with pytest.raises(ValueError, match="cannot hold"):  # fp32 pages need twice the bytes
+        paged_decode_attention_full(q, data, torch.float32, pages, counts, seq, 0, slot_pos, 8, 0.25, *bufs)
+    with pytest.raises(ValueError, match="part_out"):
+        paged_decode_attention_full(q, data, torch.float16, pages, counts, seq, 0, slot_pos, 8, 0.25, *bufs[:2],
+                                    torch.empty(1, 2, 1, 8), *bufs[3:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                    reason="tensor-core dots over 16-bit pages: a GPU without the interpreter")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tpp,d,G", [(32, 128, 4), (16, 128, 8), (64, 64, 1), (9, 128, 4)])
+def test_cuda_full_kernel_matches_reference(dtype, tpp, d, G):
+    """On the GPU: bf16 and fp16 pages through tensor-core dots (P rounded to the pages' dtype) over
+    launch variants, against the fp32 reference."""
+    n = [[200, 37], [0, 95]]
+    data, pages, counts, slot_pos = _full_layout(d, n, tpp, dtype, seed=tpp + d)
+    dev = torch.device("cuda")
+    data, pages, counts, slot_pos = (x.to(dev) for x in (data, pages, counts, slot_pos))
+    q = torch.randn(2, 2 * G, d, generator=torch.Generator().manual_seed(3)).to(dtype).to(dev)
+    for launch in (dict(), dict(num_warps=1, num_stages=3, block_tokens=32), dict(num_warps=4, num_stages=2,
+                                                                                  block_tokens=128)):
+        (out, lse), (r_out, r_lse) = _run_full(q, data, dtype, pages, counts, slot_pos, tpp, nsplit=3,
+                                               out_dtype=torch.float32, **launch)
+        assert _rel_rms(out, r_out) < _full_tol(dtype, dtype), launch
+        torch.testing.assert_close(lse, r_lse, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
