@@ -172,8 +172,10 @@ class KVStore:
             return
         high, fmt = self.hot.high, self.cold.fmt if self.cold is not None else None
         why = None
-        if not self.hot.kernel_decode:
-            why = "the hot tier's decode attention is not the Triton kernel (16-bit pages or Triton off)"
+        if high.key_bits == 16:
+            why = "the hot tier's pages are in the model's dtype (only the quantized decode kernel attends retrieved pages)"
+        elif not self.hot.kernel_decode:
+            why = "the hot tier's decode attention is not the Triton kernel (Triton off, or a head dim not a power of two >= 16)"
         elif fmt is None or (fmt.key_bits, fmt.value_bits) != (high.key_bits, high.value_bits):
             why = (f"the cold tier's rows (cold_key_bits/cold_value_bits {self.config.cold_key_bits}/"
                    f"{self.config.cold_value_bits}) are not the hot tier's high format K{high.key_bits}V{high.value_bits}")

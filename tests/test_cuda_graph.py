@@ -20,26 +20,31 @@ def _prompts(lengths, seed=0):
 
 
 def test_cuda_graphs_true_is_refused_with_the_reason_and_leaves_the_model_free():
+    from kvstore import KVStoreConfig
+
     model = tiny_model("llama")
     reason = "not on CUDA" if not torch.cuda.is_available() else "not the Triton kernel"
     if torch.cuda.is_available():
         model = model.cuda()
-    with pytest.raises(ValueError, match=f"cuda_graphs=True: .*{reason}"):  # full: 16-bit pages
-        Engine(model, "full" if torch.cuda.is_available() else "quant", cuda_graphs=True)
+    # on CUDA: the torch decode path (Triton off), which a graph cannot capture
+    config = KVStoreConfig.preset("full", use_triton="never") if torch.cuda.is_available() else "quant"
+    with pytest.raises(ValueError, match=f"cuda_graphs=True: .*{reason}"):
+        Engine(model, config, cuda_graphs=True)
     with Engine(model, "full", cuda_graphs=False) as engine:  # the refused engine detached itself
         assert engine.decode_path == "eager" and engine.graphs is None
 
 
 @cuda
+@pytest.mark.parametrize("preset", ["quant", "full"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_graph_replay_equals_the_eager_step_bit_for_bit(dtype):
+def test_graph_replay_equals_the_eager_step_bit_for_bit(dtype, preset):
     model = tiny_model("llama", dtype=dtype).cuda()
     prompts = _prompts([300, 70, 150, 33, 500], seed=1)
     news = [12, 30, 7, 20, 16]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True, logprobs=True) for n in news]
-    with Engine(model, "quant", max_batch=3, cuda_graphs=False) as eager:
+    with Engine(model, preset, max_batch=3, cuda_graphs=False) as eager:
         want = eager.generate(prompts, params)
-    with Engine(model, "quant", max_batch=3) as graphed:
+    with Engine(model, preset, max_batch=3) as graphed:
         assert graphed.decode_path == "cuda-graph"
         got = graphed.generate(prompts, params)
         assert graphed.decode_path == "cuda-graph", "capture failed (see the log)"

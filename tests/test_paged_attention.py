@@ -430,6 +430,38 @@ def test_full_kernel_refuses_what_it_cannot_read():
                                     torch.empty(1, 2, 1, 8), *bufs[3:])
 
 
+def test_full_hot_tier_runs_the_kernel_and_equals_the_reference_path():
+    """A `full` store with use_triton='always' decodes through the kernel (no 16-bit reference buffers
+    in its plan) and gives the reference path's outputs (use_triton='never'); retrieved pages are refused."""
+    from kvstore import KVStoreConfig
+    from kvstore.geometry import ModelGeometry
+    from kvstore.store import KVStore
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 11, 16, generator=g) for h in (4, 2, 2))
+    valid = torch.ones(2, 11, dtype=torch.bool)
+    valid[1, :6] = False  # a shorter sequence: another count per head
+    step = [torch.randn(2, h, 1, 16, generator=g) for h in (4, 2, 2)]
+    outs = {}
+    for use in ("never", "always"):
+        store = KVStore(KVStoreConfig.preset("full", page_size=4, use_triton=use),
+                        ModelGeometry(2, 4, 2, 16, torch.float32, torch.device("cpu")))
+        ids = store.add_sequences(2)
+        for layer in range(2):
+            store.prefill(layer, ids, q, k, v, valid, 0.25)
+        plan = store.plan(ids)
+        assert store.hot.kernel_decode == (use == "always") and plan.hot_ws["kernel"] == (use == "always")
+        assert (plan.hot_ws.get("ref") is None) == (use == "always")
+        outs[use] = [store.decode(layer, plan, *step, 0.25).clone() for layer in range(2)]
+        if use == "always":
+            with pytest.raises(RuntimeError, match="quantized decode kernel only"):
+                store.hot.attend(0, ids, step[0][:, :, 0], 0.25, plan.num_pages, plan.hot_ws,
+                                 ret_pages=torch.ones(2, 2, 1, dtype=torch.int32))
+        store.release(ids)
+    for a, b in zip(outs["never"], outs["always"]):
+        assert _rel_rms(b, a) < 1e-5  # fp32 pages: fp32 dots, observed 1e-7
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
                     reason="tensor-core dots over 16-bit pages: a GPU without the interpreter")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -306,12 +306,13 @@ def test_retrieved_tokens_in_the_kernel_launch_equal_the_merge(monkeypatch):
 
 
 def test_kernel_retrieval_falls_back_to_the_merge_where_it_cannot_run(caplog):
-    """pqcache's hot tier is 16-bit (no decode kernel): retrieval_attention="kernel" logs why and merges."""
+    """pqcache's hot tier is 16-bit (its decode kernel attends no retrieved pages): retrieval_attention="kernel"
+    logs why and merges."""
     cfg = KVStoreConfig.preset("pqcache", retrieval_attention="kernel", page_size=4, use_triton="always")
     with caplog.at_level("WARNING", logger="kvstore.store"):
         store = KVStore(cfg, ModelGeometry(L, HQ, HKV, D, torch.float32, torch.device("cpu")))
     assert store.cold_path.ret_tokens_per_page == 0
-    assert "retrieval_attention='kernel' runs as 'merge': the hot tier's decode attention is not the Triton kernel" in caplog.text
+    assert "retrieval_attention='kernel' runs as 'merge': the hot tier's pages are in the model's dtype" in caplog.text
 
 
 def test_kernel_retrieval_is_finite_whatever_the_staging_held():

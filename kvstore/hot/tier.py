@@ -90,6 +90,16 @@ def _pow2(n: int) -> bool:
 
 
 class HotTier:
+    """Page pool, page tables and decode attention of the tokens kept on the device.
+
+    Decode attention (`attend`, over the buffers of `plan_workspace`) runs a Triton kernel wherever
+    `kernel_decode` says so: Triton on (`use_triton`) and a head dim that is a power of two >= 16,
+    over quantized pages (quant, leankv, tiered: gpu_kernels/paged_attention.py's
+    `paged_decode_attention`, both precision tiers, retrieved pages, emitted logits) or pages in
+    the model's dtype (full, pqcache, oracle: `paged_decode_attention_full`, one tier, no retrieved
+    pages nor emitted logits). Elsewhere the pure-torch paths run (the CPU with use_triton='auto').
+    """
+
     def __init__(self, config: KVStoreConfig, geometry: ModelGeometry):
         self.config = config
         self.geometry = geometry
@@ -328,8 +338,23 @@ class HotTier:
     # ---- decode attention ------------------------------------------------------------------
     @property
     def kernel_decode(self) -> bool:
-        """Whether decode attention runs the Triton kernel (quantized pages and Triton enabled)."""
+        """Whether decode attention runs a Triton kernel: Triton enabled and a head dim that is a power
+        of two >= 16, over quantized pages (`paged_decode_attention`) or pages in the model's dtype
+        (fp16/bf16/fp32: `paged_decode_attention_full`)."""
+        if isinstance(self.high, FullFormat):
+            return self.full_kernel
         return bool(getattr(self.high, "use_triton", False)) and self.geometry.head_dim >= 16
+
+    @property
+    def full_kernel(self) -> bool:
+        """Decode over pages in the model's dtype runs `paged_decode_attention_full` (no low tier: LeanKV,
+        the only policy with one, is quantized-only)."""
+        d = self.geometry.head_dim
+        if not (isinstance(self.high, FullFormat) and self.use_triton and _pow2(d) and d >= 16 and self.low is None):
+            return False
+        from gpu_kernels.paged_attention import FULL_DTYPES  # Triton is on: imported only then
+
+        return self.high.dtype in FULL_DTYPES
 
     def plan_workspace(self, seq_ids: torch.Tensor, num_pages: int, emit_logits: bool | None = None,
                        workspace: Workspace | None = None, page: torch.Tensor | None = None,
@@ -338,10 +363,11 @@ class HotTier:
 
         workspace: where the buffers come from (the store's, reused step after step; None: fresh).
         page, slot int [B, L, Hkv], positions int [B]: the step's decode writes ("write", per layer).
-        Kernel path: split buffers (splits: about 4 programs per SM over B x Hkv heads) and the fp32
-        output / lse scratch a layer's LSE merge reads. Reference path over 16-bit pages (what the
-        GPU runs for the model-dtype hot tier of full / pqcache / oracle): every layer's page ids,
-        the gathered pages, their fp32 K/V and the attention buffers ("ref"). With emit_logits (the
+        Kernel path (quantized pages, or pages in the model's dtype: `kernel_decode`): split buffers
+        (`choose_splits` over B x Hkv heads) and the fp32 output / lse scratch a layer's LSE merge
+        reads. Reference path over 16-bit pages (where the kernel cannot run: Triton off, a head dim
+        that is not a power of two >= 16): every layer's page ids, the gathered pages, their fp32 K/V
+        and the attention buffers ("ref"). With emit_logits (the
         LeanKV policy reads every hot token's probability) the per-token logits of every layer,
         read by the policy at the next plan. Other reference paths (quantized pages without the
         kernel, the low tier on the CPU) allocate in `attend`: the GPU runs the kernel there.
@@ -431,18 +457,21 @@ class HotTier:
             out: optional [B, Hq, d] contiguous buffer (any float dtype) that receives the output.
             ret_pages: int32 [B, Hkv, NRP] pool pages of the step's retrieved tokens (high format; empty
                 slots' positions -1), attended in the same kernel launch: out and lse then cover them
-                too (the kernel path only; `KVStore._check_kernel_retrieval`).
+                too (the quantized kernel only; `KVStore._check_kernel_retrieval`).
         Returns:
             out [B, Hq, d] (`out`, else fp32), lse fp32 [B, Hq] (-inf where a head holds no token).
             Without `out` they are views of ws, overwritten by the next layer's `attend`. The kernel
-            path and the 16-bit reference path never sync the host and allocate nothing; the other
-            reference paths (CPU only, for supported geometries) allocate.
+            paths (quantized pages: `paged_decode_attention`; pages in the model's dtype:
+            `paged_decode_attention_full`) and the 16-bit reference path never sync the host and
+            allocate nothing; the other reference paths (CPU only, for supported geometries) allocate.
         """
         high = (getattr(self.high, "key_bits", 16), getattr(self.high, "value_bits", 16), self.tokens_per_page)
         low = (self.low.key_bits, self.low.value_bits, self.low_tokens_per_page) if self.low is not None else None
         emit = ws is not None and ws.get("logits_all") is not None
         if ret_pages is not None and (ws is None or not ws["kernel"]):
             raise RuntimeError("retrieved pages are attended by the decode kernel only")
+        if ws is not None and ws["kernel"] and isinstance(self.high, FullFormat):
+            return self._attend_full(layer, seq_ids, q, scale, ws, out, emit, ret_pages)
         if ws is None or not ws["kernel"]:
             if ws is not None and ws.get("ref") is not None:
                 res, lse = self._attend_16bit(layer, q, scale, ws["ref"])
@@ -471,6 +500,27 @@ class HotTier:
             ws["pages_per_split"], logits, ret_pages=ret_pages,
         )
         return out, lse_buf
+
+    def _attend_full(self, layer: int, seq_ids: torch.Tensor, q: torch.Tensor, scale: float, ws: dict,
+                     out: torch.Tensor | None, emit: bool, ret_pages: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attend`'s kernel path over pages in the model's dtype: `paged_decode_attention_full` into
+        ws's split buffers and `out` (else ws["out"], fp32). Allocates nothing, never syncs the host."""
+        if ret_pages is not None:
+            raise RuntimeError("retrieved pages are attended by the quantized decode kernel only; "
+                               "this hot tier's pages are in the model's dtype (retrieval_attention='merge')")
+        if emit:
+            raise RuntimeError("per-token logits are emitted by the quantized decode kernel only (LeanKV, "
+                               "which needs key_bits < 16)")
+        from gpu_kernels.paged_attention import paged_decode_attention_full
+
+        out = ws["out"] if out is None else out
+        paged_decode_attention_full(
+            q, self.pool.data, self.high.dtype, self.table.pages, self.table.num_tokens, seq_ids, layer,
+            self.pool.slot_pos, self.tokens_per_page, scale, out, ws["lse"], ws["part_out"], ws["part_lse"],
+            ws["pages_per_split"],
+        )
+        return out, ws["lse"]
 
     # ---- release ---------------------------------------------------------------------------
     def release(self, seq_ids: torch.Tensor) -> None:
