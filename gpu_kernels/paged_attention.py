@@ -714,7 +714,7 @@ def _full_decode_kernel(
         krow = kv_ptr + page * page_elems + slot * D
         # masked rows load zeros: no stale bytes (NaN, inf) of an unused slot reach P @ V
         k = tl.load(krow[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load((krow + TPP * D)[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        vt = tl.load((krow + TPP * D)[None, :] + dims[:, None], mask=valid[None, :], other=0.0)  # V^T [D, rows]
         if DOT_F32:
             s = tl.dot(k.to(tl.float32), q, input_precision="ieee")
         else:
@@ -731,9 +731,9 @@ def _full_decode_kernel(
             l_t = l_t * alpha[None, :]
         l_t = l_t + p
         if DOT_F32:
-            acc += tl.dot(tl.trans(v.to(tl.float32)), p, input_precision="ieee")
+            acc += tl.dot(vt.to(tl.float32), p, input_precision="ieee")
         else:
-            acc += tl.dot(tl.trans(v), p.to(v.dtype))
+            acc += tl.dot(vt, p.to(vt.dtype))
         m_i = m_new
     l_i = tl.sum(l_t, axis=0)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
