@@ -1,11 +1,15 @@
-"""What the decode-attention kernel costs the GPU, read without a GPU: registers, spills, shared
+"""What the decode-attention kernels cost the GPU, read without a GPU: registers, spills, shared
 memory, how many programs an SM holds, and the instruction mix of the main loop.
 
     python -m benchmarks.perf.kernel_resources                  # DEFAULT_LAUNCH, Llama-3-8B head shape
     python -m benchmarks.perf.kernel_resources --variants default,num_warps=2:block_tokens=64 --json out.json
+    python -m benchmarks.perf.kernel_resources --pages bf16     # the kernel over bf16 pages (FULL_LAUNCH)
 
-Triton compiles `_paged_decode_kernel` for sm_90 on this machine (its bundled ptxas) with the
-constexprs `paged_decode_attention` would pass (`kernel_constexprs`) and the divisibility a real
+Two kernels: `_paged_decode_kernel` over quantized pages (--pages k8v4, the default) and
+`_full_decode_kernel` over pages in the model's dtype (--pages bf16 / fp16 / fp32: full, pqcache, oracle).
+
+Triton compiles the kernel for sm_90 on this machine (its bundled ptxas) with the constexprs its
+launcher would pass (`kernel_constexprs`, `full_kernel_constexprs`) and the divisibility a real
 launch specializes on (pointers, page bytes and strides divisible by 16), then disassembles the
 cubin with the bundled nvdisasm. The loop is the largest span from a label to a branch back to it
 (the walk over pages; a branch inside it, as the skipped rescale makes, counts both sides); its instruction
@@ -34,6 +38,13 @@ _PTRS = {"q_ptr": "*bf16", "data_ptr": "*u8", "data16_ptr": "*fp16", "data64_ptr
 # runtime integers a launch sees as multiples of 16 (Triton specializes on that)
 _DIV16 = {"C", "page_bytes", "max_slots", "stride_qb", "stride_qh", "stride_ps", "stride_pl", "stride_ph",
           "stride_ns", "stride_nl"}
+# `_full_decode_kernel`'s pointers (kv_ptr: the pool viewed in the pages' dtype) and multiples of 16
+_FULL_PTRS = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "pages_ptr": "*i32", "num_tokens_ptr": "*i32", "seq_ptr": "*i64",
+              "pos_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
+_FULL_DIV16 = {"C", "page_elems", "max_slots", "stride_qb", "stride_qh", "stride_ps", "stride_pl", "stride_ph",
+               "stride_ns", "stride_nl"}
+#: --pages: the quantized pages, or pages in the model's dtype (Triton's pointer type names)
+PAGES = {"k8v4": None, "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
 
 def _tool(name: str) -> str:
@@ -42,20 +53,29 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def _compile(consts, fp32: bool, num_warps: int, num_stages: int, maxnreg: int | None = None, arch: int = 90):
-    """triton.compile of `_paged_decode_kernel` for sm_`arch` with `consts`, specialized as a real launch
-    is (pointers, page bytes and strides divisible by 16)."""
+def _compile(consts, fp32: bool, num_warps: int, num_stages: int, maxnreg: int | None = None, arch: int = 90,
+             pages: str | None = None):
+    """triton.compile of `_paged_decode_kernel` (pages None: quantized) or `_full_decode_kernel` (pages
+    "bf16", "fp16" or "fp32": the pages' dtype) for sm_`arch` with `consts`, specialized as a real launch
+    is (pointers, page bytes and strides divisible by 16). fp32: an fp32 query (else as the pages, bf16
+    for quantized ones)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from gpu_kernels.paged_attention import _paged_decode_kernel as fn
+    from gpu_kernels import paged_attention
 
+    fn = paged_attention._paged_decode_kernel if pages is None else paged_attention._full_decode_kernel
     if not hasattr(fn, "cache_key"):
         raise RuntimeError("the kernel was loaded for the Triton interpreter: run with TRITON_INTERPRET=0")
-    ptrs = {**_PTRS, "q_ptr": "*fp32" if fp32 else "*bf16"}
+    if pages is None:
+        base, div16 = _PTRS, _DIV16
+        ptrs = {**_PTRS, "q_ptr": "*fp32" if fp32 else "*bf16"}
+    else:
+        base, div16 = _FULL_PTRS, _FULL_DIV16
+        ptrs = {**_FULL_PTRS, "kv_ptr": "*" + pages, "q_ptr": "*fp32" if fp32 else "*" + pages}
     sig = {n: ptrs.get(n, "constexpr" if n in consts else ("fp32" if n == "scale_log2" else "i32")) for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n in _PTRS or n in _DIV16}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n in base or n in div16}
     opts = dict(num_warps=num_warps, num_stages=num_stages)
     if maxnreg:
         opts["maxnreg"] = maxnreg
@@ -78,16 +98,27 @@ def parse_variant(text: str) -> dict:
 
 def compile_report(launch: dict | None = None, num_kv_heads: int = 8, group: int = 4, head_dim: int = 128,
                    tokens_per_page: int = 32, low: tuple[int, int, int] | None = None, emit: bool = False,
-                   arch: int = 90) -> dict:
-    """Compile one launch variant for sm_`arch` and return its resources and loop instruction mix."""
-    from gpu_kernels.paged_attention import DEFAULT_LAUNCH, kernel_constexprs
+                   arch: int = 90, pages: str = "k8v4") -> dict:
+    """Compile one launch variant for sm_`arch` and return its resources and loop instruction mix.
+    pages: "k8v4" (the quantized kernel, DEFAULT_LAUNCH) or "bf16" / "fp16" / "fp32" (the kernel over
+    pages in that dtype with a query of the same dtype, FULL_LAUNCH; low and emit do not apply)."""
+    from gpu_kernels.paged_attention import DEFAULT_LAUNCH, FULL_LAUNCH, full_kernel_constexprs, kernel_constexprs
 
-    cfg = {**DEFAULT_LAUNCH, **(launch or {})}
-    high = (8, 4, tokens_per_page)
-    page_bytes = tokens_per_page * (head_dim + head_dim // 2 + 8)
-    consts = kernel_constexprs(num_kv_heads, group, head_dim, 1, high, low, page_bytes, cfg["block_tokens"], emit,
-                               False, cfg["asm_cvt"], cfg["high_dense"])
-    kernel = _compile(consts, False, cfg["num_warps"], cfg["num_stages"], cfg.get("maxnreg"), arch)
+    dtype = PAGES[pages]
+    if dtype is None:
+        cfg = {**DEFAULT_LAUNCH, **(launch or {})}
+        high = (8, 4, tokens_per_page)
+        page_bytes = tokens_per_page * (head_dim + head_dim // 2 + 8)
+        consts = kernel_constexprs(num_kv_heads, group, head_dim, 1, high, low, page_bytes, cfg["block_tokens"],
+                                   emit, False, cfg["asm_cvt"], cfg["high_dense"])
+        keys = ("num_warps", "num_stages", "block_tokens", "asm_cvt", "high_dense")
+    else:
+        cfg = {**FULL_LAUNCH, **(launch or {})}
+        consts = full_kernel_constexprs(num_kv_heads, group, head_dim, tokens_per_page, cfg["block_tokens"],
+                                        dtype == "fp32", cfg["high_dense"])
+        keys = ("num_warps", "num_stages", "block_tokens", "high_dense")
+    kernel = _compile(consts, dtype == "fp32", cfg["num_warps"], cfg["num_stages"], cfg.get("maxnreg"), arch,
+                      pages=dtype)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,8 +145,7 @@ def compile_report(launch: dict | None = None, num_kv_heads: int = 8, group: int
             ops[m.group(1)] += 1
     warps = cfg["num_warps"]
     return dict(
-        launch={k: cfg[k] for k in ("num_warps", "num_stages", "block_tokens", "asm_cvt", "high_dense")}
-        | ({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
+        pages=pages, launch={k: cfg[k] for k in keys} | ({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         block_g=consts["BLOCK_G"], registers=regs, stack_bytes=int(fields.get("STACK", 0)),
         shared_bytes=kernel.metadata.shared, programs_per_sm_by_registers=65536 // (32 * warps * max(regs, 1)),
         loop_instructions=sum(ops.values()), loop_mix=dict(ops.most_common()),
@@ -154,6 +184,36 @@ def compile_variants(full: bool = False, arch: int = 90) -> list[str]:
                 root = root.__cause__
             failures.append(f"fp32={fp32} emit={emit} low={low} groups={groups} G={group} "
                             f"warps={warps} high_dense={dense}: {type(root).__name__}: {str(root)[-200:]}")
+    return failures + compile_full_variants(full, arch)
+
+
+def compile_full_variants(full: bool = False, arch: int = 90) -> list[str]:
+    """`compile_variants` for `_full_decode_kernel`: pages' dtype x fp32 query x GQA group x warps x
+    masking x page size; CI compiles 5 of them (each dtype, tensor-core and fp32 dots, one and several
+    pages a loop step, a page of 9 tokens padded to 16 rows, the masking variant), `full` every
+    combination (216)."""
+    import itertools
+
+    from gpu_kernels.paged_attention import full_kernel_constexprs
+
+    if full:
+        combos = list(itertools.product(["bf16", "fp16", "fp32"], [False, True], [1, 4, 8], [1, 4], [True, False],
+                                        [16, 32, 64]))
+    else:
+        combos = [("bf16", False, 4, 4, True, 32), ("fp16", False, 1, 1, False, 16), ("fp32", True, 8, 4, True, 32),
+                  ("bf16", True, 4, 4, True, 64), ("bf16", False, 4, 4, True, 9)]
+    failures = []
+    for pages, fp32, group, warps, dense, tpp in combos:
+        fp32 = fp32 or pages == "fp32"
+        consts = full_kernel_constexprs(8, group, 128, tpp, 32, fp32, dense)
+        try:
+            _compile(consts, fp32, warps, 3, arch=arch, pages=pages)
+        except Exception as e:  # noqa: BLE001 - collected and reported, the rest still compile
+            root = e
+            while root.__cause__ is not None:
+                root = root.__cause__
+            failures.append(f"pages={pages} fp32 query={fp32} G={group} warps={warps} high_dense={dense} "
+                            f"tokens/page={tpp}: {type(root).__name__}: {str(root)[-200:]}")
     return failures
 
 
@@ -163,9 +223,12 @@ def main() -> None:
                     help="comma-separated launch variants ('default' or key=value:key=value)")
     ap.add_argument("--group", type=int, default=4, help="GQA group (query heads per KV head)")
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--pages", choices=list(PAGES), default="k8v4",
+                    help="k8v4: the quantized kernel (DEFAULT_LAUNCH); bf16/fp16/fp32: the kernel over pages in that "
+                         "dtype (FULL_LAUNCH)")
     ap.add_argument("--json", help="write the reports here")
     ap.add_argument("--check-variants", choices=["ci", "full"],
-                    help="compile the kernel's constexpr combinations instead; exit 1 if any fails")
+                    help="compile both kernels' constexpr combinations instead; exit 1 if any fails")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.check_variants:
@@ -176,7 +239,7 @@ def main() -> None:
         raise SystemExit(1 if failures else 0)
     reports = []
     for text in args.variants.split(","):
-        r = compile_report(parse_variant(text), group=args.group, head_dim=args.head_dim)
+        r = compile_report(parse_variant(text), group=args.group, head_dim=args.head_dim, pages=args.pages)
         reports.append(r)
         top = ", ".join(f"{k} {v}" for k, v in list(r["loop_mix"].items())[:8])
         log.info("%-45s regs %3d  stack %4d B  smem %6d B  programs/SM %2d  loop %4d instr: %s",
