@@ -1,4 +1,5 @@
-"""Triton decode attention over quantized paged KV (both precision tiers), flash-decoding split.
+"""Triton decode attention over paged KV, flash-decoding split: quantized pages (both precision tiers)
+and, below, pages in the model's dtype.
 
 One program per (sequence, KV head, split). A program loads the whole query group [G, d] of its
 KV head once, walks its share of the head's pages (high pages from the left of the page table,
@@ -64,6 +65,22 @@ Without them (HAS_RET off) the kernel compiles to the same code as before they e
 
 With `logits` given, the kernel also writes each token's scaled logit in the page table's layout
 [B, Hq, C, S]; probabilities are exp(logit - lse) once the splits are merged (LeanKV's scores).
+
+Pages in the model's dtype (`paged_decode_attention_full`, `_full_decode_kernel`). The hot tier of
+full, pqcache and oracle keeps K and V unquantized, a page [K: T x d | V: T x d] in fp16, bf16 or
+fp32 (kvstore/hot/page_format.py, FullFormat). Its kernel keeps this one's contract (page table,
+null page 0, splits merged by `merge_splits`, the GQA group loaded once, the transposed dots
+S^T = K @ Q^T and O^T += V^T @ P^T, the rescale only where a running max moved) with nothing to
+dequantize: a page's K rows and its V rows (loaded as V^T [d, T], so both tiles go to shared memory
+by asynchronous copies on sm_90) feed the dots directly. 16-bit pages under a query of their dtype
+take tensor-core dots with fp32 accumulation (the products are exact; P is rounded to the pages'
+dtype for P @ V, as flash attention does); fp32 pages, a query of another dtype, and bf16 pages in
+the interpreter (whose bf16 dot is wrong) take fp32 "ieee" dots. One tier: no low tier, no retrieved
+pages, no emitted logits (LeanKV and retrieval_attention='kernel' have quantized pages). Before it,
+the GPU decoded these pages with torch (HotTier._attend_16bit: the pages gathered, copied to fp32 K
+and V, attended: about 8x the bytes the step needs). FULL_LAUNCH is not yet timed on a GPU
+(`benchmarks.perf.decode_attention --pages bf16 --sweep` times it; `benchmarks.perf.kernel_resources
+--pages bf16` reads its registers and loop without one).
 
 Graph-safe: allocates nothing, syncs nothing; every buffer is passed in (built at plan time).
 """

@@ -10,6 +10,8 @@ belongs to:
 `FullFormat` keeps the model's dtype (16 or 32 bits, no quantization):
 
     page bytes: [ K: tokens_per_page x d | V: tokens_per_page x d ]   (model dtype)
+
+(the layout gpu_kernels/paged_attention.py's `paged_decode_attention_full` decodes on the GPU).
 """
 
 from __future__ import annotations
