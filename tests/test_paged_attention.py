@@ -336,14 +336,15 @@ def _full_layout(d, n_tokens, tpp, dtype, seed, layers=3, layer=1, holes=False):
 def _run_full(q, data, dtype, pages, counts, slot_pos, tpp, nsplit, layer=1, out_dtype=torch.float32, **launch):
     """The kernel at `layer` for batch rows over sequence slots in reverse order, and the reference."""
     B, Hq, d = q.shape
-    seq_ids = torch.arange(B - 1, -1, -1)
+    dev = q.device
+    seq_ids = torch.arange(B - 1, -1, -1, device=dev)
     n = counts[seq_ids, layer]
     vmax = max(1, int(((n + tpp - 1) // tpp).max()))
     pps = math.ceil(vmax / nsplit)
     nsplit = math.ceil(vmax / pps)
-    out = torch.full((B, Hq, d), float("nan"), dtype=out_dtype)  # poisoned: every element must be written
-    lse = torch.full((B, Hq), float("nan"))
-    po, pl = torch.empty(B, Hq, nsplit, d), torch.empty(B, Hq, nsplit)
+    out = torch.full((B, Hq, d), float("nan"), dtype=out_dtype, device=dev)  # poisoned: every element must be written
+    lse = torch.full((B, Hq), float("nan"), device=dev)
+    po, pl = torch.empty(B, Hq, nsplit, d, device=dev), torch.empty(B, Hq, nsplit, device=dev)
     paged_decode_attention_full(q, data, dtype, pages, counts, seq_ids, layer, slot_pos, tpp, d ** -0.5, out, lse,
                                 po, pl, pps, **launch)
     dense = FULL_LAUNCH["high_dense"] if launch.get("high_dense") is None else launch["high_dense"]
@@ -543,6 +544,37 @@ def test_cuda_sizes_that_vary_compile_nothing_new():
         run([200, 37], 2, 6)  # layer 2, another split count
         run([330, 37], 0, 7)  # a wider page table (16 -> 24 columns: no longer divisible by 16), 7 splits
         run([150, 37], 1, 8)  # a narrower one (13 columns), 8 splits
+    finally:
+        runtime.jit_cache_hook = previous
+    assert compiled == [], compiled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+                    reason="counts Triton compiles: a GPU without the interpreter")
+def test_cuda_full_kernel_sizes_that_vary_compile_nothing_new():
+    """The kernel over bf16 pages, once warm: another layer, page-table width or split count compiles nothing."""
+    import triton
+
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None or not hasattr(runtime, "jit_cache_hook"):
+        pytest.skip("this Triton has no triton.knobs.runtime.jit_cache_hook")
+    dev = torch.device("cuda")
+    compiled = []
+
+    def run(n, layer, nsplit):
+        data, pages, counts, slot_pos = _full_layout(64, [[n, 37], [5, n // 2]], 16, torch.bfloat16, seed=7, layer=layer)
+        data, pages, counts, slot_pos = (x.to(dev) for x in (data, pages, counts, slot_pos))
+        q = torch.randn(2, 8, 64, device=dev).to(torch.bfloat16)
+        _run_full(q, data, torch.bfloat16, pages, counts, slot_pos, 16, nsplit, layer=layer)
+        torch.cuda.synchronize()
+
+    run(200, 0, 5)  # warm: whatever compiles here is allowed
+    previous = runtime.jit_cache_hook
+    runtime.jit_cache_hook = lambda **kw: compiled.append(kw.get("repr", "?")) and False
+    try:
+        run(200, 1, 5)  # layer 1 (an int equal to 1)
+        run(200, 2, 6)  # layer 2, another split count
+        run(330, 0, 7)  # a wider page table, 7 splits
     finally:
         runtime.jit_cache_hook = previous
     assert compiled == [], compiled
