@@ -34,17 +34,28 @@ def test_cuda_graphs_true_is_refused_with_the_reason_and_leaves_the_model_free()
         assert engine.decode_path == "eager" and engine.graphs is None
 
 
+#: every preset the engine captures; tiered both ways of attending its retrieved tokens
+GRAPH_PRESETS = {"quant": {}, "full": {}, "leankv": {}, "pqcache": {}, "tiered": {},
+                 "tiered-kernel": {"retrieval_attention": "kernel"}}
+
+
 @cuda
-@pytest.mark.parametrize("preset", ["quant", "full"])
+@pytest.mark.parametrize("preset", list(GRAPH_PRESETS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_graph_replay_equals_the_eager_step_bit_for_bit(dtype, preset):
+    from kvstore import KVStoreConfig
+
     model = tiny_model("llama", dtype=dtype).cuda()
     prompts = _prompts([300, 70, 150, 33, 500], seed=1)
     news = [12, 30, 7, 20, 16]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True, logprobs=True) for n in news]
-    with Engine(model, preset, max_batch=3, cuda_graphs=False) as eager:
+
+    def config():
+        return KVStoreConfig.preset(preset.removesuffix("-kernel"), **GRAPH_PRESETS[preset])
+
+    with Engine(model, config(), max_batch=3, cuda_graphs=False) as eager:
         want = eager.generate(prompts, params)
-    with Engine(model, preset, max_batch=3) as graphed:
+    with Engine(model, config(), max_batch=3) as graphed:
         assert graphed.decode_path == "cuda-graph"
         got = graphed.generate(prompts, params)
         assert graphed.decode_path == "cuda-graph", "capture failed (see the log)"
