@@ -24,8 +24,10 @@ A request gets the tokens it gets alone, whatever joins or leaves the batch arou
 exactly, up to the model's own batch-size-dependent rounding; sampled: the noise is a function
 of its seed, step and token).
 
-The decode step runs eagerly (every op launched from Python); the engine logs which path runs.
-Capturing it in a CUDA graph per batch-size bucket is the next step (issue: the decode engine).
+On CUDA the decode step is captured in a CUDA graph once per batch size and replayed
+(kvstore/cuda_graph.py: which stores qualify, what a replay reads); elsewhere, or where the
+store cannot be captured, it runs eagerly (every op launched from Python). The engine logs which
+path runs (`decode_path`).
 `KVStoreClient.attach(model)` + `model.generate()` stays the compatible path.
 """
 
