@@ -63,8 +63,12 @@ by a separate attention and an LSE merge. A retrieved slot is attended iff its p
 (-1 masks a selection narrower than the pages, or an invalid pick); its logits are not emitted.
 Without them (HAS_RET off) the kernel compiles to the same code as before they existed.
 
-With `logits` given, the kernel also writes each token's scaled logit in the page table's layout
-[B, Hq, C, S]; probabilities are exp(logit - lse) once the splits are merged (LeanKV's scores).
+With `logits` given, the kernel also writes each token's scaled logit by virtual page [B, Hq, W, S]:
+column v is the head's v-th page in the kernel's walk (its high pages from the left of the table,
+then its low pages from the right: `kvstore.hot.page_table.virtual_columns` maps them back), so W need
+only cover the widest head's high + low pages, not the table's width (a table sized for a 128K
+context made this buffer ~1 GB a sequence at Llama-3-8B's shape, with LeanKV holding a tenth of
+it). Probabilities are exp(logit - lse) once the splits are merged (LeanKV's scores).
 
 Pages in the model's dtype (`paged_decode_attention_full`, `_full_decode_kernel`). The hot tier of
 full, pqcache and oracle keeps K and V unquantized, a page [K: T x d | V: T x d] in fp16, bf16 or
@@ -295,8 +299,8 @@ def _attend_block(
         s += dot * ks[:, None] + kz[:, None] * qsum[None, :]
     g = tl.arange(0, BLOCK_G)
     s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
-    if DO_EMIT:
-        tl.store(emit_ptr + g[None, :] * emit_row_stride + (col * SLOTS + slot)[:, None], s * 0.6931471805599453,
+    if DO_EMIT:  # by virtual page (the head's walk), not by table column
+        tl.store(emit_ptr + g[None, :] * emit_row_stride + (vp * SLOTS + slot)[:, None], s * 0.6931471805599453,
                  mask=(g[None, :] < G) & in_page[:, None])
     m_new = tl.maximum(m_i, tl.max(s, axis=0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -386,7 +390,8 @@ def _attend_retrieved(
 # argument equal to 1 and for one divisible by 16): the layer index, the page-table width and the
 # split sizes would otherwise each trigger a compile (seconds) inside a serving step, when a batch
 # of another length or a longer sequence first arrives. The page-table strides follow its width.
-@triton.jit(do_not_specialize=["layer", "C", "max_slots", "pages_per_split", "stride_ps", "stride_pl", "stride_ph", "nrp"])
+@triton.jit(do_not_specialize=["layer", "C", "max_slots", "pages_per_split", "stride_ps", "stride_pl", "stride_ph", "nrp",
+                               "emit_cols"])
 def _paged_decode_kernel(
     q_ptr, data_ptr, data16_ptr, data64_ptr, pages_ptr, num_high_ptr, num_low_pages_ptr, seq_ptr, pos_ptr,
     part_out_ptr, part_lse_ptr, emit_ptr,
@@ -395,6 +400,7 @@ def _paged_decode_kernel(
     stride_ps, stride_pl, stride_ph,  # page table [S, L, H, C] (last stride 1)
     stride_ns, stride_nl,  # num_high / num_low_pages [S, L, H] (last stride 1)
     ret_ptr, nrp,  # retrieved pages int32 [B, H, nrp] (read only with HAS_RET); last, so the other arguments keep their offsets
+    emit_cols,  # virtual pages a row of the emitted logits holds (read only with DO_EMIT)
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, NG: tl.constexpr,
     TPP_H: tl.constexpr, BLOCK_TH: tl.constexpr, NP_H: tl.constexpr, KB_H: tl.constexpr, VB_H: tl.constexpr,
     HAS_LOW: tl.constexpr, TPP_L: tl.constexpr, BLOCK_TL: tl.constexpr, NP_L: tl.constexpr,
@@ -432,7 +438,7 @@ def _paged_decode_kernel(
     acc1 = tl.zeros((D // 2, BLOCK_G), dtype=tl.float32)  # O^T, dims [D/2, D)
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
-    emit_row_stride = C * SLOTS
+    emit_row_stride = emit_cols * SLOTS
     emit_base = emit_ptr + (b * HKV * G + h * G).to(tl.int64) * emit_row_stride
     h_end = tl.minimum(v1, n_hp)
     if LAZY:
@@ -611,8 +617,9 @@ def paged_decode_attention(
         part_out fp32 [B, Hq, NSPLIT, d], part_lse fp32 [B, Hq, NSPLIT]: split workspace.
         pages_per_split: pages each split walks; NSPLIT * pages_per_split must cover the widest head's
             high + low pages, plus NRP with ret_pages.
-        logits: optional fp32 [B, Hq, C, max(T_high, T_low)]: per-token scaled logits (-inf = no token) of
-            the page table's tokens (never the retrieved ones).
+        logits: optional fp32 [B, Hq, W, max(T_high, T_low)]: per-token scaled logits (-inf = no token) of
+            the page table's tokens (never the retrieved ones) by virtual page (see the module docstring),
+            W >= the widest head's high + low pages; the kernel writes only its tokens' entries.
         num_warps / num_stages / block_tokens / asm_cvt / maxnreg / high_dense: launch variant (None:
             DEFAULT_LAUNCH's); asm_cvt converts K8 and V4 codes with PTX (prmt), CUDA only: ignored in
             the interpreter and on CPU tensors, which use the portable 0x6400 bit trick; maxnreg caps the
@@ -647,8 +654,9 @@ def paged_decode_attention(
         raise ValueError(f"out {tuple(out.shape)} / lse {tuple(lse.shape)}: want contiguous [B, Hq, d] / [B, Hq]")
     G = Hq // Hkv
     slots = max(high[2], low[2] if low is not None else 0)
-    if logits is not None and logits.shape != (B, Hq, C, slots):
-        raise ValueError(f"logits {tuple(logits.shape)}: want [B, Hq, C={C}, {slots}]")
+    if logits is not None and (logits.dim() != 4 or logits.shape[:2] != (B, Hq) or logits.shape[3] != slots
+                               or not logits.is_contiguous()):
+        raise ValueError(f"logits {tuple(logits.shape)}: want contiguous [B, Hq, W, {slots}]")
     nlp = num_low_pages if num_low_pages is not None else num_high
     if ret_pages is not None and (ret_pages.dtype != torch.int32 or ret_pages.dim() != 3
                                   or ret_pages.shape[:2] != (B, Hkv) or not ret_pages.is_contiguous()):
@@ -667,6 +675,7 @@ def paged_decode_attention(
         pages.stride(0), pages.stride(1), pages.stride(2),
         num_high.stride(0), num_high.stride(1),
         ret_pages if ret_pages is not None else pages, ret_pages.shape[2] if ret_pages is not None else 0,
+        logits.shape[2] if logits is not None else 0,
         **consts,
         num_warps=num_warps, num_stages=num_stages, **extra,
     )

@@ -184,7 +184,7 @@ def dequantize_pages(data: torch.Tensor, page_ids: torch.Tensor, key_bits: int, 
 def paged_decode_attention(
     q: torch.Tensor, data: torch.Tensor, pages: torch.Tensor, num_high: torch.Tensor, num_low_pages: torch.Tensor,
     slot_pos: torch.Tensor, high: tuple[int, int, int], low: tuple[int, int, int] | None, groups: int,
-    scale: float, high_dense: bool = False, ret_pages: torch.Tensor | None = None,
+    scale: float, high_dense: bool = False, ret_pages: torch.Tensor | None = None, emit_cols: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decode attention over quantized paged KV, both tiers and retrieved pages (reference of
     gpu_kernels/paged_attention.py).
@@ -202,10 +202,12 @@ def paged_decode_attention(
             their position (the store never leaves one empty); only the low tier's -1 slots are masked.
         ret_pages: optional int [B, Hkv, NRP] retrieved pages in the high format, attended in the same
             softmax where their slot_pos is >= 0.
+        emit_cols: W, the width of the returned logits (None: C).
     Returns:
         out fp32 [B, Hq, d], lse fp32 [B, Hq] (natural log, over the retrieved tokens too), logits fp32
-        [B, Hq, C, S] of the table's tokens in its layout (S = max(T_high, T_low); -inf where no token),
-        so their probs = exp(logits - lse).
+        [B, Hq, W, S] of the table's tokens by virtual page, as the kernel emits them: column v is the
+        head's v-th page, its high pages (table columns 0 ..) then its low pages (columns C - 1, C - 2 ..)
+        (S = max(T_high, T_low); -inf where no token), so their probs = exp(logits - lse).
     """
     B, Hq, d = q.shape
     Hkv, C = pages.shape[1], pages.shape[2]
@@ -243,7 +245,16 @@ def paged_decode_attention(
         valid = torch.cat([valid, ret_valid.flatten(2)], 2)
     out, lse, probs = decode_attention(q, ks, vs, valid, scale, return_probs=True)
     logits = torch.log(probs[..., :C * S]).view(B, Hq, C, S) + lse.view(B, Hq, 1, 1)
-    return out, lse, logits
+    # table columns -> virtual pages: v < n_hp is column v, then low page j = v - n_hp is column C - 1 - j
+    W = C if emit_cols is None else emit_cols
+    v = torch.arange(W, device=q.device).view(1, 1, W)
+    n_hp = (num_high.long().view(B, Hkv, 1) + th - 1) // th
+    n_lp = num_low_pages.long().view(B, Hkv, 1) if low is not None else torch.zeros_like(n_hp)
+    tc = torch.where(v < n_hp, v, C - 1 - (v - n_hp))
+    ok = (v < n_hp + n_lp) & (tc >= 0) & (tc < C)
+    idx = tc.clamp(0, C - 1).repeat_interleave(G, dim=1)  # [B, Hq, W]
+    virt = torch.gather(logits, 2, idx.unsqueeze(-1).expand(B, Hq, W, S))
+    return out, lse, virt.masked_fill(~ok.repeat_interleave(G, dim=1).unsqueeze(-1), float("-inf"))
 
 
 def paged_decode_attention_full(

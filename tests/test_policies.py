@@ -260,6 +260,44 @@ def test_leankv_invariants(use_triton):
     assert store.hot.pool.all_free()
 
 
+@pytest.mark.parametrize("use_triton", ["never", "always"])
+def test_leankv_score_update_adds_each_hot_tokens_probability_in_both_tiers(use_triton):
+    """After a decode step, the next plan adds to every hot token's score its probability in that step's
+    attention (the max over its query group): computed here from the pages themselves, high tier from the
+    left of the table and low tier from the right, against what the emitted logits (by virtual page) gave."""
+    if use_triton == "always" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the store runs on the CPU here: Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+    store = KVStore(_leankv_config(use_triton=use_triton), _geometry())
+    drv = _PeakyDriver(store, [24, 13], seed=3)
+    drv.prefill()
+    for _ in range(6):
+        _, results = drv.step()
+    hot, t = store.hot, store.hot.table
+    assert int(t.num_low_pages[drv.seq_ids].max()) > 0, "the test wants a low tier"
+    before = hot.pool.slot_score.clone()
+    store.policy._observe_last_step(store, hot.take_last_step())  # what the next plan does first
+    delta = hot.pool.slot_score - before
+    want = torch.zeros_like(delta)
+    C = t.max_pages
+    for layer, (_, q) in enumerate(results):
+        for b, sid in enumerate(drv.seq_ids.tolist()):
+            for h in range(HKV):
+                n, nlp = int(t.num_tokens[sid, layer, h]), int(t.num_low_pages[sid, layer, h])
+                th, tl_ = hot.tokens_per_page, hot.low_tokens_per_page
+                slots = [(int(t.pages[sid, layer, h, i // th]), i % th, False) for i in range(n)]
+                for j in range(nlp):
+                    page = int(t.pages[sid, layer, h, C - 1 - j])
+                    slots += [(page, s, True) for s in range(tl_) if int(hot.pool.slot_pos[page, s]) >= 0]
+                keys = torch.stack([(hot.low if low else hot.high).read(hot.pool.data, torch.tensor([page]))[0][0, s]
+                                    for page, s, low in slots])  # [n_hot, D] dequantized
+                qg = q[b, h * (HQ // HKV):(h + 1) * (HQ // HKV), 0]  # [G, D]
+                probs = torch.softmax(qg @ keys.T * drv.scale, dim=-1).amax(0)
+                for (page, s, _), p in zip(slots, probs):
+                    want[page, s] += p
+    torch.testing.assert_close(delta, want, rtol=1e-4, atol=1e-5)
+    store.release(drv.seq_ids)
+
+
 def test_leankv_decode_attends_exactly_the_hot_tokens():
     """The kernel path and the reference path keep the same tokens and give the same outputs."""
     outs = {}

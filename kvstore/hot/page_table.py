@@ -11,6 +11,11 @@
 Token i of the high tier lives in page pages[..., i // tokens_per_page] at slot
 i % tokens_per_page. Tables grow (between steps, never inside a layer's decode run) when a
 head needs more pages than `max_pages`.
+
+A head's virtual pages are its pages in the order the decode kernel walks them: its high pages
+(v < n_hp = ceil(num_tokens / tokens_per_page): column v), then its low pages (v = n_hp + j:
+column max_pages - 1 - j). The kernel's per-token logits are laid out by virtual page, so their
+buffer is as wide as the widest head's high + low pages, not as the table (`virtual_pages`).
 """
 
 from __future__ import annotations
@@ -77,3 +82,16 @@ class PageTable:
         self.num_low[at] = 0
         self.num_low_pages[at] = 0
         return pages
+
+    def virtual_pages(self, seq_ids: torch.Tensor, width: int, tokens_per_page: int) -> torch.Tensor:
+        """Page ids int64 [L, B, Hkv, width] of each head's virtual pages 0 .. width - 1 (0, the null
+        page, past its high + low pages): where the decode kernel's emitted logits of column v live."""
+        pages = self.pages[seq_ids].permute(1, 0, 2, 3)  # [L, B, H, C]
+        n_hp = ((self.num_tokens[seq_ids].long() + tokens_per_page - 1) // tokens_per_page).permute(1, 0, 2)
+        n_lp = self.num_low_pages[seq_ids].long().permute(1, 0, 2)
+        v = torch.arange(width, device=self.device).view(1, 1, 1, width)
+        n_hp, n_lp = n_hp.unsqueeze(-1), n_lp.unsqueeze(-1)
+        C = self.max_pages
+        col = torch.where(v < n_hp, v, C - 1 - (v - n_hp)).clamp_(0, C - 1)
+        ids = torch.gather(pages, 3, col.expand(*pages.shape[:3], width)).long()
+        return ids.masked_fill_(v >= n_hp + n_lp, 0)

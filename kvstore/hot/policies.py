@@ -314,12 +314,13 @@ class LeanKVPolicy(HotPolicy):
         if last is None:
             return
         seq_ids, ws = last
-        logits, lse = ws["logits_all"], ws["lse_all"]  # [L, B, Hq, C, S], [L, B, Hq]
+        logits, lse = ws["logits_all"], ws["lse_all"]  # [L, B, Hq, W, S] by virtual page, [L, B, Hq]
         L, B, Hq, C, S = logits.shape
         Hkv = store.geometry.num_kv_heads
         probs = torch.exp(logits - lse.view(L, B, Hq, 1, 1)).nan_to_num(0.0)
-        pmax = probs.view(L, B, Hkv, Hq // Hkv, C, S).amax(3)  # [L, B, Hkv, C, S]
-        pages = store.hot.table.pages[seq_ids][..., :C].permute(1, 0, 2, 3)  # [L, B, Hkv, C]
+        pmax = probs.view(L, B, Hkv, Hq // Hkv, C, S).amax(3)  # [L, B, Hkv, W, S]
+        # the table has not changed since that step's attention (this runs before the plan's page moves)
+        pages = store.hot.table.virtual_pages(seq_ids, C, store.hot.tokens_per_page)  # [L, B, Hkv, W]
         pool = store.hot.pool
         pid = pages.long().unsqueeze(-1).expand(L, B, Hkv, C, S)
         sl = torch.arange(S, device=pid.device).expand_as(pid)

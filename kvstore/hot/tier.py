@@ -381,9 +381,14 @@ class HotTier:
         ws: dict = {"kernel": self.kernel_decode, "logits_all": None}
         if page is not None:
             ws["write"] = self._write_indices(page, slot, positions, wsp)
-        if emit_logits:  # per-token logits of every layer, read by the policy at the next plan
+        low_pages = int(self.table.num_low_pages[seq_ids].max().item()) if self.low is not None and B else 0
+        # pages a head may walk, rounded up to 1/8 steps: LeanKV's low pages grow during decode, and the
+        # launch (splits, pages per split) should change only now and then (a CUDA graph replays it)
+        vmax = max(1, num_pages + low_pages)
+        vmax = -(-vmax // (q := 1 << max(0, vmax.bit_length() - 4))) * q
+        if emit_logits:  # per-token logits of every layer by virtual page, read by the policy at the next plan
             slots = max(self.tokens_per_page, self.low_tokens_per_page)
-            ws["logits_all"] = wsp.full("hot.logits_all", (L, B, Hq, self.table.max_pages, slots), f32, float("-inf"))
+            ws["logits_all"] = wsp.full("hot.logits_all", (L, B, Hq, vmax, slots), f32, float("-inf"))
             ws["lse_all"] = wsp.full("hot.lse_all", (L, B, Hq), f32, float("-inf"))
         self.last_ws = (seq_ids, ws) if emit_logits else None  # the policy reads it at the next plan
         if not self.kernel_decode:
@@ -392,11 +397,6 @@ class HotTier:
             return ws
         from gpu_kernels.paged_attention import choose_splits
 
-        low_pages = int(self.table.num_low_pages[seq_ids].max().item()) if self.low is not None and B else 0
-        # pages a head may walk, rounded up to 1/8 steps: LeanKV's low pages grow during decode, and the
-        # launch (splits, pages per split) should change only now and then (a CUDA graph replays it)
-        vmax = max(1, num_pages + low_pages)
-        vmax = -(-vmax // (q := 1 << max(0, vmax.bit_length() - 4))) * q
         if not hasattr(self, "_num_sms"):
             dev = torch.device(geo.device)
             self._num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
@@ -482,7 +482,8 @@ class HotTier:
                 t = self.table
                 res, lse, logits = reference.paged_decode_attention(
                     q, self.pool.data, t.pages[seq_ids, layer], t.num_tokens[seq_ids, layer],
-                    t.num_low_pages[seq_ids, layer], self.pool.slot_pos, high, low, self.config.quant_groups, scale)
+                    t.num_low_pages[seq_ids, layer], self.pool.slot_pos, high, low, self.config.quant_groups, scale,
+                    emit_cols=ws["logits_all"].shape[3] if emit else None)
                 if emit:
                     ws["logits_all"][layer].copy_(logits)
                     ws["lse_all"][layer].copy_(lse)
