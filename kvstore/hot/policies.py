@@ -317,15 +317,17 @@ class LeanKVPolicy(HotPolicy):
         logits, lse = ws["logits_all"], ws["lse_all"]  # [L, B, Hq, W, S] by virtual page, [L, B, Hq]
         L, B, Hq, C, S = logits.shape
         Hkv = store.geometry.num_kv_heads
-        probs = torch.exp(logits - lse.view(L, B, Hq, 1, 1)).nan_to_num(0.0)
-        pmax = probs.view(L, B, Hkv, Hq // Hkv, C, S).amax(3)  # [L, B, Hkv, W, S]
+        # in place: the buffer is the last step's, refilled by this plan's workspace
+        probs = logits.sub_(lse.view(L, B, Hq, 1, 1)).exp_().nan_to_num_(0.0)
+        pool = store.hot.pool
+        S = min(S, pool.max_slots)
+        pmax = probs.view(L, B, Hkv, Hq // Hkv, C, -1)[..., :S].amax(3)  # [L, B, Hkv, W, S]
         # the table has not changed since that step's attention (this runs before the plan's page moves)
         pages = store.hot.table.virtual_pages(seq_ids, C, store.hot.tokens_per_page)  # [L, B, Hkv, W]
-        pool = store.hot.pool
-        pid = pages.long().unsqueeze(-1).expand(L, B, Hkv, C, S)
-        sl = torch.arange(S, device=pid.device).expand_as(pid)
-        ok = (pid > 0) & (sl < pool.max_slots) & (pmax > 0)
-        pool.slot_score.index_put_((pid[ok], sl[ok]), pmax[ok], accumulate=True)
+        pmax.mul_((pages > 0).unsqueeze(-1))  # past a head's pages: the null page, which gets + 0
+        flat = pages.unsqueeze(-1) * pool.max_slots + torch.arange(S, device=pages.device)
+        # every page belongs to one (sequence, layer, head): no two entries but the null page's share an index
+        pool.slot_score.view(-1).index_add_(0, flat.view(-1), pmax.reshape(-1))
 
     def plan(self, store, seq_ids, positions, last_step=None):
         hot, c = store.hot, self.config
