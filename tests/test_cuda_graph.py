@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from kvstore.cuda_graph import DecodeGraphs
 from kvstore.engine import Engine
 from kvstore.sampling import SamplingParams
 
@@ -139,3 +140,44 @@ def test_a_captured_step_replayed_over_later_plans_equals_the_eager_steps(preset
     finally:
         for s, i in zip((eager, graphed), ids):
             s.release(i)
+
+
+class _EmulatedGraphs(DecodeGraphs):
+    """`DecodeGraphs` with the capture emulated (see above): a "graph" reruns the step it captured, its
+    plan and its forward (the decode cache that holds that plan), so the engine's own graph path
+    (`Engine._decode_graph`: static inputs, the plan sized for the widest table, the signature) runs
+    on a CPU."""
+
+    def __init__(self, store):  # no CUDA memory pool
+        self.store, self.max_graphs, self.graphs, self.captures, self.replays = store, 8, {}, 0, 0
+
+    def _capture(self, plan, forward):
+        store, logits = self.store, torch.empty(0)  # the graph's output: one tensor, rewritten by every replay
+
+        class Graph:
+            def replay(self):
+                plan.step_id = store._plan_id  # a graph reads no step id: the captured plan runs
+                out = forward(plan)
+                logits.resize_(out.shape).copy_(out)
+
+        return Graph(), logits
+
+
+#: not quant: on a CPU it runs a reference path that gathers as many pages as the plan's page count, a
+#: Python int a graph would freeze (a graph only ever runs the kernel path, which reads the plan's
+#: buffers; the GPU test above replays quant for real)
+@pytest.mark.parametrize("preset", ["leankv", "pqcache", "tiered"])
+def test_the_engines_graph_path_replaying_captured_steps_equals_its_eager_path(preset):
+    model = tiny_model("llama")
+    prompts = _prompts([90, 40, 61], seed=3)
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True, logprobs=True) for n in (9, 6, 9)]
+
+    with Engine(model, preset, max_batch=3, cuda_graphs=False) as eager:
+        want = eager.generate(prompts, params)
+    with Engine(model, preset, max_batch=3, cuda_graphs=False) as graphed:
+        graphed.graphs, graphed.decode_path = _EmulatedGraphs(graphed.store), "cuda-graph"
+        got = graphed.generate(prompts, params)
+        assert graphed.decode_path == "cuda-graph" and graphed.graphs.replays >= 2 * graphed.graphs.captures
+    for w, g in zip(want, got):
+        assert g.token_ids == w.token_ids
+        assert g.logprobs == w.logprobs  # bit for bit
