@@ -311,3 +311,28 @@ def test_a_prompt_with_no_candidates_decodes_with_the_quantized_gpu_cache(use_tr
         out = model.generate(torch.tensor([[33]]), attention_mask=torch.ones(1, 1, dtype=torch.long),
                              max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 4)
+
+
+def test_the_selection_width_steps_in_powers_of_two_and_never_passes_the_scored_width():
+    """The selection's width (kmax) is the budget, or, while fewer candidates exist, their count rounded up
+    to a power of two (so a captured decode step replays while it holds: kvstore/cuda_graph.py); never
+    wider than the positions scored. A fixed token_budget above the prompt's candidates: 519 candidates
+    round up to 1024 > the 640 positions scored; the width is 640."""
+    cfg = KVStoreConfig.preset("pqcache", sink_tokens=4, window_tokens=8, token_budget=1000, pq_bits=4, kmeans_iters=2,
+                               page_size=16)
+    store = KVStore(cfg, ModelGeometry(2, 4, 2, 16, torch.float32, torch.device("cpu")))
+    ids, T = store.add_sequences(1), 530
+    g = torch.Generator().manual_seed(0)
+    try:
+        for layer in range(2):
+            q, (k, v) = torch.randn(1, 4, T, 16, generator=g), torch.randn(2, 1, 2, T, 16, generator=g)
+            store.prefill(layer, ids, q, k, v, torch.ones(1, T, dtype=torch.bool), 0.25)
+        for _ in range(2):
+            plan = store.plan(ids)
+            assert (plan.selection.kmax, plan.selection.num_tokens) == (640, 640)
+            for layer in range(2):
+                out = store.decode(layer, plan, torch.randn(1, 4, 1, 16, generator=g),
+                                   *torch.randn(2, 1, 2, 1, 16, generator=g), 0.25)
+                assert torch.isfinite(out).all()
+    finally:
+        store.release(ids)

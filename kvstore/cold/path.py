@@ -245,7 +245,7 @@ class ColdPath:
         # the selection's width changes only at powers of two while the candidates grow (a captured
         # step replays while it holds: kvstore/cuda_graph.py); picks past a head's candidates are invalid
         wide = min(num_tokens - S, cmax)
-        ktop, kmax = kmax, min(kmax, 1 << (wide - 1).bit_length()) if wide > 0 else 0
+        ktop, kmax = kmax, min(kmax, 1 << (wide - 1).bit_length(), self._cap) if wide > 0 else 0
         if self.resident is not None:
             self.resident[:, seq_ids, :, positions] = True  # the new token is hot in every (layer, head)
             want = min(self.config.gpu_cache_tokens, kmax)
