@@ -71,6 +71,13 @@ class KVStoreConfig:
         the Triton kernel, a quantized cold tier in the hot tier's high format (K8V4 in tiered)
         and one scale group; otherwise the store logs why and merges. Not yet the default: its
         speed on a GPU is unmeasured.
+      prefetch_next_layer: speculative prefetch (InfiniGen's idea): at each decode layer, layer
+        l + 1's selection is predicted from layer l's query (its PQ codes or keys scored with
+        it), and that selection's GPU-cache misses are fetched while layer l computes, then
+        admitted into layer l + 1's GPU cache before its own lookup, so a good prediction turns
+        its misses into hits. Outputs are unchanged (a hit reads the bytes a fetch brings);
+        only where the bytes come from changes. Selectors "pq" and "exact" (scoring without
+        side effects). Off by default: its effect on a GPU step is unmeasured.
 
     Cold tier (host memory)
       cold_tier: keep every token's K/V in pinned host memory.
@@ -141,6 +148,7 @@ class KVStoreConfig:
     kmeans_tol: float = 1e-2
     gpu_cache_tokens: int = 4096
     retrieval_attention: str = "merge"
+    prefetch_next_layer: bool = False
     # cold tier
     cold_tier: bool = False
     cold_key_bits: int = 16
@@ -218,6 +226,9 @@ class KVStoreConfig:
             raise bad("gpu_cache_tokens", "must be >= 0")
         if self.retrieval_attention not in ("merge", "kernel"):
             raise bad("retrieval_attention", "must be 'merge' or 'kernel'")
+        if self.prefetch_next_layer and self.selector not in ("pq", "exact"):
+            raise bad("prefetch_next_layer", f"predicts with selector 'pq' or 'exact' (scoring without side "
+                                             f"effects), not {self.selector!r}")
         if (self.cold_key_bits, self.cold_value_bits) not in ((16, 16), (8, 8), (8, 4)):
             raise bad("cold_key_bits", "the cold tier stores K16V16, K8V8 or K8V4 (cold_key_bits/cold_value_bits)")
         if self.use_triton not in ("auto", "always", "never"):

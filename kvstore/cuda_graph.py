@@ -65,7 +65,7 @@ def graph_support(store: Any) -> str | None:
     return None
 
 
-def _tensors(obj: Any, prefix: str = "", depth: int = 6):
+def _tensors(obj: Any, prefix: str = "", depth: int = 8):
     """(name, (address, shape, dtype)) of every tensor in nested dicts/lists/tuples/dataclasses;
     (name, value) of ints and bools."""
     if isinstance(obj, torch.Tensor):

@@ -35,6 +35,7 @@ class Workspace:
     def take(self, name: str, shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tensor:
         """A contiguous view [shape] of `name`'s buffer (plan time only; contents are stale)."""
         n = math.prod(shape)
+        name = self._prefix + name
         buf = self._flat.get(name)
         if buf is None or buf.dtype != dtype or buf.numel() < n:
             grow = 2 * buf.numel() if buf is not None and buf.dtype == dtype else 0
@@ -55,6 +56,15 @@ class Workspace:
     def nbytes(self) -> int:
         """Device bytes the buffers hold."""
         return sum(b.numel() * b.element_size() for b in self._flat.values())
+
+    def prefixed(self, prefix: str) -> "Workspace":
+        """This workspace under other names: a second set of the same buffers (e.g. the speculative
+        prefetch's selection beside the layer's own), sharing the storage dictionary."""
+        view = Workspace.__new__(Workspace)
+        view.device, view._flat, view._prefix = self.device, self._flat, self._prefix + prefix
+        return view
+
+    _prefix = ""
 
 
 @dataclass

@@ -89,7 +89,7 @@ def test_a_repeated_batch_shape_captures_nothing_new():
 
 #: the retrieval paths (PQ selection, GPU cache, fetch): into the hot tier's kernel launch under LeanKV's
 #: policy (its page moves, its low tier, its logits read by the next plan), and merged after 16-bit pages
-@pytest.mark.parametrize("preset", ["tiered-kernel", "pqcache"])
+@pytest.mark.parametrize("preset", ["tiered-kernel", "pqcache", "pqcache-prefetch"])
 def test_a_captured_step_replayed_over_later_plans_equals_the_eager_steps(preset):
     from kvstore.cuda_graph import signature
     from test_decode_allocations import HKV, HQ, L, _store

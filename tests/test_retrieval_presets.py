@@ -336,3 +336,40 @@ def test_the_selection_width_steps_in_powers_of_two_and_never_passes_the_scored_
                 assert torch.isfinite(out).all()
     finally:
         store.release(ids)
+
+
+@pytest.mark.parametrize("preset", ["oracle", "pqcache", "tiered"])
+def test_speculative_prefetch_changes_where_the_bytes_come_from_not_the_outputs(preset):
+    """prefetch_next_layer: layer l + 1's selection predicted with layer l's query, its misses fetched and
+    admitted into layer l + 1's GPU cache before that layer's own lookup. Every layer here gets the same
+    keys and queries, so the oracle's prediction is exact: layer l + 1's selection is all hits. The outputs
+    are those without the prefetch, bit for bit (a hit reads the bytes a fetch brings)."""
+    L, Hq, Hkv, D, T = 3, 4, 2, 16, 40
+    over = dict(sink_tokens=2, budget_fraction=0.5, pq_bits=3, kmeans_iters=4, page_size=4, gpu_cache_tokens=64,
+                use_triton="never")
+    if preset == "tiered":
+        over.update(immune_tokens=4, window_tokens=4, score_queries=8, alpha_prune=2.0, alpha_quant=4.0)
+    stores = [KVStore(KVStoreConfig.preset(preset, **over, prefetch_next_layer=on),
+                      ModelGeometry(L, Hq, Hkv, D, torch.float32, torch.device("cpu"))) for on in (False, True)]
+    g = torch.Generator().manual_seed(5)
+    ids = [s.add_sequences(2) for s in stores]
+    try:
+        q, k, v = torch.randn(2, Hq, T, D, generator=g), torch.randn(2, Hkv, T, D, generator=g), torch.randn(2, Hkv, T, D, generator=g)
+        for layer in range(L):
+            for s, i in zip(stores, ids):
+                s.prefill(layer, i, q, k, v, torch.ones(2, T, dtype=torch.bool), D ** -0.5)
+        for _ in range(5):
+            plans = [s.plan(i) for s, i in zip(stores, ids)]
+            qs, ks, vs = torch.randn(2, Hq, 1, D, generator=g) * 3, torch.randn(2, Hkv, 1, D, generator=g), \
+                torch.randn(2, Hkv, 1, D, generator=g)
+            for layer in range(L):
+                off, on = (s.decode(layer, p, qs, ks, vs, D ** -0.5) for s, p in zip(stores, plans))
+                assert torch.equal(off, on)
+            assert plans[1].selection.kmax > 0
+        hit_off, hit_on = (s.stats()["gpu_cache_hit_rate"] for s in stores)
+        assert hit_on > hit_off, (hit_off, hit_on)
+        if preset == "oracle":  # exact predictions: every layer but the first hits everything it selects
+            assert hit_on >= (L - 1) / L
+    finally:
+        for s, i in zip(stores, ids):
+            s.release(i)

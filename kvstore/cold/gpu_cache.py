@@ -149,8 +149,9 @@ class GPUCache:
 
     # ---- per layer, per step (no host sync, no allocation) ---------------------------------------
     def lookup(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
-               ws: dict | None = None) -> torch.Tensor:
+               ws: dict | None = None, count: bool = True) -> torch.Tensor:
         """Slot of each selected position, -1 on a miss. pos int64 [B, H, k]; valid bool [B, H, k].
+        count=False: not a selection's lookup (a speculative prefetch's): not in the hit rate.
 
         Returns int64 [B, H, k], a view of ws (the step's buffers, `plan_workspace`).
         """
@@ -160,8 +161,9 @@ class GPUCache:
         torch.index_select(self.slot_of[layer].view(-1), 0, flat.view(-1), out=ws["slot16"].view(-1))
         slot = ws["slot"].copy_(ws["slot16"])
         slot.masked_fill_(torch.logical_not(valid, out=ws["invalid"]), -1)
-        self.hits += torch.sum(torch.ge(slot, 0, out=ws["hit"]), (0, 1, 2), out=ws["count"])
-        self.lookups += torch.sum(valid, (0, 1, 2), out=ws["count"])
+        if count:
+            self.hits += torch.sum(torch.ge(slot, 0, out=ws["hit"]), (0, 1, 2), out=ws["count"])
+            self.lookups += torch.sum(valid, (0, 1, 2), out=ws["count"])
         return slot
 
     def read(self, layer: int, seq_ids: torch.Tensor, slot: torch.Tensor, out: torch.Tensor,
@@ -196,8 +198,10 @@ class GPUCache:
         return rows.masked_fill_(torch.lt(slot, 0, out=ws["nohit"]).view(-1), -1)
 
     def admit(self, layer: int, seq_ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor,
-              kv: torch.Tensor, ws: dict | None = None, raw: torch.Tensor | None = None) -> None:
+              kv: torch.Tensor, ws: dict | None = None, raw: torch.Tensor | None = None, touch: bool = True) -> None:
         """Update scores and admit this step's misses into the least valuable unprotected slots.
+        touch=False (a speculative prefetch's rows): admit only, the scores stay as they are (the
+        layer's own selection scores its hits once, after its attention).
 
         pos int64, valid bool, slot int64 (from `lookup`) [B, H, k]; kv [2, B, H, k, d] the
         step's selected K/V (hits and fetched misses). Quantized: raw uint8 [B * H * k, row_bytes],
@@ -216,13 +220,14 @@ class GPUCache:
         miss = torch.bitwise_and(valid, nohit, out=ws["miss"])
         score = torch.index_select(self.score[layer], 0, seq_ids, out=ws["score"])  # [B, H, slots + 1]
         hit_slot = ws["hit_slot"].copy_(slot).masked_fill_(nohit, trash)
-        if self.policy == "lfu":
-            score.mul_(self.decay)
-            score.scatter_add_(2, hit_slot, ws["hitf"].copy_(hit))
-        else:
-            score.scatter_(2, hit_slot, ws["stepf"].copy_(self.step.expand(B, H, k)))
-        score[..., trash].fill_(0.0)
-        self.score[layer][seq_ids] = score
+        if touch:
+            if self.policy == "lfu":
+                score.mul_(self.decay)
+                score.scatter_add_(2, hit_slot, ws["hitf"].copy_(hit))
+            else:
+                score.scatter_(2, hit_slot, ws["stepf"].copy_(self.step.expand(B, H, k)))
+            score[..., trash].fill_(0.0)
+            self.score[layer][seq_ids] = score
         posg = torch.index_select(self.pos[layer], 0, seq_ids, out=ws["posg"])  # [B, H, slots + 1]
         prot = ws["prot"].copy_(score).masked_fill_(torch.lt(posg, 0, out=ws["empty"]), -inf)  # empty slots first
         prot.scatter_(2, hit_slot, inf)

@@ -28,6 +28,7 @@ fetch's side stream (CUDA) or thread (CPU). The host tier itself (`ColdTier`) is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -89,6 +90,11 @@ class ColdPath:
         #: tokens a page of the hot tier's high format holds when the retrieved tokens are attended in its
         #: kernel launch (retrieval_attention="kernel", set by the store once it checked it can); 0: merge
         self.ret_tokens_per_page = 0
+        #: prefetch_next_layer: the pending prefetch of each layer (started by the layer before), and its events
+        self.prefetch = bool(config.prefetch_next_layer) and geometry.num_layers > 1
+        self._prefetched: dict[int, object] = {}
+        self._prefetch_events = ([torch.cuda.Event() for _ in range(geometry.num_layers)]
+                                 if self._fetch_stream is not None and self.prefetch else [])
 
     # ---- sequences --------------------------------------------------------------------------
     def ensure_seqs(self, max_seqs: int) -> None:
@@ -273,6 +279,9 @@ class ColdPath:
         step.ws = ws
         plan.selection = step
         plan.retrieved = wsp.take("ret.kv", (2, B, H, kmax, d), geo.dtype).zero_()
+        if self.prefetch and kmax:
+            ws["prefetch"] = self._prefetch_workspace(step, wsp.prefixed("prefetch."))
+        self._prefetched.clear()  # a step abandoned part-way leaves none behind
 
     def plan_ret_pages(self, plan: DecodePlan) -> None:
         """Plan time, after the store took `plan.ret_pages` [B, Hkv, NRP]: where each selected token goes
@@ -303,13 +312,54 @@ class ColdPath:
         step, buf, q0 = plan.selection, plan.retrieved, q[:, :, 0]
         ws = step.ws
         self.selector.before_decode(layer)  # first step after prefill: this layer's build only
+        self._admit_prefetched(layer, step)  # what the layer before predicted for this one, now in its GPU cache
         self.selector.append(layer, step, k[:, :, 0])
         pos, valid = self.selector.select(layer, step, q0, scale)
         slot = self.gpu_cache.lookup(layer, step.seq_ids, pos, valid, ws["cache"])
         miss = torch.lt(slot, 0, out=ws["miss"]).bitwise_and_(valid)
         # rows only (no dequantization) when they become pages of the hot tier's launch
         pending = self._start_fetch(layer, step.seq_ids, pos, miss, buf, ws["fetch"], plan.ret_pages is None)
+        if "prefetch" in ws and layer + 1 < self.geometry.num_layers:  # after this layer's fetch on the stream
+            self._start_prefetch(layer + 1, step, q0, scale)
         return pos, valid, slot, pending
+
+    # ---- decode: speculative prefetch (prefetch_next_layer) -----------------------------------
+    def _prefetch_workspace(self, step: SelectionStep, wsp: Workspace) -> dict:
+        """Plan time: a second set of the selection's, the GPU cache's and the fetch's buffers (the
+        prefetch of layer l + 1 runs while layer l's own selection is still in use)."""
+        B, H, k, d = step.seq_ids.numel(), self.geometry.num_kv_heads, step.kmax, self.geometry.head_dim
+        pstep = dataclasses.replace(step, ws=None)
+        pstep.ws = self.selector.plan_workspace(pstep, wsp)
+        pf = {"step": pstep, "cache": self.gpu_cache.plan_workspace(step.seq_ids, k, wsp),
+              "fetch": self.cold.fetch_workspace(step.seq_ids, k, wsp),
+              "miss": wsp.take("ret.miss", (B, H, k), torch.bool)}
+        # a 16-bit cold tier's fetch dequantizes into K/V rows; a quantized one stops at its rows ("raw")
+        pf["kv"] = wsp.take("ret.kv", (2, B, H, k, d), self.geometry.dtype) if self.cold.fmt is None else None
+        return pf
+
+    def _start_prefetch(self, layer: int, step: SelectionStep, q0: torch.Tensor, scale: float) -> None:
+        """Predict `layer`'s selection with the layer before's query, look it up in `layer`'s GPU cache
+        and start fetching the misses (on the fetch stream, after the layer before's own fetch)."""
+        pf = step.ws["prefetch"]
+        self.selector.before_decode(layer)  # its index (a no-op after the first step)
+        pos, valid = self.selector.select(layer, pf["step"], q0, scale)
+        slot = self.gpu_cache.lookup(layer, step.seq_ids, pos, valid, pf["cache"], count=False)
+        miss = torch.lt(slot, 0, out=pf["miss"]).bitwise_and_(valid)
+        # a quantized tier's rows stay in pf["fetch"]["raw"] (dequantize=False), as the GPU cache admits them
+        self._prefetched[layer] = (pos, valid, slot, self._start_fetch(
+            layer, step.seq_ids, pos, miss, pf["kv"], pf["fetch"], False, events=self._prefetch_events))
+
+    def _admit_prefetched(self, layer: int, step: SelectionStep) -> None:
+        """Wait for the prefetch of `layer` (if any) and admit its rows into the layer's GPU cache
+        before the layer's own lookup (no score update: the layer's own selection scores)."""
+        started = self._prefetched.pop(layer, None)
+        if started is None:
+            return
+        pos, valid, slot, pending = started
+        pf = step.ws["prefetch"]
+        self._wait_fetch(pending)
+        self.gpu_cache.admit(layer, step.seq_ids, pos, valid, slot, pf["kv"], pf["cache"],
+                             raw=pf["fetch"].get("raw"), touch=False)
 
     @torch.no_grad()
     def stage(self, layer: int, plan: DecodePlan, started, pool) -> None:
@@ -365,7 +415,7 @@ class ColdPath:
         if layer == self.geometry.num_layers - 1:
             self.gpu_cache.end_step()
 
-    def _start_fetch(self, layer, seq_ids, pos, miss, buf, ws=None, dequantize=True):
+    def _start_fetch(self, layer, seq_ids, pos, miss, buf, ws=None, dequantize=True, events=None):
         if not self.async_fetch:
             self.cold.fetch(layer, seq_ids, pos, miss, buf, ws, dequantize)
             return None
@@ -373,7 +423,7 @@ class ColdPath:
             self._fetch_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._fetch_stream):
                 self.cold.fetch(layer, seq_ids, pos, miss, buf, ws, dequantize)
-                ev = self._fetch_events[layer]
+                ev = (events if events is not None else self._fetch_events)[layer]
                 ev.record(self._fetch_stream)
             return ev
         # CPU: a host thread

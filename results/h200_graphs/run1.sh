@@ -17,7 +17,7 @@ tail -3 "$OUT/test_cuda_graph.log" "$OUT/test_cuda_kernels.log"
 timeout 90 python -m benchmarks.perf.decode_attention --pages bf16 --out "$OUT/full_kernel.json" > "$OUT/full_kernel.log" 2>&1
 tail -12 "$OUT/full_kernel.log"
 # 3. the 32-layer step through the engine (CUDA graphs), 32K x 4, every preset; the log says which path ran
-timeout 330 kvstore-bench throughput --model llama3-8b --lengths 32k --methods quant,full,tiered,pqcache,tiered@retrieval_attention=kernel \
+timeout 330 kvstore-bench throughput --model llama3-8b --lengths 32k --methods quant,pqcache,tiered,tiered@retrieval_attention=kernel,tiered@retrieval_attention=kernel:prefetch_next_layer=true \
     --batch 4 --new-tokens 32 --out "$OUT/tp32k" --quiet --no-plots > "$OUT/tp32k.log" 2>&1
 grep -i "decode step\|eager\|capture" "$OUT/tp32k.log" | sort | uniq -c | head -20
 cat "$OUT/tp32k/summary.md" | grep "^|"
