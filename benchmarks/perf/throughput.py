@@ -128,7 +128,7 @@ ROW_FIELDS = (
 EXTRA_FIELDS = (
     "model", "dtype", "device", "seed", "preset", "command", "bandwidth_source", "weight_bytes", "step_weight_bytes",
     "step_kv_bytes", "pq_code_bytes", "dense_kv_bytes_per_seq", "fit_batch", "probe_gpu_bytes_per_seq",
-    "probe_host_bytes_per_seq", "generated_tokens", "wall_s", "decode_path", "host_reserved_bytes",
+    "probe_host_bytes_per_seq", "generated_tokens", "wall_s", "decode_path", "graph_captures", "host_reserved_bytes",
 )
 
 
@@ -616,6 +616,7 @@ def _engine_once(model, method: MethodSpec, prompts: torch.Tensor, new_tokens: i
         if stats is None:
             stats = engine.stats()
         stats["decode_path"] = engine.decode_path  # "cuda-graph" or "eager" (after a failed capture too)
+        stats["graph_captures"] = engine.graphs.captures if engine.graphs is not None else 0  # captures in timed steps
         peak = _peak_since(device, base, rss_ok)
     return _call(timer.times, start, batch, length, generated, peak, stats, geometry)
 
@@ -811,6 +812,7 @@ def _fill_measurements(row: dict, call: Call, method: MethodSpec, length: int, g
     B = call.batch
     row["generated_tokens"] = call.new_tokens  # == new_tokens (min_new_tokens masks EOS)
     row["decode_path"] = (call.stats or {}).get("decode_path", "eager")
+    row["graph_captures"] = (call.stats or {}).get("graph_captures", 0)
     row["ttft_s"], row["tt2t_s"], row["tpot_s"] = _finite(call.ttft_s), _finite(call.tt2t_s), _finite(call.tpot_s)
     row["decode_tokens_per_s"] = B / call.tpot_s if call.tpot_s else None
     row["peak_gpu_bytes"] = call.peak_bytes if cuda else None
