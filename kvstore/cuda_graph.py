@@ -10,8 +10,10 @@ shapes repeat; every layer's `KVStore.decode` then allocates nothing and never s
 (tests/test_decode_allocations.py). Three things are pinned for a graph's life:
 
 * the batch size B (one graph per B: the graphs share one memory pool);
-* the width the attention buffers are sized for (`plan(pages_hint=...)`: the widest page table
-  the running requests will reach, so the kernel's split count and pages per split stay fixed);
+* the width the attention buffers are sized for: where the hot tier keeps every token, the widest
+  page table the running requests will reach (`plan(pages_hint=...)`); where it drops tokens (a
+  window, LeanKV), the pages in use rounded up in 1/8 steps (the dense width would leave most of
+  the kernel's splits idle). The split count and pages per split stay fixed between those steps;
 * the addresses of everything the graph reads: the static inputs (token ids, positions, sequence
   slots of the rows), the page pool, the page tables, the slot positions, the plan's buffers.
 

@@ -300,6 +300,16 @@ class Engine:
         """Page-table entries a head of this request reaches by its last token."""
         return -(-(len(req.prompt) + req.params.max_new_tokens) // self.store.hot.tokens_per_page)
 
+    def _pages_hint(self, batch: list[_Request]) -> int | None:
+        """The width the step's attention is sized for (`KVStore.plan`): where the hot tier keeps every
+        token, the widest table the batch reaches, so the launch stays the same until it ends. Where
+        it drops tokens (a window, LeanKV) that width is the dense one, many times what a head holds:
+        the kernel's splits past a head's pages would idle (at 128K, tiered keeps about a tenth), so
+        the plan sizes them for the pages in use, rounded up in 1/8 steps (kvstore/hot/tier.py)."""
+        if self.store.config.hot_policy != "all":
+            return None
+        return max(self._pages_needed(r) for r in batch)
+
     def _decode(self, batch: list[_Request]) -> torch.Tensor:
         """One step of every request in `batch`: logits [B, V] of their next tokens."""
         rows = torch.tensor([[r.seq_id, r.tokens[-1], r.length - 1] for r in batch], dtype=torch.int64)
@@ -309,7 +319,7 @@ class Engine:
         seq_ids = seq_ids.contiguous()
         # the same plan as the graph path (buffers sized for the widest table the batch reaches):
         # the same kernel launch, so eager and graph steps give the same bits
-        plan = self.store.plan(seq_ids, pages_hint=max(self._pages_needed(r) for r in batch))
+        plan = self.store.plan(seq_ids, pages_hint=self._pages_hint(batch))
         cache = self._decode_cache(self.store, seq_ids, plan)
         out = self.model(input_ids=tokens.view(-1, 1), position_ids=pos.view(-1, 1), use_cache=True,
                          logits_to_keep=1, **{self._cache_arg: cache})
@@ -326,7 +336,7 @@ class Engine:
         seq_ids.copy_(staged[:, 0])
         tokens.copy_(staged[:, 1])
         pos.copy_(staged[:, 2])
-        plan = self.store.plan(seq_ids, pages_hint=max(self._pages_needed(r) for r in batch))
+        plan = self.store.plan(seq_ids, pages_hint=self._pages_hint(batch))
         cache = self._decode_cache(self.store, seq_ids, plan)
 
         def forward(p):

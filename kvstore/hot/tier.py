@@ -382,10 +382,10 @@ class HotTier:
         if page is not None:
             ws["write"] = self._write_indices(page, slot, positions, wsp)
         low_pages = int(self.table.num_low_pages[seq_ids].max().item()) if self.low is not None and B else 0
-        # pages a head may walk, rounded up to 1/8 steps: LeanKV's low pages grow during decode, and the
-        # launch (splits, pages per split) should change only now and then (a CUDA graph replays it)
+        # pages a head may walk, rounded up to 1/8 steps (8 pages at least): tables grow during decode, and
+        # the launch (splits, pages per split) should change only now and then (a CUDA graph replays it)
         vmax = max(1, num_pages + low_pages)
-        vmax = -(-vmax // (q := 1 << max(0, vmax.bit_length() - 4))) * q
+        vmax = -(-vmax // (q := 1 << max(3, vmax.bit_length() - 4))) * q
         if emit_logits:  # per-token logits of every layer by virtual page, read by the policy at the next plan
             slots = max(self.tokens_per_page, self.low_tokens_per_page)
             ws["logits_all"] = wsp.full("hot.logits_all", (L, B, Hq, vmax, slots), f32, float("-inf"))
