@@ -179,11 +179,8 @@ def compile_variants(full: bool = False, arch: int = 90) -> list[str]:
         try:
             _compile(consts, fp32, warps, 3, arch=arch)
         except Exception as e:  # noqa: BLE001 - collected and reported, the rest still compile
-            root = e
-            while root.__cause__ is not None:
-                root = root.__cause__
             failures.append(f"fp32={fp32} emit={emit} low={low} groups={groups} G={group} "
-                            f"warps={warps} high_dense={dense}: {type(root).__name__}: {str(root)[-200:]}")
+                            f"warps={warps} high_dense={dense}: {_root_cause(e)}")
     return failures + compile_full_variants(full, arch)
 
 
@@ -209,12 +206,16 @@ def compile_full_variants(full: bool = False, arch: int = 90) -> list[str]:
         try:
             _compile(consts, fp32, warps, 3, arch=arch, pages=pages)
         except Exception as e:  # noqa: BLE001 - collected and reported, the rest still compile
-            root = e
-            while root.__cause__ is not None:
-                root = root.__cause__
             failures.append(f"pages={pages} fp32 query={fp32} G={group} warps={warps} high_dense={dense} "
-                            f"tokens/page={tpp}: {type(root).__name__}: {str(root)[-200:]}")
+                            f"tokens/page={tpp}: {_root_cause(e)}")
     return failures
+
+
+def _root_cause(e: BaseException) -> str:
+    """'Type: message' (its last 200 characters) of the innermost cause of a failed compile."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"{type(e).__name__}: {str(e)[-200:]}"
 
 
 def main() -> None:
