@@ -19,6 +19,7 @@ next step (what a layer returns from the workspace is valid until the next `plan
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class Workspace:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self._flat: dict[str, torch.Tensor] = {}
+        self._prefix = ""
 
     def take(self, name: str, shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tensor:
         """A contiguous view [shape] of `name`'s buffer (plan time only; contents are stale)."""
@@ -60,11 +62,9 @@ class Workspace:
     def prefixed(self, prefix: str) -> "Workspace":
         """This workspace under other names: a second set of the same buffers (e.g. the speculative
         prefetch's selection beside the layer's own), sharing the storage dictionary."""
-        view = Workspace.__new__(Workspace)
-        view.device, view._flat, view._prefix = self.device, self._flat, self._prefix + prefix
+        view = copy.copy(self)  # the same storage dictionary
+        view._prefix = self._prefix + prefix
         return view
-
-    _prefix = ""
 
 
 @dataclass

@@ -268,10 +268,7 @@ class ColdPath:
                   for name, t in (("positions", positions), ("lo", torch.full_like(hi, S)), ("hi", hi), ("k", k))}
         step = SelectionStep(seq_ids, pinned["positions"], pinned["lo"], pinned["hi"], pinned["k"], self._cap, kmax,
                              kmin == kmax, exclude=self.resident)
-        ws = self.selector.plan_workspace(step, wsp)
-        ws["cache"] = self.gpu_cache.plan_workspace(seq_ids, kmax, wsp)
-        ws["fetch"] = self.cold.fetch_workspace(seq_ids, kmax, wsp)
-        ws["miss"] = wsp.take("ret.miss", (B, H, kmax), torch.bool)
+        ws = self._selection_workspace(step, wsp)
         ws["invalid"] = wsp.take("ret.invalid", (B, H, kmax), torch.bool)
         ws["attn"] = torch_ops.decode_attention_buffers(lambda n, sh, t: wsp.take("ret." + n, sh, t), B, Hq, H, kmax, d,
                                                         kv_fp32=geo.dtype == torch.float32)
@@ -282,6 +279,16 @@ class ColdPath:
         if self.prefetch and kmax:
             ws["prefetch"] = self._prefetch_workspace(step, wsp.prefixed("prefetch."))
         self._prefetched.clear()  # a step abandoned part-way leaves none behind
+
+    def _selection_workspace(self, step: SelectionStep, wsp: Workspace) -> dict:
+        """Plan time: the buffers a selection writes at every layer (the selector's), and those of its
+        GPU-cache lookup, its fetch and its miss mask (the layer's own selection and the prefetch's)."""
+        B, H, k = step.seq_ids.numel(), self.geometry.num_kv_heads, step.kmax
+        ws = self.selector.plan_workspace(step, wsp)
+        ws["cache"] = self.gpu_cache.plan_workspace(step.seq_ids, k, wsp)
+        ws["fetch"] = self.cold.fetch_workspace(step.seq_ids, k, wsp)
+        ws["miss"] = wsp.take("ret.miss", (B, H, k), torch.bool)
+        return ws
 
     def plan_ret_pages(self, plan: DecodePlan) -> None:
         """Plan time, after the store took `plan.ret_pages` [B, Hkv, NRP]: where each selected token goes
@@ -329,25 +336,23 @@ class ColdPath:
         prefetch of layer l + 1 runs while layer l's own selection is still in use)."""
         B, H, k, d = step.seq_ids.numel(), self.geometry.num_kv_heads, step.kmax, self.geometry.head_dim
         pstep = dataclasses.replace(step, ws=None)
-        pstep.ws = self.selector.plan_workspace(pstep, wsp)
-        pf = {"step": pstep, "cache": self.gpu_cache.plan_workspace(step.seq_ids, k, wsp),
-              "fetch": self.cold.fetch_workspace(step.seq_ids, k, wsp),
-              "miss": wsp.take("ret.miss", (B, H, k), torch.bool)}
+        pstep.ws = self._selection_workspace(pstep, wsp)
         # a 16-bit cold tier's fetch dequantizes into K/V rows; a quantized one stops at its rows ("raw")
-        pf["kv"] = wsp.take("ret.kv", (2, B, H, k, d), self.geometry.dtype) if self.cold.fmt is None else None
-        return pf
+        kv = wsp.take("ret.kv", (2, B, H, k, d), self.geometry.dtype) if self.cold.fmt is None else None
+        return {"step": pstep, "kv": kv}
 
     def _start_prefetch(self, layer: int, step: SelectionStep, q0: torch.Tensor, scale: float) -> None:
         """Predict `layer`'s selection with the layer before's query, look it up in `layer`'s GPU cache
         and start fetching the misses (on the fetch stream, after the layer before's own fetch)."""
         pf = step.ws["prefetch"]
+        ws = pf["step"].ws
         self.selector.before_decode(layer)  # its index (a no-op after the first step)
         pos, valid = self.selector.select(layer, pf["step"], q0, scale)
-        slot = self.gpu_cache.lookup(layer, step.seq_ids, pos, valid, pf["cache"], count=False)
-        miss = torch.lt(slot, 0, out=pf["miss"]).bitwise_and_(valid)
-        # a quantized tier's rows stay in pf["fetch"]["raw"] (dequantize=False), as the GPU cache admits them
+        slot = self.gpu_cache.lookup(layer, step.seq_ids, pos, valid, ws["cache"], count=False)
+        miss = torch.lt(slot, 0, out=ws["miss"]).bitwise_and_(valid)
+        # a quantized tier's rows stay in ws["fetch"]["raw"] (dequantize=False), as the GPU cache admits them
         self._prefetched[layer] = (pos, valid, slot, self._start_fetch(
-            layer, step.seq_ids, pos, miss, pf["kv"], pf["fetch"], False, events=self._prefetch_events))
+            layer, step.seq_ids, pos, miss, pf["kv"], ws["fetch"], False, events=self._prefetch_events))
 
     def _admit_prefetched(self, layer: int, step: SelectionStep) -> None:
         """Wait for the prefetch of `layer` (if any) and admit its rows into the layer's GPU cache
@@ -357,9 +362,10 @@ class ColdPath:
             return
         pos, valid, slot, pending = started
         pf = step.ws["prefetch"]
+        ws = pf["step"].ws
         self._wait_fetch(pending)
-        self.gpu_cache.admit(layer, step.seq_ids, pos, valid, slot, pf["kv"], pf["cache"],
-                             raw=pf["fetch"].get("raw"), touch=False)
+        self.gpu_cache.admit(layer, step.seq_ids, pos, valid, slot, pf["kv"], ws["cache"],
+                             raw=ws["fetch"].get("raw"), touch=False)
 
     @torch.no_grad()
     def stage(self, layer: int, plan: DecodePlan, started, pool) -> None:
