@@ -123,6 +123,11 @@ class DecodeGraphs:
 
     forward(plan) must run one decode step of the model reading only the static inputs and the
     plan's buffers, and return the logits [B, V] (a tensor the graph then owns).
+
+    max_graphs: graphs kept (least recently replayed dropped first). The engine keeps one for every
+    batch size up to its max_batch: under continuous batching the size moves every time a request
+    joins or leaves, and a size seen before must replay, not capture again. A graph's own memory is
+    its output logits [B, V] and its intermediates, which the captures share (one pool).
     """
 
     def __init__(self, store: Any, max_graphs: int = 8):
@@ -137,15 +142,15 @@ class DecodeGraphs:
         """Logits of the step `plan` (already made by store.plan on the static inputs)."""
         B = plan.seq_ids.numel()
         sig = signature(self.store, plan, inputs)
-        held = self.graphs.get(B)
+        held = self.graphs.pop(B, None)  # re-inserted last: the dict's order is least recently used first
         if held is None or held[0] != sig:
-            self.graphs.pop(B, None)
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))
-            self.graphs[B] = (sig, *self._capture(plan, forward))
+            held = (sig, *self._capture(plan, forward))
             self.captures += 1
             logger.info("engine: decode step captured in a CUDA graph (B=%d, capture %d)", B, self.captures)
-        _, graph, logits = self.graphs[B]
+        self.graphs[B] = held
+        _, graph, logits = held
         graph.replay()
         self.replays += 1
         plan.written = [True] * len(plan.written)  # every layer wrote its token (inside the graph)

@@ -24,10 +24,10 @@ A request gets the tokens it gets alone, whatever joins or leaves the batch arou
 exactly, up to the model's own batch-size-dependent rounding; sampled: the noise is a function
 of its seed, step and token).
 
-On CUDA the decode step is captured in a CUDA graph once per batch size and replayed
-(kvstore/cuda_graph.py: which stores qualify, what a replay reads); elsewhere, or where the
-store cannot be captured, it runs eagerly (every op launched from Python). The engine logs which
-path runs (`decode_path`).
+On CUDA the decode step is captured in a CUDA graph once per batch size and replayed, every
+size up to `max_batch` kept, so a size seen before replays (kvstore/cuda_graph.py: which stores
+qualify, what a replay reads); elsewhere, or where the store cannot be captured, it runs eagerly
+(every op launched from Python). The engine logs which path runs (`decode_path`).
 `KVStoreClient.attach(model)` + `model.generate()` stays the compatible path.
 """
 
@@ -168,7 +168,7 @@ class Engine:
         if cuda_graphs and why_not:
             self.client.detach()
             raise ValueError(f"cuda_graphs=True: {why_not}")
-        self.graphs = DecodeGraphs(self.store) if why_not is None else None
+        self.graphs = DecodeGraphs(self.store, max_graphs=max_batch) if why_not is None else None
         self._static: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.decode_path = "cuda-graph" if self.graphs is not None else "eager"
         say = logger.info if self.device.type == "cuda" else logger.debug  # on a CPU there is no choice to report

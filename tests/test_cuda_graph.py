@@ -71,6 +71,7 @@ def test_a_repeated_batch_shape_captures_nothing_new():
     model = tiny_model("llama", dtype=torch.bfloat16).cuda()
     prompts = _prompts([200, 200, 200, 200], seed=2)
     with Engine(model, "quant", max_batch=4) as engine:
+        assert engine.graphs.max_graphs == 4  # a graph for every batch size up to max_batch
         engine.generate(prompts, max_new_tokens=10, ignore_eos=True)
         first = engine.graphs.captures
         engine.generate(prompts, max_new_tokens=10, ignore_eos=True)
@@ -148,8 +149,8 @@ class _EmulatedGraphs(DecodeGraphs):
     (`Engine._decode_graph`: static inputs, the plan sized for the widest table, the signature) runs
     on a CPU."""
 
-    def __init__(self, store):  # no CUDA memory pool
-        self.store, self.max_graphs, self.graphs, self.captures, self.replays = store, 8, {}, 0, 0
+    def __init__(self, store, max_graphs=8):  # no CUDA memory pool
+        self.store, self.max_graphs, self.graphs, self.captures, self.replays = store, max_graphs, {}, 0, 0
 
     def _capture(self, plan, forward):
         store, logits = self.store, torch.empty(0)  # the graph's output: one tensor, rewritten by every replay
@@ -181,3 +182,38 @@ def test_the_engines_graph_path_replaying_captured_steps_equals_its_eager_path(p
     for w, g in zip(want, got):
         assert g.token_ids == w.token_ids
         assert g.logprobs == w.logprobs  # bit for bit
+
+
+def test_every_batch_size_seen_replays_when_it_comes_back():
+    """Continuous batching moves the batch size whenever a request leaves: ten requests ending one
+    step apart run at ten sizes. The engine keeps a graph for each size up to max_batch, so a second
+    wave of the same requests replays every step (with the 8 graphs kept before, the sizes evicted
+    each other and every step of the second wave captured again)."""
+    model = tiny_model("llama")
+    prompts = _prompts([30 + 7 * i for i in range(10)], seed=4)
+    params = [SamplingParams(max_new_tokens=2 + i, ignore_eos=True) for i in range(10)]
+    with Engine(model, "leankv", max_batch=10, cuda_graphs=False) as engine:
+        engine.graphs, engine.decode_path = _EmulatedGraphs(engine.store, max_graphs=engine.max_batch), "cuda-graph"
+        first = engine.generate(prompts, params)
+        captures, replays = engine.graphs.captures, engine.graphs.replays
+        assert captures >= 10 and sorted(engine.graphs.graphs) == list(range(1, 11))
+        second = engine.generate(prompts, params)
+        assert engine.graphs.captures == captures, "a batch size seen before captured again"
+        assert engine.graphs.replays == 2 * replays
+    assert [c.token_ids for c in second] == [c.token_ids for c in first]
+
+
+@cuda
+@pytest.mark.parametrize("preset", ["quant", "tiered"])
+def test_every_batch_size_seen_replays_when_it_comes_back_on_the_gpu(preset):
+    """The test above with real graphs: the second wave's steps capture nothing."""
+    model = tiny_model("llama", dtype=torch.bfloat16).cuda()
+    prompts = _prompts([300 + 40 * i for i in range(10)], seed=4)
+    params = [SamplingParams(max_new_tokens=2 + i, ignore_eos=True) for i in range(10)]
+    with Engine(model, preset, max_batch=10) as engine:
+        first = engine.generate(prompts, params)
+        captures = engine.graphs.captures
+        second = engine.generate(prompts, params)
+        assert engine.decode_path == "cuda-graph", "capture failed (see the log)"
+        assert engine.graphs.captures == captures, "a batch size seen before captured again"
+    assert [c.token_ids for c in second] == [c.token_ids for c in first]
