@@ -90,10 +90,14 @@ def _tensors(obj: Any, prefix: str = "", depth: int = 8):
 def _state(obj: Any, prefix: str):
     """The tensors an object holds (attributes, and lists/dicts of tensors), by address and shape.
     A component that grows a buffer replaces the tensor, which changes this; ints (counters that
-    move every step) are left out."""
+    move every step) are left out, and so are the attributes a class names in `graph_ignores`
+    (prefill-time state no decode step reads: a new request's prefill must not capture again)."""
     if obj is None:
         return
+    ignores = getattr(type(obj), "graph_ignores", ())
     for name, value in sorted(vars(obj).items()):
+        if name in ignores:
+            continue
         for key, val in _tensors(value, f"{prefix}.{name}", depth=3):
             if isinstance(val, tuple):
                 yield key, val
@@ -116,6 +120,16 @@ def signature(store: Any, plan: Any, inputs: tuple[torch.Tensor, ...]) -> tuple:
     for name, obj in objects.items():
         parts.append((name, tuple(_state(obj, name))))
     return tuple(parts)
+
+
+def _changed(old: tuple, new: tuple) -> str:
+    """The first entry of two signatures that differs (what made a step capture again), by name."""
+    for (part, a), (_, b) in zip(old, new):
+        if a != b:
+            da, db = dict(a), dict(b)
+            names = [k for k in dict.fromkeys([*da, *db]) if da.get(k) != db.get(k)]
+            return names[0] if names else part
+    return "nothing"
 
 
 class DecodeGraphs:
@@ -146,9 +160,10 @@ class DecodeGraphs:
         if held is None or held[0] != sig:
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))
+            why = "new batch size" if held is None else f"{_changed(held[0], sig)} changed"
             held = (sig, *self._capture(plan, forward))
             self.captures += 1
-            logger.info("engine: decode step captured in a CUDA graph (B=%d, capture %d)", B, self.captures)
+            logger.info("engine: decode step captured in a CUDA graph (B=%d, capture %d: %s)", B, self.captures, why)
         self.graphs[B] = held
         _, graph, logits = held
         graph.replay()

@@ -115,6 +115,9 @@ def host_available_bytes() -> int | None:
 
 
 class ColdTier:
+    #: prefill-time state, never read by a decode step (kvstore/cuda_graph.py's signature skips it)
+    graph_ignores = ("_prefill_starts",)
+
     def __init__(self, config: KVStoreConfig, geometry: ModelGeometry, max_seqs: int,
                  chunk_tokens: int = 256, slab_bytes: int = 1 << 30):
         self.config = config
@@ -162,7 +165,8 @@ class ColdTier:
         self._dirty = True
         self._dev: dict[str, torch.Tensor] = {}
         self.prefill_events: dict[int, object] = {}  # layer -> event of its last prefill copy
-        self._step: torch.Tensor | None = None  # [L, B, 2, H, d] decode staging
+        self._step: torch.Tensor | None = None  # [L, B, 2, H, d] decode staging: a view of _step_buf
+        self._step_buf: torch.Tensor | None = None  # [L, B' >= B, 2, H, d], doubled when a step has more rows
         self._step_meta: tuple[np.ndarray, np.ndarray] | None = None
 
     # ---- allocation ----------------------------------------------------------------------------
@@ -396,8 +400,11 @@ class ColdTier:
             self._dirty = True
         self.num_tokens[ids] = pos + 1
         B = len(ids)
-        if self._step is None or self._step.shape[1] != B:
-            self._step = torch.zeros(self.L, B, 2, self.H, self.d, dtype=self.dtype, device=self.device)
+        # one buffer for every batch size (a CUDA graph of each size keeps writing where it was captured)
+        if self._step_buf is None or self._step_buf.shape[1] < B:
+            rows = max(B, 2 * self._step_buf.shape[1]) if self._step_buf is not None else B
+            self._step_buf = torch.zeros(self.L, rows, 2, self.H, self.d, dtype=self.dtype, device=self.device)
+        self._step = self._step_buf[:, :B]
         self._step_meta = (ids.copy(), pos)
 
     def write_decode(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
