@@ -170,6 +170,9 @@ class Engine:
             raise ValueError(f"cuda_graphs=True: {why_not}")
         self.graphs = DecodeGraphs(self.store, max_graphs=max_batch) if why_not is None else None
         self._static: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        #: the least width of a step's attention (pages) and selection (tokens), set by `warmup`
+        self._floor_pages = self._floor_select = 0
+        self._plan = None  # the last step's plan
         self.decode_path = "cuda-graph" if self.graphs is not None else "eager"
         say = logger.info if self.device.type == "cuda" else logger.debug  # on a CPU there is no choice to report
         say("engine: %s preset, max batch %d, decode step: %s", self.config.name, max_batch,
@@ -305,10 +308,15 @@ class Engine:
         token, the widest table the batch reaches, so the launch stays the same until it ends. Where
         it drops tokens (a window, LeanKV) that width is the dense one, many times what a head holds:
         the kernel's splits past a head's pages would idle (at 128K, tiered keeps about a tenth), so
-        the plan sizes them for the pages in use, rounded up in 1/8 steps (kvstore/hot/tier.py)."""
+        the plan sizes them for the pages in use, rounded up in 1/8 steps (kvstore/hot/tier.py).
+        Never below the width `warmup` set."""
         if self.store.config.hot_policy != "all":
-            return None
-        return max(self._pages_needed(r) for r in batch)
+            return self._floor_pages or None
+        return max(self._floor_pages, *(self._pages_needed(r) for r in batch))
+
+    def _make_plan(self, batch: list[_Request], seq_ids: torch.Tensor):
+        self._plan = self.store.plan(seq_ids, pages_hint=self._pages_hint(batch), select_hint=self._floor_select or None)
+        return self._plan
 
     def _decode(self, batch: list[_Request]) -> torch.Tensor:
         """One step of every request in `batch`: logits [B, V] of their next tokens."""
@@ -319,7 +327,7 @@ class Engine:
         seq_ids = seq_ids.contiguous()
         # the same plan as the graph path (buffers sized for the widest table the batch reaches):
         # the same kernel launch, so eager and graph steps give the same bits
-        plan = self.store.plan(seq_ids, pages_hint=self._pages_hint(batch))
+        plan = self._make_plan(batch, seq_ids)
         cache = self._decode_cache(self.store, seq_ids, plan)
         out = self.model(input_ids=tokens.view(-1, 1), position_ids=pos.view(-1, 1), use_cache=True,
                          logits_to_keep=1, **{self._cache_arg: cache})
@@ -336,7 +344,7 @@ class Engine:
         seq_ids.copy_(staged[:, 0])
         tokens.copy_(staged[:, 1])
         pos.copy_(staged[:, 2])
-        plan = self.store.plan(seq_ids, pages_hint=self._pages_hint(batch))
+        plan = self._make_plan(batch, seq_ids)
         cache = self._decode_cache(self.store, seq_ids, plan)
 
         def forward(p):
@@ -392,6 +400,82 @@ class Engine:
         if r.seq_id is not None:
             self.store.release(torch.tensor([r.seq_id], dtype=torch.int64, device=self.device))
             r.seq_id = None
+
+    # ---- ahead of traffic ----------------------------------------------------------------------
+    @torch.no_grad()
+    def warmup(self, prompt_tokens: int, max_new_tokens: int = 16) -> dict:
+        """Get ready for requests of up to `prompt_tokens` + `max_new_tokens` tokens, before serving
+        them (as vLLM captures its decode graphs at startup): afterwards a step of any batch size up
+        to max_batch, over prompts of any length within that shape, compiles and captures nothing.
+
+        max_batch dummy requests of `prompt_tokens` seeded random tokens are prefilled and decoded
+        (nothing of them is returned or kept): one step over all of them sets the step's widths
+        for the whole shape (the attention's pages, the selection's tokens: `KVStore.plan`'s
+        pages_hint and select_hint, never narrower from now on), then one step at each batch size
+        from max_batch down to 1 compiles the Triton kernels and captures that size's CUDA graph.
+        Where the hot tier keeps every token, the pool and the page tables are sized for max_batch
+        requests of the shape. Costs max_batch prefills of `prompt_tokens` and max_batch + 1 steps.
+        Requests past the shape still run (their step is captured again, as without warmup); under
+        LeanKV the pages a head keeps depend on its prompt, so a real prompt may keep more than the
+        dummies did. Returns what it did: {"batch_sizes", "captures", "pages", "select", "seconds"}.
+        """
+        import time
+
+        self._check_open()
+        if self.has_unfinished:
+            raise ValueError("warmup needs an idle engine: call it before adding requests")
+        for name, v in (("prompt_tokens", prompt_tokens), ("max_new_tokens", max_new_tokens)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"warmup: {name} must be an int >= 1, got {v!r}")
+        n = self.max_batch
+        steps = max_new_tokens + n + 1  # the dummies' tokens: the shape's, and one step per batch size
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and prompt_tokens + max_new_tokens > limit:
+            raise ValueError(f"warmup: {prompt_tokens} + {max_new_tokens} tokens exceed the model's "
+                             f"max_position_embeddings={limit}")
+        start = time.perf_counter()
+        captures = self.graphs.captures if self.graphs is not None else 0
+        g = torch.Generator().manual_seed(self.seed)
+        prompts = torch.randint(0, self.model.config.vocab_size, (n, prompt_tokens), generator=g).tolist()
+        params = SamplingParams(max_new_tokens=steps, ignore_eos=True)
+        dummies = [_Request(-1 - i, p, params, 0, frozenset()) for i, p in enumerate(prompts)]
+        saved_stats = self.store.last_stats  # the figures of the last generation stay the user's
+        try:
+            if self.config.hot_policy == "all":
+                self.store.reserve(n, prompt_tokens, steps)
+            for r in dummies:
+                self._take(self._prefill(r), [r])
+            if self.store.cold_path is not None:
+                self.store.cold_path.reserve_positions(prompt_tokens + steps + 1)
+            # one step over all of them (eagerly: no graph at a width about to change) sets the floors
+            graphs, self.graphs = self.graphs, None
+            try:
+                self._take(self._decode(dummies), dummies)
+            finally:
+                self.graphs = graphs
+            plan, hot = self._plan, self.store.hot
+            if plan.selection is not None:
+                self._floor_select = int(plan.selection.k.max().item())
+            if self.config.hot_policy == "all":  # the dummies' widest table: a request of the shape needs no more
+                self._floor_pages = self._pages_needed(dummies[0])
+            else:  # what a head holds now, plus every token still to come in a fresh slot of each tier
+                grow = -(-steps // hot.tokens_per_page) + (-(-steps // hot.low_tokens_per_page) if hot.low else 0)
+                ret = self.store.cold_path.ret_tokens_per_page if self.store.cold_path is not None else 0
+                self._floor_pages = plan.width + grow + (-(-self._floor_select // ret) if ret else 0)
+            for b in range(n, 0, -1):  # every batch size once, at the floors
+                self._take(self._decode(dummies[:b]), dummies[:b])
+        finally:
+            for r in dummies:
+                self._release(r)
+            self.store.last_stats = saved_stats
+        out = {"batch_sizes": list(range(1, n + 1)),
+               "captures": (self.graphs.captures if self.graphs is not None else 0) - captures,
+               "pages": self._floor_pages, "select": self._floor_select,
+               "seconds": time.perf_counter() - start}
+        logger.info("engine: warmed up for %d + %d tokens at batch sizes 1..%d in %.1f s (%d captures; width %d "
+                    "pages, selection %d)", prompt_tokens, max_new_tokens, n, out["seconds"], out["captures"],
+                    out["pages"], out["select"])
+        return out
 
     # ---- conveniences --------------------------------------------------------------------------
     def stream(self, prompts: Iterable, params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -292,7 +292,7 @@ class KVStore:
         return self.policy.prefill(self, layer, seq_ids, q, k, positions, valid, scale), k, v, positions, valid
 
     # ---- decode -----------------------------------------------------------------------------
-    def plan(self, seq_ids: torch.Tensor, pages_hint: int | None = None) -> DecodePlan:
+    def plan(self, seq_ids: torch.Tensor, pages_hint: int | None = None, select_hint: int | None = None) -> DecodePlan:
         """Prepare one decode step for every layer: where each head's new token goes.
 
         Allocates the pages that fill up this step for all (sequence, layer, KV head) at once,
@@ -304,9 +304,13 @@ class KVStore:
         undoes the fresh slots of layers that step did not decode: the high tier stays dense,
         `_undo_unwritten_slots`).
 
-        pages_hint: size the step's attention buffers (the kernel's splits) for page tables this
-        wide even if the batch's are narrower now, so that steps after steps get the same buffers
+        pages_hint: size the step's attention buffers (the kernel's splits) for this many pages
+        (high + low tier + retrieved) even if the batch's are fewer now, so that steps after steps get the same buffers
         and the same launch (a CUDA graph captured once replays them; kvstore/cuda_graph.py).
+        select_hint: with a selector, the selection at least this wide (within the retrieval
+        buffers' capacity) even where the budget or the candidates are fewer (picks past them are
+        invalid): a shorter prompt then selects into the same buffers (`Engine.warmup`).
+        `plan.width` is the width the attention was sized for (pages, rounded up in 1/8 steps).
         """
         self._undo_unwritten_slots()
         self._free_ret_pages()
@@ -318,11 +322,12 @@ class KVStore:
                           decision.low_evicted)
         nrp = 0
         if self.cold_path is not None:  # the last step's host writes flushed; the step's selection
-            self.cold_path.plan(plan)
+            self.cold_path.plan(plan, select_hint)
             nrp = self._take_ret_pages(plan)
         # the kernel's splits cover the retrieved pages too where it attends them
-        plan.hot_ws = self.hot.plan_workspace(seq_ids, max(plan.num_pages + nrp, pages_hint or 0),
-                                              workspace=self.workspace, page=page, slot=slot, positions=positions)
+        plan.hot_ws = self.hot.plan_workspace(seq_ids, plan.num_pages + nrp, workspace=self.workspace, page=page,
+                                              slot=slot, positions=positions, min_pages=pages_hint or 0)
+        plan.width = plan.hot_ws["width"]
         geo = self.geometry
         B, L = seq_ids.numel(), geo.num_layers
         plan.out = self.workspace.take("store.out", (L, B, geo.num_q_heads, 1, geo.head_dim), geo.dtype)

@@ -217,3 +217,100 @@ def test_every_batch_size_seen_replays_when_it_comes_back_on_the_gpu(preset):
         assert engine.decode_path == "cuda-graph", "capture failed (see the log)"
         assert engine.graphs.captures == captures, "a batch size seen before captured again"
     assert [c.token_ids for c in second] == [c.token_ids for c in first]
+
+
+# ---- Engine.warmup: every batch size captured ahead of traffic, the widths set for the shape ------
+
+#: new batch sizes (4 to 1 as requests end) and new prompt lengths, all within warmup(90, 10)
+_WAVES = [([90, 40, 61, 17], (1, 4, 7, 10)), ([77, 41, 61], (2, 5, 9)), ([57, 37], (3, 8))]
+
+
+def _waves(engine):
+    outs = []
+    for w, (lengths, news) in enumerate(_WAVES):
+        params = [SamplingParams(max_new_tokens=n, ignore_eos=True, logprobs=True) for n in news]
+        outs += engine.generate(_prompts(lengths, seed=10 + w), params)
+    return outs
+
+
+def _warm_config(preset):
+    from kvstore import KVStoreConfig
+
+    # tiered: codebooks trained by the torch k-means (the GPU's trainer) rather than on FAISS's host
+    # threads, whose pending jobs a decode step loads (graph_support refuses them on a GPU)
+    return KVStoreConfig.preset(preset, **({"pq_trainer": "device"} if preset == "tiered" else {}))
+
+
+@pytest.mark.parametrize("preset", ["leankv", "tiered"])
+def test_after_warmup_new_batch_sizes_and_prompt_lengths_capture_nothing(preset):
+    model = tiny_model("llama")
+    with Engine(model, _warm_config(preset), max_batch=4, cuda_graphs=False) as eager:
+        eager.warmup(90, 10)
+        want = _waves(eager)
+    with Engine(model, _warm_config(preset), max_batch=4, cuda_graphs=False) as graphed:
+        graphed.graphs, graphed.decode_path = _EmulatedGraphs(graphed.store, max_graphs=4), "cuda-graph"
+        info = graphed.warmup(90, 10)
+        assert info["captures"] == 4 and sorted(graphed.graphs.graphs) == [1, 2, 3, 4]
+        store = graphed.store
+        assert not store.active and store.hot.pool.num_used == 0  # the dummies are gone
+        assert graphed.stats()["sequences"] == 0 and graphed._next_id == 0
+        got = _waves(graphed)
+        assert graphed.graphs.captures == 4, "a step after warmup captured"
+    for w, g in zip(want, got):
+        assert g.token_ids == w.token_ids
+        assert g.logprobs == w.logprobs  # bit for bit
+    with Engine(model, _warm_config(preset), max_batch=4, cuda_graphs=False) as cold:
+        assert [c.token_ids for c in _waves(cold)] == [c.token_ids for c in want]  # warmup changes no token
+
+
+def test_warmup_refuses_bad_input_and_a_busy_engine():
+    model = tiny_model("llama")
+    with Engine(model, "full", max_batch=2) as engine:
+        for args, match in [((0,), "prompt_tokens must be an int >= 1"), ((8, 0), "max_new_tokens must be"),
+                            ((model.config.max_position_embeddings, 8), "max_position_embeddings")]:
+            with pytest.raises(ValueError, match=match):
+                engine.warmup(*args)
+        engine.add_request([5, 6, 7])
+        with pytest.raises(ValueError, match="idle engine"):
+            engine.warmup(16)
+
+
+def _count_triton_compiles():
+    """A list that grows by one per Triton compilation while the hook is set (None: no hook in this Triton)."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None or not hasattr(knobs.runtime, "jit_post_compile_hook"):
+        return None, lambda: None
+    seen, old = [], knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_post_compile_hook = lambda *a, **k: seen.append(k.get("key"))
+
+    def restore():
+        knobs.runtime.jit_post_compile_hook = old
+
+    return seen, restore
+
+
+@cuda
+@pytest.mark.parametrize("preset", ["quant", "full", "leankv", "pqcache", "tiered"])
+def test_after_warmup_new_batch_sizes_and_prompt_lengths_compile_and_capture_nothing_on_the_gpu(preset):
+    model = tiny_model("llama", dtype=torch.bfloat16).cuda()
+    with Engine(model, preset, max_batch=4) as engine:
+        engine.warmup(90, 10)
+        captures = engine.graphs.captures
+        step = engine.decode_step  # what a server times: the decode steps (a prefill may compile for a new length)
+        compiles, restore = None, lambda: None
+
+        def timed_step():
+            nonlocal compiles, restore
+            compiles, restore = _count_triton_compiles()
+            try:
+                return step()
+            finally:
+                restore()
+                assert not compiles, f"Triton compiled in a decode step after warmup: {compiles}"
+
+        engine.decode_step = timed_step
+        _waves(engine)
+        assert engine.decode_path == "cuda-graph", "capture failed (see the log)"
+        assert engine.graphs.captures == captures, "a step after warmup captured"

@@ -122,6 +122,12 @@ class ColdPath:
         if self.cold is not None:
             self.cold.release(t)
 
+    def reserve_positions(self, positions: int) -> None:
+        """Size the position-indexed retrieval buffers for sequences of `positions` tokens now, not
+        step by step while they grow (between steps: `Engine.warmup`)."""
+        if self.selector is not None:
+            self._ensure_retrieval(self.max_seqs, positions)
+
     def _ensure_retrieval(self, max_seqs: int, needed: int) -> None:
         """Grow the position-indexed retrieval buffers (between steps) to `needed` positions and 1/8 more,
         in multiples of 64: they cost bytes per position of every sequence slot (PQ codes, the GPU
@@ -205,15 +211,15 @@ class ColdPath:
         self.resident[layer, :, :, cap] = False
 
     # ---- decode: plan -----------------------------------------------------------------------
-    def plan(self, plan: DecodePlan) -> None:
+    def plan(self, plan: DecodePlan, select_hint: int | None = None) -> None:
         """Plan time (`KVStore.plan`, after the hot tier's plan): flush the last step's host writes,
         and with a selector fill `plan.selection` and `plan.retrieved` (host work, one host sync).
         The tokens that left the hot tier this step (`plan.evicted_pos`, and `plan.low_evicted`
-        under LeanKV) leave the residency map."""
+        under LeanKV) leave the residency map. select_hint: the selection's least width (`KVStore.plan`)."""
         if self.cold is not None:
             self.cold.plan_step(plan.seq_ids, plan.positions)
         if self.selector is not None:
-            self._plan_retrieval(plan)
+            self._plan_retrieval(plan, select_hint or 0)
 
     @torch.no_grad()
     def _mark_pruned_step(self, plan: DecodePlan, hi: torch.Tensor) -> torch.Tensor:
@@ -235,7 +241,7 @@ class ColdPath:
         held = (self.resident[:, plan.seq_ids, :, :cap] & in_range).sum(-1)  # [L, B, H]
         return (hi - S).clamp(min=0).view(1, B, 1) - held
 
-    def _plan_retrieval(self, plan: DecodePlan) -> None:
+    def _plan_retrieval(self, plan: DecodePlan, select_hint: int = 0) -> None:
         """Selection metadata and buffers of one step (host work, one host sync)."""
         seq_ids, positions = plan.seq_ids, plan.positions
         S = self.config.sink_tokens
@@ -252,6 +258,7 @@ class ColdPath:
         # step replays while it holds: kvstore/cuda_graph.py); picks past a head's candidates are invalid
         wide = min(num_tokens - S, cmax)
         ktop, kmax = kmax, min(kmax, 1 << (wide - 1).bit_length(), self._cap) if wide > 0 else 0
+        kmax = max(kmax, min(select_hint, self._cap))  # a floor (`Engine.warmup`): the extra picks are invalid
         if self.resident is not None:
             self.resident[:, seq_ids, :, positions] = True  # the new token is hot in every (layer, head)
             want = min(self.config.gpu_cache_tokens, kmax)
@@ -267,7 +274,7 @@ class ColdPath:
         pinned = {name: wsp.take("sel.step." + name, (B,), torch.int64).copy_(t)
                   for name, t in (("positions", positions), ("lo", torch.full_like(hi, S)), ("hi", hi), ("k", k))}
         step = SelectionStep(seq_ids, pinned["positions"], pinned["lo"], pinned["hi"], pinned["k"], self._cap, kmax,
-                             kmin == kmax, exclude=self.resident)
+                             kmin == kmax and not select_hint, exclude=self.resident)
         ws = self._selection_workspace(step, wsp)
         ws["invalid"] = wsp.take("ret.invalid", (B, H, kmax), torch.bool)
         ws["attn"] = torch_ops.decode_attention_buffers(lambda n, sh, t: wsp.take("ret." + n, sh, t), B, Hq, H, kmax, d,

@@ -358,10 +358,13 @@ class HotTier:
 
     def plan_workspace(self, seq_ids: torch.Tensor, num_pages: int, emit_logits: bool | None = None,
                        workspace: Workspace | None = None, page: torch.Tensor | None = None,
-                       slot: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> dict:
+                       slot: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                       min_pages: int = 0) -> dict:
         """Buffers of one decode step for `write_slots` and `attend` (plan time: allocation and host syncs here).
 
         workspace: where the buffers come from (the store's, reused step after step; None: fresh).
+        num_pages: the widest high-tier table (+ the retrieved tokens' pages); min_pages: the least
+        width, low tier included (`KVStore.plan`'s pages_hint). ws["width"]: the width sized for.
         page, slot int [B, L, Hkv], positions int [B]: the step's decode writes ("write", per layer).
         Kernel path (quantized pages, or pages in the model's dtype: `kernel_decode`): split buffers
         (`choose_splits` over B x Hkv heads) and the fp32 output / lse scratch a layer's LSE merge
@@ -384,8 +387,9 @@ class HotTier:
         low_pages = int(self.table.num_low_pages[seq_ids].max().item()) if self.low is not None and B else 0
         # pages a head may walk, rounded up to 1/8 steps (8 pages at least): tables grow during decode, and
         # the launch (splits, pages per split) should change only now and then (a CUDA graph replays it)
-        vmax = max(1, num_pages + low_pages)
+        vmax = max(1, num_pages + low_pages, min_pages)
         vmax = -(-vmax // (q := 1 << max(3, vmax.bit_length() - 4))) * q
+        ws["width"] = vmax
         if emit_logits:  # per-token logits of every layer by virtual page, read by the policy at the next plan
             slots = max(self.tokens_per_page, self.low_tokens_per_page)
             ws["logits_all"] = wsp.full("hot.logits_all", (L, B, Hq, vmax, slots), f32, float("-inf"))
