@@ -20,6 +20,13 @@ Requests (token ids, or text with the tokenizer) wait in a queue. Each `step()`:
    or `max_new_tokens`: a finished request's pages go back to the pool at once, and the others
    keep decoding.
 
+A server cancels a request with `abort(request_id)`, and may step a subset of the running
+requests (`decode_step(request_ids)`: the cluster worker steps its batches in turn). With a
+`recorder` the engine hands over what its store receives, and `restore` rebuilds such requests
+in another engine's store without running the model (cluster/worker.py: a dead worker's batch
+resumes from its cold-tier segment); `forced_tokens` replays a recorded generation through the
+model instead.
+
 A request gets the tokens it gets alone, whatever joins or leaves the batch around it (greedy:
 exactly, up to the model's own batch-size-dependent rounding; sampled: the noise is a function
 of its seed, step and token).
@@ -34,6 +41,7 @@ qualify, what a replay reads); elsewhere, or where the store cannot be captured,
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
@@ -83,6 +91,7 @@ class _Request:
     seq_id: int | None = None
     finish_reason: str | None = None
     text: str | None = None
+    forced: list[int] = field(default_factory=list)  # teacher forcing: its first tokens, given
 
     @property
     def length(self) -> int:
@@ -90,9 +99,9 @@ class _Request:
         return len(self.prompt) + len(self.tokens)
 
 
-def _decode_cache_class():
-    """The KVStoreCache subclass of a decode step (built on first use: importing this module
-    imports no transformers)."""
+def _cache_classes():
+    """The KVStoreCache subclasses of a decode step and of a recorded prefill (built on first use:
+    importing this module imports no transformers)."""
     from kvstore.adapters.hf import KVStoreCache
 
     class DecodeCache(KVStoreCache):
@@ -100,11 +109,20 @@ def _decode_cache_class():
         layer 0 plans the step, every layer decodes. The engine owns the sequences: this cache
         releases nothing."""
 
-        def __init__(self, store, seq_ids: torch.Tensor, plan=None):
+        def __init__(self, store, seq_ids: torch.Tensor, plan=None, record=None):
             super().__init__(store)
             self.seq_ids = seq_ids
             self.decoding = True
             self.given_plan = plan  # a plan made before the forward (the CUDA-graph path)
+            self.record = record  # (k, v [L, B, Hkv, d], q [L, B, Hq, d]): each layer's inputs copied in
+
+        def attend(self, layer_idx: int, q, k, v, padding_mask, scale: float) -> torch.Tensor:
+            if self.record is not None:  # copies into fixed buffers: a captured step records too
+                rk, rv, rq = self.record
+                rk[layer_idx].copy_(k[:, :, 0])
+                rv[layer_idx].copy_(v[:, :, 0])
+                rq[layer_idx].copy_(q[:, :, 0])
+            return super().attend(layer_idx, q, k, v, padding_mask, scale)
 
         def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
             if layer_idx == 0:
@@ -114,7 +132,24 @@ def _decode_cache_class():
                 self.plan = self.given_plan if self.given_plan is not None else self.store.plan(self.seq_ids)
             return key_states, value_states
 
-    return DecodeCache
+    class PrefillCache(KVStoreCache):
+        """A prompt's cache whose every layer's attention inputs also go to `on_inputs`."""
+
+        def __init__(self, store, prompt_lengths, prompt_width, on_inputs):
+            super().__init__(store, prompt_lengths, prompt_width)
+            self.on_inputs = on_inputs
+            self.start = 0  # the chunk's first position
+
+        def attend(self, layer_idx: int, q, k, v, padding_mask, scale: float) -> torch.Tensor:
+            self.on_inputs(layer_idx, self.start, q, k, v, scale)
+            return super().attend(layer_idx, q, k, v, padding_mask, scale)
+
+    return DecodeCache, PrefillCache
+
+
+def _engine_dropped(client: KVStoreClient) -> None:
+    """An Engine garbage-collected without close(): the model detached, every page freed."""
+    client.detach()
 
 
 class Engine:
@@ -130,10 +165,17 @@ class Engine:
         cuda_graphs: capture the decode step in a CUDA graph per batch size and replay it
             (kvstore/cuda_graph.py). None (default): where the store supports it; True: required
             (ValueError saying why not, if not); False: every step eager.
+        recorder: an object that keeps what the store receives, so that requests can be rebuilt
+            elsewhere without the model (`restore`; the cluster worker mirrors it to host memory):
+            `recorder.prefill(request_id, layer, start, q, k, v, scale)` gets every layer's
+            attention inputs of a prompt as its prefill runs (post-RoPE, [1, H, T, d], positions
+            start .. start + T - 1), and `recorder.step(request_ids, k, v, q)` each decode step's
+            after the step (k, v [L, B, Hkv, d], q [L, B, Hq, d]; buffers the next step rewrites,
+            written inside a captured step too). None: nothing is recorded.
     """
 
     def __init__(self, model: Any, config: KVStoreConfig | str | None = None, *, tokenizer: Any = None,
-                 max_batch: int = 32, seed: int = 0, cuda_graphs: bool | None = None):
+                 max_batch: int = 32, seed: int = 0, cuda_graphs: bool | None = None, recorder: Any = None):
         if config is None:
             config = KVStoreConfig.preset("full")
         elif isinstance(config, str):
@@ -153,7 +195,7 @@ class Engine:
 
         self._cache_arg = CACHE_ARG
         self._prefill_cache = KVStoreCache
-        self._decode_cache = _decode_cache_class()
+        self._decode_cache, self._tap_prefill_cache = _cache_classes()
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if eos is None:
             eos = getattr(model.config, "eos_token_id", None)
@@ -162,6 +204,12 @@ class Engine:
         self.running: list[_Request] = []
         self._next_id = 0
         self.closed = False
+        self.recorder = recorder
+        # an engine dropped without close() detaches from the model (freeing every page) when collected
+        self._finalizer = weakref.finalize(self, _engine_dropped, self.client)
+        self._records: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # per batch size
+        #: forced tokens (`add_request(forced_tokens=...)`) that differed from the token the step sampled
+        self.forced_mismatches = 0
         from kvstore.cuda_graph import DecodeGraphs, graph_support
 
         why_not = graph_support(self.store) if cuda_graphs is not False else "cuda_graphs=False"
@@ -179,10 +227,19 @@ class Engine:
             "CUDA graph" if self.graphs is not None else f"eager ({why_not})")
 
     # ---- requests ------------------------------------------------------------------------------
-    def add_request(self, prompt: str | Sequence[int] | torch.Tensor, params: SamplingParams | None = None) -> int:
-        """Queue one request; returns its id. prompt: text (needs the tokenizer) or token ids."""
+    def add_request(self, prompt: str | Sequence[int] | torch.Tensor, params: SamplingParams | None = None, *,
+                    forced_tokens: Sequence[int] | None = None) -> int:
+        """Queue one request; returns its id. prompt: text (needs the tokenizer) or token ids.
+
+        forced_tokens: teacher forcing (replaying a recorded generation): the request's first
+        tokens are these rather than the ones sampled, each fed back as a decode step, so the
+        store ends as the recorded run left it; a sampled token that differs counts in
+        `forced_mismatches`. At most max_new_tokens of them."""
         self._check_open()
         params = params or SamplingParams()
+        forced = self._encode(forced_tokens) if forced_tokens is not None and len(forced_tokens) else []
+        if len(forced) > params.max_new_tokens:
+            raise ValueError(f"{len(forced)} forced tokens exceed max_new_tokens={params.max_new_tokens}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: Engine(..., tokenizer=...)")
         ids = self._encode(prompt)
@@ -194,7 +251,7 @@ class Engine:
         self._next_id += 1
         seed = params.seed if params.seed is not None else (self.seed * 1_000_003 + rid) & 0x7FFFFFFF
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
-        self.waiting.append(_Request(rid, ids, params, seed, stop_ids))
+        self.waiting.append(_Request(rid, ids, params, seed, stop_ids, forced=forced))
         return rid
 
     def _encode(self, prompt) -> list[int]:
@@ -218,6 +275,104 @@ class Engine:
         if bad:
             raise ValueError(f"token id {bad[0]} outside the model's vocabulary [0, {vocab})")
         return list(ids)
+
+    def abort(self, request_id: int) -> bool:
+        """Drop an unfinished request (its client went away): a waiting one leaves the queue, a
+        running one's pages go back to the pool at once. False if it is not waiting or running."""
+        self._check_open()
+        for r in self.waiting:
+            if r.rid == request_id:
+                self.waiting.remove(r)
+                r.finish_reason = "abort"
+                return True
+        for r in self.running:
+            if r.rid == request_id:
+                self._release(r)
+                r.finish_reason = "abort"
+                self.running.remove(r)
+                return True
+        return False
+
+    @torch.no_grad()
+    def restore(self, prompts: Sequence[Sequence[int]], tokens: Sequence[Sequence[int]], params: SamplingParams,
+                keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None = None,
+                scale: float | None = None) -> list[int]:
+        """Requests that ran elsewhere (an engine with a `recorder`), rebuilt in this engine's store
+        from their recorded attention inputs without running the model, and running here again;
+        returns their new ids. Their next decode step feeds their last token.
+
+        The rows decoded together (one step each, as `decode_step(request_ids)` runs a batch):
+        prompts[b] and tokens[b] (generated so far, the same count g >= 1 for every row) are row
+        b's; keys, values [L, B, Hkv, T, d] and queries [L, B, Hq, T, d] its inputs in the padded
+        timeline layout of kvstore/adapters/transfer.py, T = P + g - 1: row b's prompt in columns
+        P - len(prompts[b]) .. P - 1, then one column per decode step. The store receives the
+        calls this engine makes for such requests (each prompt alone, in the same chunks, then
+        the steps with the same plans), so it ends in the state the recorded run left (bit for
+        bit where the store is deterministic, whatever the preset). queries=None: zeros, exact
+        only where the store's state does not depend on them (kvstore.adapters.transfer.exportable).
+        Sampling after this uses `params` (a seeded request continues its noise only with its seed).
+        """
+        from kvstore.adapters.transfer import exportable
+
+        self._check_open()
+        B, g = len(prompts), len(tokens[0]) if tokens else 0
+        geo = self.store.geometry
+        L, _, H, T, d = keys.shape
+        P = T - (g - 1)
+        if B == 0 or len(tokens) != B or g < 1 or any(len(t) != g for t in tokens):
+            raise ValueError("restore needs one prompt and one token list per row, each with the same count g >= 1")
+        if len(self.running) + B > self.max_batch:
+            raise ValueError(f"restore: {B} requests exceed the free batch slots "
+                             f"({self.max_batch - len(self.running)} of max_batch={self.max_batch})")
+        if (L, H, d) != (geo.num_layers, geo.num_kv_heads, geo.head_dim) or keys.shape != values.shape \
+                or keys.shape[1] != B or any(len(p) > P for p in prompts):
+            raise ValueError(f"restore: keys/values {list(keys.shape)} are not [L={geo.num_layers}, B={B}, "
+                             f"Hkv={geo.num_kv_heads}, T >= prompt + {g - 1}, d={geo.head_dim}]")
+        if queries is None and not exportable(self.store):
+            raise ValueError(f"restore: preset {self.config.name!r} keeps state that depends on the queries; pass them")
+        dev = dict(device=self.device, dtype=geo.dtype)
+        k, v = keys.to(**dev), values.to(**dev)
+        q = queries.to(**dev) if queries is not None else torch.zeros(L, B, geo.num_q_heads, T, d, **dev)
+        scale = d ** -0.5 if scale is None else float(scale)
+        reqs = []
+        for b in range(B):
+            rid = self.add_request(prompts[b], params)
+            req = self.waiting.pop()
+            req.tokens = [int(t) for t in tokens[b]]
+            reqs.append(req)
+        try:
+            for b, req in enumerate(reqs):  # each prompt alone, in the chunks `_prefill` takes
+                n = len(req.prompt)
+                chunk = self.config.prefill_chunk_tokens
+                chunked = self.config.chunked_prefill and n > chunk
+                size = -(-n // -(-n // chunk)) if chunked else n
+                self.store.reserve(1, n, req.params.max_new_tokens, chunked=chunked)
+                self.store.hot.table.ensure_pages(self._pages_needed(req) + 1)
+                seq = self.store.add_sequences(1, torch.tensor([n]))
+                req.seq_id = int(seq[0])
+                for start in range(0, n, size):
+                    c = slice(P - n + start, P - n + min(n, start + size))
+                    valid = torch.ones(1, c.stop - c.start, dtype=torch.bool, device=self.device)
+                    for layer in range(L):
+                        self.store.prefill(layer, seq, q[layer, b:b + 1, :, c], k[layer, b:b + 1, :, c],
+                                           v[layer, b:b + 1, :, c], valid, scale)
+            seq_ids = torch.tensor([r.seq_id for r in reqs], dtype=torch.int64, device=self.device)
+            for t in range(P, T):  # the decode steps, with the plans `_decode` makes for these requests
+                plan = self._make_plan(reqs, seq_ids)
+                c = slice(t, t + 1)
+                for layer in range(L):
+                    self.store.decode(layer, plan, q[layer, :, :, c], k[layer, :, :, c], v[layer, :, :, c], scale)
+        except BaseException:
+            for r in reqs:
+                self._release(r)
+            raise
+        for r in reqs:
+            self._check_finished(r)
+        self.running += [r for r in reqs if r.finish_reason is None]
+        for r in reqs:
+            if r.finish_reason is not None:
+                self._release(r)
+        return [r.rid for r in reqs]
 
     @property
     def has_unfinished(self) -> bool:
@@ -264,12 +419,21 @@ class Engine:
         return outputs
 
     @torch.no_grad()
-    def decode_step(self) -> list[StepOutput]:
-        """One decode step of every running request (one forward of [B, 1]); their next tokens."""
+    def decode_step(self, request_ids: Iterable[int] | None = None) -> list[StepOutput]:
+        """One decode step of every running request (one forward of [B, 1]), or of the running
+        requests `request_ids` in that order (the others wait a step); their next tokens."""
         self._check_open()
-        if not self.running:
+        if request_ids is None:
+            batch = self.running
+        else:
+            by_id = {r.rid: r for r in self.running}
+            ids = list(request_ids)
+            missing = [i for i in ids if i not in by_id]
+            if missing or len(set(ids)) != len(ids):
+                raise ValueError(f"decode_step: request {missing[0] if missing else ids} is not running once")
+            batch = [by_id[i] for i in ids]
+        if not batch:
             return []
-        batch = self.running
         outputs = self._take(self._decode(batch), batch)
         self.running = [r for r in self.running if r.finish_reason is None]
         return outputs
@@ -285,10 +449,15 @@ class Engine:
         # the page tables as wide as this request will need (+1: a step's plan looks one page ahead),
         # once: not doubled mid-generation (a CUDA graph reads them at a fixed address)
         self.store.hot.table.ensure_pages(self._pages_needed(req) + 1)
-        cache = self._prefill_cache(self.store, torch.tensor([T]), T)
+        if self.recorder is None or req.rid < 0:
+            cache = self._prefill_cache(self.store, torch.tensor([T]), T)
+        else:
+            cache = self._tap_prefill_cache(self.store, torch.tensor([T]), T,
+                                            lambda *inputs: self.recorder.prefill(req.rid, *inputs))
         try:
             for start in range(0, T, size):
                 end = min(T, start + size)
+                cache.start = start
                 pos = torch.arange(start, end, device=self.device).view(1, -1)
                 out = self.model(input_ids=ids[:, start:end], position_ids=pos, use_cache=True, logits_to_keep=1,
                                  **{self._cache_arg: cache})
@@ -321,19 +490,38 @@ class Engine:
     def _decode(self, batch: list[_Request]) -> torch.Tensor:
         """One step of every request in `batch`: logits [B, V] of their next tokens."""
         rows = torch.tensor([[r.seq_id, r.tokens[-1], r.length - 1] for r in batch], dtype=torch.int64)
+        record = self._record_buffers(len(batch)) if self.recorder is not None else None
         if self.graphs is not None:
-            return self._decode_graph(batch, rows)
+            logits = self._decode_graph(batch, rows, record)
+        else:
+            logits = self._decode_eager(batch, rows, record)
+        if record is not None and batch[0].rid >= 0:  # (warmup's dummies have negative ids: not recorded)
+            self.recorder.step([r.rid for r in batch], *record)
+        return logits
+
+    def _record_buffers(self, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where a step of B rows copies its attention inputs (fixed per B: a captured step writes them)."""
+        if B not in self._records:
+            geo = self.store.geometry
+            kv = (geo.num_layers, B, geo.num_kv_heads, geo.head_dim)
+            self._records[B] = (torch.zeros(kv, dtype=geo.dtype, device=self.device),
+                                torch.zeros(kv, dtype=geo.dtype, device=self.device),
+                                torch.zeros(geo.num_layers, B, geo.num_q_heads, geo.head_dim, dtype=geo.dtype,
+                                            device=self.device))
+        return self._records[B]
+
+    def _decode_eager(self, batch: list[_Request], rows: torch.Tensor, record) -> torch.Tensor:
         seq_ids, tokens, pos = rows.to(self.device).unbind(1)
         seq_ids = seq_ids.contiguous()
         # the same plan as the graph path (buffers sized for the widest table the batch reaches):
         # the same kernel launch, so eager and graph steps give the same bits
         plan = self._make_plan(batch, seq_ids)
-        cache = self._decode_cache(self.store, seq_ids, plan)
+        cache = self._decode_cache(self.store, seq_ids, plan, record)
         out = self.model(input_ids=tokens.view(-1, 1), position_ids=pos.view(-1, 1), use_cache=True,
                          logits_to_keep=1, **{self._cache_arg: cache})
         return out.logits[:, -1]
 
-    def _decode_graph(self, batch: list[_Request], rows: torch.Tensor) -> torch.Tensor:
+    def _decode_graph(self, batch: list[_Request], rows: torch.Tensor, record) -> torch.Tensor:
         """The step through the batch size's CUDA graph: static inputs filled, the plan made on
         the host (sized for the widest table the running requests reach), then one replay."""
         B = len(batch)
@@ -345,7 +533,7 @@ class Engine:
         tokens.copy_(staged[:, 1])
         pos.copy_(staged[:, 2])
         plan = self._make_plan(batch, seq_ids)
-        cache = self._decode_cache(self.store, seq_ids, plan)
+        cache = self._decode_cache(self.store, seq_ids, plan, record)
 
         def forward(p):
             out = self.model(input_ids=tokens.view(-1, 1), position_ids=pos.view(-1, 1), use_cache=True,
@@ -375,12 +563,16 @@ class Engine:
         logp = logp.tolist() if logp is not None else None
         outs = []
         for i, r in enumerate(reqs):
-            r.tokens.append(tok[i])
+            t = tok[i]
+            if len(r.tokens) < len(r.forced):  # teacher forcing: the recorded token, whatever was sampled
+                t, own = r.forced[len(r.tokens)], t
+                self.forced_mismatches += int(t != own)
+            r.tokens.append(t)
             lp = logp[i] if logp is not None and r.params.logprobs else None
             if lp is not None:
                 r.logprobs.append(lp)
             self._check_finished(r)
-            outs.append(StepOutput(r.rid, tok[i], lp, r.finish_reason is not None, r.finish_reason))
+            outs.append(StepOutput(r.rid, t, lp, r.finish_reason is not None, r.finish_reason))
             if r.finish_reason is not None:
                 self._release(r)
         return outs
@@ -531,6 +723,7 @@ class Engine:
         for r in self.running:
             self._release(r)
         self.running, self.waiting = [], deque()
+        self._finalizer.detach()
         self.client.detach()
         self.closed = True
 

@@ -218,3 +218,142 @@ def test_admission_sizes_the_pool_once_for_the_batch(model):
         pool._grow = lambda *a, **k: (grows.append(a), real(*a, **k))[1]
         outs = engine.generate(prompts, max_new_tokens=20, ignore_eos=True)
         assert len(grows) == 1 and all(len(o.token_ids) == 20 for o in outs)
+
+
+# ---- what a server and the cluster worker drive: abort, a subset's step, forced tokens, restore ----
+
+def test_abort_frees_a_running_request_and_unqueues_a_waiting_one(model):
+    with Engine(model, "tiered", max_batch=1) as engine:
+        a = engine.add_request(_prompts([40], seed=6)[0], SamplingParams(max_new_tokens=30))
+        b = engine.add_request(_prompts([25], seed=7)[0], SamplingParams(max_new_tokens=30))
+        engine.step()
+        assert [r.rid for r in engine.running] == [a] and engine.store.active
+        assert engine.abort(b) and not engine.waiting  # waiting: it leaves the queue
+        assert engine.abort(a) and not engine.running  # running: its pages go back at once
+        store = engine.store
+        assert not store.active and store.hot.pool.num_used == 0 and store.cold.used_bytes == 0
+        assert not engine.abort(a) and not engine.abort(12345)
+
+
+def test_a_subsets_step_gives_the_tokens_of_the_whole_batchs_steps(model):
+    prompts = _prompts([33, 47, 21], seed=8)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    with Engine(model, "full", max_batch=3) as engine:
+        want = [c.token_ids for c in engine.generate(prompts, params)]
+    with Engine(model, "full", max_batch=3) as engine:
+        ids = [engine.add_request(p, params) for p in prompts]
+        engine.admit()
+        got = {i: [r.tokens[0]] for i, r in zip(ids, engine.running)}
+        for _ in range(5):  # two batches stepped in turn, as the cluster worker steps its batches
+            for part in ([ids[2], ids[0]], [ids[1]]):
+                for out in engine.decode_step(part):
+                    got[out.request_id].append(out.token_id)
+        assert [got[i] for i in ids] == want
+        with pytest.raises(ValueError, match="not running"):
+            engine.decode_step([ids[0]])
+
+
+def test_forced_tokens_are_fed_back_and_mismatches_counted(model):
+    prompt = _prompts([50], seed=9)[0]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+
+    def run(engine, forced):
+        rid = engine.add_request(prompt, params, forced_tokens=forced)
+        outs = []
+        while engine.has_unfinished:
+            outs += [o.token_id for o in engine.step() if o.request_id == rid]
+        return outs
+
+    with Engine(model, "leankv") as engine:
+        free = run(engine, None)
+        assert run(engine, free[:4]) == free  # its own tokens forced: the same run
+        assert engine.forced_mismatches == 0
+        wrong = [(t + 1) % 128 for t in free[:4]]
+        assert run(engine, wrong)[:4] == wrong and engine.forced_mismatches == 4
+        with pytest.raises(ValueError, match="exceed max_new_tokens"):
+            engine.add_request(prompt, SamplingParams(max_new_tokens=2), forced_tokens=[1, 2, 3])
+
+
+class _Recorder:
+    """The padded timeline of a batch (row b's prompt ends at column P), as the cluster worker keeps it."""
+
+    def __init__(self, prompts, geo, new):
+        self.P, self.n = max(map(len, prompts)), [len(p) for p in prompts]
+        T, B = self.P + new, len(prompts)
+        self.k = torch.zeros(geo.num_layers, B, geo.num_kv_heads, T, geo.head_dim)
+        self.v = torch.zeros_like(self.k)
+        self.q = torch.zeros(geo.num_layers, B, geo.num_q_heads, T, geo.head_dim)
+        self.t, self.rows, self.scale = self.P, {}, None
+
+    def prefill(self, rid, layer, start, q, k, v, scale):
+        b = self.rows[rid]
+        c = self.P - self.n[b] + start
+        for dst, x in ((self.k, k), (self.v, v), (self.q, q)):
+            dst[layer, b, :, c:c + x.shape[2]] = x[0]
+        self.scale = scale
+
+    def step(self, rids, k, v, q):
+        rows = [self.rows[r] for r in rids]
+        for dst, x in ((self.k, k), (self.v, v), (self.q, q)):
+            dst[:, rows, :, self.t] = x
+        self.t += 1
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_restore_rebuilds_requests_without_the_model_and_they_go_on_bit_for_bit(preset):
+    """Requests recorded in one engine and restored in another (a different copy of the model, which
+    never sees the prompts): every later token and logprob equals the uninterrupted run's."""
+    over = {"pqcache": dict(sink_tokens=4, window_tokens=8, token_budget=8, pq_bits=4, gpu_cache_tokens=8),
+            "tiered": dict(pq_bits=4, gpu_cache_tokens=8)}.get(preset, {})
+    prompts = [p.tolist() for p in _prompts([70, 96, 83], seed=5)]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=True)
+    first, second = tiny_model("llama"), tiny_model("llama")
+    with Engine(first, KVStoreConfig.preset(preset, **over), max_batch=4) as a, \
+            Engine(second, KVStoreConfig.preset(preset, **over), max_batch=4) as b:
+        rec = a.recorder = _Recorder(prompts, a.store.geometry, 12)
+        ids = []
+        for p in prompts:
+            ids.append(a.add_request(p, params))
+            rec.rows[ids[-1]] = len(ids) - 1
+        a.admit()
+        for _ in range(5):
+            a.decode_step(ids)
+        tokens = [list(r.tokens) for r in a.running]
+        T = rec.t
+        new = b.restore(prompts, tokens, params, rec.k[..., :T, :], rec.v[..., :T, :], rec.q[..., :T, :], rec.scale)
+        assert len(b.running) == 3 and [r.tokens for r in b.running] == tokens
+        for _ in range(6):
+            want = [(o.token_id, o.logprob) for o in a.decode_step(ids)]
+            assert [(o.token_id, o.logprob) for o in b.decode_step(new)] == want
+        assert not a.running and not b.running and not b.store.active
+
+
+def test_restore_refuses_what_it_cannot_rebuild(model):
+    geo_shape = lambda L, B, H, T, d: torch.zeros(L, B, H, T, d)  # noqa: E731
+    with Engine(model, "leankv", max_batch=2) as engine:
+        kv = geo_shape(2, 1, 2, 6, 16)
+        with pytest.raises(ValueError, match="depends on the queries"):
+            engine.restore([[5, 6, 7]], [[1, 2, 3, 4]], SamplingParams(), kv, kv)
+        with pytest.raises(ValueError, match="same count"):
+            engine.restore([[5, 6, 7]], [[1, 2], [3]], SamplingParams(), kv, kv)
+        with pytest.raises(ValueError, match="free batch slots"):
+            engine.restore([[5]] * 3, [[1]] * 3, SamplingParams(), geo_shape(2, 3, 2, 1, 16), geo_shape(2, 3, 2, 1, 16))
+        with pytest.raises(ValueError, match=r"keys/values \[2, 1, 2, 6, 8\]"):
+            engine.restore([[5, 6, 7]], [[1, 2, 3, 4]], SamplingParams(), geo_shape(2, 1, 2, 6, 8), geo_shape(2, 1, 2, 6, 8))
+        assert not engine.running and not engine.store.active
+
+
+def test_an_engine_dropped_without_close_detaches_and_frees_its_pages():
+    import gc
+
+    model = tiny_model("llama")
+    engine = Engine(model, "quant")
+    engine.add_request([5, 6, 7, 8], SamplingParams(max_new_tokens=20))
+    engine.step()
+    store = engine.store
+    assert store.active
+    del engine
+    gc.collect()
+    assert not store.active and store.hot.pool.num_used == 0
+    with Engine(model, "full") as again:  # the model is free to attach
+        assert again.generate([[5, 6, 7]], max_new_tokens=2)[0].token_ids
