@@ -1,7 +1,10 @@
 """Move sequences between stores: record what the store received, then rebuild it without the model.
 
-The cluster layer (cluster/) uses this to hand a batch from a dead worker to a new one with no
-prefill: the model never runs again over tokens it already saw.
+This is for the compatible path's sequences (a `KVStoreCache` under `model.generate()` or a
+forward loop over `past_key_values`): the model never runs again over tokens it already saw. The
+engine's own requests move the same way through `Engine(recorder=...)` and `Engine.restore`,
+which replay the calls the engine makes (each prompt alone, in its chunks): the cluster layer
+(cluster/worker.py) uses those; the padded timeline layout below is shared.
 
 * `TapCache`: a `KVStoreCache` that hands every layer's attention inputs (post-RoPE q, k, v and
   the softmax scale: exactly what the store receives) to a callback, so a caller can mirror them
