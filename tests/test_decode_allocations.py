@@ -61,10 +61,11 @@ def _store(preset: str, device: str, dtype=torch.float16, **overrides) -> KVStor
     return store
 
 
-def _drive(store: KVStore, steps: int, probe_from: int = 1, lens=(40, 27)):
+def _drive(store: KVStore, steps: int, probe_from: int = 1, lens=(40, 27), collect: list | None = None):
     """Prefill + `steps` decode steps; returns the probes of every layer's decode from `probe_from` on
     and the selection width of each step. Checks each step's outputs before the next plan: layer
-    i's output is its own buffer, intact after the later layers ran (`KVStore.decode`'s contract)."""
+    i's output is its own buffer, intact after the later layers ran (`KVStore.decode`'s contract).
+    `collect`: a list that gets a copy of every layer's output."""
     dev, dtype = store.device, store.geometry.dtype
     g = torch.Generator().manual_seed(0)
 
@@ -93,6 +94,8 @@ def _drive(store: KVStore, steps: int, probe_from: int = 1, lens=(40, 27)):
             else:
                 out = store.decode(layer, plan, q, k, v, D ** -0.5)
             outs.append((out, out.clone()))
+        if collect is not None:
+            collect += [copy for _, copy in outs]
         for out, copy in outs:
             assert torch.equal(out, copy)
         assert len({out.data_ptr() for out, _ in outs}) == L
@@ -200,28 +203,8 @@ def test_stale_workspace_bytes_never_reach_the_outputs(preset, monkeypatch):
     from kvstore.plan import Workspace
 
     def outputs():
-        store = _store(preset, "cpu")
-        dev, dtype = store.device, store.geometry.dtype
-        g = torch.Generator().manual_seed(0)
-
-        def r(*shape):
-            return torch.randn(*shape, generator=g).to(dev, dtype)
-
-        lens = (40, 27)
-        B, T = len(lens), max(lens)
-        valid = torch.zeros(B, T, dtype=torch.bool)
-        for b, n in enumerate(lens):
-            valid[b, T - n:] = True
-        ids = store.add_sequences(B)
-        for layer in range(L):
-            store.prefill(layer, ids, r(B, HQ, T, D), r(B, HKV, T, D), r(B, HKV, T, D), valid, D ** -0.5)
         outs = []
-        for _ in range(2):
-            plan = store.plan(ids)
-            for layer in range(L):
-                outs.append(store.decode(layer, plan, r(B, HQ, 1, D) * 3, r(B, HKV, 1, D), r(B, HKV, 1, D),
-                                         D ** -0.5).clone())
-        store.release(ids)
+        _drive(_store(preset, "cpu"), steps=2, probe_from=2, collect=outs)
         return torch.stack(outs)
 
     want = outputs()
