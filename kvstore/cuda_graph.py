@@ -133,39 +133,47 @@ def _changed(old: tuple, new: tuple) -> str:
 
 
 class DecodeGraphs:
-    """Captured decode steps, one per batch size; `run` replays (capturing first when needed).
+    """Captured decode steps, one per signature; `run` replays (capturing first when needed).
 
     forward(plan) must run one decode step of the model reading only the static inputs and the
     plan's buffers, and return the logits [B, V] (a tensor the graph then owns).
 
-    max_graphs: graphs kept (least recently replayed dropped first). The engine keeps one for every
-    batch size up to its max_batch: under continuous batching the size moves every time a request
-    joins or leaves, and a size seen before must replay, not capture again. A graph's own memory is
-    its output logits [B, V] and its intermediates, which the captures share (one pool).
+    max_graphs: graphs kept (least recently replayed dropped first). The engine keeps as many as
+    its max_batch: under continuous batching the batch size moves every time a request joins or
+    leaves, and the step's widths with the requests' lengths (a PQ preset's selection is as wide
+    as the batch's largest budget), so a step seen before, at any size, must replay rather than
+    capture again. A graph's own memory is its output logits [B, V] and its intermediates, which
+    the captures share (one pool).
     """
 
     def __init__(self, store: Any, max_graphs: int = 8):
         self.store = store
         self.max_graphs = max_graphs
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[int, tuple[tuple, torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # by signature
         self.captures = 0
         self.replays = 0
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The batch sizes a kept graph replays (its logits' rows)."""
+        return sorted({logits.shape[0] for _, logits in self.graphs.values()})
 
     def run(self, plan: Any, inputs: tuple[torch.Tensor, ...], forward: Callable[[Any], torch.Tensor]) -> torch.Tensor:
         """Logits of the step `plan` (already made by store.plan on the static inputs)."""
         B = plan.seq_ids.numel()
         sig = signature(self.store, plan, inputs)
-        held = self.graphs.pop(B, None)  # re-inserted last: the dict's order is least recently used first
-        if held is None or held[0] != sig:
+        held = self.graphs.pop(sig, None)  # re-inserted last: the dict's order is least recently used first
+        if held is None:
+            same_b = [s for s in self.graphs if s[0] == sig[0]]  # the static inputs: the batch size's
+            why = f"{_changed(same_b[-1], sig)} changed" if same_b else "new batch size"
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))
-            why = "new batch size" if held is None else f"{_changed(held[0], sig)} changed"
-            held = (sig, *self._capture(plan, forward))
+            held = self._capture(plan, forward)
             self.captures += 1
             logger.info("engine: decode step captured in a CUDA graph (B=%d, capture %d: %s)", B, self.captures, why)
-        self.graphs[B] = held
-        _, graph, logits = held
+        self.graphs[sig] = held
+        graph, logits = held
         graph.replay()
         self.replays += 1
         plan.written = [True] * len(plan.written)  # every layer wrote its token (inside the graph)

@@ -31,9 +31,9 @@ A request gets the tokens it gets alone, whatever joins or leaves the batch arou
 exactly, up to the model's own batch-size-dependent rounding; sampled: the noise is a function
 of its seed, step and token).
 
-On CUDA the decode step is captured in a CUDA graph once per batch size and replayed, every
-size up to `max_batch` kept, so a size seen before replays (kvstore/cuda_graph.py: which stores
-qualify, what a replay reads); elsewhere, or where the store cannot be captured, it runs eagerly
+On CUDA the decode step is captured in a CUDA graph and replayed, up to `max_batch` graphs kept
+(one per batch size and widths seen), so a step seen before replays (kvstore/cuda_graph.py: which
+stores qualify, what a replay reads; `warmup` captures every batch size ahead of traffic); elsewhere, or where the store cannot be captured, it runs eagerly
 (every op launched from Python). The engine logs which path runs (`decode_path`).
 `KVStoreClient.attach(model)` + `model.generate()` stays the compatible path.
 """

@@ -196,7 +196,7 @@ def test_every_batch_size_seen_replays_when_it_comes_back():
         engine.graphs, engine.decode_path = _EmulatedGraphs(engine.store, max_graphs=engine.max_batch), "cuda-graph"
         first = engine.generate(prompts, params)
         captures, replays = engine.graphs.captures, engine.graphs.replays
-        assert captures >= 10 and sorted(engine.graphs.graphs) == list(range(1, 11))
+        assert captures >= 10 and engine.graphs.batch_sizes == list(range(1, 11))
         second = engine.generate(prompts, params)
         assert engine.graphs.captures == captures, "a batch size seen before captured again"
         assert engine.graphs.replays == 2 * replays
@@ -250,7 +250,7 @@ def test_after_warmup_new_batch_sizes_and_prompt_lengths_capture_nothing(preset)
     with Engine(model, _warm_config(preset), max_batch=4, cuda_graphs=False) as graphed:
         graphed.graphs, graphed.decode_path = _EmulatedGraphs(graphed.store, max_graphs=4), "cuda-graph"
         info = graphed.warmup(90, 10)
-        assert info["captures"] == 4 and sorted(graphed.graphs.graphs) == [1, 2, 3, 4]
+        assert info["captures"] == 4 and graphed.graphs.batch_sizes == [1, 2, 3, 4]
         store = graphed.store
         assert not store.active and store.hot.pool.num_used == 0  # the dummies are gone
         assert graphed.stats()["sequences"] == 0 and graphed._next_id == 0
