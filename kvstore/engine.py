@@ -317,6 +317,8 @@ class Engine:
         self._check_open()
         B, g = len(prompts), len(tokens[0]) if tokens else 0
         geo = self.store.geometry
+        if keys.dim() != 5:
+            raise ValueError(f"restore: keys/values must be [L, B, Hkv, T, d], got {list(keys.shape)}")
         L, _, H, T, d = keys.shape
         P = T - (g - 1)
         if B == 0 or len(tokens) != B or g < 1 or any(len(t) != g for t in tokens):
@@ -330,6 +332,9 @@ class Engine:
                              f"Hkv={geo.num_kv_heads}, T >= prompt + {g - 1}, d={geo.head_dim}]")
         if queries is None and not exportable(self.store):
             raise ValueError(f"restore: preset {self.config.name!r} keeps state that depends on the queries; pass them")
+        if queries is not None and tuple(queries.shape) != (L, B, geo.num_q_heads, T, d):
+            raise ValueError(f"restore: queries {list(queries.shape)} are not [L, B, Hq, T, d] = "
+                             f"{[L, B, geo.num_q_heads, T, d]}")
         dev = dict(device=self.device, dtype=geo.dtype)
         k, v = keys.to(**dev), values.to(**dev)
         q = queries.to(**dev) if queries is not None else torch.zeros(L, B, geo.num_q_heads, T, d, **dev)

@@ -338,6 +338,10 @@ def test_restore_refuses_what_it_cannot_rebuild(model):
             engine.restore([[5, 6, 7]], [[1, 2], [3]], SamplingParams(), kv, kv)
         with pytest.raises(ValueError, match="free batch slots"):
             engine.restore([[5]] * 3, [[1]] * 3, SamplingParams(), geo_shape(2, 3, 2, 1, 16), geo_shape(2, 3, 2, 1, 16))
+        with pytest.raises(ValueError, match=r"queries \[2, 1, 3, 6, 16\]"):
+            engine.restore([[5, 6, 7]], [[1, 2, 3, 4]], SamplingParams(), kv, kv, torch.zeros(2, 1, 3, 6, 16))
+        with pytest.raises(ValueError, match="must be"):
+            engine.restore([[5, 6, 7]], [[1, 2, 3, 4]], SamplingParams(), kv[0], kv[0])
         with pytest.raises(ValueError, match=r"keys/values \[2, 1, 2, 6, 8\]"):
             engine.restore([[5, 6, 7]], [[1, 2, 3, 4]], SamplingParams(), geo_shape(2, 1, 2, 6, 8), geo_shape(2, 1, 2, 6, 8))
         assert not engine.running and not engine.store.active
