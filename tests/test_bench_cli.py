@@ -186,3 +186,15 @@ def test_method_options_override_config_fields_and_label_the_column():
                        ("nope@alpha_p=1", "unknown method"), ("pqcache@budget_fraction=0.1", "--budgets")]:
         with pytest.raises(ValueError, match=match):
             expand_methods([bad])
+
+
+def test_decode_ops_counts_the_kernels_of_a_layers_decode():
+    """benchmarks/perf/decode_ops.py: the count a CUDA-graph step pays per layer (no GPU needed).
+    A budget, not a timing: quant's step is its write and its attention kernels, and no preset's
+    decode reads a device value on the host."""
+    from benchmarks.perf.decode_ops import count
+
+    rows = {p: count(p, steps=2, lens=(64, 40)) for p in ("quant", "leankv")}
+    assert rows["quant"]["triton_launches_per_layer"] >= 2 and rows["quant"]["kernels_per_layer"] <= 6
+    assert rows["leankv"]["kernels_per_layer"] <= 8
+    assert all(r["host_reads_per_layer"] == 0 for r in rows.values())
