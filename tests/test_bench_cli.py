@@ -198,3 +198,17 @@ def test_decode_ops_counts_the_kernels_of_a_layers_decode():
     assert rows["quant"]["triton_launches_per_layer"] >= 2 and rows["quant"]["kernels_per_layer"] <= 6
     assert rows["leankv"]["kernels_per_layer"] <= 8
     assert all(r["host_reads_per_layer"] == 0 for r in rows.values())
+
+
+def test_profile_step_writes_the_profile_of_each_method(tmp_path, capsys):
+    """benchmarks/perf/profile_step.py end to end on the CPU (a GPU profiles CUDA kernels instead)."""
+    from benchmarks.perf import profile_step
+
+    assert profile_step.main(["--model", "tiny", "--length", "128", "--batch", "2", "--methods", "quant",
+                              "--steps", "2", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "profile.json").read_text())
+    assert [r["method"] for r in rows] == ["quant"] and rows[0]["kernels_per_step"] > 0
+    assert rows[0]["top_kernels"] and "quant" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(SystemExit):
+        profile_step.main(["--methods", "hf", "--out", str(tmp_path)])
+    assert "hf has no engine" in capsys.readouterr().err

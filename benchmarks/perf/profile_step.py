@@ -1,0 +1,155 @@
+"""A decode step through `kvstore.Engine` under torch.profiler: its kernels, their time, the gaps.
+
+    python -m benchmarks.perf.profile_step --model llama3-8b --length 32k --batch 4 \\
+        --methods quant,pqcache,tiered --steps 8 --out DIR
+
+Per method: the engine admits `--batch` random prompts of `--length` tokens, decodes `--warmup`
+steps (the CUDA graph is captured there), then `--steps` steps run under torch.profiler, each
+synchronized. Reported per step: the wall time, the device kernels launched and their summed time
+(on a GPU: CUDA kernels, inside a graph's replay too; on a CPU: the aten ops that ran), their share
+of the wall time (the rest is launch gaps and host work), and the kernels that took the most time.
+Written: DIR/profile.json and DIR/summary.md (what issue 17's note quotes as the profile summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.args import check_out_dir, csv as _csv, lengths as _lengths
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return n
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.perf.profile_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama3-8b", help="llama3-8b or tiny (random weights), or a local folder")
+    p.add_argument("--layers", type=_positive, default=None, help="keep only the first N decoder layers")
+    p.add_argument("--length", type=_lengths, default=[32768], help="prompt tokens, e.g. 32k")
+    p.add_argument("--batch", type=_positive, default=4)
+    p.add_argument("--methods", type=_csv, default=["quant", "pqcache", "tiered"],
+                   help="kvstore presets or suite methods, with options as in kvstore-bench throughput")
+    p.add_argument("--steps", type=_positive, default=8, help="decode steps profiled")
+    p.add_argument("--warmup", type=_positive, default=3, help="decode steps before profiling (captures)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder: profile.json, summary.md")
+    args = p.parse_args(argv)
+    from benchmarks.perf import throughput
+
+    try:
+        args.method_specs = throughput.parse_methods(args.methods)
+        if any(m.is_hf for m in args.method_specs):
+            raise ValueError("hf has no engine to profile; use kvstore-bench throughput")
+        ns = argparse.Namespace(model=args.model, layers=args.layers, lengths=args.length,
+                                new_tokens=args.warmup + args.steps + 1, device=args.device, dtype=args.dtype)
+        args.source = throughput.resolve_model(ns)
+        args.out = check_out_dir(args.out)
+    except ValueError as exc:
+        p.error(str(exc))
+    return args
+
+
+def _kernels(prof, device: torch.device) -> list[tuple[str, float]]:
+    """(name, microseconds) of every device kernel the profile saw. On a CPU: every aten op that no
+    other aten op called (the ones a GPU would launch), with the time of it and what it called."""
+    out = []
+    for e in prof.events():
+        if device.type == "cuda":
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                out.append((e.name, e.device_time))
+        elif e.name.startswith("aten::"):
+            parent = e.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            if parent is None:
+                out.append((e.name, e.cpu_time))
+    return out
+
+
+def profile_method(model, method, length: int, batch: int, steps: int, warmup: int, seed: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvstore.engine import Engine
+    from kvstore.sampling import SamplingParams
+
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(3, model.config.vocab_size, (batch, length), generator=gen)
+    config = dataclasses.replace(method.config, max_batch_size=batch)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    with Engine(model, config, max_batch=batch) as engine:
+        params = SamplingParams(max_new_tokens=warmup + steps + 1, ignore_eos=True)
+        for row in prompts:
+            engine.add_request(row.to(device), params)
+        engine.admit()
+        for _ in range(warmup):
+            engine.decode_step()
+        sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        walls = []
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                engine.decode_step()
+                sync()
+                walls.append(time.perf_counter() - t0)
+        path, captures = engine.decode_path, engine.graphs.captures if engine.graphs is not None else 0
+    kernels = _kernels(prof, device)
+    totals: dict[str, list[float]] = {}
+    for name, us in kernels:
+        totals.setdefault(name, []).append(us)
+    top = sorted(((n, sum(v) / steps, len(v) / steps) for n, v in totals.items()), key=lambda x: -x[1])[:12]
+    busy_ms = sum(us for _, us in kernels) / steps / 1e3
+    wall_ms = statistics.median(walls) * 1e3
+    return {
+        "method": method.label, "length": length, "batch": batch, "decode_path": path, "captures_in_profile": captures,
+        "wall_ms_per_step": wall_ms, "kernels_per_step": len(kernels) / steps, "kernel_ms_per_step": busy_ms,
+        "kernel_share": busy_ms / wall_ms if wall_ms else None,
+        "top_kernels": [{"name": n, "ms_per_step": us / 1e3, "launches_per_step": c} for n, us, c in top],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from benchmarks.perf.throughput import build_model
+
+    model = build_model(args.source, seed=args.seed)
+    length = args.length[0]
+    rows = [profile_method(model, m, length, args.batch, args.steps, args.warmup, args.seed) for m in args.method_specs]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile.json").write_text(json.dumps(rows, indent=1))
+    unit = "CUDA kernels" if args.source.device.type == "cuda" else "aten ops (CPU)"
+    lines = [f"# Decode step profile: {args.model}, {args.source.layers} layers, {length} tokens x {args.batch}, "
+             f"{args.steps} steps", "", f"| method | path | step ms | {unit} / step | their ms | share of the step |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['decode_path']} | {r['wall_ms_per_step']:.2f} | {r['kernels_per_step']:.0f} | "
+                     f"{r['kernel_ms_per_step']:.2f} | {r['kernel_share']:.0%} |")
+    for r in rows:
+        lines += ["", f"{r['method']}: the kernels that took the most time a step", ""]
+        lines += [f"- {k['name'][:90]}: {k['ms_per_step']:.3f} ms, {k['launches_per_step']:.0f} launches"
+                  for k in r["top_kernels"][:8]]
+    (args.out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:4 + len(rows)]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
