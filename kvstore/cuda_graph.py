@@ -9,7 +9,7 @@ step's metadata into buffers of the store's `Workspace`, which keep their addres
 shapes repeat; every layer's `KVStore.decode` then allocates nothing and never syncs the host
 (tests/test_decode_allocations.py). Three things are pinned for a graph's life:
 
-* the batch size B (one graph per B: the graphs share one memory pool);
+* the batch size B (the graphs, up to the engine's max_batch of them, share one memory pool);
 * the width the attention buffers are sized for: where the hot tier keeps every token, the widest
   page table the running requests will reach (`plan(pages_hint=...)`); where it drops tokens (a
   window, LeanKV), the pages in use rounded up in 1/8 steps (the dense width would leave most of

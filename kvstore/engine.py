@@ -33,8 +33,9 @@ of its seed, step and token).
 
 On CUDA the decode step is captured in a CUDA graph and replayed, up to `max_batch` graphs kept
 (one per batch size and widths seen), so a step seen before replays (kvstore/cuda_graph.py: which
-stores qualify, what a replay reads; `warmup` captures every batch size ahead of traffic); elsewhere, or where the store cannot be captured, it runs eagerly
-(every op launched from Python). The engine logs which path runs (`decode_path`).
+stores qualify, what a replay reads; `warmup` captures every batch size ahead of traffic);
+elsewhere, or where the store cannot be captured, it runs eagerly (every op launched from
+Python). The engine logs which path runs (`decode_path`).
 `KVStoreClient.attach(model)` + `model.generate()` stays the compatible path.
 """
 
@@ -162,7 +163,7 @@ class Engine:
         tokenizer: a Hugging Face tokenizer, for text prompts, text outputs and stop strings.
         max_batch: most requests decoding at once; more wait in the queue.
         seed: the engine's seed; requests without their own seed get one derived from it.
-        cuda_graphs: capture the decode step in a CUDA graph per batch size and replay it
+        cuda_graphs: capture the decode step in CUDA graphs and replay them
             (kvstore/cuda_graph.py). None (default): where the store supports it; True: required
             (ValueError saying why not, if not); False: every step eager.
         recorder: an object that keeps what the store receives, so that requests can be rebuilt
@@ -341,18 +342,14 @@ class Engine:
         scale = d ** -0.5 if scale is None else float(scale)
         reqs = []
         for b in range(B):
-            rid = self.add_request(prompts[b], params)
+            self.add_request(prompts[b], params)  # validates it; it runs from here, not from the queue
             req = self.waiting.pop()
             req.tokens = [int(t) for t in tokens[b]]
             reqs.append(req)
         try:
             for b, req in enumerate(reqs):  # each prompt alone, in the chunks `_prefill` takes
                 n = len(req.prompt)
-                chunk = self.config.prefill_chunk_tokens
-                chunked = self.config.chunked_prefill and n > chunk
-                size = -(-n // -(-n // chunk)) if chunked else n
-                self.store.reserve(1, n, req.params.max_new_tokens, chunked=chunked)
-                self.store.hot.table.ensure_pages(self._pages_needed(req) + 1)
+                size = self._prepare_prefill(req)
                 seq = self.store.add_sequences(1, torch.tensor([n]))
                 req.seq_id = int(seq[0])
                 for start in range(0, n, size):
@@ -447,13 +444,7 @@ class Engine:
         """The request's prompt into the store (its own sequence); logits [1, V] of its last token."""
         T = len(req.prompt)
         ids = torch.tensor([req.prompt], dtype=torch.int64, device=self.device)
-        chunk = self.config.prefill_chunk_tokens
-        chunked = self.config.chunked_prefill and T > chunk
-        size = -(-T // -(-T // chunk)) if chunked else T  # even chunks (LeanKV scores with the last one)
-        self.store.reserve(1, T, req.params.max_new_tokens, chunked=chunked)
-        # the page tables as wide as this request will need (+1: a step's plan looks one page ahead),
-        # once: not doubled mid-generation (a CUDA graph reads them at a fixed address)
-        self.store.hot.table.ensure_pages(self._pages_needed(req) + 1)
+        size = self._prepare_prefill(req)
         if self.recorder is None or req.rid < 0:
             cache = self._prefill_cache(self.store, torch.tensor([T]), T)
         else:
@@ -472,6 +463,18 @@ class Engine:
         cache._finalizer.detach()  # the engine owns the sequence from here: released when it finishes
         req.seq_id = int(cache.seq_ids[0])
         return out.logits[:, -1]
+
+    def _prepare_prefill(self, req: _Request) -> int:
+        """Before a request's prompt goes into the store (`_prefill`, `restore`): the pool and page
+        tables sized for it; returns the prefill's chunk size (even chunks where the preset chunks,
+        LeanKV scoring with the last one; the whole prompt otherwise)."""
+        T, chunk = len(req.prompt), self.config.prefill_chunk_tokens
+        chunked = self.config.chunked_prefill and T > chunk
+        self.store.reserve(1, T, req.params.max_new_tokens, chunked=chunked)
+        # the page tables as wide as this request will need (+1: a step's plan looks one page ahead),
+        # once: not doubled mid-generation (a CUDA graph reads them at a fixed address)
+        self.store.hot.table.ensure_pages(self._pages_needed(req) + 1)
+        return -(-T // -(-T // chunk)) if chunked else T
 
     def _pages_needed(self, req: _Request) -> int:
         """Page-table entries a head of this request reaches by its last token."""
@@ -658,7 +661,7 @@ class Engine:
             else:  # what a head holds now, plus every token still to come in a fresh slot of each tier
                 grow = -(-steps // hot.tokens_per_page) + (-(-steps // hot.low_tokens_per_page) if hot.low else 0)
                 ret = self.store.cold_path.ret_tokens_per_page if self.store.cold_path is not None else 0
-                self._floor_pages = plan.width + grow + (-(-self._floor_select // ret) if ret else 0)
+                self._floor_pages = plan.hot_ws["width"] + grow + (-(-self._floor_select // ret) if ret else 0)
             for b in range(n, 0, -1):  # every batch size once, at the floors
                 self._take(self._decode(dummies[:b]), dummies[:b])
         finally:

@@ -111,14 +111,12 @@ class DecodePlan:
     page:      int32 [B, L, Hkv] page that receives each head's new token
     slot:      int32 [B, L, Hkv] slot within that page
     num_pages: widest page table among the batch (the gather limit for the reference path)
-    width:     pages the step's attention is sized for (the kernel's splits): the high and low tiers'
-               widest tables + the retrieved tokens' pages, or the plan's pages_hint where wider,
-               rounded up in 1/8 steps
     evicted_pos: int64 [B, L, Hkv] position of the token that leaves the hot tier this step
                (its slot is the one the new token reuses), -1 where none leaves
     low_evicted: int64 [B, L, Hkv] position pruned from the low tier this step (-1: none); None
                without a low tier
-    hot_ws:    buffers of the hot tier's decode writes and attention (HotTier.plan_workspace)
+    hot_ws:    buffers of the hot tier's decode writes and attention (HotTier.plan_workspace); its
+               "width": the pages the attention is sized for (the kernel's splits)
     selection: retrieval metadata of the step (`SelectionStep`), None without a selector;
                its `ws` holds the buffers of the selection, GPU cache, fetch and merge
     retrieved: [2, B, Hkv, kmax, d] buffer of the selected tokens' K/V (hits + fetched misses)
@@ -149,4 +147,3 @@ class DecodePlan:
     fresh: torch.Tensor | None = None
     new_page: torch.Tensor | None = None
     written: list[bool] = field(default_factory=list)
-    width: int = 0

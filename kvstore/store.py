@@ -305,12 +305,12 @@ class KVStore:
         `_undo_unwritten_slots`).
 
         pages_hint: size the step's attention buffers (the kernel's splits) for this many pages
-        (high + low tier + retrieved) even if the batch's are fewer now, so that steps after steps get the same buffers
-        and the same launch (a CUDA graph captured once replays them; kvstore/cuda_graph.py).
+        (high + low tier + retrieved) even if the batch's are fewer now, so that steps after steps
+        get the same buffers and the same launch (a CUDA graph captured once replays them;
+        kvstore/cuda_graph.py). `plan.hot_ws["width"]`: the width sized for, in 1/8 steps.
         select_hint: with a selector, the selection at least this wide (within the retrieval
         buffers' capacity) even where the budget or the candidates are fewer (picks past them are
         invalid): a shorter prompt then selects into the same buffers (`Engine.warmup`).
-        `plan.width` is the width the attention was sized for (pages, rounded up in 1/8 steps).
         """
         self._undo_unwritten_slots()
         self._free_ret_pages()
@@ -327,7 +327,6 @@ class KVStore:
         # the kernel's splits cover the retrieved pages too where it attends them
         plan.hot_ws = self.hot.plan_workspace(seq_ids, plan.num_pages + nrp, workspace=self.workspace, page=page,
                                               slot=slot, positions=positions, min_pages=pages_hint or 0)
-        plan.width = plan.hot_ws["width"]
         geo = self.geometry
         B, L = seq_ids.numel(), geo.num_layers
         plan.out = self.workspace.take("store.out", (L, B, geo.num_q_heads, 1, geo.head_dim), geo.dtype)
