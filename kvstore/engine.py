@@ -42,6 +42,8 @@ Python). The engine logs which path runs (`decode_path`).
 from __future__ import annotations
 
 import logging
+import os
+import traceback
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -146,6 +148,20 @@ def _cache_classes():
             return super().attend(layer_idx, q, k, v, padding_mask, scale)
 
     return DecodeCache, PrefillCache
+
+
+_PACKAGES = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), p) + os.sep
+                  for p in ("kvstore", "gpu_kernels"))
+
+
+def _innermost_frame(exc: BaseException) -> str:
+    """'file:line function' of the innermost frame of kvstore or gpu_kernels in exc's traceback (the
+    line that broke a capture: the model's own frames and torch's are skipped)."""
+    found = "?"
+    for f in traceback.extract_tb(exc.__traceback__):
+        if f.filename.startswith(_PACKAGES):
+            found = f"{os.path.relpath(f.filename, os.path.dirname(os.path.dirname(_PACKAGES[0])))}:{f.lineno} {f.name}"
+    return found
 
 
 def _engine_dropped(client: KVStoreClient) -> None:
@@ -551,8 +567,9 @@ class Engine:
         try:
             return self.graphs.run(plan, (seq_ids, tokens, pos), forward)
         except Exception as exc:  # noqa: BLE001 - capture is an optimization: fall back, say so once
-            logger.warning("engine: CUDA graph capture failed (%s: %s); decoding eagerly from here",
-                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            logger.warning("engine: CUDA graph capture failed at %s (%s: %s); decoding eagerly from here",
+                           _innermost_frame(exc), type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            logger.debug("engine: the capture's traceback", exc_info=exc)
             self.graphs, self.decode_path = None, "eager"
             torch.cuda.synchronize(self.device)
             return forward(plan)  # the same plan again: a layer rewrites its token, then attends

@@ -14,6 +14,11 @@ A *host sync* is an op that copies a device value to the host (`_local_scalar_de
 `int(t)`, `bool(t)`, `.tolist()`) or whose output size depends on data (`nonzero`,
 `masked_select`, `unique`...); on a CPU store they are no sync, but they are one on the GPU.
 
+A *host value* is a Python number that becomes a host tensor (`aten.lift_fresh`: `torch.tensor(x)`,
+`t[index] = 1.0`) and then reaches an op other than `fill_`: on CUDA, `t[index_tensor] = 1.0` makes a
+0-dim host tensor that `index_put_` copies to the device, a pageable host-to-device copy, which CUDA
+graph capture refuses. (Slice assignment, `t[..., 3] = 1.0`, ends in `fill_` and is fine.)
+
 Ops run by the Triton interpreter itself (TRITON_INTERPRET=1 copies a kernel's arguments to host
 tensors and back) are ignored: on the GPU a kernel launch runs no aten op. The mode is
 thread-local: ops of other threads (the CPU store's fetch thread) are not seen, so probe a store
@@ -50,7 +55,7 @@ def _triton_dir() -> str:
 
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-_SKIP = (os.path.join(_REPO, "tests") + os.sep,)
+_SKIP = tuple(os.path.join(_REPO, d) + os.sep for d in ("tests", ".venv"))
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,9 @@ class AllocProbe(TorchDispatchMode):
         super().__init__()
         self.allocations: list[Record] = []
         self.syncs: list[Record] = []
+        self.host_values: list[Record] = []
+        self._lifted: set = set()  # storages of lift_fresh outputs (Python numbers made tensors)
+        self._keep: list[torch.Tensor] = []  # those outputs, alive so that no storage id is reused
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -110,14 +118,22 @@ class AllocProbe(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and _storage_id(t) not in owned:
                 self.allocations.append(Record(name, tuple(t.shape), t.dtype, where))
         op = str(func)  # with the overload, e.g. aten.repeat_interleave.Tensor
+        if name == "aten.lift_fresh":
+            self._lifted.add(_storage_id(out))
+            self._keep.append(out)
+        elif name != "aten.fill_" and owned & self._lifted:
+            self.host_values.append(Record(name, (), None, where))
         if name in SYNC_OPS or op in SYNC_OPS:
             self.syncs.append(Record(name, (), None, where))
         return out
 
     def summary(self) -> str:
-        lines = [f"{len(self.allocations)} allocating ops, {len(self.syncs)} host syncs"]
+        lines = [f"{len(self.allocations)} allocating ops, {len(self.syncs)} host syncs, "
+                 f"{len(self.host_values)} host values"]
         for rec, n in Counter(str(r) for r in self.allocations).most_common():
             lines.append(f"  alloc x{n}: {rec}")
         for rec, n in Counter(str(r) for r in self.syncs).most_common():
             lines.append(f"  sync  x{n}: {rec}")
+        for rec, n in Counter(str(r) for r in self.host_values).most_common():
+            lines.append(f"  value x{n}: {rec}")
         return "\n".join(lines)

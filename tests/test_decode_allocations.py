@@ -114,6 +114,7 @@ def test_a_layers_decode_run_allocates_nothing_and_never_syncs(preset, device):
         extra = [r for r in probe.allocations if r.op not in allowed]
         assert not extra, f"{preset} step {1 + i // L} layer {i % L}: {probe.summary()}"
         assert not probe.syncs, f"{preset} step {1 + i // L} layer {i % L}: {probe.summary()}"
+        assert not probe.host_values, f"{preset} step {1 + i // L} layer {i % L}: {probe.summary()}"
     if kmax:
         assert max(kmax[1:]) > 0, kmax  # the probed steps did select and fetch
 
@@ -147,7 +148,13 @@ def test_the_probe_sees_allocations_and_syncs_and_not_views_in_place_or_out_ops(
         torch.zeros(3)
         x[torch.tensor([0, 2])]
         int(y.sum())
-    assert quiet.allocations == [] and quiet.syncs == []
+    with AllocProbe() as fills:  # slice assignment of a number: fill_ (CUDA: no copy)
+        x[:, 3] = 1.0
+        x[1:3] = 0
+    with AllocProbe() as copies:  # an index tensor and a number: index_put_ of a host tensor
+        x[torch.zeros(2, dtype=torch.long)] = 1.0
+    assert quiet.allocations == [] and quiet.syncs == [] and quiet.host_values == []
+    assert fills.host_values == [] and [r.op for r in copies.host_values] == ["aten.index_put_"]
     assert [r.op for r in loud.allocations] == ["aten.add", "aten.zeros", "aten.index", "aten.sum"]
     assert [r.op for r in loud.syncs] == ["aten._local_scalar_dense"]
 

@@ -65,6 +65,10 @@ class GPUCache:
         self.hits = torch.zeros((), dtype=torch.int64, device=self.device)
         self.lookups = torch.zeros((), dtype=torch.int64, device=self.device)
         self.step = torch.zeros((), dtype=torch.float32, device=self.device)
+        # 0-dim device values the per-step scatters write: `t[index] = 1.0` would copy a host scalar to the
+        # device (pageable), which CUDA graph capture refuses
+        self.one = torch.ones((), dtype=torch.float32, device=self.device)
+        self.none = {dt: torch.full((), -1, dtype=dt, device=self.device) for dt in (torch.int16, torch.int32)}
         self.ensure(max_seqs, slots, cap)
 
     def ensure(self, max_seqs: int, slots: int, cap: int) -> None:
@@ -243,7 +247,7 @@ class GPUCache:
         old = ws["old"].copy_(torch.gather(posg, 2, tslot, out=ws["old32"]))
         keep_old = torch.ge(old, 0, out=ws["b"]).bitwise_and_(ok)
         old_col = ws["old_col"].copy_(old).masked_fill_(torch.logical_not(keep_old, out=ws["b"]), cap)
-        self.slot_of[layer][sb, h, old_col] = -1
+        self.slot_of[layer].index_put_((sb, h, old_col), self.none[self.slot_of.dtype])
         new_col = torch.clamp(pos, 0, cap, out=ws["new_col"]).masked_fill_(notok, cap)
         self.slot_of[layer][sb, h, new_col] = ws["tslot16"].copy_(tslot)
         if self.fmt is None:
@@ -252,7 +256,7 @@ class GPUCache:
         else:  # the rows as fetched; a non-miss's row holds stale bytes and goes to the trash slot
             self.rows[layer][sb, h, tslot] = raw.view(B, H, k, raw.shape[-1])  # k may be 0 (nothing to select)
         self.pos[layer][sb, h, tslot] = ws["p32"].copy_(pos).masked_fill_(notok, -1)
-        self.score[layer][sb, h, tslot] = 1.0 if self.policy == "lfu" else self.step
+        self.score[layer].index_put_((sb, h, tslot), self.one if self.policy == "lfu" else self.step)
         self.pos[layer][:, :, trash] = -1
         self.slot_of[layer][..., self.cap] = -1
 

@@ -53,6 +53,8 @@ class PagePool:
         self.data = torch.zeros(num_pages, page_bytes, dtype=torch.uint8, device=self.device)
         self.slot_pos = torch.full((num_pages, max_slots), -1, dtype=torch.int32, device=self.device)
         self.slot_score = torch.zeros(num_pages, self.score_slots, dtype=torch.float32, device=self.device)
+        #: 0-dim device zero that decode-time scatters write (`t[index] = 0.0` copies a host scalar)
+        self.zero = torch.zeros((), dtype=torch.float32, device=self.device)
         # Free stack: the first `num_free` entries are free page ids. Page 0 is never free.
         self.free_stack = torch.arange(num_pages - 1, 0, -1, dtype=torch.int32, device=self.device)
         self.num_free = num_pages - 1

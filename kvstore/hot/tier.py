@@ -197,8 +197,9 @@ class HotTier:
         p, s = (w["page"][layer], w["slot"][layer]) if getattr(self.high, "use_triton", False) else (p64, s64)
         self.high.write(self.pool.data, p, s, k.reshape(B * H, -1), v.reshape(B * H, -1))
         self.pool.slot_pos[p64, s64] = w["pos"]
-        if self.pool.score_slots:  # the new token starts with no attention mass
-            self.pool.slot_score[p64, s64] = 0.0
+        if self.pool.score_slots:  # the new token starts with no attention mass (a device zero: a Python
+            # number here would be a pageable host-to-device copy, which CUDA graph capture refuses)
+            self.pool.slot_score.index_put_((p64, s64), self.pool.zero)
 
     def apply(self, seq_ids: torch.Tensor, decision: StepDecision) -> tuple[torch.Tensor, ...]:
         """Plan time: carry out a policy's decision for one decode step (the policy decides, the

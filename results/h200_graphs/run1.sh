@@ -9,15 +9,17 @@ bash .device-deps/install.sh > /dev/null 2>&1 && export PYTHONPATH=/tmp/site:$PW
 export TRITON_INTERPRET=0
 nvidia-smi --query-gpu=name,memory.used,clocks.sm --format=csv > "$OUT/gpu.txt" 2>&1
 # 1. CUDA-only tests (the interpreter's CPU-tensor tests do not run with TRITON_INTERPRET=0)
-timeout 200 python -m pytest -q tests/test_cuda_graph.py > "$OUT/test_cuda_graph.log" 2>&1
+timeout 150 python -m pytest -q tests/test_cuda_graph.py > "$OUT/test_cuda_graph.log" 2>&1
 timeout 60 python -m pytest -q tests/test_paged_attention.py tests/test_fetch.py tests/test_cold_tier.py \
     -k "cuda or pinned" > "$OUT/test_cuda_kernels.log" 2>&1
-tail -3 "$OUT/test_cuda_graph.log" "$OUT/test_cuda_kernels.log"
-# 2. the bf16 page kernel against SDPA and the copy roofline
-timeout 60 python -m benchmarks.perf.decode_attention --pages bf16 --out "$OUT/full_kernel.json" > "$OUT/full_kernel.log" 2>&1
-tail -12 "$OUT/full_kernel.log"
+tail -n 3 "$OUT/test_cuda_graph.log" "$OUT/test_cuda_kernels.log"
+# 2. (the bf16 page kernel's timing ran in call 1, results/h200_graphs/call1/full_kernel.*)
 # 3. the 32-layer step through the engine (CUDA graphs), 32K x 4, every preset; the log says which path ran
-timeout 220 kvstore-bench throughput --model llama3-8b --lengths 32k --methods quant,pqcache,tiered,tiered@retrieval_attention=kernel,tiered@retrieval_attention=kernel:prefetch_next_layer=true \
-    --batch 4 --new-tokens 32 --out "$OUT/tp32k" --quiet --no-plots > "$OUT/tp32k.log" 2>&1
+timeout 210 python -m benchmarks.cli throughput --model llama3-8b --lengths 32k --methods quant,pqcache,tiered,tiered@retrieval_attention=kernel,tiered@retrieval_attention=kernel:prefetch_next_layer=true \
+    --batch 4 --new-tokens 32 --max-minutes 3.2 --out "$OUT/tp32k" --quiet --no-plots > "$OUT/tp32k.log" 2>&1
 grep -i "decode step\|eager\|capture" "$OUT/tp32k.log" | sort | uniq -c | head -20
 cat "$OUT/tp32k/summary.md" | grep "^|"
+# 4. issue 17's profile summary (run6's, in the same call): the 32-layer step at 32K x 4 under torch.profiler
+timeout 170 python -m benchmarks.perf.profile_step --model llama3-8b --length 32k --batch 4 \
+    --methods quant,pqcache,tiered --steps 8 --out "$OUT/profile32k" > "$OUT/profile32k.log" 2>&1
+tail -n 12 "$OUT/profile32k.log"
