@@ -174,7 +174,8 @@ class DecodeGraphs:
             logger.info("engine: decode step captured in a CUDA graph (B=%d, capture %d: %s)", B, self.captures, why)
         self.graphs[sig] = held
         graph, logits = held
-        graph.replay()
+        with torch.profiler.record_function("kvstore.graph_replay"):
+            graph.replay()
         self.replays += 1
         plan.written = [True] * len(plan.written)  # every layer wrote its token (inside the graph)
         return logits

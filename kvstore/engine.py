@@ -452,7 +452,9 @@ class Engine:
             batch = [by_id[i] for i in ids]
         if not batch:
             return []
-        outputs = self._take(self._decode(batch), batch)
+        logits = self._decode(batch)
+        with torch.profiler.record_function("kvstore.sample"):  # waits for the step's kernels, then samples
+            outputs = self._take(logits, batch)
         self.running = [r for r in self.running if r.finish_reason is None]
         return outputs
 
@@ -508,7 +510,9 @@ class Engine:
         return max(self._floor_pages, *(self._pages_needed(r) for r in batch))
 
     def _make_plan(self, batch: list[_Request], seq_ids: torch.Tensor):
-        self._plan = self.store.plan(seq_ids, pages_hint=self._pages_hint(batch), select_hint=self._floor_select or None)
+        with torch.profiler.record_function("kvstore.plan"):  # a range that profiles (profile_step) attribute by
+            self._plan = self.store.plan(seq_ids, pages_hint=self._pages_hint(batch),
+                                         select_hint=self._floor_select or None)
         return self._plan
 
     def _decode(self, batch: list[_Request]) -> torch.Tensor:

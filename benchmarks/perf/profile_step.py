@@ -7,7 +7,11 @@ Per method: the engine admits `--batch` random prompts of `--length` tokens, dec
 steps (the CUDA graph is captured there), then `--steps` steps run under torch.profiler, each
 synchronized. Reported per step: the wall time, the device kernels launched and their summed time
 (on a GPU: CUDA kernels, inside a graph's replay too; on a CPU: the aten ops that ran), their share
-of the wall time (the rest is launch gaps and host work), and the kernels that took the most time.
+of the wall time (the rest is launch gaps and host work), the kernels that took the most time, and
+the host's phases of the step (the engine's `kvstore.*` profiler ranges): `plan` (the store's plan,
+with its host syncs and the kernels they wait for), `graph_replay` (the launch of the captured step)
+and `sample` (which waits for the step's kernels, then samples). The requests outlive the profiled
+steps, so no release (the pages' zeroing) falls inside them.
 Written: DIR/profile.json and DIR/summary.md (what issue 17's note quotes as the profile summary).
 """
 
@@ -58,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if any(m.is_hf for m in args.method_specs):
             raise ValueError("hf has no engine to profile; use kvstore-bench throughput")
         ns = argparse.Namespace(model=args.model, layers=args.layers, lengths=args.length,
-                                new_tokens=args.warmup + args.steps + 1, device=args.device, dtype=args.dtype)
+                                new_tokens=args.warmup + args.steps + 2, device=args.device, dtype=args.dtype)
         args.source = throughput.resolve_model(ns)
         args.out = check_out_dir(args.out)
     except ValueError as exc:
@@ -95,7 +99,7 @@ def profile_method(model, method, length: int, batch: int, steps: int, warmup: i
     config = dataclasses.replace(method.config, max_batch_size=batch)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     with Engine(model, config, max_batch=batch) as engine:
-        params = SamplingParams(max_new_tokens=warmup + steps + 1, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=warmup + steps + 2, ignore_eos=True)  # none finishes in the window
         for row in prompts:
             engine.add_request(row.to(device), params)
         engine.admit()
@@ -112,6 +116,11 @@ def profile_method(model, method, length: int, batch: int, steps: int, warmup: i
                 walls.append(time.perf_counter() - t0)
         path, captures = engine.decode_path, engine.graphs.captures if engine.graphs is not None else 0
     kernels = _kernels(prof, device)
+    phases: dict[str, float] = {}
+    for e in prof.events():
+        if e.name.startswith("kvstore.") and e.device_type == torch.autograd.DeviceType.CPU:
+            key = e.name.removeprefix("kvstore.")
+            phases[key] = phases.get(key, 0.0) + e.cpu_time_total / steps / 1e3
     totals: dict[str, list[float]] = {}
     for name, us in kernels:
         totals.setdefault(name, []).append(us)
@@ -122,6 +131,7 @@ def profile_method(model, method, length: int, batch: int, steps: int, warmup: i
         "method": method.label, "length": length, "batch": batch, "decode_path": path, "captures_in_profile": captures,
         "wall_ms_per_step": wall_ms, "kernels_per_step": len(kernels) / steps, "kernel_ms_per_step": busy_ms,
         "kernel_share": busy_ms / wall_ms if wall_ms else None,
+        "host_phases_ms_per_step": phases,
         "top_kernels": [{"name": n, "ms_per_step": us / 1e3, "launches_per_step": c} for n, us, c in top],
     }
 
@@ -142,12 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(f"| {r['method']} | {r['decode_path']} | {r['wall_ms_per_step']:.2f} | {r['kernels_per_step']:.0f} | "
                      f"{r['kernel_ms_per_step']:.2f} | {r['kernel_share']:.0%} |")
+    names = sorted({k for r in rows for k in r["host_phases_ms_per_step"]})
+    if names:
+        lines += ["", "The host's phases of a step (ms; `sample` waits for the step's kernels):", "",
+                  "| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        lines += [f"| {r['method']} | " + " | ".join(f"{r['host_phases_ms_per_step'].get(n, 0.0):.2f}" for n in names)
+                  + " |" for r in rows]
     for r in rows:
         lines += ["", f"{r['method']}: the kernels that took the most time a step", ""]
         lines += [f"- {k['name'][:90]}: {k['ms_per_step']:.3f} ms, {k['launches_per_step']:.0f} launches"
                   for k in r["top_kernels"][:8]]
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:4 + len(rows)]))
+    print("\n".join(lines[:4 + len(rows) + (5 + len(rows) if names else 0)]))
     return 0
 
 
