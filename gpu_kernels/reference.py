@@ -377,3 +377,45 @@ def scatter_rows_to_pages(rows: torch.Tensor, page_ids: torch.Tensor, slots: tor
     vc[p, s] = r[:, kB: kB + vB]
     meta[p, s] = r[:, kB + vB:].contiguous().view(torch.float16).view(-1, 4, groups)
     slot_pos[p, s] = positions[ok].to(slot_pos.dtype)
+
+
+def lowest_mean_token(pages: torch.Tensor, limit: torch.Tensor, slot_pos: torch.Tensor, slot_score: torch.Tensor,
+                      prompt_len: torch.Tensor, now: torch.Tensor, width: int, tpp: int, score_queries: int,
+                      lowest: int, immune_tokens: int, from_end: bool = False) -> tuple[torch.Tensor, ...]:
+    """LeanKV's victim of one tier per (sequence, layer, KV head): its lowest mean-attention candidate.
+
+    Args:
+        pages: int32 [B, L, H, C] the step's rows of the page table.
+        limit: int [B, L, H]; indices [0, limit) may hold the tier's tokens. Index i is slot i % tpp of
+            column i // tpp, or (from_end: the low tier fills the table from its last column) of column
+            C - 1 - i // tpp; columns clamped into [0, C).
+        slot_pos: int32 [P, >= tpp] position held by each slot of each page (-1 empty);
+        slot_score: fp32 [P, >= tpp] summed attention of each slot's token.
+        prompt_len, now: int64 [B] the prompt's length and the step's position.
+        width: indices scanned (>= every limit).
+    A candidate: page > 0, i < limit, lowest <= pos < now - immune_tokens. Its mean: score over the
+    queries that saw it (prompt tokens: min(score_queries, n) capped at n - pos, plus the decode steps;
+    later tokens: now - pos; at least 1).
+
+    Returns:
+        (min fp32 [B, L, H] (inf: no candidate), arg int64 (its index; 0 when none), and the page, slot
+        and position (int64) at arg).
+    """
+    B, L, H, C = pages.shape
+    idx = torch.arange(max(width, 1), device=pages.device)
+    col = idx // tpp
+    col = (C - 1 - col).clamp(min=0) if from_end else col.clamp(max=C - 1)
+    page = torch.gather(pages, 3, col.view(1, 1, 1, -1).expand(B, L, H, -1)).long()
+    slot = (idx % tpp).view(1, 1, 1, -1).expand_as(page)
+    pos = slot_pos[page, slot].long()
+    n, t = prompt_len.view(B, 1, 1, 1).long(), now.view(B, 1, 1, 1).long()
+    q = torch.clamp(n, max=score_queries)
+    count = torch.where(pos < n, torch.minimum(q, n - pos) + (t - n), t - pos).clamp(min=1).float()
+    mean = slot_score[page, slot] / count
+    cand = (pos >= lowest) & (pos < t - immune_tokens) & (idx.view(1, 1, 1, -1) < limit.unsqueeze(-1)) & (page > 0)
+    vmin, arg = torch.where(cand, mean, float("inf")).min(-1)
+
+    def at(x):
+        return torch.gather(x, 3, arg.unsqueeze(-1)).squeeze(-1)
+
+    return vmin, arg, at(page), at(slot), at(pos)

@@ -300,15 +300,6 @@ class LeanKVPolicy(HotPolicy):
         return PrefillKeep(high=high, low=low, scores=score)
 
     # ---- decode plan ----------------------------------------------------------------------
-    def _counts(self, pos: torch.Tensor, n: torch.Tensor, now: torch.Tensor) -> torch.Tensor:
-        """Queries that saw each token: pos int [B, ...], n / now int64 [B]."""
-        shape = (-1,) + (1,) * (pos.dim() - 1)
-        n, now = n.view(shape), now.view(shape)
-        p = pos.long()
-        Q = torch.clamp(n, max=self.config.score_queries)
-        prompt = torch.minimum(Q, n - p) + (now - n)
-        return torch.where(p < n, prompt, now - p).clamp(min=1).float()
-
     def _observe_last_step(self, store: StoreView, last: tuple[torch.Tensor, dict] | None) -> None:
         """Add the last decode step's max-over-group probabilities to the hot tokens' scores."""
         if last is None:
@@ -333,50 +324,28 @@ class LeanKVPolicy(HotPolicy):
         hot, c = store.hot, self.config
         self._observe_last_step(store, last_step)
         pool, table = hot.pool, hot.table
-        B, L, H = len(seq_ids), store.geometry.num_layers, store.geometry.num_kv_heads
-        dev = positions.device
+        B = len(seq_ids)
         th, tl_ = hot.tokens_per_page, hot.low_tokens_per_page
         n, now = self.prompt_len[seq_ids], positions
         n_ctx = (now + 1).float().view(B, 1, 1)
         thr_p, thr_q = c.alpha_prune / n_ctx, c.alpha_quant / n_ctx
         lowest = c.sink_tokens if self.protect_sinks else 0  # under retrieval the sinks stay hot
-        not_immune = lambda p: (p >= lowest) & (p.long() < (now - c.immune_tokens).view(B, 1, 1, 1))  # noqa: E731
         pages = table.pages[seq_ids]  # [B, L, H, C]
-        C = pages.shape[-1]
-        inf = torch.tensor(float("inf"), device=dev)
 
-        # lowest-mean non-immune high token per head
-        n_high = table.num_tokens[seq_ids].long()
+        # each head's lowest-mean candidate of either tier: one pass per tier over its slots (a kernel on
+        # the GPU, gpu_kernels/policy_scan.py; its torch reference elsewhere)
+        scan = _lowest_mean_scan(hot)
+        common = (pool.slot_pos, pool.slot_score, n, now)
         hmax = hot.pages_in_use(seq_ids) * th
-        hidx = torch.arange(max(hmax, 1), device=dev)
-        hpage = torch.gather(pages, 3, (hidx // th).view(1, 1, 1, -1).expand(B, L, H, -1).clamp(max=C - 1)).long()
-        hslot = (hidx % th).view(1, 1, 1, -1).expand_as(hpage)
-        hpos = pool.slot_pos[hpage, hslot]
-        hmean = pool.slot_score[hpage, hslot] / self._counts(hpos, n, now)
-        hcand = not_immune(hpos) & (hidx.view(1, 1, 1, -1) < n_high.unsqueeze(-1)) & (hpage > 0)
-        hmin, harg = torch.where(hcand, hmean, inf).min(-1)
+        hmin, harg, h_page, h_slot, h_pos = scan(pages, table.num_tokens[seq_ids], *common, hmax, th,
+                                                 c.score_queries, lowest, c.immune_tokens)
         h_prune = hmin < thr_p
         h_demote = ~h_prune & (hmin < thr_q)
-
-        # lowest-mean low token per head
         nlp = table.num_low_pages[seq_ids].long()
         lmax = int(nlp.max().item()) * tl_ if B else 0  # host sync (plan time)
-        lidx = torch.arange(max(lmax, 1), device=dev)
-        lcol = (C - 1 - lidx // tl_).clamp(min=0)
-        lpage = torch.gather(pages, 3, lcol.view(1, 1, 1, -1).expand(B, L, H, -1)).long()
-        lslot = (lidx % tl_).view(1, 1, 1, -1).expand_as(lpage)
-        lpos = pool.slot_pos[lpage, lslot]
-        lmean = pool.slot_score[lpage, lslot] / self._counts(lpos, n, now)
-        lcand = not_immune(lpos) & ((lidx // tl_).view(1, 1, 1, -1) < nlp.unsqueeze(-1)) & (lpage > 0)
-        lmin, larg = torch.where(lcand, lmean, inf).min(-1)
+        lmin, _, l_page, l_slot, l_pos = scan(pages, nlp * tl_, *common, lmax, tl_, c.score_queries, lowest,
+                                              c.immune_tokens, from_end=True)
         l_prune = ~h_prune & (lmin < thr_p)
-
-        h_page = torch.gather(hpage, 3, harg.unsqueeze(-1)).squeeze(-1)
-        h_slot = torch.gather(hslot, 3, harg.unsqueeze(-1)).squeeze(-1)
-        h_pos = torch.gather(hpos, 3, harg.unsqueeze(-1)).squeeze(-1).long()
-        l_page = torch.gather(lpage, 3, larg.unsqueeze(-1)).squeeze(-1)
-        l_slot = torch.gather(lslot, 3, larg.unsqueeze(-1)).squeeze(-1)
-        l_pos = torch.gather(lpos, 3, larg.unsqueeze(-1)).squeeze(-1).long()
 
         act = h_prune | h_demote
         reuse = torch.where(act, harg, torch.full_like(harg, -1))
@@ -385,6 +354,18 @@ class LeanKVPolicy(HotPolicy):
         moves = LowTierMoves(prune=l_prune, low_page=l_page, low_slot=l_slot, demote=h_demote, high_page=h_page,
                              high_slot=h_slot)
         return StepDecision(reuse=reuse, evicted_pos=evicted, low_moves=moves, low_evicted=low_evicted)
+
+
+def _lowest_mean_scan(hot):
+    """`lowest_mean_token` as the hot tier runs kernels: Triton's (the GPU, or the interpreter under
+    use_triton='always'), else the torch reference."""
+    if hot.use_triton:
+        from gpu_kernels.policy_scan import lowest_mean_token
+
+        return lowest_mean_token
+    from gpu_kernels.reference import lowest_mean_token
+
+    return lowest_mean_token
 
 
 POLICIES["leankv"] = LeanKVPolicy

@@ -1,0 +1,89 @@
+"""Triton: LeanKV's per-step victim search, one pass over a tier's slots per (sequence, layer, KV head).
+
+Reference: `gpu_kernels/reference.py` (`lowest_mean_token`), which the CPU path runs. LeanKV's plan
+asks, every decode step and for every (sequence, layer, KV head), which high-tier token and which
+low-tier token have the lowest mean attention among the candidates (not a sink, not immune). In torch
+that is ~25 ops over [B, L, H, tokens] with int64 temporaries: at 32K x 4 on the 32-layer shape each
+op moves ~0.3 GB, and the two scans were a large part of `tiered`'s plan on the H200
+(results/h200_graphs). Here one program per row walks its slots once (page id, position and score:
+12 B a token), keeps the first minimum (torch's `min` tie rule) and writes the victim's index, page,
+slot and position. The mean divides with IEEE rounding (`div_rn`), so the result equals the
+reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["C", "width", "stride_pos", "stride_score", "score_queries", "lowest", "immune"])
+def _lowest_mean_kernel(pages_ptr, limit_ptr, pos_ptr, score_ptr, n_ptr, now_ptr,
+                        min_ptr, arg_ptr, page_out_ptr, slot_out_ptr, pos_out_ptr,
+                        C, width, stride_pos, stride_score, score_queries, lowest, immune,
+                        LH: tl.constexpr, TPP: tl.constexpr, FROM_END: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0)  # the (sequence, layer, head) row
+    b = r // LH
+    n = tl.load(n_ptr + b).to(tl.int64)
+    now = tl.load(now_ptr + b).to(tl.int64)
+    lim = tl.load(limit_ptr + r).to(tl.int64)
+    q = tl.minimum(n, score_queries)
+    row = pages_ptr + r.to(tl.int64) * C
+    best = tl.full((), float("inf"), tl.float32)
+    best_i = tl.zeros((), dtype=tl.int64)
+    for start in range(0, width, BLOCK):
+        i = start + tl.arange(0, BLOCK).to(tl.int64)
+        col = i // TPP
+        if FROM_END:
+            col = tl.maximum(C - 1 - col, 0)
+        else:
+            col = tl.minimum(col, C - 1)
+        inside = i < width
+        page = tl.load(row + col, mask=inside, other=0).to(tl.int64)
+        slot = i % TPP
+        pos = tl.load(pos_ptr + page * stride_pos + slot, mask=inside, other=-1).to(tl.int64)
+        score = tl.load(score_ptr + page * stride_score + slot, mask=inside, other=0.0)
+        count = tl.where(pos < n, tl.minimum(q, n - pos) + (now - n), now - pos)
+        mean = tl.math.div_rn(score, tl.maximum(count, 1).to(tl.float32))
+        cand = inside & (pos >= lowest) & (pos < now - immune) & (i < lim) & (page > 0)
+        vals = tl.where(cand, mean, float("inf"))
+        m = tl.min(vals, axis=0)
+        first = tl.min(tl.where(vals == m, i, width + BLOCK), axis=0)
+        better = m < best
+        best_i = tl.where(better, first, best_i)
+        best = tl.where(better, m, best)
+    col = best_i // TPP
+    if FROM_END:
+        col = tl.maximum(C - 1 - col, 0)
+    else:
+        col = tl.minimum(col, C - 1)
+    page = tl.load(row + col).to(tl.int64)
+    slot = best_i % TPP
+    tl.store(min_ptr + r, best)
+    tl.store(arg_ptr + r, best_i)
+    tl.store(page_out_ptr + r, page)
+    tl.store(slot_out_ptr + r, slot)
+    tl.store(pos_out_ptr + r, tl.load(pos_ptr + page * stride_pos + slot).to(tl.int64))
+
+
+def lowest_mean_token(pages: torch.Tensor, limit: torch.Tensor, slot_pos: torch.Tensor, slot_score: torch.Tensor,
+                      prompt_len: torch.Tensor, now: torch.Tensor, width: int, tpp: int, score_queries: int,
+                      lowest: int, immune_tokens: int, from_end: bool = False) -> tuple[torch.Tensor, ...]:
+    """`reference.lowest_mean_token` in one launch (same arguments, same results bit for bit)."""
+    B, L, H, C = pages.shape
+    dev = pages.device
+    pages = pages.contiguous()
+    limit = limit.reshape(B, L, H).to(torch.int64).contiguous()
+    vmin = torch.empty(B, L, H, dtype=torch.float32, device=dev)
+    arg, page, slot, pos = (torch.empty(B, L, H, dtype=torch.int64, device=dev) for _ in range(4))
+    if B * L * H == 0:
+        return vmin, arg, page, slot, pos
+    if slot_pos.stride(1) != 1 or slot_score.stride(1) != 1:
+        raise ValueError("lowest_mean_token: slot_pos and slot_score need unit stride along the slots")
+    _lowest_mean_kernel[(B * L * H,)](
+        pages, limit, slot_pos, slot_score, prompt_len.to(torch.int64).contiguous(), now.to(torch.int64).contiguous(),
+        vmin, arg, page, slot, pos, C, max(width, 1), slot_pos.stride(0), slot_score.stride(0), score_queries, lowest,
+        immune_tokens, LH=L * H, TPP=tpp, FROM_END=from_end, BLOCK=1024, num_warps=4,
+    )
+    return vmin, arg, page, slot, pos
