@@ -209,6 +209,25 @@ def test_profile_step_writes_the_profile_of_each_method(tmp_path, capsys):
     rows = json.loads((tmp_path / "profile.json").read_text())
     assert [r["method"] for r in rows] == ["quant"] and rows[0]["kernels_per_step"] > 0
     assert rows[0]["top_kernels"] and "quant" in (tmp_path / "summary.md").read_text()
+    phases = rows[0]["host_phases_ms_per_step"]  # the engine's profiler ranges
+    assert set(phases) == {"plan", "sample"} and all(v > 0 for v in phases.values())  # (graph_replay: CUDA)
     with pytest.raises(SystemExit):
         profile_step.main(["--methods", "hf", "--out", str(tmp_path)])
     assert "hf has no engine" in capsys.readouterr().err
+
+
+def test_hot_attend_times_each_presets_hot_tier_and_reports_its_pages(tmp_path, capsys):
+    """benchmarks/perf/hot_attend.py end to end on the CPU (the reference path: a smoke test)."""
+    from benchmarks.perf import hot_attend
+
+    out = tmp_path / "hot.json"
+    assert hot_attend.main(["--length", "256", "--batch", "1", "--reps", "1", "--presets", "quant,tiered",
+                            "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["preset"], r["variant"]) for r in rows] == [
+        ("quant", "as the step runs it"), ("tiered", "as the step runs it"), ("tiered", "without the policy's logits")]
+    assert all(r["ms"] > 0 and r["hot_bytes"] > 0 and r["high_pages_max"] >= 1 for r in rows)
+    assert rows[0]["low_pages_max"] == 0  # quant has no low tier
+    with pytest.raises(SystemExit):
+        hot_attend.main(["--presets", "nope", "--out", str(out)])
+    assert "unknown preset 'nope'" in capsys.readouterr().err
