@@ -117,14 +117,21 @@ def profile_method(model, method, length: int, batch: int, steps: int, warmup: i
         path, captures = engine.decode_path, engine.graphs.captures if engine.graphs is not None else 0
     kernels = _kernels(prof, device)
     phases: dict[str, float] = {}
+    plan_ranges = []
     for e in prof.events():
         if e.name.startswith("kvstore.") and e.device_type == torch.autograd.DeviceType.CPU:
             key = e.name.removeprefix("kvstore.")
             phases[key] = phases.get(key, 0.0) + e.cpu_time_total / steps / 1e3
+            if key == "plan":
+                plan_ranges.append((e.time_range.start, e.time_range.end))
+    if device.type == "cuda" and plan_ranges:  # the plan's own kernels: those that start inside its ranges
+        phases["plan kernels"] = sum(e.device_time for e in prof.events()
+                                     if e.device_type == torch.autograd.DeviceType.CUDA
+                                     and any(a <= e.time_range.start <= b for a, b in plan_ranges)) / steps / 1e3
     totals: dict[str, list[float]] = {}
     for name, us in kernels:
         totals.setdefault(name, []).append(us)
-    top = sorted(((n, sum(v) / steps, len(v) / steps) for n, v in totals.items()), key=lambda x: -x[1])[:12]
+    top = sorted(((n, sum(v) / steps, len(v) / steps) for n, v in totals.items()), key=lambda x: -x[1])[:40]
     busy_ms = sum(us for _, us in kernels) / steps / 1e3
     wall_ms = statistics.median(walls) * 1e3
     return {
