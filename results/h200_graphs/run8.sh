@@ -12,6 +12,6 @@ sed -n '/^# Decode/,$p' "$OUT/profile32k/summary.md" | head -60
 timeout 100 python -m benchmarks.perf.hot_attend --length 32k --batch 4 --presets quant,leankv,tiered \
     --out "$OUT/hot_attend.json" > "$OUT/hot_attend.log" 2>&1
 tail -n 8 "$OUT/hot_attend.log"
-timeout 150 python -m benchmarks.cli throughput --model llama3-8b --lengths 32k --methods quant,tiered \
-    --batch 4 --new-tokens 32 --max-minutes 2.3 --out "$OUT/tp32k" --quiet --no-plots > "$OUT/tp32k.log" 2>&1
+timeout 120 python -m benchmarks.cli throughput --model llama3-8b --lengths 32k --methods quant,tiered \
+    --batch 4 --new-tokens 32 --max-minutes 1.8 --out "$OUT/tp32k" --quiet --no-plots > "$OUT/tp32k.log" 2>&1
 grep "^|" "$OUT/tp32k/summary.md"
