@@ -75,8 +75,8 @@ def _kernels(prof, device: torch.device) -> list[tuple[str, float]]:
     other aten op called (the ones a GPU would launch), with the time of it and what it called."""
     out = []
     for e in prof.events():
-        if device.type == "cuda":
-            if e.device_type == torch.autograd.DeviceType.CUDA:
+        if device.type == "cuda":  # (the engine's kvstore.* ranges show on the GPU's timeline too: not kernels)
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("kvstore."):
                 out.append((e.name, e.device_time))
         elif e.name.startswith("aten::"):
             parent = e.cpu_parent
@@ -127,6 +127,7 @@ def profile_method(model, method, length: int, batch: int, steps: int, warmup: i
     if device.type == "cuda" and plan_ranges:  # the plan's own kernels: those that start inside its ranges
         phases["plan kernels"] = sum(e.device_time for e in prof.events()
                                      if e.device_type == torch.autograd.DeviceType.CUDA
+                                     and not e.name.startswith("kvstore.")
                                      and any(a <= e.time_range.start <= b for a, b in plan_ranges)) / steps / 1e3
     totals: dict[str, list[float]] = {}
     for name, us in kernels:
