@@ -38,6 +38,7 @@ from kvstore.plan import DecodePlan, Workspace
 from kvstore.prefill_attention import prefill_attention
 
 logger = logging.getLogger(__name__)
+_range = torch.profiler.record_function  # a named range in a torch.profiler trace (~1 us when none records)
 
 #: Every store alive in this process (tests check that each one's pages are all free again).
 LIVE_STORES: "weakref.WeakSet[KVStore]" = weakref.WeakSet()
@@ -315,18 +316,24 @@ class KVStore:
         self._undo_unwritten_slots()
         self._free_ret_pages()
         positions = self.seq_len[seq_ids].clone()
-        decision = self.policy.plan(self, seq_ids, positions, last_step=self.hot.take_last_step())  # decides
-        page, slot, fresh, needs = self.hot.apply(seq_ids, decision)  # moves pages, places the new tokens
+        # (profiler ranges, kvstore.plan.*: where a plan's host time goes, benchmarks/perf/profile_step.py)
+        with _range("kvstore.plan.policy"):
+            decision = self.policy.plan(self, seq_ids, positions, last_step=self.hot.take_last_step())  # decides
+        with _range("kvstore.plan.apply"):
+            page, slot, fresh, needs = self.hot.apply(seq_ids, decision)  # moves pages, places the new tokens
         self.seq_len[seq_ids] += 1
         plan = DecodePlan(seq_ids, positions, page, slot, self.hot.pages_in_use(seq_ids), decision.evicted_pos,
                           decision.low_evicted)
         nrp = 0
         if self.cold_path is not None:  # the last step's host writes flushed; the step's selection
-            self.cold_path.plan(plan, select_hint)
-            nrp = self._take_ret_pages(plan)
+            with _range("kvstore.plan.cold"):
+                self.cold_path.plan(plan, select_hint)
+                nrp = self._take_ret_pages(plan)
         # the kernel's splits cover the retrieved pages too where it attends them
-        plan.hot_ws = self.hot.plan_workspace(seq_ids, plan.num_pages + nrp, workspace=self.workspace, page=page,
-                                              slot=slot, positions=positions, min_pages=pages_hint or 0)
+        with _range("kvstore.plan.workspace"):
+            plan.hot_ws = self.hot.plan_workspace(seq_ids, plan.num_pages + nrp, workspace=self.workspace,
+                                                  page=page, slot=slot, positions=positions,
+                                                  min_pages=pages_hint or 0)
         geo = self.geometry
         B, L = seq_ids.numel(), geo.num_layers
         plan.out = self.workspace.take("store.out", (L, B, geo.num_q_heads, 1, geo.head_dim), geo.dtype)

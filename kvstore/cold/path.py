@@ -217,9 +217,11 @@ class ColdPath:
         The tokens that left the hot tier this step (`plan.evicted_pos`, and `plan.low_evicted`
         under LeanKV) leave the residency map. select_hint: the selection's least width (`KVStore.plan`)."""
         if self.cold is not None:
-            self.cold.plan_step(plan.seq_ids, plan.positions)
+            with torch.profiler.record_function("kvstore.plan.cold.host_writes"):
+                self.cold.plan_step(plan.seq_ids, plan.positions)
         if self.selector is not None:
-            self._plan_retrieval(plan, select_hint or 0)
+            with torch.profiler.record_function("kvstore.plan.cold.selection"):
+                self._plan_retrieval(plan, select_hint or 0)
 
     @torch.no_grad()
     def _mark_pruned_step(self, plan: DecodePlan, hi: torch.Tensor) -> torch.Tensor:

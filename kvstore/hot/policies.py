@@ -322,7 +322,8 @@ class LeanKVPolicy(HotPolicy):
 
     def plan(self, store, seq_ids, positions, last_step=None):
         hot, c = store.hot, self.config
-        self._observe_last_step(store, last_step)
+        with torch.profiler.record_function("kvstore.plan.policy.observe"):
+            self._observe_last_step(store, last_step)
         pool, table = hot.pool, hot.table
         B = len(seq_ids)
         th, tl_ = hot.tokens_per_page, hot.low_tokens_per_page
