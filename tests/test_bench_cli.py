@@ -210,7 +210,9 @@ def test_profile_step_writes_the_profile_of_each_method(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["quant"] and rows[0]["kernels_per_step"] > 0
     assert rows[0]["top_kernels"] and "quant" in (tmp_path / "summary.md").read_text()
     phases = rows[0]["host_phases_ms_per_step"]  # the engine's profiler ranges
-    assert set(phases) == {"plan", "sample"} and all(v > 0 for v in phases.values())  # (graph_replay: CUDA)
+    # the step's phases (graph_replay: CUDA only) and the plan's parts (quant: no cold path)
+    assert set(phases) == {"plan", "plan.policy", "plan.apply", "plan.workspace", "sample"}
+    assert all(v > 0 for v in phases.values()) and phases["plan"] >= phases["plan.apply"]
     with pytest.raises(SystemExit):
         profile_step.main(["--methods", "hf", "--out", str(tmp_path)])
     assert "hf has no engine" in capsys.readouterr().err
