@@ -150,8 +150,8 @@ def _cache_classes():
     return DecodeCache, PrefillCache
 
 
-_PACKAGES = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), p) + os.sep
-                  for p in ("kvstore", "gpu_kernels"))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository (kvstore's parent)
+_PACKAGES = tuple(os.path.join(_ROOT, p) + os.sep for p in ("kvstore", "gpu_kernels"))
 
 
 def _innermost_frame(exc: BaseException) -> str:
@@ -160,7 +160,7 @@ def _innermost_frame(exc: BaseException) -> str:
     found = "?"
     for f in traceback.extract_tb(exc.__traceback__):
         if f.filename.startswith(_PACKAGES):
-            found = f"{os.path.relpath(f.filename, os.path.dirname(os.path.dirname(_PACKAGES[0])))}:{f.lineno} {f.name}"
+            found = f"{os.path.relpath(f.filename, _ROOT)}:{f.lineno} {f.name}"
     return found
 
 

@@ -361,3 +361,14 @@ def test_an_engine_dropped_without_close_detaches_and_frees_its_pages():
     assert not store.active and store.hot.pool.num_used == 0
     with Engine(model, "full") as again:  # the model is free to attach
         assert again.generate([[5, 6, 7]], max_new_tokens=2)[0].token_ids
+
+
+def test_a_failed_capture_is_reported_at_the_line_of_kvstore_that_raised():
+    """The capture warning names the innermost kvstore / gpu_kernels frame, not torch's or the model's."""
+    from kvstore.cold.gpu_cache import GPUCache
+    from kvstore.engine import _innermost_frame
+
+    with pytest.raises(ValueError) as info:
+        GPUCache(None, 1, 1, 1, policy="nope")
+    assert _innermost_frame(info.value).startswith("kvstore/cold/gpu_cache.py:")
+    assert _innermost_frame(ValueError("never raised")) == "?"
