@@ -378,7 +378,8 @@ class KVStore:
         out, lse = self.hot.attend(layer, plan.seq_ids, q[:, :, 0], scale, plan.num_pages, ws,
                                    out=plan.out[layer, :, :, 0] if direct else None, ret_pages=plan.ret_pages)
         if cold is not None:  # wait for the fetch, attend the retrieved tokens, merge by LSE, admit the misses
-            out = cold.finish(layer, plan, q, scale, out, lse, started)
+            out = cold.finish(layer, plan, q, scale, out, lse, started,
+                              out=plan.out[layer, :, :, 0] if q.dtype == plan.out.dtype else None)
         if q.dtype != plan.out.dtype:
             return out.to(q.dtype, copy=True).unsqueeze(2)
         if out.data_ptr() != plan.out[layer].data_ptr():  # fp32 merge result (retrieval)

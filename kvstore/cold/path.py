@@ -92,6 +92,11 @@ class ColdPath:
         self.ret_tokens_per_page = 0
         #: prefetch_next_layer: the pending prefetch of each layer (started by the layer before), and its events
         self.prefetch = bool(config.prefetch_next_layer) and geometry.num_layers > 1
+        #: the retrieved tokens' attention and its LSE merge with the hot tier's as Triton kernels
+        #: (gpu_kernels/retrieved_attention.py: 2 launches a layer for the torch path's 31 ops) where Triton
+        #: runs and the head dim suits it; else torch_ops' allocation-free ops (the CPU path)
+        d = geometry.head_dim
+        self.kernel_merge = use_triton(config, self.device) and d >= 16 and not d & (d - 1)
         self._prefetched: dict[int, object] = {}
         self._prefetch_events = ([torch.cuda.Event() for _ in range(geometry.num_layers)]
                                  if self._fetch_stream is not None and self.prefetch else [])
@@ -279,9 +284,15 @@ class ColdPath:
                              kmin == kmax and not select_hint, exclude=self.resident)
         ws = self._selection_workspace(step, wsp)
         ws["invalid"] = wsp.take("ret.invalid", (B, H, kmax), torch.bool)
-        ws["attn"] = torch_ops.decode_attention_buffers(lambda n, sh, t: wsp.take("ret." + n, sh, t), B, Hq, H, kmax, d,
-                                                        kv_fp32=geo.dtype == torch.float32)
-        ws["merge"] = torch_ops.merge_attention_buffers(lambda n, sh, t: wsp.take("merge." + n, sh, t), B, Hq, d)
+        if self.kernel_merge:  # the retrieved tokens' attention and the merge: two Triton launches
+            from gpu_kernels.retrieved_attention import retrieved_buffers
+
+            ws["fused"] = retrieved_buffers(lambda n, sh, t: wsp.take("ret.fused." + n, sh, t), B, Hq, H, kmax, d,
+                                            self.device)
+        else:
+            ws["attn"] = torch_ops.decode_attention_buffers(lambda n, sh, t: wsp.take("ret." + n, sh, t), B, Hq, H,
+                                                            kmax, d, kv_fp32=geo.dtype == torch.float32)
+            ws["merge"] = torch_ops.merge_attention_buffers(lambda n, sh, t: wsp.take("merge." + n, sh, t), B, Hq, d)
         step.ws = ws
         plan.selection = step
         plan.retrieved = wsp.take("ret.kv", (2, B, H, kmax, d), geo.dtype).zero_()
@@ -398,11 +409,12 @@ class ColdPath:
 
     @torch.no_grad()
     def finish(self, layer: int, plan: DecodePlan, q: torch.Tensor, scale: float, out_h: torch.Tensor,
-               lse_h: torch.Tensor, started) -> torch.Tensor:
+               lse_h: torch.Tensor, started, out: torch.Tensor | None = None) -> torch.Tensor:
         """After the hot tier's attention of one layer (out_h [B, Hq, d], lse_h fp32 [B, Hq]): wait for
         the fetch, read the hits from the GPU cache, attend the retrieved tokens, merge with the hot
-        tier's result by LSE, admit the misses. Returns fp32 [B, Hq, d], a view of the step's
-        buffers (out_h as it came without a selector: `started` is None)."""
+        tier's result by LSE, admit the misses. Returns [B, Hq, d]: `out` where given and the merge
+        kernel writes it (`kernel_merge`), else fp32, a view of the step's buffers (out_h as it came
+        without a selector: `started` is None)."""
         if started is None:
             return out_h
         pos, valid, slot, pending = started
@@ -413,14 +425,21 @@ class ColdPath:
             return out_h
         self._wait_fetch(pending)
         self.gpu_cache.read(layer, step.seq_ids, slot, buf, ws["cache"])
-        invalid = torch.logical_not(valid, out=ws["invalid"])
-        out_r, lse_r = torch_ops.decode_attention_out(q0, buf[0], buf[1], invalid, scale, ws["attn"])
-        out, lse = torch_ops.merge_attention_out(out_h, lse_h, out_r, lse_r, ws["merge"])
         hws = plan.hot_ws
-        if hws is not None and hws.get("lse_all") is not None:
-            # LeanKV's score update reads exp(logit - lse_all): with the merged lse, a hot token's
-            # probability is its share of the softmax over hot + retrieved tokens (kvstore/hot/policies.py)
-            hws["lse_all"][layer].copy_(lse)
+        # LeanKV's score update reads exp(logit - lse_all): with the merged lse, a hot token's
+        # probability is its share of the softmax over hot + retrieved tokens (kvstore/hot/policies.py)
+        lse_all = hws["lse_all"][layer] if hws is not None and hws.get("lse_all") is not None else None
+        if self.kernel_merge:
+            from gpu_kernels.retrieved_attention import retrieved_attention_merge
+
+            out, _ = retrieved_attention_merge(q0, buf[0], buf[1], valid, scale, out_h, lse_h, ws["fused"], out=out,
+                                               lse=lse_all)
+        else:
+            invalid = torch.logical_not(valid, out=ws["invalid"])
+            out_r, lse_r = torch_ops.decode_attention_out(q0, buf[0], buf[1], invalid, scale, ws["attn"])
+            out, lse = torch_ops.merge_attention_out(out_h, lse_h, out_r, lse_r, ws["merge"])
+            if lse_all is not None:
+                lse_all.copy_(lse)
         self._admit(layer, plan, pos, valid, slot, buf, ws)
         return out
 
