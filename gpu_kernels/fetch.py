@@ -124,3 +124,107 @@ def gather_dequantize_rows(src: torch.Tensor, rows: torch.Tensor, k_out: torch.T
     _gather_dequantize_rows[(triton.cdiv(M, block_r),)](
         src, src.view(torch.float16), rows, k_out, v_out, M, RB=row_bytes, D=d, NG=groups, KBITS=key_bits,
         VBITS=value_bits, BLOCK_R=block_r, num_warps=num_warps)
+
+
+@triton.jit(do_not_specialize=["M", "K", "cols", "layer", "C"])
+def _fetch_kernel(pos_ptr, want_ptr, seq_ptr, table_ptr, chunk_slab_ptr, chunk_local_ptr, slab_n_ptr, slab_addr_ptr,
+                  raw_ptr, raw16_ptr, k_out, v_out, M, K, cols, layer, C,
+                  H: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr, DEQUANT: tl.constexpr, RB: tl.constexpr,
+                  BLOCK_B: tl.constexpr, NG: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
+    i = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    want = (tl.load(want_ptr + i, mask=i < M, other=0) != 0) & (i < M)
+    i = i.to(tl.int64)
+    p = tl.maximum(tl.load(pos_ptr + i, mask=want, other=0), 0)
+    b = i // (H * K)
+    h = (i // K) % H
+    seq = tl.load(seq_ptr + b, mask=want, other=0)
+    # the host tier's `rows`: chunk table -> (slab, chunk within the slab) -> the row in the slab's row view
+    chunk = tl.maximum(tl.load(table_ptr + seq * cols + p // C, mask=want, other=0), 0)
+    slab = tl.load(chunk_slab_ptr + chunk, mask=want, other=0)
+    local = tl.load(chunk_local_ptr + chunk, mask=want, other=0)
+    n = tl.load(slab_n_ptr + slab, mask=want, other=0)
+    base = tl.load(slab_addr_ptr + slab, mask=want, other=0)
+    dims = tl.arange(0, D)
+    dst = i[:, None] * D + dims[None, :]
+    if QUANT:  # rows as stored into raw (the GPU cache admits these bytes), then dequantized from there
+        row = ((n * layer + local) * H + h) * C + p % C
+        src = base.to(tl.pointer_type(tl.uint8)) + row * RB
+        j = tl.arange(0, BLOCK_B)
+        m = want[:, None] & (j < RB)[None, :]
+        x = tl.load(src[:, None] + j[None, :], mask=m)
+        tl.store(raw_ptr + i[:, None] * RB + j[None, :], x, mask=m)
+        if DEQUANT:
+            tl.debug_barrier()  # this program's rows of raw are written: read them back (device memory, not the link)
+            KB: tl.constexpr = D * KBITS // 8
+            VB: tl.constexpr = D * VBITS // 8
+            r = tl.where(want, i, 0)
+            kc = _unpack(raw_ptr, r, D, KBITS, RB, 1)
+            vc = _unpack(raw_ptr + KB, r, D, VBITS, RB, 1)
+            meta = (r * RB + KB + VB)[:, None] // 2 + (dims // (D // NG))[None, :]
+            ks = tl.load(raw16_ptr + meta).to(tl.float32)
+            kz = tl.load(raw16_ptr + meta + NG).to(tl.float32)
+            vs = tl.load(raw16_ptr + meta + 2 * NG).to(tl.float32)
+            vz = tl.load(raw16_ptr + meta + 3 * NG).to(tl.float32)
+            tl.store(k_out + dst, (kc * ks + kz).to(k_out.dtype.element_ty), mask=want[:, None])
+            tl.store(v_out + dst, (vc * vs + vz).to(v_out.dtype.element_ty), mask=want[:, None])
+    else:  # 16-bit rows: K at row, V at row + H * C of the slab's [L * n * 2 * H * C, d] view
+        row = ((n * layer + local) * 2 * H + h) * C + p % C
+        src = base.to(tl.pointer_type(k_out.dtype.element_ty))
+        kv = tl.load(src[:, None] + row[:, None] * D + dims[None, :], mask=want[:, None])
+        tl.store(k_out + dst, kv, mask=want[:, None])
+        kv = tl.load(src[:, None] + (row + H * C)[:, None] * D + dims[None, :], mask=want[:, None])
+        tl.store(v_out + dst, kv, mask=want[:, None])
+
+
+def fetch_positions(pos: torch.Tensor, want: torch.Tensor, seq_ids: torch.Tensor, maps: dict, slab_addr: torch.Tensor,
+                    layer: int, chunk_tokens: int, head_dim: int, out: torch.Tensor | None,
+                    raw: torch.Tensor | None = None, fmt: tuple[int, int, int] | None = None, dequantize: bool = True,
+                    block_r: int = 16, num_warps: int = 4) -> None:
+    """The cold tier's fetch in one launch: each wanted (sequence, KV head, position) of one layer, mapped
+    to its slab row on the device (the chunk maps of `ColdTier.device_maps`) and read from that slab (a
+    pinned host tensor on CUDA) by its address; rows not wanted untouched. The torch path of
+    `ColdTier.fetch` (`rows`, then a gather per slab) is its reference.
+
+    Args:
+        pos: int64 [B, H, k] positions (any value where not wanted); want: bool [B, H, k]; both contiguous.
+        seq_ids: int64 [B] sequence slots; maps: "table" int64 [S, cols], "slab" and "local" int64
+            [chunks], "slab_n" int64 [slabs] (chunks a slab holds); slab_addr: int64 [slabs], each slab's
+            data_ptr() (its row view's first byte), on the maps' device.
+        out: [2, B, H, k, d] (K, V) contiguous: 16-bit rows in the slabs' dtype; quantized, any float dtype
+            (None where a quantized fetch stops at raw: dequantize=False).
+        raw: quantized tier: uint8 [B * H * k, row_bytes] contiguous, the rows as stored.
+        fmt: (key_bits, value_bits, groups) of a quantized tier (None: 16-bit rows of out's dtype).
+        dequantize: quantized only: False stops at raw (out untouched).
+    Graph-safe: no allocation, no host sync.
+    """
+    B, H, k = pos.shape
+    d = head_dim
+    M = B * H * k
+    quant = fmt is not None
+    if out is None and not (quant and not dequantize):
+        raise ValueError("fetch_positions: out is needed unless a quantized fetch stops at raw (dequantize=False)")
+    if (out is not None and (out.shape != (2, B, H, k, d) or not out.is_contiguous())) or want.shape != pos.shape:
+        raise ValueError(f"fetch_positions: pos/want [B, H, k] and a contiguous out [2, B, H, k, d] expected; got "
+                         f"{tuple(pos.shape)}, {tuple(want.shape)}, {None if out is None else tuple(out.shape)}")
+    if pos.dtype != torch.int64 or not (pos.is_contiguous() and want.is_contiguous()):
+        raise ValueError("fetch_positions: pos must be contiguous int64 and want contiguous")
+    _check_pow2("head_dim", d)
+    if quant:
+        key_bits, value_bits, groups = fmt
+        _check_pow2("groups", groups)
+        rb = d * (key_bits + value_bits) // 8 + 8 * groups
+        if raw is None or raw.shape != (M, rb) or raw.dtype != torch.uint8 or not raw.is_contiguous():
+            raise ValueError(f"fetch_positions: a quantized fetch needs raw uint8 [{M}, {rb}] contiguous")
+    else:
+        key_bits = value_bits = groups = 1
+        rb, raw = d * out.element_size(), out  # raw unused
+    if M == 0:
+        return
+    k_out, v_out = (raw, raw) if out is None else (out[0], out[1])  # None: not written (DEQUANT off)
+    _fetch_kernel[(triton.cdiv(M, block_r),)](
+        pos, want.view(torch.uint8), seq_ids, maps["table"], maps["slab"], maps["local"], maps["slab_n"], slab_addr,
+        raw, raw.view(torch.float16) if quant else raw, k_out, v_out, M, k, maps["table"].shape[1], layer,
+        chunk_tokens, H=H, D=d, QUANT=quant, DEQUANT=quant and dequantize, RB=rb,
+        BLOCK_B=triton.next_power_of_2(rb), NG=groups, KBITS=key_bits, VBITS=value_bits, BLOCK_R=block_r,
+        num_warps=num_warps)

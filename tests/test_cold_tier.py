@@ -102,6 +102,40 @@ def test_fetch_gathers_wanted_rows_and_leaves_the_rest(device):
                         assert (out[:, b, h, j] == 7.0).all()
 
 
+@pytest.mark.parametrize("bits,dequantize", [((16, 16), True), ((8, 4), True), ((8, 4), False), ((8, 8), True)])
+def test_the_fused_fetch_equals_the_torch_path_bit_for_bit(bits, dequantize):
+    """`gpu_kernels.fetch.fetch_positions` (one launch: positions mapped to slab rows and read by each
+    slab's address, on the interpreter here) against the torch path (`rows`, then a gather per slab)."""
+    made = {}
+    for mode in ("never", "always"):
+        made[mode] = _filled([9, 5, 13], steps=7, bits=bits, use_triton=mode)
+    cold_t, seq_ids, exp_k, _ = made["always"]
+    assert len(cold_t.slabs) > 1  # decode's chunks came in slabs of their own: the kernel picks the slab per row
+    g = torch.Generator().manual_seed(4)
+    B, k = 3, 6
+    lens = torch.tensor([e.shape[2] for e in exp_k])
+    pos = (torch.rand(B, HKV, k, generator=g) * lens.view(B, 1, 1)).long()
+    pos[0, 0, 0] = -1  # an unwanted pick past a sequence's positions
+    want = torch.rand(B, HKV, k, generator=g) < 0.6
+    want[0, 0, 0] = False
+    got = {}
+    for mode, (cold, sid, _, _) in made.items():
+        ws = cold.fetch_workspace(sid, k, Workspace(torch.device("cpu")))
+        if "raw" in ws:
+            ws["raw"].fill_(0xAB)
+        for layer in range(L):
+            out = torch.full((2, B, HKV, k, D), 7.0)
+            cold.fetch(layer, sid, pos, want, out, ws, dequantize=dequantize)
+            got[mode, layer] = (out, ws["raw"].clone() if "raw" in ws else None)
+    assert cold_t._fused_fetch(pos, want, torch.empty(2, B, HKV, k, D)) and not made["never"][0]._fused_fetch(
+        pos, want, torch.empty(2, B, HKV, k, D))
+    for layer in range(L):
+        (out_r, raw_r), (out_k, raw_k) = got["never", layer], got["always", layer]
+        assert torch.equal(out_k, out_r), layer
+        if raw_r is not None:
+            assert torch.equal(raw_k, raw_r), layer
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs CUDA")
 @pytest.mark.parametrize("bits", [(16, 16), (8, 4)])
 def test_pinned_slabs_take_exactly_their_bytes(bits):

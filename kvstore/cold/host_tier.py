@@ -267,6 +267,9 @@ class ColdTier:
                 "slab": torch.from_numpy(self.chunk_slab),
                 "local": torch.from_numpy(self.chunk_local),
                 "slab_n": torch.tensor([f.shape[0] for f in self.slab_free] or [0], dtype=torch.int64),
+                # each slab's first byte: the fused fetch reads a row by address (a pinned slab is a device
+                # pointer on CUDA: unified virtual addressing), one launch for every slab
+                "addr": torch.tensor([r.data_ptr() for r in self.slab_rows] or [0], dtype=torch.int64),
             }
             for name, src in host.items():
                 dst = self._dev.get(name)
@@ -497,6 +500,14 @@ class ColdTier:
         """
         B, H, k = pos.shape
         ws = ws if ws is not None else self.fetch_workspace(seq_ids, k, Workspace(pos.device))
+        if self._fused_fetch(pos, want, out):  # one launch: rows mapped and read on the device
+            from gpu_kernels.fetch import fetch_positions
+
+            m = self.device_maps()
+            fmt = (self.fmt.key_bits, self.fmt.value_bits, self.fmt.groups) if self.fmt is not None else None
+            fetch_positions(pos, want, seq_ids, m, m["addr"], layer, self.C, self.d, out if dequantize or self.fmt is None else None,
+                            ws.get("raw"), fmt, dequantize)
+            return out
         slab, row = self.rows(layer, seq_ids, torch.clamp(pos, min=0, out=ws["p"]), ws)
         rows_k = torch.where(want, row, ws["neg1"], out=ws["rows_k"])
         if self.fmt is not None:
@@ -514,6 +525,16 @@ class ColdTier:
             else:
                 reference.gather_rows(src, r.view(-1), dst)
         return out
+
+    def _fused_fetch(self, pos: torch.Tensor, want: torch.Tensor, out: torch.Tensor | None) -> bool:
+        """Whether `fetch` runs `gpu_kernels.fetch.fetch_positions` (Triton on, a power-of-two head dim,
+        the layouts it reads); else the torch path: `rows`, then a gather per slab (its reference)."""
+        if not self.use_triton or self.d & (self.d - 1) or not self.slab_rows:
+            return False
+        if out is None:  # a quantized fetch that stops at its rows (a speculative prefetch's)
+            return self.fmt is not None and pos.dtype == torch.int64 and pos.is_contiguous() and want.is_contiguous()
+        return (pos.dtype == torch.int64 and pos.is_contiguous() and want.is_contiguous() and out.is_contiguous()
+                and (self.fmt is not None or out.dtype == self.dtype))
 
     def _fetch_quantized(self, slab: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, ws: dict,
                          dequantize: bool = True) -> torch.Tensor:
