@@ -31,7 +31,10 @@ PRESETS = ("full", "quant", "leankv", "pqcache", "tiered")
 SMALL = {
     "leankv": dict(immune_tokens=16, score_queries=16),
     "pqcache": dict(sink_tokens=4, window_tokens=32, budget_fraction=0.2, gpu_cache_tokens=64),
-    "tiered": dict(sink_tokens=4, immune_tokens=16, window_tokens=16, score_queries=16, budget_fraction=0.2),
+    # alpha_prune 3 (the preset: 0.02): random weights spread attention evenly, and LeanKV would prune
+    # nothing of a short random prompt, leaving tiered no candidate to select (no selection, no fetch)
+    "tiered": dict(sink_tokens=4, immune_tokens=16, window_tokens=16, score_queries=16, budget_fraction=0.2,
+                   alpha_prune=3.0),
 }
 
 
@@ -103,10 +106,11 @@ def count(preset: str, steps: int = 3, seed: int = 0, lens: tuple[int, ...] = (3
             store.prefill(layer, ids, r(B, Hq, T, d), r(B, Hkv, T, d), r(B, Hkv, T, d), valid, d ** -0.5)
         state = {"in_triton": False, "launches": Counter()}
         probe = _Counter(state)
-        measured = 0
+        measured, widths = 0, []
         with _count_triton(state):
             for step in range(steps):
                 plan = store.plan(ids)
+                widths.append(plan.selection.kmax if plan.selection is not None else 0)
                 for layer in range(L):
                     qkv = r(B, Hq, 1, d), r(B, Hkv, 1, d), r(B, Hkv, 1, d)
                     if step == 0:
@@ -126,6 +130,7 @@ def count(preset: str, steps: int = 3, seed: int = 0, lens: tuple[int, ...] = (3
         "triton_launches_per_layer": triton,
         "kernels_per_layer": aten + triton,
         "host_reads_per_layer": probe.syncs / measured,
+        "selected_per_head": sum(widths[1:]) / max(1, len(widths) - 1),  # the selection's width (0: none ran)
         "top_aten_ops": {k: v / measured for k, v in probe.ops.most_common(12)},
         "triton_kernels": {k: v / measured for k, v in state["launches"].most_common()},
     }
@@ -146,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         parser.error("set TRITON_INTERPRET=1: the count runs the Triton kernels in the interpreter on a CPU")
     rows = [count(p, args.steps) for p in presets]
-    print("| preset | kernels / layer | aten | Triton | host reads / layer |")
-    print("|---|---:|---:|---:|---:|")
+    print("| preset | kernels / layer | aten | Triton | host reads / layer | selected / head |")
+    print("|---|---:|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['preset']} | {row['kernels_per_layer']:.1f} | {row['aten_kernels_per_layer']:.1f} | "
-              f"{row['triton_launches_per_layer']:.1f} | {row['host_reads_per_layer']:.1f} |")
+              f"{row['triton_launches_per_layer']:.1f} | {row['host_reads_per_layer']:.1f} | "
+              f"{row['selected_per_head']:.0f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
