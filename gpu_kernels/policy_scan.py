@@ -1,4 +1,5 @@
-"""Triton: LeanKV's per-step victim search, one pass over a tier's slots per (sequence, layer, KV head).
+"""Triton: LeanKV's plan-time work of a decode step: the victim search, one pass over a tier's slots per
+(sequence, layer, KV head), and the score update (`observe_scores`, at the end of this file).
 
 Reference: `gpu_kernels/reference.py` (`lowest_mean_token`), which the CPU path runs. LeanKV's plan
 asks, every decode step and for every (sequence, layer, KV head), which high-tier token and which
@@ -87,3 +88,51 @@ def lowest_mean_token(pages: torch.Tensor, limit: torch.Tensor, slot_pos: torch.
         immune_tokens, LH=L * H, TPP=tpp, FROM_END=from_end, BLOCK=1024, num_warps=4,
     )
     return vmin, arg, page, slot, pos
+
+
+@triton.jit(do_not_specialize=["rows", "W", "S", "SL", "stride_score"])
+def _observe_kernel(logits_ptr, lse_ptr, pages_ptr, score_ptr, rows, W, S, SL, stride_score,
+                    HKV: tl.constexpr, G: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)  # (layer, sequence, KV head, virtual page) rows
+    inside = r < rows
+    page = tl.load(pages_ptr + r, mask=inside, other=0)
+    live = inside & (page > 0)  # the null page (past a head's pages) gets nothing
+    w = r % W
+    lbh = r // W
+    h = lbh % HKV
+    lb = lbh // HKV  # layer * B + sequence
+    s = tl.arange(0, BLOCK_S)
+    m = live[:, None] & (s < S)[None, :]
+    best = tl.zeros((BLOCK_W, BLOCK_S), dtype=tl.float32)
+    for g in tl.static_range(G):
+        hq = lb * (HKV * G) + h * G + g  # the query head's row of lse [L * B * Hq]
+        lse = tl.load(lse_ptr + hq, mask=live, other=0.0)
+        lse = tl.where(lse == float("-inf"), 0.0, lse)  # a head without a token: its logits are -inf, p = 0
+        x = tl.load(logits_ptr + ((hq * W + w) * SL)[:, None] + s[None, :], mask=m, other=float("-inf"))
+        p = tl.exp(x - lse[:, None])
+        p = tl.where(p != p, 0.0, tl.minimum(p, 3.4028234663852886e38))  # torch's nan_to_num(0.0)
+        best = tl.maximum(best, p)
+    at = score_ptr + page.to(tl.int64)[:, None] * stride_score + s[None, :]
+    tl.store(at, tl.load(at, mask=m, other=0.0) + best, mask=m)
+
+
+def observe_scores(logits: torch.Tensor, lse: torch.Tensor, pages: torch.Tensor, slot_score: torch.Tensor) -> None:
+    """`reference.observe_scores` in one launch: the logits read once (the torch ops made five passes over
+    them, ~0.6 GB each at 32K x 4 on the 32-layer shape), each live page's slots updated by the program
+    that owns it (a page belongs to one (sequence, layer, head): no atomics). logits are left as they are."""
+    L, B, Hq, W, SL = logits.shape
+    Hkv = pages.shape[2]
+    if pages.shape != (L, B, Hkv, W) or Hq % Hkv or lse.shape != (L, B, Hq):
+        raise ValueError(f"observe_scores: logits [L, B, Hq, W, S], lse [L, B, Hq], pages [L, B, Hkv, W] expected; "
+                         f"got {tuple(logits.shape)}, {tuple(lse.shape)}, {tuple(pages.shape)}")
+    if not (logits.is_contiguous() and lse.is_contiguous() and pages.is_contiguous()) or slot_score.stride(1) != 1:
+        raise ValueError("observe_scores: contiguous logits, lse and pages, and slot_score with unit stride along slots")
+    S = min(SL, slot_score.shape[1])
+    rows = L * B * Hkv * W
+    if rows == 0 or S == 0:
+        return
+    block_w = 8
+    _observe_kernel[(triton.cdiv(rows, block_w),)](
+        logits, lse, pages, slot_score, rows, W, S, SL, slot_score.stride(0),
+        HKV=Hkv, G=Hq // Hkv, BLOCK_W=block_w, BLOCK_S=triton.next_power_of_2(S), num_warps=4,
+    )

@@ -419,3 +419,25 @@ def lowest_mean_token(pages: torch.Tensor, limit: torch.Tensor, slot_pos: torch.
         return torch.gather(x, 3, arg.unsqueeze(-1)).squeeze(-1)
 
     return vmin, arg, at(page), at(slot), at(pos)
+
+
+def observe_scores(logits: torch.Tensor, lse: torch.Tensor, pages: torch.Tensor, slot_score: torch.Tensor) -> None:
+    """LeanKV's score update of one decode step, in place: every hot token's score gains its probability
+    at that step, the max over its KV head's query group (kvstore/hot/policies.py).
+
+    Args:
+        logits: fp32 [L, B, Hq, W, SL] the step's emitted logits by virtual page (-inf: no token);
+            overwritten (the probabilities).
+        lse: fp32 [L, B, Hq] the step's log-sum-exp per query head (over hot + retrieved tokens).
+        pages: int64 [L, B, Hkv, W] the pool page of each virtual page (0: the null page, skipped).
+        slot_score: fp32 [P, max_slots] the pool's per-slot scores; slots min(SL, max_slots) are updated.
+    """
+    L, B, Hq, C, S = logits.shape
+    Hkv = pages.shape[2]
+    probs = logits.sub_(lse.view(L, B, Hq, 1, 1)).exp_().nan_to_num_(0.0)
+    S = min(S, slot_score.shape[1])
+    pmax = probs.view(L, B, Hkv, Hq // Hkv, C, -1)[..., :S].amax(3)  # [L, B, Hkv, W, S]
+    pmax.mul_((pages > 0).unsqueeze(-1))  # past a head's pages: the null page, which gets + 0
+    flat = pages.unsqueeze(-1) * slot_score.shape[1] + torch.arange(S, device=pages.device)
+    # every page belongs to one (sequence, layer, head): no two entries but the null page's share an index
+    slot_score.view(-1).index_add_(0, flat.view(-1), pmax.reshape(-1))

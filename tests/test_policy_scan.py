@@ -41,3 +41,31 @@ def test_the_kernel_equals_the_reference_bit_for_bit(from_end, ties, width):
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert torch.isinf(want[0][0, 0, 0]) and want[1][0, 0, 0] == 0  # the null row: none, index 0
     assert torch.isfinite(want[0]).any()
+
+
+@pytest.mark.parametrize("G,SL,max_slots", [(4, 16, 16), (1, 32, 16), (2, 8, 12)])
+def test_the_score_update_kernel_equals_the_reference(G, SL, max_slots):
+    """LeanKV's score update (`observe_scores`): one pass over the emitted logits against the torch ops."""
+    from gpu_kernels.policy_scan import observe_scores
+
+    dev = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
+    g = torch.Generator().manual_seed(G * 100 + SL)
+    L, B, Hkv, W, P = 2, 3, 2, 5, 80
+    Hq = Hkv * G
+    logits = torch.randn(L, B, Hq, W, SL, generator=g) * 3
+    logits[torch.rand(logits.shape, generator=g) < 0.3] = float("-inf")  # empty slots
+    lse = torch.logsumexp(logits.flatten(3), -1)
+    lse[0, 0, 0] = float("-inf")  # a head with no token: -inf - -inf is NaN, which scores 0
+    logits[0, 0, 0] = float("-inf")
+    pages = torch.randperm(P - 1, generator=g)[: L * B * Hkv * W].add_(1).view(L, B, Hkv, W)  # distinct, > 0
+    pages[torch.rand(pages.shape, generator=g) < 0.25] = 0  # null pages: past a head's pages
+    score = torch.rand(P, max_slots, generator=g)
+    logits, lse, pages, score = (t.to(dev) for t in (logits, lse, pages, score))
+    want = score.clone()
+    reference.observe_scores(logits.clone(), lse, pages, want)
+    got = score.clone()
+    observe_scores(logits, lse, pages, got)
+    # the interpreter's exp and torch's differ by at most an ulp; the GPU's tl.exp (ex2.approx) by a few
+    torch.testing.assert_close(got, want, rtol=2e-7 if dev == "cpu" else 1e-5, atol=0)
+    assert torch.equal(got[0], score[0])  # the null page never changes
+    assert not torch.equal(got, score)

@@ -306,19 +306,15 @@ class LeanKVPolicy(HotPolicy):
             return
         seq_ids, ws = last
         logits, lse = ws["logits_all"], ws["lse_all"]  # [L, B, Hq, W, S] by virtual page, [L, B, Hq]
-        L, B, Hq, C, S = logits.shape
-        Hkv = store.geometry.num_kv_heads
-        # in place: the buffer is the last step's, refilled by this plan's workspace
-        probs = logits.sub_(lse.view(L, B, Hq, 1, 1)).exp_().nan_to_num_(0.0)
-        pool = store.hot.pool
-        S = min(S, pool.max_slots)
-        pmax = probs.view(L, B, Hkv, Hq // Hkv, C, -1)[..., :S].amax(3)  # [L, B, Hkv, W, S]
         # the table has not changed since that step's attention (this runs before the plan's page moves)
-        pages = store.hot.table.virtual_pages(seq_ids, C, store.hot.tokens_per_page)  # [L, B, Hkv, W]
-        pmax.mul_((pages > 0).unsqueeze(-1))  # past a head's pages: the null page, which gets + 0
-        flat = pages.unsqueeze(-1) * pool.max_slots + torch.arange(S, device=pages.device)
-        # every page belongs to one (sequence, layer, head): no two entries but the null page's share an index
-        pool.slot_score.view(-1).index_add_(0, flat.view(-1), pmax.reshape(-1))
+        pages = store.hot.table.virtual_pages(seq_ids, logits.shape[3], store.hot.tokens_per_page)  # [L, B, Hkv, W]
+        # one kernel where the hot tier runs them (gpu_kernels/policy_scan.py), else the torch reference (which
+        # overwrites the logits in place: the buffer is the last step's, refilled by this plan's workspace)
+        if store.hot.use_triton:
+            from gpu_kernels.policy_scan import observe_scores
+        else:
+            from gpu_kernels.reference import observe_scores
+        observe_scores(logits, lse, pages, store.hot.pool.slot_score)
 
     def plan(self, store, seq_ids, positions, last_step=None):
         hot, c = store.hot, self.config
