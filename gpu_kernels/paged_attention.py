@@ -483,6 +483,18 @@ def _paged_decode_kernel(
     tl.store(part_lse_ptr + row, lse, mask=gmask)
 
 
+@triton.jit
+def store_split(part_out_ptr, part_lse_ptr, acc, l_t, m_i, row, dims, gmask, D: tl.constexpr):
+    """A split's end (the transposed kernels): O^T [D, BLOCK_G] normalized over the split into
+    part_out[row], its natural-log lse (-inf where the split held no valid token) into part_lse[row];
+    l_t holds the softmax denominator per token row (summed here), m_i the running max (log2 units)."""
+    l_i = tl.sum(l_t, axis=0)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(part_out_ptr + row[None, :] * D + dims[:, None], acc / l_safe[None, :], mask=gmask[None, :])
+    tl.store(part_lse_ptr + row, lse, mask=gmask)
+
+
 @triton.jit(do_not_specialize=["nsplit"])
 def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, nsplit, BLOCK_S: tl.constexpr, D: tl.constexpr):
     r = tl.program_id(0)
@@ -761,12 +773,8 @@ def _full_decode_kernel(
         else:
             acc += tl.dot(vt, p.to(vt.dtype))
         m_i = m_new
-    l_i = tl.sum(l_t, axis=0)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     row = (b * HKV * G + h * G + g) * tl.num_programs(1) + split
-    tl.store(part_out_ptr + row[None, :] * D + dims[:, None], acc / l_safe[None, :], mask=gmask[None, :])
-    tl.store(part_lse_ptr + row, lse, mask=gmask)
+    store_split(part_out_ptr, part_lse_ptr, acc, l_t, m_i, row, dims, gmask, D)
 
 
 # Launch defaults of the 16-bit kernel: not yet timed on a GPU (a guess from the page size: a 32-token

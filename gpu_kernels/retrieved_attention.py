@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from gpu_kernels.paged_attention import LOG2E, store_split
 
 #: rows of K/V a loop step; programs per SM the split count aims at (not yet swept on a GPU: a guess from
 #: the 16-bit paged kernel's FULL_LAUNCH, whose 32-token steps of d=128 move 16 KB of K and V)
@@ -91,12 +91,8 @@ def _retrieved_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, part_out_ptr, part_l
         else:
             acc += tl.dot(vt, p.to(vt.dtype))
         m_i = m_new
-    l_i = tl.sum(l_t, axis=0)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     row = (b * HKV * G + h * G + g) * tl.num_programs(1) + split
-    tl.store(part_out_ptr + row[None, :] * D + dims[:, None], acc / l_safe[None, :], mask=gmask[None, :])
-    tl.store(part_lse_ptr + row, lse, mask=gmask)
+    store_split(part_out_ptr, part_lse_ptr, acc, l_t, m_i, row, dims, gmask, D)
 
 
 @triton.jit(do_not_specialize=["nsplit", "stride_hb", "stride_hh", "stride_ob", "stride_oh"])
