@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -103,14 +105,14 @@ def test_fetch_gathers_wanted_rows_and_leaves_the_rest(device):
 
 
 @pytest.mark.parametrize("bits,dequantize", [((16, 16), True), ((8, 4), True), ((8, 4), False), ((8, 8), True)])
-def test_the_fused_fetch_equals_the_torch_path_bit_for_bit(bits, dequantize):
+def test_the_fused_fetch_equals_the_per_slab_path_bit_for_bit(bits, dequantize):
     """`gpu_kernels.fetch.fetch_positions` (one launch: positions mapped to slab rows and read by each
-    slab's address, on the interpreter here) against the torch path (`rows`, then a gather per slab)."""
-    made = {}
-    for mode in ("never", "always"):
-        made[mode] = _filled([9, 5, 13], steps=7, bits=bits, use_triton=mode)
-    cold_t, seq_ids, exp_k, _ = made["always"]
-    assert len(cold_t.slabs) > 1  # decode's chunks came in slabs of their own: the kernel picks the slab per row
+    slab's address) against the same tier's other path (`rows`, then a gather per slab: the kernels of
+    gpu_kernels/fetch.py, themselves held to the torch references). CPU tensors on the interpreter (CI);
+    CUDA tensors and pinned slabs through the compiled kernels on a GPU machine."""
+    dev = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
+    cold, seq_ids, exp_k, _ = _filled([9, 5, 13], steps=7, bits=bits, use_triton="always", device=dev)
+    assert len(cold.slabs) > 1  # decode's chunks came in slabs of their own: the kernel picks the slab per row
     g = torch.Generator().manual_seed(4)
     B, k = 3, 6
     lens = torch.tensor([e.shape[2] for e in exp_k])
@@ -118,22 +120,26 @@ def test_the_fused_fetch_equals_the_torch_path_bit_for_bit(bits, dequantize):
     pos[0, 0, 0] = -1  # an unwanted pick past a sequence's positions
     want = torch.rand(B, HKV, k, generator=g) < 0.6
     want[0, 0, 0] = False
+    pos, want = pos.to(dev), want.to(dev)
+    assert cold._fused_fetch(pos, want, torch.empty(2, B, HKV, k, D, device=dev))
     got = {}
-    for mode, (cold, sid, _, _) in made.items():
-        ws = cold.fetch_workspace(sid, k, Workspace(torch.device("cpu")))
-        if "raw" in ws:
-            ws["raw"].fill_(0xAB)
+    for path in ("fused", "per slab"):
+        if path == "per slab":
+            cold._fused_fetch = lambda *args: False
+        ws = cold.fetch_workspace(seq_ids, k, Workspace(torch.device(dev)))
         for layer in range(L):
-            out = torch.full((2, B, HKV, k, D), 7.0)
-            cold.fetch(layer, sid, pos, want, out, ws, dequantize=dequantize)
-            got[mode, layer] = (out, ws["raw"].clone() if "raw" in ws else None)
-    assert cold_t._fused_fetch(pos, want, torch.empty(2, B, HKV, k, D)) and not made["never"][0]._fused_fetch(
-        pos, want, torch.empty(2, B, HKV, k, D))
+            if "raw" in ws:
+                ws["raw"].fill_(0xAB)
+            out = torch.full((2, B, HKV, k, D), 7.0, device=dev)
+            cold.fetch(layer, seq_ids, pos, want, out, ws, dequantize=dequantize)
+            got[path, layer] = (out, ws["raw"].clone() if "raw" in ws else None)
     for layer in range(L):
-        (out_r, raw_r), (out_k, raw_k) = got["never", layer], got["always", layer]
-        assert torch.equal(out_k, out_r), layer
-        if raw_r is not None:
-            assert torch.equal(raw_k, raw_r), layer
+        (out_f, raw_f), (out_p, raw_p) = got["fused", layer], got["per slab", layer]
+        assert torch.equal(out_f, out_p), layer
+        assert raw_f is None or torch.equal(raw_f, raw_p), layer
+        if bits == (16, 16):  # exact rows
+            b, h, j = (int(x) for x in want.nonzero()[0])
+            assert torch.equal(out_f[0, b, h, j].cpu(), exp_k[b][layer, h, int(pos[b, h, j])].cpu())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs CUDA")
