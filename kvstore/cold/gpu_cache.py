@@ -30,7 +30,11 @@ Eviction policies:
        block bookkeeping. Which policy wins depends on the model's selection traces: `stats()`
        reports the hit rate so the two can be compared on a real model (not measured yet).
   lru  score is the step of the last use.
-The slots hit this step are protected from eviction.
+The slots hit this step are protected from eviction. Victims are the slots of lowest protected score,
+ties to the lowest slot (a stable sort), so the kernel and the torch path agree bit for bit.
+
+Where Triton runs (`use_triton`, set by the cold path) `admit` is one kernel a layer
+(gpu_kernels/cache_admit.py); the torch ops below are the CPU path and its reference.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ class GPUCache:
         #: the cold tier's row format when it is quantized (slots hold its rows), None: model dtype
         self.fmt = row_format
         self.device = geometry.device
+        #: `admit` runs gpu_kernels/cache_admit.py (one launch a layer) rather than its torch ops; set by the
+        #: owner (ColdPath: where Triton runs), False by default (the torch path is the CPU's and the reference)
+        self.use_triton = False
         self.slots = 0
         self.max_seqs = 0
         self.cap = 0
@@ -108,6 +115,10 @@ class GPUCache:
         """The token storage `_kv` made: (k, v) or (rows,)."""
         return (self.k, self.v) if self.fmt is None else (self.rows,)
 
+    def _data_of(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """One layer's token storage: (k, v) [S, H, slots + 1, d] or (rows,) [S, H, slots + 1, row_bytes]."""
+        return tuple(t[layer] for t in self._data())
+
     @property
     def bytes_per_seq(self) -> int:
         """Device bytes one sequence slot holds (all layers)."""
@@ -144,8 +155,14 @@ class GPUCache:
         ws["prot"] = wsp.take("cache.prot", (B, H, n), f32)
         ws["posg"] = wsp.take("cache.posg", (B, H, n), torch.int32)
         ws["empty"] = wsp.take("cache.empty", (B, H, n), b8)
-        ws["vals"] = wsp.take("cache.vals", (B, H, nv), f32)
-        ws["victims"] = wsp.take("cache.victims", (B, H, nv), i64)
+        if self.use_triton:  # one kernel a layer (gpu_kernels/cache_admit.py): its scratch rows
+            from gpu_kernels.cache_admit import admit_buffers
+
+            ws["admit"] = admit_buffers(lambda name, shape, dt: wsp.take("cache.admit." + name, shape, dt), B, H,
+                                        self.slots)
+        else:  # the slots by protected score (a stable sort: ties to the lowest slot, as the kernel)
+            ws["sorted"] = wsp.take("cache.sorted", (B, H, n), f32)
+            ws["order"] = wsp.take("cache.order", (B, H, n), i64)
         return ws
 
     def _ws(self, seq_ids: torch.Tensor, k: int, ws: dict | None) -> dict:
@@ -217,6 +234,13 @@ class GPUCache:
             return
         B, H, k = pos.shape
         ws = self._ws(seq_ids, k, ws)
+        if self.use_triton:
+            from gpu_kernels.cache_admit import admit
+
+            src = (raw,) if self.fmt is not None else (kv[0], kv[1])
+            admit(seq_ids, pos, valid, slot, self.score[layer], self.pos[layer], self.slot_of[layer],
+                  self._data_of(layer), src, self.step, ws["admit"], self.policy == "lfu", self.decay, touch)
+            return
         trash, cap, inf = self.slots, self.cap, float("inf")
         h, sb = ws["h"], seq_ids.view(B, 1, 1)
         nohit = torch.lt(slot, 0, out=ws["nohit"])
@@ -237,7 +261,8 @@ class GPUCache:
         prot.scatter_(2, hit_slot, inf)
         prot[..., trash].fill_(inf)
         nv = min(k, self.slots)
-        vals, victims = torch.topk(prot, nv, dim=-1, largest=False, sorted=True, out=(ws["vals"], ws["victims"]))
+        torch.sort(prot, dim=-1, stable=True, out=(ws["sorted"], ws["order"]))
+        vals, victims = ws["sorted"][..., :nv], ws["order"][..., :nv]  # the nv least valuable slots
         cs = torch.cumsum(ws["missl"].copy_(miss), -1, out=ws["cs"])
         rank = torch.sub(cs, 1, out=ws["rank"]).clamp_(0, nv - 1)
         ok = torch.le(cs, nv, out=ws["ok"]).bitwise_and_(miss)

@@ -194,6 +194,7 @@ class ColdPath:
                 if self.gpu_cache is None:
                     # slots of the cold tier's rows when it is quantized: admitted as fetched, byte for byte
                     self.gpu_cache = GPUCache(self.geometry, self.max_seqs, slots, self._cap, row_format=self.cold.fmt)
+                    self.gpu_cache.use_triton = use_triton(self.config, self.device)
                 else:
                     self.gpu_cache.ensure(self.max_seqs, slots, self._cap)
         self.cold.write_prefill(layer, k, v, positions, valid)
