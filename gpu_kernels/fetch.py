@@ -180,7 +180,7 @@ def _fetch_kernel(pos_ptr, want_ptr, seq_ptr, table_ptr, chunk_slab_ptr, chunk_l
 def fetch_positions(pos: torch.Tensor, want: torch.Tensor, seq_ids: torch.Tensor, maps: dict, slab_addr: torch.Tensor,
                     layer: int, chunk_tokens: int, head_dim: int, out: torch.Tensor | None,
                     raw: torch.Tensor | None = None, fmt: tuple[int, int, int] | None = None, dequantize: bool = True,
-                    block_r: int = 16, num_warps: int = 4) -> None:
+                    block_r: int = 8, num_warps: int = 4) -> None:
     """The cold tier's fetch in one launch: each wanted (sequence, KV head, position) of one layer, mapped
     to its slab row on the device (the chunk maps of `ColdTier.device_maps`) and read from that slab (a
     pinned host tensor on CUDA) by its address; rows not wanted untouched. The torch path of
@@ -196,6 +196,8 @@ def fetch_positions(pos: torch.Tensor, want: torch.Tensor, seq_ids: torch.Tensor
         raw: quantized tier: uint8 [B * H * k, row_bytes] contiguous, the rows as stored.
         fmt: (key_bits, value_bits, groups) of a quantized tier (None: 16-bit rows of out's dtype).
         dequantize: quantized only: False stops at raw (out untouched).
+        block_r, num_warps: rows a program and its warps (sm_90, K8V4 at d=128: 8 rows on 4 warps compile to
+            128 registers; 16 on 8 to 228; 32 spill. Not yet timed: benchmarks/perf/kernel_resources.py).
     Graph-safe: no allocation, no host sync.
     """
     B, H, k = pos.shape

@@ -37,9 +37,10 @@ import triton.language as tl
 
 from gpu_kernels.paged_attention import LOG2E, store_split
 
-#: rows of K/V a loop step; programs per SM the split count aims at (not yet swept on a GPU: a guess from
-#: the 16-bit paged kernel's FULL_LAUNCH, whose 32-token steps of d=128 move 16 KB of K and V)
-RETRIEVED_LAUNCH = dict(block_rows=32, num_warps=4, num_stages=2, programs_per_sm=4)
+#: rows of K/V a loop step, warps, and programs per SM the split count aims at. Not yet timed on a GPU; compiled
+#: for sm_90 at d=128, G=4 (benchmarks/perf/kernel_resources.py): 32 rows on 8 warps take 97 registers (bf16
+#: rows; fp32 194), two programs an SM; on 4 warps 207 (fp32: 255 and a 64-byte spill); 64 rows spill at fp32
+RETRIEVED_LAUNCH = dict(block_rows=32, num_warps=8, num_stages=2, programs_per_sm=2)
 
 
 @triton.jit(do_not_specialize=["N", "rows_per_split", "stride_qb", "stride_qh"])

@@ -57,7 +57,10 @@ def test_kernel_variants_compile_for_sm90():
     """What the interpreter runs, the GPU compiler must take too: fp32 and 16-bit queries, one or two
     scale groups, with and without the low tier, emitted logits, the masking high tier (the interpreter
     once passed a constexpr assigned twice in an unrolled loop that sm_90 compilation refused); and the
-    kernel over 16-bit and fp32 pages (`compile_full_variants`)."""
+    kernel over 16-bit and fp32 pages (`compile_full_variants`); and the step's other kernels (retrieved
+    attention and its merge, the fused fetch, the cache admission, LeanKV's score update) at their launch
+    settings without a spill (`compile_step_kernels`: the admission spilled 6.6 KB a thread at 256 entries a
+    loop step)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.perf.kernel_resources", "--check-variants", "ci"], env=env,
                           capture_output=True, text=True, timeout=600)

@@ -83,6 +83,20 @@ def _compile(consts, fp32: bool, num_warps: int, num_stages: int, maxnreg: int |
                           target=GPUTarget("cuda", arch, 32), options=opts)
 
 
+def _resources(kernel) -> tuple[dict, str]:
+    """A compiled kernel's resource usage ({"REG": .., "STACK": .., "SHARED": .., "LOCAL": ..} as strings,
+    from the bundled cuobjdump) and its SASS (nvdisasm)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)), sass
+
+
 def parse_variant(text: str) -> dict:
     """'default' or 'key=value:key=value' (ints and true/false) -> launch overrides."""
     if text in ("", "default"):
@@ -119,15 +133,7 @@ def compile_report(launch: dict | None = None, num_kv_heads: int = 8, group: int
         keys = ("num_warps", "num_stages", "block_tokens", "high_dense")
     kernel = _compile(consts, dtype == "fp32", cfg["num_warps"], cfg["num_stages"], cfg.get("maxnreg"), arch,
                       pages=dtype)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "k.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
-                               text=True, check=True).stdout
-        sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    fields, sass = _resources(kernel)
     regs = int(fields.get("REG", 0))
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line.strip()))}
@@ -181,7 +187,73 @@ def compile_variants(full: bool = False, arch: int = 90) -> list[str]:
         except Exception as e:  # noqa: BLE001 - collected and reported, the rest still compile
             failures.append(f"fp32={fp32} emit={emit} low={low} groups={groups} G={group} "
                             f"warps={warps} high_dense={dense}: {_root_cause(e)}")
-    return failures + compile_full_variants(full, arch)
+    return failures + compile_full_variants(full, arch) + compile_step_kernels(arch)
+
+
+def _compile_kernel(fn, ptrs: dict, consts: dict, floats=(), num_warps: int = 4, arch: int = 90):
+    """triton.compile of any kernel for sm_`arch`: `ptrs` its pointer arguments' types ("*bf16" ...),
+    `consts` its constexprs, `floats` its fp32 scalars; the other arguments i32."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not hasattr(fn, "arg_names"):
+        raise RuntimeError("the kernel was loaded for the Triton interpreter: run with TRITON_INTERPRET=0")
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in floats else "i32") for n in fn.arg_names}
+    return triton.compile(ASTSource(fn, sig, constexprs=dict(consts)), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps))
+
+
+def compile_step_kernels(arch: int = 90) -> list[str]:
+    """The decode step's other kernels at the Llama-3-8B shape (8 KV heads of 128, a group of 4): the retrieved
+    tokens' attention (bf16 and fp32 rows) and its merge, the cold tier's fused fetch (K8V4 and 16-bit rows),
+    the GPU cache's admission (4096 slots: a quantized LFU and a 16-bit LRU cache) and LeanKV's score update.
+    Returns the failures: a compile error, or registers spilled at the launch setting the store uses."""
+    from gpu_kernels import cache_admit, fetch, policy_scan, retrieved_attention
+
+    cases = []
+    for dt in ("bf16", "fp32"):
+        cases.append((f"retrieved attention, {dt} rows", retrieved_attention._retrieved_split_kernel,
+                      {"q_ptr": "*" + dt, "k_ptr": "*" + dt, "v_ptr": "*" + dt, "valid_ptr": "*u8",
+                       "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"},
+                      dict(HKV=8, G=4, BLOCK_G=16, D=128, BLOCK_N=retrieved_attention.RETRIEVED_LAUNCH["block_rows"],
+                           DOT_F32=dt == "fp32"), ("scale_log2",), retrieved_attention.RETRIEVED_LAUNCH["num_warps"]))
+    cases.append(("retrieved attention's merge", retrieved_attention._merge_hot_kernel,
+                  {"hot_out_ptr": "*fp32", "hot_lse_ptr": "*fp32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+                   "out_ptr": "*bf16", "lse_ptr": "*fp32"}, dict(HQ=32, BLOCK_S=16, D=128), (), 4))
+    maps = {n: "*i64" for n in ("pos_ptr", "seq_ptr", "table_ptr", "chunk_slab_ptr", "chunk_local_ptr", "slab_n_ptr",
+                                "slab_addr_ptr")}
+    for quant in (True, False):
+        cases.append((f"fused fetch, {'K8V4' if quant else 'bf16'} rows", fetch._fetch_kernel,
+                      {**maps, "want_ptr": "*u8", "raw_ptr": "*u8" if quant else "*bf16",
+                       "raw16_ptr": "*fp16" if quant else "*bf16", "k_out": "*bf16", "v_out": "*bf16"},
+                      dict(H=8, D=128, QUANT=quant, DEQUANT=quant, RB=200 if quant else 256, BLOCK_B=256, NG=1,
+                           KBITS=8, VBITS=4, BLOCK_R=8), (), 4))
+    for quant, lfu in ((True, True), (False, False)):
+        row = "*u8" if quant else "*bf16"
+        cases.append((f"cache admission, {'K8V4 LFU' if quant else 'bf16 LRU'}", cache_admit._admit_kernel,
+                      {"seq_ptr": "*i64", "pos_ptr": "*i64", "valid_ptr": "*u8", "slot_ptr": "*i64", "src_ptr": row,
+                       "src_v_ptr": row, "score_ptr": "*fp32", "cpos_ptr": "*i32", "slot_of_ptr": "*i16",
+                       "dst_ptr": row, "dst_v_ptr": row, "step_ptr": "*fp32", "prot_ptr": "*fp32", "vic_ptr": "*i32",
+                       "vals_ptr": "*fp32"},
+                      dict(H=8, SLOTS=4096, BLOCK_N=4096, BLOCK_K=cache_admit.ADMIT_LAUNCH["block_k"],
+                           ROW=200 if quant else 128, BLOCK_ROW=256 if quant else 128, LFU=lfu, TOUCH=True,
+                           TWO=not quant), ("decay",), cache_admit.ADMIT_LAUNCH["num_warps"]))
+    cases.append(("LeanKV score update", policy_scan._observe_kernel,
+                  {"logits_ptr": "*fp32", "lse_ptr": "*fp32", "pages_ptr": "*i64", "score_ptr": "*fp32"},
+                  dict(HKV=8, G=4, BLOCK_W=8, BLOCK_S=64), (), 4))
+    failures = []
+    for name, fn, ptrs, consts, floats, warps in cases:
+        try:
+            fields, _ = _resources(_compile_kernel(fn, ptrs, consts, floats, warps, arch))
+            log.info("%-36s regs %3s  stack %4s B  smem %6s B", name, fields.get("REG"), fields.get("STACK"),
+                     fields.get("SHARED"))
+        except Exception as e:  # noqa: BLE001 - collected and reported, the rest still compile
+            failures.append(f"{name}: {_root_cause(e)}")
+            continue
+        if int(fields.get("STACK", 0)):  # registers spilled to local memory: a launch setting to change
+            failures.append(f"{name}: spills {fields['STACK']} bytes a thread at its launch setting")
+    return failures
 
 
 def compile_full_variants(full: bool = False, arch: int = 90) -> list[str]:
