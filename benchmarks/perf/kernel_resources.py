@@ -209,7 +209,7 @@ def compile_step_kernels(arch: int = 90) -> list[str]:
     tokens' attention (bf16 and fp32 rows) and its merge, the cold tier's fused fetch (K8V4 and 16-bit rows),
     the GPU cache's admission (4096 slots: a quantized LFU and a 16-bit LRU cache) and LeanKV's score update.
     Returns the failures: a compile error, or registers spilled at the launch setting the store uses."""
-    from gpu_kernels import cache_admit, fetch, policy_scan, retrieved_attention
+    from gpu_kernels import fetch, gpu_cache, policy_scan, retrieved_attention
 
     cases = []
     for dt in ("bf16", "fp32"):
@@ -231,14 +231,14 @@ def compile_step_kernels(arch: int = 90) -> list[str]:
                            KBITS=8, VBITS=4, BLOCK_R=8), (), 4))
     for quant, lfu in ((True, True), (False, False)):
         row = "*u8" if quant else "*bf16"
-        cases.append((f"cache admission, {'K8V4 LFU' if quant else 'bf16 LRU'}", cache_admit._admit_kernel,
+        cases.append((f"cache admission, {'K8V4 LFU' if quant else 'bf16 LRU'}", gpu_cache._admit_kernel,
                       {"seq_ptr": "*i64", "pos_ptr": "*i64", "valid_ptr": "*u8", "slot_ptr": "*i64", "src_ptr": row,
                        "src_v_ptr": row, "score_ptr": "*fp32", "cpos_ptr": "*i32", "slot_of_ptr": "*i16",
                        "dst_ptr": row, "dst_v_ptr": row, "step_ptr": "*fp32", "prot_ptr": "*fp32", "vic_ptr": "*i32",
                        "vals_ptr": "*fp32"},
-                      dict(H=8, SLOTS=4096, BLOCK_N=4096, BLOCK_K=cache_admit.ADMIT_LAUNCH["block_k"],
+                      dict(H=8, SLOTS=4096, BLOCK_N=4096, BLOCK_K=gpu_cache.ADMIT_LAUNCH["block_k"],
                            ROW=200 if quant else 128, BLOCK_ROW=256 if quant else 128, LFU=lfu, TOUCH=True,
-                           TWO=not quant), ("decay",), cache_admit.ADMIT_LAUNCH["num_warps"]))
+                           TWO=not quant), ("decay",), gpu_cache.ADMIT_LAUNCH["num_warps"]))
     cases.append(("LeanKV score update", policy_scan._observe_kernel,
                   {"logits_ptr": "*fp32", "lse_ptr": "*fp32", "pages_ptr": "*i64", "score_ptr": "*fp32"},
                   dict(HKV=8, G=4, BLOCK_W=8, BLOCK_S=64), (), 4))

@@ -34,7 +34,7 @@ The slots hit this step are protected from eviction. Victims are the slots of lo
 ties to the lowest slot (a stable sort), so the kernel and the torch path agree bit for bit.
 
 Where Triton runs (`use_triton`, set by the cold path) `admit` is one kernel a layer
-(gpu_kernels/cache_admit.py); the torch ops below are the CPU path and its reference.
+(gpu_kernels/gpu_cache.py); the torch ops below are the CPU path and its reference.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class GPUCache:
         #: the cold tier's row format when it is quantized (slots hold its rows), None: model dtype
         self.fmt = row_format
         self.device = geometry.device
-        #: `admit` runs gpu_kernels/cache_admit.py (one launch a layer) rather than its torch ops; set by the
+        #: `admit` runs gpu_kernels/gpu_cache.py (one launch a layer) rather than its torch ops; set by the
         #: owner (ColdPath: where Triton runs), False by default (the torch path is the CPU's and the reference)
         self.use_triton = False
         self.slots = 0
@@ -155,8 +155,8 @@ class GPUCache:
         ws["prot"] = wsp.take("cache.prot", (B, H, n), f32)
         ws["posg"] = wsp.take("cache.posg", (B, H, n), torch.int32)
         ws["empty"] = wsp.take("cache.empty", (B, H, n), b8)
-        if self.use_triton:  # one kernel a layer (gpu_kernels/cache_admit.py): its scratch rows
-            from gpu_kernels.cache_admit import admit_buffers
+        if self.use_triton:  # one kernel a layer (gpu_kernels/gpu_cache.py): its scratch rows
+            from gpu_kernels.gpu_cache import admit_buffers
 
             ws["admit"] = admit_buffers(lambda name, shape, dt: wsp.take("cache.admit." + name, shape, dt), B, H,
                                         self.slots)
@@ -235,7 +235,7 @@ class GPUCache:
         B, H, k = pos.shape
         ws = self._ws(seq_ids, k, ws)
         if self.use_triton:
-            from gpu_kernels.cache_admit import admit
+            from gpu_kernels.gpu_cache import admit
 
             src = (raw,) if self.fmt is not None else (kv[0], kv[1])
             admit(seq_ids, pos, valid, slot, self.score[layer], self.pos[layer], self.slot_of[layer],

@@ -3,7 +3,7 @@
 # Checks and measures the kernels that replaced the retrieval path's small ops:
 #   gpu_kernels/retrieved_attention.py (the retrieved tokens' attention + the LSE merge: 2 launches, were 31 ops),
 #   gpu_kernels/fetch.py fetch_positions (the cold tier's fetch: 1 launch for every slab),
-#   gpu_kernels/cache_admit.py (the GPU cache's admission: 1 launch, were ~49 ops with a top-k),
+#   gpu_kernels/gpu_cache.py (the GPU cache's admission: 1 launch, were ~49 ops with a top-k),
 #   gpu_kernels/policy_scan.py observe_scores (LeanKV's score update at plan time: 1 pass over the logits).
 # decode_ops on the CPU: tiered 155 -> 54.5 kernels a layer, pqcache 149 -> 49. Baselines in the same run:
 # quant (whose step these kernels do not touch) and call3/'s figures (quant 10.82 ms, tiered 45.04 ms at 32K x 4).
@@ -13,7 +13,7 @@ bash .device-deps/install.sh > /dev/null 2>&1 && export PYTHONPATH=/tmp/site:$PW
 export TRITON_INTERPRET=0
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 # 1. the new kernels on CUDA tensors against their references, then every preset's graph replay == eager
-timeout 60 python -m pytest -q tests/test_retrieved_attention.py tests/test_policy_scan.py tests/test_cache_admit.py \
+timeout 60 python -m pytest -q tests/test_retrieved_attention.py tests/test_policy_scan.py tests/test_gpu_cache_kernels.py \
     > "$OUT/test_kernels.log" 2>&1
 tail -n 1 "$OUT/test_kernels.log"
 timeout 40 python -m pytest -q tests/test_cold_tier.py -k "fused or pinned or cuda" > "$OUT/test_cold_tier.log" 2>&1

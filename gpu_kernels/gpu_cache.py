@@ -1,5 +1,5 @@
-"""Triton: the GPU cache's admission of one layer's misses (kvstore/cold/gpu_cache.py, `GPUCache.admit`),
-one program per (sequence, KV head).
+"""Triton: the GPU cache of retrieved tokens (kvstore/cold/gpu_cache.py). The admission of one layer's
+misses (`GPUCache.admit`), one program per (sequence, KV head).
 
 The torch path (the CPU's, and the reference this kernel is tested against bit for bit) is about 49
 ops a layer: the score update, the protected scores, a top-k of the least valuable slots, a cumsum

@@ -1,4 +1,4 @@
-"""The GPU cache's admission kernel (gpu_kernels/cache_admit.py) against the torch path of `GPUCache.admit`
+"""The GPU cache's admission kernel (gpu_kernels/gpu_cache.py) against the torch path of `GPUCache.admit`
 (the CPU's), bit for bit on the cache's whole state after each of several steps: LFU and LRU, a quantized
 and a 16-bit cache, the speculative prefetch's admission (touch=False), more misses than slots, invalid
 picks, hits, and selections wider than one of the kernel's chunks. CPU tensors on the interpreter (CI);
