@@ -187,7 +187,17 @@ def _load_halves(rowptr, BITS: tl.constexpr, D: tl.constexpr, BSTRIDE: tl.conste
     if BITS == 4:
         b = tl.load(rowptr[:, None] + (tl.arange(0, H) * BSTRIDE)[None, :]).to(tl.int16)
         return b & 15, b >> 4
+    if BITS == 2:  # four bit planes of D/4 bytes, loaded once: planes 0, 1 are the first half, 2, 3 the second
+        Q: tl.constexpr = D // 4
+        b = tl.load(rowptr[:, None] + (tl.arange(0, Q) * BSTRIDE)[None, :]).to(tl.int16)
+        return _concat_cols(b & 3, (b >> 2) & 3, H), _concat_cols((b >> 4) & 3, (b >> 6) & 3, H)
     return _load_plane(rowptr, 0, BITS, D, H, BSTRIDE), _load_plane(rowptr, H, BITS, D, H, BSTRIDE)
+
+
+@triton.jit
+def _concat_cols(a, b, W: tl.constexpr):
+    """[rows, W] = a's columns then b's (each [rows, W / 2]): join, put the new axis before the columns, merge."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], W))
 
 
 @triton.jit
@@ -202,7 +212,7 @@ def _operand(codes, FP32: tl.constexpr):
 
 @triton.jit
 def _attend_block(
-    acc0, acc1, m_i, l_i, z_i, q, data_ptr, data16_ptr, data64_ptr, table, vp0, vp_end, n_high, n_hp, C, pos_ptr,
+    acc0, acc1, m_i, l_i, z_i, q, q_lo, q_hi, data_ptr, data16_ptr, data64_ptr, table, vp0, vp_end, n_high, n_hp, C, pos_ptr,
     max_slots, page_bytes, scale_log2, emit_ptr, emit_row_stride, DO_EMIT: tl.constexpr, IS_LOW: tl.constexpr,
     TPP: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr,
     NG: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, BLOCK_G: tl.constexpr, G: tl.constexpr,
@@ -259,7 +269,15 @@ def _attend_block(
         pos = tl.load(pos_ptr + page * max_slots + slot, mask=in_page, other=-1)
         valid = in_page & (pos >= 0)
     base = page * page_bytes
-    if ASM_CVT and KBITS == 8 and not FP32:
+    if KBITS == 4:  # the halves of the head dim are the low and high nibbles of D/2 bytes: loaded once, two dots
+        kb = tl.load((data_ptr + base + slot * KB)[:, None] + tl.arange(0, H)[None, :])
+        if ASM_CVT and not FP32:
+            k_lo, k_hi = _u4x2_f16_asm(kb)
+        else:
+            k_lo = _operand((kb & 15).to(tl.int16), FP32)
+            k_hi = _operand((kb >> 4).to(tl.int16), FP32)
+        kc = k_lo  # unused
+    elif ASM_CVT and KBITS == 8 and not FP32:
         kc = _u8_f16_asm(tl.load((data_ptr + base + slot * KB)[:, None] + tl.arange(0, D)[None, :]))
     else:
         kc = _operand(_load_plane(data_ptr + base + slot * KB, 0, KBITS, D, D, 1), FP32)
@@ -291,7 +309,17 @@ def _attend_block(
             qj = q
         else:
             qj = tl.where((grp == j)[:, None], q, 0.0)
-        if FP32:
+        if KBITS == 4:
+            if NG == 1:
+                qj_lo, qj_hi = q_lo, q_hi
+            else:
+                qj_lo = tl.where((tl.arange(0, H) // (D // NG) == j)[:, None], q_lo, 0.0)
+                qj_hi = tl.where(((H + tl.arange(0, H)) // (D // NG) == j)[:, None], q_hi, 0.0)
+            if FP32:
+                dot = tl.dot(k_lo, qj_lo, input_precision="ieee") + tl.dot(k_hi, qj_hi, input_precision="ieee")
+            else:
+                dot = tl.dot(k_lo, qj_lo.to(tl.float16)) + tl.dot(k_hi, qj_hi.to(tl.float16))
+        elif FP32:
             dot = tl.dot(kc, qj, input_precision="ieee")
         else:
             dot = tl.dot(kc, qj.to(tl.float16))
@@ -379,7 +407,7 @@ def _attend_retrieved(
     z_r = l_i  # unused: eager sums
     for vp in range(tl.maximum(v0, r0), v1, NP):
         acc0, acc1, m_i, l_i, z_r = _attend_block(
-            acc0, acc1, m_i, l_i, z_r, q, data_ptr, data16_ptr, data64_ptr, table, vp, v1, n_end, r0, C,
+            acc0, acc1, m_i, l_i, z_r, q, q, q, data_ptr, data16_ptr, data64_ptr, table, vp, v1, n_end, r0, C,
             pos_ptr, max_slots, page_bytes, scale_log2, emit_ptr, emit_row_stride, False, False,
             TPP, BT, NP, SLOTS, D, NG, KBITS, VBITS, BLOCK_G, G, FP32, META64, False, ASM_CVT, VHINT, False,
         )
@@ -416,10 +444,18 @@ def _paged_decode_kernel(
     g = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, D)
     gmask = g < G
-    q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + dims[None, :], mask=gmask[:, None], other=0.0)
+    qrow = q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh
+    q = tl.load(qrow + dims[None, :], mask=gmask[:, None], other=0.0)
+    # the halves of Q^T [D/2, BLOCK_G]: the dots of 4-bit keys (low nibbles: dims [0, D/2), high: [D/2, D))
+    q_lo = tl.load(qrow + tl.arange(0, D // 2)[None, :], mask=gmask[:, None], other=0.0)
+    q_hi = tl.load(qrow + D // 2 + tl.arange(0, D // 2)[None, :], mask=gmask[:, None], other=0.0)
     if FP32:
         q = q.to(tl.float32)
+        q_lo = q_lo.to(tl.float32)
+        q_hi = q_hi.to(tl.float32)
     q = tl.trans(q)  # Q^T [D, BLOCK_G]
+    q_lo = tl.trans(q_lo)
+    q_hi = tl.trans(q_hi)
     n_high = tl.load(num_high_ptr + seq * stride_ns + layer * stride_nl + h)
     n_hp = (n_high + TPP_H - 1) // TPP_H
     if HAS_LOW:
@@ -449,7 +485,7 @@ def _paged_decode_kernel(
         z_h = l_i
     for vp in range(v0, h_end, NP_H):
         acc0, acc1, m_i, l_h, z_h = _attend_block(
-            acc0, acc1, m_i, l_h, z_h, q, data_ptr, data16_ptr, data64_ptr, table, vp, h_end, n_high, n_hp, C,
+            acc0, acc1, m_i, l_h, z_h, q, q_lo, q_hi, data_ptr, data16_ptr, data64_ptr, table, vp, h_end, n_high, n_hp, C,
             pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, False,
             TPP_H, BLOCK_TH, NP_H, SLOTS, D, NG, KB_H, VB_H, BLOCK_G, G, FP32, META64, LAZY, ASM_CVT, VHINT, HIGH_DENSE,
         )
@@ -464,7 +500,8 @@ def _paged_decode_kernel(
         z_l = l_i
         for vp in range(tl.maximum(v0, n_hp), l_end, NP_L):
             acc0, acc1, m_i, l_i, z_l = _attend_block(
-                acc0, acc1, m_i, l_i, z_l, q, data_ptr, data16_ptr, data64_ptr, table, vp, l_end, n_high, n_hp, C,
+                acc0, acc1, m_i, l_i, z_l, q, q_lo, q_hi, data_ptr, data16_ptr, data64_ptr, table, vp, l_end, n_high, n_hp,
+                C,
                 pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, True,
                 TPP_L, BLOCK_TL, NP_L, SLOTS, D, NG, KB_L, VB_L, BLOCK_G, G, FP32, META64, False, ASM_CVT, False, False,
             )
