@@ -187,10 +187,6 @@ def _load_halves(rowptr, BITS: tl.constexpr, D: tl.constexpr, BSTRIDE: tl.conste
     if BITS == 4:
         b = tl.load(rowptr[:, None] + (tl.arange(0, H) * BSTRIDE)[None, :]).to(tl.int16)
         return b & 15, b >> 4
-    if BITS == 2:  # four bit planes of D/4 bytes, loaded once: planes 0, 1 are the first half, 2, 3 the second
-        Q: tl.constexpr = D // 4
-        b = tl.load(rowptr[:, None] + (tl.arange(0, Q) * BSTRIDE)[None, :]).to(tl.int16)
-        return _concat_cols(b & 3, (b >> 2) & 3, H), _concat_cols((b >> 4) & 3, (b >> 6) & 3, H)
     return _load_plane(rowptr, 0, BITS, D, H, BSTRIDE), _load_plane(rowptr, H, BITS, D, H, BSTRIDE)
 
 
@@ -287,6 +283,13 @@ def _attend_block(
         if VHINT:  # runs of TPP consecutive tokens, 16-byte aligned (TPP % 16 == 0, page_bytes % 16 == 0)
             voff = tl.max_contiguous(tl.multiple_of(voff, [16, 1]), [TPP, 1])
         vc0, vc1 = _u4x2_f16_asm(tl.load(data_ptr + voff))
+    elif VBITS == 2:  # four bit planes of D/4 bytes, loaded once: planes 0, 1 the first half, 2, 3 the second
+        voff = (base + TPP * KB + slot)[:, None] + (tl.arange(0, D // 4) * TPP)[None, :]
+        if VHINT:
+            voff = tl.max_contiguous(tl.multiple_of(voff, [16, 1]), [TPP, 1])
+        vb = tl.load(data_ptr + voff).to(tl.int16)
+        vc0 = _operand(_concat_cols(vb & 3, (vb >> 2) & 3, H), FP32)
+        vc1 = _operand(_concat_cols((vb >> 4) & 3, (vb >> 6) & 3, H), FP32)
     else:
         vh0, vh1 = _load_halves(vrow, VBITS, D, TPP)
         vc0 = _operand(vh0, FP32)
@@ -435,6 +438,7 @@ def _paged_decode_kernel(
     KB_L: tl.constexpr, VB_L: tl.constexpr,
     SLOTS: tl.constexpr, DO_EMIT: tl.constexpr, FP32: tl.constexpr, META64: tl.constexpr, LAZY: tl.constexpr,
     ASM_CVT: tl.constexpr, VHINT: tl.constexpr, HIGH_DENSE: tl.constexpr, HAS_RET: tl.constexpr,
+    VHINT_L: tl.constexpr = False,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -503,7 +507,7 @@ def _paged_decode_kernel(
                 acc0, acc1, m_i, l_i, z_l, q, q_lo, q_hi, data_ptr, data16_ptr, data64_ptr, table, vp, l_end, n_high, n_hp,
                 C,
                 pos_ptr, max_slots, page_bytes, scale_log2, emit_base, emit_row_stride, DO_EMIT, True,
-                TPP_L, BLOCK_TL, NP_L, SLOTS, D, NG, KB_L, VB_L, BLOCK_G, G, FP32, META64, False, ASM_CVT, False, False,
+                TPP_L, BLOCK_TL, NP_L, SLOTS, D, NG, KB_L, VB_L, BLOCK_G, G, FP32, META64, False, ASM_CVT, VHINT_L, False,
             )
     if HAS_RET:
         acc0, acc1, m_i, l_i = _attend_retrieved(
@@ -633,7 +637,7 @@ def kernel_constexprs(
         HAS_LOW=low is not None, TPP_L=tlow, BLOCK_TL=btl, NP_L=max(1, block_tokens // btl), KB_L=lkb, VB_L=lvb,
         SLOTS=max(th, tlow if low is not None else 0), DO_EMIT=emit, FP32=fp32, META64=meta64, LAZY=groups == 1,
         ASM_CVT=bool(asm_cvt), VHINT=th % 16 == 0 and bth == th and page_bytes % 16 == 0, HIGH_DENSE=bool(high_dense),
-        HAS_RET=bool(has_ret),
+        HAS_RET=bool(has_ret), VHINT_L=low is not None and tlow % 16 == 0 and btl == tlow and page_bytes % 16 == 0,
     ))
 
 
