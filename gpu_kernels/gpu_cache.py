@@ -1,5 +1,6 @@
-"""Triton: the GPU cache of retrieved tokens (kvstore/cold/gpu_cache.py). The admission of one layer's
-misses (`GPUCache.admit`), one program per (sequence, KV head).
+"""Triton: the GPU cache of retrieved tokens (kvstore/cold/gpu_cache.py). `lookup`: the slot of each
+selected position (11 torch ops a layer, one launch here). `admit`: the admission of one layer's misses
+(`GPUCache.admit`), one program per (sequence, KV head).
 
 The torch path (the CPU's, and the reference this kernel is tested against bit for bit) is about 49
 ops a layer: the score update, the protected scores, a top-k of the least valuable slots, a cumsum
@@ -186,3 +187,44 @@ def admit_buffers(take, B: int, H: int, slots: int) -> dict:
     bn = triton.next_power_of_2(max(slots, 1))
     return {"prot": take("prot", (B, H, bn), torch.float32), "victims": take("victims", (B, H, bn), torch.int32),
             "vals": take("vals", (B, H, bn), torch.float32)}
+
+
+@triton.jit(do_not_specialize=["M", "K", "CAP1"])
+def _lookup_kernel(seq_ptr, pos_ptr, valid_ptr, slot_of_ptr, slot_ptr, hits_ptr, lookups_ptr, M, K, CAP1,
+                   H: tl.constexpr, COUNT: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < M
+    va = (tl.load(valid_ptr + i, mask=inside, other=0) != 0) & inside
+    i = i.to(tl.int64)
+    b = i // (H * K)
+    h = (i // K) % H
+    seq = tl.load(seq_ptr + b, mask=va, other=0)
+    p = tl.minimum(tl.maximum(tl.load(pos_ptr + i, mask=va, other=0), 0), CAP1 - 1)
+    s = tl.load(slot_of_ptr + (seq * H + h) * CAP1 + p, mask=va, other=-1).to(tl.int64)
+    s = tl.where(va, s, -1)
+    tl.store(slot_ptr + i, s, mask=inside)
+    if COUNT:
+        tl.atomic_add(hits_ptr, tl.sum((s >= 0).to(tl.int64), 0))
+        tl.atomic_add(lookups_ptr, tl.sum(va.to(tl.int64), 0))
+
+
+def lookup(seq_ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, slot_of: torch.Tensor, slot: torch.Tensor,
+           hits: torch.Tensor, lookups: torch.Tensor, count: bool) -> torch.Tensor:
+    """`GPUCache.lookup` in one launch: slot int64 [B, H, k] (written) = slot_of[seq, h, pos] where valid, else
+    -1; with count, hits += the valid lookups that hit, lookups += the valid ones (int64 0-dim device tensors).
+    seq_ids int64 [B]; pos int64, valid bool [B, H, k] and slot_of [S, H, cap + 1] (one layer's) contiguous.
+    Graph-safe: no allocation, no host sync."""
+    B, H, k = pos.shape
+    if slot.shape != pos.shape or slot.dtype != torch.int64 or slot_of.shape[1] != H:
+        raise ValueError(f"lookup: slot int64 {tuple(pos.shape)} and slot_of [S, {H}, cap + 1] expected; got "
+                         f"{slot.dtype} {tuple(slot.shape)}, {tuple(slot_of.shape)}")
+    for t in (pos, valid, slot_of, slot):
+        if not t.is_contiguous():
+            raise ValueError("lookup: pos, valid, slot_of and slot must be contiguous")
+    M = B * H * k
+    if M == 0:
+        return slot
+    block = 1024
+    _lookup_kernel[(triton.cdiv(M, block),)](seq_ids, pos, valid.view(torch.uint8), slot_of, slot, hits, lookups, M, k,
+                                             slot_of.shape[-1], H=H, COUNT=count, BLOCK=block, num_warps=4)
+    return slot

@@ -1,5 +1,6 @@
-"""The GPU cache's admission kernel (gpu_kernels/gpu_cache.py) against the torch path of `GPUCache.admit`
-(the CPU's), bit for bit on the cache's whole state after each of several steps: LFU and LRU, a quantized
+"""The GPU cache's lookup and admission kernels (gpu_kernels/gpu_cache.py) against the torch path of
+`GPUCache.lookup` / `GPUCache.admit` (the CPU's), bit for bit on the lookups' slots, the hit counters and the
+cache's whole state after each of several steps: LFU and LRU, a quantized
 and a 16-bit cache, the speculative prefetch's admission (touch=False), more misses than slots, invalid
 picks, hits, and selections wider than one of the kernel's chunks. CPU tensors on the interpreter (CI);
 CUDA tensors through the compiled kernel on a GPU machine."""
@@ -57,14 +58,20 @@ def test_the_kernel_equals_the_torch_path_bit_for_bit(policy, quantized, slots, 
         pos, valid, kv = pos.to(dev), valid.to(dev), kv.to(dev)
         raw = raw.to(dev) if raw is not None else None
         touch = step != 2  # step 2: a prefetch's admission, no score update
+        slots_seen = {}
         for kernel, c in caches.items():
             ws = c.plan_workspace(seq_ids, k, Workspace(torch.device(dev)))
             for layer in range(L):
-                slot = c.lookup(layer, seq_ids, pos, valid, ws).clone()
+                slot = c.lookup(layer, seq_ids, pos, valid, ws, count=touch).clone()
+                slots_seen[kernel, layer] = slot
                 c.admit(layer, seq_ids, pos, valid, slot, kv, ws, raw=raw, touch=touch)
             c.end_step()
         want, got = _state(caches[False]), _state(caches[True])
         for name in want:
             assert torch.equal(got[name], want[name]), (step, name)
+        for layer in range(L):
+            assert torch.equal(slots_seen[True, layer], slots_seen[False, layer]), (step, layer)
+        assert int(caches[True].hits) == int(caches[False].hits)
+        assert int(caches[True].lookups) == int(caches[False].lookups)
     assert (caches[True].pos[:, :, :, :slots] >= 0).any()  # something was admitted
     assert caches[True].hit_rate() > 0  # and hit in a later step

@@ -33,8 +33,8 @@ Eviction policies:
 The slots hit this step are protected from eviction. Victims are the slots of lowest protected score,
 ties to the lowest slot (a stable sort), so the kernel and the torch path agree bit for bit.
 
-Where Triton runs (`use_triton`, set by the cold path) `admit` is one kernel a layer
-(gpu_kernels/gpu_cache.py); the torch ops below are the CPU path and its reference.
+Where Triton runs (`use_triton`, set by the cold path) `lookup` and `admit` are one kernel each a layer
+(gpu_kernels/gpu_cache.py); the torch ops below are the CPU path and their reference.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ class GPUCache:
         #: the cold tier's row format when it is quantized (slots hold its rows), None: model dtype
         self.fmt = row_format
         self.device = geometry.device
-        #: `admit` runs gpu_kernels/gpu_cache.py (one launch a layer) rather than its torch ops; set by the
-        #: owner (ColdPath: where Triton runs), False by default (the torch path is the CPU's and the reference)
+        #: `lookup` and `admit` run gpu_kernels/gpu_cache.py (one launch each a layer) rather than their torch
+        #: ops; set by the owner (ColdPath: where Triton runs), False by default (the torch path is the CPU's and
+        #: the reference)
         self.use_triton = False
         self.slots = 0
         self.max_seqs = 0
@@ -178,6 +179,10 @@ class GPUCache:
         """
         B, H, k = pos.shape
         ws = self._ws(seq_ids, k, ws)
+        if self.use_triton:
+            from gpu_kernels.gpu_cache import lookup
+
+            return lookup(seq_ids, pos, valid, self.slot_of[layer], ws["slot"], self.hits, self.lookups, count)
         flat = torch.clamp(pos, 0, self.cap, out=ws["i1"]).add_(ws["base_of"])
         torch.index_select(self.slot_of[layer].view(-1), 0, flat.view(-1), out=ws["slot16"].view(-1))
         slot = ws["slot"].copy_(ws["slot16"])
