@@ -207,10 +207,10 @@ def _compile_kernel(fn, ptrs: dict, consts: dict, floats=(), num_warps: int = 4,
 def compile_step_kernels(arch: int = 90) -> list[str]:
     """The decode step's other kernels at the Llama-3-8B shape (8 KV heads of 128, a group of 4): the retrieved
     tokens' attention (bf16 and fp32 rows) and its merge, the cold tier's fused fetch (K8V4 and 16-bit rows),
-    the GPU cache's lookup and admission (4096 slots: a quantized LFU and a 16-bit LRU cache) and LeanKV's
-    score update.
+    the GPU cache's lookup and admission (4096 slots: a quantized LFU and a 16-bit LRU cache), LeanKV's
+    score update and the models' RMSNorm.
     Returns the failures: a compile error, or registers spilled at the launch setting the store uses."""
-    from gpu_kernels import fetch, gpu_cache, policy_scan, retrieved_attention
+    from gpu_kernels import fetch, gpu_cache, policy_scan, retrieved_attention, rms_norm
 
     cases = []
     for dt in ("bf16", "fp32"):
@@ -243,6 +243,8 @@ def compile_step_kernels(arch: int = 90) -> list[str]:
     cases.append(("cache lookup", gpu_cache._lookup_kernel,
                   {"seq_ptr": "*i64", "pos_ptr": "*i64", "valid_ptr": "*u8", "slot_of_ptr": "*i16", "slot_ptr": "*i64",
                    "hits_ptr": "*i64", "lookups_ptr": "*i64"}, dict(H=8, COUNT=True, BLOCK=1024), (), 4))
+    cases.append(("RMSNorm, bf16 rows of 4096", rms_norm._rms_norm_kernel,
+                  {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK=4096), ("eps",), 8))
     cases.append(("LeanKV score update", policy_scan._observe_kernel,
                   {"logits_ptr": "*fp32", "lse_ptr": "*fp32", "pages_ptr": "*i64", "score_ptr": "*fp32"},
                   dict(HKV=8, G=4, BLOCK_W=8, BLOCK_S=64), (), 4))

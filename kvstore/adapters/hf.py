@@ -9,14 +9,16 @@ It uses transformers' own extension points and copies no modeling code:
 * `KVStoreCache`, a `Cache` subclass that stands in for the model's dense cache: it keeps the
   sequence bookkeeping transformers expects and plans each decode step once, at layer 0;
 * a forward pre-hook that swaps an empty cache (the one `generate()` makes, or none) for a
-  `KVStoreCache`.
+  `KVStoreCache`;
+* where the store runs Triton on a GPU, the RMSNorm modules' forward as one kernel
+  (gpu_kernels/rms_norm.py: eight launches each otherwise), an instance attribute (`fuse_norms`).
 
 The attention implementation is named in the config, and models built from one config object
 share it; so the attached model gets its own copy of its config (every module that held the
 original holds the copy), and only the copy names kvstore's implementation. Other models that
 share the original keep working. One adapter serves a model at a time (`attached_owner`).
 
-`detach()` undoes all of it: the modules get their original config objects back.
+`detach()` undoes all of it: the modules get their original config objects and forwards back.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvstore.geometry import ModelGeometry
+from kvstore.geometry import ModelGeometry, use_triton
 from kvstore.prefill_attention import prefill_attention
 
 if TYPE_CHECKING:
@@ -44,6 +46,39 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: the RMSNorm classes of those families (one formula: transformers' LlamaRMSNorm) that `fuse_norms` runs as a kernel
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def fuse_norms(model: Any) -> list[Any]:
+    """Give each RMSNorm module of `model` (`RMS_NORMS`, its class's own forward) a forward that is one
+    Triton launch (`gpu_kernels.rms_norm`), as an instance attribute; returns the modules changed, which
+    `unfuse_norms` restores. Modules whose forward was already replaced are left alone."""
+    from gpu_kernels.rms_norm import rms_norm
+
+    changed = []
+    for module in model.modules():
+        if type(module).__name__ in RMS_NORMS and "forward" not in vars(module) and \
+                hasattr(module, "variance_epsilon") and getattr(module, "weight", None) is not None:
+            module.forward = _fused_norm_forward(module, rms_norm)
+            changed.append(module)
+    return changed
+
+
+def _fused_norm_forward(module: Any, rms_norm: Any) -> Any:
+    ref = weakref.ref(module)  # no cycle through the instance attribute
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        m = ref()
+        return rms_norm(hidden_states, m.weight, m.variance_epsilon)
+
+    return forward
+
+
+def unfuse_norms(modules: list[Any]) -> None:
+    """Undo `fuse_norms`: the modules' class forward again."""
+    for module in modules:
+        vars(module).pop("forward", None)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -275,6 +310,9 @@ class HFAdapter:
         self._own_generate = "generate" in vars(model)
         self._orig_generate = model.generate
         model.generate = self._generate
+        # RMSNorm as one kernel where the store runs Triton on a GPU (on a CPU the interpreter would only slow it)
+        dev = store.geometry.device
+        self._fused_norms = fuse_norms(model) if dev.type == "cuda" and use_triton(store.config, dev) else []
         _ADAPTERS[model] = weakref.ref(self)
         self.attached = True
 
@@ -306,6 +344,7 @@ class HFAdapter:
             vars(self.model).pop("generate", None)
         self._hook.remove()
         self._post_hook.remove()
+        unfuse_norms(self._fused_norms)
         for module, cfg in self._orig_configs:
             module.config = cfg
         ALL_ATTENTION_FUNCTIONS._global_mapping.pop(self.name, None)

@@ -5,8 +5,10 @@
 #   gpu_kernels/fetch.py fetch_positions (the cold tier's fetch: 1 launch for every slab),
 #   gpu_kernels/gpu_cache.py (the GPU cache's lookup and admission: 1 launch each, were 11 and ~49 ops),
 #   gpu_kernels/policy_scan.py observe_scores (LeanKV's score update at plan time: 1 pass over the logits),
-# and the paged kernel's K4V2 low tier (each code byte loaded once, values copied asynchronously: its loop
-# 3,641 -> 1,821 sm_90 instructions; the H200 read it at 355 GB/s against 1,627 for K8V4).
+# the paged kernel's K4V2 low tier (each code byte loaded once, values copied asynchronously: its loop
+# 3,641 -> 1,821 sm_90 instructions; the H200 read it at 355 GB/s against 1,627 for K8V4), and the models'
+# RMSNorm as one kernel (gpu_kernels/rms_norm.py, installed by attach where the store runs Triton on a GPU:
+# 8 launches each before, 2 a layer; every preset's step, quant's included).
 # decode_ops on the CPU: tiered 155 -> 44.5 kernels a layer, pqcache 149 -> 39. Baselines in the same run:
 # quant (whose step these kernels do not touch) and call3/'s figures (quant 10.82 ms, tiered 45.04 ms at 32K x 4;
 # hot_attend 32K x 4: quant 0.132 ms, leankv 0.309, tiered 0.377 a layer).
@@ -17,6 +19,7 @@ export TRITON_INTERPRET=0
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 # 1. the new kernels on CUDA tensors against their references (the compiled PTX paths the interpreter skips)
 timeout 60 python -m pytest -q tests/test_retrieved_attention.py tests/test_policy_scan.py tests/test_gpu_cache_kernels.py \
+    tests/test_rms_norm.py \
     > "$OUT/test_kernels.log" 2>&1
 tail -n 1 "$OUT/test_kernels.log"
 timeout 40 python -m pytest -q tests/test_cold_tier.py -k "fused or pinned or cuda" > "$OUT/test_cold_tier.log" 2>&1
