@@ -86,6 +86,15 @@ and V, attended: about 8x the bytes the step needs). FULL_LAUNCH is not yet time
 (`benchmarks.perf.decode_attention --pages bf16 --sweep` times it; `benchmarks.perf.kernel_resources
 --pages bf16` reads its registers and loop without one).
 
+The low tier (LeanKV's K4V2 pages). A token's 4-bit keys are D/2 bytes whose low nibbles are the first
+half of the head dim and whose high nibbles the second: they load once as one row and feed two dots
+against the query's halves (Q^T loaded as two [D/2, G] halves). Its 2-bit values are D/4 bytes of four
+bit planes, a half of the head dim per two planes, loaded once (with the contiguity hint where the low
+pages allow it, so sm_90 copies them asynchronously). Before, every code loaded its own byte with its
+own address (each key byte twice, each value byte four times): the H200 read the low tier at 355 GB/s
+against 1,627 for K8V4 (results/h200_graphs/call3), and its loop was 3,641 sm_90 instructions against
+1,821 now (`benchmarks.perf.kernel_resources`); the GPU timing is pending (results/h200_graphs/run10.sh).
+
 Graph-safe: allocates nothing, syncs nothing; every buffer is passed in (built at plan time).
 """
 
