@@ -162,10 +162,12 @@ def _fetch_kernel(pos_ptr, want_ptr, seq_ptr, table_ptr, chunk_slab_ptr, chunk_l
             kc = _unpack(raw_ptr, r, D, KBITS, RB, 1)
             vc = _unpack(raw_ptr + KB, r, D, VBITS, RB, 1)
             meta = (r * RB + KB + VB)[:, None] // 2 + (dims // (D // NG))[None, :]
-            ks = tl.load(raw16_ptr + meta).to(tl.float32)
-            kz = tl.load(raw16_ptr + meta + NG).to(tl.float32)
-            vs = tl.load(raw16_ptr + meta + 2 * NG).to(tl.float32)
-            vz = tl.load(raw16_ptr + meta + 3 * NG).to(tl.float32)
+            # rows not wanted read row 0 of raw (stale bytes): their scales load as 0, so nothing overflows
+            mw = want[:, None]
+            ks = tl.load(raw16_ptr + meta, mask=mw, other=0.0).to(tl.float32)
+            kz = tl.load(raw16_ptr + meta + NG, mask=mw, other=0.0).to(tl.float32)
+            vs = tl.load(raw16_ptr + meta + 2 * NG, mask=mw, other=0.0).to(tl.float32)
+            vz = tl.load(raw16_ptr + meta + 3 * NG, mask=mw, other=0.0).to(tl.float32)
             tl.store(k_out + dst, (kc * ks + kz).to(k_out.dtype.element_ty), mask=want[:, None])
             tl.store(v_out + dst, (vc * vs + vz).to(v_out.dtype.element_ty), mask=want[:, None])
     else:  # 16-bit rows: K at row, V at row + H * C of the slab's [L * n * 2 * H * C, d] view

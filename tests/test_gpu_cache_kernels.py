@@ -32,9 +32,10 @@ def _state(cache: GPUCache) -> dict:
     return {k: v.clone() for k, v in out.items()}
 
 
-@pytest.mark.parametrize("policy", ["lfu", "lru"])
-@pytest.mark.parametrize("quantized", [True, False])
-@pytest.mark.parametrize("slots,k", [(8, 6), (5, 12), (16, 300)])
+@pytest.mark.parametrize("policy,quantized,slots,k", [
+    ("lfu", True, 8, 6), ("lru", True, 5, 12), ("lfu", False, 5, 12), ("lru", False, 8, 6),  # picks fewer and more than the slots
+    ("lfu", True, 16, 300), ("lru", False, 16, 300),  # a selection over several of the kernel's loop steps
+])
 def test_the_kernel_equals_the_torch_path_bit_for_bit(policy, quantized, slots, k):
     dev = _device()
     L, H, d, cap, S = 2, 2, 16, 400, 4
