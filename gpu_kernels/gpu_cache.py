@@ -2,8 +2,8 @@
 selected position (11 torch ops a layer, one launch here). `admit`: the admission of one layer's misses
 (`GPUCache.admit`), one program per (sequence, KV head).
 
-The torch path (the CPU's, and the reference this kernel is tested against bit for bit) is about 49
-ops a layer: the score update, the protected scores, a top-k of the least valuable slots, a cumsum
+Admission. The torch path (the CPU's, and the reference this kernel is tested against bit for bit) is
+about 49 ops a layer: the score update, the protected scores, a top-k of the least valuable slots, a cumsum
 ranking the misses, and the scatters into the slot map, the positions, the scores and the rows. On
 the GPU a top-k alone is several kernels; a 32-layer step ran ~1,600 of these small launches.
 
@@ -20,8 +20,8 @@ is one thread block):
      old position leaves the slot map, the new one enters, its row (the fetch's quantized bytes, or
      the 16-bit K and V) is copied into the slot, its position and score (1 / the step) written.
 
-Rows that are not admitted write nothing (the torch path sends them to the trash slot, whose
-contents are never read).
+Entries that are not admitted copy no row (the torch path sends theirs to the trash slot, whose row is
+never read); the trash slot's score and position end as the torch path leaves them.
 """
 
 from __future__ import annotations
