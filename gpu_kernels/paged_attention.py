@@ -534,6 +534,34 @@ def _paged_decode_kernel(
 
 
 @triton.jit
+def softmax_step(acc, m_i, l_t, k, vt, q, valid, scale_log2, DOT_F32: tl.constexpr):
+    """One block of the transposed online softmax over rows in the model's dtype: S^T = K Q^T (k [rows, D]),
+    invalid rows -inf, O^T += V^T P^T (vt [D, rows]); l_t keeps the denominator per row (summed at the
+    split's end, `store_split`). The rescale runs only where some query's running max moved (alpha is
+    exactly 1 otherwise). DOT_F32: fp32 operands and "ieee" dots; else tensor-core dots in k's dtype."""
+    if DOT_F32:
+        s = tl.dot(k.to(tl.float32), q, input_precision="ieee")
+    else:
+        s = tl.dot(k, q)
+    s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[None, :])
+    # past the first blocks the running max rarely moves: alpha is then exactly 1 for every query
+    moved = tl.max((m_new > m_i).to(tl.int32), axis=0) > 0
+    if moved:
+        alpha = tl.exp2(m_i - m_safe)
+        acc = acc * alpha[None, :]
+        l_t = l_t * alpha[None, :]
+    l_t = l_t + p
+    if DOT_F32:
+        acc += tl.dot(vt.to(tl.float32), p, input_precision="ieee")
+    else:
+        acc += tl.dot(vt, p.to(vt.dtype))
+    return acc, m_new, l_t
+
+
+@triton.jit
 def store_split(part_out_ptr, part_lse_ptr, acc, l_t, m_i, row, dims, gmask, D: tl.constexpr):
     """A split's end (the transposed kernels): O^T [D, BLOCK_G] normalized over the split into
     part_out[row], its natural-log lse (-inf where the split held no valid token) into part_lse[row];
@@ -803,26 +831,7 @@ def _full_decode_kernel(
         # masked rows load zeros: no stale bytes (NaN, inf) of an unused slot reach P @ V
         k = tl.load(krow[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
         vt = tl.load((krow + TPP * D)[None, :] + dims[:, None], mask=valid[None, :], other=0.0)  # V^T [D, rows]
-        if DOT_F32:
-            s = tl.dot(k.to(tl.float32), q, input_precision="ieee")
-        else:
-            s = tl.dot(k, q)
-        s = tl.where(valid[:, None], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[None, :])
-        # past the first pages the running max rarely moves: alpha is then exactly 1 for every query
-        moved = tl.max((m_new > m_i).to(tl.int32), axis=0) > 0
-        if moved:
-            alpha = tl.exp2(m_i - m_safe)
-            acc = acc * alpha[None, :]
-            l_t = l_t * alpha[None, :]
-        l_t = l_t + p
-        if DOT_F32:
-            acc += tl.dot(vt.to(tl.float32), p, input_precision="ieee")
-        else:
-            acc += tl.dot(vt, p.to(vt.dtype))
-        m_i = m_new
+        acc, m_i, l_t = softmax_step(acc, m_i, l_t, k, vt, q, valid, scale_log2, DOT_F32)
     row = (b * HKV * G + h * G + g) * tl.num_programs(1) + split
     store_split(part_out_ptr, part_lse_ptr, acc, l_t, m_i, row, dims, gmask, D)
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_kernels.paged_attention import LOG2E, store_split
+from gpu_kernels.paged_attention import LOG2E, softmax_step, store_split
 
 #: rows of K/V a loop step, warps, and programs per SM the split count aims at. Not yet timed on a GPU; compiled
 #: for sm_90 at d=128, G=4 (benchmarks/perf/kernel_resources.py): 32 rows on 8 warps take 97 registers (bf16
@@ -76,22 +76,7 @@ def _retrieved_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, part_out_ptr, part_l
         off = (base + i) * D
         k = tl.load(k_ptr + off[:, None] + dims[None, :], mask=ok[:, None], other=0.0)
         vt = tl.load(v_ptr + off[None, :] + dims[:, None], mask=ok[None, :], other=0.0)  # V^T [D, rows]
-        if DOT_F32:
-            s = tl.dot(k.to(tl.float32), q, input_precision="ieee")
-        else:
-            s = tl.dot(k, q)
-        s = tl.where(ok[:, None], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[None, :])
-        alpha = tl.exp2(m_i - m_safe)
-        acc = acc * alpha[None, :]
-        l_t = l_t * alpha[None, :] + p
-        if DOT_F32:
-            acc += tl.dot(vt.to(tl.float32), p, input_precision="ieee")
-        else:
-            acc += tl.dot(vt, p.to(vt.dtype))
-        m_i = m_new
+        acc, m_i, l_t = softmax_step(acc, m_i, l_t, k, vt, q, ok, scale_log2, DOT_F32)
     row = (b * HKV * G + h * G + g) * tl.num_programs(1) + split
     store_split(part_out_ptr, part_lse_ptr, acc, l_t, m_i, row, dims, gmask, D)
 
