@@ -179,7 +179,7 @@ def _fetch_kernel(pos_ptr, want_ptr, seq_ptr, table_ptr, chunk_slab_ptr, chunk_l
         tl.store(v_out + dst, kv, mask=want[:, None])
 
 
-def fetch_positions(pos: torch.Tensor, want: torch.Tensor, seq_ids: torch.Tensor, maps: dict, slab_addr: torch.Tensor,
+def fetch_positions(pos: torch.Tensor, want: torch.Tensor, seq_ids: torch.Tensor, maps: dict,
                     layer: int, chunk_tokens: int, head_dim: int, out: torch.Tensor | None,
                     raw: torch.Tensor | None = None, fmt: tuple[int, int, int] | None = None, dequantize: bool = True,
                     block_r: int = 8, num_warps: int = 4) -> None:
@@ -190,9 +190,9 @@ def fetch_positions(pos: torch.Tensor, want: torch.Tensor, seq_ids: torch.Tensor
 
     Args:
         pos: int64 [B, H, k] positions (any value where not wanted); want: bool [B, H, k]; both contiguous.
-        seq_ids: int64 [B] sequence slots; maps: "table" int64 [S, cols], "slab" and "local" int64
-            [chunks], "slab_n" int64 [slabs] (chunks a slab holds); slab_addr: int64 [slabs], each slab's
-            data_ptr() (its row view's first byte), on the maps' device.
+        seq_ids: int64 [B] sequence slots; maps (`ColdTier.device_maps`): "table" int64 [S, cols], "slab"
+            and "local" int64 [chunks], "slab_n" int64 [slabs] (chunks a slab holds), "addr" int64 [slabs]
+            (each slab's data_ptr(), its row view's first byte).
         out: [2, B, H, k, d] (K, V) contiguous: 16-bit rows in the slabs' dtype; quantized, any float dtype
             (None where a quantized fetch stops at raw: dequantize=False).
         raw: quantized tier: uint8 [B * H * k, row_bytes] contiguous, the rows as stored.
@@ -227,7 +227,7 @@ def fetch_positions(pos: torch.Tensor, want: torch.Tensor, seq_ids: torch.Tensor
         return
     k_out, v_out = (raw, raw) if out is None else (out[0], out[1])  # None: not written (DEQUANT off)
     _fetch_kernel[(triton.cdiv(M, block_r),)](
-        pos, want.view(torch.uint8), seq_ids, maps["table"], maps["slab"], maps["local"], maps["slab_n"], slab_addr,
+        pos, want.view(torch.uint8), seq_ids, maps["table"], maps["slab"], maps["local"], maps["slab_n"], maps["addr"],
         raw, raw.view(torch.float16) if quant else raw, k_out, v_out, M, k, maps["table"].shape[1], layer,
         chunk_tokens, H=H, D=d, QUANT=quant, DEQUANT=quant and dequantize, RB=rb,
         BLOCK_B=triton.next_power_of_2(rb), NG=groups, KBITS=key_bits, VBITS=value_bits, BLOCK_R=block_r,

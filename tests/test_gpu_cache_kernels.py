@@ -43,9 +43,8 @@ def test_the_kernel_equals_the_torch_path_bit_for_bit(policy, quantized, slots, 
     fmt = QuantFormat(8, 4, d, torch.float16) if quantized else None
     caches = {}
     for kernel in (False, True):
-        c = GPUCache(geo, max_seqs=S, slots=slots, cap=cap, policy=policy, row_format=fmt)
-        c.use_triton = kernel
-        caches[kernel] = c
+        caches[kernel] = GPUCache(geo, max_seqs=S, slots=slots, cap=cap, policy=policy, row_format=fmt,
+                                  use_triton=kernel)
     g = torch.Generator().manual_seed(slots * 7 + k)
     seq_ids = torch.tensor([3, 0, 2], device=dev)
     B = seq_ids.numel()

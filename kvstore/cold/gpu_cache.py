@@ -33,7 +33,7 @@ Eviction policies:
 The slots hit this step are protected from eviction. Victims are the slots of lowest protected score,
 ties to the lowest slot (a stable sort), so the kernel and the torch path agree bit for bit.
 
-Where Triton runs (`use_triton`, set by the cold path) `lookup` and `admit` are one kernel each a layer
+Where Triton runs (`use_triton`, from the cold path) `lookup` and `admit` are one kernel each a layer
 (gpu_kernels/gpu_cache.py); the torch ops below are the CPU path and their reference.
 """
 
@@ -52,7 +52,7 @@ POLICIES = ("lfu", "lru")
 
 class GPUCache:
     def __init__(self, geometry: ModelGeometry, max_seqs: int, slots: int, cap: int, policy: str = "lfu",
-                 decay: float = 0.9, row_format: QuantFormat | None = None):
+                 decay: float = 0.9, row_format: QuantFormat | None = None, use_triton: bool = False):
         if policy not in POLICIES:
             raise ValueError(f"GPUCache policy={policy!r}: must be one of {POLICIES}")
         if slots < 0:
@@ -63,9 +63,8 @@ class GPUCache:
         self.fmt = row_format
         self.device = geometry.device
         #: `lookup` and `admit` run gpu_kernels/gpu_cache.py (one launch each a layer) rather than their torch
-        #: ops; set by the owner (ColdPath: where Triton runs), False by default (the torch path is the CPU's and
-        #: the reference)
-        self.use_triton = False
+        #: ops (the cold path passes whether Triton runs; the torch path is the CPU's and the reference)
+        self.use_triton = use_triton
         self.slots = 0
         self.max_seqs = 0
         self.cap = 0

@@ -503,9 +503,9 @@ class ColdTier:
         if self._fused_fetch(pos, want, out):  # one launch: rows mapped and read on the device
             from gpu_kernels.fetch import fetch_positions
 
-            m = self.device_maps()
             fmt = (self.fmt.key_bits, self.fmt.value_bits, self.fmt.groups) if self.fmt is not None else None
-            fetch_positions(pos, want, seq_ids, m, m["addr"], layer, self.C, self.d, out if dequantize or self.fmt is None else None,
+            rows_only = self.fmt is not None and not dequantize  # a quantized fetch that stops at ws["raw"]
+            fetch_positions(pos, want, seq_ids, self.device_maps(), layer, self.C, self.d, None if rows_only else out,
                             ws.get("raw"), fmt, dequantize)
             return out
         slab, row = self.rows(layer, seq_ids, torch.clamp(pos, min=0, out=ws["p"]), ws)
@@ -531,10 +531,11 @@ class ColdTier:
         the layouts it reads); else the torch path: `rows`, then a gather per slab (its reference)."""
         if not self.use_triton or self.d & (self.d - 1) or not self.slab_rows:
             return False
+        if not (pos.dtype == torch.int64 and pos.is_contiguous() and want.is_contiguous()):
+            return False
         if out is None:  # a quantized fetch that stops at its rows (a speculative prefetch's)
-            return self.fmt is not None and pos.dtype == torch.int64 and pos.is_contiguous() and want.is_contiguous()
-        return (pos.dtype == torch.int64 and pos.is_contiguous() and want.is_contiguous() and out.is_contiguous()
-                and (self.fmt is not None or out.dtype == self.dtype))
+            return self.fmt is not None
+        return out.is_contiguous() and (self.fmt is not None or out.dtype == self.dtype)
 
     def _fetch_quantized(self, slab: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, ws: dict,
                          dequantize: bool = True) -> torch.Tensor:

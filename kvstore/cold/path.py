@@ -193,8 +193,8 @@ class ColdPath:
                 slots = 0 if self.resident is not None else min(self.config.gpu_cache_tokens, kmax)
                 if self.gpu_cache is None:
                     # slots of the cold tier's rows when it is quantized: admitted as fetched, byte for byte
-                    self.gpu_cache = GPUCache(self.geometry, self.max_seqs, slots, self._cap, row_format=self.cold.fmt)
-                    self.gpu_cache.use_triton = use_triton(self.config, self.device)
+                    self.gpu_cache = GPUCache(self.geometry, self.max_seqs, slots, self._cap, row_format=self.cold.fmt,
+                                              use_triton=use_triton(self.config, self.device))
                 else:
                     self.gpu_cache.ensure(self.max_seqs, slots, self._cap)
         self.cold.write_prefill(layer, k, v, positions, valid)
