@@ -26,6 +26,14 @@ from dataclasses import dataclass, field
 import torch
 
 
+def host_ints(*values: torch.Tensor) -> list[int]:
+    """Several device scalars (integer or bool, 0-dim or one element) read to the host in one sync: a plan's
+    reads of its sizes, batched (each `.item()` on a GPU waits for the queue to drain)."""
+    if not values:
+        return []
+    return [int(x) for x in torch.stack([v.reshape(()).to(torch.int64) for v in values]).tolist()]
+
+
 class Workspace:
     """Named, capacity-grown device buffers (see the module docstring)."""
 

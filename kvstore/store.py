@@ -320,10 +320,10 @@ class KVStore:
         with _range("kvstore.plan.policy"):
             decision = self.policy.plan(self, seq_ids, positions, last_step=self.hot.take_last_step())  # decides
         with _range("kvstore.plan.apply"):
-            page, slot, fresh, needs = self.hot.apply(seq_ids, decision)  # moves pages, places the new tokens
+            # moves pages, places the new tokens; the widest high and low tables after it
+            page, slot, fresh, needs, (num_pages, low_pages) = self.hot.apply(seq_ids, decision)
         self.seq_len[seq_ids] += 1
-        plan = DecodePlan(seq_ids, positions, page, slot, self.hot.pages_in_use(seq_ids), decision.evicted_pos,
-                          decision.low_evicted)
+        plan = DecodePlan(seq_ids, positions, page, slot, num_pages, decision.evicted_pos, decision.low_evicted)
         nrp = 0
         if self.cold_path is not None:  # the last step's host writes flushed; the step's selection
             with _range("kvstore.plan.cold"):
@@ -333,7 +333,7 @@ class KVStore:
         with _range("kvstore.plan.workspace"):
             plan.hot_ws = self.hot.plan_workspace(seq_ids, plan.num_pages + nrp, workspace=self.workspace,
                                                   page=page, slot=slot, positions=positions,
-                                                  min_pages=pages_hint or 0)
+                                                  min_pages=pages_hint or 0, low_pages=low_pages)
         geo = self.geometry
         B, L = seq_ids.numel(), geo.num_layers
         plan.out = self.workspace.take("store.out", (L, B, geo.num_q_heads, 1, geo.head_dim), geo.dtype)

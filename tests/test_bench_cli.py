@@ -198,6 +198,8 @@ def test_decode_ops_counts_the_kernels_of_a_layers_decode():
     assert rows["quant"]["triton_launches_per_layer"] >= 2 and rows["quant"]["kernels_per_layer"] <= 6
     assert rows["leankv"]["kernels_per_layer"] <= 8
     assert all(r["host_reads_per_layer"] == 0 for r in rows.values())
+    # the plan's host syncs, batched (`kvstore.plan.host_ints`): quant 4 and leankv 13 a step before
+    assert rows["quant"]["plan_syncs_per_step"] <= 1 and rows["leankv"]["plan_syncs_per_step"] <= 3
 
 
 def test_decode_ops_counts_the_retrieval_path_with_its_kernels():
@@ -214,6 +216,7 @@ def test_decode_ops_counts_the_retrieval_path_with_its_kernels():
         assert {"_fetch_kernel", "_retrieved_split_kernel", "_merge_hot_kernel", "_lookup_kernel",
                 "_admit_kernel"} <= set(launched)
         assert row["kernels_per_layer"] <= 50 and row["host_reads_per_layer"] == 0, preset
+        assert row["plan_syncs_per_step"] <= {"pqcache": 2, "tiered": 4}[preset], preset  # 5 and 18 before
 
 
 def test_profile_step_writes_the_profile_of_each_method(tmp_path, capsys):

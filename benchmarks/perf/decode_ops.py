@@ -38,21 +38,45 @@ SMALL = {
 }
 
 
+#: ops whose CUDA kernels make the host wait: a value read, or an output whose size depends on the data
+#: (and the indexing ops below with a boolean mask)
+_SYNCS = frozenset({"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique_consecutive",
+                    "aten._unique2", "aten.repeat_interleave"})
+_INDEXING = frozenset({"aten.index", "aten.index_put_", "aten.index_put", "aten._index_put_impl_"})
+
+
 class _Counter(TorchDispatchMode):
-    """aten ops that launch a kernel (not views, not host reads), outside Triton's interpreter."""
+    """aten ops that launch a kernel (not views, not host reads) and the host syncs among them (`_SYNCS`),
+    outside Triton's interpreter."""
 
     def __init__(self, state: dict):
         super().__init__()
         self.state, self.ops, self.syncs = state, Counter(), 0
+
+    def __enter__(self):  # Tensor.tolist reads the data without an op (a device-to-host copy on a GPU)
+        tolist = self._tolist = torch.Tensor.tolist
+
+        def counted(t, *args, **kwargs):
+            self.syncs += not self.state["in_triton"]
+            return tolist(t, *args, **kwargs)
+
+        torch.Tensor.tolist = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if self.state["in_triton"]:
             return out
         name = str(func.overloadpacket)
-        if name == "aten._local_scalar_dense":
+        if name in _SYNCS or (name in _INDEXING and any(  # a boolean mask: a nonzero inside the op on CUDA
+                t is not None and t.dtype == torch.bool for t in args[1])):
             self.syncs += 1
-        elif not any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+        if name != "aten._local_scalar_dense" and not name.startswith("profiler.") and not any(
+                r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
             self.ops[name] += 1
         return out
 
@@ -105,11 +129,18 @@ def count(preset: str, steps: int = 3, seed: int = 0, lens: tuple[int, ...] = (3
         for layer in range(L):
             store.prefill(layer, ids, r(B, Hq, T, d), r(B, Hkv, T, d), r(B, Hkv, T, d), valid, d ** -0.5)
         state = {"in_triton": False, "launches": Counter()}
-        probe = _Counter(state)
-        measured, widths = 0, []
+        probe, plan_probe = _Counter(state), _Counter(state)
+        measured, widths, plan_launches = 0, [], Counter()
         with _count_triton(state):
             for step in range(steps):
-                plan = store.plan(ids)
+                if step == 0:
+                    plan = store.plan(ids)
+                else:  # the plan's launches counted apart from the layers'
+                    before = Counter(state["launches"])
+                    with plan_probe:
+                        plan = store.plan(ids)
+                    plan_launches.update(state["launches"] - before)
+                    state["launches"] = before
                 widths.append(plan.selection.kmax if plan.selection is not None else 0)
                 for layer in range(L):
                     qkv = r(B, Hq, 1, d), r(B, Hkv, 1, d), r(B, Hkv, 1, d)
@@ -124,6 +155,7 @@ def count(preset: str, steps: int = 3, seed: int = 0, lens: tuple[int, ...] = (3
         store.release(ids)
     aten = sum(probe.ops.values()) / measured
     triton = sum(state["launches"].values()) / measured
+    planned = steps - 1
     return {
         "preset": preset,
         "aten_kernels_per_layer": aten,
@@ -133,6 +165,10 @@ def count(preset: str, steps: int = 3, seed: int = 0, lens: tuple[int, ...] = (3
         "selected_per_head": sum(widths[1:]) / max(1, len(widths) - 1),  # the selection's width (0: none ran)
         "top_aten_ops": {k: v / measured for k, v in probe.ops.most_common(12)},
         "triton_kernels": {k: v / measured for k, v in state["launches"].most_common()},
+        # the plan, once a step for every layer: its kernels and the host waits they cost on a GPU
+        "plan_kernels_per_step": (sum(plan_probe.ops.values()) + sum(plan_launches.values())) / planned,
+        "plan_syncs_per_step": plan_probe.syncs / planned,
+        "plan_top_aten_ops": {k: v / planned for k, v in plan_probe.ops.most_common(12)},
     }
 
 
@@ -151,12 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         parser.error("set TRITON_INTERPRET=1: the count runs the Triton kernels in the interpreter on a CPU")
     rows = [count(p, args.steps) for p in presets]
-    print("| preset | kernels / layer | aten | Triton | host reads / layer | selected / head |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| preset | kernels / layer | aten | Triton | host reads / layer | selected / head "
+          "| plan: kernels / step | plan: host syncs / step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['preset']} | {row['kernels_per_layer']:.1f} | {row['aten_kernels_per_layer']:.1f} | "
               f"{row['triton_launches_per_layer']:.1f} | {row['host_reads_per_layer']:.1f} | "
-              f"{row['selected_per_head']:.0f} |")
+              f"{row['selected_per_head']:.0f} | {row['plan_kernels_per_step']:.0f} | {row['plan_syncs_per_step']:.0f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

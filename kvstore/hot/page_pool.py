@@ -134,11 +134,12 @@ class PagePool:
         self.num_free += new_n - old_n
         self.data, self.slot_pos, self.slot_score = data, pos, score
 
-    def allocate(self, needs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def allocate(self, needs: torch.Tensor, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Hand out pages for many requests at once.
 
         Args:
             needs: int tensor [R] on the pool's device, pages wanted by each request (>= 0).
+            total: needs.sum() where the caller has read it already (else read here: a host sync).
         Returns:
             (page_ids int32 [sum(needs)], offsets int64 [R]): request r owns
             page_ids[offsets[r] : offsets[r] + needs[r]]. Slots of the new pages are empty (-1).
@@ -147,7 +148,8 @@ class PagePool:
         """
         needs = needs.to(device=self.device, dtype=torch.int64).reshape(-1)
         offsets = torch.cumsum(needs, 0) - needs
-        total = int(needs.sum().item()) if needs.numel() else 0  # the one host sync
+        if total is None:
+            total = int(needs.sum().item()) if needs.numel() else 0  # the one host sync
         if total == 0:
             return torch.empty(0, dtype=torch.int32, device=self.device), offsets
         if total > self.num_free:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from kvstore.hot.tier import LowTierMoves, StepDecision
+from kvstore.plan import host_ints
 
 if TYPE_CHECKING:
     from kvstore.config import KVStoreConfig
@@ -333,13 +334,13 @@ class LeanKVPolicy(HotPolicy):
         # the GPU, gpu_kernels/policy_scan.py; its torch reference elsewhere)
         scan = _lowest_mean_scan(hot)
         common = (pool.slot_pos, pool.slot_score, n, now)
-        hmax = hot.pages_in_use(seq_ids) * th
-        hmin, harg, h_page, h_slot, h_pos = scan(pages, table.num_tokens[seq_ids], *common, hmax, th,
+        n_high, nlp = table.num_tokens[seq_ids], table.num_low_pages[seq_ids].long()
+        n_max, lpages = host_ints(n_high.max(), nlp.max()) if B else (0, 0)  # the policy's one host read
+        hmax, lmax = -(-n_max // th) * th, lpages * tl_  # slots of the widest tables (high: `pages_in_use`)
+        hmin, harg, h_page, h_slot, h_pos = scan(pages, n_high, *common, hmax, th,
                                                  c.score_queries, lowest, c.immune_tokens)
         h_prune = hmin < thr_p
         h_demote = ~h_prune & (hmin < thr_q)
-        nlp = table.num_low_pages[seq_ids].long()
-        lmax = int(nlp.max().item()) * tl_ if B else 0  # host sync (plan time)
         lmin, _, l_page, l_slot, l_pos = scan(pages, nlp * tl_, *common, lmax, tl_, c.score_queries, lowest,
                                               c.immune_tokens, from_end=True)
         l_prune = ~h_prune & (lmin < thr_p)

@@ -23,7 +23,7 @@ from kvstore.hot.page_format import FullFormat, PageFormat
 from kvstore.hot.page_pool import PagePool
 from kvstore.hot.page_table import PageTable
 from kvstore.hot.quantization import QuantFormat
-from kvstore.plan import Workspace
+from kvstore.plan import Workspace, host_ints
 
 
 @dataclass
@@ -207,11 +207,12 @@ class HotTier:
         requantize the demoted high tokens into the low tier), then each head's new token gets
         its high-tier index: the slot of the token that leaves (`decision.reuse`) or the next
         index n, the pages that fill up allocated for every (sequence, layer, KV head) at once
-        (host syncs here, none later in the step).
+        (one host read here, and one in the low tier's moves; none later in the step).
 
         Returns page, slot [B, L, Hkv] (int32 page id and slot of each head's new token), fresh
-        bool [B, L, Hkv] (the new token took index n: n_high grew) and new_page int64 [B, L, Hkv]
-        (1 where that index opened a page).
+        bool [B, L, Hkv] (the new token took index n: n_high grew), new_page int64 [B, L, Hkv]
+        (1 where that index opened a page) and (num_pages, low_pages): the widest high-tier table
+        among `seq_ids` after the step's token (`pages_in_use`) and their widest low-tier table.
         """
         if decision.low_moves is not None:
             self._move_low(seq_ids, decision.low_moves)
@@ -221,48 +222,59 @@ class HotTier:
         fresh = decision.reuse < 0
         index = torch.where(fresh, n, decision.reuse)  # high-tier index the new token takes
         needs = (fresh & (n % tpp == 0)).long()
-        self.table.ensure_pages(self.pages_in_use(seq_ids) + 1 + int(self.table.num_low_pages.max().item()))
-        ids, offsets = self.pool.allocate(needs.reshape(-1))
-        if ids.numel():
-            flat = needs.reshape(-1).nonzero(as_tuple=True)[0]
+        zero = torch.zeros((), dtype=torch.int64, device=n.device)
+        widest, widest_after, low_pages, total = host_ints(  # the one host read
+            (n.max() + tpp - 1) // tpp if n.numel() else zero, (
+                (n + fresh).max() + tpp - 1) // tpp if n.numel() else zero,
+            self.table.num_low_pages[seq_ids].max() if B else zero, needs.sum())
+        self.table.ensure_pages(widest + 1 + low_pages)
+        ids, offsets = self.pool.allocate(needs.reshape(-1), total=total)
+        if total:
+            flat = torch.nonzero_static(needs.reshape(-1), size=total).squeeze(1)
             b, rest = flat // (L * H), flat % (L * H)
             l, h = rest // H, rest % H
             self.table.pages[seq_ids[b], l, h, (n.reshape(-1)[flat] // tpp)] = ids[offsets[flat]]
         page = torch.gather(self.table.pages[seq_ids], 3, (index // tpp).unsqueeze(-1)).squeeze(-1)
         slot = (index % tpp).to(torch.int32)
         self.table.num_tokens[seq_ids] += fresh.to(torch.int32)
-        return page, slot, fresh, needs
+        return page, slot, fresh, needs, (widest_after, low_pages if self.low is not None else 0)
 
     def _move_low(self, seq_ids: torch.Tensor, m: LowTierMoves) -> None:
-        """LeanKV's moves of one step (`LowTierMoves`), batched over (sequence, layer, KV head)."""
+        """LeanKV's moves of one step (`LowTierMoves`), batched over (sequence, layer, KV head), with one
+        host read (how many heads prune, demote and open a low page); the moving heads' rows are picked by
+        `nonzero_static`, whose size is that read (a boolean mask would read each count again)."""
         pool, table = self.pool, self.table
         th, tl_ = self.tokens_per_page, self.low_tokens_per_page
         B, L, H = m.demote.shape
         dev = m.demote.device
         l_prune, l_page, l_slot = m.prune, m.low_page, m.low_slot
         h_demote, h_page, h_slot = m.demote, m.high_page, m.high_slot
-
-        # prune low tokens first (a demotion of the same head may take the slot right after)
-        pm = l_prune.reshape(-1)
-        pool.slot_pos[l_page.reshape(-1)[pm], l_slot.reshape(-1)[pm]] = -1
-        pool.slot_score[l_page.reshape(-1)[pm], l_slot.reshape(-1)[pm]] = 0.0
-
-        # demotions: destination = the pruned low slot, else the next low slot (maybe a new page)
-        append = h_demote & ~l_prune
+        append = h_demote & ~l_prune  # demotions: into the pruned low slot, else the next one (maybe a new page)
         nlp = table.num_low_pages[seq_ids].long()
         n_low = table.num_low[seq_ids].long()
-        needs = append & (n_low % tl_ == 0)
-        if bool(needs.any().item()):
-            high_pages = (table.num_tokens.long() + th - 1) // th
-            table.ensure_pages(int(high_pages.max().item()) + int(table.num_low_pages.max().item()) + 2)
+        needs = (append & (n_low % tl_ == 0)).reshape(-1).long()
+        pm, dm = l_prune.reshape(-1), h_demote.reshape(-1)
+        n_prune, n_demote, n_new, high_pages, low_pages = host_ints(  # the one host read
+            pm.sum(), dm.sum(), needs.sum(), (table.num_tokens.max() + th - 1) // th, table.num_low_pages.max())
+
+        # prune low tokens first (a demotion of the same head may take the slot right after)
+        if n_prune:
+            rows = torch.nonzero_static(pm, size=n_prune).squeeze(1)
+            pp, ps = l_page.reshape(-1)[rows], l_slot.reshape(-1)[rows]
+            pool.slot_pos[pp, ps] = -1
+            pool.slot_score[pp, ps] = 0.0
+        if n_new:
+            table.ensure_pages(high_pages + low_pages + 2)
             pages_full = table.pages
             C = pages_full.shape[-1]
-            ids, offsets = pool.allocate(needs.reshape(-1).long())
-            flat = needs.reshape(-1).nonzero(as_tuple=True)[0]
+            ids, offsets = pool.allocate(needs, total=n_new)
+            flat = torch.nonzero_static(needs, size=n_new).squeeze(1)
             b, rest = flat // (L * H), flat % (L * H)
             l, h = rest // H, rest % H
             pages_full[seq_ids[b], l, h, C - 1 - nlp.reshape(-1)[flat]] = ids[offsets[flat]]
-            table.num_low_pages[seq_ids] += needs.to(torch.int32)
+            table.num_low_pages[seq_ids] += needs.view(B, L, H).to(torch.int32)
+        if not n_demote:  # (then no head appends either)
+            return
         pages = table.pages[seq_ids]
         C = pages.shape[-1]
         app_col = (C - 1 - n_low // tl_).clamp(min=0)
@@ -270,16 +282,15 @@ class HotTier:
         dst_page = torch.where(l_prune, l_page, app_page)
         dst_slot = torch.where(l_prune, l_slot, n_low % tl_)
         table.num_low[seq_ids] += append.to(torch.int32)
-        dm = h_demote.reshape(-1)
-        if bool(dm.any().item()):
-            src_page, src_slot = h_page.reshape(-1)[dm], h_slot.reshape(-1)[dm]
-            k_pages, v_pages = self.high.read(pool.data, src_page)  # [M, th, d]
-            rows = torch.arange(src_page.numel(), device=dev)
-            kk, vv = k_pages[rows, src_slot], v_pages[rows, src_slot]
-            dp, ds = dst_page.reshape(-1)[dm], dst_slot.reshape(-1)[dm]
-            self.low.write(pool.data, dp, ds, kk.to(self.geometry.dtype), vv.to(self.geometry.dtype))
-            pool.slot_pos[dp, ds] = pool.slot_pos[src_page, src_slot]
-            pool.slot_score[dp, ds] = pool.slot_score[src_page, src_slot]
+        rows = torch.nonzero_static(dm, size=n_demote).squeeze(1)
+        src_page, src_slot = h_page.reshape(-1)[rows], h_slot.reshape(-1)[rows]
+        k_pages, v_pages = self.high.read(pool.data, src_page)  # [M, th, d]
+        ar = torch.arange(n_demote, device=dev)
+        kk, vv = k_pages[ar, src_slot], v_pages[ar, src_slot]
+        dp, ds = dst_page.reshape(-1)[rows], dst_slot.reshape(-1)[rows]
+        self.low.write(pool.data, dp, ds, kk.to(self.geometry.dtype), vv.to(self.geometry.dtype))
+        pool.slot_pos[dp, ds] = pool.slot_pos[src_page, src_slot]
+        pool.slot_score[dp, ds] = pool.slot_score[src_page, src_slot]
 
     @staticmethod
     def _write_indices(page: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor, wsp: Workspace) -> dict:
@@ -360,12 +371,13 @@ class HotTier:
     def plan_workspace(self, seq_ids: torch.Tensor, num_pages: int, emit_logits: bool | None = None,
                        workspace: Workspace | None = None, page: torch.Tensor | None = None,
                        slot: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                       min_pages: int = 0) -> dict:
+                       min_pages: int = 0, low_pages: int | None = None) -> dict:
         """Buffers of one decode step for `write_slots` and `attend` (plan time: allocation and host syncs here).
 
         workspace: where the buffers come from (the store's, reused step after step; None: fresh).
         num_pages: the widest high-tier table (+ the retrieved tokens' pages); min_pages: the least
         width, low tier included (`KVStore.plan`'s pages_hint). ws["width"]: the width sized for.
+        low_pages: the widest low-tier table among `seq_ids` (None: read here, a host sync).
         page, slot int [B, L, Hkv], positions int [B]: the step's decode writes ("write", per layer).
         Kernel path (quantized pages, or pages in the model's dtype: `kernel_decode`): split buffers
         (`choose_splits` over B x Hkv heads) and the fp32 output / lse scratch a layer's LSE merge
@@ -385,7 +397,8 @@ class HotTier:
         ws: dict = {"kernel": self.kernel_decode, "logits_all": None}
         if page is not None:
             ws["write"] = self._write_indices(page, slot, positions, wsp)
-        low_pages = int(self.table.num_low_pages[seq_ids].max().item()) if self.low is not None and B else 0
+        if low_pages is None:  # the widest low-tier table (`apply` returns it: read once a step)
+            low_pages = int(self.table.num_low_pages[seq_ids].max().item()) if self.low is not None and B else 0
         # pages a head may walk, rounded up to 1/8 steps (8 pages at least): tables grow during decode, and
         # the launch (splits, pages per split) should change only now and then (a CUDA graph replays it)
         vmax = max(1, num_pages + low_pages, min_pages)
