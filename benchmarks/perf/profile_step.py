@@ -124,11 +124,13 @@ def profile_method(model, method, length: int, batch: int, steps: int, warmup: i
             phases[key] = phases.get(key, 0.0) + e.cpu_time_total / steps / 1e3
             if key == "plan":
                 plan_ranges.append((e.time_range.start, e.time_range.end))
+    plan_top: dict[str, list[float]] = {}
     if device.type == "cuda" and plan_ranges:  # the plan's own kernels: those that start inside its ranges
-        phases["plan kernels"] = sum(e.device_time for e in prof.events()
-                                     if e.device_type == torch.autograd.DeviceType.CUDA
-                                     and not e.name.startswith("kvstore.")
-                                     and any(a <= e.time_range.start <= b for a, b in plan_ranges)) / steps / 1e3
+        for e in prof.events():
+            if (e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("kvstore.")
+                    and any(a <= e.time_range.start <= b for a, b in plan_ranges)):
+                plan_top.setdefault(e.name, []).append(e.device_time)
+        phases["plan kernels"] = sum(sum(v) for v in plan_top.values()) / steps / 1e3
     totals: dict[str, list[float]] = {}
     for name, us in kernels:
         totals.setdefault(name, []).append(us)
@@ -141,6 +143,8 @@ def profile_method(model, method, length: int, batch: int, steps: int, warmup: i
         "kernel_share": busy_ms / wall_ms if wall_ms else None,
         "host_phases_ms_per_step": phases,
         "top_kernels": [{"name": n, "ms_per_step": us / 1e3, "launches_per_step": c} for n, us, c in top],
+        "plan_top_kernels": [{"name": n, "ms_per_step": sum(v) / steps / 1e3, "launches_per_step": len(v) / steps}
+                             for n, v in sorted(plan_top.items(), key=lambda kv: -sum(kv[1]))[:20]],
     }
 
 
@@ -170,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", f"{r['method']}: the kernels that took the most time a step", ""]
         lines += [f"- {k['name'][:90]}: {k['ms_per_step']:.3f} ms, {k['launches_per_step']:.0f} launches"
                   for k in r["top_kernels"][:8]]
+        if r["plan_top_kernels"]:
+            lines += ["", f"{r['method']}: the plan's costliest kernels a step", ""]
+            lines += [f"- {k['name'][:90]}: {k['ms_per_step']:.3f} ms, {k['launches_per_step']:.0f} launches"
+                      for k in r["plan_top_kernels"][:8]]
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:4 + len(rows) + (5 + len(rows) if names else 0)]))
     return 0
