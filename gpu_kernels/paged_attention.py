@@ -281,7 +281,10 @@ def _attend_block(
         else:
             k_lo = _operand((kb & 15).to(tl.int16), FP32)
             k_hi = _operand((kb >> 4).to(tl.int16), FP32)
-        kc = k_lo  # unused
+        if H < 16:  # halves narrower than a dot's K on a GPU (16): one dot over the joined halves
+            kc = _concat_cols(k_lo, k_hi, D)
+        else:
+            kc = k_lo  # unused
     elif ASM_CVT and KBITS == 8 and not FP32:
         kc = _u8_f16_asm(tl.load((data_ptr + base + slot * KB)[:, None] + tl.arange(0, D)[None, :]))
     else:
@@ -321,7 +324,7 @@ def _attend_block(
             qj = q
         else:
             qj = tl.where((grp == j)[:, None], q, 0.0)
-        if KBITS == 4:
+        if KBITS == 4 and H >= 16:
             if NG == 1:
                 qj_lo, qj_hi = q_lo, q_hi
             else:

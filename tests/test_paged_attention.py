@@ -15,6 +15,10 @@ from gpu_kernels.paged_attention import (DEFAULT_LAUNCH, FULL_LAUNCH, merge_spli
 from kvstore.hot.page_format import FullFormat
 from kvstore.hot.quantization import QuantFormat
 
+#: where the kernels run: the GPU where Triton compiles (TRITON_INTERPRET unset or 0), else the CPU (interpreter)
+_DEV = "cuda" if torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET", "0") in ("", "0") \
+    else "cpu"
+
 
 def _layout(B, Hkv, d, n_high, n_low, tpp, groups, seed, holes=True, high_holes=False):
     """A pool with per-head high pages (left) and low pages (right), random K/V, some empty low slots.
@@ -91,15 +95,18 @@ def _run(q, data, pages, num_high, num_low_pages, slot_pos, tpp, t_low, groups, 
     vmax += ret_pages.shape[2] if ret_pages is not None else 0  # the splits cover the retrieved pages too
     pps = max(1, math.ceil(vmax / nsplit))
     nsplit = max(1, math.ceil(vmax / pps))
-    out = torch.full((B, Hq, d), float("nan"))  # poisoned: every element must be written
-    lse = torch.full((B, Hq), float("nan"))
-    po, pl = torch.empty(B, Hq, nsplit, d), torch.empty(B, Hq, nsplit)
+    dev = _DEV  # the kernel on the GPU where Triton compiles, else in the interpreter; the reference on the CPU
+    out = torch.full((B, Hq, d), float("nan"), device=dev)  # poisoned: every element must be written
+    lse = torch.full((B, Hq), float("nan"), device=dev)
+    po, pl = torch.empty(B, Hq, nsplit, d, device=dev), torch.empty(B, Hq, nsplit, device=dev)
     slots = max(tpp, t_low) if with_low else tpp
-    logits = torch.full((B, Hq, C, slots), float("-inf")) if emit else None
+    logits = torch.full((B, Hq, C, slots), float("-inf"), device=dev) if emit else None
     low = (4, 2, t_low) if with_low else None
-    paged_decode_attention(q, data, pages, num_high, num_low_pages if with_low else None, torch.arange(B), 0,
-                           slot_pos, (8, 4, tpp), low, groups, q.shape[-1] ** -0.5, out, lse, po, pl, pps, logits,
-                           ret_pages=ret_pages, **launch)
+    paged_decode_attention(q.to(dev), data.to(dev), pages.to(dev), num_high.to(dev),
+                           num_low_pages.to(dev) if with_low else None, torch.arange(B, device=dev), 0,
+                           slot_pos.to(dev), (8, 4, tpp), low, groups, q.shape[-1] ** -0.5, out, lse, po, pl, pps,
+                           logits, ret_pages=ret_pages.to(dev) if ret_pages is not None else None, **launch)
+    out, lse, logits = out.cpu(), lse.cpu(), logits.cpu() if emit else None
     dense = DEFAULT_LAUNCH["high_dense"] if launch.get("high_dense") is None else launch["high_dense"]
     ref = reference.paged_decode_attention(q, data, pages[:, 0], num_high[:, 0], num_low_pages[:, 0] if with_low
                                            else torch.zeros_like(num_high[:, 0]), slot_pos, (8, 4, tpp), low, groups,
@@ -131,6 +138,8 @@ CASES = [
     (97, 5, 7, 1, 64, 2, torch.float32),
     (1, 61, 9, 8, 64, 4, torch.bfloat16),
     (33, 1, 8, 4, 128, 2, torch.float32),
+    (21, 30, 8, 4, 16, 1, torch.bfloat16),  # d=16: K4 key halves of 8, one dot over the joined halves
+    (9, 12, 8, 2, 16, 1, torch.float32),
 ]
 
 
@@ -276,8 +285,9 @@ def test_merge_combines_disjoint_token_sets():
     empty_lse = torch.full((2, 4), float("-inf"))  # an empty split merges as nothing
     po = torch.stack([p[0] for p in parts] + [empty_out], 2).view(8, 4, 32).contiguous()
     pl = torch.stack([p[1] for p in parts] + [empty_lse], 2).view(8, 4).contiguous()
-    out, lse = torch.empty(8, 32), torch.empty(8)
-    merge_splits(po, pl, out, lse)
+    out, lse = torch.empty(8, 32, device=_DEV), torch.empty(8, device=_DEV)
+    merge_splits(po.to(_DEV), pl.to(_DEV), out, lse)
+    out, lse = out.cpu(), lse.cpu()
     torch.testing.assert_close(out.view(2, 4, 32), full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse.view(2, 4), full_lse, rtol=1e-5, atol=1e-5)
     ref_out, ref_lse = reference.merge_attention(parts[0][0], parts[0][1], parts[1][0], parts[1][1])
@@ -336,8 +346,8 @@ def _full_layout(d, n_tokens, tpp, dtype, seed, layers=3, layer=1, holes=False):
 def _run_full(q, data, dtype, pages, counts, slot_pos, tpp, nsplit, layer=1, out_dtype=torch.float32, **launch):
     """The kernel at `layer` for batch rows over sequence slots in reverse order, and the reference."""
     B, Hq, d = q.shape
-    dev = q.device
-    seq_ids = torch.arange(B - 1, -1, -1, device=dev)
+    dev = _DEV
+    seq_ids = torch.arange(B - 1, -1, -1)
     n = counts[seq_ids, layer]
     vmax = max(1, int(((n + tpp - 1) // tpp).max()))
     pps = math.ceil(vmax / nsplit)
@@ -345,8 +355,9 @@ def _run_full(q, data, dtype, pages, counts, slot_pos, tpp, nsplit, layer=1, out
     out = torch.full((B, Hq, d), float("nan"), dtype=out_dtype, device=dev)  # poisoned: every element must be written
     lse = torch.full((B, Hq), float("nan"), device=dev)
     po, pl = torch.empty(B, Hq, nsplit, d, device=dev), torch.empty(B, Hq, nsplit, device=dev)
-    paged_decode_attention_full(q, data, dtype, pages, counts, seq_ids, layer, slot_pos, tpp, d ** -0.5, out, lse,
-                                po, pl, pps, **launch)
+    paged_decode_attention_full(q.to(dev), data.to(dev), dtype, pages.to(dev), counts.to(dev), seq_ids.to(dev), layer,
+                                slot_pos.to(dev), tpp, d ** -0.5, out, lse, po, pl, pps, **launch)
+    out, lse = out.to(q.device), lse.to(q.device)  # beside the reference, which runs where the inputs are
     dense = FULL_LAUNCH["high_dense"] if launch.get("high_dense") is None else launch["high_dense"]
     ref = reference.paged_decode_attention_full(q, data, dtype, pages[seq_ids, layer], n, slot_pos, tpp, d ** -0.5,
                                                 high_dense=dense)

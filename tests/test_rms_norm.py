@@ -51,8 +51,8 @@ def test_a_non_contiguous_input_and_a_bad_weight():
 
 
 def test_fuse_norms_runs_every_norm_of_a_model_as_the_kernel_and_unfuse_restores_it(family):
-    model = tiny_model(family)
-    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = tiny_model(family).to(_device())
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0)).to(_device())
     with torch.no_grad():
         want = model(ids).logits
     changed = fuse_norms(model)

@@ -173,20 +173,22 @@ def compile_variants(full: bool = False, arch: int = 90) -> list[str]:
     grid = dict(fp32=[False, True], emit=[True] if not full else [False, True], low=[False, True], groups=[1, 2],
                 group=[4] if not full else [1, 4, 8], warps=[1] if not full else [1, 4],
                 dense=[True] if not full else [True, False])
-    combos = list(itertools.product(*grid.values()))
+    combos = [c + (128,) for c in itertools.product(*grid.values())]
     if not full:
-        combos.append((False, True, True, 1, 4, 1, False))
+        combos.append((False, True, True, 1, 4, 1, False, 128))
+    # small heads with the low tier (the test models'): K4 key halves of 8 and 16 dims, below / at a dot's K of 16
+    combos += [(fp32, True, True, 1, 4, 1, True, d) for d in (16, 32) for fp32 in (False, True)]
     failures = []
-    for fp32, emit, low, groups, group, warps, dense in combos:
-        page_bytes = 32 * (128 + 64 + 8 * groups)
-        low_fmt = (4, 2, page_bytes // (64 + 32 + 8 * groups)) if low else None
-        consts = kernel_constexprs(8, group, 128, groups, (8, 4, 32), low_fmt, page_bytes, 32 * warps, emit, fp32,
+    for fp32, emit, low, groups, group, warps, dense, d in combos:
+        page_bytes = 32 * (d + d // 2 + 8 * groups)
+        low_fmt = (4, 2, page_bytes // (d // 2 + d // 4 + 8 * groups)) if low else None
+        consts = kernel_constexprs(8, group, d, groups, (8, 4, 32), low_fmt, page_bytes, 32 * warps, emit, fp32,
                                    True, dense)
         try:
             _compile(consts, fp32, warps, 3, arch=arch)
         except Exception as e:  # noqa: BLE001 - collected and reported, the rest still compile
             failures.append(f"fp32={fp32} emit={emit} low={low} groups={groups} G={group} "
-                            f"warps={warps} high_dense={dense}: {_root_cause(e)}")
+                            f"warps={warps} high_dense={dense} d={d}: {_root_cause(e)}")
     return failures + compile_full_variants(full, arch) + compile_step_kernels(arch)
 
 
