@@ -40,18 +40,31 @@ class Workspace:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self._flat: dict[str, torch.Tensor] = {}
+        #: the views handed out, by (name, shape, dtype): a step asks for the same ones as the last, and a view
+        #: made once costs the plan no slice and no view op (~100 a step); dropped when their buffer grows
+        self._views: dict[tuple, torch.Tensor] = {}
         self._prefix = ""
 
     def take(self, name: str, shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tensor:
         """A contiguous view [shape] of `name`'s buffer (plan time only; contents are stale)."""
-        n = math.prod(shape)
         name = self._prefix + name
+        shape = tuple(shape)
+        key = (name, shape, dtype)
+        view = self._views.get(key)
+        if view is not None and view.shape == shape:  # (the same view as a step before: same buffer, same address)
+            return view
+        n = math.prod(shape)
         buf = self._flat.get(name)
         if buf is None or buf.dtype != dtype or buf.numel() < n:
             grow = 2 * buf.numel() if buf is not None and buf.dtype == dtype else 0
             buf = torch.empty(max(n, grow, 1), dtype=dtype, device=self.device)
             self._flat[name] = buf
-        return buf[:n].view(tuple(shape))
+            for k in [k for k in self._views if k[0] == name]:  # views of the old buffer: not handed out again
+                del self._views[k]
+        if len(self._views) >= 4096:  # shapes that came and went (batch sizes, widths): start over
+            self._views.clear()
+        view = self._views[key] = buf[:n].view(shape)
+        return view
 
     def full(self, name: str, shape, dtype: torch.dtype, value) -> torch.Tensor:
         """`take`, filled with `value` (plan time)."""
