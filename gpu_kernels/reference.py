@@ -295,6 +295,16 @@ def paged_decode_attention_full(
 # Scores are -1 outside the candidates (probabilities are >= 0, so -1 never wins a top-k).
 
 
+def pq_encode(k_new: torch.Tensor, centroids: torch.Tensor, seq_ids: torch.Tensor, positions: torch.Tensor,
+              codes: torch.Tensor) -> None:
+    """The new keys [B, Hkv, d] coded by their nearest centroids (fp16 [S, Hkv, m, K, d/m], gathered by
+    `seq_ids`; fp32 squared distances, ties to the lower index) into codes uint8 [S, Hkv, cap, m] at `positions`."""
+    B, H, d = k_new.shape
+    m, dsub = centroids.shape[2], centroids.shape[4]
+    dist = (k_new.float().view(B, H, m, 1, dsub) - centroids[seq_ids].float()).pow(2).sum(-1)  # [B, H, m, K]
+    codes[seq_ids, :, positions] = dist.argmin(-1).to(torch.uint8)
+
+
 def pq_tables(q: torch.Tensor, centroids: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, Hq, d]; centroids fp32 [B, Hkv, m, K, d/m] -> fp32 [B, Hq, m, K] (scaled sub-products)."""
     B, Hq, d = q.shape

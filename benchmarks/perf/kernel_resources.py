@@ -210,9 +210,9 @@ def compile_step_kernels(arch: int = 90) -> list[str]:
     """The decode step's other kernels at the Llama-3-8B shape (8 KV heads of 128, a group of 4): the retrieved
     tokens' attention (bf16 and fp32 rows) and its merge, the cold tier's fused fetch (K8V4 and 16-bit rows),
     the GPU cache's lookup and admission (4096 slots: a quantized LFU and a 16-bit LRU cache), LeanKV's
-    score update and the models' RMSNorm.
+    score update, the models' RMSNorm and the new token's PQ coding (2 sub-spaces of 64 centroids).
     Returns the failures: a compile error, or registers spilled at the launch setting the store uses."""
-    from gpu_kernels import fetch, gpu_cache, policy_scan, retrieved_attention, rms_norm
+    from gpu_kernels import fetch, gpu_cache, policy_scan, pq_encode, retrieved_attention, rms_norm
 
     cases = []
     for dt in ("bf16", "fp32"):
@@ -250,6 +250,9 @@ def compile_step_kernels(arch: int = 90) -> list[str]:
     cases.append(("LeanKV score update", policy_scan._observe_kernel,
                   {"logits_ptr": "*fp32", "lse_ptr": "*fp32", "pages_ptr": "*i64", "score_ptr": "*fp32"},
                   dict(HKV=8, G=4, BLOCK_W=8, BLOCK_S=64), (), 4))
+    cases.append(("PQ coding of the new token", pq_encode._encode_kernel,
+                  {"k_ptr": "*bf16", "cen_ptr": "*fp16", "seq_ptr": "*i64", "pos_ptr": "*i64", "codes_ptr": "*u8"},
+                  dict(H=8, M=2, K=64, DSUB=64), (), 4))
     failures = []
     for name, fn, ptrs, consts, floats, warps in cases:
         try:

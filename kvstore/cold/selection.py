@@ -235,6 +235,8 @@ class PQSelector(Selector):
         if d % m:
             raise ValueError(f"KVStoreConfig.pq_subspaces={m} must divide the head dim {d}")
         self.m, self.K, self.dsub = m, config.pq_centroids, d // m
+        #: the new token's coding as one kernel (gpu_kernels/pq_encode.py): Triton on, K and d/m powers of two
+        self._kernel_encode = self.use_triton and not (self.K & (self.K - 1)) and not (self.dsub & (self.dsub - 1))
         L, H = geometry.num_layers, geometry.num_kv_heads
         self.codes = torch.zeros(L, 0, H, 0, m, dtype=torch.uint8, device=self.device)
         self.centroids = torch.zeros(L, 0, H, m, self.K, self.dsub, dtype=torch.float16, device=self.device)
@@ -341,14 +343,13 @@ class PQSelector(Selector):
         B, H, Hq, d = step.seq_ids.numel(), g.num_kv_heads, g.num_q_heads, g.head_dim
         m, K, ds = self.m, self.K, self.dsub
         f32 = torch.float32
+        if not self._kernel_encode:  # the torch path's coding of the new token
+            ws.update(x=wsp.take("pq.x", (B, H, d), f32), diff=wsp.take("pq.diff", (B, H, m, K, ds), f32),
+                      dist=wsp.take("pq.dist", (B, H, m, K), f32), code=wsp.take("pq.code", (B, H, m), torch.int64),
+                      code8=wsp.take("pq.code8", (B, H, m), torch.uint8))
         ws.update(
             cen16=wsp.take("pq.cen16", (B, H, m, K, ds), torch.float16),
             cen=wsp.take("pq.cen", (B, H, m, K, ds), f32),
-            x=wsp.take("pq.x", (B, H, d), f32),
-            diff=wsp.take("pq.diff", (B, H, m, K, ds), f32),
-            dist=wsp.take("pq.dist", (B, H, m, K), f32),
-            code=wsp.take("pq.code", (B, H, m), torch.int64),
-            code8=wsp.take("pq.code8", (B, H, m), torch.uint8),
             qperm=wsp.take("pq.qperm", (B, H, m, Hq // H, ds), f32),
             prod=wsp.take("pq.prod", (B * H * m, Hq // H, K), f32),
             table=wsp.take("pq.table", (B, Hq, m, K), f32),
@@ -367,6 +368,11 @@ class PQSelector(Selector):
         return ws["cen"].copy_(ws["cen16"])
 
     def append(self, layer, step, k_new):
+        if self._kernel_encode:  # one launch (gpu_kernels/pq_encode.py) where the torch path below is nine
+            from gpu_kernels.pq_encode import pq_encode
+
+            pq_encode(k_new, self.centroids[layer], step.seq_ids, step.positions, self.codes[layer])
+            return
         B, H, d = k_new.shape
         ws = self._ws(step)
         x = ws["x"].copy_(k_new).view(B, H, self.m, 1, self.dsub)
