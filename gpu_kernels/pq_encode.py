@@ -22,7 +22,7 @@ import triton.language as tl
 
 @triton.jit
 def _encode_kernel(k_ptr, cen_ptr, seq_ptr, pos_ptr, codes_ptr,
-                   stride_cs, stride_ch, stride_cj, stride_ks, stride_kh, stride_kn,
+                   stride_xb, stride_xh, stride_cs, stride_ch, stride_cj, stride_ks, stride_kh, stride_kn,
                    H: tl.constexpr, M: tl.constexpr, K: tl.constexpr, DSUB: tl.constexpr):
     pid = tl.program_id(0)
     j = pid % M
@@ -32,7 +32,7 @@ def _encode_kernel(k_ptr, cen_ptr, seq_ptr, pos_ptr, codes_ptr,
     pos = tl.load(pos_ptr + b).to(tl.int64)
     e = tl.arange(0, DSUB)
     c = tl.arange(0, K)
-    x = tl.load(k_ptr + (b * H + h) * (M * DSUB) + j * DSUB + e).to(tl.float32)
+    x = tl.load(k_ptr + b * stride_xb + h * stride_xh + j * DSUB + e).to(tl.float32)
     cen = tl.load(cen_ptr + seq * stride_cs + h * stride_ch + j * stride_cj + c[:, None] * DSUB + e[None, :])
     diff = cen.to(tl.float32) - x[None, :]
     dist = tl.sum(diff * diff, axis=1)  # [K]
@@ -45,7 +45,7 @@ def pq_encode(k_new: torch.Tensor, centroids: torch.Tensor, seq_ids: torch.Tenso
     """Code each (sequence, KV head)'s new key and store it at its position.
 
     Args:
-        k_new: [B, Hkv, d] the step's keys (any float dtype).
+        k_new: [B, Hkv, d] the step's keys (any float dtype; head dims contiguous, read at their strides).
         centroids: fp16 [S, Hkv, m, K, d/m], one layer's codebooks (contiguous in its last three dims).
         seq_ids: int [B] sequence slots; positions: int [B] the new token's position per sequence.
         codes: uint8 [S, Hkv, cap, m], one layer's codes (last dim contiguous); written in place.
@@ -58,12 +58,11 @@ def pq_encode(k_new: torch.Tensor, centroids: torch.Tensor, seq_ids: torch.Tenso
                          f"{tuple(codes.shape)} disagree")
     if centroids.dtype != torch.float16 or codes.dtype != torch.uint8:
         raise ValueError(f"pq_encode: fp16 centroids and uint8 codes, not {centroids.dtype} / {codes.dtype}")
-    if centroids.stride()[2:] != (K * dsub, dsub, 1) or codes.stride(3) != 1:
-        raise ValueError("pq_encode: centroids contiguous in (m, K, dsub) and codes in m")
+    if centroids.stride()[2:] != (K * dsub, dsub, 1) or codes.stride(3) != 1 or k_new.stride(2) != 1:
+        raise ValueError("pq_encode: centroids contiguous in (m, K, dsub), codes in m and keys in d")
     if B == 0:
         return
-    k = k_new if k_new.is_contiguous() else k_new.contiguous()
-    _encode_kernel[(B * H * m,)](k, centroids, seq_ids, positions, codes,
+    _encode_kernel[(B * H * m,)](k_new, centroids, seq_ids, positions, codes, k_new.stride(0), k_new.stride(1),
                                  centroids.stride(0), centroids.stride(1), centroids.stride(2),
                                  codes.stride(0), codes.stride(1), codes.stride(2),
                                  H=H, M=m, K=K, DSUB=dsub, num_warps=4)

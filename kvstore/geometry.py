@@ -36,3 +36,8 @@ class ModelGeometry:
 def use_triton(config: KVStoreConfig, device: torch.device) -> bool:
     """Whether the Triton kernels run: "always", or "auto" on CUDA; otherwise the torch references."""
     return config.use_triton == "always" or (config.use_triton == "auto" and torch.device(device).type == "cuda")
+
+
+def pow2(n: int) -> bool:
+    """n is a power of two (a Triton block's size: kernels take such head dims, groups, centroid counts)."""
+    return n > 0 and not n & (n - 1)

@@ -48,6 +48,10 @@ def test_the_kernel_codes_as_the_reference_does(m, K, dsub, dtype):
     new_got, new_want = got[seq_ids, :, positions], want[seq_ids, :, positions]  # [B, H, m]
     assert torch.equal(new_got[~tie], new_want[~tie])
     assert (new_got[0] == 5).all()  # the key that is centroid 5 of every sub-space
+    strided = codes.clone().to(dev)  # keys read at their strides: a [H, B, d] buffer seen as [B, H, d]
+    pq_encode(k_new.transpose(0, 1).contiguous().transpose(0, 1).to(dev), centroids.to(dev), seq_ids.to(dev),
+              positions.to(dev), strided)
+    assert torch.equal(strided.cpu(), got)
     keep = torch.ones(S, H, cap, dtype=torch.bool)
     keep[seq_ids, :, positions] = False
     assert torch.equal(got[keep], codes[keep])  # nothing else touched

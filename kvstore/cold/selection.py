@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from gpu_kernels import reference, torch_ops
-from kvstore.geometry import use_triton
+from kvstore.geometry import pow2, use_triton
 from kvstore.plan import SelectionStep, Workspace
 
 if TYPE_CHECKING:
@@ -236,7 +236,7 @@ class PQSelector(Selector):
             raise ValueError(f"KVStoreConfig.pq_subspaces={m} must divide the head dim {d}")
         self.m, self.K, self.dsub = m, config.pq_centroids, d // m
         #: the new token's coding as one kernel (gpu_kernels/pq_encode.py): Triton on, K and d/m powers of two
-        self._kernel_encode = self.use_triton and not (self.K & (self.K - 1)) and not (self.dsub & (self.dsub - 1))
+        self._kernel_encode = self.use_triton and pow2(self.K) and pow2(self.dsub)
         L, H = geometry.num_layers, geometry.num_kv_heads
         self.codes = torch.zeros(L, 0, H, 0, m, dtype=torch.uint8, device=self.device)
         self.centroids = torch.zeros(L, 0, H, m, self.K, self.dsub, dtype=torch.float16, device=self.device)

@@ -18,7 +18,7 @@ import torch
 from gpu_kernels import reference, torch_ops
 
 from kvstore.config import KVStoreConfig
-from kvstore.geometry import ModelGeometry, use_triton
+from kvstore.geometry import ModelGeometry, pow2, use_triton
 from kvstore.hot.page_format import FullFormat, PageFormat
 from kvstore.hot.page_pool import PagePool
 from kvstore.hot.page_table import PageTable
@@ -85,10 +85,6 @@ def check_hot_tier_bytes(config: KVStoreConfig, geometry: ModelGeometry, page_by
         )
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and not n & (n - 1)
-
-
 class HotTier:
     """Page pool, page tables and decode attention of the tokens kept on the device.
 
@@ -113,7 +109,7 @@ class HotTier:
         self.use_triton = use_triton(config, geometry.device)
         for fmt in (self.high, self.low):
             if fmt is not None and hasattr(fmt, "use_triton"):
-                fmt.use_triton = self.use_triton and _pow2(d) and _pow2(config.quant_groups)
+                fmt.use_triton = self.use_triton and pow2(d) and pow2(config.quant_groups)
         self.page_bytes = self.high.bytes_per_token * config.page_size
         self.tokens_per_page = config.page_size
         self.low_tokens_per_page = self.low.tokens_per_page(self.page_bytes) if self.low else 0
@@ -222,11 +218,12 @@ class HotTier:
         fresh = decision.reuse < 0
         index = torch.where(fresh, n, decision.reuse)  # high-tier index the new token takes
         needs = (fresh & (n % tpp == 0)).long()
-        zero = torch.zeros((), dtype=torch.int64, device=n.device)
-        widest, widest_after, low_pages, total = host_ints(  # the one host read
-            (n.max() + tpp - 1) // tpp if n.numel() else zero, (
-                (n + fresh).max() + tpp - 1) // tpp if n.numel() else zero,
-            self.table.num_low_pages[seq_ids].max() if B else zero, needs.sum())
+        if B:  # the one host read: the widest high table before and after the new tokens, the widest low one
+            widest, widest_after, low_pages, total = host_ints(
+                (n.max() + tpp - 1) // tpp, ((n + fresh).max() + tpp - 1) // tpp,
+                self.table.num_low_pages[seq_ids].max(), needs.sum())
+        else:
+            widest = widest_after = low_pages = total = 0
         self.table.ensure_pages(widest + 1 + low_pages)
         ids, offsets = self.pool.allocate(needs.reshape(-1), total=total)
         if total:
@@ -362,7 +359,7 @@ class HotTier:
         """Decode over pages in the model's dtype runs `paged_decode_attention_full` (no low tier: LeanKV,
         the only policy with one, is quantized-only)."""
         d = self.geometry.head_dim
-        if not (isinstance(self.high, FullFormat) and self.use_triton and _pow2(d) and d >= 16 and self.low is None):
+        if not (isinstance(self.high, FullFormat) and self.use_triton and pow2(d) and d >= 16 and self.low is None):
             return False
         from gpu_kernels.paged_attention import FULL_DTYPES  # Triton is on: imported only then
 
