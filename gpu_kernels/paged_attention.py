@@ -757,8 +757,12 @@ def paged_decode_attention(
     grid = (B * Hkv, nsplit)
     maxnreg = DEFAULT_LAUNCH.get("maxnreg") if maxnreg is None else maxnreg
     extra = dict(maxnreg=maxnreg) if maxnreg and q.is_cuda else {}  # a register cap (CUDA compiles only)
+    # fp32 dots (FMA) for fp32 queries, and below a head dim of 32: there the 16-bit tensor-core path's
+    # half-width (D/2 < 16) value dots gave wrong outputs on an H200 (bf16, d=16: rel. RMS 0.56; the fp32
+    # path's same layout was right), which the interpreter does not show; head dims of real models are >= 64
+    fp32 = q.dtype == torch.float32 or d < 32
     consts = kernel_constexprs(Hkv, G, d, groups, tuple(high), tuple(low) if low is not None else None, data.shape[1],
-                               block_tokens, logits is not None, q.dtype == torch.float32, asm_cvt, bool(high_dense),
+                               block_tokens, logits is not None, fp32, asm_cvt, bool(high_dense),
                                ret_pages is not None)
     _paged_decode_kernel[grid](
         q, data, data.view(torch.float16), data.view(torch.int64) if consts["META64"] else data, pages, num_high, nlp, seq_ids, slot_pos,

@@ -4,6 +4,7 @@ the cold path (kvstore/cold/)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,13 @@ class ModelGeometry:
 
 
 def use_triton(config: KVStoreConfig, device: torch.device) -> bool:
-    """Whether the Triton kernels run: "always", or "auto" on CUDA; otherwise the torch references."""
-    return config.use_triton == "always" or (config.use_triton == "auto" and torch.device(device).type == "cuda")
+    """Whether the Triton kernels run: "always", or "auto" on CUDA; otherwise the torch references.
+    "always" off CUDA needs Triton's interpreter (TRITON_INTERPRET=1): ValueError otherwise."""
+    on_cuda = torch.device(device).type == "cuda"
+    if config.use_triton == "always" and not on_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError(f"use_triton='always' on a {torch.device(device).type} store needs TRITON_INTERPRET=1 "
+                         "(compiled Triton kernels take CUDA tensors only); use 'auto' for the torch paths")
+    return config.use_triton == "always" or (config.use_triton == "auto" and on_cuda)
 
 
 def pow2(n: int) -> bool:

@@ -450,14 +450,14 @@ def test_full_hot_tier_runs_the_kernel_and_equals_the_reference_path():
     from kvstore.store import KVStore
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, h, 11, 16, generator=g) for h in (4, 2, 2))
-    valid = torch.ones(2, 11, dtype=torch.bool)
+    q, k, v = (torch.randn(2, h, 11, 16, generator=g).to(_DEV) for h in (4, 2, 2))
+    valid = torch.ones(2, 11, dtype=torch.bool, device=_DEV)
     valid[1, :6] = False  # a shorter sequence: another count per head
-    step = [torch.randn(2, h, 1, 16, generator=g) for h in (4, 2, 2)]
+    step = [torch.randn(2, h, 1, 16, generator=g).to(_DEV) for h in (4, 2, 2)]
     outs = {}
     for use in ("never", "always"):
         store = KVStore(KVStoreConfig.preset("full", page_size=4, use_triton=use),
-                        ModelGeometry(2, 4, 2, 16, torch.float32, torch.device("cpu")))
+                        ModelGeometry(2, 4, 2, 16, torch.float32, torch.device(_DEV)))
         ids = store.add_sequences(2)
         for layer in range(2):
             store.prefill(layer, ids, q, k, v, valid, 0.25)
@@ -589,3 +589,16 @@ def test_cuda_full_kernel_sizes_that_vary_compile_nothing_new():
     finally:
         runtime.jit_cache_hook = previous
     assert compiled == [], compiled
+
+
+def test_always_off_cuda_without_the_interpreter_is_refused_before_allocating(monkeypatch):
+    """use_triton='always' on a CPU store with compiled Triton (no interpreter) would hand CPU tensors to
+    a CUDA kernel mid-decode: the store refuses it when built, in one line."""
+    from kvstore import KVStoreConfig
+    from kvstore.geometry import ModelGeometry
+    from kvstore.store import KVStore
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"use_triton='always' on a cpu store needs TRITON_INTERPRET=1"):
+        KVStore(KVStoreConfig.preset("quant", use_triton="always"),
+                ModelGeometry(1, 2, 1, 16, torch.float32, torch.device("cpu")))

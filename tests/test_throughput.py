@@ -8,6 +8,7 @@ import math
 import pytest
 
 from benchmarks import cli
+from benchmarks.perf import throughput
 from benchmarks.perf.throughput import ROW_FIELDS
 
 LENGTH = 256
@@ -133,6 +134,7 @@ def test_out_of_memory_backs_off_and_a_failing_method_gets_an_error_row(batch2, 
     (["--new-tokens", "2"], "--new-tokens must be >= 3"),
     (["--methods", "full@no_such_field=1"], "KVStoreConfig field"),
     (["--model", "FOLDER"], "max_position_embeddings=128 < the longest length"),
+    (["--budget", "1.5"], "budget '1.5' must be a fraction in (0, 1]"),
 ])
 def test_bad_flags_exit_2_with_one_line_before_loading_a_model(tmp_path, capsys, extra, message):
     folder = tmp_path / "short-model"  # a config alone: loading weights from it would fail differently
@@ -164,3 +166,11 @@ def test_path_generate_keeps_the_compatible_path_with_the_same_kv_figures(batch2
     # the same sequences in the same store: per-sequence KV bytes within one decode step's tokens
     assert row["gpu_kv_bytes_per_seq"] == pytest.approx(engine_row["gpu_kv_bytes_per_seq"], rel=0.05)
     assert "kvstore presets through `model.generate()` with `attach`" in (out / "summary.md").read_text()
+
+
+def test_budget_sets_the_selecting_methods_budget_and_their_label():
+    quant, tiered = throughput.parse_methods(["quant", "tiered"], "0.05")
+    assert (quant.label, tiered.label) == ("quant", "tiered[0.05]")
+    assert tiered.config.budget_fraction == 0.05 and tiered.config.token_budget is None
+    (default,) = throughput.parse_methods(["tiered"])
+    assert default.label == "tiered" and default.config.budget_fraction == 0.2

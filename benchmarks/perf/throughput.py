@@ -181,6 +181,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_csv, required=True,
                    help="comma-separated: hf (unattached transformers) and kvstore presets, with optional "
                         "@field=value[:field=value] overrides, e.g. hf,full,quant,leankv,pqcache,tiered")
+    p.add_argument("--budget", default=None,
+                   help="token budget of the methods that select (pqcache, tiered, ...): a fraction of the prompt "
+                        "(0.05) or a token count (2048); default the suite's 0.2. Labels them method[budget]")
     p.add_argument("--batch", type=_batch, default="max", help="'max' (largest that fits; default) or sequences per call")
     p.add_argument("--max-batch", type=_positive_int, default=None, help="cap on the batch --batch max picks")
     p.add_argument("--new-tokens", type=_positive_int, default=64, help="tokens generated per sequence (forced)")
@@ -214,13 +217,17 @@ class MethodSpec:
         return self.config is None
 
 
-def parse_methods(specs: list[str]) -> list[MethodSpec]:
-    """MethodSpecs for --methods entries; ValueError naming the bad entry (nothing is loaded)."""
-    from benchmarks.suite.methods import METHODS, MethodUnavailable, check_store, make_method, parse_method
+def parse_methods(specs: list[str], budget: str | None = None) -> list[MethodSpec]:
+    """MethodSpecs for --methods entries, the selecting ones at `budget` (--budget; None: the suite's
+    default); ValueError naming the bad entry (nothing is loaded)."""
+    from benchmarks.suite.methods import (BUDGETED, METHODS, MethodUnavailable, check_store, make_method,
+                                          parse_budget, parse_method)
     from kvstore.config import KVStoreConfig
 
     if not specs:
         raise ValueError("--methods names no method")
+    if budget is not None:
+        parse_budget(budget)  # ValueError naming it
     out, seen = [], set()
     for spec in specs:
         name, options = parse_method(spec)
@@ -234,7 +241,7 @@ def parse_methods(specs: list[str]) -> list[MethodSpec]:
             continue
         try:
             if name in METHODS:
-                config = make_method(spec).config
+                config = make_method(spec, budget).config
             elif name in KVStoreConfig.preset_names():
                 config = KVStoreConfig.preset(name, **options)
                 check_store(config)
@@ -245,7 +252,8 @@ def parse_methods(specs: list[str]) -> list[MethodSpec]:
             raise ValueError(f"method {spec!r} is not available: {exc}") from None
         except TypeError as exc:
             raise ValueError(f"method {spec!r}: {exc}") from None
-        out.append(MethodSpec(spec, config))
+        label = f"{spec}[{budget}]" if budget is not None and name in BUDGETED else spec
+        out.append(MethodSpec(label, config))
     return out
 
 
@@ -314,7 +322,7 @@ def validate(args) -> tuple[list[MethodSpec], ModelSource, Path, list[dict]]:
         raise ValueError(f"--new-tokens must be >= {MIN_NEW_TOKENS} (TPOT is measured after the second token)")
     if args.max_batch is not None and args.batch != "max":
         raise ValueError("--max-batch applies to --batch max only")
-    methods = parse_methods(args.methods)
+    methods = parse_methods(args.methods, args.budget)
     source = resolve_model(args)
     from benchmarks.args import check_out_dir
 
