@@ -12,8 +12,11 @@ store: 4*G bytes per token) and writes the summed probabilities. Pass 2 folds pa
 (max, sum) into each query head's lse itself (every program re-reads G x NB floats, ~2 KB), so a
 step is two launches and no torch glue: at B=8, N=128K the previous torch fold (amax, exp, sum,
 log, where: ~8 launches) cost more than the kernels. Outside the candidates the
-score is -1. Codes are read where they live (the store's [S, Hkv, cap, m] buffer, indexed by
-`seq_ids`): nothing is copied or re-sent per step.
+score is -1; with `exclude` (tiered: the tokens the hot tier holds, attended anyway) pass 2 also
+writes -1 where it is set, read where it lives ([S, Hkv, >= N], by `seq_ids`): those tokens stay in
+the softmax denominators (their mass is real attention mass), only the top-k skips them. Codes are
+read where they live (the store's [S, Hkv, cap, m] buffer, indexed by `seq_ids`): nothing is copied
+or re-sent per step.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["N", "NB", "stride_cs", "stride_ch"])  # they vary with the candidates
+@triton.jit(do_not_specialize=["N", "NB", "stride_cs", "stride_ch", "stride_es", "stride_eh"])  # they vary with the candidates
 def _pq_pass(table_ptr, codes_ptr, seq_ptr, lo_ptr, hi_ptr, lse_ptr, part_max_ptr, part_sum_ptr, score_ptr,
-             N, NB, stride_cs, stride_ch, stride_cn,
+             excl_ptr, N, NB, stride_cs, stride_ch, stride_cn, stride_es, stride_eh,
              HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, M: tl.constexpr, K: tl.constexpr,
-             BLOCK_N: tl.constexpr, FINAL: tl.constexpr, NBP: tl.constexpr):
+             BLOCK_N: tl.constexpr, FINAL: tl.constexpr, NBP: tl.constexpr, EXCLUDE: tl.constexpr):
     pid = tl.program_id(0)
     blk = tl.program_id(1)
     b = pid // HKV
@@ -61,7 +64,11 @@ def _pq_pass(table_ptr, codes_ptr, seq_ptr, lo_ptr, hi_ptr, lse_ptr, part_max_pt
         tot = tl.sum(tl.where(pm, bsum * tl.exp(bmax - gsafe[:, None]), 0.0), axis=1)
         lse = tl.where(tot > 0, gsafe + tl.log(tl.where(tot > 0, tot, 1.0)), 0.0)
         p = tl.where(valid, tl.exp(logits - lse[:, None]), 0.0)
-        s = tl.where(cand, tl.sum(p, axis=0), -1.0)
+        keep = cand
+        if EXCLUDE:  # held by the hot tier: in the denominators above, never selected
+            ex = tl.load(excl_ptr + seq * stride_es + h * stride_eh + n, mask=cand, other=0)
+            keep = cand & (ex == 0)
+        s = tl.where(keep, tl.sum(p, axis=0), -1.0)
         tl.store(score_ptr + (b * HKV + h).to(tl.int64) * N + n, s, mask=nmask)
     else:
         mx = tl.max(logits, axis=1)
@@ -87,7 +94,8 @@ def score_blocks(num_tokens: int, block_n: int | None = None) -> tuple[int, int]
 
 def pq_scores(table: torch.Tensor, codes: torch.Tensor, seq_ids: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
               num_tokens: int, out: torch.Tensor | None = None, block_n: int | None = None,
-              part: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              part: tuple[torch.Tensor, torch.Tensor] | None = None,
+              exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Aggregated PQ scores; same contract as `reference.pq_scores`.
 
     Args:
@@ -99,8 +107,10 @@ def pq_scores(table: torch.Tensor, codes: torch.Tensor, seq_ids: torch.Tensor, l
         part: optional fp32 (max, sum) buffers [B, Hq, NB] contiguous of the passes' per-block
             partials, NB from `score_blocks(num_tokens, block_n)`; with `out` and `part` given,
             nothing is allocated (the decode run of KVStore).
+        exclude: optional bool [S, Hkv, >= num_tokens], last dim contiguous, by sequence slot: tokens
+            scored -1 though inside the candidates (still in the softmax denominators).
     Returns:
-        fp32 [B, Hkv, num_tokens], -1 outside the candidates.
+        fp32 [B, Hkv, num_tokens], -1 outside the candidates (and where `exclude` is set).
     """
     B, Hq, M, K = table.shape
     S, Hkv, cap, m = codes.shape
@@ -112,6 +122,11 @@ def pq_scores(table: torch.Tensor, codes: torch.Tensor, seq_ids: torch.Tensor, l
     for name, t in (("codes", codes), ("seq_ids", seq_ids), ("lo", lo), ("hi", hi)):
         if t.device != table.device:
             raise ValueError(f"pq_scores: {name} is on {t.device}, table on {table.device}")
+    if exclude is not None and (exclude.dtype != torch.bool or exclude.dim() != 3 or exclude.shape[1] != Hkv
+                                or exclude.shape[0] < S or exclude.shape[2] < num_tokens or exclude.stride(2) != 1
+                                or exclude.device != table.device):
+        raise ValueError(f"pq_scores: exclude must be bool [>= {S}, {Hkv}, >= {num_tokens}] with a contiguous last "
+                         f"dim on {table.device}, got {exclude.dtype} {tuple(exclude.shape)} on {exclude.device}")
     G = Hq // Hkv
     if out is None:
         out = torch.empty(B, Hkv, num_tokens, dtype=torch.float32, device=table.device)
@@ -133,10 +148,12 @@ def pq_scores(table: torch.Tensor, codes: torch.Tensor, seq_ids: torch.Tensor, l
     GP = triton.next_power_of_2(G)
     NBP = triton.next_power_of_2(NB)
     args = (codes, seq_ids, lo, hi)
-    strides = (num_tokens, NB, codes.stride(0), codes.stride(1), codes.stride(2))
+    excl = exclude.view(torch.uint8) if exclude is not None else codes  # (unread without EXCLUDE)
+    strides = (num_tokens, NB, codes.stride(0), codes.stride(1), codes.stride(2), excl.stride(0), excl.stride(1))
     meta = dict(HKV=Hkv, G=G, GP=GP, M=M, K=K, BLOCK_N=block_n, NBP=NBP)
-    _pq_pass[grid](table, *args, part_max, part_max, part_sum, out, *strides, FINAL=False, **meta)
-    _pq_pass[grid](table, *args, part_max, part_max, part_sum, out, *strides, FINAL=True, **meta)
+    _pq_pass[grid](table, *args, part_max, part_max, part_sum, out, excl, *strides, FINAL=False, EXCLUDE=False, **meta)
+    _pq_pass[grid](table, *args, part_max, part_max, part_sum, out, excl, *strides, FINAL=True,
+                   EXCLUDE=exclude is not None, **meta)
     return out
 
 

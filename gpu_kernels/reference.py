@@ -328,15 +328,17 @@ def group_softmax_scores(logits: torch.Tensor, valid: torch.Tensor, num_kv_heads
 
 
 def pq_scores(table: torch.Tensor, codes: torch.Tensor, seq_ids: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-              num_tokens: int) -> torch.Tensor:
+              num_tokens: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Aggregated PQ scores of tokens [0, num_tokens) (reference of gpu_kernels/pq_score.py).
 
     Args:
         table: fp32 [B, Hq, m, K] from `pq_tables`.
         codes: uint8 [S, Hkv, cap, m] codes of every sequence slot (cap >= num_tokens).
         seq_ids: int [B] slots of the batch; lo, hi: int [B] candidate range [lo, hi) per sequence.
+        exclude: optional bool [S, Hkv, >= num_tokens]: tokens scored -1 (after the softmax: they stay
+            in its denominators).
     Returns:
-        fp32 [B, Hkv, num_tokens], -1 outside the candidates.
+        fp32 [B, Hkv, num_tokens], -1 outside the candidates and where `exclude` is set.
     """
     B, Hq, m, K = table.shape
     Hkv = codes.shape[1]
@@ -346,7 +348,10 @@ def pq_scores(table: torch.Tensor, codes: torch.Tensor, seq_ids: torch.Tensor, l
     logits = torch.gather(table.unsqueeze(2).expand(B, Hq, num_tokens, m, K), 4, c.unsqueeze(-1)).squeeze(-1).sum(-1)
     t = torch.arange(num_tokens, device=table.device).view(1, num_tokens)
     valid = (t >= lo.view(B, 1)) & (t < hi.view(B, 1))
-    return group_softmax_scores(logits, valid, Hkv)
+    scores = group_softmax_scores(logits, valid, Hkv)
+    if exclude is not None:
+        scores = scores.masked_fill(exclude[seq_ids.long(), :, :num_tokens], -1.0)
+    return scores
 
 
 def gather_rows(src: torch.Tensor, rows: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,25 @@ def test_triton_matches_reference(Hq, Hkv, m, bits, block):
     torch.testing.assert_close(got[0, :, 4:250].sum(-1), torch.full((Hkv,), Hq / Hkv), rtol=1e-5, atol=1e-5)
 
 
+def test_excluded_tokens_score_minus_one_and_stay_in_the_denominators():
+    """tiered's residency rows ([L, S, Hkv, cap + 1], one layer's view by sequence slot): the kernel's second
+    pass scores the excluded tokens -1; the others keep the scores they have without the exclusion."""
+    q, cen, codes = _inputs(Hq=8, Hkv=2, m=2, bits=6)
+    table = reference.pq_tables(q, cen, 0.25).contiguous()
+    seq_ids, lo, hi = torch.tensor([3, 0]), torch.tensor([4, 4]), torch.tensor([250, 37])
+    resident = torch.rand(2, 5, 2, 301, generator=torch.Generator().manual_seed(1)) < 0.3  # [L, S, Hkv, cap + 1]
+    excl = resident[1]
+    plain = reference.pq_scores(table, codes, seq_ids, lo, hi, 250)
+    want = reference.pq_scores(table, codes, seq_ids, lo, hi, 250, exclude=excl)
+    got = pq_scores(table, codes, seq_ids, lo, hi, 250, block_n=64, exclude=excl)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    hit = excl[seq_ids][:, :, :250]
+    assert hit.any() and (got[hit] == -1).all()
+    torch.testing.assert_close(got[~hit], plain[~hit], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="exclude"):
+        pq_scores(table, codes, seq_ids, lo, hi, 250, exclude=excl[:, :, :100])
+
+
 def test_empty_candidates_and_bad_input():
     q, cen, codes = _inputs()
     table = reference.pq_tables(q, cen, 1.0).contiguous()

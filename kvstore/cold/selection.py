@@ -58,6 +58,8 @@ class Selector:
         self.config, self.geometry, self.cold = config, geometry, cold
         self.device = geometry.device
         self.use_triton = use_triton(config, self.device)
+        #: `scores` itself scores a step's excluded tokens -1 (tiered's PQ kernel), so `select` does not
+        self.folds_exclude = False
 
     def ensure(self, max_seqs: int, cap: int) -> None:
         """Grow per-sequence state to `max_seqs` slots and `cap` positions (between steps)."""
@@ -103,7 +105,7 @@ class Selector:
         if k and not step.uniform_k:
             cols = wsp.arange("sel.cols", k).view(1, 1, k)
             ws["kmask"] = torch.lt(cols, step.k.view(-1, 1, 1), out=wsp.take("sel.kmask", (B, 1, k), torch.bool))
-        if step.exclude is not None:
+        if step.exclude is not None and not self.folds_exclude:
             ws["exclude"] = wsp.take("sel.exclude", (B, H, N), torch.bool)
         return ws
 
@@ -123,7 +125,7 @@ class Selector:
         s = self.scores(layer, step, q, scale)
         if s.data_ptr() != ws["scores"].data_ptr():  # a selector that scored into its own tensor
             s = ws["scores"].copy_(s)
-        if step.exclude is not None:
+        if step.exclude is not None and not self.folds_exclude:
             # Hot tokens are attended anyway: never selected. They stay in the scores' softmax
             # denominators (their mass is real attention mass), only the top-k skips them.
             excl = step.exclude[layer][:, :, : s.shape[-1]]
@@ -237,6 +239,7 @@ class PQSelector(Selector):
         self.m, self.K, self.dsub = m, config.pq_centroids, d // m
         #: the new token's coding as one kernel (gpu_kernels/pq_encode.py): Triton on, K and d/m powers of two
         self._kernel_encode = self.use_triton and pow2(self.K) and pow2(self.dsub)
+        self.folds_exclude = self.use_triton  # the scoring kernel's second pass skips the hot tokens
         L, H = geometry.num_layers, geometry.num_kv_heads
         self.codes = torch.zeros(L, 0, H, 0, m, dtype=torch.uint8, device=self.device)
         self.centroids = torch.zeros(L, 0, H, m, self.K, self.dsub, dtype=torch.float16, device=self.device)
@@ -389,7 +392,8 @@ class PQSelector(Selector):
             from gpu_kernels.pq_score import pq_scores
 
             return pq_scores(table, self.codes[layer], step.seq_ids, step.lo, step.hi, step.num_tokens,
-                             out=ws["scores"], part=ws["part"])
+                             out=ws["scores"], part=ws["part"],
+                             exclude=step.exclude[layer] if step.exclude is not None else None)
         return reference.pq_scores(table, self.codes[layer], step.seq_ids, step.lo, step.hi, step.num_tokens)
 
     def release(self, seq_ids):
