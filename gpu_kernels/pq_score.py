@@ -1,6 +1,7 @@
-"""Triton: PQCache's asymmetric-distance scores with GQA aggregation, then top-k per KV head.
+"""Triton: PQCache's asymmetric-distance tables and scores with GQA aggregation, then top-k per KV head.
 
-Reference: `gpu_kernels/reference.py` (`pq_tables`, `pq_scores`). Per (sequence b, KV head h):
+Reference: `gpu_kernels/reference.py` (`pq_tables`, `pq_scores`). `pq_tables`: one launch per step
+and layer for the ADC tables (the query's sub-vectors against every centroid). Per (sequence b, KV head h):
 
     logit[g, t] = sum_j table[b, h*G + g, j, codes[seq_ids[b], h, t, j]]     (table is pre-scaled)
     score[t]    = sum_g exp(logit[g, t] - lse[g]),   lse[g] = logsumexp over candidates [lo_b, hi_b)
@@ -77,6 +78,64 @@ def _pq_pass(table_ptr, codes_ptr, seq_ptr, lo_ptr, hi_ptr, lse_ptr, part_max_pt
         off = row * NB + blk
         tl.store(part_max_ptr + off, mx, mask=gmask)
         tl.store(part_sum_ptr + off, sm, mask=gmask)
+
+
+@triton.jit
+def _table_kernel(q_ptr, cen_ptr, seq_ptr, table_ptr, scale, stride_qb, stride_qh, stride_cs, stride_ch, stride_cj,
+                  H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, M: tl.constexpr, K: tl.constexpr,
+                  DSUB: tl.constexpr):
+    pid = tl.program_id(0)  # one (sequence b, KV head h, sub-space j)
+    j = pid % M
+    h = (pid // M) % H
+    b = pid // (M * H)
+    seq = tl.load(seq_ptr + b).to(tl.int64)
+    g = tl.arange(0, GP)
+    e = tl.arange(0, DSUB)
+    c = tl.arange(0, K)
+    gmask = g < G
+    q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + j * DSUB + e[None, :],
+                mask=gmask[:, None], other=0.0).to(tl.float32)  # [GP, DSUB]
+    cen = tl.load(cen_ptr + seq * stride_cs + h * stride_ch + j * stride_cj + c[:, None] * DSUB + e[None, :])
+    # [GP, K]: an fp32 dot (FMA, no tensor-core rounding); GP >= 16 rows (a dot's least M), the group's real
+    prod = tl.dot(q, tl.trans(cen.to(tl.float32)), input_precision="ieee")
+    row = (b * H + h) * G + g  # the table's query-head rows [B * Hq]
+    tl.store(table_ptr + (row[:, None] * M + j) * K + c[None, :], prod * scale, mask=gmask[:, None])
+
+
+def pq_tables(q: torch.Tensor, centroids: torch.Tensor, seq_ids: torch.Tensor, scale: float,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """PQCache's ADC tables of the step's queries, one launch; same contract as `reference.pq_tables`
+    on the batch's centroids (`centroids[seq_ids]`), which it reads where they live.
+
+    The torch path (`torch_ops.pq_tables_out`) is five launches a layer: the batch's centroids
+    gathered and widened to fp32, the queries permuted, the bmm and the scaling. The sums here run
+    in the kernel's order: a table entry may differ from the bmm's in its last bits.
+
+    Args:
+        q: [B, Hq, d] the step's queries (any float dtype; head dims contiguous).
+        centroids: fp16 [S, Hkv, m, K, d/m], one layer's codebooks (contiguous in its last three dims).
+        seq_ids: int [B] sequence slots.
+        out: optional fp32 [B, Hq, m, K] contiguous (plan-time allocation).
+    Returns:
+        fp32 [B, Hq, m, K]: table[b, h * G + g, j, c] = scale * q[b, h * G + g, j-th sub-vector] . centroid c.
+    """
+    B, Hq, d = q.shape
+    S, H, m, K, dsub = centroids.shape
+    if Hq % H or m * dsub != d or centroids.dtype != torch.float16 or q.stride(2) != 1 \
+            or centroids.stride()[2:] != (K * dsub, dsub, 1):
+        raise ValueError(f"pq_tables: q [B, Hq, d] with contiguous head dims and fp16 centroids [S, Hkv, m, K, d/m] "
+                         f"contiguous in (m, K, d/m) expected; got q {tuple(q.shape)}, centroids {centroids.dtype} "
+                         f"{tuple(centroids.shape)}")
+    G = Hq // H
+    if out is None:
+        out = torch.empty(B, Hq, m, K, dtype=torch.float32, device=q.device)
+    elif out.shape != (B, Hq, m, K) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"pq_tables: out must be fp32 contiguous [{B}, {Hq}, {m}, {K}], got {out.dtype} {tuple(out.shape)}")
+    if B:
+        _table_kernel[(B * H * m,)](q, centroids, seq_ids, out, scale, q.stride(0), q.stride(1), centroids.stride(0),
+                                    centroids.stride(1), centroids.stride(2), H=H, G=G,
+                                    GP=max(16, triton.next_power_of_2(G)), M=m, K=K, DSUB=dsub, num_warps=4)
+    return out
 
 
 def score_blocks(num_tokens: int, block_n: int | None = None) -> tuple[int, int]:

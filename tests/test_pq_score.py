@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpu_kernels import reference
-from gpu_kernels.pq_score import pq_scores, pq_topk
+from gpu_kernels.pq_score import pq_scores, pq_tables, pq_topk
 from retrieval.codebook import train_codebook
 from retrieval.exact import group_scores
 from retrieval.service import RetrievalService, SearchRequest, adc_scores
@@ -34,6 +34,23 @@ def test_triton_matches_reference(Hq, Hkv, m, bits, block):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert (got[:, :, :4] == -1).all() and (got[1, :, 37:] == -1).all()
     torch.testing.assert_close(got[0, :, 4:250].sum(-1), torch.full((Hkv,), Hq / Hkv), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("Hq,Hkv,m,bits", [(8, 2, 2, 6), (6, 2, 4, 4), (4, 4, 1, 5)])
+def test_table_kernel_matches_reference(Hq, Hkv, m, bits):
+    """The ADC tables in one launch, from fp16 centroids read by sequence slot (a group of 3 pads to 4)."""
+    d, S = 32, 5
+    g = torch.Generator().manual_seed(Hq + m)
+    q = torch.randn(3, Hq, d, generator=g).to(torch.bfloat16)
+    cen = torch.randn(S, Hkv, m, 1 << bits, d // m, generator=g).to(torch.float16)
+    seq_ids = torch.tensor([4, 0, 2])
+    want = reference.pq_tables(q.float(), cen[seq_ids].float(), 0.3)
+    got = pq_tables(q, cen, seq_ids, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    out = torch.empty_like(want)
+    assert pq_tables(q, cen, seq_ids, 0.3, out=out) is out and torch.equal(out, got)
+    with pytest.raises(ValueError, match="fp16 centroids"):
+        pq_tables(q, cen.float(), seq_ids, 0.3)
 
 
 def test_excluded_tokens_score_minus_one_and_stay_in_the_denominators():

@@ -211,9 +211,10 @@ def compile_step_kernels(arch: int = 90) -> list[str]:
     """The decode step's other kernels at the Llama-3-8B shape (8 KV heads of 128, a group of 4): the retrieved
     tokens' attention (bf16 and fp32 rows) and its merge, the cold tier's fused fetch (K8V4 and 16-bit rows),
     the GPU cache's lookup and admission (4096 slots: a quantized LFU and a 16-bit LRU cache), LeanKV's
-    score update, the models' RMSNorm and the new token's PQ coding (2 sub-spaces of 64 centroids).
+    score update, the models' RMSNorm, the new token's PQ coding (2 sub-spaces of 64 centroids), the ADC tables
+    and the two PQ scoring passes.
     Returns the failures: a compile error, or registers spilled at the launch setting the store uses."""
-    from gpu_kernels import fetch, gpu_cache, policy_scan, pq_encode, retrieved_attention, rms_norm
+    from gpu_kernels import fetch, gpu_cache, policy_scan, pq_encode, pq_score, retrieved_attention, rms_norm
 
     cases = []
     for dt in ("bf16", "fp32"):
@@ -254,6 +255,16 @@ def compile_step_kernels(arch: int = 90) -> list[str]:
     cases.append(("PQ coding of the new token", pq_encode._encode_kernel,
                   {"k_ptr": "*bf16", "cen_ptr": "*fp16", "seq_ptr": "*i64", "pos_ptr": "*i64", "codes_ptr": "*u8"},
                   dict(H=8, M=2, K=64, DSUB=64), (), 4))
+    cases.append(("PQ tables (ADC) of the step's queries", pq_score._table_kernel,
+                  {"q_ptr": "*bf16", "cen_ptr": "*fp16", "seq_ptr": "*i64", "table_ptr": "*fp32"},
+                  dict(H=8, G=4, GP=16, M=2, K=64, DSUB=64), ("scale",), 4))
+    for final in (False, True):
+        cases.append((f"PQ scores, pass {2 if final else 1}" + (" (tiered's exclusion)" if final else ""),
+                      pq_score._pq_pass,
+                      {"table_ptr": "*fp32", "codes_ptr": "*u8", "seq_ptr": "*i64", "lo_ptr": "*i64", "hi_ptr": "*i64",
+                       "lse_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "score_ptr": "*fp32",
+                       "excl_ptr": "*u8"},
+                      dict(HKV=8, G=4, GP=4, M=2, K=64, BLOCK_N=2048, FINAL=final, NBP=16, EXCLUDE=final), (), 4))
     failures = []
     for name, fn, ptrs, consts, floats, warps in cases:
         try:

@@ -237,7 +237,8 @@ class PQSelector(Selector):
         if d % m:
             raise ValueError(f"KVStoreConfig.pq_subspaces={m} must divide the head dim {d}")
         self.m, self.K, self.dsub = m, config.pq_centroids, d // m
-        #: the new token's coding as one kernel (gpu_kernels/pq_encode.py): Triton on, K and d/m powers of two
+        #: the new token's coding and the ADC tables as one kernel each (gpu_kernels/pq_encode.py, pq_score.py):
+        #: Triton on, K and d/m powers of two
         self._kernel_encode = self.use_triton and pow2(self.K) and pow2(self.dsub)
         self.folds_exclude = self.use_triton  # the scoring kernel's second pass skips the hot tokens
         L, H = geometry.num_layers, geometry.num_kv_heads
@@ -350,13 +351,14 @@ class PQSelector(Selector):
             ws.update(x=wsp.take("pq.x", (B, H, d), f32), diff=wsp.take("pq.diff", (B, H, m, K, ds), f32),
                       dist=wsp.take("pq.dist", (B, H, m, K), f32), code=wsp.take("pq.code", (B, H, m), torch.int64),
                       code8=wsp.take("pq.code8", (B, H, m), torch.uint8))
-        ws.update(
-            cen16=wsp.take("pq.cen16", (B, H, m, K, ds), torch.float16),
-            cen=wsp.take("pq.cen", (B, H, m, K, ds), f32),
-            qperm=wsp.take("pq.qperm", (B, H, m, Hq // H, ds), f32),
-            prod=wsp.take("pq.prod", (B * H * m, Hq // H, K), f32),
-            table=wsp.take("pq.table", (B, Hq, m, K), f32),
-        )
+        ws["table"] = wsp.take("pq.table", (B, Hq, m, K), f32)
+        if not self._kernel_encode:  # the torch path's centroids of the batch and ADC tables
+            ws.update(
+                cen16=wsp.take("pq.cen16", (B, H, m, K, ds), torch.float16),
+                cen=wsp.take("pq.cen", (B, H, m, K, ds), f32),
+                qperm=wsp.take("pq.qperm", (B, H, m, Hq // H, ds), f32),
+                prod=wsp.take("pq.prod", (B * H * m, Hq // H, K), f32),
+            )
         if self.use_triton:
             from gpu_kernels.pq_score import score_blocks
 
@@ -386,8 +388,13 @@ class PQSelector(Selector):
 
     def scores(self, layer, step, q, scale):
         ws = self._ws(step)
-        cen = self._centroids(layer, step.seq_ids, ws)
-        table = torch_ops.pq_tables_out(q, cen, scale, ws["qperm"], ws["prod"], ws["table"])
+        if self._kernel_encode:  # one launch for the tables where the torch path below is five
+            from gpu_kernels.pq_score import pq_tables
+
+            table = pq_tables(q, self.centroids[layer], step.seq_ids, scale, out=ws["table"])
+        else:
+            cen = self._centroids(layer, step.seq_ids, ws)
+            table = torch_ops.pq_tables_out(q, cen, scale, ws["qperm"], ws["prod"], ws["table"])
         if self.use_triton:
             from gpu_kernels.pq_score import pq_scores
 
