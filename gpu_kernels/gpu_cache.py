@@ -1,5 +1,5 @@
 """Triton: the GPU cache of retrieved tokens (kvstore/cold/gpu_cache.py). `lookup`: the slot of each
-selected position (11 torch ops a layer, one launch here). `admit`: the admission of one layer's misses
+selected position, with the misses to fetch and the hits' rows to read (17 torch ops a layer, one launch here). `admit`: the admission of one layer's misses
 (`GPUCache.admit`), one program per (sequence, KV head).
 
 Admission. The torch path (the CPU's, and the reference this kernel is tested against bit for bit) is
@@ -190,8 +190,8 @@ def admit_buffers(take, B: int, H: int, slots: int) -> dict:
 
 
 @triton.jit(do_not_specialize=["M", "K", "CAP1"])
-def _lookup_kernel(seq_ptr, pos_ptr, valid_ptr, slot_of_ptr, slot_ptr, hits_ptr, lookups_ptr, M, K, CAP1,
-                   H: tl.constexpr, COUNT: tl.constexpr, BLOCK: tl.constexpr):
+def _lookup_kernel(seq_ptr, pos_ptr, valid_ptr, slot_of_ptr, slot_ptr, hits_ptr, lookups_ptr, miss_ptr, rows_ptr,
+                   M, K, CAP1, NROW, H: tl.constexpr, COUNT: tl.constexpr, OUTS: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = i < M
     va = (tl.load(valid_ptr + i, mask=inside, other=0) != 0) & inside
@@ -203,28 +203,39 @@ def _lookup_kernel(seq_ptr, pos_ptr, valid_ptr, slot_of_ptr, slot_ptr, hits_ptr,
     s = tl.load(slot_of_ptr + (seq * H + h) * CAP1 + p, mask=va, other=-1).to(tl.int64)
     s = tl.where(va, s, -1)
     tl.store(slot_ptr + i, s, mask=inside)
+    if OUTS:  # what the layer does next with the slots: fetch the misses, read the hits' rows
+        tl.store(miss_ptr + i, (va & (s < 0)).to(tl.uint8), mask=inside)
+        tl.store(rows_ptr + i, tl.where(s >= 0, (seq * H + h) * NROW + s, -1), mask=inside)
     if COUNT:
         tl.atomic_add(hits_ptr, tl.sum((s >= 0).to(tl.int64), 0))
         tl.atomic_add(lookups_ptr, tl.sum(va.to(tl.int64), 0))
 
 
 def lookup(seq_ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, slot_of: torch.Tensor, slot: torch.Tensor,
-           hits: torch.Tensor, lookups: torch.Tensor, count: bool) -> torch.Tensor:
+           hits: torch.Tensor, lookups: torch.Tensor, count: bool,
+           outs: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
     """`GPUCache.lookup` in one launch: slot int64 [B, H, k] (written) = slot_of[seq, h, pos] where valid, else
     -1; with count, hits += the valid lookups that hit, lookups += the valid ones (int64 0-dim device tensors).
     seq_ids int64 [B]; pos int64, valid bool [B, H, k] and slot_of [S, H, cap + 1] (one layer's) contiguous.
+    outs (miss, rows, n): also miss bool [B, H, k] = valid and not a hit, and rows int64 [B * H * k] = the
+    hit's row (seq * H + h) * n + slot of a cache layer's [S * H * n] rows, -1 for the rest (contiguous).
     Graph-safe: no allocation, no host sync."""
     B, H, k = pos.shape
     if slot.shape != pos.shape or slot.dtype != torch.int64 or slot_of.shape[1] != H:
         raise ValueError(f"lookup: slot int64 {tuple(pos.shape)} and slot_of [S, {H}, cap + 1] expected; got "
                          f"{slot.dtype} {tuple(slot.shape)}, {tuple(slot_of.shape)}")
-    for t in (pos, valid, slot_of, slot):
+    for t in (pos, valid, slot_of, slot, *(outs[:2] if outs is not None else ())):
         if not t.is_contiguous():
-            raise ValueError("lookup: pos, valid, slot_of and slot must be contiguous")
+            raise ValueError("lookup: pos, valid, slot_of, slot (and miss, rows) must be contiguous")
+    if outs is not None and (outs[0].shape != pos.shape or outs[0].dtype != torch.bool
+                             or outs[1].numel() != pos.numel() or outs[1].dtype != torch.int64):
+        raise ValueError(f"lookup: miss bool {tuple(pos.shape)} and rows int64 [{pos.numel()}] expected")
     M = B * H * k
     if M == 0:
         return slot
     block = 1024
-    _lookup_kernel[(triton.cdiv(M, block),)](seq_ids, pos, valid.view(torch.uint8), slot_of, slot, hits, lookups, M, k,
-                                             slot_of.shape[-1], H=H, COUNT=count, BLOCK=block, num_warps=4)
+    miss, rows, n = (outs[0].view(torch.uint8), outs[1], outs[2]) if outs is not None else (slot, slot, 0)
+    _lookup_kernel[(triton.cdiv(M, block),)](seq_ids, pos, valid.view(torch.uint8), slot_of, slot, hits, lookups, miss,
+                                             rows, M, k, slot_of.shape[-1], n, H=H, COUNT=count, OUTS=outs is not None,
+                                             BLOCK=block, num_warps=4)
     return slot

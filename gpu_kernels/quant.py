@@ -39,9 +39,10 @@ def _quantize_row(x, NG: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _quantize_into_pages_kernel(
-    data_ptr, data16_ptr, page_ptr, slot_ptr, k_ptr, v_ptr,
-    stride_k, stride_v, page_bytes,
+    data_ptr, data16_ptr, page_ptr, slot_ptr, k_ptr, v_ptr, pos_ptr, slot_pos_ptr, slot_score_ptr,
+    stride_k, stride_v, page_bytes, stride_sp, stride_ss,
     TPP: tl.constexpr, D: tl.constexpr, NG: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+    POS: tl.constexpr, SCORE: tl.constexpr,
 ):
     row = tl.program_id(0)
     page = tl.load(page_ptr + row).to(tl.int64)
@@ -62,6 +63,10 @@ def _quantize_into_pages_kernel(
     tl.store(data16_ptr + meta + NG + g, kz.to(tl.float16))
     tl.store(data16_ptr + meta + 2 * NG + g, vs.to(tl.float16))
     tl.store(data16_ptr + meta + 3 * NG + g, vz.to(tl.float16))
+    if POS:  # the pool's slot bookkeeping: the token's position, and no attention mass yet
+        tl.store(slot_pos_ptr + page * stride_sp + slot, tl.load(pos_ptr + row))
+    if SCORE:
+        tl.store(slot_score_ptr + page * stride_ss + slot, 0.0)
 
 
 def _check_pow2(name: str, n: int) -> None:
@@ -70,7 +75,8 @@ def _check_pow2(name: str, n: int) -> None:
 
 
 def quantize_into_pages(data: torch.Tensor, page_ids: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
-                        v: torch.Tensor, key_bits: int, value_bits: int, groups: int, tokens_per_page: int) -> None:
+                        v: torch.Tensor, key_bits: int, value_bits: int, groups: int, tokens_per_page: int,
+                        slot_meta: tuple | None = None) -> None:
     """Quantize rows of K and V and write them into their pages, in place.
 
     Args:
@@ -78,6 +84,9 @@ def quantize_into_pages(data: torch.Tensor, page_ids: torch.Tensor, slots: torch
         page_ids, slots: int [N] where row i goes.
         k, v: [N, d] any float dtype, rows contiguous (last stride 1).
         key_bits, value_bits: 8, 4 or 2; groups: scale/zero groups along d; tokens_per_page: T of the format.
+        slot_meta: optional (slot_pos int32 [P, >= T], positions int32 [N], slot_score fp32 [P, >= T] or None),
+            last dims contiguous: also slot_pos[page, slot] = positions[i] and slot_score[page, slot] = 0 (the
+            pool's bookkeeping of a decode write, in the same launch).
     """
     N, d = k.shape
     if v.shape != (N, d) or page_ids.shape != (N,) or slots.shape != (N,):
@@ -89,12 +98,21 @@ def quantize_into_pages(data: torch.Tensor, page_ids: torch.Tensor, slots: torch
         raise ValueError("k and v rows must be contiguous (last stride 1)")
     _check_pow2("head_dim", d)
     _check_pow2("groups", groups)
+    spos, pos, sscore = slot_meta if slot_meta is not None else (None, None, None)
+    if slot_meta is not None and (spos.dtype != torch.int32 or pos.dtype != torch.int32 or pos.shape != (N,)
+                                  or spos.stride(-1) != 1 or not pos.is_contiguous()
+                                  or (sscore is not None and (sscore.dtype != torch.float32 or sscore.stride(-1) != 1))):
+        raise ValueError("slot_meta: slot_pos int32 [P, M], positions int32 [N] and slot_score fp32 [P, M] (or None), "
+                         "last dims contiguous")
     if N == 0:
         return
     _quantize_into_pages_kernel[(N,)](
         data, data.view(torch.float16), page_ids.to(torch.int32).contiguous(), slots.to(torch.int32).contiguous(),
-        k, v, k.stride(0), v.stride(0), data.shape[1],
-        TPP=tokens_per_page, D=d, NG=groups, KBITS=key_bits, VBITS=value_bits,
+        k, v, pos if pos is not None else data, spos if spos is not None else data,
+        sscore if sscore is not None else data, k.stride(0), v.stride(0), data.shape[1],
+        spos.stride(0) if spos is not None else 0, sscore.stride(0) if sscore is not None else 0,
+        TPP=tokens_per_page, D=d, NG=groups, KBITS=key_bits, VBITS=value_bits, POS=spos is not None,
+        SCORE=sscore is not None,
     )
 
 

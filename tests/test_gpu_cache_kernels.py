@@ -64,13 +64,17 @@ def test_the_kernel_equals_the_torch_path_bit_for_bit(policy, quantized, slots, 
             for layer in range(L):
                 slot = c.lookup(layer, seq_ids, pos, valid, ws, count=touch).clone()
                 slots_seen[kernel, layer] = slot
+                # the kernel's other outputs: the misses the fetch takes, the hits' rows the read takes
+                miss = c.miss_mask(slot, valid, ws, out=torch.empty_like(valid)).clone()
+                slots_seen[kernel, layer, "miss"] = miss
+                slots_seen[kernel, layer, "rows"] = c._hit_rows(slot, ws).clone()
                 c.admit(layer, seq_ids, pos, valid, slot, kv, ws, raw=raw, touch=touch)
             c.end_step()
         want, got = _state(caches[False]), _state(caches[True])
         for name in want:
             assert torch.equal(got[name], want[name]), (step, name)
-        for layer in range(L):
-            assert torch.equal(slots_seen[True, layer], slots_seen[False, layer]), (step, layer)
+        for key in [k_ for k_ in slots_seen if k_[0]]:
+            assert torch.equal(slots_seen[key], slots_seen[(False, *key[1:])]), (step, key)
         assert int(caches[True].hits) == int(caches[False].hits)
         assert int(caches[True].lookups) == int(caches[False].lookups)
     assert (caches[True].pos[:, :, :, :slots] >= 0).any()  # something was admitted

@@ -93,8 +93,16 @@ def test_triton_quantize_and_dequantize_equal_reference_bit_for_bit(kb, vb, grou
     ref_data = torch.zeros(5, page_bytes, dtype=torch.uint8)
     fmt.write(ref_data, pages, slots, k, v)
     data = torch.zeros_like(ref_data)
-    quant.quantize_into_pages(data, pages, slots, k, v, kb, vb, groups, tpp)
+    # a decode write's pool bookkeeping in the same launch: each row's position at its slot, its score zeroed
+    slot_pos = torch.full((5, tpp + 2), -1, dtype=torch.int32)
+    slot_score = torch.ones(5, tpp + 2)
+    pos = torch.arange(100, 100 + n, dtype=torch.int32)
+    quant.quantize_into_pages(data, pages, slots, k, v, kb, vb, groups, tpp, slot_meta=(slot_pos, pos, slot_score))
     assert torch.equal(data, ref_data)
+    want_pos, want_score = torch.full_like(slot_pos, -1), torch.ones_like(slot_score)
+    want_pos[pages.long(), slots.long()] = pos
+    want_score[pages.long(), slots.long()] = 0.0
+    assert torch.equal(slot_pos, want_pos) and torch.equal(slot_score, want_score)
     ids = torch.tensor([1, 3, 4, 2])
     k_ref, v_ref = fmt.read(ref_data, ids)
     k_tri, v_tri = quant.dequantize_pages(data, ids, kb, vb, groups, tpp, d)

@@ -215,6 +215,7 @@ def compile_step_kernels(arch: int = 90) -> list[str]:
     and the two PQ scoring passes.
     Returns the failures: a compile error, or registers spilled at the launch setting the store uses."""
     from gpu_kernels import fetch, gpu_cache, policy_scan, pq_encode, pq_score, retrieved_attention, rms_norm
+    from gpu_kernels import quant as quant_kernels
 
     cases = []
     for dt in ("bf16", "fp32"):
@@ -246,7 +247,8 @@ def compile_step_kernels(arch: int = 90) -> list[str]:
                            TWO=not quant), ("decay",), gpu_cache.ADMIT_LAUNCH["num_warps"]))
     cases.append(("cache lookup", gpu_cache._lookup_kernel,
                   {"seq_ptr": "*i64", "pos_ptr": "*i64", "valid_ptr": "*u8", "slot_of_ptr": "*i16", "slot_ptr": "*i64",
-                   "hits_ptr": "*i64", "lookups_ptr": "*i64"}, dict(H=8, COUNT=True, BLOCK=1024), (), 4))
+                   "hits_ptr": "*i64", "lookups_ptr": "*i64", "miss_ptr": "*u8", "rows_ptr": "*i64"},
+                  dict(H=8, COUNT=True, OUTS=True, BLOCK=1024), (), 4))
     cases.append(("RMSNorm, bf16 rows of 4096", rms_norm._rms_norm_kernel,
                   {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK=4096), ("eps",), 8))
     cases.append(("LeanKV score update", policy_scan._observe_kernel,
@@ -255,6 +257,10 @@ def compile_step_kernels(arch: int = 90) -> list[str]:
     cases.append(("PQ coding of the new token", pq_encode._encode_kernel,
                   {"k_ptr": "*bf16", "cen_ptr": "*fp16", "seq_ptr": "*i64", "pos_ptr": "*i64", "codes_ptr": "*u8"},
                   dict(H=8, M=2, K=64, DSUB=64), (), 4))
+    cases.append(("decode write, K8V4 + slot positions", quant_kernels._quantize_into_pages_kernel,
+                  {"data_ptr": "*u8", "data16_ptr": "*fp16", "page_ptr": "*i32", "slot_ptr": "*i32", "k_ptr": "*bf16",
+                   "v_ptr": "*bf16", "pos_ptr": "*i32", "slot_pos_ptr": "*i32", "slot_score_ptr": "*fp32"},
+                  dict(TPP=32, D=128, NG=1, KBITS=8, VBITS=4, POS=True, SCORE=True), (), 4))
     cases.append(("PQ tables (ADC) of the step's queries", pq_score._table_kernel,
                   {"q_ptr": "*bf16", "cen_ptr": "*fp16", "seq_ptr": "*i64", "table_ptr": "*fp32"},
                   dict(H=8, G=4, GP=16, M=2, K=64, DSUB=64), ("scale",), 4))

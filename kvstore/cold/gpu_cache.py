@@ -143,6 +143,9 @@ class GPUCache:
             ws[name] = wsp.take("cache." + name, (B, H, k), b8)
         for name in ("i1", "slot", "hit_slot", "missl", "cs", "rank", "tslot", "old", "old_col", "new_col"):
             ws[name] = wsp.take("cache." + name, (B, H, k), i64)
+        if self.use_triton:  # the lookup kernel's other outputs: the misses, the hits' rows (`miss_mask`, `_hit_rows`)
+            ws["lookup_miss"] = wsp.take("cache.lookup_miss", (B, H, k), b8)
+            ws["hit_rows"] = wsp.take("cache.hit_rows", (B * H * k,), i64)
         for name in ("hitf", "stepf", "gv"):
             ws[name] = wsp.take("cache." + name, (B, H, k), f32)
         ws["slot16"] = wsp.take("cache.slot16", (B, H, k), self.slot_of.dtype)
@@ -181,7 +184,8 @@ class GPUCache:
         if self.use_triton:
             from gpu_kernels.gpu_cache import lookup
 
-            return lookup(seq_ids, pos, valid, self.slot_of[layer], ws["slot"], self.hits, self.lookups, count)
+            return lookup(seq_ids, pos, valid, self.slot_of[layer], ws["slot"], self.hits, self.lookups, count,
+                          outs=(ws["lookup_miss"], ws["hit_rows"], self.slots + 1))
         flat = torch.clamp(pos, 0, self.cap, out=ws["i1"]).add_(ws["base_of"])
         torch.index_select(self.slot_of[layer].view(-1), 0, flat.view(-1), out=ws["slot16"].view(-1))
         slot = ws["slot"].copy_(ws["slot16"])
@@ -217,8 +221,18 @@ class GPUCache:
         """One layer's slots as rows, uint8 [S * Hkv * (slots + 1), row_bytes] (quantized cache)."""
         return self.rows[layer].view(-1, self.fmt.bytes_per_token)
 
+    def miss_mask(self, slot: torch.Tensor, valid: torch.Tensor, ws: dict, out: torch.Tensor) -> torch.Tensor:
+        """bool [B, H, k]: the valid picks that missed, for `slot` as the last `lookup` with `ws` returned it
+        (the kernel wrote them then; the torch path computes them into `out`)."""
+        if self.use_triton:
+            return ws["lookup_miss"]
+        return torch.lt(slot, 0, out=out).bitwise_and_(valid)
+
     def _hit_rows(self, slot: torch.Tensor, ws: dict) -> torch.Tensor:
-        """Row of `_rows_of` holding each hit, -1 for the rest; int64 [B * H * k], a view of ws."""
+        """Row of `_rows_of` holding each hit, -1 for the rest; int64 [B * H * k], a view of ws (`slot` as
+        the last `lookup` with `ws` returned it: the kernel wrote the rows then)."""
+        if self.use_triton:
+            return ws["hit_rows"]
         rows = torch.clamp(slot, min=0, out=ws["i1"]).add_(ws["base_kv"]).view(-1)
         return rows.masked_fill_(torch.lt(slot, 0, out=ws["nohit"]).view(-1), -1)
 

@@ -344,7 +344,7 @@ class ColdPath:
         self.selector.append(layer, step, k[:, :, 0])
         pos, valid = self.selector.select(layer, step, q0, scale)
         slot = self.gpu_cache.lookup(layer, step.seq_ids, pos, valid, ws["cache"])
-        miss = torch.lt(slot, 0, out=ws["miss"]).bitwise_and_(valid)
+        miss = self.gpu_cache.miss_mask(slot, valid, ws["cache"], out=ws["miss"])
         # rows only (no dequantization) when they become pages of the hot tier's launch
         pending = self._start_fetch(layer, step.seq_ids, pos, miss, buf, ws["fetch"], plan.ret_pages is None)
         if "prefetch" in ws and layer + 1 < self.geometry.num_layers:  # after this layer's fetch on the stream
@@ -370,7 +370,7 @@ class ColdPath:
         self.selector.before_decode(layer)  # its index (a no-op after the first step)
         pos, valid = self.selector.select(layer, pf["step"], q0, scale)
         slot = self.gpu_cache.lookup(layer, step.seq_ids, pos, valid, ws["cache"], count=False)
-        miss = torch.lt(slot, 0, out=ws["miss"]).bitwise_and_(valid)
+        miss = self.gpu_cache.miss_mask(slot, valid, ws["cache"], out=ws["miss"])
         # a quantized tier's rows stay in ws["fetch"]["raw"] (dequantize=False), as the GPU cache admits them
         self._prefetched[layer] = (pos, valid, slot, self._start_fetch(
             layer, step.seq_ids, pos, miss, pf["kv"], ws["fetch"], False, events=self._prefetch_events))

@@ -33,7 +33,10 @@ class PageFormat:
     def tokens_per_page(self, page_bytes: int) -> int:
         return page_bytes // self.bytes_per_token
 
-    def write(self, data: torch.Tensor, page_ids: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, data: torch.Tensor, page_ids: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              slot_meta: tuple | None = None) -> bool:
+        """Store k, v [N, d] at (page_ids[i], slots[i]); True where it also wrote `slot_meta` (the pool's slot
+        positions and scores: QuantFormat's kernel), else the caller writes them."""
         raise NotImplementedError
 
     def read(self, data: torch.Tensor, page_ids: torch.Tensor, dtype: torch.dtype | None = None
@@ -59,10 +62,11 @@ class FullFormat(PageFormat):
         used = tpp * self.bytes_per_token
         return data[:, :used].view(self.dtype).view(data.shape[0], 2, tpp, self.head_dim)
 
-    def write(self, data, page_ids, slots, k, v):
+    def write(self, data, page_ids, slots, k, v, slot_meta=None):
         view = self._view(data)
         view[page_ids.long(), 0, slots.long()] = k.to(self.dtype)
         view[page_ids.long(), 1, slots.long()] = v.to(self.dtype)
+        return False
 
     def read(self, data, page_ids, dtype=None):
         pages = self._view(data)[page_ids.long()]  # [..., 2, tpp, d]

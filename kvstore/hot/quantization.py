@@ -65,16 +65,18 @@ class QuantFormat(PageFormat):
         return torch_ops.page_views(data, self.tokens_per_page(data.shape[1]), self.key_bytes, self.value_bytes,
                                     self.groups)
 
-    def write(self, data, page_ids, slots, k, v):
-        """Quantize k, v [N, d] and store them at (page_ids[i], slots[i])."""
+    def write(self, data, page_ids, slots, k, v, slot_meta=None) -> bool:
+        """Quantize k, v [N, d] and store them at (page_ids[i], slots[i]). slot_meta (slot_pos, positions,
+        slot_score or None; `quant.quantize_into_pages`): the pool's bookkeeping too, in the kernel's launch;
+        returns whether it was written (the torch path leaves it to the caller)."""
         if k.numel() == 0:
-            return
+            return slot_meta is not None
         if self.use_triton:
             from gpu_kernels import quant
 
             quant.quantize_into_pages(data, page_ids, slots, k, v, self.key_bits, self.value_bits, self.groups,
-                                      self.tokens_per_page(data.shape[1]))
-            return
+                                      self.tokens_per_page(data.shape[1]), slot_meta=slot_meta)
+            return slot_meta is not None
         kc, vc, meta = self._views(data)
         ck, sk, zk = reference.quantize(k, self.key_bits, self.groups)
         cv, sv, zv = reference.quantize(v, self.value_bits, self.groups)
@@ -82,6 +84,7 @@ class QuantFormat(PageFormat):
         kc[p, s] = reference.pack_codes(ck, self.key_bits)
         vc[p, s] = reference.pack_codes(cv, self.value_bits)
         meta[p, s] = torch.stack([sk, zk, sv, zv], dim=1)
+        return False
 
     def gather_rows(self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
         """Dequantize one-token pages (the cold tier's and the GPU cache's rows): out[0] (K), out[1] (V)

@@ -191,11 +191,14 @@ class HotTier:
             w, layer = self._write_indices(page.view(B, 1, H), slot.view(B, 1, H), positions, Workspace(page.device)), 0
         p64, s64 = w["page64"][layer], w["slot64"][layer]
         p, s = (w["page"][layer], w["slot"][layer]) if getattr(self.high, "use_triton", False) else (p64, s64)
-        self.high.write(self.pool.data, p, s, k.reshape(B * H, -1), v.reshape(B * H, -1))
-        self.pool.slot_pos[p64, s64] = w["pos"]
-        if self.pool.score_slots:  # the new token starts with no attention mass (a device zero: a Python
+        pool = self.pool
+        meta = (pool.slot_pos, w["pos"], pool.slot_score if pool.score_slots else None)
+        if self.high.write(pool.data, p, s, k.reshape(B * H, -1), v.reshape(B * H, -1), slot_meta=meta):
+            return  # the quantization kernel wrote the positions and scores too
+        pool.slot_pos[p64, s64] = w["pos"]
+        if pool.score_slots:  # the new token starts with no attention mass (a device zero: a Python
             # number here would be a pageable host-to-device copy, which CUDA graph capture refuses)
-            self.pool.slot_score.index_put_((p64, s64), self.pool.zero)
+            pool.slot_score.index_put_((p64, s64), pool.zero)
 
     def apply(self, seq_ids: torch.Tensor, decision: StepDecision) -> tuple[torch.Tensor, ...]:
         """Plan time: carry out a policy's decision for one decode step (the policy decides, the
