@@ -96,8 +96,10 @@ def _table_kernel(q_ptr, cen_ptr, seq_ptr, table_ptr, scale, stride_qb, stride_q
     q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * stride_qh + j * DSUB + e[None, :],
                 mask=gmask[:, None], other=0.0).to(tl.float32)  # [GP, DSUB]
     cen = tl.load(cen_ptr + seq * stride_cs + h * stride_ch + j * stride_cj + c[:, None] * DSUB + e[None, :])
-    # [GP, K]: an fp32 dot (FMA, no tensor-core rounding); GP >= 16 rows (a dot's least M), the group's real
-    prod = tl.dot(q, tl.trans(cen.to(tl.float32)), input_precision="ieee")
+    if DSUB >= 16:  # [GP, K]: an fp32 dot (FMA, no tensor-core rounding); GP >= 16 rows (a dot's least M)
+        prod = tl.dot(q, tl.trans(cen.to(tl.float32)), input_precision="ieee")
+    else:  # a dot's K must be >= 16 on a GPU (the interpreter does not check): products summed in registers
+        prod = tl.sum(q[:, None, :] * cen.to(tl.float32)[None, :, :], axis=2)
     row = (b * H + h) * G + g  # the table's query-head rows [B * Hq]
     tl.store(table_ptr + (row[:, None] * M + j) * K + c[None, :], prod * scale, mask=gmask[:, None])
 

@@ -261,9 +261,10 @@ def compile_step_kernels(arch: int = 90) -> list[str]:
                   {"data_ptr": "*u8", "data16_ptr": "*fp16", "page_ptr": "*i32", "slot_ptr": "*i32", "k_ptr": "*bf16",
                    "v_ptr": "*bf16", "pos_ptr": "*i32", "slot_pos_ptr": "*i32", "slot_score_ptr": "*fp32"},
                   dict(TPP=32, D=128, NG=1, KBITS=8, VBITS=4, POS=True, SCORE=True), (), 4))
-    cases.append(("PQ tables (ADC) of the step's queries", pq_score._table_kernel,
-                  {"q_ptr": "*bf16", "cen_ptr": "*fp16", "seq_ptr": "*i64", "table_ptr": "*fp32"},
-                  dict(H=8, G=4, GP=16, M=2, K=64, DSUB=64), ("scale",), 4))
+    for m, dsub in ((2, 64), (4, 8)):  # sub-spaces of 64 dims (a dot), and of 8 (below a dot's K: summed in registers)
+        cases.append((f"PQ tables (ADC) of the step's queries, d/m={dsub}", pq_score._table_kernel,
+                      {"q_ptr": "*bf16", "cen_ptr": "*fp16", "seq_ptr": "*i64", "table_ptr": "*fp32"},
+                      dict(H=8, G=4, GP=16, M=m, K=64, DSUB=dsub), ("scale",), 4))
     for final in (False, True):
         cases.append((f"PQ scores, pass {2 if final else 1}" + (" (tiered's exclusion)" if final else ""),
                       pq_score._pq_pass,
