@@ -283,6 +283,9 @@ class PQSelector(Selector):
         groups of about `_TRAIN_GROUP_BYTES` of fp32 keys; others one at a time."""
         from kvstore.cold.kmeans import train_codebooks
 
+        # `build_seconds` counts the trainer's own time: the layer's prefill kernels still queued are waited
+        # for first (the trainer's first host read would wait for them anyway), its last writes at the end
+        self._sync()
         t0 = time.perf_counter()
         S, c = self.config.sink_tokens, self.config
         ids, lens, his = seq_ids.tolist(), prompt_lens.tolist(), hi.tolist()
@@ -302,7 +305,12 @@ class PQSelector(Selector):
             sids = seq_ids[s:e]
             self.centroids[layer, sids] = cb.centroids.to(torch.float16)
             self.codes[layer, sids, :, S:n] = cb.codes
+        self._sync()
         self.build_seconds += time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _build(self, layer: int, ids: list[int], lens: list[int], his: list[int], S: int):
         """Host thread: train and encode every sequence of the batch for one layer."""
