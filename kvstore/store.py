@@ -407,6 +407,7 @@ class KVStore:
         plan, self._last_plan = self._last_plan, None
         if plan is None or plan.fresh is None or all(plan.written):
             return
+        self.hot.take_last_step()  # its logits are not all written: the policy does not observe this step
         skip = torch.tensor([not w for w in plan.written], device=self.device).view(1, -1, 1)
         undo = plan.fresh & skip
         drop = plan.new_page.bool() & skip

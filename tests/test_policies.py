@@ -513,3 +513,25 @@ def test_a_step_stopped_after_some_layers_leaves_no_empty_high_slot(then):
     assert seen == [0, 0, 1]
     store.release(batch.seq_ids)
     assert store.hot.pool.all_free()
+
+
+def test_leankv_does_not_observe_a_step_stopped_after_some_layers(monkeypatch):
+    """LeanKV's score update reads every layer's emitted logits of the last step at the next plan. Those of a
+    layer the stopped step never decoded were never written (the plan no longer fills them: each layer's
+    attention does): that step is not observed; the next complete one is."""
+    use = "always" if os.environ.get("TRITON_INTERPRET") == "1" else "never"
+    store = KVStore(_leankv_config(use_triton=use), _geometry())
+    batch = _PeakyDriver(store, [20, 13], seed=4)
+    batch.prefill()
+    seen = []
+    real = store.policy._observe_last_step
+    monkeypatch.setattr(store.policy, "_observe_last_step",
+                        lambda s, last: seen.append(None if last is None else last[0].tolist()) or real(s, last))
+    batch.step()
+    batch.step(layers=1)  # stopped after layer 0: its logits are dropped
+    batch.step()
+    batch.step()
+    ids = batch.seq_ids.tolist()
+    assert seen == [None, ids, None, ids]  # (none after the prefill) step 1's, not step 2's, step 3's
+    store.release(batch.seq_ids)
+    assert store.hot.pool.all_free()

@@ -310,7 +310,7 @@ class LeanKVPolicy(HotPolicy):
         # the table has not changed since that step's attention (this runs before the plan's page moves)
         pages = store.hot.table.virtual_pages(seq_ids, logits.shape[3], store.hot.tokens_per_page)  # [L, B, Hkv, W]
         # one kernel where the hot tier runs them (gpu_kernels/policy_scan.py), else the torch reference (which
-        # overwrites the logits in place: the buffer is the last step's, refilled by this plan's workspace)
+        # overwrites the logits in place: the buffer is the last step's, rewritten layer by layer by the next one)
         if store.hot.use_triton:
             from gpu_kernels.policy_scan import observe_scores
         else:

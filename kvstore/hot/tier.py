@@ -406,7 +406,10 @@ class HotTier:
         ws["width"] = vmax
         if emit_logits:  # per-token logits of every layer by virtual page, read by the policy at the next plan
             slots = max(self.tokens_per_page, self.low_tokens_per_page)
-            ws["logits_all"] = wsp.full("hot.logits_all", (L, B, Hq, vmax, slots), f32, float("-inf"))
+            # not filled here: each layer's attend fills its slice before the kernel writes its tokens (or the
+            # reference path copies it whole); a step abandoned before its last layer is not observed
+            # (`KVStore._undo_unwritten_slots` drops it): one fill of every layer's logits a step less
+            ws["logits_all"] = wsp.take("hot.logits_all", (L, B, Hq, vmax, slots), f32)
             ws["lse_all"] = wsp.full("hot.lse_all", (L, B, Hq), f32, float("-inf"))
         self.last_ws = (seq_ids, ws) if emit_logits else None  # the policy reads it at the next plan
         if not self.kernel_decode:
