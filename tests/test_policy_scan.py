@@ -69,3 +69,34 @@ def test_the_score_update_kernel_equals_the_reference(G, SL, max_slots):
     torch.testing.assert_close(got, want, rtol=2e-7 if dev == "cpu" else 1e-5, atol=0)
     assert torch.equal(got[0], score[0])  # the null page never changes
     assert not torch.equal(got, score)
+
+
+def test_the_score_update_kernel_looks_the_virtual_pages_up_in_the_page_table():
+    """`observe_scores(table=...)`: each virtual page's pool page found in the table by the kernel (high pages
+    from the left, low pages from the right end, the null page past them) equals the torch lookup
+    (`PageTable.virtual_pages`) fed to the reference."""
+    from gpu_kernels.policy_scan import observe_scores
+    from kvstore.hot.page_table import PageTable
+
+    dev = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
+    g = torch.Generator().manual_seed(5)
+    S, L, Hkv, G, tpp, SL, W = 5, 2, 2, 4, 4, 4, 7
+    table = PageTable(S, L, Hkv, torch.device(dev))
+    table.ensure_pages(9)
+    C = table.max_pages
+    P = S * L * Hkv * C + 1  # distinct pool pages for every table entry
+    ids = torch.randperm(P - 1, generator=g)[: S * L * Hkv * C].add_(1).to(torch.int32).view(S, L, Hkv, C)
+    table.pages.copy_(ids.to(dev))
+    table.num_tokens.copy_(torch.randint(0, 4 * tpp, (S, L, Hkv), generator=g, dtype=torch.int32).to(dev))
+    table.num_low_pages.copy_(torch.randint(0, 3, (S, L, Hkv), generator=g, dtype=torch.int32).to(dev))
+    seq_ids = torch.tensor([4, 1, 2], device=dev)
+    B, Hq = seq_ids.numel(), Hkv * G
+    logits = (torch.randn(L, B, Hq, W, SL, generator=g) * 3).to(dev)
+    lse = torch.logsumexp(logits.flatten(3), -1)
+    score = torch.rand(P, SL, generator=g).to(dev)
+    want = score.clone()
+    reference.observe_scores(logits.clone(), lse, table.virtual_pages(seq_ids, W, tpp), want)
+    got = score.clone()
+    observe_scores(logits, lse, None, got, table=(table.pages, table.num_tokens, table.num_low_pages, seq_ids, tpp))
+    torch.testing.assert_close(got, want, rtol=2e-7 if dev == "cpu" else 1e-5, atol=0)
+    assert not torch.equal(got, score)

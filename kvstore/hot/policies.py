@@ -308,13 +308,18 @@ class LeanKVPolicy(HotPolicy):
         seq_ids, ws = last
         logits, lse = ws["logits_all"], ws["lse_all"]  # [L, B, Hq, W, S] by virtual page, [L, B, Hq]
         # the table has not changed since that step's attention (this runs before the plan's page moves)
-        pages = store.hot.table.virtual_pages(seq_ids, logits.shape[3], store.hot.tokens_per_page)  # [L, B, Hkv, W]
-        # one kernel where the hot tier runs them (gpu_kernels/policy_scan.py), else the torch reference (which
-        # overwrites the logits in place: the buffer is the last step's, rewritten layer by layer by the next one)
-        if store.hot.use_triton:
+        t, tpp = store.hot.table, store.hot.tokens_per_page
+        if store.hot.use_triton:  # one kernel (gpu_kernels/policy_scan.py), the virtual pages looked up in it
             from gpu_kernels.policy_scan import observe_scores
-        else:
-            from gpu_kernels.reference import observe_scores
+
+            observe_scores(logits, lse, None, store.hot.pool.slot_score,
+                           table=(t.pages, t.num_tokens, t.num_low_pages, seq_ids, tpp))
+            return
+        # the torch reference (which overwrites the logits in place: the buffer is the last step's, rewritten
+        # layer by layer by the next one)
+        from gpu_kernels.reference import observe_scores
+
+        pages = t.virtual_pages(seq_ids, logits.shape[3], tpp)  # [L, B, Hkv, W]
         observe_scores(logits, lse, pages, store.hot.pool.slot_score)
 
     def plan(self, store, seq_ids, positions, last_step=None):
