@@ -411,9 +411,11 @@ class HotTier:
             # (`KVStore._undo_unwritten_slots` drops it): one fill of every layer's logits a step less
             ws["logits_all"] = wsp.take("hot.logits_all", (L, B, Hq, vmax, slots), f32)
             ws["lse_all"] = wsp.full("hot.lse_all", (L, B, Hq), f32, float("-inf"))
-        # the policy reads it at the next plan; the ids copied: a caller may refill its tensor before then (the
-        # engine's static batch rows, rewritten before each plan)
-        self.last_ws = (seq_ids.clone(), ws) if emit_logits else None
+        # the policy reads it at the next plan; the ids copied (into the workspace: the same address step after
+        # step, as a captured step's state must keep): a caller may refill its tensor before then (the engine's
+        # static batch rows, rewritten before each plan)
+        last_ids = wsp.take("hot.last_seq_ids", (B,), torch.int64).copy_(seq_ids) if emit_logits else None
+        self.last_ws = (last_ids, ws) if emit_logits else None
         if not self.kernel_decode:
             if self.low is None and not emit_logits and isinstance(self.high, FullFormat):
                 ws["ref"] = self._reference_buffers(seq_ids, num_pages, wsp)
