@@ -51,7 +51,7 @@ class Workspace:
         shape = tuple(shape)
         key = (name, shape, dtype)
         view = self._views.get(key)
-        if view is not None and view.shape == shape:  # (the same view as a step before: same buffer, same address)
+        if view is not None:  # the same view as a step before: same buffer, same address
             return view
         n = math.prod(shape)
         buf = self._flat.get(name)

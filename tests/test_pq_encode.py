@@ -93,7 +93,7 @@ def test_the_selector_codes_the_same_through_the_kernel_and_torch():
                 store.decode(0, plan, torch.randn(2, Hq, 1, d, generator=g), torch.randn(2, Hkv, 1, d, generator=g),
                              torch.randn(2, Hkv, 1, d, generator=g), d ** -0.5)
         sel = store.cold_path.selector
-        return sel.codes[0, ids, :, T:T + 3].clone(), sel._kernel_encode, plan.selection.ws
+        return sel.codes[0, ids, :, T:T + 3].clone(), sel._pq_kernels, plan.selection.ws
 
     got, kernel, ws = run("always")
     want, torch_path, _ = run("never")

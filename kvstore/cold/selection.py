@@ -239,7 +239,7 @@ class PQSelector(Selector):
         self.m, self.K, self.dsub = m, config.pq_centroids, d // m
         #: the new token's coding and the ADC tables as one kernel each (gpu_kernels/pq_encode.py, pq_score.py):
         #: Triton on, K and d/m powers of two
-        self._kernel_encode = self.use_triton and pow2(self.K) and pow2(self.dsub)
+        self._pq_kernels = self.use_triton and pow2(self.K) and pow2(self.dsub)
         self.folds_exclude = self.use_triton  # the scoring kernel's second pass skips the hot tokens
         L, H = geometry.num_layers, geometry.num_kv_heads
         self.codes = torch.zeros(L, 0, H, 0, m, dtype=torch.uint8, device=self.device)
@@ -355,13 +355,12 @@ class PQSelector(Selector):
         B, H, Hq, d = step.seq_ids.numel(), g.num_kv_heads, g.num_q_heads, g.head_dim
         m, K, ds = self.m, self.K, self.dsub
         f32 = torch.float32
-        if not self._kernel_encode:  # the torch path's coding of the new token
-            ws.update(x=wsp.take("pq.x", (B, H, d), f32), diff=wsp.take("pq.diff", (B, H, m, K, ds), f32),
-                      dist=wsp.take("pq.dist", (B, H, m, K), f32), code=wsp.take("pq.code", (B, H, m), torch.int64),
-                      code8=wsp.take("pq.code8", (B, H, m), torch.uint8))
         ws["table"] = wsp.take("pq.table", (B, Hq, m, K), f32)
-        if not self._kernel_encode:  # the torch path's centroids of the batch and ADC tables
+        if not self._pq_kernels:  # the torch path's coding of the new token, centroids of the batch, ADC tables
             ws.update(
+                x=wsp.take("pq.x", (B, H, d), f32), diff=wsp.take("pq.diff", (B, H, m, K, ds), f32),
+                dist=wsp.take("pq.dist", (B, H, m, K), f32), code=wsp.take("pq.code", (B, H, m), torch.int64),
+                code8=wsp.take("pq.code8", (B, H, m), torch.uint8),
                 cen16=wsp.take("pq.cen16", (B, H, m, K, ds), torch.float16),
                 cen=wsp.take("pq.cen", (B, H, m, K, ds), f32),
                 qperm=wsp.take("pq.qperm", (B, H, m, Hq // H, ds), f32),
@@ -381,7 +380,7 @@ class PQSelector(Selector):
         return ws["cen"].copy_(ws["cen16"])
 
     def append(self, layer, step, k_new):
-        if self._kernel_encode:  # one launch (gpu_kernels/pq_encode.py) where the torch path below is nine
+        if self._pq_kernels:  # one launch (gpu_kernels/pq_encode.py) where the torch path below is nine
             from gpu_kernels.pq_encode import pq_encode
 
             pq_encode(k_new, self.centroids[layer], step.seq_ids, step.positions, self.codes[layer])
@@ -396,7 +395,7 @@ class PQSelector(Selector):
 
     def scores(self, layer, step, q, scale):
         ws = self._ws(step)
-        if self._kernel_encode:  # one launch for the tables where the torch path below is five
+        if self._pq_kernels:  # one launch for the tables where the torch path below is five
             from gpu_kernels.pq_score import pq_tables
 
             table = pq_tables(q, self.centroids[layer], step.seq_ids, scale, out=ws["table"])
