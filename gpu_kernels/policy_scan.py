@@ -93,23 +93,21 @@ def lowest_mean_token(pages: torch.Tensor, limit: torch.Tensor, slot_pos: torch.
 @triton.jit(do_not_specialize=["rows", "W", "S", "SL", "stride_score", "B", "L", "C"])
 def _observe_kernel(logits_ptr, lse_ptr, pages_ptr, score_ptr, seq_ptr, ntok_ptr, nlow_ptr, rows, W, S, SL,
                     stride_score, B, L, C, HKV: tl.constexpr, G: tl.constexpr, BLOCK_W: tl.constexpr,
-                    BLOCK_S: tl.constexpr, TABLE: tl.constexpr, TPP: tl.constexpr):
+                    BLOCK_S: tl.constexpr, TPP: tl.constexpr):
     r = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)  # (layer, sequence, KV head, virtual page) rows
     inside = r < rows
     w = r % W
     lbh = r // W
     h = lbh % HKV
     lb = lbh // HKV  # layer * B + sequence
-    if TABLE:  # the virtual page's pool page from the page table (`PageTable.virtual_pages`, in the kernel)
-        seq = tl.load(seq_ptr + lb % B, mask=inside, other=0).to(tl.int64)
-        head = (seq * L + lb // B) * HKV + h  # the (sequence slot, layer, head) row of the table
-        n_hp = (tl.load(ntok_ptr + head, mask=inside, other=0) + TPP - 1) // TPP
-        n_lp = tl.load(nlow_ptr + head, mask=inside, other=0)
-        col = tl.where(w < n_hp, w, C - 1 - (w - n_hp))
-        col = tl.minimum(tl.maximum(col, 0), C - 1)
-        page = tl.load(pages_ptr + head * C + col, mask=inside & (w < n_hp + n_lp), other=0)
-    else:
-        page = tl.load(pages_ptr + r, mask=inside, other=0)
+    # the virtual page's pool page, from the page table (`PageTable.virtual_pages`, in the kernel)
+    seq = tl.load(seq_ptr + lb % B, mask=inside, other=0).to(tl.int64)
+    head = (seq * L + lb // B) * HKV + h  # the (sequence slot, layer, head) row of the table
+    n_hp = (tl.load(ntok_ptr + head, mask=inside, other=0) + TPP - 1) // TPP
+    n_lp = tl.load(nlow_ptr + head, mask=inside, other=0)
+    col = tl.where(w < n_hp, w, C - 1 - (w - n_hp))
+    col = tl.minimum(tl.maximum(col, 0), C - 1)
+    page = tl.load(pages_ptr + head * C + col, mask=inside & (w < n_hp + n_lp), other=0)
     live = inside & (page > 0)  # the null page (past a head's pages) gets nothing
     s = tl.arange(0, BLOCK_S)
     m = live[:, None] & (s < S)[None, :]
@@ -126,42 +124,33 @@ def _observe_kernel(logits_ptr, lse_ptr, pages_ptr, score_ptr, seq_ptr, ntok_ptr
     tl.store(at, tl.load(at, mask=m, other=0.0) + best, mask=m)
 
 
-def observe_scores(logits: torch.Tensor, lse: torch.Tensor, pages: torch.Tensor, slot_score: torch.Tensor,
-                   table: tuple | None = None) -> None:
+def observe_scores(logits: torch.Tensor, lse: torch.Tensor, table: tuple, slot_score: torch.Tensor) -> None:
     """`reference.observe_scores` in one launch: the logits read once (the torch ops made five passes over
     them, ~0.6 GB each at 32K x 4 on the 32-layer shape), each live page's slots updated by the program
     that owns it (a page belongs to one (sequence, layer, head): no atomics). logits are left as they are.
 
     table: (pages int32 [S, L, Hkv, C], num_tokens int32 [S, L, Hkv], num_low_pages int32 [S, L, Hkv], seq_ids
-    int [B], tokens_per_page), all contiguous: the virtual pages are looked up in the page table by the kernel
-    (`PageTable.virtual_pages`, ~19 ops and a gather of the batch's tables otherwise); `pages` is then not
-    read (None)."""
+    int [B], tokens_per_page), contiguous: the page table the virtual pages are looked up in, in the kernel
+    (where the reference takes `PageTable.virtual_pages`' [L, B, Hkv, W]: ~19 ops and a gather of the batch's
+    tables)."""
     L, B, Hq, W, SL = logits.shape
-    Hkv = table[0].shape[2] if table is not None else pages.shape[2]
-    if table is not None:
-        tpages, ntok, nlow, seq_ids, tpp = table
-        if (tpages.dim() != 4 or tpages.shape[1:3] != (L, Hkv) or ntok.shape != tpages.shape[:3]
-                or nlow.shape != ntok.shape or seq_ids.shape != (B,)
-                or not all(t.is_contiguous() for t in (tpages, ntok, nlow, seq_ids))):
-            raise ValueError(f"observe_scores: table pages [S, {L}, {Hkv}, C], counts [S, {L}, {Hkv}] and seq_ids "
-                             f"[{B}] contiguous expected; got {tuple(tpages.shape)}, {tuple(ntok.shape)}, "
-                             f"{tuple(seq_ids.shape)}")
-        pages = tpages  # (read through the table's rows)
-    elif pages.shape != (L, B, Hkv, W):
-        raise ValueError(f"observe_scores: pages [L, B, Hkv, W] = {(L, B, Hkv, W)} expected, got {tuple(pages.shape)}")
-    if Hq % Hkv or lse.shape != (L, B, Hq):
-        raise ValueError(f"observe_scores: logits [L, B, Hq, W, S], lse [L, B, Hq], pages [L, B, Hkv, W] expected; "
-                         f"got {tuple(logits.shape)}, {tuple(lse.shape)}, {tuple(pages.shape)}")
-    if not (logits.is_contiguous() and lse.is_contiguous() and pages.is_contiguous()) or slot_score.stride(1) != 1:
-        raise ValueError("observe_scores: contiguous logits, lse and pages, and slot_score with unit stride along slots")
+    pages, ntok, nlow, seq_ids, tpp = table
+    Hkv = pages.shape[2]
+    if (pages.dim() != 4 or pages.shape[1] != L or ntok.shape != pages.shape[:3] or nlow.shape != ntok.shape
+            or seq_ids.shape != (B,) or Hq % Hkv or lse.shape != (L, B, Hq)):
+        raise ValueError(f"observe_scores: logits [L, B, Hq, W, S], lse [L, B, Hq], table pages [S, L, Hkv, C] "
+                         f"and counts [S, L, Hkv], seq_ids [B] expected; got {tuple(logits.shape)}, "
+                         f"{tuple(lse.shape)}, {tuple(pages.shape)}, {tuple(ntok.shape)}, {tuple(seq_ids.shape)}")
+    if not all(t.is_contiguous() for t in (logits, lse, pages, ntok, nlow, seq_ids)) or slot_score.stride(1) != 1:
+        raise ValueError("observe_scores: contiguous logits, lse and table, and slot_score with unit stride along "
+                         "slots")
     S = min(SL, slot_score.shape[1])
     rows = L * B * Hkv * W
     if rows == 0 or S == 0:
         return
     block_w = 8
-    t = table if table is not None else (None, pages, pages, pages, 1)
     _observe_kernel[(triton.cdiv(rows, block_w),)](
-        logits, lse, pages, slot_score, t[3], t[1], t[2], rows, W, S, SL, slot_score.stride(0), B, L,
-        pages.shape[-1], HKV=Hkv, G=Hq // Hkv, BLOCK_W=block_w, BLOCK_S=triton.next_power_of_2(S),
-        TABLE=table is not None, TPP=t[4], num_warps=4,
+        logits, lse, pages, slot_score, seq_ids, ntok, nlow, rows, W, S, SL, slot_score.stride(0), B, L,
+        pages.shape[-1], HKV=Hkv, G=Hq // Hkv, BLOCK_W=block_w, BLOCK_S=triton.next_power_of_2(S), TPP=tpp,
+        num_warps=4,
     )

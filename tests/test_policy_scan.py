@@ -45,58 +45,39 @@ def test_the_kernel_equals_the_reference_bit_for_bit(from_end, ties, width):
 
 @pytest.mark.parametrize("G,SL,max_slots", [(4, 16, 16), (1, 32, 16), (2, 8, 12)])
 def test_the_score_update_kernel_equals_the_reference(G, SL, max_slots):
-    """LeanKV's score update (`observe_scores`): one pass over the emitted logits against the torch ops."""
-    from gpu_kernels.policy_scan import observe_scores
-
-    dev = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
-    g = torch.Generator().manual_seed(G * 100 + SL)
-    L, B, Hkv, W, P = 2, 3, 2, 5, 80
-    Hq = Hkv * G
-    logits = torch.randn(L, B, Hq, W, SL, generator=g) * 3
-    logits[torch.rand(logits.shape, generator=g) < 0.3] = float("-inf")  # empty slots
-    lse = torch.logsumexp(logits.flatten(3), -1)
-    lse[0, 0, 0] = float("-inf")  # a head with no token: -inf - -inf is NaN, which scores 0
-    logits[0, 0, 0] = float("-inf")
-    pages = torch.randperm(P - 1, generator=g)[: L * B * Hkv * W].add_(1).view(L, B, Hkv, W)  # distinct, > 0
-    pages[torch.rand(pages.shape, generator=g) < 0.25] = 0  # null pages: past a head's pages
-    score = torch.rand(P, max_slots, generator=g)
-    logits, lse, pages, score = (t.to(dev) for t in (logits, lse, pages, score))
-    want = score.clone()
-    reference.observe_scores(logits.clone(), lse, pages, want)
-    got = score.clone()
-    observe_scores(logits, lse, pages, got)
-    # the interpreter's exp and torch's differ by at most an ulp; the GPU's tl.exp (ex2.approx) by a few
-    torch.testing.assert_close(got, want, rtol=2e-7 if dev == "cpu" else 1e-5, atol=0)
-    assert torch.equal(got[0], score[0])  # the null page never changes
-    assert not torch.equal(got, score)
-
-
-def test_the_score_update_kernel_looks_the_virtual_pages_up_in_the_page_table():
-    """`observe_scores(table=...)`: each virtual page's pool page found in the table by the kernel (high pages
-    from the left, low pages from the right end, the null page past them) equals the torch lookup
-    (`PageTable.virtual_pages`) fed to the reference."""
+    """LeanKV's score update (`observe_scores`): one pass over the emitted logits against the torch ops, each
+    virtual page's pool page found in the page table by the kernel (high pages from the left, low pages from the
+    right end, the null page past them and where a table entry is 0) as `PageTable.virtual_pages` finds it."""
     from gpu_kernels.policy_scan import observe_scores
     from kvstore.hot.page_table import PageTable
 
     dev = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
-    g = torch.Generator().manual_seed(5)
-    S, L, Hkv, G, tpp, SL, W = 5, 2, 2, 4, 4, 4, 7
+    g = torch.Generator().manual_seed(G * 100 + SL)
+    S, L, Hkv, W, tpp = 5, 2, 2, 5, 4
+    Hq = Hkv * G
     table = PageTable(S, L, Hkv, torch.device(dev))
     table.ensure_pages(9)
     C = table.max_pages
     P = S * L * Hkv * C + 1  # distinct pool pages for every table entry
     ids = torch.randperm(P - 1, generator=g)[: S * L * Hkv * C].add_(1).to(torch.int32).view(S, L, Hkv, C)
+    ids[torch.rand(ids.shape, generator=g) < 0.1] = 0  # null entries inside a head's pages too
     table.pages.copy_(ids.to(dev))
     table.num_tokens.copy_(torch.randint(0, 4 * tpp, (S, L, Hkv), generator=g, dtype=torch.int32).to(dev))
     table.num_low_pages.copy_(torch.randint(0, 3, (S, L, Hkv), generator=g, dtype=torch.int32).to(dev))
     seq_ids = torch.tensor([4, 1, 2], device=dev)
-    B, Hq = seq_ids.numel(), Hkv * G
-    logits = (torch.randn(L, B, Hq, W, SL, generator=g) * 3).to(dev)
+    B = seq_ids.numel()
+    logits = torch.randn(L, B, Hq, W, SL, generator=g) * 3
+    logits[torch.rand(logits.shape, generator=g) < 0.3] = float("-inf")  # empty slots
     lse = torch.logsumexp(logits.flatten(3), -1)
-    score = torch.rand(P, SL, generator=g).to(dev)
+    lse[0, 0, 0] = float("-inf")  # a head with no token: -inf - -inf is NaN, which scores 0
+    logits[0, 0, 0] = float("-inf")
+    score = torch.rand(P, max_slots, generator=g)
+    logits, lse, score = (t.to(dev) for t in (logits, lse, score))
     want = score.clone()
     reference.observe_scores(logits.clone(), lse, table.virtual_pages(seq_ids, W, tpp), want)
     got = score.clone()
-    observe_scores(logits, lse, None, got, table=(table.pages, table.num_tokens, table.num_low_pages, seq_ids, tpp))
+    observe_scores(logits, lse, (table.pages, table.num_tokens, table.num_low_pages, seq_ids, tpp), got)
+    # the interpreter's exp and torch's differ by at most an ulp; the GPU's tl.exp (ex2.approx) by a few
     torch.testing.assert_close(got, want, rtol=2e-7 if dev == "cpu" else 1e-5, atol=0)
+    assert torch.equal(got[0], score[0])  # the null page never changes
     assert not torch.equal(got, score)

@@ -254,7 +254,7 @@ def compile_step_kernels(arch: int = 90) -> list[str]:
     cases.append(("LeanKV score update (page table)", policy_scan._observe_kernel,
                   {"logits_ptr": "*fp32", "lse_ptr": "*fp32", "pages_ptr": "*i32", "score_ptr": "*fp32",
                    "seq_ptr": "*i64", "ntok_ptr": "*i32", "nlow_ptr": "*i32"},
-                  dict(HKV=8, G=4, BLOCK_W=8, BLOCK_S=64, TABLE=True, TPP=32), (), 4))
+                  dict(HKV=8, G=4, BLOCK_W=8, BLOCK_S=64, TPP=32), (), 4))
     cases.append(("PQ coding of the new token", pq_encode._encode_kernel,
                   {"k_ptr": "*bf16", "cen_ptr": "*fp16", "seq_ptr": "*i64", "pos_ptr": "*i64", "codes_ptr": "*u8"},
                   dict(H=8, M=2, K=64, DSUB=64), (), 4))

@@ -312,8 +312,8 @@ class LeanKVPolicy(HotPolicy):
         if store.hot.use_triton:  # one kernel (gpu_kernels/policy_scan.py), the virtual pages looked up in it
             from gpu_kernels.policy_scan import observe_scores
 
-            observe_scores(logits, lse, None, store.hot.pool.slot_score,
-                           table=(t.pages, t.num_tokens, t.num_low_pages, seq_ids, tpp))
+            observe_scores(logits, lse, (t.pages, t.num_tokens, t.num_low_pages, seq_ids, tpp),
+                           store.hot.pool.slot_score)
             return
         # the torch reference (which overwrites the logits in place: the buffer is the last step's, rewritten
         # layer by layer by the next one)
