@@ -79,21 +79,24 @@ def test_the_selector_codes_the_same_through_the_kernel_and_torch():
         L, Hq, Hkv, d, dtype = 1, 4, 2, 32, torch.float32
         config = KVStoreConfig.preset("pqcache", use_triton=use_triton, page_size=16, kmeans_iters=4, sink_tokens=4,
                                       window_tokens=16, budget_fraction=0.25, gpu_cache_tokens=32)
-        store = KVStore(config, ModelGeometry(L, Hq, Hkv, d, dtype, torch.device("cpu")))
+        dev = torch.device(_device())  # compiled kernels on a GPU, the interpreter on a CPU
+        store = KVStore(config, ModelGeometry(L, Hq, Hkv, d, dtype, dev))
         store.cold_path.async_fetch = False
         g = torch.Generator().manual_seed(3)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=g).to(dev)
+
         T = 160
         ids = store.add_sequences(2)
-        valid = torch.ones(2, T, dtype=torch.bool)
+        valid = torch.ones(2, T, dtype=torch.bool, device=dev)
         with torch.no_grad():
-            store.prefill(0, ids, torch.randn(2, Hq, T, d, generator=g), torch.randn(2, Hkv, T, d, generator=g),
-                          torch.randn(2, Hkv, T, d, generator=g), valid, d ** -0.5)
+            store.prefill(0, ids, randn(2, Hq, T, d), randn(2, Hkv, T, d), randn(2, Hkv, T, d), valid, d ** -0.5)
             for _ in range(3):
                 plan = store.plan(ids)
-                store.decode(0, plan, torch.randn(2, Hq, 1, d, generator=g), torch.randn(2, Hkv, 1, d, generator=g),
-                             torch.randn(2, Hkv, 1, d, generator=g), d ** -0.5)
+                store.decode(0, plan, randn(2, Hq, 1, d), randn(2, Hkv, 1, d), randn(2, Hkv, 1, d), d ** -0.5)
         sel = store.cold_path.selector
-        return sel.codes[0, ids, :, T:T + 3].clone(), sel._pq_kernels, plan.selection.ws
+        return sel.codes[0, ids, :, T:T + 3].cpu(), sel._pq_kernels, plan.selection.ws
 
     got, kernel, ws = run("always")
     want, torch_path, _ = run("never")
