@@ -235,6 +235,9 @@ def test_profile_step_writes_the_profile_of_each_method(tmp_path, capsys):
     with pytest.raises(SystemExit):
         profile_step.main(["--methods", "hf", "--out", str(tmp_path)])
     assert "hf has no engine" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --budget as throughput takes it, checked before any model is built
+        profile_step.main(["--methods", "tiered", "--budget", "-1", "--out", str(tmp_path)])
+    assert "budget" in capsys.readouterr().err
 
 
 def test_hot_attend_times_each_presets_hot_tier_and_reports_its_pages(tmp_path, capsys):

@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=_positive, default=4)
     p.add_argument("--methods", type=_csv, default=["quant", "pqcache", "tiered"],
                    help="kvstore presets or suite methods, with options as in kvstore-bench throughput")
+    p.add_argument("--budget", default=None,
+                   help="token budget of the methods that select (pqcache, tiered, ...), as in kvstore-bench "
+                        "throughput: a fraction of the prompt (0.05) or a token count; default the suite's 0.2")
     p.add_argument("--steps", type=_positive, default=8, help="decode steps profiled")
     p.add_argument("--warmup", type=_positive, default=3, help="decode steps before profiling (captures)")
     p.add_argument("--device", default="auto")
@@ -58,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from benchmarks.perf import throughput
 
     try:
-        args.method_specs = throughput.parse_methods(args.methods)
+        args.method_specs = throughput.parse_methods(args.methods, args.budget)
         if any(m.is_hf for m in args.method_specs):
             raise ValueError("hf has no engine to profile; use kvstore-bench throughput")
         ns = argparse.Namespace(model=args.model, layers=args.layers, lengths=args.length,
