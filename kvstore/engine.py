@@ -35,7 +35,10 @@ On CUDA the decode step is captured in a CUDA graph and replayed, up to `max_bat
 (one per batch size and widths seen), so a step seen before replays (kvstore/cuda_graph.py: which
 stores qualify, what a replay reads; `warmup` captures every batch size ahead of traffic);
 elsewhere, or where the store cannot be captured, it runs eagerly (every op launched from
-Python). The engine logs which path runs (`decode_path`).
+Python). The engine logs which path runs (`decode_path`). With `overlap` (on CUDA, for the presets
+whose steps can be taken back) step t+1 is planned and launched before the host reads step t's
+tokens (the device feeds them to it), so the host's work between steps runs while the device
+computes; a step launched for a batch that then changes is taken back (`KVStore.cancel`).
 `KVStoreClient.attach(model)` + `model.generate()` stays the compatible path.
 """
 
@@ -100,6 +103,27 @@ class _Request:
     def length(self) -> int:
         """Tokens the store holds for this request once its last token is written."""
         return len(self.prompt) + len(self.tokens)
+
+
+@dataclass
+class _Launched:
+    """A step's tokens sampled on the device, not yet read by the host (`Engine._accept` reads them).
+
+    reqs: its rows' requests. plan and inputs (sequence slots, token ids, positions on the device):
+    a decode step's, None for a prefill's first token. host/event: where the tokens are copied to
+    pinned host memory and the event after that copy (CUDA; the host waits for that step only)."""
+
+    reqs: list[_Request]
+    tok: torch.Tensor
+    logp: torch.Tensor | None
+    plan: Any = None
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    host: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    event: Any = None
+
+    @property
+    def rids(self) -> list[int]:
+        return [r.rid for r in self.reqs]
 
 
 def _cache_classes():
@@ -189,10 +213,14 @@ class Engine:
             start .. start + T - 1), and `recorder.step(request_ids, k, v, q)` each decode step's
             after the step (k, v [L, B, Hkv, d], q [L, B, Hq, d]; buffers the next step rewrites,
             written inside a captured step too). None: nothing is recorded.
+        overlap: plan and launch decode step t+1 before the host reads step t's tokens, so the
+            plan's host work runs while the device computes (`decode_step`). None (default): on
+            CUDA. Takes effect where a step can be taken back (`KVStore.cancellable`: full, quant).
     """
 
     def __init__(self, model: Any, config: KVStoreConfig | str | None = None, *, tokenizer: Any = None,
-                 max_batch: int = 32, seed: int = 0, cuda_graphs: bool | None = None, recorder: Any = None):
+                 max_batch: int = 32, seed: int = 0, cuda_graphs: bool | None = None, recorder: Any = None,
+                 overlap: bool | None = None):
         if config is None:
             config = KVStoreConfig.preset("full")
         elif isinstance(config, str):
@@ -238,6 +266,12 @@ class Engine:
         #: the least width of a step's attention (pages) and selection (tokens), set by `warmup`
         self._floor_pages = self._floor_select = 0
         self._plan = None  # the last step's plan
+        #: plan and launch step t+1 before reading step t's tokens (default: on CUDA). Only where a step
+        #: can be taken back (`KVStore.cancellable`: the hot tier keeps every token, no cold path)
+        self.overlap = (self.device.type == "cuda") if overlap is None else bool(overlap)
+        self._ahead: _Launched | None = None  # the step launched ahead, its tokens not read yet
+        #: steps launched ahead and then taken back (their batch changed: a request finished or joined)
+        self.cancelled_steps = 0
         self.decode_path = "cuda-graph" if self.graphs is not None else "eager"
         say = logger.info if self.device.type == "cuda" else logger.debug  # on a CPU there is no choice to report
         say("engine: %s preset, max batch %d, decode step: %s", self.config.name, max_batch,
@@ -297,6 +331,7 @@ class Engine:
         """Drop an unfinished request (its client went away): a waiting one leaves the queue, a
         running one's pages go back to the pool at once. False if it is not waiting or running."""
         self._check_open()
+        self._settle()
         for r in self.waiting:
             if r.rid == request_id:
                 self.waiting.remove(r)
@@ -332,6 +367,7 @@ class Engine:
         from kvstore.adapters.transfer import exportable
 
         self._check_open()
+        self._settle()
         B, g = len(prompts), len(tokens[0]) if tokens else 0
         geo = self.store.geometry
         if keys.dim() != 5:
@@ -415,6 +451,7 @@ class Engine:
         outputs: list[StepOutput] = []
         take = list(self.waiting)[: max(0, self.max_batch - len(self.running))]
         if take:
+            self._settle()  # a step launched ahead is for the batch without them (cancelled before the prefill)
             chunk = self.config.prefill_chunk_tokens
             held = [r for r in take if self.config.hot_policy == "all"
                     or (self.config.chunked_prefill and len(r.prompt) > chunk)]
@@ -439,7 +476,15 @@ class Engine:
     @torch.no_grad()
     def decode_step(self, request_ids: Iterable[int] | None = None) -> list[StepOutput]:
         """One decode step of every running request (one forward of [B, 1]), or of the running
-        requests `request_ids` in that order (the others wait a step); their next tokens."""
+        requests `request_ids` in that order (the others wait a step); their next tokens.
+
+        With `overlap` (on CUDA), step t+1 of the same batch is planned and launched before the host
+        reads step t's tokens (the device samples them and feeds them to t+1 itself), so the plan's
+        host work runs while the device computes, and this call returns step t's tokens. Where a
+        request then finishes (or joins, or a subset is stepped), the step launched ahead is taken
+        back (`KVStore.cancel`) and planned again for the new batch: the tokens are the same either
+        way. Only for stores whose steps can be taken back (`KVStore.cancellable`); without a
+        recorder or forced tokens; not while a waiting request is about to be admitted."""
         self._check_open()
         if request_ids is None:
             batch = self.running
@@ -450,13 +495,47 @@ class Engine:
             if missing or len(set(ids)) != len(ids):
                 raise ValueError(f"decode_step: request {missing[0] if missing else ids} is not running once")
             batch = [by_id[i] for i in ids]
+        step = self._ahead
+        if step is not None and (request_ids is not None or step.rids != [r.rid for r in batch]):
+            self._settle()  # launched for another batch: taken back, planned again below
+            step = None
+        self._ahead = None
         if not batch:
             return []
-        logits = self._decode(batch)
-        with torch.profiler.record_function("kvstore.sample"):  # waits for the step's kernels, then samples
-            outputs = self._take(logits, batch)
+        if step is None:
+            step = self._launch(batch)
+        ahead = self._launch(batch, after=step) if request_ids is None and self._can_overlap(batch) else None
+        with torch.profiler.record_function("kvstore.sample"):  # waits for the step's tokens
+            outputs = self._accept(step, release=ahead is None)
+        if ahead is not None:
+            if any(r.finish_reason is not None for r in batch):  # planned for a batch that just changed
+                self._ahead = ahead
+                self._settle()
+                for r in batch:
+                    if r.finish_reason is not None:
+                        self._release(r)
+            else:
+                self._ahead = ahead
         self.running = [r for r in self.running if r.finish_reason is None]
         return outputs
+
+    def _can_overlap(self, batch: list[_Request]) -> bool:
+        """Whether the step after this one may be launched before this one's tokens are read: the
+        same rows will run it (none ends by length at this step, no admission is due), and a wrong
+        guess can be taken back."""
+        if not self.overlap or self.recorder is not None or not self.store.cancellable:
+            return False
+        if self.waiting and len(self.running) < self.max_batch:
+            return False
+        return all(not r.forced and len(r.tokens) + 1 < r.params.max_new_tokens for r in batch)
+
+    def _settle(self) -> None:
+        """Take back the step launched ahead, if any (`KVStore.cancel`): before the store is changed
+        otherwise (a prefill, an abort, a restore, a close) or when its batch changed."""
+        step, self._ahead = self._ahead, None
+        if step is not None:
+            self.store.cancel(step.plan)
+            self.cancelled_steps += 1
 
     def _prefill(self, req: _Request) -> torch.Tensor:
         """The request's prompt into the store (its own sequence); logits [1, V] of its last token."""
@@ -509,23 +588,50 @@ class Engine:
             return self._floor_pages or None
         return max(self._floor_pages, *(self._pages_needed(r) for r in batch))
 
-    def _make_plan(self, batch: list[_Request], seq_ids: torch.Tensor):
+    def _make_plan(self, batch: list[_Request], seq_ids: torch.Tensor, positions: list[int] | None = None):
         with torch.profiler.record_function("kvstore.plan"):  # a range that profiles (profile_step) attribute by
             self._plan = self.store.plan(seq_ids, pages_hint=self._pages_hint(batch),
-                                         select_hint=self._floor_select or None)
+                                         select_hint=self._floor_select or None, host_positions=positions)
         return self._plan
 
-    def _decode(self, batch: list[_Request]) -> torch.Tensor:
-        """One step of every request in `batch`: logits [B, V] of their next tokens."""
-        rows = torch.tensor([[r.seq_id, r.tokens[-1], r.length - 1] for r in batch], dtype=torch.int64)
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the engine's device without waiting for the device's queue (pinned, async)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _launch(self, batch: list[_Request], after: _Launched | None = None) -> _Launched:
+        """Plan, run and sample one decode step of `batch`; the host reads its tokens later (`_accept`).
+        after: the step launched just before, same rows, whose tokens (still on the device) this step
+        feeds: a step launched ahead of the host reading them (`decode_step`)."""
+        ahead = 0 if after is None else 1
+        positions = [r.length - 1 + ahead for r in batch]  # the store's length of each sequence before the step
+        if after is None:
+            rows = torch.tensor([[r.seq_id, r.tokens[-1], p] for r, p in zip(batch, positions)], dtype=torch.int64)
+            staged = self._to_device(rows)
+        else:
+            seq_ids, _, pos = after.inputs
+            staged = torch.stack([seq_ids, after.tok, pos + 1], 1)
+        try:
+            logits, inputs = self._decode(batch, staged, positions)
+            tok, logp = self._sample(logits, batch, ahead)
+        except BaseException:
+            if after is not None and self._plan is not None and self._plan.step_id == self.store._plan_id:
+                self.store.cancel(self._plan)  # the step ahead leaves nothing behind
+            raise
+        return self._launched(batch, tok, logp, plan=self._plan, inputs=inputs)
+
+    def _decode(self, batch: list[_Request], staged: torch.Tensor, positions: list[int]):
+        """One step of every request in `batch` from its rows [B, 3] on the device (sequence slot,
+        token id, position): logits [B, V] of their next tokens, and the step's inputs."""
         record = self._record_buffers(len(batch)) if self.recorder is not None else None
         if self.graphs is not None:
-            logits = self._decode_graph(batch, rows, record)
+            logits, inputs = self._decode_graph(batch, staged, positions, record)
         else:
-            logits = self._decode_eager(batch, rows, record)
+            logits, inputs = self._decode_eager(batch, staged, positions, record)
         if record is not None and batch[0].rid >= 0:  # (warmup's dummies have negative ids: not recorded)
             self.recorder.step([r.rid for r in batch], *record)
-        return logits
+        return logits, inputs
 
     def _record_buffers(self, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Where a step of B rows copies its attention inputs (fixed per B: a captured step writes them)."""
@@ -538,29 +644,28 @@ class Engine:
                                             device=self.device))
         return self._records[B]
 
-    def _decode_eager(self, batch: list[_Request], rows: torch.Tensor, record) -> torch.Tensor:
-        seq_ids, tokens, pos = rows.to(self.device).unbind(1)
+    def _decode_eager(self, batch: list[_Request], staged: torch.Tensor, positions: list[int], record):
+        seq_ids, tokens, pos = staged.unbind(1)
         seq_ids = seq_ids.contiguous()
         # the same plan as the graph path (buffers sized for the widest table the batch reaches):
         # the same kernel launch, so eager and graph steps give the same bits
-        plan = self._make_plan(batch, seq_ids)
+        plan = self._make_plan(batch, seq_ids, positions)
         cache = self._decode_cache(self.store, seq_ids, plan, record)
         out = self.model(input_ids=tokens.view(-1, 1), position_ids=pos.view(-1, 1), use_cache=True,
                          logits_to_keep=1, **{self._cache_arg: cache})
-        return out.logits[:, -1]
+        return out.logits[:, -1], (seq_ids, tokens, pos)
 
-    def _decode_graph(self, batch: list[_Request], rows: torch.Tensor, record) -> torch.Tensor:
+    def _decode_graph(self, batch: list[_Request], staged: torch.Tensor, positions: list[int], record):
         """The step through the batch size's CUDA graph: static inputs filled, the plan made on
         the host (sized for the widest table the running requests reach), then one replay."""
         B = len(batch)
         if B not in self._static:
             self._static[B] = tuple(torch.zeros(B, dtype=torch.int64, device=self.device) for _ in range(3))
         seq_ids, tokens, pos = self._static[B]
-        staged = rows.to(self.device)
         seq_ids.copy_(staged[:, 0])
         tokens.copy_(staged[:, 1])
         pos.copy_(staged[:, 2])
-        plan = self._make_plan(batch, seq_ids)
+        plan = self._make_plan(batch, seq_ids, positions)
         cache = self._decode_cache(self.store, seq_ids, plan, record)
 
         def forward(p):
@@ -569,29 +674,64 @@ class Engine:
             return out.logits[:, -1]
 
         try:
-            return self.graphs.run(plan, (seq_ids, tokens, pos), forward)
+            return self.graphs.run(plan, (seq_ids, tokens, pos), forward), (seq_ids, tokens, pos)
         except Exception as exc:  # noqa: BLE001 - capture is an optimization: fall back, say so once
             logger.warning("engine: CUDA graph capture failed at %s (%s: %s); decoding eagerly from here",
                            _innermost_frame(exc), type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             logger.debug("engine: the capture's traceback", exc_info=exc)
             self.graphs, self.decode_path = None, "eager"
             torch.cuda.synchronize(self.device)
-            return forward(plan)  # the same plan again: a layer rewrites its token, then attends
+            return forward(plan), (seq_ids, tokens, pos)  # the same plan again: a layer rewrites its token, then attends
+
+    def _sample(self, logits: torch.Tensor, reqs: list[_Request], ahead: int = 0):
+        """The next token of each request on the device (row i of logits is reqs[i]): nothing read back.
+        ahead: 1 for a step launched before the host has the step before's tokens (one more each)."""
+        ps = [r.params for r in reqs]
+        V = logits.shape[-1]
+        hot = [i for i, p in enumerate(ps) if p.temperature > 0]  # the sampled rows, known here
+        filtered = any(0 < ps[i].top_k < V or ps[i].top_p < 1 for i in hot)
+        # one host-to-device copy per dtype, not one per field
+        floats = self._to_device(torch.tensor([[p.temperature, p.top_p] for p in ps], dtype=torch.float32))
+        ints = self._to_device(torch.tensor([p.top_k for p in ps] + [r.seed for r in reqs]
+                                            + [len(r.tokens) + ahead for r in reqs] + hot, dtype=torch.int64))
+        B = len(reqs)
+        top_k, seeds, steps, rows = ints[:B], ints[B:2 * B], ints[2 * B:3 * B], ints[3 * B:]
+        temp, top_p = floats.unbind(1)
+        want = any(p.logprobs for p in ps)
+        return sample(logits, temp, top_k, top_p, seeds, steps, want_logprobs=want, rows=rows, filtered=filtered)
+
+    def _launched(self, reqs: list[_Request], tok: torch.Tensor, logp: torch.Tensor | None, **kw) -> _Launched:
+        """The record of sampled tokens; on CUDA their copy to pinned host memory is started, and an
+        event marks its end (the host then waits for this step, not for what was queued after it)."""
+        step = _Launched(reqs, tok, logp, **kw)
+        if self.device.type == "cuda":
+            host_tok = torch.empty(tok.shape, dtype=tok.dtype, pin_memory=True)
+            host_tok.copy_(tok, non_blocking=True)
+            host_logp = None
+            if logp is not None:
+                host_logp = torch.empty(logp.shape, dtype=logp.dtype, pin_memory=True)
+                host_logp.copy_(logp, non_blocking=True)
+            step.host = (host_tok, host_logp)
+            step.event = torch.cuda.Event()
+            step.event.record()
+        return step
 
     def _take(self, logits: torch.Tensor, reqs: list[_Request]) -> list[StepOutput]:
         """Sample the next token of each request (row i of logits is reqs[i]); record and finish."""
-        ps = [r.params for r in reqs]
-        # one host-to-device copy per dtype, not one per field
-        floats = torch.tensor([[p.temperature, p.top_p] for p in ps], dtype=torch.float32).to(logits.device)
-        ints = torch.tensor([[p.top_k, r.seed, len(r.tokens)] for p, r in zip(ps, reqs)], dtype=torch.int64)
-        top_k, seeds, steps = ints.to(logits.device).unbind(1)
-        temp, top_p = floats.unbind(1)
-        want = any(p.logprobs for p in ps)
-        tok, logp = sample(logits, temp, top_k, top_p, seeds, steps, want_logprobs=want)
+        return self._accept(self._launched(reqs, *self._sample(logits, reqs)))
+
+    def _accept(self, step: _Launched, release: bool = True) -> list[StepOutput]:
+        """The host's side of a step's tokens: wait for them, then record each, finish the requests that
+        end (their pages freed here unless `release` is False: the caller frees them)."""
+        if step.event is not None:
+            step.event.synchronize()
+            tok, logp = step.host
+        else:
+            tok, logp = step.tok, step.logp
         tok = tok.tolist()
         logp = logp.tolist() if logp is not None else None
         outs = []
-        for i, r in enumerate(reqs):
+        for i, r in enumerate(step.reqs):
             t = tok[i]
             if len(r.tokens) < len(r.forced):  # teacher forcing: the recorded token, whatever was sampled
                 t, own = r.forced[len(r.tokens)], t
@@ -602,7 +742,7 @@ class Engine:
                 r.logprobs.append(lp)
             self._check_finished(r)
             outs.append(StepOutput(r.rid, t, lp, r.finish_reason is not None, r.finish_reason))
-            if r.finish_reason is not None:
+            if r.finish_reason is not None and release:
                 self._release(r)
         return outs
 
@@ -671,7 +811,7 @@ class Engine:
             # one step over all of them (eagerly: no graph at a width about to change) sets the floors
             graphs, self.graphs = self.graphs, None
             try:
-                self._take(self._decode(dummies), dummies)
+                self._accept(self._launch(dummies))
             finally:
                 self.graphs = graphs
             plan, hot = self._plan, self.store.hot
@@ -684,7 +824,7 @@ class Engine:
                 ret = self.store.cold_path.ret_tokens_per_page if self.store.cold_path is not None else 0
                 self._floor_pages = plan.hot_ws["width"] + grow + (-(-self._floor_select // ret) if ret else 0)
             for b in range(n, 0, -1):  # every batch size once, at the floors
-                self._take(self._decode(dummies[:b]), dummies[:b])
+                self._accept(self._launch(dummies[:b]))
         finally:
             for r in dummies:
                 self._release(r)
@@ -749,6 +889,7 @@ class Engine:
         """Drop every request, free every page and detach from the model (restored exactly)."""
         if self.closed:
             return
+        self._settle()
         for r in self.running:
             self._release(r)
         self.running, self.waiting = [], deque()

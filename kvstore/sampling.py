@@ -98,24 +98,34 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, steps: torch.Tensor, want_logprobs: bool = False
+           seeds: torch.Tensor, steps: torch.Tensor, want_logprobs: bool = False, *,
+           rows: torch.Tensor | None = None, filtered: bool | None = None
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Next tokens of a batch. logits [B, V] (any float dtype; computed in fp32).
 
     temperature, top_p: float [B]; top_k, seeds, steps: int64 [B] (per row, on logits' device).
+    rows, filtered: where the caller knows them from the requests' parameters on the host, the
+    sampled rows (int64, those with temperature > 0) and whether any of them keeps only a top-k or
+    top-p; then nothing is read back from the device (the engine samples step t+1 before it reads
+    step t's tokens). Either way the same tokens.
     Returns tokens int64 [B] and, with want_logprobs, their log-probabilities fp32 [B].
     """
     x = logits.float()
     B, V = x.shape
     tokens = x.argmax(dim=-1)
-    hot = temperature > 0
-    if bool(hot.any()):
-        rows = hot.nonzero(as_tuple=True)[0]
+    if rows is None:
+        hot = temperature > 0
+        rows = hot.nonzero(as_tuple=True)[0] if bool(hot.any()) else None
+    elif rows.numel() == 0:
+        rows = None
+    if rows is not None:
         xs = x[rows] / temperature[rows].view(-1, 1)
         k = top_k[rows]
         p = top_p[rows]
         allowed = torch.ones_like(xs, dtype=torch.bool)
-        if bool(((k > 0) & (k < V)).any()) or bool((p < 1).any()):
+        if filtered is None:
+            filtered = bool(((k > 0) & (k < V)).any()) or bool((p < 1).any())
+        if filtered:
             srt, idx = xs.sort(dim=-1, descending=True)
             rank = torch.arange(V, device=x.device).view(1, -1)
             keep = (k.view(-1, 1) <= 0) | (rank < k.view(-1, 1))

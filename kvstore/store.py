@@ -293,7 +293,8 @@ class KVStore:
         return self.policy.prefill(self, layer, seq_ids, q, k, positions, valid, scale), k, v, positions, valid
 
     # ---- decode -----------------------------------------------------------------------------
-    def plan(self, seq_ids: torch.Tensor, pages_hint: int | None = None, select_hint: int | None = None) -> DecodePlan:
+    def plan(self, seq_ids: torch.Tensor, pages_hint: int | None = None, select_hint: int | None = None,
+             host_positions: Sequence[int] | None = None) -> DecodePlan:
         """Prepare one decode step for every layer: where each head's new token goes.
 
         Allocates the pages that fill up this step for all (sequence, layer, KV head) at once,
@@ -312,6 +313,11 @@ class KVStore:
         select_hint: with a selector, the selection at least this wide (within the retrieval
         buffers' capacity) even where the budget or the candidates are fewer (picks past them are
         invalid): a shorter prompt then selects into the same buffers (`Engine.warmup`).
+        host_positions: the positions of the tokens being decoded (each sequence's length before the
+        step) where the caller knows them on the host. Where the hot policy keeps every token
+        (`cancellable`), every head of a sequence holds exactly that many, and the plan then reads
+        nothing back from the device: it does not wait for the steps still queued on it (the
+        engine plans step t+1 while step t runs, `Engine(overlap=...)`). Ignored elsewhere.
         """
         self._undo_unwritten_slots()
         self._free_ret_pages()
@@ -321,7 +327,10 @@ class KVStore:
             decision = self.policy.plan(self, seq_ids, positions, last_step=self.hot.take_last_step())  # decides
         with _range("kvstore.plan.apply"):
             # moves pages, places the new tokens; the widest high and low tables after it
-            page, slot, fresh, needs, (num_pages, low_pages) = self.hot.apply(seq_ids, decision)
+            counts = list(host_positions) if host_positions is not None and self.cancellable else None
+            if counts is not None and len(counts) != seq_ids.numel():
+                raise ValueError(f"plan: {len(counts)} host_positions for {seq_ids.numel()} sequences")
+            page, slot, fresh, needs, (num_pages, low_pages) = self.hot.apply(seq_ids, decision, host_counts=counts)
         self.seq_len[seq_ids] += 1
         plan = DecodePlan(seq_ids, positions, page, slot, num_pages, decision.evicted_pos, decision.low_evicted)
         nrp = 0
@@ -386,6 +395,28 @@ class KVStore:
             plan.out[layer, :, :, 0].copy_(out)
         return plan.out[layer]
 
+    @property
+    def cancellable(self) -> bool:
+        """Whether a decode step can be taken back (`cancel`): the hot policy keeps every token (a step
+        only appends) and there is no cold path (no host writes, no selection state)."""
+        return self.config.hot_policy == "all" and self.cold_path is None and self.hot.low is None
+
+    def cancel(self, plan: DecodePlan) -> None:
+        """Take back the latest decode step, run or not, as if it had never been planned: every head's
+        new slot is emptied (the page it opened, if any, goes back to the pool) and each sequence's
+        length loses the token. The engine cancels a step it planned and ran ahead of its tokens
+        when the batch it was planned for changed (a request finished at the step before).
+        Only where `cancellable` (NotImplementedError elsewhere: a LeanKV or window step moves
+        tokens that cannot be put back). Enqueued on the device after the step: no wait for it."""
+        if not self.cancellable:
+            raise NotImplementedError(f"a {self.config.hot_policy!r} hot tier with a cold path or a low tier "
+                                      "cannot take back a decode step")
+        if plan.step_id != self._plan_id or self._last_plan is not plan and self._last_plan is not None:
+            raise RuntimeError(f"cancel: step {plan.step_id} is not the store's latest ({self._plan_id})")
+        self._last_plan = None
+        self._take_back_slots(plan, [True] * len(plan.written))
+        self.seq_len[plan.seq_ids] -= 1
+
     def _undo_unwritten_slots(self) -> None:
         """Keep every head's high tier dense after a step that did not decode every layer.
 
@@ -408,13 +439,23 @@ class KVStore:
         if plan is None or plan.fresh is None or all(plan.written):
             return
         self.hot.take_last_step()  # its logits are not all written: the policy does not observe this step
-        skip = torch.tensor([not w for w in plan.written], device=self.device).view(1, -1, 1)
+        n = self._take_back_slots(plan, [not w for w in plan.written])
+        logger.debug("a decode step stopped after %d of %d layers: undid %d unwritten slots",
+                     sum(plan.written), len(plan.written), n)
+
+    def _take_back_slots(self, plan: DecodePlan, layers: list[bool]) -> int:
+        """Give back the fresh high-tier index the plan gave each head of the chosen layers (n_high = n,
+        the slot emptied, the page that index opened back to the pool); how many (one host sync)."""
+        skip = torch.tensor(layers, device=self.device).view(1, -1, 1)
         undo = plan.fresh & skip
         drop = plan.new_page.bool() & skip
-        if not bool(undo.any().item()):
-            return
+        count = int(undo.sum().item())
+        if not count:
+            return 0
         t, pool, sid = self.hot.table, self.hot.pool, plan.seq_ids
         t.num_tokens[sid] -= undo.to(torch.int32)
+        b, l, h = undo.nonzero(as_tuple=True)  # the emptied slots: a written one held the taken-back token
+        pool.slot_pos[plan.page[b, l, h].long(), plan.slot[b, l, h].long()] = -1
         b, l, h = drop.nonzero(as_tuple=True)
         if b.numel():
             col = t.num_tokens[sid[b], l, h].long() // self.hot.tokens_per_page  # index n opened page n // tpp
@@ -422,8 +463,7 @@ class KVStore:
             t.pages[sid[b], l, h, col] = 0
             pool.data[ids.long()] = 0  # as release does: a page may come back in the other tier
             pool.free(ids)
-        logger.debug("a decode step stopped after %d of %d layers: undid %d unwritten slots",
-                     sum(plan.written), len(plan.written), int(undo.sum().item()))
+        return count
 
     # ---- accounting -------------------------------------------------------------------------
     def stats(self) -> dict:

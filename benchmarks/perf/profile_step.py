@@ -4,8 +4,10 @@
         --methods quant,pqcache,tiered --steps 8 --out DIR
 
 Per method: the engine admits `--batch` random prompts of `--length` tokens, decodes `--warmup`
-steps (the CUDA graph is captured there), then `--steps` steps run under torch.profiler, each
-synchronized. Reported per step: the wall time, the device kernels launched and their summed time
+steps (the CUDA graph is captured there), then `--steps` steps run under torch.profiler, as the
+engine runs them (no device sync between steps: with `Engine(overlap=...)` step t+1 is launched
+before step t's tokens are read). Reported per step: the wall time (from one step's tokens on the
+host to the next's), the device kernels launched and their summed time
 (on a GPU: CUDA kernels, inside a graph's replay too; on a CPU: the aten ops that ran), their share
 of the wall time (the rest is launch gaps and host work), the kernels that took the most time, and
 the host's phases of the step (the engine's `kvstore.*` profiler ranges): `plan` (the store's plan,
@@ -112,11 +114,15 @@ def profile_method(model, method, length: int, batch: int, steps: int, warmup: i
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         walls = []
         with profile(activities=activities) as prof:
+            # each step's wall time as its tokens reach the host (decode_step returns them); no device
+            # sync between steps: the engine launches step t+1 before it reads step t's tokens
+            t0 = time.perf_counter()
             for _ in range(steps):
-                t0 = time.perf_counter()
                 engine.decode_step()
-                sync()
-                walls.append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                walls.append(t1 - t0)
+                t0 = t1
+            sync()
         path, captures = engine.decode_path, engine.graphs.captures if engine.graphs is not None else 0
     kernels = _kernels(prof, device)
     phases: dict[str, float] = {}

@@ -486,8 +486,8 @@ class TokenTimer:
     """A generate() streamer: stamps perf_counter() at each put (the prompt, then each new token),
     after synchronizing the device on CUDA."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, sync: bool = True):
+        self.cuda = device.type == "cuda" and sync
         self.device = device
         self.times: list[float] = []
 
@@ -594,18 +594,24 @@ def _engine_once(model, method: MethodSpec, prompts: torch.Tensor, new_tokens: i
                  base, rss_ok: bool) -> Call:
     """One batch through kvstore.Engine: every prompt admitted (prefilled alone), then decode
     steps over the whole batch. Stamps: the prompts handed over, the first tokens (all admitted),
-    then each decode step (synchronized on CUDA), as TokenTimer stamps generate()'s tokens."""
+    then each decode step as its tokens reach the host (`decode_step` returns them), as TokenTimer
+    stamps generate()'s tokens."""
     from kvstore.engine import Engine
     from kvstore.sampling import SamplingParams
 
     device = prompts.device
     batch, length = prompts.shape
-    timer = TokenTimer(device)
+    # the engine hands each step's tokens over on the host (it waits for them, and for nothing launched
+    # after them): stamped as they come, with no device sync (one would also wait for the step it
+    # launched ahead, `Engine(overlap=...)`, and so time the steps one after the other)
+    timer = TokenTimer(device, sync=False)
     config = dataclasses.replace(method.config, max_batch_size=batch)
     with Engine(model, config, max_batch=batch) as engine:
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         for row in prompts:
             engine.add_request(row, params)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # nothing queued before the prompts is timed
         timer.put(None)
         start = timer.times[0]
         engine.admit()
