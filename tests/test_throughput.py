@@ -174,3 +174,13 @@ def test_budget_sets_the_selecting_methods_budget_and_their_label():
     assert tiered.config.budget_fraction == 0.05 and tiered.config.token_budget is None
     (default,) = throughput.parse_methods(["tiered"])
     assert default.label == "tiered" and default.config.budget_fraction == 0.2
+
+
+def test_path_engine_plain_decodes_through_the_engine_without_the_overlap(tmp_path):
+    """--path engine-plain: the engine's loop without launching a step ahead (`Engine(overlap=False)`), the
+    baseline the overlap is measured against in the same run; its rows say so."""
+    out = tmp_path / "plain"
+    assert _run(out, "--path", "engine-plain", methods="quant", batch="1") == 0
+    (row,) = _rows(out)
+    assert row["path"] == "engine-plain" and row["error"] is None and _positive(row["tpot_s"])
+    assert "`kvstore.Engine(overlap=False)`" in (out / "summary.md").read_text()

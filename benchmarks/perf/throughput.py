@@ -187,10 +187,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_batch, default="max", help="'max' (largest that fits; default) or sequences per call")
     p.add_argument("--max-batch", type=_positive_int, default=None, help="cap on the batch --batch max picks")
     p.add_argument("--new-tokens", type=_positive_int, default=64, help="tokens generated per sequence (forced)")
-    p.add_argument("--path", choices=("engine", "generate"), default="engine",
+    p.add_argument("--path", choices=("engine", "engine-plain", "generate"), default="engine",
                    help="how kvstore presets generate: engine (kvstore.Engine: each prompt prefilled alone, one batched "
-                        "decode step; default) or generate (attach + model.generate(), the compatible path); hf always "
-                        "runs model.generate()")
+                        "decode step, step t+1 launched before step t's tokens are read where the preset allows; "
+                        "default), engine-plain (the same without that overlap, for comparison) or generate (attach + "
+                        "model.generate(), the compatible path); hf always runs model.generate()")
     p.add_argument("--out", required=True, help="output folder: results.json, summary.md, throughput.png")
     p.add_argument("--resume", action="store_true", help="continue DIR/results.json, skipping (method, length) rows in it")
     p.add_argument("--max-minutes", type=_positive_float, default=None,
@@ -555,8 +556,8 @@ def generate_once(model, method: MethodSpec, prompts: torch.Tensor, new_tokens: 
         pad = (eos[0] if isinstance(eos, (list, tuple)) and eos else eos) if eos is not None else 0
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, temperature=None,
                    top_p=None, top_k=None, pad_token_id=pad, return_dict_in_generate=True)
-    if path == "engine" and not method.is_hf:
-        return _engine_once(model, method, prompts, new_tokens, geometry, base, rss_ok)
+    if path in ("engine", "engine-plain") and not method.is_hf:
+        return _engine_once(model, method, prompts, new_tokens, geometry, base, rss_ok, overlap=path == "engine")
     client = None
     if not method.is_hf:
         config = dataclasses.replace(method.config, max_batch_size=batch)
@@ -591,7 +592,7 @@ def _peak_since(device: torch.device, base, rss_ok: bool) -> int | None:
 
 
 def _engine_once(model, method: MethodSpec, prompts: torch.Tensor, new_tokens: int, geometry: Geometry,
-                 base, rss_ok: bool) -> Call:
+                 base, rss_ok: bool, overlap: bool = True) -> Call:
     """One batch through kvstore.Engine: every prompt admitted (prefilled alone), then decode
     steps over the whole batch. Stamps: the prompts handed over, the first tokens (all admitted),
     then each decode step as its tokens reach the host (`decode_step` returns them), as TokenTimer
@@ -606,7 +607,7 @@ def _engine_once(model, method: MethodSpec, prompts: torch.Tensor, new_tokens: i
     # launched ahead, `Engine(overlap=...)`, and so time the steps one after the other)
     timer = TokenTimer(device, sync=False)
     config = dataclasses.replace(method.config, max_batch_size=batch)
-    with Engine(model, config, max_batch=batch) as engine:
+    with Engine(model, config, max_batch=batch, overlap=None if overlap else False) as engine:
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         for row in prompts:
             engine.add_request(row, params)
@@ -918,7 +919,8 @@ def _order(rows: list[dict]) -> list[str]:
 
 def _paths(rows: list[dict]) -> str:
     """How the rows decoded, in words: hf through generate(), the presets by their `path`."""
-    names = {"engine": "`kvstore.Engine`", "generate": "`model.generate()` with `attach`"}
+    names = {"engine": "`kvstore.Engine`", "engine-plain": "`kvstore.Engine(overlap=False)`",
+             "generate": "`model.generate()` with `attach`"}
     preset = sorted({r.get("path") or "generate" for r in rows if r.get("method") != "hf"})
     said = " and ".join(names.get(p, p) for p in preset)
     return "hf through `model.generate()`" + (f", kvstore presets through {said}" if said else "")
