@@ -45,6 +45,7 @@ computes; a step launched for a batch that then changes is taken back (`KVStore.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import traceback
 import weakref
@@ -442,8 +443,13 @@ class Engine:
     def admit(self) -> list[StepOutput]:
         """Prefill waiting requests while fewer than `max_batch` run; their first tokens.
 
-        The hot tier's pool is grown once for all of them (`KVStore.reserve` with each one's
-        prompt and new tokens), not once per request. A request that finds the hot tier full
+        The hot tier's pool is grown once for all of them, not once per request (a growth copies the
+        pool: for a moment it is there twice). Where the hot tier keeps every token the need is known
+        now (`KVStore.reserve` with each one's prompt and new tokens). Where the policy keeps a subset
+        (LeanKV, a window) it is known after the first prompt: the pages that one keeps, per prompt
+        token, size the room for the others (`_reserve_like`), so the pool grows once while it holds
+        one sequence, not once per sequence with the batch's pages copied each time (at 128K on an
+        80 GB card the last of those copies was what refused a ninth tiered sequence). A request that finds the hot tier full
         (a capped `hot_tier_bytes`) waits for running ones to finish; with none running, the
         OutOfPagesError propagates (it can never fit) and the request is dropped.
         """
@@ -452,15 +458,15 @@ class Engine:
         take = list(self.waiting)[: max(0, self.max_batch - len(self.running))]
         if take:
             self._settle()  # a step launched ahead is for the batch without them (cancelled before the prefill)
-            chunk = self.config.prefill_chunk_tokens
-            held = [r for r in take if self.config.hot_policy == "all"
-                    or (self.config.chunked_prefill and len(r.prompt) > chunk)]
-            if held:
-                self.store.reserve(len(held), [len(r.prompt) for r in held], [r.params.max_new_tokens for r in held],
+            if self.config.hot_policy == "all":  # every token stays: the whole need is known now
+                self.store.reserve(len(take), [len(r.prompt) for r in take], [r.params.max_new_tokens for r in take],
                                    chunked=True)
-        for req in take:
+        used = self.store.hot.pool.num_used
+        for i, req in enumerate(take):
             try:
                 logits = self._prefill(req)
+                if i == 0 and len(take) > 1 and self.config.hot_policy != "all":
+                    self._reserve_like(req, self.store.hot.pool.num_used - used, take[1:])
             except OutOfPagesError:
                 if not self.running:
                     self.waiting.popleft()
@@ -472,6 +478,18 @@ class Engine:
             outputs += self._take(logits, [req])
         self.running = [r for r in self.running if r.finish_reason is None]  # done at their first token
         return outputs
+
+    def _reserve_like(self, first: _Request, kept: int, rest: list[_Request]) -> None:
+        """After the first prompt of an admission, where the policy keeps a subset: room in the pool for
+        the rest in one growth, each keeping the pages `first` kept per prompt token (`kept` pages), plus
+        its decode tokens' pages, plus one whole prompt held at a time where prefill is chunked."""
+        geo, tpp = self.store.geometry, self.store.hot.tokens_per_page
+        heads = geo.num_layers * geo.num_kv_heads
+        per_token = kept / max(1, len(first.prompt))
+        need = sum(math.ceil(per_token * len(r.prompt)) + heads * -(-r.params.max_new_tokens // tpp) for r in rest)
+        chunk = self.config.prefill_chunk_tokens
+        whole = [heads * -(-len(r.prompt) // tpp) for r in rest if self.config.chunked_prefill and len(r.prompt) > chunk]
+        self.store.hot.pool.reserve(need + max(whole, default=0))
 
     @torch.no_grad()
     def decode_step(self, request_ids: Iterable[int] | None = None) -> list[StepOutput]:

@@ -372,3 +372,39 @@ def test_a_failed_capture_is_reported_at_the_line_of_kvstore_that_raised():
         GPUCache(None, 1, 1, 1, policy="nope")
     assert _innermost_frame(info.value).startswith("kvstore/cold/gpu_cache.py:")
     assert _innermost_frame(ValueError("never raised")) == "?"
+
+
+@pytest.mark.parametrize("preset", ["tiered", "leankv"])
+def test_an_admission_grows_the_pool_once_after_its_first_prompt(model, preset, monkeypatch):
+    """Where the policy keeps a subset, the first prompt of an admission shows what a prompt keeps and
+    the pool grows once for the rest, while it holds one sequence: not once per sequence, each growth
+    copying every page held so far (a growth holds the pool twice for a moment). The tokens are those
+    of requests admitted one by one."""
+    from kvstore.hot.page_pool import PagePool
+
+    grows = []
+    orig = PagePool._grow
+
+    def record(self, min_pages, factor=1.25):
+        old = self.num_pages
+        orig(self, min_pages, factor)
+        grows.append((old, self.num_pages))
+
+    monkeypatch.setattr(PagePool, "_grow", record)
+    config = KVStoreConfig.preset(preset, prefill_chunk_tokens=128)
+    prompts = _prompts([300, 310, 290, 305, 300], seed=9)
+    with Engine(model, config, max_batch=5) as engine:
+        for p in prompts:
+            engine.add_request(p, SamplingParams(max_new_tokens=4, ignore_eos=True))
+        first = engine.admit()
+        pool = engine.store.hot.pool
+        assert len(engine.running) == 5 and pool.num_used <= pool.num_pages
+        assert len(grows) <= 2, grows  # the first prompt's own growth, then one for the other four
+        initial = 64  # PagePool's first size: a growth copies at most that, or about one sequence's pages
+        assert all(old <= max(initial, 1.5 * pool.num_used / 5) for old, _ in grows), (grows, pool.num_used)
+        got = [first[i].token_id for i in range(5)]
+        while engine.has_unfinished:
+            engine.step()
+    with Engine(model, config, max_batch=5) as engine:  # one at a time: the same first tokens
+        alone = [engine.generate([p], max_new_tokens=1, ignore_eos=True)[0].token_ids[0] for p in prompts]
+    assert got == alone
