@@ -12,7 +12,9 @@ host to the next's), the device kernels launched and their summed time
 of the wall time (the rest is launch gaps and host work), the kernels that took the most time, and
 the host's phases of the step (the engine's `kvstore.*` profiler ranges): `plan` (the store's plan,
 with its host syncs and the kernels they wait for), `graph_replay` (the launch of the captured step)
-and `sample` (which waits for the step's kernels, then samples). The requests outlive the profiled
+and `sample` (which waits for the step's kernels, then samples); and, from as many steps run just
+before without the profiler (which slows the host's Python about 2x), the host's real time a step in
+the plan, the graph's launch, the wait for the tokens and the rest. The requests outlive the profiled
 steps, so no release (the pages' zeroing) falls inside them.
 Written: DIR/profile.json and DIR/summary.md (what issue 17's note quotes as the profile summary).
 """
@@ -92,6 +94,45 @@ def _kernels(prof, device: torch.device) -> list[tuple[str, float]]:
     return out
 
 
+def _host_timing(engine, steps: int) -> dict:
+    """`steps` decode steps timed without the profiler (which slows the host's Python ~2x), ms per step:
+    the median step's wall time ("wall"), the host's time in the store's plan ("plan"), in the graph's
+    launch with its signature check ("launch", CUDA graphs only) and in waiting for the step's tokens
+    and finishing them ("wait"); "other" is the rest of the host's step (sampling's launch, the inputs)."""
+    spent = {"plan": 0.0, "launch": 0.0, "wait": 0.0}
+
+    def timed(name, fn):
+        def run(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t
+        return run
+
+    store, graphs = engine.store, engine.graphs
+    store.plan = timed("plan", store.plan)  # instance attributes over the methods, removed below
+    engine._accept = timed("wait", engine._accept)
+    if graphs is not None:
+        graphs.run = timed("launch", graphs.run)
+    walls = []
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.decode_step()
+            t1 = time.perf_counter()
+            walls.append(t1 - t0)
+            t0 = t1
+    finally:
+        del store.plan, engine._accept
+        if graphs is not None:
+            del graphs.run
+    out = {k: v / steps * 1e3 for k, v in spent.items()}
+    out["wall"] = statistics.median(walls) * 1e3
+    out["other"] = max(0.0, sum(walls) / steps * 1e3 - out["plan"] - out["launch"] - out["wait"])
+    return out
+
+
 def profile_method(model, method, length: int, batch: int, steps: int, warmup: int, seed: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -104,12 +145,15 @@ def profile_method(model, method, length: int, batch: int, steps: int, warmup: i
     config = dataclasses.replace(method.config, max_batch_size=batch)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     with Engine(model, config, max_batch=batch) as engine:
-        params = SamplingParams(max_new_tokens=warmup + steps + 2, ignore_eos=True)  # none finishes in the window
+        # none finishes in the windows (the unprofiled one, then the profiled one)
+        params = SamplingParams(max_new_tokens=warmup + 2 * steps + 2, ignore_eos=True)
         for row in prompts:
             engine.add_request(row.to(device), params)
         engine.admit()
         for _ in range(warmup):
             engine.decode_step()
+        sync()
+        unprofiled = _host_timing(engine, steps)
         sync()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         walls = []
@@ -151,6 +195,7 @@ def profile_method(model, method, length: int, batch: int, steps: int, warmup: i
         "wall_ms_per_step": wall_ms, "kernels_per_step": len(kernels) / steps, "kernel_ms_per_step": busy_ms,
         "kernel_share": busy_ms / wall_ms if wall_ms else None,
         "host_phases_ms_per_step": phases,
+        "unprofiled_ms_per_step": unprofiled,
         "top_kernels": [{"name": n, "ms_per_step": us / 1e3, "launches_per_step": c} for n, us, c in top],
         "plan_top_kernels": [{"name": n, "ms_per_step": sum(v) / steps / 1e3, "launches_per_step": len(v) / steps}
                              for n, v in sorted(plan_top.items(), key=lambda kv: -sum(kv[1]))[:20]],
@@ -179,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
                   "| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         lines += [f"| {r['method']} | " + " | ".join(f"{r['host_phases_ms_per_step'].get(n, 0.0):.2f}" for n in names)
                   + " |" for r in rows]
+    lines += ["", "The same steps without the profiler (ms a step: the host's plan, graph launch, wait for the "
+              "tokens, the rest; wall: the median step):", "", "| method | wall | plan | launch | wait | other |",
+              "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['method']} | " + " | ".join(f"{r['unprofiled_ms_per_step'][k]:.2f}"
+                                                for k in ("wall", "plan", "launch", "wait", "other")) + " |"
+              for r in rows]
     for r in rows:
         lines += ["", f"{r['method']}: the kernels that took the most time a step", ""]
         lines += [f"- {k['name'][:90]}: {k['ms_per_step']:.3f} ms, {k['launches_per_step']:.0f} launches"
@@ -188,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             lines += [f"- {k['name'][:90]}: {k['ms_per_step']:.3f} ms, {k['launches_per_step']:.0f} launches"
                       for k in r["plan_top_kernels"][:8]]
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:4 + len(rows) + (5 + len(rows) if names else 0)]))
+    print("\n".join(lines[:4 + len(rows) + (5 + len(rows) if names else 0) + 5 + len(rows)]))
     return 0
 
 
