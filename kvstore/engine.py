@@ -522,7 +522,14 @@ class Engine:
             return []
         if step is None:
             step = self._launch(batch)
-        ahead = self._launch(batch, after=step) if request_ids is None and self._can_overlap(batch) else None
+        ahead = None
+        if request_ids is None and self._can_overlap(batch):
+            try:
+                ahead = self._launch(batch, after=step)
+            except Exception as exc:  # noqa: BLE001 - an optimization: this step's tokens still come, plainly
+                logger.warning("engine: launching a step ahead failed (%s: %s); stepping plainly from here",
+                               type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                self.overlap = False
         with torch.profiler.record_function("kvstore.sample"):  # waits for the step's tokens
             outputs = self._accept(step, release=ahead is None)
         if ahead is not None:

@@ -43,6 +43,8 @@ def _serve(model, preset: str, overlap: bool, requests, arrivals: dict[int, list
                 ids[engine.add_request(*requests[i])] = i
             engine.step()
             step += 1
+            for r in engine.running:  # the store's lengths: the tokens read, plus the step launched ahead
+                assert int(engine.store.seq_len[r.seq_id]) == r.length - 1 + int(engine._ahead is not None)
         store = engine.store
         left = (store.hot.pool.num_used, len(store.active), engine._ahead)
         done = {}
@@ -247,3 +249,35 @@ def test_cuda_a_step_launched_ahead_waits_for_nothing_and_changes_no_token(prese
         got = [c.token_ids for c in engine.generate(prompts, params)]
     assert got == want
     assert clean and not synced, synced[:1]
+
+
+def test_a_step_ahead_that_fails_leaves_this_steps_tokens_and_the_plain_loop(model, caplog):
+    """An error while launching a step ahead (here: the plan raising) takes that step back, keeps this step's
+    tokens, logs it and steps plainly from then on: the tokens are those of the plain loop."""
+    prompts = [[5, 6, 7] * 9, [9, 4] * 20]
+    with Engine(model, "quant", overlap=False) as plain:
+        want = [c.token_ids for c in plain.generate(prompts, max_new_tokens=6, ignore_eos=True)]
+    with Engine(model, "quant", overlap=True) as engine:
+        orig, calls = engine._decode, []
+
+        def flaky(batch, staged, positions):
+            calls.append(1)
+            if len(calls) == 3:  # the second step launched ahead
+                engine._make_plan(batch, staged[:, 0].contiguous(), positions)  # planned, then it fails
+                raise RuntimeError("injected")
+            return orig(batch, staged, positions)
+
+        engine._decode = flaky
+        ids = [engine.add_request(p, SamplingParams(max_new_tokens=6, ignore_eos=True)) for p in prompts]
+        tokens = {i: [] for i in ids}
+        with caplog.at_level("WARNING", logger="kvstore.engine"):
+            while engine.has_unfinished:
+                for out in engine.step():
+                    tokens[out.request_id].append(out.token_id)
+                for r in engine.running:  # the store's lengths: the tokens read, plus the step launched ahead
+                    ahead = int(engine._ahead is not None)
+                    assert int(engine.store.seq_len[r.seq_id]) == r.length - 1 + ahead
+        got = [tokens[i] for i in ids]
+        assert not engine.overlap and "launching a step ahead failed (RuntimeError: injected)" in caplog.text
+        assert engine.store.hot.pool.num_used == 0
+    assert got == want
