@@ -465,8 +465,6 @@ class Engine:
         for i, req in enumerate(take):
             try:
                 logits = self._prefill(req)
-                if i == 0 and len(take) > 1 and self.config.hot_policy != "all":
-                    self._reserve_like(req, self.store.hot.pool.num_used - used, take[1:])
             except OutOfPagesError:
                 if not self.running:
                     self.waiting.popleft()
@@ -476,6 +474,8 @@ class Engine:
             self.waiting.popleft()
             self.running.append(req)
             outputs += self._take(logits, [req])
+            if i == 0 and len(take) > 1 and self.config.hot_policy != "all":
+                self._reserve_like(req, self.store.hot.pool.num_used - used, take[1:])
         self.running = [r for r in self.running if r.finish_reason is None]  # done at their first token
         return outputs
 
@@ -489,7 +489,10 @@ class Engine:
         need = sum(math.ceil(per_token * len(r.prompt)) + heads * -(-r.params.max_new_tokens // tpp) for r in rest)
         chunk = self.config.prefill_chunk_tokens
         whole = [heads * -(-len(r.prompt) // tpp) for r in rest if self.config.chunked_prefill and len(r.prompt) > chunk]
-        self.store.hot.pool.reserve(need + max(whole, default=0))
+        try:
+            self.store.hot.pool.reserve(need + max(whole, default=0))
+        except OutOfPagesError:  # an estimate: the prefills grow the pool (or wait) one by one, as without it
+            logger.debug("engine: no room for the admission's estimate of %d pages; growing per request", need)
 
     @torch.no_grad()
     def decode_step(self, request_ids: Iterable[int] | None = None) -> list[StepOutput]:

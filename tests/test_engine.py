@@ -408,3 +408,26 @@ def test_an_admission_grows_the_pool_once_after_its_first_prompt(model, preset, 
     with Engine(model, config, max_batch=5) as engine:  # one at a time: the same first tokens
         alone = [engine.generate([p], max_new_tokens=1, ignore_eos=True)[0].token_ids[0] for p in prompts]
     assert got == alone
+
+
+def test_no_room_for_the_admissions_estimate_leaves_the_requests_admitted_one_by_one(model, monkeypatch):
+    """The pool's room for an admission is an estimate: where it cannot be had (the device is full) every
+    request is still prefilled once and admitted (each growing the pool itself, or waiting), none lost."""
+    from kvstore import OutOfPagesError
+    from kvstore.hot.page_pool import PagePool
+
+    orig, refused = PagePool.reserve, []
+    prompts = _prompts([200, 210, 190], seed=4)
+    with Engine(model, "tiered", max_batch=3) as engine:
+        def reserve(self, pages):  # the room asked once the first request runs: the admission's estimate
+            if len(engine.running) == 1 and not refused:
+                refused.append(pages)
+                raise OutOfPagesError("injected: no room")
+            return orig(self, pages)
+
+        for p in prompts:
+            engine.add_request(p, SamplingParams(max_new_tokens=2, ignore_eos=True))
+        monkeypatch.setattr(PagePool, "reserve", reserve)
+        first = engine.admit()
+        assert refused and len(first) == 3 and len(engine.running) == 3 and not engine.waiting
+        assert len(engine.store.active) == 3  # one sequence each: none prefilled twice
