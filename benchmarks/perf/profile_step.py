@@ -94,6 +94,20 @@ def _kernels(prof, device: torch.device) -> list[tuple[str, float]]:
     return out
 
 
+def _step_walls(engine, steps: int) -> list[float]:
+    """`steps` decode steps as the engine runs them; each one's wall time, from one step's tokens on the
+    host to the next's (decode_step returns them). No device sync between steps: the engine launches
+    step t+1 before it reads step t's tokens."""
+    walls = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.decode_step()
+        t1 = time.perf_counter()
+        walls.append(t1 - t0)
+        t0 = t1
+    return walls
+
+
 def _host_timing(engine, steps: int) -> dict:
     """`steps` decode steps timed without the profiler (which slows the host's Python ~2x), ms per step:
     the median step's wall time ("wall"), the host's time in the store's plan ("plan"), in the graph's
@@ -115,14 +129,8 @@ def _host_timing(engine, steps: int) -> dict:
     engine._accept = timed("wait", engine._accept)
     if graphs is not None:
         graphs.run = timed("launch", graphs.run)
-    walls = []
     try:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.decode_step()
-            t1 = time.perf_counter()
-            walls.append(t1 - t0)
-            t0 = t1
+        walls = _step_walls(engine, steps)
     finally:
         del store.plan, engine._accept
         if graphs is not None:
@@ -156,16 +164,8 @@ def profile_method(model, method, length: int, batch: int, steps: int, warmup: i
         unprofiled = _host_timing(engine, steps)
         sync()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        walls = []
         with profile(activities=activities) as prof:
-            # each step's wall time as its tokens reach the host (decode_step returns them); no device
-            # sync between steps: the engine launches step t+1 before it reads step t's tokens
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                engine.decode_step()
-                t1 = time.perf_counter()
-                walls.append(t1 - t0)
-                t0 = t1
+            walls = _step_walls(engine, steps)
             sync()
         path, captures = engine.decode_path, engine.graphs.captures if engine.graphs is not None else 0
     kernels = _kernels(prof, device)
