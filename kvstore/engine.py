@@ -533,17 +533,14 @@ class Engine:
                 logger.warning("engine: launching a step ahead failed (%s: %s); stepping plainly from here",
                                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
                 self.overlap = False
+        self._ahead = ahead  # held before the tokens are read: whatever happens there, it is taken back later
         with torch.profiler.record_function("kvstore.sample"):  # waits for the step's tokens
             outputs = self._accept(step, release=ahead is None)
-        if ahead is not None:
-            if any(r.finish_reason is not None for r in batch):  # planned for a batch that just changed
-                self._ahead = ahead
-                self._settle()
-                for r in batch:
-                    if r.finish_reason is not None:
-                        self._release(r)
-            else:
-                self._ahead = ahead
+        if ahead is not None and any(r.finish_reason is not None for r in batch):  # its batch just changed
+            self._settle()
+            for r in batch:
+                if r.finish_reason is not None:
+                    self._release(r)
         self.running = [r for r in self.running if r.finish_reason is None]
         return outputs
 
@@ -640,11 +637,12 @@ class Engine:
         else:
             seq_ids, _, pos = after.inputs
             staged = torch.stack([seq_ids, after.tok, pos + 1], 1)
+        planned = self.store._plan_id  # the step before's plan: not this one's to take back
         try:
             logits, inputs = self._decode(batch, staged, positions)
             tok, logp = self._sample(logits, batch, ahead)
         except BaseException:
-            if after is not None and self._plan is not None and self._plan.step_id == self.store._plan_id:
+            if after is not None and self.store._plan_id != planned and self._plan.step_id == self.store._plan_id:
                 self.store.cancel(self._plan)  # the step ahead leaves nothing behind
             raise
         return self._launched(batch, tok, logp, plan=self._plan, inputs=inputs)

@@ -281,3 +281,31 @@ def test_a_step_ahead_that_fails_leaves_this_steps_tokens_and_the_plain_loop(mod
         assert not engine.overlap and "launching a step ahead failed (RuntimeError: injected)" in caplog.text
         assert engine.store.hot.pool.num_used == 0
     assert got == want
+
+
+def test_a_step_ahead_that_fails_before_its_plan_takes_nothing_back(model, caplog):
+    """A failure before the step ahead has a plan (here: building its inputs) leaves the step it follows alone:
+    that step's tokens come, the store's lengths stay right, and the tokens are the plain loop's."""
+    prompts = [[5, 6, 7] * 9, [9, 4] * 20]
+    with Engine(model, "quant", overlap=False) as plain:
+        want = [c.token_ids for c in plain.generate(prompts, max_new_tokens=6, ignore_eos=True)]
+    with Engine(model, "quant", overlap=True) as engine:
+        orig, calls = engine._decode, []
+
+        def flaky(batch, staged, positions):
+            calls.append(1)
+            if len(calls) == 2:  # the first step launched ahead: before any plan of its own
+                raise RuntimeError("injected early")
+            return orig(batch, staged, positions)
+
+        engine._decode = flaky
+        ids = [engine.add_request(p, SamplingParams(max_new_tokens=6, ignore_eos=True)) for p in prompts]
+        tokens = {i: [] for i in ids}
+        with caplog.at_level("WARNING", logger="kvstore.engine"):
+            while engine.has_unfinished:
+                for out in engine.step():
+                    tokens[out.request_id].append(out.token_id)
+                for r in engine.running:
+                    assert int(engine.store.seq_len[r.seq_id]) == r.length - 1 + int(engine._ahead is not None)
+        assert "injected early" in caplog.text
+    assert [tokens[i] for i in ids] == want
