@@ -64,6 +64,9 @@ class KVStoreConfig:
         chosen from a clock (PQCache sizes it to the prefill time: results then depend on load).
       kmeans_min_iters / kmeans_max_iters / kmeans_tol: device trainer: Lloyd stops once at most
         `kmeans_tol` of a problem's points change centroid, within [min, max] iterations.
+      kmeans_points_per_centroid: both trainers train on a seeded sample of at most this many
+        candidates a centroid (FAISS's default 256, as PQCache's FAISS k-means: 16K points at
+        K=64, against 128K candidates at 128K); every token is encoded. None: all candidates.
       gpu_cache_tokens: GPU cache slots of retrieved tokens per (sequence, layer, KV head).
       retrieval_attention: how the retrieved tokens are attended. "merge" (default): a separate
         attention over them, merged with the hot tier's by log-sum-exp. "kernel": in the hot
@@ -146,6 +149,7 @@ class KVStoreConfig:
     kmeans_max_iters: int = 300
     pq_trainer: str = "auto"
     kmeans_tol: float = 1e-2
+    kmeans_points_per_centroid: int | None = 256
     gpu_cache_tokens: int = 4096
     retrieval_attention: str = "merge"
     prefetch_next_layer: bool = False
@@ -222,6 +226,9 @@ class KVStoreConfig:
             raise bad("pq_trainer", "must be 'auto', 'device' or 'faiss'")
         if not 0 <= self.kmeans_tol < 1:
             raise bad("kmeans_tol", "must be in [0, 1)")
+        if self.kmeans_points_per_centroid is not None and (
+                not isinstance(self.kmeans_points_per_centroid, int) or self.kmeans_points_per_centroid < 1):
+            raise bad("kmeans_points_per_centroid", "must be an int >= 1, or None (train on every candidate)")
         if self.gpu_cache_tokens < 0:
             raise bad("gpu_cache_tokens", "must be >= 0")
         if self.retrieval_attention not in ("merge", "kernel"):
@@ -284,7 +291,8 @@ class KVStoreConfig:
             rules.append((("retrieval_attention",), "nothing is retrieved (selector='none')"))
         if self.selector != "pq":
             rules.append((("pq_subspaces", "pq_bits", "pq_trainer", "kmeans_iters", "kmeans_min_iters",
-                           "kmeans_max_iters", "kmeans_tol"), f"no PQ index is built (selector={self.selector!r})"))
+                           "kmeans_max_iters", "kmeans_tol", "kmeans_points_per_centroid"),
+                          f"no PQ index is built (selector={self.selector!r})"))
         elif self.pq_trainer != "auto" or device is not None:
             on_device = self.pq_trainer == "device" or (self.pq_trainer == "auto" and device == "cuda")
             if on_device:

@@ -70,13 +70,14 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def _kmeans(x: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
-    """float32 [n, dsub] -> centroids float32 [k, dsub] (FAISS Lloyd, one init from random points)."""
+def _kmeans(x: np.ndarray, k: int, iters: int, seed: int, max_points_per_centroid: int | None = None) -> np.ndarray:
+    """float32 [n, dsub] -> centroids float32 [k, dsub] (FAISS Lloyd, one init from random points; on a
+    seeded sample of at most k x max_points_per_centroid points, None: all of them)."""
     # min_points_per_centroid=1: FAISS would print a warning to stderr for every (head, sub-space)
     # with fewer than 39 points per centroid (a prompt under ~2.5K candidates at K=64); k-means
     # is still well defined there, and `train_codebook` logs the case once per codebook instead.
-    km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, verbose=False, max_points_per_centroid=1 << 30,
-                      min_points_per_centroid=1)
+    km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, verbose=False, min_points_per_centroid=1,
+                      max_points_per_centroid=max_points_per_centroid or 1 << 30)
     km.train(x)
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
@@ -95,7 +96,7 @@ def nearest_codes(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def train_codebook(keys: np.ndarray, num_candidates: int, m: int, bits: int, iters: int, seed: int = 0,
-                   start: int = 0) -> PQCodebook:
+                   start: int = 0, max_points_per_centroid: int | None = None) -> PQCodebook:
     """Train one (sequence, layer) codebook and encode its tokens.
 
     Args:
@@ -103,6 +104,8 @@ def train_codebook(keys: np.ndarray, num_candidates: int, m: int, bits: int, ite
             `num_candidates` of them are the search candidates k-means is trained on.
         m, bits: sub-spaces and bits per code (K = 2^bits centroids, bits <= 8).
         iters: Lloyd iterations.
+        max_points_per_centroid: train on a seeded sample of at most K x this many candidates
+            (FAISS's sampling; None: all of them).
     """
     t0 = time.perf_counter()
     H, n, d = keys.shape
@@ -127,7 +130,7 @@ def train_codebook(keys: np.ndarray, num_candidates: int, m: int, bits: int, ite
         def fit(hj):
             h, j = hj
             x = np.ascontiguousarray(keys[h, :nc, j * dsub:(j + 1) * dsub])
-            centroids[h, j] = _kmeans(x, K, iters, seed + 1000 * h + j)
+            centroids[h, j] = _kmeans(x, K, iters, seed + 1000 * h + j, max_points_per_centroid)
 
         list(_pool().map(fit, [(h, j) for h in range(H) for j in range(m)]))
     codes = np.empty((H, n, m), dtype=np.uint8)

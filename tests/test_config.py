@@ -215,3 +215,12 @@ def test_a_host_tier_cap_of_one_chunk_serves_a_prompt_of_one_chunk():
         cold.allocate_prefill(torch.tensor([1]), torch.tensor([3]))
     cold.release(torch.tensor([0]))
     assert cold.used_bytes == 0
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "256"])
+def test_kmeans_points_per_centroid_is_checked(bad):
+    from kvstore import KVStoreConfig
+
+    with pytest.raises(ValueError, match="kmeans_points_per_centroid"):
+        KVStoreConfig.preset("pqcache", kmeans_points_per_centroid=bad)
+    assert KVStoreConfig.preset("pqcache", kmeans_points_per_centroid=None).kmeans_points_per_centroid is None

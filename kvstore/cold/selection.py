@@ -301,7 +301,8 @@ class PQSelector(Selector):
             keys = k[s:e, :, S:n] if dense else k[s][:, valid[s]][:, S:n].unsqueeze(0)
             # seeded by layer only: a sequence's codebook does not depend on its batchmates
             cb = train_codebooks(keys, max(h - S, 0), self.m, c.pq_bits, seed=layer, min_iters=c.kmeans_min_iters,
-                                 max_iters=c.kmeans_max_iters, tol=c.kmeans_tol)
+                                 max_iters=c.kmeans_max_iters, tol=c.kmeans_tol,
+                                 max_points_per_centroid=c.kmeans_points_per_centroid)
             sids = seq_ids[s:e]
             self.centroids[layer, sids] = cb.centroids.to(torch.float16)
             self.codes[layer, sids, :, S:n] = cb.codes
@@ -324,7 +325,8 @@ class PQSelector(Selector):
         for sid, n, hi in zip(ids, lens, his):
             keys = self.cold.read_keys(sid, layer, S, max(n, S)).float().numpy()
             nc = max(hi - S, 0)
-            cb = train_codebook(keys, nc, self.m, self.config.pq_bits, self.config.kmeans_iters, seed=layer, start=S)
+            cb = train_codebook(keys, nc, self.m, self.config.pq_bits, self.config.kmeans_iters, seed=layer, start=S,
+                                max_points_per_centroid=self.config.kmeans_points_per_centroid)
             out.append(cb)
         self.build_seconds += time.perf_counter() - t0
         return out
