@@ -216,7 +216,9 @@ def test_decode_ops_counts_the_retrieval_path_with_its_kernels():
         assert {"_fetch_kernel", "_retrieved_split_kernel", "_merge_hot_kernel", "_lookup_kernel",
                 "_admit_kernel", "_encode_kernel"} <= set(launched)
         assert row["kernels_per_layer"] <= 40 and row["host_reads_per_layer"] == 0, preset
-        assert row["plan_syncs_per_step"] <= {"pqcache": 2, "tiered": 4}[preset], preset  # 5 and 18 before
+        # 5 and 18 before the batched reads; the three `.cpu()` reads of the host tier's step writes are counted
+        # since 2026-12-05 (they were there before, uncounted: a CPU run has no device copy to see)
+        assert row["plan_syncs_per_step"] <= {"pqcache": 5, "tiered": 7}[preset], preset
 
 
 def test_profile_step_writes_the_profile_of_each_method(tmp_path, capsys):

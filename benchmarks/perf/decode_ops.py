@@ -53,18 +53,23 @@ class _Counter(TorchDispatchMode):
         super().__init__()
         self.state, self.ops, self.syncs = state, Counter(), 0
 
-    def __enter__(self):  # Tensor.tolist reads the data without an op (a device-to-host copy on a GPU)
-        tolist = self._tolist = torch.Tensor.tolist
+    def __enter__(self):  # Tensor.tolist and .cpu read the data without an op here (a device-to-host copy,
+        # which waits for the device, on a GPU: .cpu() is only called on the store's device tensors)
+        self._saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "cpu")}
 
-        def counted(t, *args, **kwargs):
-            self.syncs += not self.state["in_triton"]
-            return tolist(t, *args, **kwargs)
+        def counting(fn):
+            def counted(t, *args, **kwargs):
+                self.syncs += not self.state["in_triton"]
+                return fn(t, *args, **kwargs)
+            return counted
 
-        torch.Tensor.tolist = counted
+        for name, fn in self._saved.items():
+            setattr(torch.Tensor, name, counting(fn))
         return super().__enter__()
 
     def __exit__(self, *exc):
-        torch.Tensor.tolist = self._tolist
+        for name, fn in self._saved.items():
+            setattr(torch.Tensor, name, fn)
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
