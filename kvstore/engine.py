@@ -637,13 +637,13 @@ class Engine:
         else:
             seq_ids, _, pos = after.inputs
             staged = torch.stack([seq_ids, after.tok, pos + 1], 1)
-        planned = self.store._plan_id  # the step before's plan: not this one's to take back
+        before = self._plan  # the step before's plan: not this one's to take back
         try:
             logits, inputs = self._decode(batch, staged, positions)
             tok, logp = self._sample(logits, batch, ahead)
         except BaseException:
-            if after is not None and self.store._plan_id != planned and self._plan.step_id == self.store._plan_id:
-                self.store.cancel(self._plan)  # the step ahead leaves nothing behind
+            if after is not None and self._plan is not before:  # planned, then failed: it leaves nothing behind
+                self.store.cancel(self._plan)
             raise
         return self._launched(batch, tok, logp, plan=self._plan, inputs=inputs)
 

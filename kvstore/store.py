@@ -398,8 +398,8 @@ class KVStore:
     @property
     def cancellable(self) -> bool:
         """Whether a decode step can be taken back (`cancel`): the hot policy keeps every token (a step
-        only appends) and there is no cold path (no host writes, no selection state)."""
-        return self.config.hot_policy == "all" and self.cold_path is None and self.hot.low is None
+        only appends; no low tier) and there is no cold path (no host writes, no selection state)."""
+        return self.config.hot_policy == "all" and self.cold_path is None
 
     def cancel(self, plan: DecodePlan) -> None:
         """Take back the latest decode step, run or not, as if it had never been planned: every head's
@@ -407,11 +407,11 @@ class KVStore:
         length loses the token. The engine cancels a step it planned and ran ahead of its tokens
         when the batch it was planned for changed (a request finished at the step before).
         Only where `cancellable` (NotImplementedError elsewhere: a LeanKV or window step moves
-        tokens that cannot be put back). Enqueued on the device after the step: no wait for it."""
+        tokens that cannot be put back). A few host syncs: it runs only when a guess was wrong."""
         if not self.cancellable:
             raise NotImplementedError(f"a {self.config.hot_policy!r} hot tier with a cold path or a low tier "
                                       "cannot take back a decode step")
-        if plan.step_id != self._plan_id or self._last_plan is not plan and self._last_plan is not None:
+        if plan.step_id != self._plan_id or (self._last_plan is not None and self._last_plan is not plan):
             raise RuntimeError(f"cancel: step {plan.step_id} is not the store's latest ({self._plan_id})")
         self._last_plan = None
         self._take_back_slots(plan, [True] * len(plan.written))
@@ -445,7 +445,7 @@ class KVStore:
 
     def _take_back_slots(self, plan: DecodePlan, layers: list[bool]) -> int:
         """Give back the fresh high-tier index the plan gave each head of the chosen layers (n_high = n,
-        the slot emptied, the page that index opened back to the pool); how many (one host sync)."""
+        the slot emptied, the page that index opened back to the pool); how many (a few host syncs)."""
         skip = torch.tensor(layers, device=self.device).view(1, -1, 1)
         undo = plan.fresh & skip
         drop = plan.new_page.bool() & skip

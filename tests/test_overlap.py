@@ -251,9 +251,12 @@ def test_cuda_a_step_launched_ahead_waits_for_nothing_and_changes_no_token(prese
     assert clean and not synced, synced[:1]
 
 
-def test_a_step_ahead_that_fails_leaves_this_steps_tokens_and_the_plain_loop(model, caplog):
-    """An error while launching a step ahead (here: the plan raising) takes that step back, keeps this step's
-    tokens, logs it and steps plainly from then on: the tokens are those of the plain loop."""
+@pytest.mark.parametrize("planned", [True, False])
+def test_a_step_ahead_that_fails_is_taken_back_and_the_engine_steps_plainly(model, caplog, planned):
+    """An error while launching a step ahead takes that step back if it had planned (planned=True: the plan made,
+    then a failure), leaves the step it follows alone if not (planned=False: a failure before any plan of its
+    own), keeps this step's tokens, logs it and steps plainly from then on: after every step the store's lengths
+    are the tokens read (plus the step launched ahead), and the tokens are those of the plain loop."""
     prompts = [[5, 6, 7] * 9, [9, 4] * 20]
     with Engine(model, "quant", overlap=False) as plain:
         want = [c.token_ids for c in plain.generate(prompts, max_new_tokens=6, ignore_eos=True)]
@@ -262,8 +265,9 @@ def test_a_step_ahead_that_fails_leaves_this_steps_tokens_and_the_plain_loop(mod
 
         def flaky(batch, staged, positions):
             calls.append(1)
-            if len(calls) == 3:  # the second step launched ahead
-                engine._make_plan(batch, staged[:, 0].contiguous(), positions)  # planned, then it fails
+            if len(calls) == (3 if planned else 2):  # the second / the first step launched ahead
+                if planned:
+                    engine._make_plan(batch, staged[:, 0].contiguous(), positions)  # planned, then it fails
                 raise RuntimeError("injected")
             return orig(batch, staged, positions)
 
@@ -275,37 +279,7 @@ def test_a_step_ahead_that_fails_leaves_this_steps_tokens_and_the_plain_loop(mod
                 for out in engine.step():
                     tokens[out.request_id].append(out.token_id)
                 for r in engine.running:  # the store's lengths: the tokens read, plus the step launched ahead
-                    ahead = int(engine._ahead is not None)
-                    assert int(engine.store.seq_len[r.seq_id]) == r.length - 1 + ahead
-        got = [tokens[i] for i in ids]
+                    assert int(engine.store.seq_len[r.seq_id]) == r.length - 1 + int(engine._ahead is not None)
         assert not engine.overlap and "launching a step ahead failed (RuntimeError: injected)" in caplog.text
         assert engine.store.hot.pool.num_used == 0
-    assert got == want
-
-
-def test_a_step_ahead_that_fails_before_its_plan_takes_nothing_back(model, caplog):
-    """A failure before the step ahead has a plan (here: building its inputs) leaves the step it follows alone:
-    that step's tokens come, the store's lengths stay right, and the tokens are the plain loop's."""
-    prompts = [[5, 6, 7] * 9, [9, 4] * 20]
-    with Engine(model, "quant", overlap=False) as plain:
-        want = [c.token_ids for c in plain.generate(prompts, max_new_tokens=6, ignore_eos=True)]
-    with Engine(model, "quant", overlap=True) as engine:
-        orig, calls = engine._decode, []
-
-        def flaky(batch, staged, positions):
-            calls.append(1)
-            if len(calls) == 2:  # the first step launched ahead: before any plan of its own
-                raise RuntimeError("injected early")
-            return orig(batch, staged, positions)
-
-        engine._decode = flaky
-        ids = [engine.add_request(p, SamplingParams(max_new_tokens=6, ignore_eos=True)) for p in prompts]
-        tokens = {i: [] for i in ids}
-        with caplog.at_level("WARNING", logger="kvstore.engine"):
-            while engine.has_unfinished:
-                for out in engine.step():
-                    tokens[out.request_id].append(out.token_id)
-                for r in engine.running:
-                    assert int(engine.store.seq_len[r.seq_id]) == r.length - 1 + int(engine._ahead is not None)
-        assert "injected early" in caplog.text
     assert [tokens[i] for i in ids] == want

@@ -225,7 +225,7 @@ class HotTier:
         fresh = decision.reuse < 0
         index = torch.where(fresh, n, decision.reuse)  # high-tier index the new token takes
         needs = (fresh & (n % tpp == 0)).long()
-        if B and host_counts is not None and decision.low_moves is None and self.low is None:
+        if B and host_counts is not None and self.low is None:  # (no low tier: no low moves either)
             top = max(host_counts)  # each head holds its sequence's count: the sizes without a host read
             widest, widest_after, low_pages = -(-top // tpp), -(-(top + 1) // tpp), 0
             total = sum(c % tpp == 0 for c in host_counts) * L * H
