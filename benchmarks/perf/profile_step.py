@@ -69,12 +69,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if any(m.is_hf for m in args.method_specs):
             raise ValueError("hf has no engine to profile; use kvstore-bench throughput")
         ns = argparse.Namespace(model=args.model, layers=args.layers, lengths=args.length,
-                                new_tokens=args.warmup + args.steps + 2, device=args.device, dtype=args.dtype)
+                                new_tokens=_new_tokens(args.warmup, args.steps), device=args.device, dtype=args.dtype)
         args.source = throughput.resolve_model(ns)
         args.out = check_out_dir(args.out)
     except ValueError as exc:
         p.error(str(exc))
     return args
+
+
+def _new_tokens(warmup: int, steps: int) -> int:
+    """Tokens each request generates: none finishes in the windows (the warmup, the unprofiled
+    steps, then the profiled ones), and the model's positions are sized for as many."""
+    return warmup + 2 * steps + 2
 
 
 def _kernels(prof, device: torch.device) -> list[tuple[str, float]]:
@@ -154,7 +160,7 @@ def profile_method(model, method, length: int, batch: int, steps: int, warmup: i
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     with Engine(model, config, max_batch=batch) as engine:
         # none finishes in the windows (the unprofiled one, then the profiled one)
-        params = SamplingParams(max_new_tokens=warmup + 2 * steps + 2, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=_new_tokens(warmup, steps), ignore_eos=True)
         for row in prompts:
             engine.add_request(row.to(device), params)
         engine.admit()
