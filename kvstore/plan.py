@@ -34,6 +34,19 @@ def host_ints(*values: torch.Tensor) -> list[int]:
     return [int(x) for x in torch.stack([v.reshape(()).to(torch.int64) for v in values]).tolist()]
 
 
+def fill_at(t: torch.Tensor, index: tuple, value: float | int | bool) -> torch.Tensor:
+    """`t[index] = value` for a Python scalar at index tensors (None: the whole dimension), in place.
+
+    The same as the indexed assignment but for the scalar: torch makes it a host tensor and copies it
+    to t's device, and on a GPU that copy waits for the device's queue to drain. Here the scalar is
+    filled on the device (one kernel), so a plan made while earlier steps still run waits for none of
+    them (`Engine(overlap=...)`; tests/test_overlap.py holds it on a GPU)."""
+    at = [i for i, x in enumerate(index) if x is not None]
+    view = t.permute(*at, *(i for i in range(t.dim()) if i not in at))  # the indexed dimensions first
+    view.index_put_(tuple(index[i] for i in at), torch.full((), value, dtype=t.dtype, device=t.device))
+    return t
+
+
 class Workspace:
     """Named, capacity-grown device buffers (see the module docstring)."""
 

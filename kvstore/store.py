@@ -34,7 +34,7 @@ from kvstore.config import KVStoreConfig
 from kvstore.geometry import ModelGeometry
 from kvstore.hot.policies import PrefillKeep, make_policy
 from kvstore.hot.tier import HotTier
-from kvstore.plan import DecodePlan, Workspace
+from kvstore.plan import DecodePlan, Workspace, fill_at
 from kvstore.prefill_attention import prefill_attention
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class KVStore:
         ids = [self._free_seqs.pop() for _ in range(n)]
         self.active.update(ids)
         t = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        self.seq_len[t] = 0
+        self.seq_len.index_fill_(0, t, 0)
         self.prompt_len[t] = 0 if prompt_lengths is None else prompt_lengths.to(self.device, torch.int64)
         return t
 
@@ -154,14 +154,14 @@ class KVStore:
         # not-yet-written slots; those slots are masked, but 0 * NaN/inf in P @ V is NaN (this
         # made `tiered` emit NaN logits on every batch after the first one of a store).
         pages = self.hot.table.pages[t]
-        self.hot.pool.data[pages[pages > 0].long()] = 0
+        self.hot.pool.data.index_fill_(0, pages[pages > 0].long(), 0)
         self.hot.release(t)
         self._free_ret_pages()
         self.policy.release(t)
         if self.cold_path is not None:
             self.cold_path.release(t)
-        self.seq_len[t] = 0
-        self.prompt_len[t] = 0
+        self.seq_len.index_fill_(0, t, 0)
+        self.prompt_len.index_fill_(0, t, 0)
         for i in ids:
             self.active.discard(i)
             self._free_seqs.append(i)
@@ -205,7 +205,7 @@ class KVStore:
     def _free_ret_pages(self) -> None:
         """Give the last plan's retrieved-token pages back, zeroed (see `release`)."""
         if self._ret_pages is not None:
-            self.hot.pool.data[self._ret_pages.long()] = 0
+            self.hot.pool.data.index_fill_(0, self._ret_pages.long(), 0)
             self.hot.pool.free(self._ret_pages)
             self._ret_pages = None
 
@@ -455,13 +455,13 @@ class KVStore:
         t, pool, sid = self.hot.table, self.hot.pool, plan.seq_ids
         t.num_tokens[sid] -= undo.to(torch.int32)
         b, l, h = undo.nonzero(as_tuple=True)  # the emptied slots: a written one held the taken-back token
-        pool.slot_pos[plan.page[b, l, h].long(), plan.slot[b, l, h].long()] = -1
+        fill_at(pool.slot_pos, (plan.page[b, l, h].long(), plan.slot[b, l, h].long()), -1)
         b, l, h = drop.nonzero(as_tuple=True)
         if b.numel():
             col = t.num_tokens[sid[b], l, h].long() // self.hot.tokens_per_page  # index n opened page n // tpp
             ids = t.pages[sid[b], l, h, col]
-            t.pages[sid[b], l, h, col] = 0
-            pool.data[ids.long()] = 0  # as release does: a page may come back in the other tier
+            fill_at(t.pages, (sid[b], l, h, col), 0)
+            pool.data.index_fill_(0, ids.long(), 0)  # as release does: a page may come back in the other tier
             pool.free(ids)
         return count
 

@@ -14,7 +14,7 @@ A *host sync* is an op that copies a device value to the host (`_local_scalar_de
 `int(t)`, `bool(t)`, `.tolist()`) or whose output size depends on data (`nonzero`,
 `masked_select`, `unique`...); on a CPU store they are no sync, but they are one on the GPU.
 
-A *host value* is a Python number that becomes a host tensor (`aten.lift_fresh`: `torch.tensor(x)`,
+A *host value* is a Python number that becomes a 0-dim host tensor (`aten.lift_fresh`: `torch.tensor(x)`,
 `t[index] = 1.0`) and then reaches an op other than `fill_`: on CUDA, `t[index_tensor] = 1.0` makes a
 0-dim host tensor that `index_put_` copies to the device, a pageable host-to-device copy, which CUDA
 graph capture refuses. (Slice assignment, `t[..., 3] = 1.0`, ends in `fill_` and is fine.)
@@ -119,8 +119,9 @@ class AllocProbe(TorchDispatchMode):
                 self.allocations.append(Record(name, tuple(t.shape), t.dtype, where))
         op = str(func)  # with the overload, e.g. aten.repeat_interleave.Tensor
         if name == "aten.lift_fresh":
-            self._lifted.add(_storage_id(out))
-            self._keep.append(out)
+            if out.dim() == 0:  # a Python number (`torch.tensor(list)` is data the caller copies itself)
+                self._lifted.add(_storage_id(out))
+                self._keep.append(out)
         elif name != "aten.fill_" and owned & self._lifted:
             self.host_values.append(Record(name, (), None, where))
         if name in SYNC_OPS or op in SYNC_OPS:

@@ -208,6 +208,36 @@ def test_sample_with_the_rows_given_equals_sample_reading_them():
     assert torch.equal(greedy[0], logits.argmax(-1))
 
 
+@pytest.mark.parametrize("preset", ["quant", "full"])
+def test_a_step_launched_ahead_reads_nothing_back(model, preset):
+    """The CPU side of the GPU test below: planning and launching a step ahead (pages that fill up
+    allocated, sampling rows set) runs no op that reads a device value on the host (`.item()`,
+    `nonzero`) and makes no Python number a host tensor that an indexed write copies to the device
+    (on a GPU both wait for the queue: the step ahead would wait for the one before it)."""
+    from alloc_probe import AllocProbe
+
+    prompts = [[5, 6, 7] * 10, [9] * 45, [11, 4] * 30]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True, temperature=t, seed=3)
+              for n, t in ((16, 0.0), (12, 0.8), (20, 0.0))]
+    with Engine(model, preset, max_batch=3, overlap=True) as engine:
+        orig, probes = engine._launch, []
+
+        def launch(batch, after=None):
+            if after is None:
+                return orig(batch, after)
+            with AllocProbe() as probe:
+                out = orig(batch, after)
+            probes.append(probe)
+            return out
+
+        engine._launch = launch
+        engine.generate(prompts, params)
+        fresh = engine.store.hot.pool.peak_used
+    assert len(probes) > 5 and fresh > 0
+    for probe in probes:
+        assert not probe.syncs and not probe.host_values, probe.summary()
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the overlap's point is a GPU's queue")
 
 

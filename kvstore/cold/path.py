@@ -41,7 +41,7 @@ from kvstore.cold.selection import budgets, window_sizes
 from kvstore.cold.selectors import make_selector
 from kvstore.config import KVStoreConfig
 from kvstore.geometry import ModelGeometry, use_triton
-from kvstore.plan import DecodePlan, SelectionStep, Workspace
+from kvstore.plan import DecodePlan, SelectionStep, Workspace, fill_at
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class ColdPath:
         for gone in (plan.evicted_pos, plan.low_evicted):  # two tensors
             if gone is not None:
                 col = torch.where(gone >= 0, gone, torch.full_like(gone, cap))
-                self.resident[l_, sb, h, col] = False
+                fill_at(self.resident, (l_, sb, h, col), False)
         self.resident[:, :, :, cap] = False
         S = self.config.sink_tokens
         t = torch.arange(cap, device=self.device).view(1, 1, 1, cap)
@@ -268,7 +268,7 @@ class ColdPath:
         ktop, kmax = kmax, min(kmax, 1 << (wide - 1).bit_length(), self._cap) if wide > 0 else 0
         kmax = max(kmax, min(select_hint, self._cap))  # a floor (`Engine.warmup`): the extra picks are invalid
         if self.resident is not None:
-            self.resident[:, seq_ids, :, positions] = True  # the new token is hot in every (layer, head)
+            fill_at(self.resident, (None, seq_ids, None, positions), True)  # the new token is hot in every (layer, head)
             want = min(self.config.gpu_cache_tokens, kmax)
             if self.gpu_cache is not None and want > self.gpu_cache.slots:  # grows with the candidates
                 cap_slots = min(self.config.gpu_cache_tokens, ktop)

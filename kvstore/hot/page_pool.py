@@ -163,8 +163,8 @@ class PagePool:
                 )
         taken = self.free_stack[self.num_free - total : self.num_free].clone()
         self.num_free -= total
-        self.slot_pos[taken.long()] = -1
-        self.slot_score[taken.long()] = 0.0
+        self.slot_pos.index_fill_(0, taken.long(), -1)  # (a scalar assignment would wait for the device)
+        self.slot_score.index_fill_(0, taken.long(), 0.0)
         self.peak_used = max(self.peak_used, self.num_used)
         return taken, offsets
 
@@ -177,6 +177,6 @@ class PagePool:
             return
         if n > self.num_used:
             raise RuntimeError(f"freeing {n} pages but only {self.num_used} are in use: double free")
-        self.slot_pos[ids.long()] = -1
+        self.slot_pos.index_fill_(0, ids.long(), -1)
         self.free_stack[self.num_free : self.num_free + n] = ids
         self.num_free += n

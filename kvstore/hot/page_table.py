@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from kvstore.plan import fill_at
+
 
 class PageTable:
     def __init__(self, max_seqs: int, num_layers: int, num_kv_heads: int, device: torch.device, max_pages: int = 4):
@@ -77,10 +79,10 @@ class PageTable:
         ids = seq_ids.to(self.device, torch.long)
         at = (ids,) if layer is None else (ids, layer)
         pages = self.pages[at].reshape(-1).clone()
-        self.pages[at] = 0
-        self.num_tokens[at] = 0
-        self.num_low[at] = 0
-        self.num_low_pages[at] = 0
+        if layer is not None:
+            at = (ids, torch.full_like(ids, layer))
+        for t in (self.pages, self.num_tokens, self.num_low, self.num_low_pages):
+            fill_at(t, at, 0)
         return pages
 
     def virtual_pages(self, seq_ids: torch.Tensor, width: int, tokens_per_page: int) -> torch.Tensor:

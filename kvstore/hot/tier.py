@@ -23,7 +23,7 @@ from kvstore.hot.page_format import FullFormat, PageFormat
 from kvstore.hot.page_pool import PagePool
 from kvstore.hot.page_table import PageTable
 from kvstore.hot.quantization import QuantFormat
-from kvstore.plan import Workspace, host_ints
+from kvstore.plan import Workspace, fill_at, host_ints
 
 
 @dataclass
@@ -269,8 +269,8 @@ class HotTier:
         if n_prune:
             rows = torch.nonzero_static(pm, size=n_prune).squeeze(1)
             pp, ps = l_page.reshape(-1)[rows], l_slot.reshape(-1)[rows]
-            pool.slot_pos[pp, ps] = -1
-            pool.slot_score[pp, ps] = 0.0
+            fill_at(pool.slot_pos, (pp, ps), -1)
+            fill_at(pool.slot_score, (pp, ps), 0.0)
         if n_new:
             table.ensure_pages(high_pages + low_pages + 2)
             pages_full = table.pages
@@ -565,7 +565,7 @@ class HotTier:
         may come back in the other precision tier)."""
         pages = self.table.clear(seq_ids, layer)
         pages = pages[pages > 0]
-        self.pool.data[pages.long()] = 0
+        self.pool.data.index_fill_(0, pages.long(), 0)
         self.pool.free(pages)
 
     @property
