@@ -116,9 +116,10 @@ def _step_walls(engine, steps: int) -> list[float]:
 
 def _host_timing(engine, steps: int) -> dict:
     """`steps` decode steps timed without the profiler (which slows the host's Python ~2x), ms per step:
-    the median step's wall time ("wall"), the host's time in the store's plan ("plan"), in the graph's
-    launch with its signature check ("launch", CUDA graphs only) and in waiting for the step's tokens
-    and finishing them ("wait"); "other" is the rest of the host's step (sampling's launch, the inputs)."""
+    the median step's wall time ("wall"), the host's time in the store's plan ("plan"; its parts "plan.*",
+    each with the host syncs it makes), in the graph's launch with its signature check ("launch", CUDA
+    graphs only) and in waiting for the step's tokens and finishing them ("wait"); "other" is the rest
+    of the host's step (sampling's launch, the inputs)."""
     spent = {"plan": 0.0, "launch": 0.0, "wait": 0.0}
 
     def timed(name, fn):
@@ -131,16 +132,21 @@ def _host_timing(engine, steps: int) -> dict:
         return run
 
     store, graphs = engine.store, engine.graphs
-    store.plan = timed("plan", store.plan)  # instance attributes over the methods, removed below
-    engine._accept = timed("wait", engine._accept)
-    if graphs is not None:
-        graphs.run = timed("launch", graphs.run)
+    # instance attributes over the methods, removed below; the plan's parts too (as the profiler's
+    # kvstore.plan.* ranges split it, but at the host's unprofiled speed)
+    wrapped = [("plan", store, "plan"), ("wait", engine, "_accept"), ("launch", graphs, "run"),
+               ("plan.policy", store.policy, "plan"), ("plan.apply", store.hot, "apply"),
+               ("plan.workspace", store.hot, "plan_workspace"), ("plan.cold.host_writes", store.cold, "plan_step"),
+               ("plan.cold.selection", store.cold_path, "_plan_retrieval")]
+    wrapped = [(name, obj, attr) for name, obj, attr in wrapped if obj is not None and hasattr(obj, attr)]
+    for name, obj, attr in wrapped:
+        spent.setdefault(name, 0.0)
+        setattr(obj, attr, timed(name, getattr(obj, attr)))
     try:
         walls = _step_walls(engine, steps)
     finally:
-        del store.plan, engine._accept
-        if graphs is not None:
-            del graphs.run
+        for _, obj, attr in wrapped:
+            delattr(obj, attr)
     out = {k: v / steps * 1e3 for k, v in spent.items()}
     out["wall"] = statistics.median(walls) * 1e3
     out["other"] = max(0.0, sum(walls) / steps * 1e3 - out["plan"] - out["launch"] - out["wait"])
@@ -230,11 +236,12 @@ def main(argv: list[str] | None = None) -> int:
                   "| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         lines += [f"| {r['method']} | " + " | ".join(f"{r['host_phases_ms_per_step'].get(n, 0.0):.2f}" for n in names)
                   + " |" for r in rows]
+    cols = ["wall", "plan", "launch", "wait", "other"]
+    cols += sorted({k for r in rows for k in r["unprofiled_ms_per_step"] if k.startswith("plan.")})
     lines += ["", "The same steps without the profiler (ms a step: the host's plan, graph launch, wait for the "
-              "tokens, the rest; wall: the median step):", "", "| method | wall | plan | launch | wait | other |",
-              "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['method']} | " + " | ".join(f"{r['unprofiled_ms_per_step'][k]:.2f}"
-                                                for k in ("wall", "plan", "launch", "wait", "other")) + " |"
+              "tokens, the rest; wall: the median step; plan.*: the plan's parts, each with its host syncs):", "",
+              "| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines += [f"| {r['method']} | " + " | ".join(f"{r['unprofiled_ms_per_step'].get(k, 0.0):.2f}" for k in cols) + " |"
               for r in rows]
     for r in rows:
         lines += ["", f"{r['method']}: the kernels that took the most time a step", ""]
