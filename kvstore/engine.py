@@ -267,10 +267,19 @@ class Engine:
         #: the least width of a step's attention (pages) and selection (tokens), set by `warmup`
         self._floor_pages = self._floor_select = 0
         self._plan = None  # the last step's plan
-        #: plan and launch step t+1 before reading step t's tokens (default: on CUDA). Only where a step
-        #: can be taken back (`KVStore.cancellable`: the hot tier keeps every token, no cold path)
+        #: plan and launch step t+1 before reading step t's tokens (default: on CUDA). Only where the plan
+        #: reads nothing back (`KVStore.plans_ahead`: full, quant, pqcache); where a step can be taken back
+        #: (`KVStore.cancellable`: full, quant) a step launched for a batch that then changed is; elsewhere
+        #: it rides: it runs for the rows that ended (their tokens dropped) and lands for the others
         self.overlap = (self.device.type == "cuda") if overlap is None else bool(overlap)
         self._ahead: _Launched | None = None  # the step launched ahead, its tokens not read yet
+        #: requests that ended while the step ahead (which cannot be taken back) ran for them: released
+        #: once it lands; and the tokens of a step ahead landed between decode steps (by an admission,
+        #: an abort, a restore), returned by the next `decode_step`
+        self._riders: list[_Request] = []
+        self._landed: list[StepOutput] = []
+        #: steps launched ahead that ran for requests which had ended (their rows' work dropped)
+        self.ridden_steps = 0
         #: steps launched ahead and then taken back (their batch changed: a request finished or joined)
         self.cancelled_steps = 0
         self.decode_path = "cuda-graph" if self.graphs is not None else "eager"
@@ -333,6 +342,7 @@ class Engine:
         running one's pages go back to the pool at once. False if it is not waiting or running."""
         self._check_open()
         self._settle()
+        self._landed = [o for o in self._landed if o.request_id != request_id]  # its client is gone
         for r in self.waiting:
             if r.rid == request_id:
                 self.waiting.remove(r)
@@ -431,7 +441,7 @@ class Engine:
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._landed)  # (landed: tokens not yet returned)
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
@@ -504,8 +514,12 @@ class Engine:
         host work runs while the device computes, and this call returns step t's tokens. Where a
         request then finishes (or joins, or a subset is stepped), the step launched ahead is taken
         back (`KVStore.cancel`) and planned again for the new batch: the tokens are the same either
-        way. Only for stores whose steps can be taken back (`KVStore.cancellable`); without a
-        recorder or forced tokens; not while a waiting request is about to be admitted."""
+        way. A store whose steps cannot be taken back but whose plan reads nothing back
+        (`KVStore.plans_ahead`: pqcache) lets it ride instead: the rows of requests that ended are
+        computed and dropped (one step of work each), the others' tokens are its, returned by the
+        next call (which then returns every row it ran, a subset asked for or not), and a step ahead
+        landed by an admission, an abort or a restore comes back with the next call's tokens. Without
+        a recorder or forced tokens; not while a waiting request is about to be admitted."""
         self._check_open()
         if request_ids is None:
             batch = self.running
@@ -516,31 +530,47 @@ class Engine:
             if missing or len(set(ids)) != len(ids):
                 raise ValueError(f"decode_step: request {missing[0] if missing else ids} is not running once")
             batch = [by_id[i] for i in ids]
+        landed, self._landed = self._landed, []
         step = self._ahead
         if step is not None and (request_ids is not None or step.rids != [r.rid for r in batch]):
+            if not self.store.cancellable:  # it ran for these rows and for some that ended: its tokens
+                self._ahead = None
+                outputs = landed + self._accept(step)
+                self._release_riders()
+                self.running = [r for r in self.running if r.finish_reason is None]
+                return outputs
             self._settle()  # launched for another batch: taken back, planned again below
             step = None
         self._ahead = None
         if not batch:
-            return []
+            return landed
         if step is None:
             step = self._launch(batch)
         ahead = None
         if request_ids is None and self._can_overlap(batch):
+            planned = self._plan
             try:
                 ahead = self._launch(batch, after=step)
             except Exception as exc:  # noqa: BLE001 - an optimization: this step's tokens still come, plainly
+                if self._plan is not planned and not self.store.cancellable:
+                    raise  # it planned and cannot be taken back: the store is a step ahead of the requests
                 logger.warning("engine: launching a step ahead failed (%s: %s); stepping plainly from here",
                                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
                 self.overlap = False
         self._ahead = ahead  # held before the tokens are read: whatever happens there, it is taken back later
         with torch.profiler.record_function("kvstore.sample"):  # waits for the step's tokens
-            outputs = self._accept(step, release=ahead is None)
-        if ahead is not None and any(r.finish_reason is not None for r in batch):  # its batch just changed
-            self._settle()
-            for r in batch:
-                if r.finish_reason is not None:
+            outputs = landed + self._accept(step, release=ahead is None)
+        ended = [r for r in batch if r.finish_reason is not None]
+        if ahead is not None and ended:  # its batch just changed
+            if self.store.cancellable:
+                self._settle()
+                for r in ended:
                     self._release(r)
+            else:  # the step ahead runs for them too: they are released once it lands
+                self._riders += ended
+                self.ridden_steps += 1
+                if len(ended) == len(batch):  # it runs for nobody: land it now
+                    self._settle()
         self.running = [r for r in self.running if r.finish_reason is None]
         return outputs
 
@@ -548,7 +578,7 @@ class Engine:
         """Whether the step after this one may be launched before this one's tokens are read: the
         same rows will run it (none ends by length at this step, no admission is due), and a wrong
         guess can be taken back."""
-        if not self.overlap or self.recorder is not None or not self.store.cancellable:
+        if not self.overlap or self.recorder is not None or not self.store.plans_ahead:
             return False
         if self.waiting and len(self.running) < self.max_batch:
             return False
@@ -556,11 +586,25 @@ class Engine:
 
     def _settle(self) -> None:
         """Take back the step launched ahead, if any (`KVStore.cancel`): before the store is changed
-        otherwise (a prefill, an abort, a restore, a close) or when its batch changed."""
+        otherwise (a prefill, an abort, a restore, a close) or when its batch changed. A step that
+        cannot be taken back lands instead: its tokens are recorded (the next `decode_step` returns
+        them) and the requests that rode it are released."""
         step, self._ahead = self._ahead, None
-        if step is not None:
+        if step is None:
+            return
+        if self.store.cancellable:
             self.store.cancel(step.plan)
             self.cancelled_steps += 1
+            return
+        self._landed += self._accept(step)
+        self._release_riders()
+        self.running = [r for r in self.running if r.finish_reason is None]
+
+    def _release_riders(self) -> None:
+        """Free the requests that ended while a step ahead ran for them (it has landed)."""
+        riders, self._riders = self._riders, []
+        for r in riders:
+            self._release(r)
 
     def _prefill(self, req: _Request) -> torch.Tensor:
         """The request's prompt into the store (its own sequence); logits [1, V] of its last token."""
@@ -616,7 +660,8 @@ class Engine:
     def _make_plan(self, batch: list[_Request], seq_ids: torch.Tensor, positions: list[int] | None = None):
         with torch.profiler.record_function("kvstore.plan"):  # a range that profiles (profile_step) attribute by
             self._plan = self.store.plan(seq_ids, pages_hint=self._pages_hint(batch),
-                                         select_hint=self._floor_select or None, host_positions=positions)
+                                         select_hint=self._floor_select or None, host_positions=positions,
+                                         host_seq_ids=None if positions is None else [r.seq_id for r in batch])
         return self._plan
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -642,8 +687,8 @@ class Engine:
             logits, inputs = self._decode(batch, staged, positions)
             tok, logp = self._sample(logits, batch, ahead)
         except BaseException:
-            if after is not None and self._plan is not before:  # planned, then failed: it leaves nothing behind
-                self.store.cancel(self._plan)
+            if after is not None and self._plan is not before and self.store.cancellable:
+                self.store.cancel(self._plan)  # planned, then failed: it leaves nothing behind
             raise
         return self._launched(batch, tok, logp, plan=self._plan, inputs=inputs)
 
@@ -758,6 +803,8 @@ class Engine:
         logp = logp.tolist() if logp is not None else None
         outs = []
         for i, r in enumerate(step.reqs):
+            if r.finish_reason is not None:  # it ended at the step before: this row rode along, dropped
+                continue
             t = tok[i]
             if len(r.tokens) < len(r.forced):  # teacher forcing: the recorded token, whatever was sampled
                 t, own = r.forced[len(r.tokens)], t
@@ -883,6 +930,8 @@ class Engine:
         reqs = self._queue(prompts, params, kwargs)
         while any(r.finish_reason is None for r in reqs):
             self.step()
+        ids = {r.rid for r in reqs}  # (their tokens are in the completions: none comes back from a later step)
+        self._landed = [o for o in self._landed if o.request_id not in ids]
         return [self._completion(r) for r in reqs]
 
     def _queue(self, prompts, params, kwargs) -> list[_Request]:

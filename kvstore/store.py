@@ -26,6 +26,7 @@ import logging
 import weakref
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from kvstore.cold.host_tier import ColdTier
@@ -195,7 +196,8 @@ class KVStore:
             return 0
         B, H = plan.seq_ids.numel(), self.geometry.num_kv_heads
         nrp = -(-sel.kmax // T)
-        taken, _ = self.hot.pool.allocate(torch.full((B * H,), nrp, dtype=torch.int64, device=self.device))
+        taken, _ = self.hot.pool.allocate(torch.full((B * H,), nrp, dtype=torch.int64, device=self.device),
+                                          total=B * H * nrp)
         self._ret_pages = taken
         # the kernel reads them from a workspace buffer (a fixed address step after step: kvstore/cuda_graph.py)
         plan.ret_pages = self.workspace.take("ret.pages", (B, H, nrp), taken.dtype).copy_(taken.view(B, H, nrp))
@@ -206,7 +208,7 @@ class KVStore:
         """Give the last plan's retrieved-token pages back, zeroed (see `release`)."""
         if self._ret_pages is not None:
             self.hot.pool.data.index_fill_(0, self._ret_pages.long(), 0)
-            self.hot.pool.free(self._ret_pages)
+            self.hot.pool.free(self._ret_pages, all_pages=True)
             self._ret_pages = None
 
     def release_all(self) -> None:
@@ -294,7 +296,7 @@ class KVStore:
 
     # ---- decode -----------------------------------------------------------------------------
     def plan(self, seq_ids: torch.Tensor, pages_hint: int | None = None, select_hint: int | None = None,
-             host_positions: Sequence[int] | None = None) -> DecodePlan:
+             host_positions: Sequence[int] | None = None, host_seq_ids: Sequence[int] | None = None) -> DecodePlan:
         """Prepare one decode step for every layer: where each head's new token goes.
 
         Allocates the pages that fill up this step for all (sequence, layer, KV head) at once,
@@ -313,11 +315,14 @@ class KVStore:
         select_hint: with a selector, the selection at least this wide (within the retrieval
         buffers' capacity) even where the budget or the candidates are fewer (picks past them are
         invalid): a shorter prompt then selects into the same buffers (`Engine.warmup`).
-        host_positions: the positions of the tokens being decoded (each sequence's length before the
-        step) where the caller knows them on the host. Where the hot policy keeps every token
-        (`cancellable`), every head of a sequence holds exactly that many, and the plan then reads
-        nothing back from the device: it does not wait for the steps still queued on it (the
-        engine plans step t+1 while step t runs, `Engine(overlap=...)`). Ignored elsewhere.
+        host_positions, host_seq_ids: the positions of the tokens being decoded (each sequence's length
+        before the step) and the slots `seq_ids` holds, where the caller knows them on the host (the
+        engine does). Where the hot policy can tell from them what every head holds (`HotPolicy.
+        host_sizes`: 'all' from the positions alone, 'window' with the slots too; not LeanKV), the hot
+        tier's sizes are not read back from the device; with both, neither are the cold path's
+        bookkeeping nor (without LeanKV's residency map) the selection's sizes (`ColdPath.plan`). So
+        quant and full plan reading nothing back, pqcache too: such a plan does not wait for the steps
+        still queued on the device (the engine plans step t+1 while step t runs, `Engine(overlap=...)`).
         """
         self._undo_unwritten_slots()
         self._free_ret_pages()
@@ -327,16 +332,20 @@ class KVStore:
             decision = self.policy.plan(self, seq_ids, positions, last_step=self.hot.take_last_step())  # decides
         with _range("kvstore.plan.apply"):
             # moves pages, places the new tokens; the widest high and low tables after it
-            counts = list(host_positions) if host_positions is not None and self.cancellable else None
-            if counts is not None and len(counts) != seq_ids.numel():
-                raise ValueError(f"plan: {len(counts)} host_positions for {seq_ids.numel()} sequences")
-            page, slot, fresh, needs, (num_pages, low_pages) = self.hot.apply(seq_ids, decision, host_counts=counts)
+            for name, given in (("host_positions", host_positions), ("host_seq_ids", host_seq_ids)):
+                if given is not None and len(given) != seq_ids.numel():
+                    raise ValueError(f"plan: {len(given)} {name} for {seq_ids.numel()} sequences")
+            sizes = None if host_positions is None else self.policy.host_sizes(host_seq_ids, host_positions)
+            page, slot, fresh, needs, (num_pages, low_pages) = self.hot.apply(seq_ids, decision, host_sizes=sizes)
         self.seq_len[seq_ids] += 1
         plan = DecodePlan(seq_ids, positions, page, slot, num_pages, decision.evicted_pos, decision.low_evicted)
         nrp = 0
         if self.cold_path is not None:  # the last step's host writes flushed; the step's selection
             with _range("kvstore.plan.cold"):
-                self.cold_path.plan(plan, select_hint)
+                host = None
+                if host_positions is not None and host_seq_ids is not None:
+                    host = (np.asarray(host_seq_ids, dtype=np.int64), np.asarray(host_positions, dtype=np.int64))
+                self.cold_path.plan(plan, select_hint, host)
                 nrp = self._take_ret_pages(plan)
         # the kernel's splits cover the retrieved pages too where it attends them
         with _range("kvstore.plan.workspace"):
@@ -394,6 +403,16 @@ class KVStore:
         if out.data_ptr() != plan.out[layer].data_ptr():  # fp32 merge result (retrieval)
             plan.out[layer, :, :, 0].copy_(out)
         return plan.out[layer]
+
+    @property
+    def plans_ahead(self) -> bool:
+        """Whether a plan given the step's positions and slots on the host (`plan(host_positions=,
+        host_seq_ids=)`) reads nothing back from the device, so that step t+1 can be planned while
+        step t still runs (`Engine(overlap=...)`): a hot policy whose sizes the host can tell
+        (`HotPolicy.host_sizes`: every token, a window; not LeanKV's scores), no low tier, and no
+        residency map in the cold path (tiered's candidates are what LeanKV pruned: a device count)."""
+        return (self.config.hot_policy in ("all", "window") and self.hot.low is None
+                and (self.cold_path is None or self.cold_path.resident is None))
 
     @property
     def cancellable(self) -> bool:

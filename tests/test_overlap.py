@@ -35,7 +35,7 @@ def _requests(rng: random.Random, n: int) -> list[tuple[list[int], SamplingParam
 
 def _serve(model, preset: str, overlap: bool, requests, arrivals: dict[int, list[int]]):
     """Run `requests` (prompt, params) arriving before the steps `arrivals` names; every request's
-    (tokens, logprobs, finish reason), the engine's cancelled steps, and the store's leftovers."""
+    (tokens, logprobs, finish reason), the engine's (cancelled, ridden) steps, and the store's leftovers."""
     with Engine(model, preset, max_batch=4, overlap=overlap) as engine:
         ids, step = {}, 0
         while step <= max(arrivals) or engine.has_unfinished:
@@ -50,14 +50,15 @@ def _serve(model, preset: str, overlap: bool, requests, arrivals: dict[int, list
         done = {}
         for r in engine._finished:
             done[ids[r.rid]] = (r.tokens, r.logprobs, r.finish_reason)
-        return done, engine.cancelled_steps, left
+        return done, (engine.cancelled_steps, engine.ridden_steps), left
 
 
-@pytest.mark.parametrize("preset", ["quant", "full"])
+@pytest.mark.parametrize("preset", ["quant", "full", "pqcache"])
 def test_overlap_gives_every_request_the_tokens_of_the_plain_loop(model, preset, monkeypatch):
     """Requests of random lengths, budgets, stop tokens (finishing mid-batch) and sampling, arriving
-    while others decode: the overlapped loop (steps launched ahead, some taken back) gives each the
-    tokens, logprobs and finish reason of the plain loop, and leaves no page or sequence behind."""
+    while others decode: the overlapped loop (steps launched ahead, some taken back; pqcache's, which
+    cannot be, riding for the rows that ended or landing before an admission) gives each the tokens,
+    logprobs and finish reason of the plain loop, and leaves no page or sequence behind."""
     finished = []
     orig = Engine._release
 
@@ -73,23 +74,31 @@ def test_overlap_gives_every_request_the_tokens_of_the_plain_loop(model, preset,
     requests = _requests(rng, 14)
     arrivals = {0: [0, 1, 2], 1: [3], 4: [4, 5, 6, 7], 9: [8, 9], 10: [10], 16: [11, 12, 13]}
     plain, none, _ = _serve(model, preset, False, requests, arrivals)
-    over, cancelled, left = _serve(model, preset, True, requests, arrivals)
-    assert none == 0 and cancelled > 0  # some steps launched ahead were taken back (a stop token, an arrival)
+    over, (cancelled, ridden), left = _serve(model, preset, True, requests, arrivals)
+    assert none == (0, 0)
+    if preset == "pqcache":  # steps launched ahead rode along where a stop token ended a request
+        assert cancelled == 0 and ridden > 0
+    else:  # some steps launched ahead were taken back (a stop token, an arrival)
+        assert cancelled > 0 and ridden == 0
     assert sorted(over) == sorted(plain) == list(range(len(requests)))
     assert over == plain
     assert left == (0, 0, None)
     assert any(reason == "stop" for _, _, reason in plain.values())  # the stop tokens did end some mid-batch
 
 
-def test_overlap_launches_ahead_only_where_a_step_can_be_taken_back(model):
-    """The presets whose steps move tokens (LeanKV, a window, a cold path) keep the plain loop; an
-    engine on a CPU does unless asked; a steady batch runs ahead on every step but its last."""
+def test_overlap_launches_ahead_only_where_the_plan_reads_nothing_back(model):
+    """The presets whose plan reads the device (LeanKV's scores: leankv, tiered) keep the plain loop;
+    pqcache's steps, which cannot be taken back, run ahead; an engine on a CPU keeps it unless asked;
+    a steady batch runs ahead on every step but its last."""
     assert not Engine(model, "quant").overlap  # (CPU default)
-    for preset in ("tiered", "pqcache", "leankv"):
+    for preset, ahead in (("tiered", False), ("leankv", False), ("pqcache", True)):
         with Engine(model, preset, overlap=True) as engine:
-            assert not engine.store.cancellable
+            assert not engine.store.cancellable and engine.store.plans_ahead == ahead
+            launched = []
+            orig = engine._launch
+            engine._launch = lambda batch, after=None: launched.append(after is not None) or orig(batch, after)
             engine.generate([[5, 6, 7] * 20], max_new_tokens=4, ignore_eos=True)
-            assert engine.cancelled_steps == 0 and engine._ahead is None
+            assert engine.cancelled_steps == 0 and engine._ahead is None and any(launched) == ahead
     with Engine(model, "quant", overlap=True) as engine:
         launched = []
         orig = engine._launch
@@ -115,8 +124,8 @@ def _prefill(store: KVStore, lengths: list[int], g: torch.Generator) -> torch.Te
     return ids
 
 
-def _step(store: KVStore, ids: torch.Tensor, g: torch.Generator, host_positions=None) -> torch.Tensor:
-    plan = store.plan(ids, host_positions=host_positions)
+def _step(store: KVStore, ids: torch.Tensor, g: torch.Generator, **host) -> torch.Tensor:
+    plan = store.plan(ids, **host)
     B = ids.numel()
     outs = [store.decode(layer, plan, torch.randn(B, 4, 1, 16, generator=g), torch.randn(B, 2, 1, 16, generator=g),
                          torch.randn(B, 2, 1, 16, generator=g), 0.25).clone() for layer in range(2)]
@@ -129,28 +138,49 @@ def _state(store: KVStore, ids: torch.Tensor):
             store.seq_len[ids].clone())
 
 
-@pytest.mark.parametrize("preset", ["quant", "full"])
-def test_host_positions_plan_the_step_the_device_would(preset):
-    """plan(host_positions=...) reads nothing back and makes the same step: the same pages, slots and
-    sizes, the same outputs, across page boundaries (page_size=8) and sequences of unequal lengths."""
+#: retrieval presets sized for prompts of 7-16 tokens: a few sinks, a window of 3 (the host tier's writes
+#: then reach it a step late, `ColdTier.flush(wait=False)`), a budget of 4 candidates
+_RETRIEVAL = dict(sink_tokens=2, window_tokens=3, token_budget=4, gpu_cache_tokens=4)
+
+
+@pytest.mark.parametrize("preset,kw", [("quant", {}), ("full", {}), ("pqcache", _RETRIEVAL),
+                                       # a window the short prompts fill during the steps (fresh slots, a page
+                                       # boundary), then reuse
+                                       ("pqcache", dict(_RETRIEVAL, window_tokens=12)),
+                                       ("tiered", dict(_RETRIEVAL, immune_tokens=3))])
+def test_host_positions_plan_the_step_the_device_would(preset, kw):
+    """plan(host_positions=..., host_seq_ids=...) reads back less (quant, full: nothing; pqcache: only
+    the window policy's sizes) and makes the same step: the same pages, slots, sizes and selection
+    width, the same outputs, across page boundaries (page_size=8) and sequences of unequal lengths;
+    the host tier, whose writes then arrive a step late, ends holding the same tokens."""
     results = []
     for hinted in (False, True):
         g = torch.Generator().manual_seed(1)
-        store = _store(preset)
+        store = _store(preset, **kw)
         ids = _prefill(store, [13, 7, 16], g)
         lens = [13, 7, 16]
         got = []
         for _ in range(11):
-            plan, out = _step(store, ids, g, host_positions=lens if hinted else None)
-            got.append((plan.page.clone(), plan.slot.clone(), plan.num_pages, out))
+            host = dict(host_positions=lens, host_seq_ids=ids.tolist()) if hinted else {}
+            plan, out = _step(store, ids, g, **host)
+            width = plan.selection.kmax if plan.selection is not None else 0
+            got.append((plan.page.clone(), plan.slot.clone(), plan.num_pages, out, width))
             lens = [n + 1 for n in lens]
-        results.append((got, _state(store, ids)))
-    (a, sa), (b, sb) = results
+            if hinted and store.cold is not None and len(got) > 1:  # the step before's tokens, on their way
+                assert store.cold._pending is not None
+        held = [store.cold.read_sequence(i) for i in ids.tolist()] if store.cold is not None else []
+        results.append((got, _state(store, ids), held))
+    (a, sa, ha), (b, sb, hb) = results
     for x, y in zip(a, b):
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2] and torch.equal(x[3], y[3])
+        assert x[4] == y[4]
     assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(sa, sb))
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(ha, hb))
+    assert not ha or ha[0][0].shape[2] == 13 + 11  # every token: the prompt and the 11 decoded
     with pytest.raises(ValueError, match="host_positions"):
         store.plan(ids, host_positions=[1, 2])
+    with pytest.raises(ValueError, match="host_seq_ids"):
+        store.plan(ids, host_seq_ids=[1, 2])
 
 
 @pytest.mark.parametrize("preset", ["quant", "full"])
@@ -208,13 +238,24 @@ def test_sample_with_the_rows_given_equals_sample_reading_them():
     assert torch.equal(greedy[0], logits.argmax(-1))
 
 
-@pytest.mark.parametrize("preset", ["quant", "full"])
+@pytest.mark.parametrize("preset", ["quant", "full", "pqcache"])
 def test_a_step_launched_ahead_reads_nothing_back(model, preset):
     """The CPU side of the GPU test below: planning and launching a step ahead (pages that fill up
-    allocated, sampling rows set) runs no op that reads a device value on the host (`.item()`,
-    `nonzero`) and makes no Python number a host tensor that an indexed write copies to the device
-    (on a GPU both wait for the queue: the step ahead would wait for the one before it)."""
+    allocated, sampling rows set; pqcache: its selection, the host tier's writes) runs no op that reads
+    a device value on the host (`.item()`, `.tolist()`, `.cpu()`, `nonzero`) and makes no Python number
+    a host tensor that an indexed write copies to the device (on a GPU both wait for the queue: the
+    step ahead would wait for the one before it)."""
     from alloc_probe import AllocProbe
+
+    reads = []  # tensor-to-host calls (on a CPU they dispatch no op the probe would see)
+
+    def spy(name):
+        orig = getattr(torch.Tensor, name)
+
+        def read(self, *a, **kw):
+            reads.append(name)
+            return orig(self, *a, **kw)
+        return orig, read
 
     prompts = [[5, 6, 7] * 10, [9] * 45, [11, 4] * 30]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True, temperature=t, seed=3)
@@ -225,8 +266,15 @@ def test_a_step_launched_ahead_reads_nothing_back(model, preset):
         def launch(batch, after=None):
             if after is None:
                 return orig(batch, after)
-            with AllocProbe() as probe:
-                out = orig(batch, after)
+            spies = {name: spy(name) for name in ("item", "tolist", "cpu", "numpy")}
+            for name, (_, read) in spies.items():
+                setattr(torch.Tensor, name, read)
+            try:
+                with AllocProbe() as probe:
+                    out = orig(batch, after)
+            finally:
+                for name, (was, _) in spies.items():
+                    setattr(torch.Tensor, name, was)
             probes.append(probe)
             return out
 
@@ -236,13 +284,14 @@ def test_a_step_launched_ahead_reads_nothing_back(model, preset):
     assert len(probes) > 5 and fresh > 0
     for probe in probes:
         assert not probe.syncs and not probe.host_values, probe.summary()
+    assert not reads, reads
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the overlap's point is a GPU's queue")
 
 
 @cuda
-@pytest.mark.parametrize("preset", ["quant", "full"])
+@pytest.mark.parametrize("preset", ["quant", "full", "pqcache"])
 def test_cuda_a_step_launched_ahead_waits_for_nothing_and_changes_no_token(preset):
     """On a GPU, planning and launching step t+1 (plan, graph replay, sampling, the tokens' copy back)
     makes no synchronizing call (torch.cuda.set_sync_debug_mode: a capture aside), so the host plans
@@ -315,3 +364,28 @@ def test_a_step_ahead_that_fails_is_taken_back_and_the_engine_steps_plainly(mode
         assert not engine.overlap and "launching a step ahead failed (RuntimeError: injected)" in caplog.text
         assert engine.store.hot.pool.num_used == 0
     assert [tokens[i] for i in ids] == want
+
+
+def test_a_step_ahead_that_fails_after_its_plan_where_it_cannot_be_taken_back_raises(model):
+    """pqcache's step launched ahead cannot be taken back: a failure after its plan is the caller's
+    (the store is then a step ahead of its requests), not stepped over; one before the plan is."""
+    for planned in (False, True):
+        with Engine(model, "pqcache", overlap=True) as engine:
+            orig, calls = engine._decode, []
+
+            def flaky(batch, staged, positions):
+                calls.append(1)
+                if len(calls) == 2:  # the first step launched ahead
+                    if planned:
+                        engine._make_plan(batch, staged[:, 0].contiguous(), positions)
+                    raise RuntimeError("injected")
+                return orig(batch, staged, positions)
+
+            engine._decode = flaky
+            engine.add_request([5, 6, 7] * 9, SamplingParams(max_new_tokens=6, ignore_eos=True))
+            engine.admit()
+            if planned:
+                with pytest.raises(RuntimeError, match="injected"):
+                    engine.decode_step()
+            else:
+                assert len(engine.decode_step()) == 1 and not engine.overlap

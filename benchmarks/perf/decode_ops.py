@@ -138,12 +138,14 @@ def count(preset: str, steps: int = 3, seed: int = 0, lens: tuple[int, ...] = (3
         measured, widths, plan_launches = 0, [], Counter()
         with _count_triton(state):
             for step in range(steps):
+                # as the engine plans: the step's slots and positions handed over from the host
+                host = dict(host_positions=store.seq_len[ids].tolist(), host_seq_ids=ids.tolist())
                 if step == 0:
-                    plan = store.plan(ids)
+                    plan = store.plan(ids, **host)
                 else:  # the plan's launches counted apart from the layers'
                     before = Counter(state["launches"])
                     with plan_probe:
-                        plan = store.plan(ids)
+                        plan = store.plan(ids, **host)
                     plan_launches.update(state["launches"] - before)
                     state["launches"] = before
                 widths.append(plan.selection.kmax if plan.selection is not None else 0)

@@ -168,6 +168,8 @@ class ColdTier:
         self._step: torch.Tensor | None = None  # [L, B, 2, H, d] decode staging: a view of _step_buf
         self._step_buf: torch.Tensor | None = None  # [L, B' >= B, 2, H, d], doubled when a step has more rows
         self._step_meta: tuple[np.ndarray, np.ndarray] | None = None
+        #: a step's tokens on their way to the host (`flush(wait=False)`): (ids, positions, pinned rows, event)
+        self._pending: tuple | None = None
 
     # ---- allocation ----------------------------------------------------------------------------
     def ensure_seqs(self, max_seqs: int) -> None:
@@ -271,12 +273,14 @@ class ColdTier:
                 # pointer on CUDA: unified virtual addressing), one launch for every slab
                 "addr": torch.tensor([r.data_ptr() for r in self.slab_rows] or [0], dtype=torch.int64),
             }
+            # (non_blocking from pageable memory: the driver stages the bytes before it returns, and the
+            # copy waits for nothing queued on the device, as a blocking one would)
             for name, src in host.items():
                 dst = self._dev.get(name)
                 if dst is None or dst.shape != src.shape:
-                    self._dev[name] = src.to(self.device, copy=True)
+                    self._dev[name] = src.to(self.device, copy=True, non_blocking=True)
                 else:
-                    dst.copy_(src)
+                    dst.copy_(src, non_blocking=True)
             self._dirty = False
         return self._dev
 
@@ -389,11 +393,18 @@ class ColdTier:
         return keys, values
 
     # ---- decode ----------------------------------------------------------------------------------
-    def plan_step(self, seq_ids: torch.Tensor, positions: torch.Tensor) -> None:
-        """Once per decode step (host): flush the last step's tokens, make room for this step's."""
-        self.flush()
-        ids = seq_ids.cpu().numpy()
-        pos = positions.cpu().numpy().astype(np.int64)
+    def plan_step(self, seq_ids: torch.Tensor, positions: torch.Tensor,
+                  host: tuple[np.ndarray, np.ndarray] | None = None, lag: bool = False) -> None:
+        """Once per decode step (host): flush the last step's tokens, make room for this step's.
+        host: the same slots and positions as host arrays, where the caller has them (else read
+        from the device: a host sync). lag: the last step's tokens may reach the slabs a step late
+        (`flush(wait=False)`: no host read), where no reader wants a step's newest tokens then."""
+        self.flush(wait=not lag)
+        if host is not None:
+            ids, pos = (np.asarray(x, dtype=np.int64) for x in host)
+        else:
+            ids = seq_ids.cpu().numpy()
+            pos = positions.cpu().numpy().astype(np.int64)
         self._ensure_cols(int((pos // self.C).max(initial=0)) + 2)
         col = pos // self.C
         need = self.table[ids, col] < 0
@@ -415,13 +426,45 @@ class ColdTier:
         self._step[layer, :, 0].copy_(k)
         self._step[layer, :, 1].copy_(v)
 
-    def flush(self) -> None:
-        """Write the staged decode tokens of the last step into the slabs (host; syncs)."""
+    def flush(self, wait: bool = True) -> None:
+        """Write the staged decode tokens of the last step into the slabs (host; syncs).
+
+        wait=False: they are written into the slabs at the next flush, a step later (on CUDA their
+        copy to pinned host memory is started now, behind the step that wrote them: nothing waits for
+        the device; on a CPU a copy is kept, the same order of writes); the tokens of the flush before
+        are written first. Every other caller (an export, a release) flushes with wait: the slabs then
+        hold every token."""
+        self._write_pending()
         if self._step_meta is None:
             return
         ids, pos = self._step_meta
         self._step_meta = None
-        host = self._step_rows().cpu()  # [L, B, 2, H, d] / [L, B, H, row_bytes]
+        rows = self._step_rows()  # [L, B, 2, H, d] / [L, B, H, row_bytes]
+        if wait:
+            self._scatter(ids, pos, rows if rows.device.type == "cpu" else rows.cpu())
+            return
+        event = None
+        if rows.device.type == "cuda":
+            host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            host.copy_(rows, non_blocking=True)  # in stream order: after the step, before the next one rewrites
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = rows.to("cpu", copy=True)  # the staging buffer is rewritten by the next step
+        self._pending = (ids, pos, host, event)
+
+    def _write_pending(self) -> None:
+        """The tokens of a `flush(wait=False)` into the slabs (their copy has long ended by then)."""
+        if self._pending is None:
+            return
+        ids, pos, host, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        self._scatter(ids, pos, host)
+
+    def _scatter(self, ids: np.ndarray, pos: np.ndarray, host: torch.Tensor) -> None:
+        """Rows of one step's tokens (host [L, B, ...], row b: sequence ids[b] at pos[b]) into the slabs."""
         chunk = self.table[ids, pos // self.C]
         off = torch.from_numpy(pos % self.C)
         slab, local = self.chunk_slab[chunk], self.chunk_local[chunk]

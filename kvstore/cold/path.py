@@ -32,6 +32,7 @@ import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from gpu_kernels import torch_ops
@@ -75,6 +76,10 @@ class ColdPath:
             self.selector = make_selector(config, geometry, self.cold)
             self.window = torch.ones(self.max_seqs, dtype=torch.int64, device=self.device)
             self.topk = torch.ones(self.max_seqs, dtype=torch.int64, device=self.device)
+            # host copies of both (read with the prefill's one host read): a plan given the step's
+            # sequences and positions on the host sizes its selection without reading the device
+            self.host_window = np.ones(self.max_seqs, dtype=np.int64)
+            self.host_topk = np.ones(self.max_seqs, dtype=np.int64)
             self._cap = 0
             if config.hot_policy == "leankv":
                 L, H = geometry.num_layers, geometry.num_kv_heads
@@ -112,6 +117,9 @@ class ColdPath:
                 t = torch.ones(max_seqs, dtype=torch.int64, device=self.device)
                 t[:old] = getattr(self, name)
                 setattr(self, name, t)
+                h = np.ones(max_seqs, dtype=np.int64)
+                h[:old] = getattr(self, "host_" + name)
+                setattr(self, "host_" + name, h)
             self._ensure_retrieval(max_seqs, self._cap)
         self.max_seqs = max_seqs
 
@@ -187,7 +195,11 @@ class ColdPath:
             if self.selector is not None:
                 self.window[seq_ids] = self._candidate_window(n)
                 self.topk[seq_ids] = budgets(self.config, n)
-                kmax, nmax = (int(x) for x in torch.stack([self.topk[seq_ids].max(), n.max()]).tolist())
+                B = seq_ids.numel()  # the one host read: the sizes, and each sequence's window and budget
+                got = torch.cat([n.max().view(1).long(), seq_ids.long(), self.window[seq_ids], self.topk[seq_ids]]).tolist()
+                nmax, ids = got[0], got[1:1 + B]
+                self.host_window[ids], self.host_topk[ids] = got[1 + B:1 + 2 * B], got[1 + 2 * B:]
+                kmax = max(got[1 + 2 * B:], default=1)
                 self._ensure_retrieval(self.max_seqs, nmax + 1)
                 # tiered: no candidate before LeanKV prunes; the cache grows at plan time with them
                 slots = 0 if self.resident is not None else min(self.config.gpu_cache_tokens, kmax)
@@ -217,17 +229,25 @@ class ColdPath:
         self.resident[layer, :, :, cap] = False
 
     # ---- decode: plan -----------------------------------------------------------------------
-    def plan(self, plan: DecodePlan, select_hint: int | None = None) -> None:
+    def plan(self, plan: DecodePlan, select_hint: int | None = None,
+             host: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Plan time (`KVStore.plan`, after the hot tier's plan): flush the last step's host writes,
         and with a selector fill `plan.selection` and `plan.retrieved` (host work, one host sync).
         The tokens that left the hot tier this step (`plan.evicted_pos`, and `plan.low_evicted`
-        under LeanKV) leave the residency map. select_hint: the selection's least width (`KVStore.plan`)."""
+        under LeanKV) leave the residency map. select_hint: the selection's least width (`KVStore.plan`).
+        host: the step's sequence slots and positions (int64 [B] each) where the caller knows them on
+        the host: the host tier's bookkeeping and, without a residency map (tiered has one: its
+        candidates are what LeanKV pruned, a device count), the selection's sizes then read nothing
+        back from the device; and the last step's tokens reach the host tier a step late, unread
+        (`ColdTier.flush(wait=False)`) where every candidate ends two tokens or more before the
+        newest (a window of 2 or more: the tokens in flight are never selected)."""
         if self.cold is not None:
+            lag = host is not None and (self.selector is None or int(self.host_window[host[0]].min(initial=2)) >= 2)
             with torch.profiler.record_function("kvstore.plan.cold.host_writes"):
-                self.cold.plan_step(plan.seq_ids, plan.positions)
+                self.cold.plan_step(plan.seq_ids, plan.positions, host=host, lag=lag)
         if self.selector is not None:
             with torch.profiler.record_function("kvstore.plan.cold.selection"):
-                self._plan_retrieval(plan, select_hint or 0)
+                self._plan_retrieval(plan, select_hint or 0, host)
 
     @torch.no_grad()
     def _mark_pruned_step(self, plan: DecodePlan, hi: torch.Tensor) -> torch.Tensor:
@@ -249,17 +269,29 @@ class ColdPath:
         held = (self.resident[:, plan.seq_ids, :, :cap] & in_range).sum(-1)  # [L, B, H]
         return (hi - S).clamp(min=0).view(1, B, 1) - held
 
-    def _plan_retrieval(self, plan: DecodePlan, select_hint: int = 0) -> None:
-        """Selection metadata and buffers of one step (host work, one host sync)."""
+    def _plan_retrieval(self, plan: DecodePlan, select_hint: int = 0,
+                        host: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Selection metadata and buffers of one step (host work; one host sync, none given `host`
+        without a residency map: `plan`)."""
         seq_ids, positions = plan.seq_ids, plan.positions
         S = self.config.sink_tokens
         hi = torch.clamp(positions + 1 - self.window[seq_ids], min=S)
         k = self.topk[seq_ids]
         # tiered: the selection is never much wider than the most candidates any (layer, sequence, head)
         # has (nothing pruned yet: nothing to select, no fetch, no GPU cache slots)
-        cand = self._mark_pruned_step(plan, hi).max() if self.resident is not None else hi.max()
-        num_tokens, kmax, kmin, pmax, cmax = (
-            int(x) for x in torch.stack([hi.max(), k.max(), k.min(), positions.max(), cand]).tolist())
+        if self.resident is not None:
+            cand = self._mark_pruned_step(plan, hi).max()
+            num_tokens, kmax, kmin, pmax, cmax = (
+                int(x) for x in torch.stack([hi.max(), k.max(), k.min(), positions.max(), cand]).tolist())
+        elif host is not None:  # the same sizes from the host's copies
+            ids, pos = host
+            hi_host, k_host = np.maximum(pos + 1 - self.host_window[ids], S), self.host_topk[ids]
+            num_tokens, kmax, kmin, pmax = int(hi_host.max()), int(k_host.max()), int(k_host.min()), int(pos.max())
+            cmax = num_tokens
+        else:
+            num_tokens, kmax, kmin, pmax = (int(x) for x in torch.stack([hi.max(), k.max(), k.min(),
+                                                                         positions.max()]).tolist())
+            cmax = num_tokens
         self._ensure_retrieval(self.max_seqs, pmax + 1)
         self.cold.device_maps()  # refresh the device chunk maps now, not inside a layer
         # the selection's width changes only at powers of two while the candidates grow (a captured

@@ -168,11 +168,13 @@ class PagePool:
         self.peak_used = max(self.peak_used, self.num_used)
         return taken, offsets
 
-    def free(self, page_ids: torch.Tensor) -> None:
-        """Return pages to the free list. `page_ids` may contain 0 (null page: padding, skipped)."""
+    def free(self, page_ids: torch.Tensor, all_pages: bool = False) -> None:
+        """Return pages to the free list. `page_ids` may contain 0 (null page: padding, skipped).
+        all_pages: the caller knows none is 0 (pages `allocate` gave): no host read then."""
         ids = page_ids.reshape(-1).to(device=self.device, dtype=torch.int32)
-        ids = ids[ids > 0]
-        n = ids.numel()  # host sync: count of pages freed
+        if not all_pages:
+            ids = ids[ids > 0]  # a host sync: the count of pages freed
+        n = ids.numel()
         if n == 0:
             return
         if n > self.num_used:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch
 
@@ -86,6 +86,14 @@ class HotPolicy:
     def ensure_seqs(self, max_seqs: int) -> None:
         """Grow per-sequence state to `max_seqs` slots (between steps)."""
 
+    def host_sizes(self, seq_ids: Sequence[int] | None, positions: Sequence[int]
+                   ) -> tuple[list[int], list[bool]] | None:
+        """What every head of each sequence holds before this step's token, and whether the token
+        takes a fresh index (else it reuses a leaving token's), from the step's slots and positions on
+        the host, where this policy knows them without the device (`HotTier.apply` then reads nothing
+        back); None where it does not (a decision that depends on scores: LeanKV)."""
+        return None
+
     def prefill(self, store: StoreView, layer: int, seq_ids: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 positions: torch.Tensor, valid: torch.Tensor, scale: float) -> PrefillKeep:
         """Decide which tokens of a prefill chunk one layer keeps.
@@ -121,6 +129,9 @@ class AllPolicy(HotPolicy):
 
     name = "all"
 
+    def host_sizes(self, seq_ids, positions):
+        return list(positions), [True] * len(positions)  # each head holds every token; each one is new
+
 
 class WindowPolicy(HotPolicy):
     """Sinks + a recent window fixed per sequence at prefill; the leaving token's slot is reused.
@@ -143,6 +154,8 @@ class WindowPolicy(HotPolicy):
         super().__init__(config, max_seqs, device)
         self.first = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)
         self.window = torch.ones(max_seqs, dtype=torch.int64, device=self.device)
+        # their host copies (read with the prefill's first layer): `host_sizes`
+        self.host_first, self.host_window = [0] * max_seqs, [1] * max_seqs
 
     def ensure_seqs(self, max_seqs: int) -> None:
         old = self.first.shape[0]
@@ -152,6 +165,8 @@ class WindowPolicy(HotPolicy):
         window = torch.ones(max_seqs, dtype=torch.int64, device=self.device)
         first[:old], window[:old] = self.first, self.window
         self.first, self.window = first, window
+        self.host_first += [0] * (max_seqs - old)
+        self.host_window += [1] * (max_seqs - old)
 
     def window_sizes(self, prompt_len: torch.Tensor) -> torch.Tensor:
         """`config.window_for` for a vector of prompt lengths (int64 [B], same arithmetic)."""
@@ -170,8 +185,21 @@ class WindowPolicy(HotPolicy):
         if layer == 0:
             self.window[seq_ids] = W
             self.first[seq_ids] = first
+            got = torch.cat([seq_ids.long(), W, first]).tolist()  # (a prefill's host read)
+            for i, w, f in zip(got[:B], got[B:2 * B], got[2 * B:]):
+                self.host_window[i], self.host_first[i] = w, f
         keep = valid & ((positions < S) | (positions >= first.view(B, 1)))
         return PrefillKeep(high=keep.view(B, 1, T).expand(B, Hkv, T))
+
+    def host_sizes(self, seq_ids, positions):
+        if seq_ids is None:
+            return None
+        S, counts, fresh = self.config.sink_tokens, [], []
+        for i, p in zip(seq_ids, positions):  # the sinks held, then the ring's tokens from `first` on
+            W, first = self.host_window[i], self.host_first[i]
+            counts.append(min(p, S) + min(W, max(0, p - first)))
+            fresh.append(p - W < first)  # `plan`'s not-full
+        return counts, fresh
 
     def plan(self, store, seq_ids, positions, last_step=None):
         B, L, H = len(seq_ids), store.geometry.num_layers, store.geometry.num_kv_heads

@@ -201,7 +201,7 @@ class HotTier:
             pool.slot_score.index_put_((p64, s64), pool.zero)
 
     def apply(self, seq_ids: torch.Tensor, decision: StepDecision,
-              host_counts: list[int] | None = None) -> tuple[torch.Tensor, ...]:
+              host_sizes: tuple[list[int], list[bool]] | None = None) -> tuple[torch.Tensor, ...]:
         """Plan time: carry out a policy's decision for one decode step (the policy decides, the
         hot tier moves pages). First the low tier's moves (LeanKV: empty the pruned low slots,
         requantize the demoted high tokens into the low tier), then each head's new token gets
@@ -213,9 +213,10 @@ class HotTier:
         bool [B, L, Hkv] (the new token took index n: n_high grew), new_page int64 [B, L, Hkv]
         (1 where that index opened a page) and (num_pages, low_pages): the widest high-tier table
         among `seq_ids` after the step's token (`pages_in_use`) and their widest low-tier table.
-        host_counts: the high-tier tokens every head of each sequence holds, where the caller knows them
-        and every new token takes a fresh index (a policy that keeps every token, no low tier): then the
-        sizes are worked out on the host and nothing is read back from the device.
+        host_sizes: (the high-tier tokens every head of each sequence holds, whether each sequence's new
+        token takes a fresh index), where the policy knows them on the host (`HotPolicy.host_sizes`: every
+        head of a sequence alike; no low tier): then the sizes are worked out on the host and nothing is
+        read back from the device.
         """
         if decision.low_moves is not None:
             self._move_low(seq_ids, decision.low_moves)
@@ -225,10 +226,11 @@ class HotTier:
         fresh = decision.reuse < 0
         index = torch.where(fresh, n, decision.reuse)  # high-tier index the new token takes
         needs = (fresh & (n % tpp == 0)).long()
-        if B and host_counts is not None and self.low is None:  # (no low tier: no low moves either)
-            top = max(host_counts)  # each head holds its sequence's count: the sizes without a host read
-            widest, widest_after, low_pages = -(-top // tpp), -(-(top + 1) // tpp), 0
-            total = sum(c % tpp == 0 for c in host_counts) * L * H
+        if B and host_sizes is not None and self.low is None:  # (no low tier: no low moves either)
+            counts, new = host_sizes  # each head holds its sequence's count: the sizes without a host read
+            top, top_after = max(counts), max(c + f for c, f in zip(counts, new))
+            widest, widest_after, low_pages = -(-top // tpp), -(-top_after // tpp), 0
+            total = sum(f and c % tpp == 0 for c, f in zip(counts, new)) * L * H
         elif B:  # the one host read: the widest high table before and after the new tokens, the widest low one
             widest, widest_after, low_pages, total = host_ints(
                 (n.max() + tpp - 1) // tpp, ((n + fresh).max() + tpp - 1) // tpp,
