@@ -94,8 +94,10 @@ def test_a_repeated_batch_shape_captures_nothing_new():
 #: policy (its page moves, its low tier, its logits read by the next plan), and merged after 16-bit pages
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="a CPU store with use_triton='always' runs its kernels in the Triton interpreter")
-@pytest.mark.parametrize("preset", ["tiered-kernel", "pqcache", "pqcache-prefetch"])
-def test_a_captured_step_replayed_over_later_plans_equals_the_eager_steps(preset):
+# hinted: planned as the engine plans, the lengths and slots from the host
+@pytest.mark.parametrize("preset,hinted", [("tiered-kernel", False), ("pqcache", False), ("pqcache-prefetch", False),
+                                           ("tiered-kernel", True), ("pqcache", True)])
+def test_a_captured_step_replayed_over_later_plans_equals_the_eager_steps(preset, hinted):
     from kvstore.cuda_graph import signature
     from test_decode_allocations import HKV, HQ, L, _store
 
@@ -125,8 +127,12 @@ def test_a_captured_step_replayed_over_later_plans_equals_the_eager_steps(preset
     captured, captures = None, 0
     try:
         for step in range(steps):
-            plan_e = eager.plan(ids[0], pages_hint=hint)
-            plan_g = graphed.plan(ids[1], pages_hint=hint)
+            host = {}
+            if hinted:  # (the host tier's writes then land a step late: `ColdTier.flush(wait=False)`)
+                host = dict(host_positions=[n + step for n in lens], host_seq_ids=ids[1].tolist())
+                assert ids[0].tolist() == host["host_seq_ids"]
+            plan_e = eager.plan(ids[0], pages_hint=hint, **host)
+            plan_g = graphed.plan(ids[1], pages_hint=hint, **host)
             sig = signature(graphed, plan_g, (ids[1], *static))
             if captured is None or sig != captured[0]:
                 captured, captures = (sig, plan_g), captures + 1

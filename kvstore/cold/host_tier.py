@@ -115,8 +115,9 @@ def host_available_bytes() -> int | None:
 
 
 class ColdTier:
-    #: prefill-time state, never read by a decode step (kvstore/cuda_graph.py's signature skips it)
-    graph_ignores = ("_prefill_starts",)
+    #: state no decode step reads (kvstore/cuda_graph.py's signature skips it): the prefill's, and the
+    #: tokens of `flush(wait=False)` on their way to the host (a new host buffer every step)
+    graph_ignores = ("_prefill_starts", "_pending")
 
     def __init__(self, config: KVStoreConfig, geometry: ModelGeometry, max_seqs: int,
                  chunk_tokens: int = 256, slab_bytes: int = 1 << 30):
