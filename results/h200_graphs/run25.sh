@@ -5,7 +5,7 @@
 # (1) the overlap's GPU test with pqcache; (2) the step's profile at budget 1/20, the unprofiled plan split by part
 # (quant, pqcache through the overlap, tiered plainly); (3) quant beside pqcache and tiered at 32K x 4, with the
 # overlap (--path engine) and without (--path engine-plain), one run each, on one machine.
-#   bash results/h200_graphs/run25.sh     (on the GPU machine, .device-deps carried; ~8 minutes)
+#   bash results/h200_graphs/run25.sh     (on the GPU machine, .device-deps carried; ~9 minutes; run26.sh after it)
 set -u
 bash .device-deps/install.sh > /dev/null 2>&1 && export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
 export TRITON_INTERPRET=0
