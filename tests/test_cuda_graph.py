@@ -96,7 +96,7 @@ def test_a_repeated_batch_shape_captures_nothing_new():
                     reason="a CPU store with use_triton='always' runs its kernels in the Triton interpreter")
 # hinted: planned as the engine plans, the lengths and slots from the host
 @pytest.mark.parametrize("preset,hinted", [("tiered-kernel", False), ("pqcache", False), ("pqcache-prefetch", False),
-                                           ("tiered-kernel", True), ("pqcache", True)])
+                                           ("pqcache", True)])
 def test_a_captured_step_replayed_over_later_plans_equals_the_eager_steps(preset, hinted):
     from kvstore.cuda_graph import signature
     from test_decode_allocations import HKV, HQ, L, _store
