@@ -134,3 +134,34 @@ def test_runspec_validation():
         RunSpec(tasks=["passkey"], lengths=[100], methods=["full"], out="x", depths=[2.0])
     spec = RunSpec(tasks=["passkey"], lengths=[100], methods=["full"], out="x", samples=5)
     assert [spec.depth_of(i) for i in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_the_engine_path_keeps_one_engine_across_a_methods_tasks(tiny, tmp_path, monkeypatch):
+    """run_suite's engine path runs a length method by method, one engine serving every task of a method
+    (`EngineCache`: its store and captured graphs reused), closed when the method changes; the
+    predictions are the generate path's, row for row."""
+    import kvstore
+    from benchmarks.suite.runner import run_suite
+
+    _, model, tok = tiny
+    built = []
+
+    class Counted(kvstore.Engine):
+        def __init__(self, *a, **kw):
+            built.append(a[1].name)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(kvstore, "Engine", Counted)
+    spec = dict(tasks=["passkey", "niah_single_1"], lengths=[LENGTH], methods=["full", "quant"], samples=2,
+                progress=False, max_new_tokens=3)
+    eng = run_suite(model, tok, RunSpec(**spec, out=str(tmp_path / "e"), path="engine"), "random")
+    gen = run_suite(model, tok, RunSpec(**spec, out=str(tmp_path / "g"), path="generate"), "random")
+    assert eng.completed == gen.completed == 4 and built == ["full", "quant"]
+    assert [(r["method"], r["task"]) for r in eng.rows] == [("full", "passkey"), ("full", "niah_single_1"),
+                                                           ("quant", "passkey"), ("quant", "niah_single_1")]
+
+    def predictions(out):
+        rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        return {(r["task"], r["method"], r["seed"]): r["prediction"] for r in rows}
+
+    assert predictions(tmp_path / "e") == predictions(tmp_path / "g")

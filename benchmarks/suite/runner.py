@@ -373,7 +373,8 @@ def generate_batch_engine(tokenizer, samples: list[Sample], engine, max_new_toke
     stats = engine.stats()
     while True:
         for o in outs:
-            tokens[o.request_id].append(o.token_id)
+            if o.request_id in tokens:  # (an engine kept from an earlier row returns only these)
+                tokens[o.request_id].append(o.token_id)
         if not engine.running:
             break
         if len(engine.running) == len(samples):
@@ -393,33 +394,70 @@ class DeadlineReached(Exception):
     """The run's max_minutes passed; the row in progress was abandoned (nothing written)."""
 
 
+def _method_config(method: Method, batch_size: int):
+    config = method.config
+    return dataclasses.replace(config, max_batch_size=batch_size) if config.max_batch_size < batch_size else config
+
+
+class EngineCache:
+    """One kvstore.Engine kept across consecutive rows of the same method and batch size (the
+    engine path's rows run method by method within a length: `run_suite`), so that its store and
+    the CUDA graphs it captured (a batch whose requests stop one by one meets many batch sizes)
+    serve every task, not one row each. Another method or batch size closes it first."""
+
+    def __init__(self, model):
+        self.model = model
+        self.key: tuple | None = None
+        self.engine = None
+
+    def get(self, method: Method, batch_size: int):
+        from kvstore import Engine
+
+        key = (method.key, batch_size)
+        if key != self.key:
+            self.close()
+            try:
+                self.engine = Engine(self.model, _method_config(method, batch_size), max_batch=batch_size)
+            except NotImplementedError as exc:
+                raise MethodUnavailable(f"{method.name}: {exc}") from None
+            self.key = key
+        return self.engine
+
+    def close(self) -> None:
+        """Close the engine held (after an error inside a row too: its requests may be unfinished)."""
+        engine, self.engine, self.key = self.engine, None, None
+        if engine is not None:
+            engine.close()
+
+
 def run_method(model, tokenizer, samples: list[Sample], method: Method, batch_size: int,
                max_new_tokens: int | None = None, progress=None, warmup: bool = False,
-               deadline: float | None = None, path: str = "generate") -> tuple[dict, list[dict]]:
+               deadline: float | None = None, path: str = "generate",
+               engines: EngineCache | None = None) -> tuple[dict, list[dict]]:
     """Run `samples` (one task and length) under `method`; returns (row, per-sample records).
 
     warmup: first run the first batch untimed for a few tokens (Triton compilation on CUDA).
     deadline: a time.perf_counter() value; past it, DeadlineReached is raised between batches.
     A store that refuses the method at attach raises MethodUnavailable.
-    path: "generate" (attach + model.generate()) or "engine" (kvstore.Engine with max_batch = batch_size).
+    path: "generate" (attach + model.generate()) or "engine" (kvstore.Engine with max_batch = batch_size;
+    from `engines` where given, which keeps it for the next row, else a new one closed at the end).
     """
-    from kvstore import Engine, KVStoreClient
+    from kvstore import KVStoreClient
 
     wall_start = time.perf_counter()
-    config = method.config
-    if config.max_batch_size < batch_size:
-        config = dataclasses.replace(config, max_batch_size=batch_size)
+    config = _method_config(method, batch_size)
     client = engine = None
+    own_engine = engines is None
     batches = []
     records = []
-    try:
-        if path == "engine":
-            engine = Engine(model, config, max_batch=batch_size)
-        else:
+    if path == "engine":
+        engine = (engines if engines is not None else EngineCache(model)).get(method, batch_size)
+    else:
+        try:
             client = KVStoreClient(config)
             client.attach(model)
-    except NotImplementedError as exc:
-        raise MethodUnavailable(f"{method.name}: {exc}") from None
+        except NotImplementedError as exc:
+            raise MethodUnavailable(f"{method.name}: {exc}") from None
 
     def generate(chunk, budget):
         if engine is not None:
@@ -448,7 +486,8 @@ def run_method(model, tokenizer, samples: list[Sample], method: Method, batch_si
                 progress.update(len(chunk))
     finally:
         if engine is not None:
-            engine.close()
+            if own_engine:
+                engine.close()
         else:
             client.detach()
     first = samples[0]
@@ -520,10 +559,13 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
     device = param.device
     warmup = spec.warmup if spec.warmup is not None else device.type == "cuda"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    todo = [
-        (task, length, m) for length in sorted(spec.lengths) for task in spec.tasks for m in methods
-        if (task, length, m.name, m.budget) not in done
-    ]
+    # lengths ascending; within a length the engine path runs method by method (one engine serves a method's
+    # tasks: `EngineCache`), the generate path task by task
+    if spec.path == "engine":
+        order = [(task, length, m) for length in sorted(spec.lengths) for m in methods for task in spec.tasks]
+    else:
+        order = [(task, length, m) for length in sorted(spec.lengths) for task in spec.tasks for m in methods]
+    todo = [(task, length, m) for task, length, m in order if (task, length, m.name, m.budget) not in done]
     skipped = len(spec.tasks) * len(spec.lengths) * len(methods) - len(todo)
     if skipped:
         logger.info("resuming: %d rows already in %s are skipped", skipped, results)
@@ -535,6 +577,7 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
     per_sample: dict[int, float] = {}  # length -> the slowest row's seconds per sample so far
     refused: set[str] = set()
     broken: set[tuple[str, str]] = set()
+    engines = EngineCache(model) if spec.path == "engine" else None
     try:
         i = 0
         while i < len(todo):
@@ -550,7 +593,8 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
                 )
                 break
             if (task, length) not in cache:
-                cache.clear()  # one (task, length) at a time: generation order groups them
+                if any(n != length for _, n in cache):
+                    cache.clear()  # one length at a time: generation order groups them
                 cache[(task, length)] = [
                     make_sample(task, length, spec.seed * 1_000_003 + i, tokenizer, spec.depth_of(i))
                     for i in range(spec.samples)
@@ -561,9 +605,11 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
             try:
                 row, records = run_method(
                     model, tokenizer, cache[(task, length)], method, batch, spec.max_new_tokens, bar,
-                    warmup=warmup and wkey not in warmed, deadline=deadline, path=spec.path,
+                    warmup=warmup and wkey not in warmed, deadline=deadline, path=spec.path, engines=engines,
                 )
             except torch.OutOfMemoryError:
+                if engines is not None:
+                    engines.close()  # its requests are unfinished, and the retry needs its memory
                 if batch == 1 or spec.batch_size:
                     raise
                 max_batch[length] = batch // 2
@@ -587,6 +633,8 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
                 )
                 break
             except Exception as exc:
+                if engines is not None:
+                    engines.close()  # its requests may be unfinished
                 if not spec.keep_going:
                     raise
                 logger.exception("%s %d %s %s failed; this method@budget is left out from now on",
@@ -608,6 +656,8 @@ def run_suite(model, tokenizer, spec: RunSpec, model_label: str = "model") -> Su
             )
     finally:
         bar.close()
+        if engines is not None:
+            engines.close()
     if result.stopped:
         logger.warning("stopped: %s; rerun the same command to resume", result.stopped)
     result.rows = read_rows(results)
