@@ -389,3 +389,39 @@ def test_a_step_ahead_that_fails_after_its_plan_where_it_cannot_be_taken_back_ra
                     engine.decode_step()
             else:
                 assert len(engine.decode_step()) == 1 and not engine.overlap
+
+
+def test_riding_steps_survive_aborts_and_arrivals_and_return_every_token_once(model):
+    """pqcache's steps launched ahead (riding) under a server's traffic: random stop tokens, an abort and an
+    arrival mid-run: each request ends once (an aborted one never), with a token returned for each step, and
+    nothing is left behind (pages, sequences, the step ahead, riders, landed tokens)."""
+    rng = random.Random(3)
+    ridden = 0
+    for trial in range(3):
+        with Engine(model, "pqcache", max_batch=4, overlap=True) as engine:
+            reqs, limit = {}, {}
+            for _ in range(6):
+                prompt = [rng.randrange(3, 128) for _ in range(rng.randint(20, 60))]
+                params = SamplingParams(max_new_tokens=rng.randint(3, 9),
+                                        stop_token_ids=tuple(rng.sample(range(3, 128), 20)))
+                rid = engine.add_request(prompt, params)
+                reqs[rid], limit[rid] = [], params.max_new_tokens
+            target, aborted, step, ended = list(reqs)[trial], False, 0, []
+            while engine.has_unfinished:
+                if step == 3:
+                    aborted = engine.abort(target)  # False where it had ended already
+                if step == 5:
+                    rid = engine.add_request([5, 6, 7] * 9, SamplingParams(max_new_tokens=4))
+                    reqs[rid], limit[rid] = [], 4
+                for out in engine.step():
+                    reqs[out.request_id].append(out.token_id)
+                    if out.finished:
+                        ended.append(out.request_id)
+                step += 1
+            store = engine.store
+            assert (store.hot.pool.num_used, len(store.active), engine._ahead, engine._riders, engine._landed) == \
+                (0, 0, None, [], [])
+            assert len(ended) == len(set(ended)) == len(reqs) - int(aborted) and (target in ended) != aborted
+            assert all(1 <= len(reqs[i]) <= limit[i] for i in ended)  # no token twice, none past its limit
+            ridden += engine.ridden_steps
+    assert ridden > 0  # some step launched ahead ran for a request that had stopped
