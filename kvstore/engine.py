@@ -530,17 +530,14 @@ class Engine:
             if missing or len(set(ids)) != len(ids):
                 raise ValueError(f"decode_step: request {missing[0] if missing else ids} is not running once")
             batch = [by_id[i] for i in ids]
-        landed, self._landed = self._landed, []
         step = self._ahead
         if step is not None and (request_ids is not None or step.rids != [r.rid for r in batch]):
-            if not self.store.cancellable:  # it ran for these rows and for some that ended: its tokens
-                self._ahead = None
-                outputs = landed + self._accept(step)
-                self._release_riders()
-                self.running = [r for r in self.running if r.finish_reason is None]
-                return outputs
             self._settle()  # launched for another batch: taken back, planned again below
             step = None
+            if not self.store.cancellable:  # it landed instead (it ran for these rows and ended ones): its tokens
+                outputs, self._landed = self._landed, []
+                return outputs
+        landed, self._landed = self._landed, []
         self._ahead = None
         if not batch:
             return landed
@@ -576,8 +573,8 @@ class Engine:
 
     def _can_overlap(self, batch: list[_Request]) -> bool:
         """Whether the step after this one may be launched before this one's tokens are read: the
-        same rows will run it (none ends by length at this step, no admission is due), and a wrong
-        guess can be taken back."""
+        same rows will run it (none ends by length at this step, no admission is due), and its plan
+        reads nothing back from the device (a wrong guess is taken back, or rides: `decode_step`)."""
         if not self.overlap or self.recorder is not None or not self.store.plans_ahead:
             return False
         if self.waiting and len(self.running) < self.max_batch:

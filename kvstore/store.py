@@ -411,7 +411,7 @@ class KVStore:
         step t still runs (`Engine(overlap=...)`): a hot policy whose sizes the host can tell
         (`HotPolicy.host_sizes`: every token, a window; not LeanKV's scores), no low tier, and no
         residency map in the cold path (tiered's candidates are what LeanKV pruned: a device count)."""
-        return (self.config.hot_policy in ("all", "window") and self.hot.low is None
+        return (self.policy.sizes_on_host and self.hot.low is None
                 and (self.cold_path is None or self.cold_path.resident is None))
 
     @property

@@ -402,7 +402,7 @@ class ColdTier:
         (`flush(wait=False)`: no host read), where no reader wants a step's newest tokens then."""
         self.flush(wait=not lag)
         if host is not None:
-            ids, pos = (np.asarray(x, dtype=np.int64) for x in host)
+            ids, pos = host
         else:
             ids = seq_ids.cpu().numpy()
             pos = positions.cpu().numpy().astype(np.int64)

@@ -42,7 +42,7 @@ from kvstore.cold.selection import budgets, window_sizes
 from kvstore.cold.selectors import make_selector
 from kvstore.config import KVStoreConfig
 from kvstore.geometry import ModelGeometry, use_triton
-from kvstore.plan import DecodePlan, SelectionStep, Workspace, fill_at
+from kvstore.plan import DecodePlan, SelectionStep, Workspace, fill_at, host_ints
 
 logger = logging.getLogger(__name__)
 
@@ -279,19 +279,15 @@ class ColdPath:
         k = self.topk[seq_ids]
         # tiered: the selection is never much wider than the most candidates any (layer, sequence, head)
         # has (nothing pruned yet: nothing to select, no fetch, no GPU cache slots)
-        if self.resident is not None:
-            cand = self._mark_pruned_step(plan, hi).max()
-            num_tokens, kmax, kmin, pmax, cmax = (
-                int(x) for x in torch.stack([hi.max(), k.max(), k.min(), positions.max(), cand]).tolist())
-        elif host is not None:  # the same sizes from the host's copies
+        if host is not None and self.resident is None:  # the same sizes from the host's copies
             ids, pos = host
             hi_host, k_host = np.maximum(pos + 1 - self.host_window[ids], S), self.host_topk[ids]
             num_tokens, kmax, kmin, pmax = int(hi_host.max()), int(k_host.max()), int(k_host.min()), int(pos.max())
             cmax = num_tokens
-        else:
-            num_tokens, kmax, kmin, pmax = (int(x) for x in torch.stack([hi.max(), k.max(), k.min(),
-                                                                         positions.max()]).tolist())
-            cmax = num_tokens
+        else:  # one host read
+            cand = [self._mark_pruned_step(plan, hi).max()] if self.resident is not None else []
+            num_tokens, kmax, kmin, pmax, *cand = host_ints(hi.max(), k.max(), k.min(), positions.max(), *cand)
+            cmax = cand[0] if cand else num_tokens
         self._ensure_retrieval(self.max_seqs, pmax + 1)
         self.cold.device_maps()  # refresh the device chunk maps now, not inside a layer
         # the selection's width changes only at powers of two while the candidates grow (a captured

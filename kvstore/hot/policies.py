@@ -78,6 +78,8 @@ class HotPolicy:
     #: chunked prefill the store then keeps every token of the earlier chunks and calls `prefill`
     #: once, at the last chunk, over the whole prompt (KVStore.prefill)
     whole_prompt = False
+    #: `host_sizes` answers (every head's count and the new token's freshness follow from the positions)
+    sizes_on_host = False
 
     def __init__(self, config: "KVStoreConfig", max_seqs: int, device: torch.device):
         self.config = config
@@ -128,6 +130,7 @@ class AllPolicy(HotPolicy):
     """Every token stays in the hot tier, in the high tier."""
 
     name = "all"
+    sizes_on_host = True
 
     def host_sizes(self, seq_ids, positions):
         return list(positions), [True] * len(positions)  # each head holds every token; each one is new
@@ -148,6 +151,7 @@ class WindowPolicy(HotPolicy):
     """
 
     name = "window"
+    sizes_on_host = True
     whole_prompt = True
 
     def __init__(self, config: "KVStoreConfig", max_seqs: int, device: torch.device):
